@@ -1,0 +1,91 @@
+"""`UnitScaleConfig`: how a model is converted, stored as the `unit_scaling` block of `config.json`."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from .formats import FORMATS, get_format
+from .ops import BACKENDS, MatmulPrecision
+
+__all__ = ["UnitScaleConfig"]
+
+CONFIG_KEY = "unit_scaling"
+
+
+@dataclass
+class UnitScaleConfig:
+    """Options of `unit_scale(model, config)`.
+
+    Every weight W of an `nn.Linear`, transformers `Conv1D` or `nn.Embedding` (and, with
+    `convert_other_modules`, every ≥2-D parameter of other modules, e.g. `nn.LSTM`, `nn.Conv2d`)
+    becomes s·Ŵ with s = rms(W), rms(Ŵ) = 1. Norm gains and biases stay as they are.
+    """
+
+    exclude_modules: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Regular expressions over module names (re.fullmatch) of modules to leave unconverted."},
+    )
+    convert_other_modules: bool = field(
+        default=True,
+        metadata={"help": "Also convert ≥2-D weights of other modules (LSTM, Conv2d, …) by multiplying s in at forward."},
+    )
+    forward_format: str | None = field(
+        default=None,
+        metadata={"help": f"Format of forward GEMM operands (x/a and Ŵ): one of {sorted(FORMATS)} or null for none."},
+    )
+    backward_format: str | None = field(
+        default=None,
+        metadata={"help": f"Format of the output-gradient GEMM operand g/c: one of {sorted(FORMATS)} or null."},
+    )
+    backend: str = field(
+        default="simulate",
+        metadata={"help": f"GEMM backend for low-precision formats: one of {BACKENDS}."},
+    )
+    calibration: dict[str, Any] | None = field(
+        default=None,
+        metadata={"help": "Set by calibration: how the static operand scales a, c were measured."},
+    )
+    lr_rule: str | None = field(
+        default=None,
+        metadata={"help": "Set by UnitScaleTrainer: the learning-rate rule the model was trained with."},
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("forward_format", "backward_format"):
+            value = getattr(self, name)
+            if value is not None:
+                get_format(value)
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
+        for pattern in self.exclude_modules:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"`exclude_modules` entry {pattern!r} is not a regular expression: {err}.") from None
+        self.precision  # validates the format/backend combination
+
+    @property
+    def precision(self) -> MatmulPrecision | None:
+        """The GEMM precision converted matmul layers run with; None is the full-precision path."""
+        if self.forward_format is None and self.backward_format is None:
+            return None
+        fmt = lambda name: None if name is None else get_format(name)  # noqa: E731
+        return MatmulPrecision(fmt(self.forward_format), fmt(self.backward_format), self.backend)
+
+    def is_excluded(self, module_name: str) -> bool:
+        return any(re.fullmatch(pattern, module_name) for pattern in self.exclude_modules)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict[str, Any]) -> UnitScaleConfig:
+        """Build from a dict, naming any unknown key (a typo must not silently become a default)."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown UnitScaleConfig option(s) {unknown}; valid options are {sorted(known)}.")
+        return cls(**values)

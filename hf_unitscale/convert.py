@@ -1,0 +1,161 @@
+"""`unit_scale(model)` and `merge_unit_scale(model)`: walk a model, swap its layers, restore them.
+
+For every weight W of a supported layer:
+
+    s = rms(W)        (fp32 scalar; s = 1 for an all-zero W)
+    Ŵ = W / s         (in place, so the Parameter object, its name and any tying survive)
+
+and the layer's class becomes its unit-scaled twin (see `modules.py`), whose forward multiplies
+s back in: the converted model computes the same function. A weight tied to one already
+converted (GPT-2's `lm_head` and `wte`) is divided once; its second layer gets its own copy of s.
+`merge_unit_scale` is the inverse: W = s·Ŵ and the original classes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .config import CONFIG_KEY, UnitScaleConfig
+from .modules import (
+    EMBEDDING_CLASSES,
+    MATMUL_CLASSES,
+    SCALE_SUFFIX,
+    UnitScaledMatmulMixin,
+    UnitScaledModuleMixin,
+    generic_unit_scaled_class,
+)
+
+__all__ = ["is_unit_scaled", "merge_unit_scale", "unit_scale", "unit_scaled_modules"]
+
+logger = logging.get_logger(__name__)
+
+
+def is_unit_scaled(model: nn.Module) -> bool:
+    """Whether any module of `model` has been converted by `unit_scale`."""
+    return any(isinstance(m, UnitScaledModuleMixin) for m in model.modules())
+
+
+def unit_scaled_modules(model: nn.Module) -> dict[str, UnitScaledModuleMixin]:
+    """The converted modules of `model` by qualified name, in `named_modules` order."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, UnitScaledModuleMixin)}
+
+
+def _weight_scale(weight: torch.Tensor, name: str) -> torch.Tensor:
+    """s = rms(W) as an fp32 scalar; 1 for an all-zero W; an error naming the tensor if W is not finite."""
+    if weight.device.type == "meta":
+        return torch.ones((), dtype=torch.float32)
+    w = weight.detach()
+    if not torch.isfinite(w).all():
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(
+            f"Cannot unit-scale `{name}`: it has {bad} non-finite value(s) (nan/inf). "
+            "Fix or re-initialize this weight before converting."
+        )
+    scale = w.double().square().mean().sqrt().float()
+    return torch.where(scale > 0, scale, torch.ones_like(scale))
+
+
+def _other_weights(module: nn.Module) -> tuple[str, ...]:
+    """Names of a module's own ≥2-D parameters: the weights the generic path rescales."""
+    return tuple(name for name, p in module.named_parameters(recurse=False) if p.dim() >= 2)
+
+
+def _conversion_plan(model: nn.Module, config: UnitScaleConfig) -> list[tuple[str, nn.Module, type, tuple[str, ...]]]:
+    """(name, module, unit-scaled class, weight names) for every module to convert."""
+    plan = []
+    for name, module in model.named_modules():
+        if isinstance(module, UnitScaledModuleMixin) or config.is_excluded(name):
+            continue
+        base = type(module)
+        if base in MATMUL_CLASSES:
+            plan.append((name, module, MATMUL_CLASSES[base], ("weight",)))
+        elif base in EMBEDDING_CLASSES and module.max_norm is None:
+            plan.append((name, module, EMBEDDING_CLASSES[base], ("weight",)))
+        elif config.convert_other_modules and (weights := _other_weights(module)):
+            plan.append((name, module, generic_unit_scaled_class(base), weights))
+    return plan
+
+
+@torch.no_grad()
+def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Module:
+    """Rewrite every supported weight W of `model` as s·Ŵ, in place, keeping the model's function.
+
+    Args:
+        model: a transformers `PreTrainedModel` or any `nn.Module`.
+        config: conversion options; defaults to `UnitScaleConfig()`. Stored on
+            `model.config.unit_scaling` when the model has a transformers config.
+
+    Returns:
+        `model`, converted. Ŵ stays trainable under each weight's original name; s, and the
+        static operand scales a, c of matmul layers, are fp32 buffers `<weight>_scale`,
+        `input_scale` and `grad_scale`.
+
+    Raises:
+        ValueError: a weight is not finite (named), or nothing in `model` can be converted.
+    """
+    config = config if config is not None else UnitScaleConfig()
+    if is_unit_scaled(model):
+        logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing.")
+        return model
+    plan = _conversion_plan(model, config)
+    if not plan:
+        raise ValueError(
+            f"Found nothing to unit-scale in {type(model).__name__}: no nn.Linear, Conv1D or nn.Embedding, and no "
+            "other module with ≥2-D weights (or all were excluded by `exclude_modules` / `convert_other_modules`)."
+        )
+    scale_of_param: dict[int, torch.Tensor] = {}
+    precision = config.precision
+    for name, module, unit_class, weight_names in plan:
+        for weight_name in weight_names:
+            param = getattr(module, weight_name)
+            if id(param) not in scale_of_param:  # a tied weight is divided once
+                scale = _weight_scale(param, f"{name}.{weight_name}" if name else weight_name)
+                if param.device.type != "meta":
+                    param.div_(scale.to(device=param.device, dtype=torch.float32).to(param.dtype))
+                scale_of_param[id(param)] = scale
+            scale = scale_of_param[id(param)].to(param.device if param.device.type != "meta" else "cpu")
+            module.register_buffer(weight_name + SCALE_SUFFIX, scale.clone())
+        module.__class__ = unit_class
+        if isinstance(module, UnitScaledMatmulMixin):
+            device = module.weight.device if module.weight.device.type != "meta" else "cpu"
+            module.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+            module.register_buffer("grad_scale", torch.ones((), dtype=torch.float32, device=device))
+            module.precision = precision
+        elif unit_class.unit_scaled_weights != weight_names:
+            module.unit_scaled_weights = weight_names
+    if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
+        setattr(model.config, CONFIG_KEY, config.to_dict())
+    logger.info(f"Unit-scaled {len(plan)} modules of {type(model).__name__}.")
+    return model
+
+
+@torch.no_grad()
+def merge_unit_scale(model: nn.Module) -> nn.Module:
+    """Undo `unit_scale` in place: W = s·Ŵ, original module classes, scale buffers removed."""
+    converted = unit_scaled_modules(model)
+    if not converted:
+        logger.warning(f"{type(model).__name__} is not unit-scaled; `merge_unit_scale` does nothing.")
+        return model
+    merged: set[int] = set()
+    for name, module in converted.items():
+        for weight_name in module.unit_scaled_weights:
+            param = getattr(module, weight_name)
+            scale = module.scale_of(weight_name)
+            if id(param) not in merged:
+                if not torch.isfinite(param).all():
+                    raise ValueError(f"Cannot merge `{name}.{weight_name}`: Ŵ has non-finite values.")
+                param.mul_(scale.to(param.dtype))
+                merged.add(id(param))
+            delattr(module, weight_name + SCALE_SUFFIX)
+        for buffer in ("input_scale", "grad_scale"):
+            if buffer in module._buffers:
+                delattr(module, buffer)
+        for attribute in ("precision", "cast_counters", "unit_scaled_weights"):
+            module.__dict__.pop(attribute, None)
+        module.__class__ = module.base_class
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, CONFIG_KEY):
+        delattr(config, CONFIG_KEY)
+    return model

@@ -1,0 +1,100 @@
+"""Low-precision number formats and saturating casts.
+
+A cast to format F maps x to the nearest value representable in F after clamping to
+[-F.max, F.max]: torch's float8_e4m3fn cast already saturates on CPU, but float8_e5m2
+overflows to inf, so every cast clamps first. A cast can also *underflow*: a non-zero
+x with |x| below half of F's smallest subnormal becomes 0. `CastCounter` counts both,
+so a run can show that unit-scaled operands neither saturate nor flush to zero.
+
+    format  max      smallest subnormal  use
+    e4m3    448      2^-9                forward operands (activations, weights)
+    e5m2    57344    2^-16               backward operands (output gradients)
+    bf16    3.4e38   2^-133              either
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+__all__ = ["FORMATS", "CastCounter", "LowPrecisionFormat", "cast_to_format", "get_format", "round_trip"]
+
+
+@dataclass(frozen=True)
+class LowPrecisionFormat:
+    """A floating-point storage format: its torch dtype, largest finite value and smallest subnormal."""
+
+    name: str
+    dtype: torch.dtype
+    max: float
+    smallest_subnormal: float
+
+    @property
+    def is_fp8(self) -> bool:
+        return self.dtype.itemsize == 1
+
+
+FORMATS: dict[str, LowPrecisionFormat] = {
+    "e4m3": LowPrecisionFormat("e4m3", torch.float8_e4m3fn, 448.0, 2.0**-9),
+    "e5m2": LowPrecisionFormat("e5m2", torch.float8_e5m2, 57344.0, 2.0**-16),
+    "bf16": LowPrecisionFormat(
+        "bf16", torch.bfloat16, torch.finfo(torch.bfloat16).max, torch.finfo(torch.bfloat16).smallest_normal * 2.0**-7
+    ),
+}
+
+
+def get_format(name: str) -> LowPrecisionFormat:
+    """The format called `name`, or a ValueError listing the known ones."""
+    try:
+        return FORMATS[name]
+    except KeyError:
+        raise ValueError(f"Unknown low-precision format {name!r}; choose one of {sorted(FORMATS)}.") from None
+
+
+@dataclass
+class CastCounter:
+    """Running counts over casts: elements seen, non-zero inputs, saturated (|x| > max) and underflowed
+    (x != 0 but cast to 0). Counts are int64 tensors so counting never synchronizes a GPU."""
+
+    seen: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    nonzero: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    saturated: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    underflowed: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+
+    def update(self, x: torch.Tensor, cast: torch.Tensor, fmt: LowPrecisionFormat) -> None:
+        nonzero = x != 0
+        device = x.device
+        self.seen = self.seen.to(device) + x.numel()
+        self.nonzero = self.nonzero.to(device) + nonzero.sum()
+        self.saturated = self.saturated.to(device) + (x.abs() > fmt.max).sum()
+        self.underflowed = self.underflowed.to(device) + (nonzero & (cast == 0)).sum()
+
+    def as_dict(self) -> dict[str, float]:
+        """Counts and the fractions a log wants: saturated / seen and underflowed / non-zero."""
+        seen, nonzero = int(self.seen), int(self.nonzero)
+        return {
+            "seen": seen,
+            "saturated": int(self.saturated),
+            "underflowed": int(self.underflowed),
+            "saturated_fraction": int(self.saturated) / max(seen, 1),
+            "underflow_fraction": int(self.underflowed) / max(nonzero, 1),
+        }
+
+    def reset(self) -> None:
+        for name in ("seen", "nonzero", "saturated", "underflowed"):
+            setattr(self, name, torch.zeros((), dtype=torch.int64))
+
+
+def cast_to_format(x: torch.Tensor, fmt: LowPrecisionFormat, counter: CastCounter | None = None) -> torch.Tensor:
+    """x cast to `fmt.dtype`, saturating at ±fmt.max. Counts into `counter` when given."""
+    # clamp: casting to float8_e5m2 overflows to inf instead of saturating
+    cast = x.clamp(-fmt.max, fmt.max).to(fmt.dtype)
+    if counter is not None:
+        counter.update(x, cast, fmt)
+    return cast
+
+
+def round_trip(x: torch.Tensor, fmt: LowPrecisionFormat, counter: CastCounter | None = None) -> torch.Tensor:
+    """x cast to `fmt` and back to x's dtype: the rounding error of storing x in `fmt`."""
+    return cast_to_format(x, fmt, counter).to(x.dtype)

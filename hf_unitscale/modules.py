@@ -1,0 +1,123 @@
+"""Unit-scaled layers: the original module, re-classed, holding Ŵ, s, a and c.
+
+Conversion swaps a module's class in place (`module.__class__ = UnitScaledLinear`), so the module
+keeps its parameters, hooks and attributes, `isinstance(module, nn.Linear)` still holds for
+transformers/peft/accelerate code, and tied weights stay one Parameter. Each class adds
+
+    weight_scale  s   fp32 scalar buffer, rms of the original weight
+    input_scale   a   fp32 scalar buffer, static input scale (1 until calibrated)      [matmuls only]
+    grad_scale    c   fp32 scalar buffer, static output-gradient scale (1 until calibrated)
+
+and a forward that calls the math in `ops.py`. `precision` (a `MatmulPrecision` or None) and
+`cast_counters` are plain attributes set by conversion and calibration, not state.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.nn.utils.stateless import _reparametrize_module
+from transformers.pytorch_utils import Conv1D
+
+from .ops import MatmulPrecision, OperandCounters, scaled_embedding, scaled_linear
+
+__all__ = [
+    "SCALE_SUFFIX",
+    "UnitScaledConv1D",
+    "UnitScaledEmbedding",
+    "UnitScaledLinear",
+    "UnitScaledMatmulMixin",
+    "UnitScaledModuleMixin",
+    "generic_unit_scaled_class",
+]
+
+SCALE_SUFFIX = "_scale"
+
+
+class UnitScaledModuleMixin:
+    """Marks a converted module; `base_class` is the class it had before conversion."""
+
+    base_class: type[nn.Module]
+    unit_scaled_weights: tuple[str, ...] = ("weight",)
+
+    def scale_of(self, weight_name: str) -> torch.Tensor:
+        return getattr(self, weight_name + SCALE_SUFFIX)
+
+    def extra_repr(self) -> str:
+        scales = ", ".join(f"{n}{SCALE_SUFFIX}={self.scale_of(n).item():.4g}" for n in self.unit_scaled_weights)
+        return f"{super().extra_repr()}, {scales}"
+
+
+class UnitScaledMatmulMixin(UnitScaledModuleMixin):
+    """A converted matmul layer: also carries the static operand scales a, c and the GEMM precision."""
+
+    input_scale: torch.Tensor
+    grad_scale: torch.Tensor
+    precision: MatmulPrecision | None = None
+    cast_counters: OperandCounters | None = None
+
+    def _scaled_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return scaled_linear(
+            x, weight, self.bias, self.weight_scale, self.input_scale, self.grad_scale, self.precision, self.cast_counters
+        )
+
+
+class UnitScaledLinear(UnitScaledMatmulMixin, nn.Linear):
+    """nn.Linear with weight = Ŵ: y = s·a·(q(x/a) @ q(Ŵ)ᵀ) + b."""
+
+    base_class = nn.Linear
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scaled_linear(x, self.weight)
+
+
+class UnitScaledConv1D(UnitScaledMatmulMixin, Conv1D):
+    """transformers' Conv1D (weight stored in × out) with weight = Ŵ: y = s·a·(q(x/a) @ q(Ŵ)) + b."""
+
+    base_class = Conv1D
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scaled_linear(x, self.weight.t())
+
+
+class UnitScaledEmbedding(UnitScaledModuleMixin, nn.Embedding):
+    """nn.Embedding with weight = Ŵ: y = s·Ŵ[ids]."""
+
+    base_class = nn.Embedding
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return scaled_embedding(
+            ids,
+            self.weight,
+            self.weight_scale,
+            padding_idx=self.padding_idx,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            sparse=self.sparse,
+        )
+
+
+class _GenericUnitScaled(UnitScaledModuleMixin):
+    """Any module whose weights are rescaled: forward runs the original forward with each
+    converted weight replaced by s·Ŵ (one weight-sized multiply per call)."""
+
+    def forward(self, *args, **kwargs):
+        scaled = {name: getattr(self, name) * self.scale_of(name) for name in self.unit_scaled_weights}
+        with _reparametrize_module(self, scaled):
+            return super().forward(*args, **kwargs)
+
+
+_GENERIC_CLASSES: dict[type[nn.Module], type[nn.Module]] = {}
+
+
+def generic_unit_scaled_class(base: type[nn.Module]) -> type[nn.Module]:
+    """The (cached) class `UnitScaled<base>` that runs `base.forward` on s·Ŵ weights."""
+    if base not in _GENERIC_CLASSES:
+        _GENERIC_CLASSES[base] = type(f"UnitScaled{base.__name__}", (_GenericUnitScaled, base), {"base_class": base})
+    return _GENERIC_CLASSES[base]
+
+
+MATMUL_CLASSES: dict[type[nn.Module], type[nn.Module]] = {
+    nn.Linear: UnitScaledLinear,
+    Conv1D: UnitScaledConv1D,
+}
+EMBEDDING_CLASSES: dict[type[nn.Module], type[nn.Module]] = {nn.Embedding: UnitScaledEmbedding}

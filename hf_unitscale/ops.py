@@ -1,0 +1,141 @@
+"""The scaled matmul and embedding: all the math of a unit-scaled layer.
+
+A converted weight W is stored as a unit-RMS tensor Ŵ = W / s with s = rms(W) a stored scalar.
+A linear layer with input x, output gradient g and static operand scales a (input) and c
+(output gradient), both 1 until calibrated, computes three GEMMs:
+
+    forward      y   = (s·a) · ( q_f(x/a) @ q_f(Ŵ)ᵀ ) + b
+    grad-input   ∂x  = (s·c) · ( q_b(g/c) @ q_f(Ŵ) )
+    grad-weight  ∂Ŵ  = (s·a·c) · ( q_b(g/c)ᵀ @ q_f(x/a) )          (= s·∂W)
+
+q_f, q_b are saturating casts to a low-precision format (E4M3 forward, E5M2 backward, or bf16);
+every operand they see has unit scale when a = rms(x) and c = rms(g), so FP8 needs no dynamic
+amax scaling. The scalar products are applied to the fp32 GEMM output: `torch._scaled_mm`
+takes exactly these per-tensor scales (backend "scaled_mm"); backend "simulate" casts to the
+format and back and multiplies in the input's dtype, which runs everywhere.
+
+Without casts the three GEMMs are mathematically x @ Wᵀ + b, so the full-precision path
+computes F.linear(x, s·Ŵ, b): one weight-sized multiply, autograd for the rest.
+Embeddings: y = s · Ŵ[ids]; their lookups are not GEMMs and stay in the compute dtype.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .formats import CastCounter, LowPrecisionFormat, cast_to_format
+
+__all__ = ["MatmulPrecision", "OperandCounters", "rms", "scaled_embedding", "scaled_linear"]
+
+BACKENDS = ("simulate", "scaled_mm")
+
+
+@dataclass(frozen=True)
+class MatmulPrecision:
+    """How a converted layer runs its GEMMs: forward/backward operand formats (None = no cast) and backend."""
+
+    forward: LowPrecisionFormat | None = None
+    backward: LowPrecisionFormat | None = None
+    backend: str = "simulate"
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
+        if self.backend == "scaled_mm" and not all(f is not None and f.is_fp8 for f in (self.forward, self.backward)):
+            raise ValueError("The `scaled_mm` backend needs FP8 formats for both forward and backward operands.")
+
+
+@dataclass
+class OperandCounters:
+    """Saturation/underflow counts of the three low-precision operands of one layer."""
+
+    input: CastCounter
+    weight: CastCounter
+    grad_output: CastCounter
+
+    @classmethod
+    def new(cls) -> OperandCounters:
+        return cls(CastCounter(), CastCounter(), CastCounter())
+
+
+def rms(x: torch.Tensor, *, nonzero_only: bool = False) -> torch.Tensor:
+    """sqrt(mean(x²)) in fp64 (0-d); over non-zero elements only when asked (padding zeroes gradient rows)."""
+    x = x.detach().double()
+    if nonzero_only:
+        count = (x != 0).sum()
+        return (x.square().sum() / count.clamp(min=1)).sqrt()
+    return x.square().mean().sqrt()
+
+
+def _cast(x: torch.Tensor, fmt: LowPrecisionFormat | None, counter: CastCounter | None) -> torch.Tensor:
+    return x if fmt is None else cast_to_format(x, fmt, counter)
+
+
+def _gemm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
+    """scale · (a @ b), a and b possibly in a low-precision dtype, result in `out_dtype`."""
+    if backend == "scaled_mm":
+        # _scaled_mm wants a row-major, b column-major; scales are fp32 scalars applied to the fp32 accumulator
+        one = torch.ones((), dtype=torch.float32, device=a.device)
+        b_col_major = b.t().contiguous().t()
+        return torch._scaled_mm(a.contiguous(), b_col_major, scale.float(), one, out_dtype=out_dtype)
+    return (a.to(out_dtype) @ b.to(out_dtype)) * scale.to(out_dtype)
+
+
+class _ScaledMatmul(torch.autograd.Function):
+    """The three GEMMs of the module docstring on 2-D x (tokens × in) and Ŵ (out × in); bias outside."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_scale, input_scale, grad_scale, precision, counters):
+        fwd = precision.forward
+        x_cast = _cast(x / input_scale.to(x.dtype), fwd, counters and counters.input)
+        w_cast = _cast(weight, fwd, counters and counters.weight)
+        ctx.save_for_backward(x_cast, w_cast, weight_scale, input_scale, grad_scale)
+        ctx.precision, ctx.counters, ctx.dtypes = precision, counters, (x.dtype, weight.dtype)
+        return _gemm(x_cast, w_cast.t(), input_scale * weight_scale, x.dtype, precision.backend)
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        x_cast, w_cast, weight_scale, input_scale, grad_scale = ctx.saved_tensors
+        precision, counters = ctx.precision, ctx.counters
+        x_dtype, w_dtype = ctx.dtypes
+        g = grad_output.to(x_dtype) / grad_scale.to(x_dtype)
+        g_cast = _cast(g, precision.backward, counters and counters.grad_output)
+        grad_x = grad_w = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _gemm(g_cast, w_cast, grad_scale * weight_scale, x_dtype, precision.backend)
+        if ctx.needs_input_grad[1]:
+            grad_w = _gemm(g_cast.t(), x_cast, grad_scale * input_scale * weight_scale, x_dtype, precision.backend)
+            grad_w = grad_w.to(w_dtype)
+        return grad_x, grad_w, None, None, None, None, None
+
+
+def scaled_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_scale: torch.Tensor,
+    input_scale: torch.Tensor,
+    grad_scale: torch.Tensor,
+    precision: MatmulPrecision | None = None,
+    counters: OperandCounters | None = None,
+) -> torch.Tensor:
+    """y = s·(x @ Ŵᵀ) + b for x of shape (..., in) and Ŵ of shape (out, in).
+
+    `precision=None` is the full-precision path, F.linear(x, s·Ŵ, b), for which a and c do not
+    matter; otherwise the three GEMMs of the module docstring with casts to `precision`'s formats.
+    """
+    if precision is None:
+        return F.linear(x, weight * weight_scale.to(weight.dtype), bias)
+    out = _ScaledMatmul.apply(
+        x.reshape(-1, x.shape[-1]), weight, weight_scale, input_scale, grad_scale, precision, counters
+    )
+    out = out.reshape(*x.shape[:-1], weight.shape[0])
+    return out if bias is None else out + bias
+
+
+def scaled_embedding(ids: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, **kwargs) -> torch.Tensor:
+    """y = s · Ŵ[ids]; kwargs are those of F.embedding (padding_idx, max_norm, …)."""
+    return F.embedding(ids, weight, **kwargs) * weight_scale.to(weight.dtype)
