@@ -1,0 +1,103 @@
+"""The table of tiny random transformers models the tests run over, listed once.
+
+Each case builds a small model of a real architecture (fp32, dropout off) and a batch of inputs
+for it, so tests can be parametrized over `TINY_CASES` by id.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DistilBertConfig,
+    DistilBertForSequenceClassification,
+    GPT2Config,
+    GPT2LMHeadModel,
+    LlamaConfig,
+    LlamaForCausalLM,
+    PreTrainedModel,
+    RobertaConfig,
+    RobertaForMaskedLM,
+)
+
+VOCAB = 101
+
+
+@dataclass(frozen=True)
+class TinyCase:
+    id: str
+    build: Callable[[], PreTrainedModel]
+    tied: bool
+
+    def model(self, seed: int = 0) -> PreTrainedModel:
+        torch.manual_seed(seed)
+        return self.build().eval()
+
+    def batch(self, batch_size: int = 2, seq_len: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
+        generator = torch.Generator().manual_seed(seed)
+        input_ids = torch.randint(3, VOCAB, (batch_size, seq_len), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[0, -3:] = 0  # some padding
+        return {"input_ids": input_ids, "attention_mask": attention_mask}
+
+
+_COMMON = dict(vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+
+TINY_CASES = [
+    TinyCase(
+        "bert",
+        lambda: BertForSequenceClassification(
+            BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, num_labels=2,
+                       **_COMMON)
+        ),
+        tied=False,
+    ),
+    TinyCase(
+        "roberta",
+        lambda: RobertaForMaskedLM(
+            RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                          max_position_embeddings=64, pad_token_id=1, **_COMMON)
+        ),
+        tied=True,
+    ),
+    TinyCase(
+        "distilbert",
+        lambda: DistilBertForSequenceClassification(
+            DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37, dropout=0.0,
+                             attention_dropout=0.0, seq_classif_dropout=0.0, num_labels=2)
+        ),
+        tied=False,
+    ),
+    TinyCase(
+        "gpt2",
+        lambda: GPT2LMHeadModel(
+            GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
+                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+        ),
+        tied=True,
+    ),
+    TinyCase(
+        "llama-tied",
+        lambda: LlamaForCausalLM(
+            LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        ),
+        tied=True,
+    ),
+    TinyCase(
+        "llama-untied",
+        lambda: LlamaForCausalLM(
+            LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+        ),
+        tied=False,
+    ),
+]
+
+CASES_BY_ID = {case.id: case for case in TINY_CASES}
