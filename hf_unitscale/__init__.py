@@ -1,7 +1,14 @@
-"""hf_unitscale: unit scaling for pretrained Hugging Face models."""
+"""hf_unitscale: unit scaling for pretrained Hugging Face models.
 
-from .config import UnitScaleConfig
-from .convert import is_unit_scaled, merge_unit_scale, unit_scale, unit_scaled_modules
+`unit_scale(model)` rewrites every weight W as s·Ŵ (Ŵ unit-RMS and trainable under W's name, s a
+stored scalar) without changing what the model computes.
+"""
+
+__version__ = "0.1.0"
+
+from .config import UnitScaleConfig  # noqa: E402
+from .convert import is_unit_scaled, merge_unit_scale, unit_scale, unit_scaled_modules  # noqa: E402
+from .hub import from_pretrained, save_pretrained  # noqa: E402
 
 __all__ = [
     # conversion
@@ -10,6 +17,7 @@ __all__ = [
     "merge_unit_scale",
     "unit_scale",
     "unit_scaled_modules",
+    # checkpoints
+    "from_pretrained",
+    "save_pretrained",
 ]
-
-__version__ = "0.1.0"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.utils import logging
 
 from .config import CONFIG_KEY, UnitScaleConfig
@@ -99,6 +100,12 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
     if is_unit_scaled(model):
         logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing.")
         return model
+    return _convert(model, config, measure=True)
+
+
+def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.Module:
+    """Swap the layers of `model`; with `measure=False` (loading a unit-scaled checkpoint) leave the
+    weights alone and set s = 1, to be overwritten by the checkpoint's Ŵ and s."""
     plan = _conversion_plan(model, config)
     if not plan:
         raise ValueError(
@@ -111,8 +118,9 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
         for weight_name in weight_names:
             param = getattr(module, weight_name)
             if id(param) not in scale_of_param:  # a tied weight is divided once
-                scale = _weight_scale(param, f"{name}.{weight_name}" if name else weight_name)
-                if param.device.type != "meta":
+                qualified = f"{name}.{weight_name}" if name else weight_name
+                scale = _weight_scale(param, qualified) if measure else torch.ones((), dtype=torch.float32)
+                if measure and param.device.type != "meta":
                     param.div_(scale.to(device=param.device, dtype=torch.float32).to(param.dtype))
                 scale_of_param[id(param)] = scale
             scale = scale_of_param[id(param)].to(param.device if param.device.type != "meta" else "cpu")
@@ -127,6 +135,10 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
             module.unit_scaled_weights = weight_names
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         setattr(model.config, CONFIG_KEY, config.to_dict())
+    if isinstance(model, PreTrainedModel):
+        from .hub import attach_checkpoint_methods  # hub imports this module
+
+        attach_checkpoint_methods(model)
     logger.info(f"Unit-scaled {len(plan)} modules of {type(model).__name__}.")
     return model
 
@@ -158,4 +170,5 @@ def merge_unit_scale(model: nn.Module) -> nn.Module:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
+    model.__dict__.pop("save_pretrained", None)  # back to transformers' own method
     return model
