@@ -135,7 +135,9 @@ def set_operand_scales(model: nn.Module, scales: dict[str, list[float]]) -> None
 
 
 @torch.no_grad()
-def load_unit_scaled_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+def load_unit_scaled_state_dict(
+    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint"
+) -> None:
     """Copy a unit-scaled state dict into a converted model, refusing anything that would change its function.
 
     Errors name the tensor: a missing or non-finite scale, a missing or unexpected tensor (the
@@ -161,7 +163,9 @@ def load_unit_scaled_state_dict(model: nn.Module, state_dict: dict[str, torch.Te
     for name, tensor in state_dict.items():
         target = expected[name]
         if tensor.shape != target.shape:
-            raise ValueError(f"{source}: `{name}` has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}.")
+            raise ValueError(
+                f"{source}: `{name}` has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}."
+            )
         if name in converted.values() and not (torch.isfinite(tensor).all() and tensor > 0):
             raise ValueError(f"{source}: scale `{name}` = {tensor.item()} is not a positive finite number.")
     model.load_state_dict(
@@ -204,7 +208,9 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
-        raise ValueError(f"Could not read weights file {path}: {err}. It is corrupt or truncated; re-download or re-save it.") from err
+        raise ValueError(
+            f"Could not read weights file {path}: {err}. It is corrupt or truncated; re-download or re-save it."
+        ) from err
 
 
 def write_unit_scaled_weights(state_dict: dict[str, torch.Tensor], save_directory: str | os.PathLike) -> Path:
@@ -216,7 +222,9 @@ def write_unit_scaled_weights(state_dict: dict[str, torch.Tensor], save_director
 def load_checkpoint_into(model: nn.Module, checkpoint_dir: str | os.PathLike) -> None:
     """Load a checkpoint folder of either format into an already converted model, in place."""
     checkpoint_dir = Path(checkpoint_dir)
-    config = json.loads((checkpoint_dir / "config.json").read_text()) if (checkpoint_dir / "config.json").exists() else {}
+    config = (
+        json.loads((checkpoint_dir / "config.json").read_text()) if (checkpoint_dir / "config.json").exists() else {}
+    )
     fmt = read_checkpoint_format(config)
     if fmt == "unit-scaled" or (checkpoint_dir / UNIT_SCALED_WEIGHTS_NAME).exists():
         state_dict = read_safetensors(checkpoint_dir / UNIT_SCALED_WEIGHTS_NAME)

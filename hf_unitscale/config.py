@@ -30,7 +30,9 @@ class UnitScaleConfig:
     )
     convert_other_modules: bool = field(
         default=True,
-        metadata={"help": "Also convert ≥2-D weights of other modules (LSTM, Conv2d, …) by multiplying s in at forward."},
+        metadata={
+            "help": "Also convert ≥2-D weights of other modules (LSTM, Conv2d, …) by multiplying s in at forward."
+        },
     )
     forward_format: str | None = field(
         default=None,
@@ -65,7 +67,7 @@ class UnitScaleConfig:
                 re.compile(pattern)
             except re.error as err:
                 raise ValueError(f"`exclude_modules` entry {pattern!r} is not a regular expression: {err}.") from None
-        self.precision  # validates the format/backend combination
+        _ = self.precision  # validates the format/backend combination
 
     @property
     def precision(self) -> MatmulPrecision | None:

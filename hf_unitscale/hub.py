@@ -75,11 +75,16 @@ def save_pretrained(
     original_block = getattr(config, CONFIG_KEY, None)
     if checkpoint_format == "merged":
         if weight_dtype != "float32":
-            raise ValueError("`weight_dtype` applies to the unit-scaled format only; merged weights keep the model dtype.")
+            raise ValueError(
+                "`weight_dtype` applies to the unit-scaled format only; merged weights keep the model dtype."
+            )
         setattr(config, CONFIG_KEY, _checkpoint_block(model, "merged", operand_scales=operand_scales(model)))
         try:
             type(model).save_pretrained(
-                model, save_directory, state_dict=merged_state_dict(model, state_dict), is_main_process=is_main_process,
+                model,
+                save_directory,
+                state_dict=merged_state_dict(model, state_dict),
+                is_main_process=is_main_process,
                 **kwargs,
             )
         finally:

@@ -58,7 +58,14 @@ class UnitScaledMatmulMixin(UnitScaledModuleMixin):
 
     def _scaled_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return scaled_linear(
-            x, weight, self.bias, self.weight_scale, self.input_scale, self.grad_scale, self.precision, self.cast_counters
+            x,
+            weight,
+            self.bias,
+            self.weight_scale,
+            self.input_scale,
+            self.grad_scale,
+            self.precision,
+            self.cast_counters,
         )
 
 

@@ -51,50 +51,102 @@ TINY_CASES = [
     TinyCase(
         "bert",
         lambda: BertForSequenceClassification(
-            BertConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37, num_labels=2,
-                       **_COMMON)
+            BertConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=37,
+                num_labels=2,
+                **_COMMON,
+            )
         ),
         tied=False,
     ),
     TinyCase(
         "roberta",
         lambda: RobertaForMaskedLM(
-            RobertaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
-                          max_position_embeddings=64, pad_token_id=1, **_COMMON)
+            RobertaConfig(
+                hidden_size=32,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                intermediate_size=37,
+                max_position_embeddings=64,
+                pad_token_id=1,
+                **_COMMON,
+            )
         ),
         tied=True,
     ),
     TinyCase(
         "distilbert",
         lambda: DistilBertForSequenceClassification(
-            DistilBertConfig(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, hidden_dim=37, dropout=0.0,
-                             attention_dropout=0.0, seq_classif_dropout=0.0, num_labels=2)
+            DistilBertConfig(
+                vocab_size=VOCAB,
+                dim=32,
+                n_layers=2,
+                n_heads=4,
+                hidden_dim=37,
+                dropout=0.0,
+                attention_dropout=0.0,
+                seq_classif_dropout=0.0,
+                num_labels=2,
+            )
         ),
         tied=False,
     ),
     TinyCase(
         "gpt2",
         lambda: GPT2LMHeadModel(
-            GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=64, resid_pdrop=0.0,
-                       embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+            GPT2Config(
+                vocab_size=VOCAB,
+                n_embd=32,
+                n_layer=2,
+                n_head=4,
+                n_positions=64,
+                resid_pdrop=0.0,
+                embd_pdrop=0.0,
+                attn_pdrop=0.0,
+                bos_token_id=0,
+                eos_token_id=0,
+            )
         ),
         tied=True,
     ),
     TinyCase(
         "llama-tied",
         lambda: LlamaForCausalLM(
-            LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                        tie_word_embeddings=True, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=True,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
         ),
         tied=True,
     ),
     TinyCase(
         "llama-untied",
         lambda: LlamaForCausalLM(
-            LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                        tie_word_embeddings=False, bos_token_id=0, eos_token_id=0, pad_token_id=0)
+            LlamaConfig(
+                vocab_size=VOCAB,
+                hidden_size=32,
+                intermediate_size=48,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                num_key_value_heads=2,
+                max_position_embeddings=64,
+                tie_word_embeddings=False,
+                bos_token_id=0,
+                eos_token_id=0,
+                pad_token_id=0,
+            )
         ),
         tied=False,
     ),
