@@ -75,6 +75,7 @@ class CastCounter:
         seen, nonzero = int(self.seen), int(self.nonzero)
         return {
             "seen": seen,
+            "nonzero": nonzero,
             "saturated": int(self.saturated),
             "underflowed": int(self.underflowed),
             "saturated_fraction": int(self.saturated) / max(seen, 1),

@@ -1,0 +1,320 @@
+"""`calibrate(model, batches)`: measure the static operand scales a, c of every converted matmul.
+
+For a converted matmul layer with input x and output gradient g (see `ops.py`), FP8 operands
+have unit RMS when
+
+    a = rms(x)        c = rms(g)
+
+each measured over non-zero elements only: padding zeroes whole gradient rows (about half of
+all elements in a padded batch, ~87% in a BERT classifier's last layer) and ReLU zeroes inputs;
+zeros are exact in every format, and a plain RMS would be diluted by them and depend on how
+much padding a batch has. Over several batches the mean squares are averaged and then rooted
+(a = sqrt(mean_b ms_b(x))), so one outlier batch does not dominate as a max would. Under
+torch.distributed the per-batch mean squares are averaged over ranks, so every rank holds the
+same scales.
+
+How it is measured, and why:
+
+* in full precision: every matmul layer runs `precision=None` during the pass. Measuring
+  through the low-precision path would measure what the *current* scales let through — with
+  a = c = 1 most E5M2 gradients flush to zero and every layer upstream sees a biased g.
+* with the model's real training loss when the batch carries `labels` (the gradients
+  training will produce, including the loss's 1/batch normalization, which sets the scale of
+  every g). A causal LM without labels gets `labels = input_ids` (padding masked to -100),
+  its own training loss. Any other model without labels falls back to a proxy,
+  sum(logits²)/2 / rows (gradient logits/rows, the same 1/rows normalization as a mean
+  loss); `c` from a proxy is only right up to an O(1) factor, so pass labels, or a `loss_fn`.
+  `loss_scale` multiplies the loss the way the training loop does (1/gradient-accumulation).
+* in eval mode (dropout off, deterministic): dropout scales kept activations by 1/(1-p),
+  which changes a non-zero RMS by 1/sqrt(1-p) (5% at p = 0.1), well inside the factor-2 band
+  FP8 tolerates. The model's train/eval mode is restored afterwards.
+* with `torch.autograd.grad` with respect to the layer outputs, so no parameter `.grad` is
+  created or changed (calibration can run mid-training); frozen models are handled by letting
+  the first converted layer's input require grad.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Callable, Iterable, Mapping
+from itertools import islice
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .config import CONFIG_KEY
+from .modules import UnitScaledMatmulMixin
+from .ops import rms
+
+__all__ = ["calibrate", "matmul_layers"]
+
+logger = logging.get_logger(__name__)
+
+LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
+
+
+def matmul_layers(model: nn.Module) -> dict[str, UnitScaledMatmulMixin]:
+    """The converted matmul layers of `model` (those with static scales a, c) by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, UnitScaledMatmulMixin)}
+
+
+class _LayerStats:
+    """Per layer: sums of the per-batch non-zero mean squares of x and g, and how many batches."""
+
+    def __init__(self) -> None:
+        self.x_sum_sq = self.x_count = 0.0
+        self.g_sum_sq = self.g_count = 0.0
+        self.x_ms_total = self.g_ms_total = 0.0
+        self.x_batches = self.g_batches = 0
+
+    def end_batch(self) -> None:
+        if self.x_count:
+            self.x_ms_total += self.x_sum_sq / self.x_count
+            self.x_batches += 1
+        if self.g_count:
+            self.g_ms_total += self.g_sum_sq / self.g_count
+            self.g_batches += 1
+        self.x_sum_sq = self.x_count = self.g_sum_sq = self.g_count = 0.0
+
+
+def _sum_sq_and_count(t: torch.Tensor) -> tuple[float, float]:
+    t = t.detach()
+    count = float((t != 0).sum())
+    # rms over non-zero elements, squared back to a sum so several calls per batch pool correctly
+    return float(rms(t, nonzero_only=True)) ** 2 * count, count
+
+
+def _is_causal_lm(model: nn.Module) -> bool:
+    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ())
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return type(model).__name__ in names
+
+
+def _model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    if "labels" not in inputs and "input_ids" in inputs and _is_causal_lm(model):
+        labels = inputs["input_ids"].clone()
+        if "attention_mask" in inputs:
+            labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
+        inputs["labels"] = labels
+    return inputs
+
+
+def _default_loss(outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
+    loss = getattr(outputs, "loss", None)
+    if loss is None and isinstance(outputs, Mapping):
+        loss = outputs.get("loss")
+    if loss is not None:
+        return loss
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    rows = logits.numel() // logits.shape[-1]
+    return logits.float().square().sum() / (2 * rows)
+
+
+def _count_tokens(batch: Mapping[str, Any]) -> int:
+    mask = batch.get("attention_mask")
+    if isinstance(mask, torch.Tensor):
+        return int(mask.sum())
+    ids = batch.get("input_ids")
+    return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
+
+
+def _all_reduce_mean_squares(stats: dict[str, _LayerStats]) -> None:
+    """Sum per-batch mean squares and batch counts over ranks (no-op outside torch.distributed)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return
+    values = [[s.x_ms_total, s.x_batches, s.g_ms_total, s.g_batches] for s in stats.values()]
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
+    tensor = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    for s, (x_ms, x_n, g_ms, g_n) in zip(stats.values(), tensor.tolist(), strict=True):
+        s.x_ms_total, s.x_batches, s.g_ms_total, s.g_batches = x_ms, int(x_n), g_ms, int(g_n)
+
+
+@contextlib.contextmanager
+def _full_precision(layers: Iterable[UnitScaledMatmulMixin]):
+    layers = list(layers)
+    saved = [layer.__dict__.get("precision", None) for layer in layers]
+    had = ["precision" in layer.__dict__ for layer in layers]
+    try:
+        for layer in layers:
+            layer.precision = None
+        yield
+    finally:
+        for layer, precision, present in zip(layers, saved, had, strict=True):
+            if present:
+                layer.precision = precision
+            else:
+                layer.__dict__.pop("precision", None)
+
+
+def calibrate(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    num_batches: int | None = None,
+    loss_fn: LossFn | None = None,
+    loss_scale: float = 1.0,
+    progress: bool = True,
+) -> dict[str, dict[str, float]]:
+    """Set every converted matmul layer's static scales a = rms(x) and c = rms(g), in place.
+
+    Args:
+        model: a model converted by `unit_scale`.
+        batches: dicts of model inputs (with `labels` for real gradients), e.g. a DataLoader.
+        num_batches: use only the first `num_batches` of `batches` (default: all of them).
+        loss_fn: `loss_fn(outputs, batch) -> scalar`; default the model's loss, see module docstring.
+        loss_scale: multiplies the loss before differentiating (1/gradient-accumulation steps
+            to match a Trainer's backward).
+        progress: show a tqdm progress bar.
+
+    Returns:
+        `{layer name: {"input_rms", "grad_rms", "input_scale", "grad_scale"}}`: the measured RMS
+        (nan when not measured) and the scales now in the buffers. A layer whose output gets no
+        gradient (unused by the loss) keeps its previous `c`, and likewise `a`.
+
+    Raises:
+        ValueError: `model` has no converted matmul layer, `batches` is empty, or a measured
+            scale is not finite and positive.
+    """
+    if num_batches is not None and num_batches < 1:
+        raise ValueError(f"`num_batches` should be a positive integer or None, got {num_batches}.")
+    layers = matmul_layers(model)
+    if not layers:
+        raise ValueError(
+            f"{type(model).__name__} has no converted matmul layer to calibrate; call `unit_scale(model)` first."
+        )
+    stats = {name: _LayerStats() for name in layers}
+    outputs_of: dict[str, list[torch.Tensor]] = {}
+    state = {"recording": False, "first_input": True}
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]):
+            if not state["recording"]:
+                return None  # e.g. activation-checkpoint recomputation inside backward
+            x = args[0]
+            sum_sq, count = _sum_sq_and_count(x)
+            stats[name].x_sum_sq += sum_sq
+            stats[name].x_count += count
+            if not x.requires_grad and x.is_floating_point():
+                # a frozen front (or a fully frozen model): make the graph reach every layer output
+                return (x.detach().requires_grad_(True), *args[1:])
+            return None
+
+        return hook
+
+    def forward_hook(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor):
+            if state["recording"] and output.requires_grad:
+                outputs_of.setdefault(name, []).append(output)
+
+        return hook
+
+    handles = []
+    for name, layer in layers.items():
+        handles.append(layer.register_forward_pre_hook(pre_hook(name)))
+        handles.append(layer.register_forward_hook(forward_hook(name)))
+
+    loss_fn = loss_fn or _default_loss
+    was_training = {m: m.training for m in model.modules()}
+    iterator = iter(batches) if num_batches is None else islice(batches, num_batches)
+    try:
+        from transformers.utils.logging import tqdm
+
+        bar = tqdm(iterator, total=num_batches, desc="Calibrating unit scales", disable=not progress)
+    except ImportError:  # pragma: no cover
+        bar = iterator
+    n_batches = n_tokens = 0
+    used_proxy = False
+    try:
+        model.eval()
+        with _full_precision(layers.values()), torch.enable_grad():
+            for batch in bar:
+                inputs = _model_inputs(model, batch)
+                outputs_of.clear()
+                state["recording"] = True
+                outputs = model(**inputs)
+                state["recording"] = False
+                used_proxy |= loss_fn is _default_loss and getattr(outputs, "loss", None) is None
+                loss = loss_fn(outputs, inputs) * loss_scale
+                names = [n for n, outs in outputs_of.items() for _ in outs]
+                tensors = [t for outs in outputs_of.values() for t in outs]
+                grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors else ()
+                for name, grad in zip(names, grads, strict=True):
+                    if grad is not None:
+                        sum_sq, count = _sum_sq_and_count(grad)
+                        stats[name].g_sum_sq += sum_sq
+                        stats[name].g_count += count
+                for s in stats.values():
+                    s.end_batch()
+                n_batches += 1
+                n_tokens += _count_tokens(inputs)
+                del outputs, loss, grads, tensors
+                outputs_of.clear()
+    finally:
+        state["recording"] = False
+        outputs_of.clear()
+        for handle in handles:
+            handle.remove()
+        for module, training in was_training.items():
+            module.training = training
+    if n_batches == 0:
+        raise ValueError("`batches` yielded no batch; calibration needs at least one.")
+    if used_proxy:
+        logger.warning(
+            "Calibrating without a loss (no `labels`): output-gradient scales c come from the proxy "
+            "sum(logits²)/2/rows. Pass batches with `labels` or a `loss_fn` for the real training gradients."
+        )
+    _all_reduce_mean_squares(stats)
+
+    table: dict[str, dict[str, float]] = {}
+    unmeasured = []
+    for name, layer in layers.items():
+        s = stats[name]
+        input_rms = math.sqrt(s.x_ms_total / s.x_batches) if s.x_batches else math.nan
+        grad_rms = math.sqrt(s.g_ms_total / s.g_batches) if s.g_batches else math.nan
+        for what, value, buffer in (("input", input_rms, layer.input_scale), ("gradient", grad_rms, layer.grad_scale)):
+            if math.isnan(value):
+                unmeasured.append(f"{name} ({what})")
+                continue
+            if not (math.isfinite(value) and value > 0):
+                raise ValueError(f"Calibration measured a non-finite or zero {what} RMS {value} at `{name}`.")
+            with torch.no_grad():
+                buffer.fill_(value)
+        table[name] = {
+            "input_rms": input_rms,
+            "grad_rms": grad_rms,
+            "input_scale": float(layer.input_scale),
+            "grad_scale": float(layer.grad_scale),
+        }
+    if unmeasured:
+        logger.warning(
+            f"Calibration kept the previous scale of {len(unmeasured)} operand(s) it could not "
+            f"measure (layer unused or no gradient reaches it): {', '.join(unmeasured[:8])}"
+        )
+    loss_name = "model loss" if not used_proxy else "proxy sum(logits^2)/2/rows"
+    if loss_fn is not _default_loss:
+        loss_name = "loss_fn"
+    record = {
+        "num_batches": n_batches,
+        "num_tokens": n_tokens,
+        "statistic": "sqrt(mean over batches of mean square over non-zero elements)",
+        "loss": loss_name,
+        "loss_scale": loss_scale,
+        "precision": "full (fp32 path, casts off)",
+        "mode": "eval",
+    }
+    config = getattr(model, "config", None)
+    if config is not None and isinstance(getattr(config, CONFIG_KEY, None), dict):
+        getattr(config, CONFIG_KEY)["calibration"] = record
+    logger.info(f"Calibrated {len(layers)} matmul layers on {n_batches} batches ({n_tokens} tokens).")
+    return table

@@ -1,0 +1,103 @@
+"""Turn low-precision GEMMs on and off on a converted model, and count what their casts clip.
+
+`set_precision` sets the `MatmulPrecision` of every converted matmul layer (and the
+`unit_scaling` config block, so it is saved with the model). `track_casts` attaches an
+`OperandCounters` (input x/a, weight Ŵ, output gradient g/c) to every matmul layer;
+`cast_statistics` reads them per layer and `summarize_casts` pools them into the fractions a
+training log wants:
+
+    saturated fraction   = #(|v| > format max) / #elements          (clipped to ±max)
+    underflow fraction   = #(v ≠ 0 but cast to 0) / #non-zero elements (flushed to zero)
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .config import CONFIG_KEY, UnitScaleConfig
+from .modules import UnitScaledMatmulMixin
+from .ops import MatmulPrecision, OperandCounters
+
+__all__ = ["OPERANDS", "cast_statistics", "set_precision", "summarize_casts", "track_casts"]
+
+OPERANDS = ("input", "weight", "grad_output")
+
+
+def _matmul_layers(model: nn.Module) -> dict[str, UnitScaledMatmulMixin]:
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, UnitScaledMatmulMixin)}
+    if not layers:
+        raise ValueError(f"{type(model).__name__} has no converted matmul layer; call `unit_scale(model)` first.")
+    return layers
+
+
+def set_precision(
+    model: nn.Module,
+    forward_format: str | None = "e4m3",
+    backward_format: str | None = "e5m2",
+    backend: str = "simulate",
+) -> MatmulPrecision | None:
+    """Run every converted matmul layer's GEMMs with these operand formats (None, None: full precision).
+
+    Formats are names from `formats.FORMATS` ("e4m3", "e5m2", "bf16"); backend is "simulate" or
+    "scaled_mm". Returns the `MatmulPrecision` set. Updates `model.config.unit_scaling`.
+    """
+    block = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    base = dict(block) if isinstance(block, dict) else {}
+    base.update(forward_format=forward_format, backward_format=backward_format, backend=backend)
+    config = UnitScaleConfig.from_dict(base)  # validates names and the format/backend combination
+    precision = config.precision
+    for layer in _matmul_layers(model).values():
+        layer.precision = precision
+    if isinstance(block, dict):
+        block.update(forward_format=forward_format, backward_format=backward_format, backend=backend)
+    return precision
+
+
+def track_casts(model: nn.Module, enabled: bool = True) -> dict[str, OperandCounters]:
+    """Attach fresh `OperandCounters` to every converted matmul layer (`enabled=False` detaches them).
+
+    Counting costs a few elementwise passes per cast; counters only count when a layer runs a
+    low-precision `precision`. Returns the counters by layer name (empty when disabled).
+    """
+    counters = {}
+    for name, layer in _matmul_layers(model).items():
+        layer.cast_counters = OperandCounters.new() if enabled else None
+        if enabled:
+            counters[name] = layer.cast_counters
+    return counters
+
+
+def cast_statistics(model: nn.Module, *, reset: bool = False) -> dict[str, dict[str, dict[str, float]]]:
+    """`{layer: {operand: CastCounter.as_dict()}}` for every layer with counters; `reset` zeroes them after."""
+    result = {}
+    for name, layer in _matmul_layers(model).items():
+        counters = layer.cast_counters
+        if counters is None:
+            continue
+        result[name] = {operand: getattr(counters, operand).as_dict() for operand in OPERANDS}
+        if reset:
+            for operand in OPERANDS:
+                getattr(counters, operand).reset()
+    return result
+
+
+def summarize_casts(statistics: dict[str, dict[str, dict[str, float]]], prefix: str = "fp8/") -> dict[str, float]:
+    """Pool `cast_statistics` over layers into log entries, per operand:
+
+    `{prefix}{operand}_saturated_fraction`, `{prefix}{operand}_underflow_fraction` (pooled over
+    all layers) and `{prefix}{operand}_max_layer_underflow_fraction` (the worst layer).
+    """
+    summary: dict[str, float] = {}
+    for operand in OPERANDS:
+        rows = [layer[operand] for layer in statistics.values() if layer[operand]["seen"]]
+        if not rows:
+            continue
+        seen = sum(r["seen"] for r in rows)
+        nonzero = sum(r["nonzero"] for r in rows)
+        saturated = sum(r["saturated"] for r in rows)
+        underflowed = sum(r["underflowed"] for r in rows)
+        summary[f"{prefix}{operand}_saturated_fraction"] = saturated / max(seen, 1)
+        summary[f"{prefix}{operand}_underflow_fraction"] = underflowed / max(nonzero, 1)
+        summary[f"{prefix}{operand}_max_layer_underflow_fraction"] = max(r["underflow_fraction"] for r in rows)
+        summary[f"{prefix}{operand}_max_layer_saturated_fraction"] = max(r["saturated_fraction"] for r in rows)
+    return summary
