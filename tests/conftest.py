@@ -15,3 +15,19 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(scope="session")
+def minilm_path():
+    """The real all-MiniLM-L6-v2 folder, fetched by `python -m hf_unitscale.embedded` before the tests."""
+    from hf_unitscale.embedded import minilm_path
+
+    return minilm_path()
+
+
+@pytest.fixture(scope="session")
+def smollm2_path():
+    """The real SmolLM2-135M-Instruct, converted once from its GGUF to safetensors."""
+    from hf_unitscale.embedded import smollm2_path
+
+    return smollm2_path()

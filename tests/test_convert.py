@@ -1,0 +1,218 @@
+"""unit_scale / merge_unit_scale: the converted model computes the same function (hf_unitscale/convert.py)."""
+
+import logging
+
+import pytest
+import torch
+from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
+
+from hf_unitscale import UnitScaleConfig, is_unit_scaled, merge_unit_scale, unit_scale, unit_scaled_modules
+from hf_unitscale.modules import UnitScaledEmbedding, UnitScaledMatmulMixin
+
+from tiny_models import CASES_BY_ID, TINY_CASES
+
+EQUIVALENCE_RTOL = 1e-5  # max |converted - original| ≤ 1e-5 · max |original|
+RMS_ATOL = 1e-4
+
+
+def assert_same_function(original: torch.Tensor, converted: torch.Tensor) -> None:
+    error = (converted - original).abs().max().item()
+    bound = EQUIVALENCE_RTOL * original.abs().max().item()
+    assert error <= bound, f"max |Δlogits| = {error:.3g} > {bound:.3g}"
+
+
+def assert_unit_rms(model: nn.Module) -> None:
+    for name, module in unit_scaled_modules(model).items():
+        for weight_name in module.unit_scaled_weights:
+            weight = getattr(module, weight_name)
+            if not weight.detach().any():
+                continue
+            rms = weight.detach().double().square().mean().sqrt().item()
+            assert abs(rms - 1) <= RMS_ATOL, f"rms({name}.{weight_name}) = {rms}"
+
+
+def trainable(model: nn.Module) -> dict[str, tuple]:
+    return {n: tuple(p.shape) for n, p in model.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
+def test_tiny_models_keep_their_function(case):
+    model = case.model()
+    batch = case.batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    params_before = trainable(model)
+    unit_scale(model)
+    with torch.no_grad():
+        actual = model(**batch).logits
+    assert_same_function(expected, actual)
+    assert_unit_rms(model)
+    assert trainable(model) == params_before, "parameter names, shapes or count changed"
+    assert is_unit_scaled(model)
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
+def test_every_weight_is_converted_and_ties_survive(case):
+    model = case.model()
+    unit_scale(model)
+    converted = unit_scaled_modules(model)
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear | nn.Embedding)]
+    assert set(linears) <= set(converted), f"unconverted: {set(linears) - set(converted)}"
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    assert isinstance(embedding, UnitScaledEmbedding)
+    if case.tied:
+        assert output.weight is embedding.weight, "tied weights must stay one Parameter"
+        assert torch.equal(output.weight_scale, embedding.weight_scale)
+    norms = [m for m in model.modules() if "Norm" in type(m).__name__]
+    assert norms and not any(isinstance(m, UnitScaledMatmulMixin | UnitScaledEmbedding) for m in norms)
+
+
+def test_gpt2_conv1d_scales_and_gradients_match():
+    """Ŵ's gradient is s·∂W: one backward through both models shows it."""
+    case = CASES_BY_ID["gpt2"]
+    original, converted = case.model(), unit_scale(case.model())
+    batch = case.batch()
+    original(**batch).logits.square().mean().backward()
+    converted(**batch).logits.square().mean().backward()
+    layer = "transformer.h.0.mlp.c_fc"
+    plain, scaled = original.get_submodule(layer), converted.get_submodule(layer)
+    torch.testing.assert_close(scaled.weight.grad, plain.weight.grad * scaled.weight_scale, rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(scaled.bias.grad, plain.bias.grad, rtol=1e-4, atol=1e-9)
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
+def test_merge_restores_the_original_state_dict(case):
+    model = case.model()
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_unit_scale(unit_scale(model))
+    merged = model.state_dict()
+    assert set(merged) == set(original)
+    for name, tensor in original.items():
+        torch.testing.assert_close(merged[name], tensor, rtol=1e-6, atol=0, msg=f"{name} changed")
+    assert not is_unit_scaled(model)
+    assert type(model.get_input_embeddings()) is nn.Embedding
+    assert "unit_scaling" not in model.config.to_dict()
+
+
+def test_converting_twice_is_a_noop_with_a_warning(caplog):
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    scales = {n: m.weight_scale.clone() for n, m in unit_scaled_modules(model).items()}
+    logger = logging.getLogger("hf_unitscale")
+    logger.propagate = True
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        unit_scale(model)
+    assert "already unit-scaled" in caplog.text
+    assert all(torch.equal(m.weight_scale, scales[n]) for n, m in unit_scaled_modules(model).items())
+
+
+def test_non_finite_weight_is_named():
+    model = CASES_BY_ID["bert"].model()
+    with torch.no_grad():
+        model.bert.encoder.layer[1].intermediate.dense.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.1\.intermediate\.dense\.weight.*non-finite"):
+        unit_scale(model)
+
+
+def test_all_zero_weight_keeps_unit_scale():
+    model = CASES_BY_ID["llama-untied"].model()
+    with torch.no_grad():
+        model.model.layers[0].mlp.up_proj.weight.zero_()
+    unit_scale(model)
+    layer = model.model.layers[0].mlp.up_proj
+    assert layer.weight_scale.item() == 1.0
+    assert not layer.weight.any()
+
+
+def test_nothing_to_convert_is_an_error():
+    with pytest.raises(ValueError, match="Found nothing to unit-scale in LayerNorm"):
+        unit_scale(nn.LayerNorm(8))
+    with pytest.raises(ValueError, match="excluded"):
+        unit_scale(nn.Sequential(nn.Linear(4, 4)), UnitScaleConfig(exclude_modules=[".*"], convert_other_modules=False))
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"forward_fromat": "e4m3"}, r"Unknown UnitScaleConfig option\(s\) \['forward_fromat'\]"),
+        ({"forward_format": "e3m4"}, r"Unknown low-precision format 'e3m4'"),
+        ({"backend": "cuda"}, r"`backend` must be one of"),
+        ({"exclude_modules": ["("]}, r"`exclude_modules` entry '\(' is not a regular expression"),
+    ],
+)
+def test_bad_config_options_are_named(options, message):
+    with pytest.raises(ValueError, match=message):
+        UnitScaleConfig.from_dict(options)
+
+
+def test_exclude_modules_leaves_them_plain():
+    model = unit_scale(CASES_BY_ID["bert"].model(), UnitScaleConfig(exclude_modules=[r"classifier", r".*\.query"]))
+    assert type(model.classifier) is nn.Linear
+    assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear
+    assert isinstance(model.bert.encoder.layer[0].attention.self.key, UnitScaledMatmulMixin)
+
+
+class LSTMClassifier(nn.Module):
+    """A plain torch text classifier: embedding → LSTM(100, 256) → Linear(256, 1)."""
+
+    def __init__(self, vocab: int = 500):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab, 100)
+        self.lstm = nn.LSTM(100, 256, batch_first=True)
+        self.head = nn.Linear(256, 1)
+
+    def forward(self, ids):
+        hidden, _ = self.lstm(self.embedding(ids))
+        return self.head(hidden[:, -1])
+
+
+def test_plain_torch_lstm_classifier_converts_and_stays_equivalent():
+    model = LSTMClassifier()
+    ids = torch.randint(0, 500, (4, 20))
+    expected = model(ids)
+    names = trainable(model)
+    unit_scale(model)
+    assert_same_function(expected, model(ids))
+    assert trainable(model) == names
+    assert model.lstm.unit_scaled_weights == ("weight_ih_l0", "weight_hh_l0")
+    assert_unit_rms(model)
+    model(ids).sum().backward()  # trains: gradients reach Ŵ of every part
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    merge_unit_scale(model)
+    assert type(model.lstm) is nn.LSTM
+    torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_real_minilm_keeps_its_function(minilm_path):
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    model = AutoModel.from_pretrained(minilm_path, dtype=torch.float32).eval()
+    batch = tokenizer(
+        ["A gripping, beautifully acted film.", "Dull and far too long."], padding=True, return_tensors="pt"
+    )
+    with torch.no_grad():
+        expected = model(**batch).last_hidden_state
+    count = sum(p.numel() for p in model.parameters())
+    unit_scale(model)
+    with torch.no_grad():
+        actual = model(**batch).last_hidden_state
+    assert_same_function(expected, actual)
+    assert_unit_rms(model)
+    assert sum(p.numel() for p in model.parameters()) == count
+    assert len(unit_scaled_modules(model)) == 6 * 6 + 3 + 1  # 6 linears per layer, 3 embeddings, pooler
+
+
+@pytest.mark.slow
+def test_real_smollm2_keeps_its_function(smollm2_path):
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
+    batch = tokenizer(["It is a truth universally acknowledged, that a single man"], return_tensors="pt")
+    with torch.no_grad():
+        expected = model(**batch).logits
+    unit_scale(model)
+    with torch.no_grad():
+        actual = model(**batch).logits
+    assert_same_function(expected, actual)
+    assert_unit_rms(model)
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    assert actual[0, -1].argmax() == expected[0, -1].argmax()
