@@ -9,7 +9,14 @@
   further scale keeps it), every `<weight>_scale` s, `input_scale` a and `grad_scale` c, in
   `unit_scaled_model.safetensors`. There is deliberately no `model.safetensors`: plain
   transformers fails loudly ("no file named model.safetensors") instead of loading Ŵ as W.
-  It keeps training state exact (Trainer checkpoints use it) and stores Ŵ compactly.
+  It keeps training state exact (Trainer checkpoints use it) and stores Ŵ compactly. Tensors that
+  are not converted (norm gains, biases) are stored as they are: they are a tiny part of the file.
+- `compressed-tensors`: the per-tensor FP8 "float-quantized" format of the `compressed-tensors`
+  package (read by transformers' compressed-tensors quantizer and by serving engines): each
+  converted `nn.Linear` stores `weight` = e4m3(Ŵ) and `weight_scale` = s, since the format
+  dequantizes as W = weight·weight_scale; every other tensor is stored merged (W = s·Ŵ). Linear
+  layers whose weight is tied to another module (an lm head tied to the embedding) and
+  transformers' `Conv1D` (not an `nn.Linear`) stay dense.
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
@@ -32,6 +40,7 @@ __all__ = [
     "CHECKPOINT_FORMATS",
     "UNIT_SCALED_WEIGHTS_NAME",
     "WEIGHT_DTYPES",
+    "compressed_tensors_checkpoint",
     "load_checkpoint_into",
     "load_unit_scaled_state_dict",
     "merged_state_dict",
@@ -43,7 +52,7 @@ __all__ = [
 
 UNIT_SCALED_WEIGHTS_NAME = "unit_scaled_model.safetensors"
 MERGED_WEIGHTS_NAME = "model.safetensors"
-CHECKPOINT_FORMATS = ("merged", "unit-scaled")
+CHECKPOINT_FORMATS = ("merged", "unit-scaled", "compressed-tensors")
 # storage dtype of Ŵ in the unit-scaled format
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}
 
@@ -110,6 +119,51 @@ def unit_scaled_state_dict(
     return out
 
 
+def compressed_tensors_checkpoint(
+    model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, `quantization_config`) of the compressed-tensors per-tensor FP8 export.
+
+    The format dequantizes W = weight·weight_scale, which for a unit-scaled layer is e4m3(Ŵ)·s: Ŵ
+    has unit RMS, so its largest entries (a few units) sit far below E4M3's 448 and the cast only
+    rounds. Every `nn.Linear` that is not quantized (excluded, or tied to another module) is listed
+    in `ignore`, so the loader expects no scale for it.
+    """
+    source = dict(model.state_dict() if state_dict is None else state_dict)
+    tensors = merged_state_dict(model, source)
+    aliases = _tied_aliases(model)
+    tied = set(aliases) | set(aliases.values())
+    converted = unit_scaled_modules(model)
+    ignore = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.Linear):
+            continue
+        weight_name = f"{name}.weight" if name else "weight"
+        if name not in converted or weight_name in tied:
+            ignore.append(name)
+            continue
+        tensors[weight_name] = cast_to_format(source[weight_name].float(), get_format("e4m3"))
+        tensors[weight_name + SCALE_SUFFIX] = source[weight_name + SCALE_SUFFIX].float().reshape(1)
+    for alias in aliases:
+        tensors.pop(alias, None)  # tied: restored by tying on load, stored once
+    quantization_config = {
+        "quant_method": "compressed-tensors",
+        "format": "float-quantized",
+        "quantization_status": "compressed",
+        "config_groups": {
+            "group_0": {
+                "targets": ["Linear"],
+                "weights": {"num_bits": 8, "type": "float", "strategy": "tensor", "symmetric": True, "dynamic": False},
+                "input_activations": None,
+                "output_activations": None,
+            }
+        },
+        "ignore": ignore,
+        "kv_cache_scheme": None,
+    }
+    return {k: v.detach().contiguous() for k, v in tensors.items()}, quantization_config
+
+
 def operand_scales(model: nn.Module) -> dict[str, list[float]]:
     """{layer: [a, c]} for every converted matmul layer whose static scales are not both 1."""
     return {
@@ -136,13 +190,17 @@ def set_operand_scales(model: nn.Module, scales: dict[str, list[float]]) -> None
 
 @torch.no_grad()
 def load_unit_scaled_state_dict(
-    model: nn.Module, state_dict: dict[str, torch.Tensor], source: str = "checkpoint"
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor],
+    source: str = "checkpoint",
+    weight_dtype: str | None = None,
 ) -> None:
     """Copy a unit-scaled state dict into a converted model, refusing anything that would change its function.
 
     Errors name the tensor: a missing or non-finite scale, a missing or unexpected tensor (the
-    config's conversion options disagree with the weights), a shape mismatch, unequal scales of a
-    tied weight.
+    config's conversion options disagree with the weights), a shape mismatch, a non-finite value
+    (a corrupt file), a Ŵ stored in another dtype than the config's `weight_dtype`, unequal scales
+    of a tied weight.
     """
     expected = model.state_dict()
     converted = _converted_weight_names(model)
@@ -168,6 +226,14 @@ def load_unit_scaled_state_dict(
             )
         if name in converted.values() and not (torch.isfinite(tensor).all() and tensor > 0):
             raise ValueError(f"{source}: scale `{name}` = {tensor.item()} is not a positive finite number.")
+        if weight_dtype is not None and name in converted and tensor.dtype != WEIGHT_DTYPES[weight_dtype]:
+            raise ValueError(
+                f"{source}: `{name}` is stored as {tensor.dtype}, but the `{CONFIG_KEY}` block of config.json says "
+                f"weight_dtype={weight_dtype!r}: the config disagrees with the weights."
+            )
+        # float8 has no isfinite kernel on every device: upcast (one tensor at a time)
+        if tensor.is_floating_point() and not torch.isfinite(tensor.float() if tensor.itemsize == 1 else tensor).all():
+            raise ValueError(f"{source}: `{name}` has non-finite values (nan/inf); the file is corrupt.")
     model.load_state_dict(
         {k: v.to(expected[k].dtype) if v.dtype != expected[k].dtype else v for k, v in state_dict.items()}, strict=False
     )
@@ -213,9 +279,21 @@ def read_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         ) from err
 
 
-def write_unit_scaled_weights(state_dict: dict[str, torch.Tensor], save_directory: str | os.PathLike) -> Path:
-    path = Path(save_directory) / UNIT_SCALED_WEIGHTS_NAME
-    save_file(state_dict, str(path), metadata={"format": "pt", "hf_unitscale": "unit-scaled"})
+def read_weight_dtype(config_dict: dict) -> str | None:
+    """The `weight_dtype` of a unit-scaled checkpoint's config block, validated."""
+    weight_dtype = (config_dict.get(CONFIG_KEY) or {}).get("weight_dtype")
+    if weight_dtype is not None and weight_dtype not in WEIGHT_DTYPES:
+        raise ValueError(f"`{CONFIG_KEY}.weight_dtype` must be one of {sorted(WEIGHT_DTYPES)}, got {weight_dtype!r}.")
+    return weight_dtype
+
+
+def write_unit_scaled_weights(
+    state_dict: dict[str, torch.Tensor], save_directory: str | os.PathLike, checkpoint_format: str = "unit-scaled"
+) -> Path:
+    """One safetensors file: `unit_scaled_model.safetensors`, or `model.safetensors` for compressed-tensors."""
+    name = MERGED_WEIGHTS_NAME if checkpoint_format == "compressed-tensors" else UNIT_SCALED_WEIGHTS_NAME
+    path = Path(save_directory) / name
+    save_file(state_dict, str(path), metadata={"format": "pt", "hf_unitscale": checkpoint_format})
     return path
 
 
@@ -228,7 +306,12 @@ def load_checkpoint_into(model: nn.Module, checkpoint_dir: str | os.PathLike) ->
     fmt = read_checkpoint_format(config)
     if fmt == "unit-scaled" or (checkpoint_dir / UNIT_SCALED_WEIGHTS_NAME).exists():
         state_dict = read_safetensors(checkpoint_dir / UNIT_SCALED_WEIGHTS_NAME)
-        load_unit_scaled_state_dict(model, state_dict, source=str(checkpoint_dir / UNIT_SCALED_WEIGHTS_NAME))
+        load_unit_scaled_state_dict(
+            model,
+            state_dict,
+            source=str(checkpoint_dir / UNIT_SCALED_WEIGHTS_NAME),
+            weight_dtype=read_weight_dtype(config),
+        )
         return
     raise ValueError(
         f"{checkpoint_dir} holds no {UNIT_SCALED_WEIGHTS_NAME}; load merged checkpoints with "

@@ -1,20 +1,27 @@
-"""Saving and loading unit-scaled models: `save_pretrained`, `from_pretrained`.
+"""Saving, loading and sharing unit-scaled models: `save_pretrained`, `push_to_hub`, `from_pretrained`.
 
-`unit_scale(model)` makes `model.save_pretrained(...)` (and so `Trainer.save_model` and
-`model.push_to_hub`) call `save_pretrained` below, which writes the `merged` format by default:
-a plain checkpoint any transformers install loads with the same function. Loading a unit-scaled
-model never goes through a path that could silently drop the scales — see `checkpoint.py`.
+`unit_scale(model)` makes `model.save_pretrained(...)` (and so `Trainer.save_model`) and
+`model.push_to_hub(...)` call the functions below. `save_pretrained` writes the `merged` format by
+default (a plain checkpoint any transformers install loads with the same function), plus a model
+card (`model_card.py`). `push_to_hub` saves into a temporary folder and uploads it with the
+huggingface_hub client: transformers' own `push_to_hub` would overwrite our card with its own.
+Loading never goes through a path that could silently drop the scales — see `checkpoint.py`.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from types import MethodType
 from typing import Any
 
 import torch
 import transformers
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from huggingface_hub import CommitInfo, HfApi
+from huggingface_hub.errors import EntryNotFoundError
+from safetensors import SafetensorError
+from transformers import AutoConfig, CompressedTensorsConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.utils import cached_file, logging
 
@@ -22,25 +29,32 @@ from . import __version__
 from .checkpoint import (
     CHECKPOINT_FORMATS,
     UNIT_SCALED_WEIGHTS_NAME,
+    compressed_tensors_checkpoint,
     load_unit_scaled_state_dict,
     merged_state_dict,
     operand_scales,
     read_checkpoint_format,
     read_safetensors,
+    read_weight_dtype,
     set_operand_scales,
     unit_scaled_state_dict,
     write_unit_scaled_weights,
 )
 from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import _convert, is_unit_scaled, unit_scale
+from .model_card import MODEL_CARD_TAGS, update_model_card
 
-__all__ = ["attach_checkpoint_methods", "from_pretrained", "save_pretrained"]
+__all__ = ["attach_checkpoint_methods", "from_pretrained", "push_to_hub", "save_pretrained"]
 
 logger = logging.get_logger(__name__)
 
 # keys of the config block that describe a saved checkpoint rather than conversion options
 _CHECKPOINT_KEYS = ("checkpoint_format", "weight_dtype", "operand_scales", "hf_unitscale_version")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+# weight files a push replaces: a stale model.safetensors next to a unit-scaled checkpoint would be
+# loaded by plain transformers as if it were the model
+_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth"]
+_DEFAULT_WEIGHT_DTYPE = {"merged": None, "unit-scaled": "float32", "compressed-tensors": "e4m3"}
 
 
 def _checkpoint_block(model: PreTrainedModel, checkpoint_format: str, **extra: Any) -> dict[str, Any]:
@@ -54,30 +68,39 @@ def save_pretrained(
     save_directory: str | os.PathLike,
     *,
     checkpoint_format: str = "merged",
-    weight_dtype: str = "float32",
+    weight_dtype: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     is_main_process: bool = True,
+    model_card: bool = True,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    tags: list[str] | None = None,
     **kwargs: Any,
 ) -> None:
-    """Save a unit-scaled model.
+    """Save a unit-scaled model, with its model card.
 
     Args:
         checkpoint_format: `"merged"` (default) writes a plain transformers checkpoint W = s·Ŵ;
-            `"unit-scaled"` writes Ŵ, s, a, c exactly (see `checkpoint.py`).
-        weight_dtype: storage of Ŵ in the unit-scaled format: `"float32"`, `"bfloat16"` or `"e4m3"`.
+            `"unit-scaled"` writes Ŵ, s, a, c exactly; `"compressed-tensors"` writes per-tensor FP8
+            weights with their scale (see `checkpoint.py`).
+        weight_dtype: storage of Ŵ: `"float32"` (default), `"bfloat16"` or `"e4m3"` for the unit-scaled
+            format; the compressed-tensors format is always `"e4m3"`; merged weights keep the model dtype.
         state_dict: a full state dict to save instead of `model.state_dict()` (e.g. gathered from FSDP).
-        kwargs: passed to `PreTrainedModel.save_pretrained` for the merged format (`push_to_hub`,
-            `max_shard_size`, …).
+        model_card: write README.md (`model_card.py`), merging into one already in `save_directory`.
+        repo_id, base_model, tags: shown in the model card (its load code, metadata).
+        kwargs: passed to `PreTrainedModel.save_pretrained` for the merged format (`max_shard_size`, …);
+            `push_to_hub=True` pushes the saved folder with `push_to_hub` semantics (`repo_id`, `token`, …).
     """
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
+    weight_dtype = _check_weight_dtype(checkpoint_format, weight_dtype)
+    push = kwargs.pop("push_to_hub", False)
+    upload_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
+    if push:
+        repo_id = repo_id or str(save_directory).rstrip("/").split("/")[-1]
     config = model.config
     original_block = getattr(config, CONFIG_KEY, None)
     if checkpoint_format == "merged":
-        if weight_dtype != "float32":
-            raise ValueError(
-                "`weight_dtype` applies to the unit-scaled format only; merged weights keep the model dtype."
-            )
         setattr(config, CONFIG_KEY, _checkpoint_block(model, "merged", operand_scales=operand_scales(model)))
         try:
             type(model).save_pretrained(
@@ -89,28 +112,169 @@ def save_pretrained(
             )
         finally:
             setattr(config, CONFIG_KEY, original_block)
-        return
-    if kwargs.pop("push_to_hub", False):
-        raise ValueError("Push unit-scaled checkpoints with `model.push_to_hub(..., checkpoint_format='unit-scaled')`.")
-    if not is_main_process:
-        return
-    os.makedirs(save_directory, exist_ok=True)
-    tensors = unit_scaled_state_dict(model, state_dict, weight_dtype)
-    setattr(config, CONFIG_KEY, _checkpoint_block(model, "unit-scaled", weight_dtype=weight_dtype))
+    elif is_main_process:
+        os.makedirs(save_directory, exist_ok=True)
+        if checkpoint_format == "unit-scaled":
+            tensors = unit_scaled_state_dict(model, state_dict, weight_dtype)
+            extra_config = {}
+            block = _checkpoint_block(model, "unit-scaled", weight_dtype=weight_dtype)
+        else:
+            tensors, quantization_config = compressed_tensors_checkpoint(model, state_dict)
+            extra_config = {"quantization_config": quantization_config}
+            block = _checkpoint_block(
+                model, checkpoint_format, weight_dtype="e4m3", operand_scales=operand_scales(model)
+            )
+        _write_config(model, save_directory, block, extra_config)
+        write_unit_scaled_weights(tensors, save_directory, checkpoint_format)
+        logger.info(f"Saved {checkpoint_format} checkpoint ({weight_dtype} Ŵ) to {save_directory}.")
+    if model_card and is_main_process:
+        update_model_card(
+            model,
+            save_directory,
+            checkpoint_format=checkpoint_format,
+            weight_dtype=weight_dtype,
+            repo_id=repo_id,
+            base_model=base_model,
+            tags=tags,
+        )
+    if push and is_main_process:
+        _upload(save_directory, repo_id, **upload_kwargs)
+
+
+def _check_weight_dtype(checkpoint_format: str, weight_dtype: str | None) -> str | None:
+    default = _DEFAULT_WEIGHT_DTYPE[checkpoint_format]
+    if weight_dtype is None or weight_dtype == default:
+        return default
+    if checkpoint_format == "unit-scaled":
+        return weight_dtype  # validated by unit_scaled_state_dict, which names the choices
+    if checkpoint_format == "merged" and weight_dtype == "float32":
+        return None  # the historical default: merged weights keep the model dtype
+    raise ValueError(
+        f"`weight_dtype={weight_dtype!r}` does not apply to the {checkpoint_format} format: merged weights keep the "
+        "model dtype and compressed-tensors stores e4m3. Use `checkpoint_format='unit-scaled'` to choose it."
+    )
+
+
+def _write_config(
+    model: PreTrainedModel, save_directory: str | os.PathLike, block: dict[str, Any], extra: dict[str, Any]
+) -> None:
+    """config.json with `block` as its `unit_scaling` entry (and `extra` entries), leaving model.config as it was."""
+    config = model.config
+    saved = {name: getattr(config, name, None) for name in (CONFIG_KEY, "architectures", *extra)}
     try:
+        setattr(config, CONFIG_KEY, block)
         config.architectures = [type(model).__name__]
+        for name, value in extra.items():
+            setattr(config, name, value)
         config.save_pretrained(save_directory)
     finally:
-        setattr(config, CONFIG_KEY, original_block)
+        for name, value in saved.items():
+            setattr(config, name, value)
+        for name in extra:
+            if saved[name] is None:
+                delattr(config, name)
     if model.can_generate() and getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(save_directory)
-    write_unit_scaled_weights(tensors, save_directory)
-    logger.info(f"Saved unit-scaled checkpoint ({weight_dtype} Ŵ) to {save_directory}.")
+
+
+def _upload(
+    folder: str | os.PathLike,
+    repo_id: str,
+    *,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+) -> CommitInfo:
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    if revision is not None and not create_pr:
+        api.create_branch(repo_id, branch=revision, exist_ok=True)
+    return api.upload_folder(
+        repo_id=repo_id,
+        folder_path=folder,
+        commit_message=commit_message or "Upload unit-scaled model (hf_unitscale)",
+        commit_description=commit_description,
+        revision=revision,
+        create_pr=create_pr,
+        delete_patterns=_WEIGHT_PATTERNS,
+    )
+
+
+def push_to_hub(
+    model: PreTrainedModel,
+    repo_id: str,
+    *,
+    checkpoint_format: str = "merged",
+    weight_dtype: str | None = None,
+    commit_message: str | None = None,
+    commit_description: str | None = None,
+    private: bool | None = None,
+    token: bool | str | None = None,
+    revision: str | None = None,
+    create_pr: bool = False,
+    max_shard_size: int | str | None = "50GB",
+    tags: list[str] | None = None,
+    base_model: str | None = None,
+) -> CommitInfo:
+    """Upload a unit-scaled model to the Hub: config.json (with its `unit_scaling` block), safetensors
+    weights in `checkpoint_format`, and a model card; weight files of another format already in the
+    repo are deleted in the same commit. A README already in the repo is kept, with the unit-scaling
+    section merged in. Returns the commit info; takes transformers' `push_to_hub` arguments.
+    """
+    if not is_unit_scaled(model):  # merged back with `merge_unit_scale`: a plain model again
+        return type(model).push_to_hub(
+            model,
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            private=private,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+            max_shard_size=max_shard_size,
+            tags=tags,
+        )
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    with tempfile.TemporaryDirectory(prefix="hf_unitscale_push_") as folder:
+        try:  # merge into the repo's card rather than replace it
+            card = api.hf_hub_download(repo_id, "README.md", revision=revision)
+            shutil.copyfile(card, os.path.join(folder, "README.md"))
+        except EntryNotFoundError:
+            pass
+        except Exception as err:  # e.g. a branch that does not exist yet: start a fresh card
+            logger.info(f"Read no model card from {repo_id}@{revision} ({type(err).__name__}: {err}).")
+        extra = {"max_shard_size": max_shard_size} if checkpoint_format == "merged" else {}
+        save_pretrained(
+            model,
+            folder,
+            checkpoint_format=checkpoint_format,
+            weight_dtype=weight_dtype,
+            repo_id=repo_id,
+            base_model=base_model,
+            tags=tags,
+            **extra,
+        )
+        return _upload(
+            folder,
+            repo_id,
+            commit_message=commit_message,
+            commit_description=commit_description,
+            token=token,
+            revision=revision,
+            create_pr=create_pr,
+        )
 
 
 def attach_checkpoint_methods(model: PreTrainedModel) -> None:
-    """Route `model.save_pretrained` to `save_pretrained` above, so no code path writes Ŵ as W."""
+    """Route `model.save_pretrained` and `model.push_to_hub` to the functions above, so no code path writes
+    Ŵ as W or replaces our model card; tag the model so transformers' own cards (Trainer's) carry the tags."""
     model.save_pretrained = MethodType(save_pretrained, model)
+    model.push_to_hub = MethodType(push_to_hub, model)
+    model.add_model_tags(list(MODEL_CARD_TAGS))
 
 
 def _model_class(config: PretrainedConfig, model_class: type[PreTrainedModel] | None) -> type[PreTrainedModel]:
@@ -154,7 +318,19 @@ def from_pretrained(
         unit_scale_config = UnitScaleConfig.from_dict(options) if options else UnitScaleConfig()
     cls = _model_class(config, model_class)
     if checkpoint_format != "unit-scaled":
-        model = cls.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+        if checkpoint_format == "compressed-tensors" and "quantization_config" not in kwargs:
+            # dense weights W = e4m3(Ŵ)·s at load time (compressed-tensors would otherwise defer it to the
+            # first forward, after `unit_scale` has measured the FP8 tensors)
+            kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
+        try:
+            model = cls.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+        except SafetensorError as err:  # safetensors' message does not name the file
+            raise ValueError(
+                f"Could not read the weights (model.safetensors) of {pretrained_model_name_or_path}: {err}. The file is "
+                "corrupt or truncated; re-download or re-save it."
+            ) from err
+        if checkpoint_format == "compressed-tensors":
+            _drop_quantization(model)
         if is_unit_scaled(model):
             return model
         unit_scale(model, unit_scale_config)
@@ -170,5 +346,21 @@ def from_pretrained(
             model = cls.from_config(config, dtype=dtype)
     model.tie_weights()  # before converting: a tied weight is one Parameter, saved once
     _convert(model, unit_scale_config, measure=False)
-    load_unit_scaled_state_dict(model, read_safetensors(weights_file), source=str(weights_file))
+    load_unit_scaled_state_dict(
+        model,
+        read_safetensors(weights_file),
+        source=str(weights_file),
+        weight_dtype=read_weight_dtype(config.to_dict()),
+    )
     return model.eval()
+
+
+def _drop_quantization(model: PreTrainedModel) -> None:
+    """A compressed-tensors checkpoint loaded on CPU is dequantized into plain Linear layers: forget the
+    quantizer, so the unit-scaled model saves, trains and pushes as a plain one."""
+    if getattr(model, "hf_quantizer", None) is not None:
+        model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        delattr(model.config, "quantization_config")
+    for attribute in ("is_quantized", "quantization_method"):
+        model.__dict__.pop(attribute, None)

@@ -1,0 +1,271 @@
+"""The model card (README.md) of a unit-scaled checkpoint.
+
+It states what a reader needs before loading the weights: that the model is unit-scaled, the
+checkpoint format and the storage dtype of Ŵ, the lr rule, the calibration, a summary of the
+per-layer scales s (weight), a (input) and c (output gradient), and exact code to load it with and
+without `hf_unitscale`. The YAML metadata carries the tags `unit-scaling` and `hf_unitscale`,
+`library_name: transformers` and `base_model` when it is known.
+
+The section lives between two HTML-comment markers, so it can be refreshed inside a card someone
+else wrote (a user's README, `Trainer.create_model_card`'s training summary) without touching the
+rest: `update_model_card(model, folder, ...)` merges, it never clobbers.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+from torch import nn
+
+from .checkpoint import UNIT_SCALED_WEIGHTS_NAME
+from .config import CONFIG_KEY
+from .convert import unit_scaled_modules
+from .modules import UnitScaledMatmulMixin
+
+__all__ = ["MODEL_CARD_TAGS", "model_card_section", "render_model_card", "update_model_card"]
+
+MODEL_CARD_TAGS = ("unit-scaling", "hf_unitscale")
+BEGIN = "<!-- hf_unitscale:begin -->"
+END = "<!-- hf_unitscale:end -->"
+# up to this many converted layers get one row each; more are grouped by name pattern (".0." → ".N.")
+MAX_LAYER_ROWS = 32
+
+_FORMAT_TEXT = {
+    "merged": (
+        "a plain transformers checkpoint (`model.safetensors`) holding the merged weights W = s·Ŵ. Any "
+        "transformers install loads it and computes the same function; `hf_unitscale` re-measures s = rms(W) "
+        "and restores the calibrated operand scales from the `unit_scaling` block of `config.json`."
+    ),
+    "unit-scaled": (
+        f"`{UNIT_SCALED_WEIGHTS_NAME}` holding the unit-scale weights Ŵ, their scales s and the operand scales "
+        "a, c exactly. There is deliberately no `model.safetensors`: plain transformers refuses this folder "
+        "instead of loading Ŵ as if it were W."
+    ),
+    "compressed-tensors": (
+        "the per-tensor FP8 `float-quantized` format of the `compressed-tensors` package: each linear layer "
+        "stores `weight` = e4m3(Ŵ) and `weight_scale` = s, which the format dequantizes as W = weight·weight_scale; "
+        "other tensors are stored merged."
+    ),
+}
+
+
+def _base_model(config) -> str | None:
+    """The Hub id the model was loaded from, if it looks like one (not a local path)."""
+    name = getattr(config, "_name_or_path", None) or getattr(config, "name_or_path", None)
+    if not name or os.path.exists(name) or name.startswith((".", "/", "~")):
+        return None
+    return name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) else None
+
+
+def _scale_rows(model: nn.Module) -> list[tuple[str, str, float, float | None, float | None]]:
+    """(layer, kind, s, a, c) for every converted weight; a, c are None for embeddings and generic layers."""
+    rows = []
+    for name, module in unit_scaled_modules(model).items():
+        matmul = isinstance(module, UnitScaledMatmulMixin)
+        for weight in module.unit_scaled_weights:
+            label = name if weight == "weight" else f"{name}.{weight}"
+            a = float(module.input_scale) if matmul else None
+            c = float(module.grad_scale) if matmul else None
+            rows.append((label, type(module).base_class.__name__, float(module.scale_of(weight)), a, c))
+    return rows
+
+
+def _fmt(x: float | None) -> str:
+    return "–" if x is None else f"{x:.4g}"
+
+
+def _range(values: list[float | None]) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    lo, hi = min(values), max(values)
+    return _fmt(lo) if lo == hi else f"{_fmt(lo)} … {_fmt(hi)} (median {_fmt(statistics.median(values))})"
+
+
+def _scale_table(model: nn.Module) -> str:
+    rows = _scale_rows(model)
+    if len(rows) <= MAX_LAYER_ROWS:
+        lines = ["| layer | type | s = rms(W) | a (input) | c (output grad) |", "|---|---|---|---|---|"]
+        lines += [f"| `{n}` | {k} | {_fmt(s)} | {_fmt(a)} | {_fmt(c)} |" for n, k, s, a, c in rows]
+        return "\n".join(lines)
+    groups: dict[tuple[str, str], list[tuple]] = defaultdict(list)
+    for row in rows:
+        groups[(re.sub(r"\.\d+(?=\.|$)", ".N", row[0]), row[1])].append(row)
+    lines = [
+        f"{len(rows)} converted weights, grouped by name pattern (`N` = layer index); ranges are min … max.",
+        "",
+        "| layers | type | count | s = rms(W) | a (input) | c (output grad) |",
+        "|---|---|---|---|---|---|",
+    ]
+    for (pattern, kind), members in groups.items():
+        s, a, c = ([m[i] for m in members] for i in (2, 3, 4))
+        lines.append(f"| `{pattern}` | {kind} | {len(members)} | {_range(s)} | {_range(a)} | {_range(c)} |")
+    return "\n".join(lines)
+
+
+def _calibration_text(block: dict, model: nn.Module) -> str:
+    calibration = block.get("calibration")
+    matmuls = [m for m in unit_scaled_modules(model).values() if isinstance(m, UnitScaledMatmulMixin)]
+    calibrated = sum((float(m.input_scale), float(m.grad_scale)) != (1.0, 1.0) for m in matmuls)
+    if not calibration and not calibrated:
+        return "Not calibrated: every operand scale a, c is 1."
+    details = ", ".join(f"{k}: `{v}`" for k, v in (calibration or {}).items()) or "no details recorded"
+    return (
+        f"Calibrated ({details}); {calibrated} of {len(matmuls)} matmul layers carry measured scales "
+        "a = rms(input) and c = rms(output gradient), so every low-precision operand has unit RMS."
+    )
+
+
+def _load_code(architecture: str, repo_id: str, checkpoint_format: str) -> str:
+    with_package = (
+        "```python\n"
+        "import hf_unitscale\n\n"
+        f'model = hf_unitscale.from_pretrained("{repo_id}")  # unit-scaled: W = s·Ŵ, same function\n'
+        "```"
+    )
+    if checkpoint_format == "merged":
+        without = (
+            "Plain transformers loads the merged weights W = s·Ŵ (same outputs in full precision):\n\n"
+            "```python\n"
+            f"from transformers import {architecture}\n\n"
+            f'model = {architecture}.from_pretrained("{repo_id}")\n'
+            "```"
+        )
+    elif checkpoint_format == "compressed-tensors":
+        without = (
+            "Plain transformers loads it through its compressed-tensors quantizer "
+            "(`pip install compressed-tensors`; on CPU the weights are dequantized at load):\n\n"
+            "```python\n"
+            f"from transformers import {architecture}\n\n"
+            f'model = {architecture}.from_pretrained("{repo_id}")\n'
+            "```"
+        )
+    else:
+        without = (
+            "Plain transformers cannot load this folder (it has no `model.safetensors`, on purpose). Convert it "
+            "once to a plain checkpoint:\n\n"
+            "```python\n"
+            "import hf_unitscale\n\n"
+            f'model = hf_unitscale.from_pretrained("{repo_id}")\n'
+            'model.save_pretrained("plain-checkpoint")  # merged: W = s·Ŵ, loadable by any transformers\n'
+            "```"
+        )
+    return f"With `hf_unitscale` (any format):\n\n{with_package}\n\nWithout `hf_unitscale`: {without}"
+
+
+def model_card_section(
+    model: nn.Module, *, checkpoint_format: str, weight_dtype: str | None = None, repo_id: str | None = None
+) -> str:
+    """The unit-scaling section of the card, between its markers."""
+    config = model.config
+    block = dict(getattr(config, CONFIG_KEY, None) or {})
+    architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
+    repo_id = repo_id or "path/to/this/checkpoint"
+    dtype = {"merged": "the model dtype", "compressed-tensors": "e4m3"}.get(checkpoint_format, weight_dtype)
+    lr_rule = block.get("lr_rule") or "not recorded (the model was not trained with `UnitScaleTrainer`)"
+    precision = ", ".join(f"{k}: `{block.get(k)}`" for k in ("forward_format", "backward_format", "backend"))
+    return "\n".join(
+        [
+            BEGIN,
+            "## Unit scaling",
+            "",
+            f"This `{architecture}` is **unit-scaled** with `hf_unitscale`: every "
+            "converted weight is stored as W = s·Ŵ with rms(Ŵ) = 1 and a scalar s, and its matmuls run as "
+            "y = (s·a)·(q(x/a) @ q(Ŵ)ᵀ) + b with static operand scales a (input) and c (output gradient). "
+            "The model computes the same function as before conversion.",
+            "",
+            f"- **Checkpoint format:** `{checkpoint_format}` — {_FORMAT_TEXT[checkpoint_format]}",
+            f"- **Weight dtype (Ŵ):** {dtype}",
+            f"- **Learning-rate rule:** {lr_rule}",
+            f"- **Calibration:** {_calibration_text(block, model)}",
+            f"- **Matmul precision:** {precision}",
+            "",
+            "### Per-layer scales",
+            "",
+            _scale_table(model),
+            "",
+            "### How to load",
+            "",
+            _load_code(architecture, repo_id, checkpoint_format),
+            END,
+        ]
+    )
+
+
+def _card_data(
+    model: nn.Module, data: ModelCardData | None, base_model: str | None, repo_id: str | None, tags: list[str]
+) -> ModelCardData:
+    data = data if data is not None else ModelCardData()
+    existing = list(data.tags or [])
+    for tag in (*MODEL_CARD_TAGS, *(getattr(model, "model_tags", None) or []), *tags):
+        if tag not in existing:
+            existing.append(tag)
+    data.tags = existing
+    data.library_name = data.library_name or "transformers"
+    base_model = base_model or _base_model(model.config)
+    if base_model and not data.base_model and base_model != repo_id:
+        data.base_model = base_model
+    return data
+
+
+def render_model_card(
+    model: nn.Module,
+    *,
+    checkpoint_format: str,
+    weight_dtype: str | None = None,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    tags: list[str] | None = None,
+    existing: str | None = None,
+) -> str:
+    """README.md text: `existing` (a card's text) with its metadata completed and its unit-scaling section
+    replaced or appended; a new card when `existing` is None."""
+    section = model_card_section(model, checkpoint_format=checkpoint_format, weight_dtype=weight_dtype, repo_id=repo_id)
+    if existing is None or not existing.strip():
+        data = None
+        title = f"# {repo_id.split('/')[-1]}\n\n" if repo_id else ""
+        body = f"{title}{section}\n"
+    else:
+        card = ModelCard(existing, ignore_metadata_errors=True)
+        data, body = card.data, card.text
+        if BEGIN in body and END in body:
+            start, stop = body.index(BEGIN), body.index(END) + len(END)
+            body = body[:start] + section + body[stop:]
+        else:
+            body = f"{body.rstrip()}\n\n{section}\n"  # after the other card's title and text
+    data = _card_data(model, data, base_model, repo_id, list(tags or []))
+    return f"---\n{data.to_yaml()}\n---\n\n{body.lstrip()}"
+
+
+def update_model_card(
+    model: nn.Module,
+    save_directory: str | os.PathLike,
+    *,
+    checkpoint_format: str,
+    weight_dtype: str | None = None,
+    repo_id: str | None = None,
+    base_model: str | None = None,
+    tags: list[str] | None = None,
+) -> Path:
+    """Write `save_directory/README.md`, merging into a card already there (whoever wrote it).
+
+    For `UnitScaleTrainer.create_model_card`: call the parent (it writes the training summary), then this.
+    """
+    path = Path(save_directory) / "README.md"
+    existing = path.read_text(encoding="utf-8") if path.exists() else None
+    text = render_model_card(
+        model,
+        checkpoint_format=checkpoint_format,
+        weight_dtype=weight_dtype,
+        repo_id=repo_id,
+        base_model=base_model,
+        tags=tags,
+        existing=existing,
+    )
+    path.write_text(text, encoding="utf-8")
+    return path
