@@ -1,0 +1,416 @@
+"""Parameter roles and per-group learning-rate rules for training a unit-scaled model.
+
+A converted weight is W = s·Ŵ with the Parameter Ŵ trainable and s a fixed fp32 scalar, so the
+gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one role:
+
+    embedding       the weight of an nn.Embedding (a tied input/output matrix is one Parameter,
+                    named after the embedding, and takes this role)
+    readout         the output head: `get_output_embeddings()` if untied, else the last matmul
+                    layer outside the base model (`classifier`, `score`, `qa_outputs`, …)
+    norm            the 1-D weight (gain) of a normalization layer (LayerNorm, RMSNorm, …)
+    bias            any other 1-D parameter named `bias`
+    hidden_weight   any other ≥2-D parameter
+
+A parameter that fits none of these (a 1-D `layer_scale`, a 0-D temperature) is an error naming
+it: pass `role_overrides={regex: role}` rather than have it guessed.
+
+Rules (η = learning rate, ε = Adam eps, wd = weight decay, per tensor with scale s):
+
+    rule         role            lr                      eps     weight_decay
+    equivalent   converted Ŵ     η / s                   s·ε     s·wd
+                 everything else η                       ε       wd
+    umup         hidden_weight   η · fan_in^-½           ε       wd
+                 embedding       η · d_model^-½          ε       wd
+                 readout, norm,  η                       ε       wd
+                 bias
+                 (depth scaling: every tensor inside the L repeated blocks also × L^-½)
+    mup          hidden_weight   η / width_mult          ε       wd
+                 (matrix-like)   width_mult = hidden_size / mup_base_width
+                 embedding, readout, norm, bias (vector-like): η
+
+`equivalent` is exactly plain AdamW on W: with g_Ŵ = s·g_W, Adam's moments are m_Ŵ = s·m_W and
+v_Ŵ = s²·v_W, so m_Ŵ/(√v_Ŵ + s·ε) = m_W/(√v_W + ε); the step on Ŵ is (η/s)·dir and on W = s·Ŵ it
+is η·dir; torch's decoupled decay multiplies Ŵ by 1 - lr·wd = 1 - (η/s)(s·wd) = 1 - η·wd, as for
+W. Parameters that are not converted (norm gains, biases, excluded modules) keep η, ε, wd.
+
+Weight decay follows `transformers.Trainer` in every rule: no decay on the parameters outside
+`Trainer.get_decay_parameter_names` (biases and norm weights). `mup`'s vector-like readout is
+the `mup` package's MuAdam rule; the pretrained forward is kept, with no 1/width_mult output
+multiplier. User multipliers (`lr_multipliers={regex: factor}`, `re.search` over parameter
+names, every matching pattern multiplies) are applied last, to the lr only.
+
+Groups are deterministic: named `<role>` plus a tag (`hidden_weight:fan_in=37`,
+`hidden_weight:bert.encoder.layer.0.attention.self.query.weight` for one converted tensor under
+`equivalent`), in `named_parameters` order; `check_param_groups` verifies that they cover every
+trainable parameter exactly once.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
+
+from .convert import unit_scaled_modules
+
+__all__ = [
+    "LR_RULES",
+    "ROLES",
+    "LrRule",
+    "ParamInfo",
+    "Role",
+    "build_param_groups",
+    "check_param_groups",
+    "describe_parameters",
+    "parameter_roles",
+    "summarize_param_groups",
+]
+
+logger = logging.get_logger(__name__)
+
+Role = Literal["embedding", "hidden_weight", "readout", "norm", "bias"]
+ROLES: tuple[str, ...] = get_args(Role)
+LrRule = Literal["equivalent", "umup", "mup"]
+LR_RULES: tuple[str, ...] = get_args(LrRule)
+
+# roles plain Trainer decays; the others it never decays (biases, norm gains)
+_DECAYED_ROLES = ("embedding", "hidden_weight", "readout")
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    """What the rules need to know about one trainable parameter."""
+
+    name: str  # first name in `named_parameters` (a tied weight: the embedding's name)
+    param: nn.Parameter
+    role: Role
+    scale: float  # s of a converted weight, 1.0 for anything not converted
+    converted: bool
+    fan_in: int  # inputs per output of a matmul-like weight; 0 for 1-D parameters
+    residual: bool  # inside one of the model's repeated blocks
+    decay: bool  # plain Trainer applies weight decay to it
+
+
+def _is_norm(module: nn.Module) -> bool:
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)):
+        return True
+    return "norm" in type(module).__name__.lower()
+
+
+def _readout_module(model: nn.Module) -> nn.Module | None:
+    """The output head: untied output embeddings, else the last matmul layer outside the base model."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is not None:
+        return head
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return None
+    inside = {id(m) for m in base.modules()}
+    matmuls = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in inside]
+    return matmuls[-1] if matmuls else None
+
+
+def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
+    if param.dim() < 2:
+        return 0
+    if isinstance(module, Conv1D):  # weight stored (in, out)
+        return int(param.shape[0])
+    return int(param[0].numel())  # Linear (out, in), Conv (out, in/groups, *kernel), LSTM (4h, in)
+
+
+def _num_layers(model: nn.Module) -> int | None:
+    config = getattr(model, "config", None)
+    if config is None:
+        return None
+    if hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    return getattr(config, "num_hidden_layers", None)
+
+
+def _block_prefixes(model: nn.Module, num_layers: int | None) -> tuple[str, ...]:
+    """Qualified names of the ModuleLists holding the model's `num_hidden_layers` repeated blocks."""
+    if not num_layers:
+        return ()
+    return tuple(
+        name + "."
+        for name, module in model.named_modules()
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers and name
+    )
+
+
+def _hidden_size(model: nn.Module) -> int:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    width = getattr(config, "hidden_size", None) if config is not None else None
+    if not width:
+        raise ValueError(
+            f"`mup` needs the model width: {type(model).__name__} has no `config.hidden_size`. Use `umup`, or "
+            "give the model a transformers config."
+        )
+    return int(width)
+
+
+def _default_decay_names(model: nn.Module) -> set[str]:
+    from transformers import Trainer
+
+    return set(Trainer.get_decay_parameter_names(None, model))
+
+
+def describe_parameters(
+    model: nn.Module,
+    *,
+    role_overrides: Mapping[str, Role] | None = None,
+    decay_parameter_names: Iterable[str] | None = None,
+) -> list[ParamInfo]:
+    """Role, scale, fan-in, block membership and decay of every trainable parameter of `model`.
+
+    Args:
+        role_overrides: {regex over parameter names (re.fullmatch): role}; the first matching
+            pattern wins over the automatic role.
+        decay_parameter_names: the names plain Trainer decays; defaults to
+            `Trainer.get_decay_parameter_names(model)`.
+
+    Raises:
+        ValueError: a parameter fits no role (named, with its shape and module), or an override
+            names an unknown role.
+    """
+    overrides = dict(role_overrides or {})
+    for pattern, role in overrides.items():
+        if role not in ROLES:
+            raise ValueError(f"`role_overrides[{pattern!r}]` must be one of {ROLES}, got {role!r}.")
+    decay = set(_default_decay_names(model) if decay_parameter_names is None else decay_parameter_names)
+    scales: dict[int, float] = {}
+    for module in unit_scaled_modules(model).values():
+        for weight in module.unit_scaled_weights:
+            scales.setdefault(id(getattr(module, weight)), float(module.scale_of(weight)))
+    readout = _readout_module(model)
+    readout_weight = getattr(readout, "weight", None) if readout is not None else None
+    blocks = _block_prefixes(model, _num_layers(model))
+
+    embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    owner: dict[int, tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        for leaf, param in module.named_parameters(recurse=False):
+            owner.setdefault(id(param), (module, leaf))
+
+    infos = []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        module, leaf = owner[id(param)]
+        role = next((r for pattern, r in overrides.items() if re.fullmatch(pattern, name)), None)
+        if role is None:
+            if id(param) in embedding_weights:  # also a tied output head
+                role = "embedding"
+            elif readout_weight is not None and param is readout_weight:
+                role = "readout"
+            elif param.dim() == 1 and leaf == "weight" and _is_norm(module):
+                role = "norm"
+            elif param.dim() == 1 and leaf == "bias":
+                role = "bias"
+            elif param.dim() >= 2:
+                role = "hidden_weight"
+            else:
+                raise ValueError(
+                    f"Parameter `{name}` (shape {tuple(param.shape)}, in {type(module).__name__}) has no learning-rate "
+                    f"role: it is neither an embedding, the readout, a norm gain, a bias nor a ≥2-D weight. Name its "
+                    f"role with `role_overrides={{{re.escape(name)!r}: <one of {ROLES}>}}`."
+                )
+        infos.append(
+            ParamInfo(
+                name=name,
+                param=param,
+                role=role,
+                scale=scales.get(id(param), 1.0),
+                converted=id(param) in scales,
+                fan_in=_fan_in(module, param),
+                residual=name.startswith(blocks),
+                decay=name in decay,
+            )
+        )
+    return infos
+
+
+def parameter_roles(model: nn.Module, *, role_overrides: Mapping[str, Role] | None = None) -> dict[str, Role]:
+    """{parameter name: role} for every trainable parameter, in `named_parameters` order."""
+    return {info.name: info.role for info in describe_parameters(model, role_overrides=role_overrides)}
+
+
+def _rule_settings(
+    info: ParamInfo,
+    rule: str,
+    *,
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    width_mult: float,
+    depth: int | None,
+    depth_scaling: bool,
+) -> tuple[float, float, float, list[str]]:
+    """(lr, eps, weight_decay, tag parts) of one parameter under `rule`, before user multipliers."""
+    wd = weight_decay if info.decay else 0.0
+    tags: list[str] = []
+    if rule == "equivalent":
+        if info.converted:
+            # lr_Ŵ = η/s, eps_Ŵ = s·ε, wd_Ŵ = s·wd: AdamW on Ŵ moves W = s·Ŵ exactly as AdamW on W
+            return lr / info.scale, eps * info.scale, wd * info.scale, [info.name]
+        return lr, eps, wd, tags
+    if rule == "umup":
+        if info.role == "hidden_weight":
+            lr = lr * info.fan_in**-0.5
+            tags.append(f"fan_in={info.fan_in}")
+        elif info.role == "embedding":
+            d_model = int(info.param.shape[-1])
+            lr = lr * d_model**-0.5
+            tags.append(f"d_model={d_model}")
+        if depth_scaling and info.residual:
+            lr = lr * depth**-0.5
+            tags.append(f"depth={depth}")
+        return lr, eps, wd, tags
+    if rule == "mup":
+        if info.role == "hidden_weight":  # matrix-like: fan_in and fan_out both grow with width
+            lr = lr / width_mult
+            tags.append("matrix")
+        return lr, eps, wd, tags
+    raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {rule!r}.")
+
+
+def build_param_groups(
+    model: nn.Module,
+    *,
+    lr_rule: str = "equivalent",
+    lr: float,
+    eps: float,
+    weight_decay: float,
+    mup_base_width: int | None = None,
+    umup_depth_scaling: bool = False,
+    lr_multipliers: Mapping[str, float] | None = None,
+    role_overrides: Mapping[str, Role] | None = None,
+    decay_parameter_names: Iterable[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Optimizer parameter groups of `model` under `lr_rule` (see the module docstring for the table).
+
+    Returns:
+        A list of torch param-group dicts with keys `params`, `lr`, `eps`, `weight_decay` and, for
+        logging, `name`, `role`, `base_lr` (the lr at creation, so a schedule's factor is
+        `lr / base_lr`) and, under `equivalent`, `weight_scale` (the group's s, 1.0 when not
+        converted). Checked by `check_param_groups`.
+
+    Raises:
+        ValueError: an unknown rule, `mup` without `mup_base_width`, `umup` depth scaling on a
+            model with no repeated blocks, a bad multiplier, or a parameter with no role.
+    """
+    if lr_rule not in LR_RULES:
+        raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {lr_rule!r}.")
+    multipliers = _check_multipliers(lr_multipliers)
+    infos = describe_parameters(model, role_overrides=role_overrides, decay_parameter_names=decay_parameter_names)
+    width_mult = 1.0
+    if lr_rule == "mup":
+        if not mup_base_width or mup_base_width <= 0:
+            raise ValueError(f"`lr_rule='mup'` needs a positive `mup_base_width`, got {mup_base_width!r}.")
+        width_mult = _hidden_size(model) / mup_base_width
+    depth = _num_layers(model)
+    depth_scaling = lr_rule == "umup" and umup_depth_scaling
+    if depth_scaling and not (depth and _block_prefixes(model, depth)):
+        raise ValueError(
+            f"`umup_depth_scaling=True` needs the model's repeated blocks: found no ModuleList of "
+            f"`config.num_hidden_layers` ({depth}) blocks in {type(model).__name__}."
+        )
+
+    groups: dict[str, dict[str, Any]] = {}
+    for info in infos:
+        p_lr, p_eps, p_wd, tags = _rule_settings(
+            info,
+            lr_rule,
+            lr=lr,
+            eps=eps,
+            weight_decay=weight_decay,
+            width_mult=width_mult,
+            depth=depth,
+            depth_scaling=depth_scaling,
+        )
+        factor = 1.0
+        for pattern, value in multipliers.items():
+            if re.search(pattern, info.name):
+                factor *= value
+        if factor != 1.0:
+            p_lr *= factor
+            tags.append(f"lr_x{factor:g}")
+        if info.role in _DECAYED_ROLES and not info.decay:
+            tags.append("no_decay")
+        elif info.role not in _DECAYED_ROLES and info.decay:
+            tags.append("decay")
+        name = info.role + (":" + ",".join(tags) if tags else "")
+        settings = {"lr": p_lr, "eps": p_eps, "weight_decay": p_wd}
+        if lr_rule == "equivalent":  # one s per group: the lr on W = s·Ŵ is lr·s
+            settings["weight_scale"] = info.scale
+        group = groups.get(name)
+        if group is None:
+            groups[name] = {"params": [info.param], "name": name, "role": info.role, "base_lr": p_lr, **settings}
+        elif any(group[k] != v for k, v in settings.items()):
+            raise RuntimeError(f"Internal error: parameters of group `{name}` disagree on {settings} vs {group}.")
+        else:
+            group["params"].append(info.param)
+    result = list(groups.values())
+    check_param_groups(model, result)
+    return result
+
+
+def _check_multipliers(lr_multipliers: Mapping[str, float] | None) -> dict[str, float]:
+    out = {}
+    for pattern, value in (lr_multipliers or {}).items():
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"`lr_multipliers` key {pattern!r} is not a regular expression: {err}.") from None
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
+            raise ValueError(f"`lr_multipliers[{pattern!r}]` must be a non-negative number, got {value!r}.")
+        out[pattern] = float(value)
+    return out
+
+
+def check_param_groups(model: nn.Module, groups: list[dict[str, Any]]) -> None:
+    """Every trainable parameter of `model` in exactly one group, and nothing else; errors name the parameter."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen: dict[int, str] = {}
+    for group in groups:
+        for p in group["params"]:
+            label = group.get("name", "?")
+            if id(p) not in names:
+                raise ValueError(f"Group `{label}` holds a tensor of shape {tuple(p.shape)} that is not in the model.")
+            if id(p) in seen:
+                raise ValueError(f"Parameter `{names[id(p)]}` is in two groups: `{seen[id(p)]}` and `{label}`.")
+            seen[id(p)] = label
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in seen]
+    if missing:
+        raise ValueError(f"Trainable parameter(s) in no optimizer group: {missing[:5]} ({len(missing)} in all).")
+
+
+def summarize_param_groups(groups: list[dict[str, Any]]) -> str:
+    """One line per role: groups, tensors, elements, the lr range on the trained tensor and on W = s·Ŵ."""
+    lines = []
+    for role in ROLES:
+        members = [g for g in groups if g.get("role") == role]
+        if not members:
+            continue
+        lrs = [g["lr"] for g in members]
+        tensors = sum(len(g["params"]) for g in members)
+        numel = sum(p.numel() for g in members for p in g["params"])
+        line = f"{role:>13}: {len(members)} group(s), {tensors} tensor(s), {numel:,} elements; lr {_span(lrs)}"
+        if all("weight_scale" in g for g in members):
+            line += f" (on W = s·Ŵ: {_span([g['lr'] * g['weight_scale'] for g in members])})"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _span(values: list[float]) -> str:
+    low, high = min(values), max(values)
+    return f"{low:.4g}" if abs(high - low) <= 1e-6 * abs(high) else f"{low:.4g}..{high:.4g}"
