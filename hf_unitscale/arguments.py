@@ -1,0 +1,150 @@
+"""`UnitScaleTrainingArguments`: `TrainingArguments` plus the unit-scaling options.
+
+Every field carries its help text, so `HfArgumentParser` builds the command-line flags and reads
+JSON and YAML files. `lr_multipliers` is a mapping, which argparse cannot type: like
+`lr_scheduler_kwargs` it takes a JSON string on the command line
+(`--lr_multipliers '{"classifier": 10}'`) and a plain mapping in JSON/YAML files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from transformers import TrainingArguments
+
+from .lr_rules import LR_RULES
+
+__all__ = ["UnitScaleTrainingArguments", "deepspeed_optimizer_error", "unit_scale_options"]
+
+
+@dataclass
+class UnitScaleTrainingArguments(TrainingArguments):
+    """`TrainingArguments` with the learning-rate rule and FP8 options of `UnitScaleTrainer`."""
+
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "lr_multipliers"]
+
+    lr_rule: Literal["equivalent", "umup", "mup"] = field(
+        default="equivalent",
+        metadata={
+            "help": "Per-group learning-rate rule: `equivalent` (exactly plain AdamW on W: lr = η/s, eps = s·ε, "
+            "weight_decay = s·wd per weight), `umup` (u-μP: hidden η·fan_in^-½, embedding η·d_model^-½) or `mup` "
+            "(μP: matrix-like η/width_mult). See `hf_unitscale.lr_rules`."
+        },
+    )
+    mup_base_width: int | None = field(
+        default=None,
+        metadata={"help": "Base width (hidden size) for `lr_rule=mup`: width_mult = hidden_size / mup_base_width."},
+    )
+    umup_depth_scaling: bool = field(
+        default=False,
+        metadata={
+            "help": "With `lr_rule=umup`, also multiply the lr of every tensor inside the L repeated blocks by L^-½. "
+            "Off by default: the pretrained forward has no 1/√L residual multipliers."
+        },
+    )
+    lr_multipliers: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": "Learning-rate multipliers applied last, as {regex over parameter names: factor} "
+            "(re.search; every matching pattern multiplies). A JSON string on the command line: '{\"classifier\": 10}'."
+        },
+    )
+    fp8: bool = field(
+        default=False,
+        metadata={"help": "Train with FP8 matmuls (E4M3 forward, E5M2 gradients) using calibrated static scales."},
+    )
+    calibration_batches: int = field(
+        default=4,
+        metadata={"help": "With `fp8`, the number of training batches the calibration pass measures a, c over."},
+    )
+    recalibrate_every: int = field(
+        default=0,
+        metadata={"help": "With `fp8`, recalibrate the static scales every this many optimizer steps (0: never)."},
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lr_multipliers, str):
+            text = self.lr_multipliers.strip()
+            try:
+                self.lr_multipliers = json.loads(text) if text else None
+            except json.JSONDecodeError as err:
+                raise ValueError(
+                    f"`lr_multipliers` must be a JSON object of regex → factor, e.g. '{{\"classifier\": 10}}'; "
+                    f"could not parse {self.lr_multipliers!r}: {err}."
+                ) from None
+        if self.lr_multipliers is not None:
+            self.lr_multipliers = _check_lr_multipliers(self.lr_multipliers)
+        if self.lr_rule not in LR_RULES:
+            raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {self.lr_rule!r}.")
+        if self.lr_rule == "mup" and (self.mup_base_width is None or self.mup_base_width <= 0):
+            raise ValueError(
+                f"`lr_rule='mup'` needs `mup_base_width` (the hidden size the lr was tuned at), got {self.mup_base_width!r}."
+            )
+        if self.calibration_batches < 1:
+            raise ValueError(f"`calibration_batches` should be a positive integer, got {self.calibration_batches}.")
+        if self.recalibrate_every < 0:
+            raise ValueError(f"`recalibrate_every` should be 0 (never) or positive, got {self.recalibrate_every}.")
+        # before TrainingArguments builds a DeepSpeed config (which needs deepspeed installed)
+        error = deepspeed_optimizer_error(self.deepspeed)
+        if error:
+            raise ValueError(error)
+        super().__post_init__()
+
+
+def _check_lr_multipliers(values: Any) -> dict[str, float]:
+    if not isinstance(values, dict):
+        raise ValueError(f"`lr_multipliers` must be a mapping regex → factor, got {type(values).__name__}.")
+    out = {}
+    for pattern, value in values.items():
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"`lr_multipliers` key {pattern!r} is not a regular expression: {err}.") from None
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            number = float("nan")
+        if isinstance(value, bool) or not number >= 0:
+            raise ValueError(f"`lr_multipliers[{pattern!r}]` must be a non-negative number, got {value!r}.")
+        out[str(pattern)] = number
+    return out
+
+
+def deepspeed_optimizer_error(deepspeed: dict | str | None) -> str | None:
+    """The error for a DeepSpeed config that brings its own optimizer (which would drop the groups), else None."""
+    if deepspeed is None:
+        return None
+    config = deepspeed
+    if isinstance(config, str):
+        if not os.path.isfile(config):
+            return None  # TrainingArguments reports a missing file
+        with open(config) as f:
+            config = json.load(f)
+    if isinstance(config, dict) and "optimizer" in config:
+        return (
+            "The DeepSpeed config defines its own `optimizer`, which would replace UnitScaleTrainer's per-group learning "
+            "rates (lr = η/s, eps = s·ε per unit-scaled weight) with one group and silently change training. Remove the "
+            "`optimizer` block from the DeepSpeed config: DeepSpeed then wraps the optimizer UnitScaleTrainer builds."
+        )
+    return None
+
+
+def unit_scale_options(args: TrainingArguments) -> dict[str, Any]:
+    """The unit-scaling options of `args`; defaults when `args` is a plain `TrainingArguments`."""
+    defaults = {f: UnitScaleTrainingArguments.__dataclass_fields__[f].default for f in _OPTION_FIELDS}
+    return {name: getattr(args, name, default) for name, default in defaults.items()}
+
+
+_OPTION_FIELDS = (
+    "lr_rule",
+    "mup_base_width",
+    "umup_depth_scaling",
+    "lr_multipliers",
+    "fp8",
+    "calibration_batches",
+    "recalibrate_every",
+)

@@ -1,0 +1,339 @@
+"""`UnitScaleTrainer`: `transformers.Trainer` for unit-scaled models.
+
+What it changes, and where:
+
+* `__init__` / `call_model_init`: converts an unconverted model with `unit_scale` and records
+  the lr rule in `model.config.unit_scaling["lr_rule"]`.
+* `create_optimizer`: the named per-group learning rates of `lr_rules.build_param_groups`
+  (AdamW-family optimizers only: they take per-group lr, eps and decoupled weight_decay).
+  The optimizer's `defaults["lr"]` stays η, so schedules that divide by it (`min_lr` of
+  `cosine_with_min_lr`, `lr_end` of `polynomial`) give every group its own lr times the plain
+  schedule factor; schedules that set absolute per-group lrs (`reduce_lr_on_plateau` with a
+  `min_lr`, `greedy`) are refused.
+* `_clip_grad_norm` / `_get_grad_norm`: the norm is measured on plain gradients,
+  ‖g‖² = Σ ‖g_Ŵ/s‖² + Σ ‖g_other‖², and every gradient is multiplied by the same factor
+  min(1, max_grad_norm / (‖g‖ + 1e-6)) as `torch.nn.utils.clip_grad_norm_` would on the plain
+  model — so the update equals plain clipping. The logged `grad_norm` is that plain norm.
+* `log`: `learning_rate` is the schedule's lr η·f(t) (not the first group's), plus `lr/<role>`
+  entries — the lr on W = s·Ŵ under `equivalent` (one value per role, or its min and max), the
+  lr of every group under `umup`/`mup`.
+* `_save`, `_load_from_checkpoint`, `_load_best_model`: checkpoints in the exact `unit-scaled`
+  format (Ŵ, s, a, c), so resuming continues the same trajectory.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import PreTrainedModel, Trainer
+from transformers.utils import logging
+
+from .arguments import deepspeed_optimizer_error, unit_scale_options
+from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, load_checkpoint_into
+from .config import CONFIG_KEY, UnitScaleConfig
+from .convert import is_unit_scaled, unit_scale, unit_scaled_modules
+from .hub import save_pretrained
+from .lr_rules import Role, build_param_groups, summarize_param_groups
+
+__all__ = ["UnitScaleTrainer"]
+
+logger = logging.get_logger(__name__)
+
+# `optim` values whose optimizer is AdamW with decoupled decay and per-group lr / eps / weight_decay
+ADAMW_OPTIMIZERS = (
+    "adamw_torch",
+    "adamw_torch_fused",
+    "adamw_torch_xla",
+    "adamw_torch_npu_fused",
+    "adamw_anyprecision",
+    "adamw_torch_4bit",
+    "adamw_torch_8bit",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "paged_adamw_32bit",
+    "paged_adamw_8bit",
+)
+# schedulers that set absolute per-group lrs instead of multiplying each group's initial lr
+_ABSOLUTE_LR_SCHEDULERS = ("greedy",)
+
+
+def _check_arguments(args) -> None:
+    """Refuse settings that would silently drop or distort the per-group learning rates."""
+    error = deepspeed_optimizer_error(getattr(args, "deepspeed", None))
+    if error:
+        raise ValueError(error)
+    if getattr(args, "deepspeed", None) is not None and args.max_grad_norm > 0:
+        raise ValueError(
+            "DeepSpeed clips gradients inside its engine, on the unit-scaled gradients g_Ŵ = s·g_W, which is not "
+            "plain clipping. Set `max_grad_norm=0` with DeepSpeed, or train with DDP/FSDP2."
+        )
+    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
+    kwargs = args.lr_scheduler_kwargs if isinstance(args.lr_scheduler_kwargs, dict) else {}
+    if scheduler in _ABSOLUTE_LR_SCHEDULERS or (scheduler == "reduce_lr_on_plateau" and kwargs.get("min_lr")):
+        raise ValueError(
+            f"`lr_scheduler_type={scheduler!r}` with these kwargs sets the same absolute lr bounds on every parameter "
+            "group, but UnitScaleTrainer's groups have different lrs (η/s per weight). Use a schedule that multiplies "
+            "each group's lr (linear, cosine, cosine_with_min_lr, warmup_stable_decay, reduce_lr_on_plateau without "
+            "`min_lr`, …)."
+        )
+
+
+class UnitScaleTrainer(Trainer):
+    """A `Trainer` that trains a unit-scaled model with per-group learning-rate rules.
+
+    Takes every `Trainer` argument unchanged; `args` may be a `UnitScaleTrainingArguments` (for
+    `lr_rule`, `mup_base_width`, `umup_depth_scaling`, `lr_multipliers`, FP8 options) or a plain
+    `TrainingArguments` (rule `equivalent`: the plain-AdamW trajectory).
+
+    Args:
+        unit_scale_config: conversion options used when `model` (or `model_init`'s result) is
+            not yet unit-scaled.
+        role_overrides: {regex over parameter names: role} for parameters the automatic roles
+            do not cover (see `lr_rules.describe_parameters`).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args=None,
+        *trainer_args: Any,
+        unit_scale_config: UnitScaleConfig | None = None,
+        role_overrides: dict[str, Role] | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        self.unit_scale_config = unit_scale_config
+        self.role_overrides = role_overrides
+        if args is not None:
+            _check_arguments(args)
+        options = unit_scale_options(args) if args is not None else unit_scale_options(object())
+        if model is not None:
+            self._prepare_unit_scaled(model, options["lr_rule"])
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self.unit_scale_options = unit_scale_options(self.args)
+        if self.optimizer is not None:
+            raise ValueError(
+                "UnitScaleTrainer builds its own optimizer groups (per-weight lr = η/s, eps = s·ε under `equivalent`); "
+                "an optimizer passed in `optimizers=(optimizer, scheduler)` would train Ŵ with the wrong learning "
+                "rates. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})` instead, or use plain `Trainer`."
+            )
+        self._clip_cache: tuple[list[nn.Parameter], dict[int, float]] | None = None
+        self._group_lrs: list[float] | None = None
+        self._fp8_wired = False
+
+    # ---- conversion ----
+
+    def _prepare_unit_scaled(self, model: nn.Module, lr_rule: str) -> nn.Module:
+        if not is_unit_scaled(model):
+            unit_scale(model, self.unit_scale_config)
+        config = getattr(model, "config", None)
+        block = getattr(config, CONFIG_KEY, None) if config is not None else None
+        if isinstance(block, dict):
+            block["lr_rule"] = lr_rule
+        return model
+
+    def call_model_init(self, trial=None) -> nn.Module:
+        model = super().call_model_init(trial)
+        options = unit_scale_options(self.args)
+        return self._prepare_unit_scaled(model, options["lr_rule"])
+
+    # ---- optimizer ----
+
+    def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
+        opt_model = self.model if model is None else model
+        if self.optimizer is not None:
+            return self.optimizer
+        if self.optimizer_cls_and_kwargs is not None:
+            optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
+            if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.AdamW)):
+                raise ValueError(
+                    f"UnitScaleTrainer needs an AdamW-family optimizer (per-group lr, eps and decoupled weight_decay); "
+                    f"`optimizer_cls_and_kwargs` gives {optimizer_cls!r}."
+                )
+            optimizer_kwargs = dict(optimizer_kwargs)
+        else:
+            optim = getattr(self.args.optim, "value", self.args.optim)
+            if optim not in ADAMW_OPTIMIZERS:
+                raise ValueError(
+                    f"`optim={optim!r}` is not supported by UnitScaleTrainer: its learning-rate rules "
+                    f"assume AdamW (per-group lr, eps and decoupled weight_decay). Use one of {ADAMW_OPTIMIZERS}."
+                )
+            optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
+            optimizer_kwargs = dict(optimizer_kwargs)
+        for key in ("params", "model", "optimizer_dict"):
+            if key in optimizer_kwargs:
+                raise ValueError(f"UnitScaleTrainer cannot use an optimizer that brings its own `{key}`.")
+        lr = optimizer_kwargs.get("lr", self.args.learning_rate)
+        eps = optimizer_kwargs.get("eps", self.args.adam_epsilon)
+        weight_decay = optimizer_kwargs.pop("weight_decay", self.args.weight_decay)
+        options = self.unit_scale_options
+        groups = build_param_groups(
+            opt_model,
+            lr_rule=options["lr_rule"],
+            lr=lr,
+            eps=eps,
+            weight_decay=weight_decay,
+            mup_base_width=options["mup_base_width"],
+            umup_depth_scaling=options["umup_depth_scaling"],
+            lr_multipliers=options["lr_multipliers"],
+            role_overrides=self.role_overrides,
+            decay_parameter_names=self.get_decay_parameter_names(opt_model),
+        )
+        # defaults["lr"] = η: schedules that divide by it (min_lr, lr_end) get the plain factor
+        optimizer_kwargs["lr"] = lr
+        self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
+        logger.info(
+            f"UnitScaleTrainer: lr rule `{options['lr_rule']}`, η = {lr:g}, {len(groups)} parameter groups:\n"
+            + summarize_param_groups(groups)
+        )
+        return self.optimizer
+
+    # ---- gradient clipping in plain-gradient space ----
+
+    def _scaled_parameters(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[int, float]]:
+        """Every parameter once, and {id: s} for the converted ones (s never changes during training)."""
+        if self._clip_cache is None:
+            unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+            scales: dict[int, float] = {}
+            for module in unit_scaled_modules(unwrapped).values():
+                for weight in module.unit_scaled_weights:
+                    scales.setdefault(id(getattr(module, weight)), float(module.scale_of(weight)))
+            self._clip_cache = (list(model.parameters()), scales)
+        return self._clip_cache
+
+    def _plain_clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """‖g_W‖ over all parameters (g_W = g_Ŵ/s); clips every gradient by one factor when `max_norm` is finite."""
+        params, scales = self._scaled_parameters(model)
+        params = [p for p in params if p.grad is not None]
+        grads = [p.grad for p in params]
+        if not grads:
+            return torch.zeros(())
+        if self.is_fsdp_enabled or any(type(g) is not torch.Tensor for g in grads):
+            # DTensor / sharded gradients: turn them into plain gradients, let accelerate clip, turn back
+            inverse = [1.0 / scales.get(id(p), 1.0) for p in params]
+            torch._foreach_mul_(grads, inverse)
+            norm = (
+                super()._clip_grad_norm(model)
+                if math.isfinite(max_norm)
+                else self.accelerator.clip_grad_norm_(model.parameters(), max_norm)
+            )
+            torch._foreach_mul_(grads, [scales.get(id(p), 1.0) for p in params])
+            return norm
+        self.accelerator.unscale_gradients()  # fp16 loss scaling; a no-op otherwise
+        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
+        inverse = torch.tensor([1.0 / scales.get(id(p), 1.0) for p in params], device=norms.device)
+        total = torch.linalg.vector_norm(norms * inverse)
+        if math.isfinite(max_norm):
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+        return total
+
+    def _clip_grad_norm(self, model: nn.Module):
+        return self._plain_clip_grad_norm(model, self.args.max_grad_norm)
+
+    def _get_grad_norm(self, model: nn.Module, grad_norm=None):
+        if grad_norm is None:
+            grad_norm = self._plain_clip_grad_norm(model, float("inf"))
+        return super()._get_grad_norm(model, grad_norm=grad_norm)
+
+    # ---- logging every group's lr ----
+
+    def _get_learning_rate(self) -> float:
+        """The schedule's lr η·f(t), and a snapshot of every group's lr for `log`."""
+        groups = self.optimizer.param_groups
+        self._group_lrs = [float(g["lr"]) for g in groups]
+        reference = next((g for g in groups if g.get("base_lr")), None)
+        if reference is None:
+            return super()._get_learning_rate()
+        return float(self.args.learning_rate * reference["lr"] / reference["base_lr"])
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if "learning_rate" in logs and self.optimizer is not None:
+            logs.update(self._group_lr_logs())
+        super().log(logs, start_time)
+
+    def _group_lr_logs(self) -> dict[str, float]:
+        groups = self.optimizer.param_groups
+        lrs = self._group_lrs if self._group_lrs is not None else [float(g["lr"]) for g in groups]
+        if len(lrs) != len(groups):
+            lrs = [float(g["lr"]) for g in groups]
+        out: dict[str, float] = {}
+        if all("weight_scale" in g for g in groups):  # equivalent: per role, the lr on W = s·Ŵ
+            by_role: dict[str, list[float]] = {}
+            for group, lr in zip(groups, lrs, strict=True):
+                by_role.setdefault(group.get("role", "other"), []).append(lr * group["weight_scale"])
+            for role, values in by_role.items():
+                low, high = min(values), max(values)
+                if high - low <= 1e-6 * abs(high):
+                    out[f"lr/{role}"] = high
+                else:
+                    out[f"lr/{role}/min"], out[f"lr/{role}/max"] = low, high
+        else:
+            for index, (group, lr) in enumerate(zip(groups, lrs, strict=True)):
+                out[f"lr/{group.get('name', f'group_{index}')}"] = lr
+        return out
+
+    # ---- checkpoints: exact unit-scaled format ----
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if not (isinstance(model, PreTrainedModel) and is_unit_scaled(model)):
+            return super()._save(output_dir, state_dict)
+        # Trainer._save calls model.save_pretrained(output_dir, state_dict=..., is_main_process=...);
+        # route it to the unit-scaled format for the length of the call.
+        had_attribute = "save_pretrained" in model.__dict__
+        previous = model.__dict__.get("save_pretrained")
+
+        def save_unit_scaled(save_directory, state_dict=None, is_main_process=True, **kwargs):
+            save_pretrained(
+                model,
+                save_directory,
+                checkpoint_format="unit-scaled",
+                state_dict=state_dict,
+                is_main_process=is_main_process,
+            )
+
+        model.save_pretrained = save_unit_scaled
+        try:
+            super()._save(output_dir, state_dict)
+        finally:
+            if had_attribute:
+                model.save_pretrained = previous
+            else:
+                del model.save_pretrained
+
+    def _load_unit_scaled(self, checkpoint_dir: str, model: nn.Module) -> bool:
+        """Load a unit-scaled checkpoint into `model`; False when `checkpoint_dir` holds none.
+
+        A plain/merged checkpoint cannot be resumed exactly (it holds W, not Ŵ and s): refused.
+        """
+        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
+        if not is_unit_scaled(unwrapped):
+            return False
+        if os.path.isfile(os.path.join(checkpoint_dir, UNIT_SCALED_WEIGHTS_NAME)):
+            load_checkpoint_into(unwrapped, checkpoint_dir)
+            self._clip_cache = None
+            return True
+        raise ValueError(
+            f"{checkpoint_dir} holds no {UNIT_SCALED_WEIGHTS_NAME}: it is not a UnitScaleTrainer checkpoint, and "
+            "resuming from plain weights W would not continue the same trajectory (the optimizer state is in Ŵ = W/s "
+            "space). Resume from a checkpoint written by UnitScaleTrainer, or start a new run from these weights."
+        )
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        model = self.model if model is None else model
+        if (
+            self.is_fsdp_enabled
+            or self.is_deepspeed_enabled
+            or not self._load_unit_scaled(resume_from_checkpoint, model)
+        ):
+            super()._load_from_checkpoint(resume_from_checkpoint, model)
+
+    def _load_best_model(self) -> None:
+        checkpoint = self.state.best_model_checkpoint
+        if self.is_fsdp_enabled or self.is_deepspeed_enabled or not self._load_unit_scaled(checkpoint, self.model):
+            super()._load_best_model()
+        else:
+            logger.info(f"Loaded best model from {checkpoint} (score: {self.state.best_metric}).")

@@ -1,0 +1,219 @@
+"""Parameter roles and the lr tables of `hf_unitscale.lr_rules`, over the tiny-model table."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from hf_unitscale import unit_scale, unit_scaled_modules
+from hf_unitscale.lr_rules import (
+    ROLES,
+    build_param_groups,
+    check_param_groups,
+    describe_parameters,
+    parameter_roles,
+    summarize_param_groups,
+)
+
+from tiny_models import CASES_BY_ID, TINY_CASES
+
+LR, EPS, WD = 1e-3, 1e-8, 0.01
+
+
+def _groups(model, rule="equivalent", **kwargs):
+    return build_param_groups(model, lr_rule=rule, lr=LR, eps=EPS, weight_decay=WD, **kwargs)
+
+
+def _wider(case_id: str, factor: int) -> nn.Module:
+    """The table's model with hidden and intermediate sizes times `factor` (same depth, same heads)."""
+    config = copy.deepcopy(CASES_BY_ID[case_id].model().config)
+    config.hidden_size *= factor
+    if hasattr(config, "intermediate_size") and config.intermediate_size:
+        config.intermediate_size *= factor
+    torch.manual_seed(0)
+    return unit_scale(type(CASES_BY_ID[case_id].model())(config).eval())
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
+def test_every_parameter_has_one_role(case):
+    model = unit_scale(case.model())
+    roles = parameter_roles(model)
+    assert list(roles) == [n for n, p in model.named_parameters() if p.requires_grad]
+    assert set(roles.values()) <= set(ROLES)
+    embeddings = [n for n, m in model.named_modules() if isinstance(m, nn.Embedding)]
+    for name in embeddings:
+        if f"{name}.weight" in roles:
+            assert roles[f"{name}.weight"] == "embedding", name
+    for name, role in roles.items():
+        if role == "bias":
+            assert name.endswith("bias")
+        if role == "norm":
+            assert "norm" in name.lower() or ".ln_" in name
+    readouts = [n for n, r in roles.items() if r == "readout"]
+    expected = {
+        "bert": ["classifier.weight"],
+        "distilbert": ["classifier.weight"],
+        "llama-untied": ["lm_head.weight"],
+    }.get(case.id, [])
+    assert readouts == expected  # a tied head is one Parameter, named and classed as the embedding
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
+@pytest.mark.parametrize("rule", ["equivalent", "umup", "mup"])
+def test_groups_cover_every_parameter_once(case, rule):
+    model = unit_scale(case.model())
+    groups = _groups(model, rule, mup_base_width=16, umup_depth_scaling=True)
+    check_param_groups(model, groups)
+    names = [g["name"] for g in groups]
+    assert len(set(names)) == len(names)
+    assert names == [g["name"] for g in _groups(model, rule, mup_base_width=16, umup_depth_scaling=True)]
+    assert "lr" in summarize_param_groups(groups)
+
+
+def test_coverage_check_names_the_parameter():
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    groups = _groups(model)
+    with pytest.raises(ValueError, match=r"classifier\.bias.*in no optimizer group|in no optimizer group"):
+        check_param_groups(model, [g for g in groups if g["role"] != "bias"])
+    doubled = groups + [{"name": "extra", "params": [model.classifier.weight]}]
+    with pytest.raises(ValueError, match=r"`classifier\.weight` is in two groups"):
+        check_param_groups(model, doubled)
+
+
+def test_unassigned_parameter_is_an_error_until_overridden():
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    model.bert.encoder.layer[0].layer_scale = nn.Parameter(torch.ones(32))
+    with pytest.raises(ValueError, match=r"`bert\.encoder\.layer\.0\.layer_scale`.*no learning-rate role"):
+        parameter_roles(model)
+    roles = parameter_roles(model, role_overrides={r"bert\.encoder\.layer\.\d+\.layer_scale": "norm"})
+    assert roles["bert.encoder.layer.0.layer_scale"] == "norm"
+    with pytest.raises(ValueError, match="role_overrides"):
+        parameter_roles(model, role_overrides={"x": "gain"})
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
+def test_equivalent_table(case):
+    model = unit_scale(case.model())
+    scale_of = {}
+    for module in unit_scaled_modules(model).values():
+        scale_of.setdefault(id(module.weight), float(module.weight_scale))
+    for group in _groups(model):
+        for p in group["params"]:
+            s = scale_of.get(id(p), 1.0)
+            assert group["weight_scale"] == s
+            assert group["lr"] == pytest.approx(LR / s, rel=1e-12)
+            assert group["eps"] == pytest.approx(EPS * s, rel=1e-12)
+            decayed = group["role"] in ("embedding", "hidden_weight", "readout")
+            assert group["weight_decay"] == pytest.approx(WD * s if decayed else 0.0, rel=1e-12)
+            if id(p) in scale_of:  # one converted tensor per group, named after it
+                assert len(group["params"]) == 1 and group["name"].endswith(":" + describe_name(model, p))
+
+
+def describe_name(model, param):
+    return next(n for n, p in model.named_parameters() if p is param)
+
+
+def test_equivalent_groups_are_plain_adamw_on_w():
+    """AdamW on Ŵ with the `equivalent` groups moves W = s·Ŵ exactly as torch's AdamW on W (the reference)."""
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Embedding(11, 8), nn.Linear(8, 5), nn.LayerNorm(5), nn.Linear(5, 3))
+    plain[1].weight.data.mul_(40.0)  # scales far from 1
+    plain[3].weight.data.mul_(1e-3)
+    converted = unit_scale(copy.deepcopy(plain))
+    decay = {n for n, p in plain.named_parameters() if p.dim() >= 2}
+    reference = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in plain.named_parameters() if n in decay], "weight_decay": 0.1},
+            {"params": [p for n, p in plain.named_parameters() if n not in decay], "weight_decay": 0.0},
+        ],
+        lr=0.05,
+        eps=1e-6,
+    )
+    groups = build_param_groups(
+        converted,
+        lr=0.05,
+        eps=1e-6,
+        weight_decay=0.1,
+        decay_parameter_names=decay,
+        role_overrides={"3.weight": "readout"},
+    )
+    ours = torch.optim.AdamW(groups, lr=0.05, eps=1e-6)
+    ids = torch.randint(0, 11, (16,))
+    for _ in range(20):
+        for model, optimizer in ((plain, reference), (converted, ours)):
+            optimizer.zero_grad()
+            model(ids).square().mean().backward()
+            optimizer.step()
+    for (name, p), q in zip(plain.named_parameters(), converted.parameters(), strict=True):
+        module = converted.get_submodule(name.rsplit(".", 1)[0])
+        w = q * module.weight_scale if name.endswith("weight") and hasattr(module, "weight_scale") else q
+        torch.testing.assert_close(w, p, rtol=1e-5, atol=1e-7, msg=f"{name} diverged from torch AdamW on W")
+
+
+def _fan_in(model: nn.Module, name: str) -> int:
+    module = model.get_submodule(name.rsplit(".", 1)[0])
+    return module.in_features if isinstance(module, nn.Linear) else module.weight.shape[0]  # Conv1D: (in, out)
+
+
+@pytest.mark.parametrize("case_id", ["bert", "gpt2", "llama-untied"])
+def test_umup_table_at_two_widths(case_id):
+    for factor in (1, 2):
+        model = _wider(case_id, factor)
+        width = model.config.hidden_size
+        infos = {i.name: i for i in describe_parameters(model)}
+        for depth_scaling in (False, True):
+            groups = _groups(model, "umup", umup_depth_scaling=depth_scaling)
+            depth = model.config.num_hidden_layers
+            for group in groups:
+                for p in group["params"]:
+                    info = next(i for i in infos.values() if i.param is p)
+                    if info.role == "hidden_weight":
+                        expected = LR * _fan_in(model, info.name) ** -0.5
+                    elif info.role == "embedding":
+                        expected = LR * width**-0.5
+                    else:
+                        expected = LR
+                    if depth_scaling and info.residual:
+                        expected *= depth**-0.5
+                    assert group["lr"] == pytest.approx(expected, rel=1e-12), (info.name, group["name"])
+                    assert group["eps"] == EPS
+        assert {i.fan_in for i in infos.values() if i.role == "hidden_weight"} >= {width}
+        assert any(i.residual for i in infos.values()) and not all(i.residual for i in infos.values())
+
+
+@pytest.mark.parametrize("case_id", ["bert", "gpt2", "llama-untied"])
+def test_mup_table_at_two_widths(case_id):
+    base = 32
+    for factor in (1, 2):
+        model = _wider(case_id, factor)
+        width_mult = model.config.hidden_size / base
+        for group in _groups(model, "mup", mup_base_width=base):
+            expected = LR / width_mult if group["role"] == "hidden_weight" else LR
+            assert group["lr"] == pytest.approx(expected, rel=1e-12), group["name"]
+    with pytest.raises(ValueError, match="mup_base_width"):
+        _groups(model, "mup")
+
+
+def test_user_multipliers_apply_last_and_multiply():
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    plain = {g["name"]: g for g in _groups(model, "umup")}
+    groups = _groups(model, "umup", lr_multipliers={r"^classifier\.": 10.0, r"weight$": 0.5})
+    by_param = {id(p): g for g in groups for p in g["params"]}
+    assert by_param[id(model.classifier.weight)]["lr"] == pytest.approx(plain["readout"]["lr"] * 5.0)
+    assert by_param[id(model.classifier.bias)]["lr"] == pytest.approx(plain["bias"]["lr"] * 10.0)
+    assert by_param[id(model.classifier.weight)]["name"] == "readout:lr_x5"
+    with pytest.raises(ValueError, match="not a regular expression"):
+        _groups(model, lr_multipliers={"(": 2.0})
+    with pytest.raises(ValueError, match="non-negative number"):
+        _groups(model, lr_multipliers={"x": -1.0})
+
+
+def test_decay_follows_trainer():
+    """Biases and norm gains are never decayed, as in `Trainer.get_decay_parameter_names`."""
+    model = unit_scale(CASES_BY_ID["llama-untied"].model())
+    for rule in ("equivalent", "umup"):
+        for group in _groups(model, rule):
+            assert (group["weight_decay"] > 0) == (group["role"] in ("embedding", "hidden_weight", "readout"))

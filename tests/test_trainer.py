@@ -1,0 +1,286 @@
+"""`UnitScaleTrainer`: the plain-AdamW trajectory step for step, exact resume, logged lrs, arguments."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import datasets
+import pytest
+import torch
+import yaml
+from transformers import HfArgumentParser, Trainer, TrainingArguments
+
+from hf_unitscale import is_unit_scaled, unit_scale
+from hf_unitscale.arguments import UnitScaleTrainingArguments
+from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME
+from hf_unitscale.trainer import UnitScaleTrainer
+
+from tiny_models import CASES_BY_ID, VOCAB
+
+RTOL = 1e-4
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models run fastest, and reproducibly, on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _dataset(case_id: str, rows: int = 48, seq_len: int = 12) -> datasets.Dataset:
+    ids = torch.randint(3, VOCAB, (rows, seq_len), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    mask[::3, -4:] = 0  # some padding
+    labels = ids.masked_fill(mask == 0, -100) if case_id in ("gpt2", "llama-untied") else ids[:, 1] % 2
+    return datasets.Dataset.from_dict(
+        {"input_ids": ids.tolist(), "attention_mask": mask.tolist(), "labels": labels.tolist()}
+    )
+
+
+def _args(output_dir, cls=TrainingArguments, **overrides):
+    values = dict(
+        output_dir=str(output_dir),
+        use_cpu=True,
+        report_to=[],
+        disable_tqdm=True,
+        log_level="error",
+        max_steps=30,
+        per_device_train_batch_size=4,
+        learning_rate=3e-3,
+        weight_decay=0.01,
+        warmup_steps=5,
+        lr_scheduler_type="linear",
+        max_grad_norm=0.5,
+        logging_steps=1,
+        save_strategy="no",
+        seed=0,
+    )
+    values.update(overrides)
+    return cls(**values)
+
+
+def _train_logs(trainer) -> list[dict]:
+    return [h for h in trainer.state.log_history if "loss" in h]
+
+
+def _assert_same_trajectory(plain, ours, max_grad_norm):
+    plain_logs, our_logs = _train_logs(plain), _train_logs(ours)
+    assert len(plain_logs) == len(our_logs) > 0
+    clipped = sum(log["grad_norm"] > max_grad_norm for log in plain_logs)
+    assert clipped >= len(plain_logs) // 2, f"clipping triggered on only {clipped}/{len(plain_logs)} steps"
+    for step, (a, b) in enumerate(zip(plain_logs, our_logs, strict=True)):
+        assert abs(a["loss"] - b["loss"]) <= RTOL * abs(a["loss"]), (
+            f"step {step}: loss {b['loss']} vs plain {a['loss']}"
+        )
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=RTOL), f"step {step}: plain-space grad norm"
+        assert b["learning_rate"] == pytest.approx(a["learning_rate"], rel=1e-9, abs=1e-15)
+
+
+def _max_relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max() / b.abs().max())
+
+
+@pytest.mark.parametrize("case_id", ["gpt2", "bert"])
+def test_equivalent_rule_reproduces_plain_trainer(case_id, tmp_path):
+    case = CASES_BY_ID[case_id]
+    data = _dataset(case_id)
+    plain = Trainer(model=case.model(), args=_args(tmp_path / "plain"), train_dataset=data)
+    plain.train()
+    ours = UnitScaleTrainer(model=case.model(), args=_args(tmp_path / "ours"), train_dataset=data)
+    ours.train()
+    assert is_unit_scaled(ours.model)
+    _assert_same_trajectory(plain, ours, max_grad_norm=0.5)
+    batch = case.batch()
+    with torch.no_grad():
+        expected = plain.model.eval()(**batch).logits
+        got = ours.model.eval()(**batch).logits
+    assert _max_relative(got, expected) <= RTOL, f"outputs after training differ by {_max_relative(got, expected):.2e}"
+
+
+@pytest.mark.slow
+def test_equivalent_rule_on_real_minilm(tmp_path, minilm_path):
+    from transformers import AutoTokenizer, BertForSequenceClassification
+
+    from hf_unitscale.embedded import load_sentiment
+
+    tokenizer = AutoTokenizer.from_pretrained(minilm_path)
+    texts = load_sentiment("train").select(range(80))
+    data = texts.map(
+        lambda rows: tokenizer(rows["text"], padding="max_length", truncation=True, max_length=32),
+        batched=True,
+        remove_columns=["text", "score"],
+    ).rename_column("label", "labels")
+
+    def model():
+        torch.manual_seed(0)  # the new classifier head
+        return BertForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+
+    settings = dict(max_steps=10, per_device_train_batch_size=8, learning_rate=1e-4, warmup_steps=2, max_grad_norm=0.2)
+    plain = Trainer(model=model(), args=_args(tmp_path / "plain", **settings), train_dataset=data)
+    plain.train()
+    ours = UnitScaleTrainer(model=model(), args=_args(tmp_path / "ours", **settings), train_dataset=data)
+    ours.train()
+    _assert_same_trajectory(plain, ours, max_grad_norm=0.2)
+    batch = {k: torch.tensor(data[:8][k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
+    with torch.no_grad():
+        expected = plain.model.eval()(**batch).logits
+        got = ours.model.eval()(**batch).logits
+    assert _max_relative(got, expected) <= RTOL
+
+
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+    case = CASES_BY_ID["gpt2"]
+    data = _dataset("gpt2", rows=32)
+    settings = dict(max_steps=8, save_strategy="steps", save_steps=4, lr_rule="umup")
+
+    def trainer(output_dir):
+        args = _args(output_dir, cls=UnitScaleTrainingArguments, **settings)
+        return UnitScaleTrainer(model=case.model(), args=args, train_dataset=data)
+
+    uninterrupted = trainer(tmp_path / "run")
+    uninterrupted.train()
+    checkpoint = tmp_path / "run" / "checkpoint-4"
+    files = set(os.listdir(checkpoint))
+    assert UNIT_SCALED_WEIGHTS_NAME in files and "model.safetensors" not in files, files
+    config = json.loads((checkpoint / "config.json").read_text())["unit_scaling"]
+    assert config["checkpoint_format"] == "unit-scaled" and config["lr_rule"] == "umup"
+
+    resumed = trainer(tmp_path / "resumed")
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert resumed.state.global_step == 8
+    expected = uninterrupted.model.state_dict()
+    for name, tensor in resumed.model.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=1e-6, atol=1e-7, msg=f"{name} after resume")
+    assert _train_logs(resumed)[-1]["loss"] == pytest.approx(_train_logs(uninterrupted)[-1]["loss"], rel=1e-6)
+
+
+def test_resume_refuses_plain_checkpoint(tmp_path):
+    case = CASES_BY_ID["gpt2"]
+    plain_model = case.model()
+    plain_model.save_pretrained(tmp_path / "plain")
+    trainer = UnitScaleTrainer(model=case.model(), args=_args(tmp_path / "out", max_steps=1))
+    with pytest.raises(ValueError, match="not a UnitScaleTrainer checkpoint"):
+        trainer._load_from_checkpoint(str(tmp_path / "plain"))
+
+
+@pytest.mark.parametrize("rule", ["equivalent", "umup", "mup"])
+def test_every_group_lr_is_logged(rule, tmp_path):
+    case = CASES_BY_ID["bert"]
+    args = _args(tmp_path, cls=UnitScaleTrainingArguments, max_steps=3, warmup_steps=1, lr_rule=rule, mup_base_width=16)
+    trainer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert"))
+    trainer.train()
+    groups = trainer.optimizer.param_groups
+    for log in _train_logs(trainer):
+        factor = log["learning_rate"] / args.learning_rate
+        if rule == "equivalent":  # per role: the lr on W = s·Ŵ, which is the plain schedule's lr
+            roles = {g["role"] for g in groups}
+            assert {k for k in log if k.startswith("lr/")} == {f"lr/{r}" for r in roles}
+            for role in roles:
+                assert log[f"lr/{role}"] == pytest.approx(log["learning_rate"], rel=1e-9, abs=1e-15)
+        else:
+            assert {k for k in log if k.startswith("lr/")} == {f"lr/{g['name']}" for g in groups}
+            for group in groups:
+                assert log[f"lr/{group['name']}"] == pytest.approx(group["base_lr"] * factor, rel=1e-9, abs=1e-15)
+    assert trainer.model.config.unit_scaling["lr_rule"] == rule
+
+
+def test_schedules_dividing_by_the_base_lr_stay_per_group(tmp_path):
+    """`cosine_with_min_lr` computes min_lr / optimizer.defaults["lr"]: every group must end at its lr × min_lr/η."""
+    case = CASES_BY_ID["bert"]
+    for scheduler, kwargs, end_factor in (
+        ("cosine_with_min_lr", {"min_lr": 1e-4}, 0.1),
+        ("polynomial", {"lr_end": 2e-4}, 0.2),
+        ("warmup_stable_decay", {"min_lr_ratio": 0.3, "num_decay_steps": 4}, 0.3),
+    ):
+        args = _args(tmp_path, learning_rate=1e-3, lr_scheduler_type=scheduler, lr_scheduler_kwargs=kwargs)
+        trainer = UnitScaleTrainer(model=case.model(), args=args)
+        trainer.create_optimizer_and_scheduler(num_training_steps=10)
+        assert trainer.optimizer.defaults["lr"] == 1e-3
+        for _ in range(10):
+            trainer.optimizer.step()
+            trainer.lr_scheduler.step()
+        for group in trainer.optimizer.param_groups:
+            assert group["lr"] == pytest.approx(group["base_lr"] * end_factor, rel=1e-6), (scheduler, group["name"])
+            assert group["lr"] * group["weight_scale"] == pytest.approx(1e-3 * end_factor, rel=1e-6)
+
+
+def test_refusals(tmp_path):
+    case = CASES_BY_ID["bert"]
+    with pytest.raises(ValueError, match="DeepSpeed config defines its own `optimizer`"):
+        _args(tmp_path, cls=UnitScaleTrainingArguments, deepspeed={"optimizer": {"type": "AdamW"}})
+    with pytest.raises(ValueError, match="builds its own optimizer groups"):
+        model = case.model()
+        UnitScaleTrainer(model=model, args=_args(tmp_path), optimizers=(torch.optim.SGD(model.parameters()), None))
+    trainer = UnitScaleTrainer(model=case.model(), args=_args(tmp_path, optim="sgd"))
+    with pytest.raises(ValueError, match="`optim='sgd'` is not supported"):
+        trainer.create_optimizer()
+    for scheduler, kwargs in (("greedy", None), ("reduce_lr_on_plateau", {"min_lr": 1e-6})):
+        args = _args(tmp_path, lr_scheduler_type=scheduler, lr_scheduler_kwargs=kwargs, eval_strategy="steps")
+        with pytest.raises(ValueError, match="absolute lr bounds"):
+            UnitScaleTrainer(model=case.model(), args=args)
+    with pytest.raises(ValueError, match="mup_base_width"):
+        _args(tmp_path, cls=UnitScaleTrainingArguments, lr_rule="mup")
+
+
+def test_converts_model_init_and_accepts_converted_models(tmp_path):
+    case = CASES_BY_ID["gpt2"]
+    trainer = UnitScaleTrainer(
+        model_init=lambda: case.model(), args=_args(tmp_path, max_steps=2), train_dataset=_dataset("gpt2")
+    )
+    trainer.train()
+    assert is_unit_scaled(trainer.model) and trainer.model.config.unit_scaling["lr_rule"] == "equivalent"
+    converted = unit_scale(case.model())
+    scales = {n: b.clone() for n, b in converted.named_buffers() if n.endswith("weight_scale")}
+    trainer = UnitScaleTrainer(model=converted, args=_args(tmp_path, max_steps=1))
+    assert all(torch.equal(b, scales[n]) for n, b in trainer.model.named_buffers() if n in scales)
+
+
+def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
+    values = {
+        "output_dir": str(tmp_path),
+        "learning_rate": 2e-4,
+        "lr_rule": "umup",
+        "umup_depth_scaling": True,
+        "lr_multipliers": {r"^classifier\.": 10.0, r"\.bias$": 0.5},
+        "fp8": True,
+        "calibration_batches": 2,
+        "recalibrate_every": 100,
+        "use_cpu": True,
+        "report_to": [],
+    }
+    (tmp_path / "args.yaml").write_text(yaml.safe_dump(values))
+    parser = HfArgumentParser(UnitScaleTrainingArguments)
+    (from_yaml,) = parser.parse_yaml_file(str(tmp_path / "args.yaml"))
+    for key, value in values.items():
+        assert getattr(from_yaml, key) == value, key
+
+    # round trip: the parsed arguments, dumped and parsed again
+    ours = {k: from_yaml.to_dict()[k] for k in values}
+    (tmp_path / "again.json").write_text(json.dumps(ours))
+    (from_json,) = parser.parse_json_file(str(tmp_path / "again.json"))
+    assert {k: getattr(from_json, k) for k in values} == {k: getattr(from_yaml, k) for k in values}
+
+    (from_cli,) = parser.parse_args_into_dataclasses(
+        [
+            "--output_dir",
+            str(tmp_path),
+            "--lr-rule",
+            "mup",
+            "--mup_base_width",
+            "64",
+            "--lr_multipliers",
+            json.dumps({"classifier": 10}),
+            "--use_cpu",
+            "--report_to",
+            "none",
+        ]
+    )
+    assert from_cli.lr_rule == "mup" and from_cli.mup_base_width == 64
+    assert from_cli.lr_multipliers == {"classifier": 10.0}
+    with pytest.raises(SystemExit):
+        parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--lr_rule", "sgd"])
+    with pytest.raises(ValueError, match="JSON object"):
+        UnitScaleTrainingArguments(output_dir=str(tmp_path), lr_multipliers="classifier=10", use_cpu=True)
