@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import warnings
 from types import MethodType
 from typing import Any
 
@@ -323,7 +324,9 @@ def from_pretrained(
             # first forward, after `unit_scale` has measured the FP8 tensors)
             kwargs["quantization_config"] = CompressedTensorsConfig(dequantize=True)
         try:
-            model = cls.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
+            with warnings.catch_warnings():  # "the checkpoint's quantization_config is used": expected
+                warnings.filterwarnings("ignore", "You passed `quantization_config`", UserWarning)
+                model = cls.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
         except SafetensorError as err:  # safetensors' message does not name the file
             raise ValueError(
                 f"Could not read the weights (model.safetensors) of {pretrained_model_name_or_path}: {err}. The file is "
@@ -337,6 +340,7 @@ def from_pretrained(
         set_operand_scales(model, stored_scales)
         return model
     weights_file = cached_file(pretrained_model_name_or_path, UNIT_SCALED_WEIGHTS_NAME, **hub_kwargs)
+    weight_dtype = read_weight_dtype(config.to_dict())  # before `_convert` replaces the block with its options
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype", getattr(config, "dtype", None) or torch.float32))
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with no_init_weights():
@@ -350,7 +354,7 @@ def from_pretrained(
         model,
         read_safetensors(weights_file),
         source=str(weights_file),
-        weight_dtype=read_weight_dtype(config.to_dict()),
+        weight_dtype=weight_dtype,
     )
     return model.eval()
 

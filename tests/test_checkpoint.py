@@ -1,0 +1,286 @@
+"""Checkpoint formats: round trips over the tiny table, plain-transformers loads, loud failures, model cards."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+import hf_unitscale
+from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales, set_operand_scales
+from hf_unitscale.formats import get_format
+from hf_unitscale.modules import UnitScaledMatmulMixin
+
+from tiny_models import CASES_BY_ID, TINY_CASES
+
+FORMATS = [
+    ("merged", None),
+    ("unit-scaled", "float32"),
+    ("unit-scaled", "bfloat16"),
+    ("unit-scaled", "e4m3"),
+    ("compressed-tensors", None),
+]
+
+
+def _converted(case, calibrated: bool = True):
+    """A converted tiny model; with `calibrated`, distinct a, c per matmul layer (identity casts: same function)."""
+    model = hf_unitscale.unit_scale(case.model())
+    if calibrated:
+        layers = [n for n, m in hf_unitscale.unit_scaled_modules(model).items() if isinstance(m, UnitScaledMatmulMixin)]
+        set_operand_scales(model, {name: [0.5 + i / 7, 1e-5 * (i + 1)] for i, name in enumerate(layers)})
+    return model
+
+
+def _outputs(model, batch) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _rounded_reference(model, dtype: torch.dtype | None, only_linear_except: list[str] | None = None):
+    """A copy of `model` whose Ŵ went through `dtype` (what a low-precision file stores)."""
+    reference = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, module in hf_unitscale.unit_scaled_modules(reference).items():
+            if only_linear_except is not None and (
+                not isinstance(module, torch.nn.Linear) or name in only_linear_except
+            ):
+                continue
+            for weight in module.unit_scaled_weights:
+                w = getattr(module, weight)
+                w.copy_(w.to(dtype).to(w.dtype) if dtype != torch.float8_e4m3fn else _e4m3(w))
+    return reference
+
+
+def _e4m3(w: torch.Tensor) -> torch.Tensor:
+    return w.float().clamp(-448, 448).to(get_format("e4m3").dtype).to(w.dtype)
+
+
+@pytest.mark.parametrize(("checkpoint_format", "weight_dtype"), FORMATS, ids=lambda v: str(v))
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
+def test_round_trip(case, checkpoint_format, weight_dtype, tmp_path):
+    model = _converted(case)
+    batch = case.batch()
+    model.save_pretrained(tmp_path, checkpoint_format=checkpoint_format, weight_dtype=weight_dtype)
+    loaded = hf_unitscale.from_pretrained(tmp_path)
+
+    assert hf_unitscale.is_unit_scaled(loaded)
+    assert operand_scales(loaded) == operand_scales(model) != {}
+    assert (tmp_path / "README.md").exists()
+    if checkpoint_format == "unit-scaled" and weight_dtype == "float32":
+        # exact: Ŵ, s, a, c bit for bit
+        expected, actual = model.state_dict(), loaded.state_dict()
+        assert expected.keys() == actual.keys()
+        for name in expected:
+            assert torch.equal(expected[name], actual[name]), name
+        torch.testing.assert_close(_outputs(loaded, batch), _outputs(model, batch), rtol=0, atol=0)
+        return
+    if checkpoint_format == "merged":
+        reference = model  # s re-measured from W = s·Ŵ: equal up to fp32 rounding
+    elif checkpoint_format == "unit-scaled":
+        reference = _rounded_reference(model, getattr(torch, weight_dtype, torch.float8_e4m3fn))
+    else:
+        ignore = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["ignore"]
+        reference = _rounded_reference(model, torch.float8_e4m3fn, only_linear_except=ignore)
+    torch.testing.assert_close(_outputs(loaded, batch), _outputs(reference, batch), rtol=1e-5, atol=1e-6)
+
+
+_PLAIN_LOAD = textwrap.dedent(
+    """
+    import json, sys
+    import torch, transformers
+
+    jobs = json.loads(sys.argv[1])
+    for job in jobs:
+        model = getattr(transformers, job["architecture"]).from_pretrained(job["folder"]).eval()
+        batch = torch.load(job["batch"])
+        with torch.no_grad():
+            torch.save(model(**batch).logits, job["out"])
+    assert "hf_unitscale" not in sys.modules, "the plain load imported hf_unitscale"
+    print("plain-ok", len(jobs))
+    """
+)
+
+
+def test_plain_transformers_loads_merged_and_compressed_tensors_without_hf_unitscale(tmp_path):
+    """In a fresh interpreter that never imports hf_unitscale: same outputs as the converted model."""
+    jobs, expected = [], {}
+    for case in TINY_CASES:
+        model = _converted(case)
+        batch = case.batch()
+        for checkpoint_format in ("merged", "compressed-tensors"):
+            folder = tmp_path / f"{case.id}-{checkpoint_format}"
+            model.save_pretrained(folder, checkpoint_format=checkpoint_format)
+            torch.save(batch, folder / "batch.pt")
+            reference = model
+            if checkpoint_format == "compressed-tensors":
+                ignore = json.loads((folder / "config.json").read_text())["quantization_config"]["ignore"]
+                reference = _rounded_reference(model, torch.float8_e4m3fn, only_linear_except=ignore)
+            expected[folder] = _outputs(reference, batch)
+            architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
+            jobs.append(
+                {
+                    "architecture": architecture,
+                    "folder": str(folder),
+                    "batch": str(folder / "batch.pt"),
+                    "out": str(folder / "out.pt"),
+                }
+            )
+    result = subprocess.run(
+        [sys.executable, "-c", _PLAIN_LOAD, json.dumps(jobs)], capture_output=True, text=True, cwd=tmp_path, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"plain-ok {len(jobs)}" in result.stdout
+    for folder, reference in expected.items():
+        torch.testing.assert_close(torch.load(folder / "out.pt"), reference, rtol=1e-5, atol=1e-6, msg=str(folder))
+
+
+@pytest.mark.parametrize("case", [CASES_BY_ID["bert"], CASES_BY_ID["llama-tied"]], ids=lambda c: c.id)
+def test_plain_transformers_refuses_unit_scaled_folder(case, tmp_path):
+    model = _converted(case)
+    model.save_pretrained(tmp_path, checkpoint_format="unit-scaled", weight_dtype="e4m3")
+    assert not (tmp_path / "model.safetensors").exists()
+    auto = transformers.AutoModel if case.id == "bert" else transformers.AutoModelForCausalLM
+    for loader in (auto, type(model)):
+        with pytest.raises(OSError, match="model.safetensors"):
+            loader.from_pretrained(tmp_path)
+
+
+# ---- loud failures: never a silently different model ----
+
+
+@pytest.fixture
+def unit_scaled_folder(tmp_path):
+    model = _converted(CASES_BY_ID["llama-untied"])
+    model.save_pretrained(tmp_path, checkpoint_format="unit-scaled", weight_dtype="e4m3")
+    return tmp_path
+
+
+def test_truncated_weights_file_names_the_file(unit_scaled_folder):
+    path = unit_scaled_folder / UNIT_SCALED_WEIGHTS_NAME
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(ValueError, match=f"{UNIT_SCALED_WEIGHTS_NAME}.*corrupt or truncated"):
+        hf_unitscale.from_pretrained(unit_scaled_folder)
+
+
+def test_garbage_weights_file_names_the_file(unit_scaled_folder):
+    (unit_scaled_folder / UNIT_SCALED_WEIGHTS_NAME).write_bytes(b"\x00\x01 not a safetensors file" * 10)
+    with pytest.raises(ValueError, match=f"{UNIT_SCALED_WEIGHTS_NAME}.*corrupt or truncated"):
+        hf_unitscale.from_pretrained(unit_scaled_folder)
+
+
+def test_corrupt_weight_bytes_name_the_tensor(unit_scaled_folder):
+    path = unit_scaled_folder / UNIT_SCALED_WEIGHTS_NAME
+    tensors = load_file(path)
+    name = "model.layers.1.mlp.up_proj.weight"
+    data = bytearray(path.read_bytes())
+    header_len = int.from_bytes(data[:8], "little")
+    offsets = json.loads(data[8 : 8 + header_len])[name]["data_offsets"]
+    start = 8 + header_len + offsets[0]
+    data[start : start + 4] = b"\xff\xff\xff\xff"  # 0xff is NaN in e4m3fn
+    path.write_bytes(bytes(data))
+    assert tensors[name].dtype == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match=f"`{name}` has non-finite values.*corrupt"):
+        hf_unitscale.from_pretrained(unit_scaled_folder)
+
+
+def test_truncated_merged_weights_name_the_file(tmp_path):
+    _converted(CASES_BY_ID["bert"]).save_pretrained(tmp_path)
+    path = tmp_path / "model.safetensors"
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(ValueError, match=r"model\.safetensors.*corrupt or truncated"):
+        hf_unitscale.from_pretrained(tmp_path)
+
+
+def test_missing_scale_names_it(unit_scaled_folder):
+    path = unit_scaled_folder / UNIT_SCALED_WEIGHTS_NAME
+    tensors = load_file(path)
+    del tensors["model.layers.0.self_attn.q_proj.weight_scale"]
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=r"missing the scale.*model\.layers\.0\.self_attn\.q_proj\.weight_scale"):
+        hf_unitscale.from_pretrained(unit_scaled_folder)
+
+
+def _edit_block(folder, **changes):
+    config = json.loads((folder / "config.json").read_text())
+    config["unit_scaling"].update(changes)
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+def test_block_whose_exclusions_disagree_with_weights(unit_scaled_folder):
+    _edit_block(unit_scaled_folder, exclude_modules=["lm_head"])
+    with pytest.raises(ValueError, match=r"unexpected \[.*'lm_head.weight_scale'.*disagrees with the saved weights"):
+        hf_unitscale.from_pretrained(unit_scaled_folder)
+
+
+def test_block_whose_weight_dtype_disagrees_with_weights(unit_scaled_folder):
+    _edit_block(unit_scaled_folder, weight_dtype="bfloat16")
+    with pytest.raises(ValueError, match=r"stored as torch.float8_e4m3fn.*weight_dtype='bfloat16'.*disagrees"):
+        hf_unitscale.from_pretrained(unit_scaled_folder)
+
+
+def test_merged_block_naming_an_unknown_layer(tmp_path):
+    _converted(CASES_BY_ID["bert"]).save_pretrained(tmp_path)
+    _edit_block(tmp_path, operand_scales={"bert.encoder.layer.7.output.dense": [1.0, 2.0]})
+    with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.7\.output\.dense.*disagrees"):
+        hf_unitscale.from_pretrained(tmp_path)
+
+
+def test_unknown_checkpoint_format_is_refused(unit_scaled_folder):
+    _edit_block(unit_scaled_folder, checkpoint_format="fp4-magic")
+    with pytest.raises(ValueError, match="checkpoint_format.*fp4-magic"):
+        hf_unitscale.from_pretrained(unit_scaled_folder)
+
+
+def test_weight_dtype_outside_unit_scaled_format_is_refused(tmp_path):
+    model = _converted(CASES_BY_ID["bert"])
+    with pytest.raises(ValueError, match="weight_dtype='e4m3'.*merged"):
+        model.save_pretrained(tmp_path, weight_dtype="e4m3")
+    with pytest.raises(ValueError, match="weight_dtype"):
+        model.save_pretrained(tmp_path, checkpoint_format="unit-scaled", weight_dtype="int3")
+
+
+# ---- model card ----
+
+
+@pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled", "compressed-tensors"])
+def test_model_card_states_what_it_must(checkpoint_format, tmp_path):
+    model = _converted(CASES_BY_ID["llama-tied"])
+    model.config.unit_scaling["lr_rule"] = "umup"
+    model.config.unit_scaling["calibration"] = {"batches": 4, "dataset": "austen"}
+    model.save_pretrained(tmp_path, checkpoint_format=checkpoint_format, repo_id="user/tiny-llama")
+    card = (tmp_path / "README.md").read_text()
+    assert card.startswith("---\n") and "- unit-scaling" in card and "- hf_unitscale" in card
+    assert "library_name: transformers" in card
+    assert "**unit-scaled**" in card and f"`{checkpoint_format}`" in card
+    assert "umup" in card and "batches: `4`" in card and "15 of 15 matmul layers" in card
+    assert "| `model.layers.0.self_attn.q_proj` | Linear |" in card  # per-layer scale table
+    assert 'hf_unitscale.from_pretrained("user/tiny-llama")' in card
+    if checkpoint_format != "unit-scaled":
+        assert 'LlamaForCausalLM.from_pretrained("user/tiny-llama")' in card
+
+
+def test_model_card_merges_into_existing_readme_and_is_refreshed(tmp_path):
+    model = _converted(CASES_BY_ID["bert"])
+    (tmp_path / "README.md").write_text("---\nlicense: mit\ntags:\n- sentiment\n---\n# My model\n\nMy own words.\n")
+    model.save_pretrained(tmp_path)
+    model.save_pretrained(tmp_path, checkpoint_format="unit-scaled")  # refreshes the section, once
+    card = (tmp_path / "README.md").read_text()
+    assert "license: mit" in card and "- sentiment" in card and "- unit-scaling" in card
+    assert "# My model" in card and "My own words." in card
+    assert card.count("<!-- hf_unitscale:begin -->") == 1 and "`unit-scaled` —" in card and "`merged` —" not in card
+
+
+def test_model_card_groups_layers_of_big_models(tmp_path, monkeypatch):
+    import hf_unitscale.model_card as model_card
+
+    monkeypatch.setattr(model_card, "MAX_LAYER_ROWS", 4)
+    text = model_card.model_card_section(_converted(CASES_BY_ID["llama-untied"]), checkpoint_format="merged")
+    assert "| `model.layers.N.mlp.down_proj` | Linear | 2 |" in text
+    assert "model.layers.0." not in text
