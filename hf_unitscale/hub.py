@@ -226,17 +226,22 @@ def push_to_hub(
     section merged in. Returns the commit info; takes transformers' `push_to_hub` arguments.
     """
     if not is_unit_scaled(model):  # merged back with `merge_unit_scale`: a plain model again
-        return type(model).push_to_hub(
-            model,
-            repo_id,
+        if model.model_tags:
+            model.model_tags = [t for t in model.model_tags if t not in MODEL_CARD_TAGS] or None
+        options = dict(
             commit_message=commit_message,
             commit_description=commit_description,
             private=private,
             token=token,
             revision=revision,
+            tags=tags,
+        )
+        return type(model).push_to_hub(
+            model,
+            repo_id,
             create_pr=create_pr,
             max_shard_size=max_shard_size,
-            tags=tags,
+            **{k: v for k, v in options.items() if v is not None},
         )
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id

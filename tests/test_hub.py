@@ -1,0 +1,147 @@
+"""push_to_hub / from_pretrained by repo id against the local Hub server, with the real huggingface_hub client."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+from huggingface_hub import HfApi, ModelCard, hf_hub_download
+
+import hf_unitscale
+from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales, set_operand_scales
+from hf_unitscale.modules import UnitScaledMatmulMixin
+
+import hub_server
+from tiny_models import CASES_BY_ID
+
+
+@pytest.fixture
+def local_hub(monkeypatch, tmp_path):
+    yield from hub_server.local_hub_fixture(monkeypatch, tmp_path)
+
+
+def _converted(case_id: str):
+    case = CASES_BY_ID[case_id]
+    model = hf_unitscale.unit_scale(case.model())
+    layers = [n for n, m in hf_unitscale.unit_scaled_modules(model).items() if isinstance(m, UnitScaledMatmulMixin)]
+    set_operand_scales(model, {name: [1 + i / 10, 1e-5 * (i + 1)] for i, name in enumerate(layers)})
+    model.config.unit_scaling["lr_rule"] = "equivalent"
+    model.config.unit_scaling["calibration"] = {"batches": 2}
+    return model, case.batch()
+
+
+def _logits(model, batch):
+    with torch.no_grad():
+        return model(**batch).logits
+
+
+def _card(repo_id: str) -> str:
+    return Path(hf_hub_download(repo_id, "README.md")).read_text()
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_format", "weight_dtype", "weights_file"),
+    [
+        ("merged", None, "model.safetensors"),
+        ("unit-scaled", "float32", UNIT_SCALED_WEIGHTS_NAME),
+        ("unit-scaled", "e4m3", UNIT_SCALED_WEIGHTS_NAME),
+    ],
+)
+def test_push_list_load_by_repo_id(local_hub, checkpoint_format, weight_dtype, weights_file):
+    model, batch = _converted("llama-tied")
+    repo_id = f"user/tiny-{checkpoint_format}-{weight_dtype}"
+    model.push_to_hub(repo_id, checkpoint_format=checkpoint_format, weight_dtype=weight_dtype)
+
+    files = HfApi().list_repo_files(repo_id)
+    assert sorted(files) == sorted(
+        [".gitattributes", "README.md", "config.json", "generation_config.json", weights_file]
+    ), files
+    loaded = hf_unitscale.from_pretrained(repo_id)
+    assert operand_scales(loaded) == operand_scales(model)
+    if weight_dtype == "e4m3":  # the push reloads exactly what a local e4m3 save reloads
+        local = hf_unitscale.from_pretrained(_save_local(model, checkpoint_format, weight_dtype))
+        torch.testing.assert_close(_logits(loaded, batch), _logits(local, batch), rtol=0, atol=0)
+    elif checkpoint_format == "unit-scaled":
+        torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), rtol=0, atol=0)
+    else:  # merged: s re-measured from W = s·Ŵ
+        torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), rtol=1e-6, atol=1e-7)
+
+    card = _card(repo_id)
+    metadata = ModelCard(card).data
+    assert "unit-scaling" in metadata.tags and "hf_unitscale" in metadata.tags
+    assert metadata.library_name == "transformers"
+    assert "**unit-scaled**" in card and f"`{checkpoint_format}` —" in card
+    assert "**Learning-rate rule:** equivalent" in card and "Calibrated (batches: `2`)" in card
+    assert "| `model.layers.1.mlp.down_proj` | Linear |" in card
+    assert f'hf_unitscale.from_pretrained("{repo_id}")' in card
+    assert local_hub.unhandled == []
+
+
+def _save_local(model, checkpoint_format, weight_dtype):
+    import tempfile
+
+    folder = tempfile.mkdtemp(prefix="hf_unitscale_local_")
+    model.save_pretrained(folder, checkpoint_format=checkpoint_format, weight_dtype=weight_dtype)
+    return folder
+
+
+def test_plain_transformers_loads_merged_push_and_refuses_unit_scaled(local_hub):
+    model, batch = _converted("bert")
+    model.push_to_hub("user/bert")
+    plain = transformers.BertForSequenceClassification.from_pretrained("user/bert").eval()
+    assert not hf_unitscale.is_unit_scaled(plain)
+    torch.testing.assert_close(_logits(plain, batch), _logits(model, batch), rtol=1e-6, atol=1e-7)
+    assert 'BertForSequenceClassification.from_pretrained("user/bert")' in _card("user/bert")
+
+    # the same repo re-pushed unit-scaled: the stale merged weights are deleted in the same commit, so plain
+    # transformers fails loudly instead of loading the old W
+    model.push_to_hub("user/bert", checkpoint_format="unit-scaled", weight_dtype="bfloat16")
+    assert "model.safetensors" not in local_hub.repo_files("user/bert")
+    with pytest.raises(OSError, match="model.safetensors"):
+        transformers.BertForSequenceClassification.from_pretrained("user/bert", force_download=True)
+    card = _card("user/bert")
+    assert card.count("<!-- hf_unitscale:begin -->") == 1 and "`unit-scaled` —" in card and "bfloat16" in card
+
+
+def test_compressed_tensors_push_loads_with_and_without_hf_unitscale(local_hub):
+    model, batch = _converted("llama-untied")
+    model.push_to_hub("user/llama-fp8", checkpoint_format="compressed-tensors")
+    assert "model.safetensors" in local_hub.repo_files("user/llama-fp8")
+    ours = hf_unitscale.from_pretrained("user/llama-fp8")
+    plain = transformers.LlamaForCausalLM.from_pretrained("user/llama-fp8").eval()
+    torch.testing.assert_close(_logits(ours, batch), _logits(plain, batch), rtol=1e-5, atol=1e-6)
+    assert "compressed-tensors" in _card("user/llama-fp8")
+
+
+def test_push_keeps_the_repos_own_card(local_hub):
+    model, _ = _converted("gpt2")
+    api = HfApi()
+    api.create_repo("user/gpt2")
+    text = "---\nlicense: apache-2.0\ntags:\n- poetry\n---\n# Tiny GPT-2\n\nTrained on sonnets.\n"
+    api.upload_file(path_or_fileobj=text.encode(), path_in_repo="README.md", repo_id="user/gpt2")
+    model.push_to_hub("user/gpt2", tags=["experiment"])
+    card = _card("user/gpt2")
+    data = ModelCard(card).data
+    assert data.license == "apache-2.0" and {"poetry", "unit-scaling", "experiment"} <= set(data.tags)
+    assert "Trained on sonnets." in card and "## Unit scaling" in card
+
+
+def test_save_pretrained_push_to_hub_flag(local_hub, tmp_path):
+    model, batch = _converted("distilbert")
+    model.save_pretrained(tmp_path / "out", checkpoint_format="unit-scaled", push_to_hub=True, repo_id="user/distil")
+    assert UNIT_SCALED_WEIGHTS_NAME in local_hub.repo_files("user/distil")
+    torch.testing.assert_close(
+        _logits(hf_unitscale.from_pretrained("user/distil"), batch), _logits(model, batch), rtol=0, atol=0
+    )
+
+
+def test_merged_back_model_pushes_as_plain_transformers(local_hub):
+    model, batch = _converted("bert")
+    hf_unitscale.merge_unit_scale(model)
+    model.push_to_hub("user/plain")
+    assert "unit_scaling" not in Path(hf_hub_download("user/plain", "config.json")).read_text()
+    assert "unit-scaling" not in _card("user/plain")
+    plain = transformers.BertForSequenceClassification.from_pretrained("user/plain").eval()
+    torch.testing.assert_close(_logits(plain, batch), _logits(model, batch), rtol=0, atol=0)
