@@ -1,0 +1,386 @@
+"""Scale statistics of a model's layers, before and after unit scaling and calibration, and their plot.
+
+For every converted layer (weight W = s·Ŵ, input x, output gradient g, static scales a, c):
+
+    rms(W) = s·rms(Ŵ)     the plain weight a naive FP8 cast sees      (s = rms(W) at conversion)
+    rms(Ŵ)                the unit-scaled weight, 1 at conversion
+    rms(x), rms(g)        the layer input and output gradient with a = c = 1
+    rms(x/a), rms(g/c)    the operands FP8 GEMMs see after calibration
+
+Activations and gradients are measured with hooks on real batches, over non-zero elements
+(padding zeroes gradient rows), in full precision, in eval mode, with the model's own loss — the
+same statistic `calibrate` uses, sqrt(mean over batches of the non-zero mean square). The
+operands are measured again after calibration (x/a and g/c taken inside the hooks), together with
+the fraction of non-zero gradient elements an E5M2 cast flushes to zero before and after.
+
+Pretrained output gradients sit at 1e-6..1e-5, below E5M2's smallest subnormal 2^-16 ≈ 1.5e-5:
+the plot shades the E4M3 and E5M2 ranges (smallest subnormal to max) to show it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers.utils import logging
+
+from .convert import is_unit_scaled, unit_scale, unit_scaled_modules
+from .formats import FORMATS, CastCounter, cast_to_format
+from .modules import UnitScaledEmbedding, UnitScaledMatmulMixin
+from .ops import rms
+
+__all__ = ["LayerScales", "ScaleReport", "format_scale_table", "plot_scale_report", "scale_report"]
+
+logger = logging.get_logger(__name__)
+
+NAN = float("nan")
+
+
+@dataclass
+class LayerScales:
+    """The scale statistics of one converted layer (nan where a quantity does not apply or was not measured)."""
+
+    name: str
+    kind: str  # "matmul", "embedding" or "other"
+    weight_rms: float  # rms(W) = rms(s·Ŵ)
+    weight_scale: float  # s
+    unit_weight_rms: float  # rms(Ŵ)
+    input_rms: float  # rms(x), non-zero elements, a = 1
+    grad_rms: float  # rms(g), non-zero elements, c = 1
+    grad_flushed: float  # fraction of non-zero g that a cast to E5M2 flushes to zero
+    input_scale: float = NAN  # a after calibration
+    grad_scale: float = NAN  # c after calibration
+    scaled_input_rms: float = NAN  # rms(x/a), measured after calibration
+    scaled_grad_rms: float = NAN  # rms(g/c), measured after calibration
+    scaled_grad_flushed: float = NAN  # fraction of non-zero g/c that E5M2 flushes to zero
+
+
+# (attribute, table header, plot label, plot panel): panel 0 is what a naive FP8 cast sees, 1 after unit scaling
+SERIES = (
+    ("weight_rms", "rms(W)", "weight W", 0),
+    ("input_rms", "rms(x)", "input x", 0),
+    ("grad_rms", "rms(g)", "output gradient g", 0),
+    ("unit_weight_rms", "rms(Ŵ)", "unit-scaled weight Ŵ", 1),
+    ("scaled_input_rms", "rms(x/a)", "calibrated input x/a", 1),
+    ("scaled_grad_rms", "rms(g/c)", "calibrated gradient g/c", 1),
+)
+
+
+@dataclass
+class ScaleReport:
+    """Per-layer `LayerScales` in `named_modules` order, and whether calibration ran."""
+
+    layers: list[LayerScales]
+    calibrated: bool
+    num_batches: int
+
+    def series(self) -> dict[str, list[float]]:
+        """{table header: values per layer} for every plotted quantity — exactly what `plot_scale_report` draws."""
+        return {header: [getattr(row, attr) for row in self.layers] for attr, header, _, _ in SERIES}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "calibrated": self.calibrated,
+            "num_batches": self.num_batches,
+            "layers": [asdict(r) for r in self.layers],
+        }
+
+
+# --------------------------------------------------------------------------- measurement
+
+
+class _Accumulator:
+    """Per-batch sums of squares and counts of non-zero elements, pooled as sqrt(mean_b ms_b)."""
+
+    def __init__(self) -> None:
+        self.sum_sq = self.count = 0.0
+        self.ms_total = 0.0
+        self.batches = 0
+        self.flush = CastCounter()
+
+    def add(self, t: torch.Tensor) -> None:
+        count = float((t != 0).sum())
+        self.sum_sq += float(rms(t, nonzero_only=True)) ** 2 * count
+        self.count += count
+
+    def end_batch(self) -> None:
+        if self.count:
+            self.ms_total += self.sum_sq / self.count
+            self.batches += 1
+        self.sum_sq = self.count = 0.0
+
+    def value(self) -> float:
+        return math.sqrt(self.ms_total / self.batches) if self.batches else NAN
+
+    def flushed(self) -> float:
+        return self.flush.as_dict()["underflow_fraction"] if int(self.flush.nonzero) else NAN
+
+
+def _batch_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _loss(outputs: Any) -> torch.Tensor:
+    loss = getattr(outputs, "loss", None)
+    if loss is not None:
+        return loss
+    # no labels: the proxy `calibrate` uses, sum(logits²)/2/rows (gradient logits/rows)
+    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
+    rows = logits.numel() // logits.shape[-1]
+    return logits.float().square().sum() / (2 * rows)
+
+
+@contextlib.contextmanager
+def _full_precision(model: nn.Module):
+    layers = [m for m in model.modules() if isinstance(m, UnitScaledMatmulMixin)]
+    saved = [m.__dict__.get("precision") for m in layers]
+    try:
+        for m in layers:
+            m.precision = None
+        yield
+    finally:
+        for m, precision in zip(layers, saved, strict=True):
+            m.precision = precision
+
+
+def _measure(
+    model: nn.Module, batches: Sequence[Mapping[str, Any]], *, divide_by_scales: bool
+) -> dict[str, tuple[float, float, float]]:
+    """{layer: (rms of input operand, rms of gradient operand, fraction of it E5M2 flushes)} over `batches`.
+
+    With `divide_by_scales` the operands are x/a and g/c (a calibrated matmul's FP8 operands), else x and g.
+    """
+    modules = unit_scaled_modules(model)
+    inputs = {name: _Accumulator() for name in modules}
+    grads = {name: _Accumulator() for name in modules}
+    outputs_of: dict[str, list[torch.Tensor]] = {}
+    e5m2 = FORMATS["e5m2"]
+
+    def scales(module: nn.Module) -> tuple[float, float]:
+        if divide_by_scales and isinstance(module, UnitScaledMatmulMixin):
+            return float(module.input_scale), float(module.grad_scale)
+        return 1.0, 1.0
+
+    def pre_hook(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]):
+            x = args[0] if args else None
+            if isinstance(x, torch.Tensor) and x.is_floating_point():
+                inputs[name].add(x.detach() / scales(module)[0])
+                if not x.requires_grad:  # a frozen front: let the graph reach this layer's output
+                    return (x.detach().requires_grad_(True), *args[1:])
+            return None
+
+        return hook
+
+    def forward_hook(name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any):
+            if isinstance(output, torch.Tensor) and output.requires_grad:
+                outputs_of.setdefault(name, []).append(output)
+
+        return hook
+
+    handles = []
+    for name, module in modules.items():
+        handles.append(module.register_forward_pre_hook(pre_hook(name)))
+        handles.append(module.register_forward_hook(forward_hook(name)))
+    try:
+        with _full_precision(model), torch.enable_grad():
+            for batch in batches:
+                outputs_of.clear()
+                loss = _loss(model(**_batch_inputs(model, batch)))
+                names = [n for n, outs in outputs_of.items() for _ in outs]
+                tensors = [t for outs in outputs_of.values() for t in outs]
+                for name, grad in zip(names, torch.autograd.grad(loss, tensors, allow_unused=True), strict=True):
+                    if grad is not None:
+                        g = grad.detach() / scales(modules[name])[1]
+                        grads[name].add(g)
+                        cast_to_format(g.float(), e5m2, grads[name].flush)
+                for acc in (*inputs.values(), *grads.values()):
+                    acc.end_batch()
+    finally:
+        outputs_of.clear()
+        for handle in handles:
+            handle.remove()
+    return {name: (inputs[name].value(), grads[name].value(), grads[name].flushed()) for name in modules}
+
+
+def _weight_rows(model: nn.Module) -> list[tuple[str, str, str, nn.Module, str]]:
+    """(row name, module name, kind, module, weight name) for every unit-scaled weight."""
+    rows = []
+    for name, module in unit_scaled_modules(model).items():
+        kind = (
+            "matmul"
+            if isinstance(module, UnitScaledMatmulMixin)
+            else "embedding"
+            if isinstance(module, UnitScaledEmbedding)
+            else "other"
+        )
+        weights = module.unit_scaled_weights
+        for weight_name in weights:
+            row_name = name if len(weights) == 1 else f"{name}.{weight_name}"
+            rows.append((row_name, name, kind, module, weight_name))
+    return rows
+
+
+@torch.no_grad()
+def _weight_stats(module: nn.Module, weight_name: str) -> tuple[float, float, float]:
+    unit = getattr(module, weight_name).detach()
+    s = float(module.scale_of(weight_name))
+    return float(rms(unit)) * s, s, float(rms(unit))
+
+
+def scale_report(
+    model: nn.Module,
+    batches: Iterable[Mapping[str, Any]],
+    *,
+    calibrate: bool = True,
+    calibration_batches: Iterable[Mapping[str, Any]] | None = None,
+) -> ScaleReport:
+    """Measure the scale statistics of every unit-scaled weight of `model` (module docstring).
+
+    Args:
+        model: a plain or unit-scaled model; it is not modified (the measurement runs on a copy,
+            converted with the default `UnitScaleConfig` if it is plain).
+        batches: dicts of model inputs, with `labels` for the real training gradients (without,
+            gradients come from the proxy loss sum(logits²)/2/rows, right up to an O(1) factor).
+        calibrate: also calibrate the copy's matmul layers (a, c) and measure x/a and g/c.
+        calibration_batches: the batches to calibrate on (default: `batches`).
+
+    Returns:
+        a `ScaleReport`; `format_scale_table` and `plot_scale_report` show it.
+    """
+    batches = list(batches)
+    if not batches:
+        raise ValueError("`batches` is empty; the scale report needs at least one batch of inputs.")
+    model = copy.deepcopy(model)
+    if not is_unit_scaled(model):
+        unit_scale(model)
+    model.eval()
+    rows = []
+    measured = _measure(model, batches, divide_by_scales=False)
+    for row_name, module_name, kind, module, weight_name in _weight_rows(model):
+        input_rms, grad_rms, flushed = measured[module_name]
+        rows.append(LayerScales(row_name, kind, *_weight_stats(module, weight_name), input_rms, grad_rms, flushed))
+    if calibrate:
+        from .calibrate import calibrate as run_calibration
+
+        calibration_batches = batches if calibration_batches is None else list(calibration_batches)
+        run_calibration(model, calibration_batches, progress=False)
+        after = _measure(model, batches, divide_by_scales=True)
+        for row, (_, module_name, _, module, _) in zip(rows, _weight_rows(model), strict=True):
+            if isinstance(module, UnitScaledMatmulMixin):
+                row.input_scale, row.grad_scale = float(module.input_scale), float(module.grad_scale)
+                row.scaled_input_rms, row.scaled_grad_rms, row.scaled_grad_flushed = after[module_name]
+    return ScaleReport(rows, calibrated=calibrate, num_batches=len(batches))
+
+
+# --------------------------------------------------------------------------- table
+
+
+def _fmt(value: float, percent: bool = False) -> str:
+    if value is None or math.isnan(value):
+        return "—"
+    return f"{100 * value:.1f}%" if percent else f"{value:.3e}"
+
+
+TABLE_COLUMNS = (
+    ("weight_rms", "rms(W)"),
+    ("unit_weight_rms", "rms(Ŵ)"),
+    ("input_rms", "rms(x)"),
+    ("grad_rms", "rms(g)"),
+    ("grad_flushed", "g→0 e5m2"),
+    ("input_scale", "a"),
+    ("grad_scale", "c"),
+    ("scaled_input_rms", "rms(x/a)"),
+    ("scaled_grad_rms", "rms(g/c)"),
+    ("scaled_grad_flushed", "g/c→0 e5m2"),
+)
+
+
+def format_scale_table(report: ScaleReport) -> str:
+    """The report as a fixed-width text table, one line per layer (values to 4 significant digits)."""
+    header = ["layer", *[h for _, h in TABLE_COLUMNS]]
+    lines = [
+        [row.name, *[_fmt(getattr(row, attr), percent=attr.endswith("flushed")) for attr, _ in TABLE_COLUMNS]]
+        for row in report.layers
+    ]
+    widths = [max(len(r[i]) for r in [header, *lines]) for i in range(len(header))]
+
+    def render(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+
+    e4m3, e5m2 = FORMATS["e4m3"], FORMATS["e5m2"]
+    footer = (
+        f"E4M3 range {e4m3.smallest_subnormal:.3g}..{e4m3.max:g} (forward operands); "
+        f"E5M2 range {e5m2.smallest_subnormal:.3g}..{e5m2.max:g} (gradients). "
+        "g→0: fraction of non-zero gradient elements a cast to E5M2 flushes to zero."
+    )
+    rule = "-" * len(render(header))
+    return "\n".join([render(header), rule, *[render(line) for line in lines], rule, footer])
+
+
+# --------------------------------------------------------------------------- plot
+
+
+def plot_scale_report(report: ScaleReport, path: str | Path | None = None, *, title: str | None = None):
+    """Draw the report on a log scale with the E4M3/E5M2 ranges shaded; save a PNG to `path` if given.
+
+    Left panel: what a naive FP8 cast sees (W, x, g); right: after unit scaling and calibration
+    (Ŵ, x/a, g/c). Each plotted line carries its table header as `gid`, so its y-data can be
+    checked against `report.series()`. Returns the matplotlib Figure.
+    """
+    from matplotlib.figure import Figure  # no pyplot: no global figure state, Agg canvas on save
+
+    e4m3, e5m2 = FORMATS["e4m3"], FORMATS["e5m2"]
+    n = len(report.layers)
+    x = list(range(n))
+    fig = Figure(figsize=(max(10.0, 0.22 * n + 6), 5.5), layout="constrained")
+    axes = fig.subplots(1, 2, sharey=True)
+    panel_titles = ("as stored: plain W, raw x and g", "unit-scaled: Ŵ, calibrated x/a and g/c")
+    styles = {0: ("o", "tab:blue"), 1: ("s", "tab:green"), 2: ("v", "tab:red")}
+    values = [v for vs in report.series().values() for v in vs if v is not None and math.isfinite(v) and v > 0]
+    low = min([e5m2.smallest_subnormal, *values]) / 4
+    high = max([e5m2.max, *values]) * 4
+    for panel, ax in enumerate(axes):
+        ax.axhspan(e5m2.smallest_subnormal, e5m2.max, color="tab:orange", alpha=0.10, label="E5M2 range (gradients)")
+        ax.axhspan(e4m3.smallest_subnormal, e4m3.max, color="tab:blue", alpha=0.10, label="E4M3 range (forward)")
+        ax.axhline(1.0, color="0.4", linewidth=0.8, linestyle=":")
+        for i, (attr, header, label, _panel) in enumerate(s for s in SERIES if s[3] == panel):
+            marker, color = styles[i]
+            ys = [getattr(row, attr) for row in report.layers]
+            ax.plot(x, ys, marker=marker, linestyle="none", color=color, markersize=4, label=label, gid=header)
+        ax.set_yscale("log")
+        ax.set_ylim(low, high)
+        ax.set_title(panel_titles[panel], fontsize=10)
+        ax.set_xticks(x, [row.name for row in report.layers], rotation=90, fontsize=6)
+        ax.legend(fontsize=7, loc="upper right")
+    axes[0].set_ylabel("RMS over non-zero elements")
+    if not report.calibrated:
+        axes[1].text(0.5, 0.5, "not calibrated", transform=axes[1].transAxes, ha="center", color="0.4")
+    fig.suptitle(title or "Why unit scaling matters: tensor scales against the FP8 ranges", fontsize=11)
+    if path is not None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+    return fig
+
+
+def plotted_series(fig) -> dict[str, list[float]]:
+    """{table header: y-data} of every series line drawn by `plot_scale_report` (for checks)."""
+    return {
+        line.get_gid(): [float(v) for v in line.get_ydata()] for ax in fig.axes for line in ax.lines if line.get_gid()
+    }
+
+
+def report_columns() -> list[str]:
+    """Names of the numeric `LayerScales` fields, in order."""
+    return [f.name for f in fields(LayerScales) if f.name not in ("name", "kind")]
