@@ -1,0 +1,231 @@
+"""Multi-process runs on CPU (gloo): `UnitScaleTrainer` under DDP, unit-scaled models under FSDP2.
+
+Three launches, started together so their start-up (imports) overlaps on the 2 cores:
+
+- `tests/distributed/ddp_train.py` under `torchrun --nproc_per_node 2` (per-device batch 2), and
+  the same script in one process with per-device batch 4: the same global batches, 20 steps;
+- `tests/distributed/fsdp2_train.py` under `torchrun --nproc_per_node 2`: GPT-2 (tied), Llama
+  tied and untied, sharded with `fully_shard`, 10 steps each; its single-process reference is
+  computed here, in this process, by the script's own `train_case`.
+
+Weights are compared per tensor as max|a − b| / max(max|b|, 1): relative to the tensor, but never
+to a scale below 1 — the unit scale every trained tensor has (Ŵ by construction; norm gains).
+The floor matters for GPT-2's attention key bias: it starts at zero and its gradient is zero in
+exact arithmetic (softmax ignores a shift of all scores), so Adam turns rounding noise into
+≈1e-5 moves that differ between any two summation orders.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import hf_unitscale
+
+from tiny_models import CASES_BY_ID
+
+pytestmark = pytest.mark.distributed
+
+TESTS = Path(__file__).resolve().parent
+SCRIPTS = TESTS / "distributed"
+REPO = TESTS.parent
+BIN = Path(sys.executable).parent
+LAUNCH_TIMEOUT = 240  # seconds per launch; a hung collective fails the test instead of the CI run
+RTOL = 1e-4
+
+
+def _load_script(name: str):
+    spec = importlib.util.spec_from_file_location(f"_distributed_{name}", SCRIPTS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+fsdp2_train = _load_script("fsdp2_train")
+
+
+class Launch:
+    """One subprocess (torchrun with `nproc` > 1, plain python otherwise), started now, waited for on demand."""
+
+    def __init__(self, script: str, out: Path, nproc: int, *args: str) -> None:
+        self.out = out
+        script_path = str(SCRIPTS / script)
+        if nproc > 1:
+            # --standalone: a rendezvous on a free localhost port, so concurrent runs never collide
+            cmd = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", str(nproc), script_path]
+        else:
+            cmd = [sys.executable, script_path]
+        cmd += ["--out", str(out), *args]
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(REPO), str(TESTS)])}
+        self.cmd = cmd
+        self.start = time.perf_counter()
+        self.log = open(out.parent / f"{out.name}.log", "w+")  # noqa: SIM115 - closed in wait()
+        self.process = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+        self.seconds: float | None = None
+
+    def wait(self) -> Path:
+        if self.seconds is None:
+            try:
+                self.process.wait(timeout=max(1.0, LAUNCH_TIMEOUT - (time.perf_counter() - self.start)))
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+            self.seconds = time.perf_counter() - self.start
+            self.log.seek(0)
+            self.output = self.log.read()
+            self.log.close()
+        if self.process.returncode != 0:
+            pytest.fail(
+                f"{' '.join(self.cmd)} exited with {self.process.returncode} after {self.seconds:.0f} s:\n"
+                f"{self.output[-6000:]}"
+            )
+        return self.out
+
+
+@pytest.fixture(scope="module")
+def launches(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    runs = {
+        "ddp": Launch("ddp_train.py", root / "ddp", 2, "--per-device-batch", "2", "--steps", "20"),
+        "single": Launch("ddp_train.py", root / "single", 1, "--per-device-batch", "4", "--steps", "20"),
+        "fsdp2": Launch("fsdp2_train.py", root / "fsdp2", 2),
+    }
+    yield runs
+    for run in runs.values():
+        if run.process.poll() is None:
+            run.process.kill()
+        run.process.wait()
+
+
+def _result(run: Launch, *parts: str) -> dict:
+    return json.loads(run.wait().joinpath(*parts, "result.json").read_text())
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a − b| / max(max|b|, 1), in fp64."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1.0)).item()
+
+
+def _compare_state_dicts(actual: dict, expected: dict, what: str) -> dict[str, float]:
+    assert actual.keys() == expected.keys(), f"{what}: keys differ: {sorted(actual.keys() ^ expected.keys())}"
+    differences = {k: _relative(actual[k], expected[k]) for k in expected}
+    worst = max(differences, key=differences.get)
+    assert differences[worst] <= RTOL, f"{what}: `{worst}` differs by {differences[worst]:.3g} relative"
+    return differences
+
+
+def _assert_losses_match(actual: list[float], expected: list[float], what: str) -> None:
+    assert len(actual) == len(expected), f"{what}: {len(actual)} logged steps, expected {len(expected)}"
+    worst = max(abs(a - b) / abs(b) for a, b in zip(actual, expected, strict=True))
+    assert worst <= RTOL, f"{what}: losses differ by up to {worst:.3g} relative\n{actual}\n{expected}"
+
+
+# ---- DDP through UnitScaleTrainer ----
+
+
+def test_ddp_run_really_is_distributed(launches):
+    result = _result(launches["ddp"])
+    assert result["distributed_type"].endswith("MULTI_CPU"), result
+    assert result["backend"] == "gloo", result
+    assert result["wrapped_in_ddp"], f"model_wrapped is {result['wrapper']}, not DistributedDataParallel"
+    assert result["world_size"] == result["num_processes"] == 2, result
+    single = _result(launches["single"])
+    assert single["distributed_type"].endswith(".NO") and single["world_size"] == 1, single
+    assert result["global_batch"] == single["global_batch"] == 4
+
+
+def test_ddp_losses_match_single_process(launches):
+    ddp, single = _result(launches["ddp"]), _result(launches["single"])
+    assert ddp["steps"] == single["steps"] == list(range(1, 21))
+    _assert_losses_match(ddp["losses"], single["losses"], "DDP vs one process")
+    _assert_losses_match(ddp["grad_norms"], single["grad_norms"], "plain gradient norms, DDP vs one process")
+    assert max(ddp["grad_norms"]) > 1.0, "max_grad_norm=1 never clipped: the clipping path went untested"
+
+
+@pytest.mark.parametrize("checkpoint", ["run/checkpoint-20", "final"])
+def test_ddp_checkpoint_equals_single_process(launches, checkpoint):
+    ddp_dir = launches["ddp"].wait() / checkpoint
+    single_dir = launches["single"].wait() / checkpoint
+    ddp = load_file(ddp_dir / "unit_scaled_model.safetensors")
+    single = load_file(single_dir / "unit_scaled_model.safetensors")
+    _compare_state_dicts(ddp, single, f"{checkpoint}, DDP vs one process")
+    for name, tensor in ddp.items():
+        if name.endswith(("_scale", "input_scale", "grad_scale")):  # s, a, c: set at conversion, never trained
+            assert torch.equal(tensor, single[name]), name
+    loaded = hf_unitscale.from_pretrained(ddp_dir)
+    state = loaded.state_dict()
+    for name, tensor in ddp.items():
+        assert torch.equal(state[name], tensor), name
+
+
+# ---- FSDP2 with torch's fully_shard ----
+
+
+@pytest.fixture(scope="module")
+def fsdp2_reference():
+    """{case: (model, losses, grad norms)} of the single-process run, computed while the launches run."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the launches use the other core; OpenMP barriers crawl when oversubscribed
+    try:
+        return {case: fsdp2_train.train_case(case) for case in fsdp2_train.CASES}
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("case_id", list(fsdp2_train.CASES))
+def test_fsdp2_training_matches_single_process(launches, fsdp2_reference, case_id):
+    result = _result(launches["fsdp2"], case_id)
+    model, losses, grad_norms = fsdp2_reference[case_id]
+    assert result["world_size"] == 2
+    assert result["tied"] == CASES_BY_ID[case_id].tied
+    # Trainer builds the optimizer before sharding: every group held stale tensors until re-pointed
+    assert result["stale_groups_before_repoint"] == result["groups"] > 1
+    _assert_losses_match(result["losses"], losses, f"{case_id}: FSDP2 vs one process")
+    _assert_losses_match(result["grad_norms"], grad_norms, f"{case_id}: plain gradient norms")
+    gathered = load_file(launches["fsdp2"].wait() / case_id / "gathered.safetensors")
+    expected = {k: v for k, v in model.state_dict().items() if k in gathered}
+    tied_alias = {"lm_head.weight"} if CASES_BY_ID[case_id].tied else set()
+    assert set(model.state_dict()) - set(gathered) == tied_alias
+    _compare_state_dicts(gathered, expected, f"{case_id}: gathered FSDP2 weights vs one process")
+
+
+@pytest.mark.parametrize("case_id", list(fsdp2_train.CASES))
+def test_fsdp2_full_checkpoints_load(launches, fsdp2_reference, case_id):
+    import transformers
+
+    case_dir = launches["fsdp2"].wait() / case_id
+    reference = fsdp2_reference[case_id][0].eval()
+    batch = CASES_BY_ID[case_id].batch(batch_size=2, seq_len=12, seed=5)
+    with torch.no_grad():
+        expected = reference(**batch).logits
+
+    unit_scaled = hf_unitscale.from_pretrained(case_dir / "unit-scaled")
+    gathered = load_file(case_dir / "gathered.safetensors")
+    state = unit_scaled.state_dict()
+    for name, tensor in gathered.items():  # exactly the gathered Ŵ, s, a, c
+        assert torch.equal(state[name], tensor), name
+    architecture = type(reference).__name__
+    for fmt in ("unit-scaled", "merged"):
+        config = json.loads((case_dir / fmt / "config.json").read_text())
+        assert config["architectures"] == [architecture], f"{fmt}: {config['architectures']}"
+
+    merged = hf_unitscale.from_pretrained(case_dir / "merged")
+    plain = getattr(transformers, architecture).from_pretrained(case_dir / "merged")
+    assert not hf_unitscale.is_unit_scaled(plain)
+    if CASES_BY_ID[case_id].tied:
+        for model in (unit_scaled, merged, plain):
+            assert model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    for name, model in (("unit-scaled", unit_scaled), ("merged", merged), ("plain transformers", plain)):
+        with torch.no_grad():
+            logits = model.eval()(**batch).logits
+        assert _relative(logits, expected) <= RTOL, f"{case_id}, {name}: logits differ by {_relative(logits, expected)}"
