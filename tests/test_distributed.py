@@ -229,3 +229,31 @@ def test_fsdp2_full_checkpoints_load(launches, fsdp2_reference, case_id):
         with torch.no_grad():
             logits = model.eval()(**batch).logits
         assert _relative(logits, expected) <= RTOL, f"{case_id}, {name}: logits differ by {_relative(logits, expected)}"
+
+
+# ---- the Accelerate configs of recipes/accelerate ----
+
+
+@pytest.mark.parametrize("name", ["ddp", "fsdp2"])
+def test_accelerate_config_is_what_accelerate_launch_reads(name, monkeypatch):
+    """Each config goes through `accelerate launch`'s own validation and environment, without launching."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    config_file = REPO / "recipes" / "accelerate" / f"{name}.yaml"
+    argv = ["--config_file", str(config_file), "-m", "hf_unitscale.cli", "train", "recipes/causal_lm.yaml"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    env = prepare_multi_gpu_env(args)
+    assert args.num_processes == 2 and env["ACCELERATE_MIXED_PRECISION"] == "no"
+    if name == "ddp":
+        assert args.multi_gpu and not args.use_fsdp and not args.use_deepspeed
+        return
+    assert args.use_fsdp and env["FSDP_VERSION"] == "2"
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    plugin = FullyShardedDataParallelPlugin()
+    assert plugin.fsdp_version == 2
+    assert plugin.state_dict_type.name == "FULL_STATE_DICT"  # save_model gathers Ŵ and s for our formats
+    assert plugin.auto_wrap_policy.__name__ == "transformer_auto_wrap_policy"
+    assert not plugin.cpu_ram_efficient_loading
