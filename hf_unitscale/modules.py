@@ -43,6 +43,17 @@ class UnitScaledModuleMixin:
     def scale_of(self, weight_name: str) -> torch.Tensor:
         return getattr(self, weight_name + SCALE_SUFFIX)
 
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` would round the fp32 scales (s to 3 significant digits):
+        # they follow the module's device but keep their own dtype
+        scales = {name: buf for name, buf in self._buffers.items() if name.endswith(SCALE_SUFFIX) and buf is not None}
+        super()._apply(fn, recurse)
+        for name, before in scales.items():
+            after = self._buffers[name]
+            if after.dtype != before.dtype:
+                self._buffers[name] = before.to(after.device)
+        return self
+
     def extra_repr(self) -> str:
         scales = ", ".join(f"{n}{SCALE_SUFFIX}={self.scale_of(n).item():.4g}" for n in self.unit_scaled_weights)
         return f"{super().extra_repr()}, {scales}"

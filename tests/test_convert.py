@@ -216,3 +216,15 @@ def test_real_smollm2_keeps_its_function(smollm2_path):
     assert_unit_rms(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert actual[0, -1].argmax() == expected[0, -1].argmax()
+
+
+def test_scales_stay_fp32_when_the_model_is_cast():
+    model = unit_scale(CASES_BY_ID["llama-untied"].model())
+    layer = model.model.layers[0].self_attn.q_proj
+    scale = layer.weight_scale.clone()
+    model.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.bfloat16
+    assert layer.weight_scale.dtype == torch.float32 and torch.equal(layer.weight_scale, scale)
+    assert layer.input_scale.dtype == torch.float32
+    batch = CASES_BY_ID["llama-untied"].batch()
+    assert torch.isfinite(model(**batch).logits).all()
