@@ -19,6 +19,9 @@ What it changes, and where:
   lr of every group under `umup`/`mup`.
 * `_save`, `_load_from_checkpoint`, `_load_best_model`: checkpoints in the exact `unit-scaled`
   format (Ŵ, s, a, c), so resuming continues the same trajectory.
+* `fp8=True`: E4M3/E5M2 matmuls (`precision.set_precision`) with static scales calibrated on
+  `calibration_batches` training batches at train begin and every `recalibrate_every` steps
+  (`callbacks.RecalibrationCallback`).
 """
 
 from __future__ import annotations
@@ -111,7 +114,7 @@ class UnitScaleTrainer(Trainer):
             _check_arguments(args)
         options = unit_scale_options(args) if args is not None else unit_scale_options(object())
         if model is not None:
-            self._prepare_unit_scaled(model, options["lr_rule"])
+            self._prepare_unit_scaled(model, options)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
         self.unit_scale_options = unit_scale_options(self.args)
         if self.optimizer is not None:
@@ -120,25 +123,40 @@ class UnitScaleTrainer(Trainer):
                 "an optimizer passed in `optimizers=(optimizer, scheduler)` would train Ŵ with the wrong learning "
                 "rates. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})` instead, or use plain `Trainer`."
             )
+        if self.unit_scale_options["fp8"]:
+            self._add_recalibration()
         self._clip_cache: tuple[list[nn.Parameter], dict[int, float]] | None = None
         self._group_lrs: list[float] | None = None
-        self._fp8_wired = False
 
     # ---- conversion ----
 
-    def _prepare_unit_scaled(self, model: nn.Module, lr_rule: str) -> nn.Module:
+    def _prepare_unit_scaled(self, model: nn.Module, options: dict[str, Any]) -> nn.Module:
         if not is_unit_scaled(model):
             unit_scale(model, self.unit_scale_config)
         config = getattr(model, "config", None)
         block = getattr(config, CONFIG_KEY, None) if config is not None else None
         if isinstance(block, dict):
-            block["lr_rule"] = lr_rule
+            block["lr_rule"] = options["lr_rule"]
+        if options["fp8"]:
+            from .precision import set_precision
+
+            backend = block.get("backend", "simulate") if isinstance(block, dict) else "simulate"
+            set_precision(model, "e4m3", "e5m2", backend)
         return model
 
     def call_model_init(self, trial=None) -> nn.Module:
-        model = super().call_model_init(trial)
-        options = unit_scale_options(self.args)
-        return self._prepare_unit_scaled(model, options["lr_rule"])
+        return self._prepare_unit_scaled(super().call_model_init(trial), unit_scale_options(self.args))
+
+    # ---- FP8: static operand scales (calibrate.py), kept current by callbacks.RecalibrationCallback ----
+
+    def _add_recalibration(self) -> None:
+        """Calibrate a, c on `calibration_batches` training batches at train begin, again every `recalibrate_every`."""
+        from .callbacks import RecalibrationCallback
+
+        options = self.unit_scale_options
+        self.add_callback(
+            RecalibrationCallback(every=options["recalibrate_every"], num_batches=options["calibration_batches"])
+        )
 
     # ---- optimizer ----
 

@@ -284,3 +284,19 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--lr_rule", "sgd"])
     with pytest.raises(ValueError, match="JSON object"):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), lr_multipliers="classifier=10", use_cpu=True)
+
+
+def test_fp8_calibrates_and_trains(tmp_path):
+    pytest.importorskip("hf_unitscale.callbacks")
+    from hf_unitscale.calibrate import matmul_layers
+
+    case = CASES_BY_ID["bert"]
+    args = _args(
+        tmp_path, cls=UnitScaleTrainingArguments, max_steps=4, fp8=True, calibration_batches=2, recalibrate_every=2
+    )
+    trainer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert"))
+    trainer.train()
+    layers = matmul_layers(trainer.model)
+    assert all(layer.precision is not None and layer.precision.forward.name == "e4m3" for layer in layers.values())
+    assert any(float(layer.grad_scale) != 1.0 for layer in layers.values()), "no layer was calibrated"
+    assert all(torch.isfinite(torch.tensor(log["loss"])) for log in _train_logs(trainer))
