@@ -322,6 +322,15 @@ class UnitScaleTrainer(Trainer):
             else:
                 del model.save_pretrained
 
+    def create_model_card(self, *args: Any, **kwargs: Any) -> None:
+        """Trainer's card (training summary), merged with the unit-scaling section (format, scales, lr rule)."""
+        super().create_model_card(*args, **kwargs)
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        if self.is_world_process_zero() and is_unit_scaled(model):
+            from .model_card import update_model_card
+
+            update_model_card(model, self.args.output_dir, checkpoint_format="unit-scaled")
+
     def _load_unit_scaled(self, checkpoint_dir: str, model: nn.Module) -> bool:
         """Load a unit-scaled checkpoint into `model`; False when `checkpoint_dir` holds none.
 

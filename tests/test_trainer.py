@@ -148,6 +148,9 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
     config = json.loads((checkpoint / "config.json").read_text())["unit_scaling"]
     assert config["checkpoint_format"] == "unit-scaled" and config["lr_rule"] == "umup"
 
+    uninterrupted.create_model_card()
+    assert "umup" in (tmp_path / "run" / "README.md").read_text()
+
     resumed = trainer(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(checkpoint))
     assert resumed.state.global_step == 8
