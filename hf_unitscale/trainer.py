@@ -35,14 +35,14 @@ from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
-from .arguments import deepspeed_optimizer_error, unit_scale_options
+from .arguments import UnitScaleTrainingArguments, deepspeed_optimizer_error, unit_scale_options
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, load_checkpoint_into
 from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import is_unit_scaled, unit_scale, unit_scaled_modules
 from .hub import save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
 
-__all__ = ["UnitScaleTrainer"]
+__all__ = ["UnitScaleTrainer", "UnitScaleTrainingArguments"]
 
 logger = logging.get_logger(__name__)
 

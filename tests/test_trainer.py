@@ -160,6 +160,34 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
     assert _train_logs(resumed)[-1]["loss"] == pytest.approx(_train_logs(uninterrupted)[-1]["loss"], rel=1e-6)
 
 
+def test_load_best_model_at_end_reads_the_unit_scaled_checkpoint(tmp_path, monkeypatch):
+    import hf_unitscale.trainer as trainer_module
+
+    loaded = []
+    original = trainer_module.load_checkpoint_into
+    monkeypatch.setattr(trainer_module, "load_checkpoint_into", lambda m, d: (loaded.append(str(d)), original(m, d)))
+    case = CASES_BY_ID["bert"]
+    data = _dataset("bert", rows=16)
+    args = _args(
+        tmp_path,
+        max_steps=4,
+        eval_strategy="steps",
+        eval_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        load_best_model_at_end=True,
+        metric_for_best_model="loss",
+    )
+    trainer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=data, eval_dataset=data)
+    trainer.train()
+    assert loaded == [trainer.state.best_model_checkpoint]
+    from hf_unitscale.checkpoint import read_safetensors
+
+    best = read_safetensors(os.path.join(trainer.state.best_model_checkpoint, UNIT_SCALED_WEIGHTS_NAME))
+    for name, tensor in trainer.model.state_dict().items():
+        torch.testing.assert_close(tensor, best[name], rtol=0, atol=0, msg=name)
+
+
 def test_resume_refuses_plain_checkpoint(tmp_path):
     case = CASES_BY_ID["gpt2"]
     plain_model = case.model()
