@@ -33,6 +33,7 @@ __all__ = [
     "check_buffers_in_sync",
     "gather_full_state_dict",
     "repoint_optimizer_params",
+    "retie_state_dict",
     "save_full_checkpoint",
 ]
 
@@ -112,22 +113,28 @@ def _full(tensor: torch.Tensor) -> torch.Tensor:
 def gather_full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The full (unsharded) state dict of an FSDP2 model, Ŵ and s, a, c, on CPU on rank 0; `{}` on other ranks.
 
-    Collective: every rank must call it. Names of a tied Parameter map to one tensor, so the
-    checkpoint writers store it once, as they do for an unsharded model.
+    Collective: every rank must call it. Names of a tied Parameter map to one tensor (see
+    `retie_state_dict`), so the checkpoint writers store it once, as for an unsharded model.
     """
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if not full:
-        return full
+    return retie_state_dict(model, full)
+
+
+def retie_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Make every name of a tied Parameter (GPT-2's `lm_head.weight`) point at the first name's tensor, in place.
+
+    A gathered state dict (`get_model_state_dict`, `Accelerator.get_state_dict` under FSDP2) holds
+    a separate copy per name; the checkpoint writers recognize a tied weight by shared storage.
+    """
     first_name: dict[int, str] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
-        if id(param) in first_name:
-            if name in full and first_name[id(param)] in full:
-                full[name] = full[first_name[id(param)]]
-        else:
+        if id(param) not in first_name:
             first_name[id(param)] = name
-    return full
+        elif name in state_dict and first_name[id(param)] in state_dict:
+            state_dict[name] = state_dict[first_name[id(param)]]
+    return state_dict
 
 
 def save_full_checkpoint(

@@ -1,9 +1,12 @@
-"""Multi-process runs on CPU (gloo): `UnitScaleTrainer` under DDP, unit-scaled models under FSDP2.
+"""Multi-process runs on CPU (gloo): `UnitScaleTrainer` under DDP and FSDP2, unit-scaled models under FSDP2.
 
-Three launches, started together so their start-up (imports) overlaps on the 2 cores:
+Four launches, started together so their start-up (imports) overlaps on the 2 cores:
 
 - `tests/distributed/ddp_train.py` under `torchrun --nproc_per_node 2` (per-device batch 2), and
   the same script in one process with per-device batch 4: the same global batches, 20 steps;
+- the same script under `torchrun --nproc_per_node 2` with `--accelerate-fsdp2`: the trainer
+  with `fsdp_version: 2`, through Accelerate's own FSDP2 path (forced on CPU), against the same
+  single-process run;
 - `tests/distributed/fsdp2_train.py` under `torchrun --nproc_per_node 2`: GPT-2 (tied), Llama
   tied and untied, sharded with `fully_shard`, 10 steps each; its single-process reference is
   computed here, in this process, by the script's own `train_case`.
@@ -98,6 +101,9 @@ def launches(tmp_path_factory):
         "ddp": Launch("ddp_train.py", root / "ddp", 2, "--per-device-batch", "2", "--steps", "20"),
         "single": Launch("ddp_train.py", root / "single", 1, "--per-device-batch", "4", "--steps", "20"),
         "fsdp2": Launch("fsdp2_train.py", root / "fsdp2", 2),
+        "trainer_fsdp2": Launch(
+            "ddp_train.py", root / "trainer_fsdp2", 2, "--per-device-batch", "2", "--steps", "20", "--accelerate-fsdp2"
+        ),
     }
     yield runs
     for run in runs.values():
@@ -166,6 +172,51 @@ def test_ddp_checkpoint_equals_single_process(launches, checkpoint):
     state = loaded.state_dict()
     for name, tensor in ddp.items():
         assert torch.equal(state[name], tensor), name
+
+
+# ---- UnitScaleTrainer through Accelerate's FSDP2 path ----
+
+
+def test_trainer_fsdp2_matches_single_process(launches):
+    result, single = _result(launches["trainer_fsdp2"]), _result(launches["single"])
+    assert result["distributed_type"].endswith(".FSDP"), result
+    assert result["wrapper"] == "FSDPGPT2LMHeadModel" and result["world_size"] == 2, result
+    assert result["parameter_types"] == ["DTensor"], result["parameter_types"]
+    # built before sharding, re-pointed by Accelerate: the same groups and lrs, holding the DTensors
+    assert result["optimizer_groups_cover_model"] is True, result["optimizer_groups_cover_model"]
+    assert result["optimizer_groups"] == single["optimizer_groups"]
+    _assert_losses_match(result["losses"], single["losses"], "Trainer FSDP2 vs one process")
+    _assert_losses_match(result["grad_norms"], single["grad_norms"], "plain gradient norms, FSDP2 vs one process")
+
+
+@pytest.mark.parametrize("checkpoint", ["run/checkpoint-20", "final"])
+def test_trainer_fsdp2_checkpoint_weights_equal_single_process(launches, checkpoint):
+    sharded = load_file(launches["trainer_fsdp2"].wait() / checkpoint / "unit_scaled_model.safetensors")
+    single = load_file(launches["single"].wait() / checkpoint / "unit_scaled_model.safetensors")
+    _compare_state_dicts({k: sharded[k] for k in single}, single, f"{checkpoint}, Trainer FSDP2 vs one process")
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="hub.save_pretrained writes config.architectures = [type(model).__name__], which under FSDP2 is "
+    "`FSDPGPT2LMHeadModel` (transformers strips the prefix); from_pretrained cannot resolve it",
+)
+def test_trainer_fsdp2_checkpoint_names_the_architecture(launches):
+    final = launches["trainer_fsdp2"].wait() / "final"
+    assert json.loads((final / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+    hf_unitscale.from_pretrained(final)
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="Accelerator.get_state_dict under FSDP2 returns a separate tensor for the tied `lm_head.weight`; "
+    "unit_scaled_state_dict de-duplicates by storage, so it is stored twice (hf_unitscale.distributed."
+    "retie_state_dict in UnitScaleTrainer._save, or de-duplication by name, fixes it)",
+)
+def test_trainer_fsdp2_checkpoint_stores_tied_weight_once(launches):
+    sharded = load_file(launches["trainer_fsdp2"].wait() / "final" / "unit_scaled_model.safetensors")
+    single = load_file(launches["single"].wait() / "final" / "unit_scaled_model.safetensors")
+    assert sharded.keys() == single.keys()
 
 
 # ---- FSDP2 with torch's fully_shard ----

@@ -1,6 +1,8 @@
-"""A `UnitScaleTrainer` run under DDP on CPU (gloo), or its single-process reference.
+"""A `UnitScaleTrainer` run under DDP on CPU (gloo), under Accelerate's FSDP2 path, or its single-process reference.
 
     torchrun --standalone --nproc_per_node 2 tests/distributed/ddp_train.py --out DIR --per-device-batch 2
+    torchrun --standalone --nproc_per_node 2 tests/distributed/ddp_train.py --out DIR --per-device-batch 2 \
+        --accelerate-fsdp2
     python tests/distributed/ddp_train.py --out DIR --per-device-batch 4      # same global batch, one process
 
 `TrainingArguments(use_cpu=True)` under torchrun makes Accelerate pick MULTI_CPU with gloo and
@@ -10,8 +12,11 @@ plain-gradient space) on a fixed dataset read in order, so the global batch of s
 same rows whatever the number of processes: rank r of a 2-process run gets the r-th half of it.
 Every row is full length, so each process's mean loss weighs the same number of tokens.
 
-Rank 0 writes `DIR/result.json` (distributed type, whether the model was wrapped in DDP, world
-size, per-step losses and gradient norms) and the trainer saves `DIR/run/checkpoint-<steps>/`
+With `--accelerate-fsdp2` the trainer gets `fsdp="full_shard"` with `fsdp_version: 2`, and
+Accelerate is made to take its FSDP2 path on CPU (see `force_accelerate_fsdp2_on_cpu`).
+
+Rank 0 writes `DIR/result.json` (distributed type, the wrapper, world size, parameter types,
+optimizer groups, per-step losses and gradient norms) and the trainer saves `DIR/run/checkpoint-<steps>/`
 (unit-scaled format) and `DIR/final/` (`save_model`).
 """
 
@@ -31,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny
 
 from hf_unitscale.arguments import UnitScaleTrainingArguments  # noqa: E402
 from hf_unitscale.distributed import check_buffers_in_sync  # noqa: E402
+from hf_unitscale.lr_rules import check_param_groups  # noqa: E402
 from hf_unitscale.trainer import UnitScaleTrainer  # noqa: E402
 
 from tiny_models import CASES_BY_ID, VOCAB  # noqa: E402
@@ -54,13 +60,47 @@ class FixedTokens(Dataset):
         return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
 
 
+def force_accelerate_fsdp2_on_cpu() -> None:
+    """Let Accelerate's FSDP2 path run on CPU processes.
+
+    Accelerate only switches to FSDP on accelerator devices: on CPU it keeps MULTI_CPU (DDP) even
+    when `TrainingArguments(fsdp=...)` hands it an FSDP plugin. After its state is built, set the
+    distributed type and plugin it would have set on GPUs; everything downstream — `Trainer`
+    building the optimizer, `Accelerator.prepare` calling `fully_shard` by the plugin's wrap
+    policy and re-pointing the optimizer groups, clipping, `get_state_dict` on save — is
+    Accelerate's and Trainer's own code.
+    """
+    from accelerate.state import AcceleratorState, DistributedType, PartialState
+
+    original_init = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            # PartialState too: AcceleratorState re-reads its fields when it is instantiated again
+            PartialState().distributed_type = self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--per-device-batch", type=int, required=True)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--case", default="gpt2")
+    parser.add_argument(
+        "--accelerate-fsdp2", action="store_true", help="shard with Accelerate's FSDP2 path instead of DDP"
+    )
     args = parser.parse_args()
+    fsdp_args = {}
+    if args.accelerate_fsdp2:
+        force_accelerate_fsdp2_on_cpu()
+        fsdp_args = {
+            "fsdp": "full_shard",
+            "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"},
+        }
 
     training_args = UnitScaleTrainingArguments(
         output_dir=str(args.out / "run"),
@@ -81,6 +121,7 @@ def main() -> None:
         seed=0,
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
+        **fsdp_args,
     )
     global_batch = args.per_device_batch * training_args.world_size
     model = CASES_BY_ID[args.case].model(seed=0).train()
@@ -91,6 +132,11 @@ def main() -> None:
     trainer.train()
     seconds = time.perf_counter() - start
     check_buffers_in_sync(trainer.model)  # s, a, c identical on every rank (collective)
+    try:  # the optimizer steps the model's own (possibly re-pointed DTensor) parameters, each in one group
+        check_param_groups(trainer.model, trainer.optimizer.param_groups)
+        groups_cover_model = True
+    except ValueError as err:
+        groups_cover_model = str(err)
     trainer.save_model(str(args.out / "final"))
 
     if trainer.is_world_process_zero():
@@ -103,6 +149,11 @@ def main() -> None:
             "world_size": training_args.world_size,
             "num_processes": trainer.accelerator.num_processes,
             "global_batch": global_batch,
+            "parameter_types": sorted({type(p).__name__ for p in trainer.model.parameters()}),
+            "optimizer_groups": [
+                [g["name"], g["base_lr"], g["eps"], g["weight_decay"]] for g in trainer.optimizer.param_groups
+            ],
+            "optimizer_groups_cover_model": groups_cover_model,
             "steps": [entry["step"] for entry in history],
             "losses": [entry["loss"] for entry in history],
             "grad_norms": [entry.get("grad_norm") for entry in history],
