@@ -86,11 +86,13 @@ class ScaleReport:
         return {header: [getattr(row, attr) for row in self.layers] for attr, header, _, _ in SERIES}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "calibrated": self.calibrated,
-            "num_batches": self.num_batches,
-            "layers": [asdict(r) for r in self.layers],
-        }
+        """JSON-ready: nan (not applicable, or not measured) becomes None."""
+        layers = [{k: _none_if_nan(v) for k, v in asdict(row).items()} for row in self.layers]
+        return {"calibrated": self.calibrated, "num_batches": self.num_batches, "layers": layers}
+
+
+def _none_if_nan(value: Any) -> Any:
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 # --------------------------------------------------------------------------- measurement
