@@ -1,0 +1,69 @@
+"""The `hf-unitscale` command: one small module per subcommand (accelerate / huggingface_hub style).
+
+    hf-unitscale convert MODEL OUTPUT_DIR [--format unit-scaled|merged] [--weight-dtype float32|bfloat16|e4m3]
+    hf-unitscale merge UNIT_SCALED_DIR OUTPUT_DIR
+    hf-unitscale report MODEL [--output scales.png] [--json scales.json]
+    hf-unitscale train RECIPE.yaml [--any_recipe_key VALUE ...]
+
+Each module exports `X_command_parser(subparsers)`, which adds the subcommand and binds
+`X_command(args)` with `set_defaults(func=...)`; `main` parses and dispatches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .convert import convert_command_parser
+from .merge import merge_command_parser
+from .report import report_command_parser
+from .train import train_command_parser
+from .utils import CommandError
+
+__all__ = ["CommandError", "build_parser", "main"]
+
+DESCRIPTION = """\
+Unit scaling for pretrained Hugging Face models: every weight W is stored as s·Ŵ with s = rms(W)
+and rms(Ŵ) = 1, the scale moved into the computation, the model's function unchanged.
+
+commands:
+  convert   load a model (folder, Hub id or embedded:minilm / embedded:smollm2), unit-scale it and
+            save it as a unit-scaled checkpoint (Ŵ, s; bf16/FP8 storage possible) or a merged one
+  merge     turn a unit-scaled checkpoint back into a plain transformers checkpoint (W = s·Ŵ)
+  report    per-layer scale table (W, Ŵ, inputs x, output gradients g, and x/a, g/c after
+            calibration) in the terminal and a log-scale PNG with the E4M3/E5M2 ranges shaded
+  train     fine-tune with UnitScaleTrainer from a YAML recipe (see recipes/); any recipe key can
+            be overridden on the command line, e.g. --max_steps 5 or --max-steps 5
+
+Run `hf-unitscale COMMAND --help` for a command's options.
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-unitscale", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    for add in (convert_command_parser, merge_command_parser, report_command_parser, train_command_parser):
+        add(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of `hf-unitscale`; returns the exit status (0 on success)."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "func", None) is None:
+        parser.print_help()
+        return 1
+    from ..recipe import RecipeError
+
+    try:
+        return args.func(args) or 0
+    except (CommandError, RecipeError) as err:
+        print(f"hf-unitscale {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""`hf-unitscale convert`: model folder / Hub id → unit-scaled or merged checkpoint folder."""
+
+from __future__ import annotations
+
+import argparse
+
+from .utils import copy_tokenizer, load_model
+
+
+def convert_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "convert",
+        help="unit-scale a model and save it (unit-scaled or merged format)",
+        description="Load a model (any checkpoint format), unit-scale it (s = rms(W), Ŵ = W/s; the function is "
+        "unchanged) and save it. `unit-scaled` stores Ŵ, s and the operand scales a, c exactly (Ŵ may be stored in "
+        "bf16 or FP8 since it has unit scale); `merged` stores a plain transformers checkpoint W = s·Ŵ with the "
+        "scales recorded in config.json. Load either with `hf_unitscale.from_pretrained`.",
+    )
+    parser.add_argument("model", help="model folder, Hub id, or embedded:minilm / embedded:smollm2")
+    parser.add_argument("output_dir", help="folder to write the converted checkpoint to")
+    parser.add_argument(
+        "--format",
+        "--checkpoint-format",
+        "--checkpoint_format",
+        dest="checkpoint_format",
+        choices=("unit-scaled", "merged"),
+        default="unit-scaled",
+        help="checkpoint format to write (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--weight-dtype",
+        "--weight_dtype",
+        dest="weight_dtype",
+        choices=("float32", "bfloat16", "e4m3"),
+        default="float32",
+        help="storage dtype of Ŵ in the unit-scaled format (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--model-class",
+        "--model_class",
+        dest="model_class",
+        default=None,
+        help="transformers class to load with, e.g. AutoModelForSequenceClassification (default: config.architectures)",
+    )
+    parser.set_defaults(func=convert_command)
+    return parser
+
+
+def convert_command(args: argparse.Namespace) -> int:
+    from ..convert import unit_scaled_modules
+    from ..hub import save_pretrained
+    from .utils import CommandError
+
+    if args.checkpoint_format == "merged" and args.weight_dtype != "float32":
+        raise CommandError(
+            "`--weight-dtype` applies to `--format unit-scaled` only; merged weights keep the model dtype."
+        )
+    model = load_model(args.model, args.model_class)
+    save_pretrained(model, args.output_dir, checkpoint_format=args.checkpoint_format, weight_dtype=args.weight_dtype)
+    tokenizer = copy_tokenizer(args.model, args.output_dir)
+    print(
+        f"Converted {type(model).__name__} ({len(unit_scaled_modules(model))} unit-scaled modules) → "
+        f"{args.output_dir} [{args.checkpoint_format}"
+        f"{', Ŵ in ' + args.weight_dtype if args.checkpoint_format == 'unit-scaled' else ''}"
+        f"{', with tokenizer' if tokenizer else ''}]"
+    )
+    return 0

@@ -1,0 +1,41 @@
+"""`hf-unitscale merge`: unit-scaled checkpoint folder → plain transformers checkpoint (W = s·Ŵ)."""
+
+from __future__ import annotations
+
+import argparse
+
+from .utils import copy_tokenizer, load_model
+
+
+def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "merge",
+        help="turn a unit-scaled checkpoint into a plain transformers one",
+        description="Load a unit-scaled (or merged) checkpoint, multiply every scale back in (W = s·Ŵ), restore the "
+        "original layer classes and save a plain transformers checkpoint with no trace of hf_unitscale: any "
+        "transformers install loads it with `from_pretrained` and gets the same function.",
+    )
+    parser.add_argument("model", help="unit-scaled checkpoint folder or Hub id")
+    parser.add_argument("output_dir", help="folder to write the plain checkpoint to")
+    parser.add_argument(
+        "--model-class",
+        "--model_class",
+        dest="model_class",
+        default=None,
+        help="transformers class to load with (default: config.architectures)",
+    )
+    parser.set_defaults(func=merge_command)
+    return parser
+
+
+def merge_command(args: argparse.Namespace) -> int:
+    from ..convert import merge_unit_scale
+
+    model = load_model(args.model, args.model_class)
+    merge_unit_scale(model)
+    model.save_pretrained(args.output_dir)
+    tokenizer = copy_tokenizer(args.model, args.output_dir)
+    print(
+        f"Merged {type(model).__name__} → {args.output_dir} [plain transformers checkpoint{', with tokenizer' if tokenizer else ''}]"
+    )
+    return 0

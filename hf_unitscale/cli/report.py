@@ -1,0 +1,158 @@
+"""`hf-unitscale report`: per-layer scale table in the terminal and a log-scale PNG (see `analysis.py`).
+
+Batches: with a tokenizer, real text — `--text-file` lines, else the embedded data (movie-review
+snippets for encoders, Jane Austen for causal LMs); without one (e.g. a bare test model), seeded
+random token ids. Labels make the loss the model's real training loss: the real sentiment labels
+(or random ones) for a classifier, the inputs themselves for a (causal or masked) LM. The first
+`--num-batches` batches are measured; the next `--num-batches` calibrate a, c, so x/a and g/c are
+measured on data the scales were not fitted to.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from .utils import CommandError, load_model, load_tokenizer
+
+
+def report_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "report",
+        help="per-layer scale table and PNG plot (W, Ŵ, x, g, x/a, g/c vs the FP8 ranges)",
+        description="Measure, per unit-scaled layer, rms(W) and rms(Ŵ), and with hooks on real batches the RMS of "
+        "layer inputs x and output gradients g (non-zero elements), then calibrate a, c and measure the FP8 operands "
+        "x/a and g/c. Prints a table and writes a log-scale PNG with the E4M3/E5M2 ranges shaded.",
+    )
+    parser.add_argument("model", help="model folder, Hub id, or embedded:minilm / embedded:smollm2")
+    parser.add_argument("--output", "-o", default="scales.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument("--json", dest="json_path", default=None, help="also write the table as JSON to this file")
+    parser.add_argument(
+        "--model-class",
+        "--model_class",
+        dest="model_class",
+        default=None,
+        help="transformers class to load with, e.g. AutoModelForSequenceClassification (default: config.architectures)",
+    )
+    parser.add_argument(
+        "--text-file", "--text_file", dest="text_file", default=None, help="text to measure on, one example per line"
+    )
+    parser.add_argument(
+        "--num-batches",
+        "--num_batches",
+        dest="num_batches",
+        type=int,
+        default=1,
+        help="batches to measure on (and as many to calibrate on) (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        "--batch_size",
+        dest="batch_size",
+        type=int,
+        default=8,
+        help="examples per batch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--max-length",
+        "--max_length",
+        dest="max_length",
+        type=int,
+        default=64,
+        help="tokens per example (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--no-calibrate",
+        "--no_calibrate",
+        dest="calibrate",
+        action="store_false",
+        help="skip calibration (no x/a, g/c)",
+    )
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random batches and labels (default: %(default)s)"
+    )
+    parser.set_defaults(func=report_command)
+    return parser
+
+
+def _label_kind(model) -> str | None:
+    name = type(model).__name__
+    if name.endswith("ForSequenceClassification"):
+        return "class"
+    if name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM")):
+        return "tokens"
+    return None
+
+
+def _texts(args: argparse.Namespace, causal: bool, count: int) -> tuple[list[str], list[int] | None]:
+    if args.text_file:
+        lines = [line.strip() for line in Path(args.text_file).read_text(encoding="utf-8").splitlines() if line.strip()]
+        if not lines:
+            raise CommandError(f"--text-file {args.text_file} has no non-empty line.")
+        return [lines[i % len(lines)] for i in range(count)], None
+    from .. import embedded
+
+    if causal:
+        texts = list(embedded.load_austen("test")["text"])
+        return [texts[i % len(texts)] for i in range(count)], None
+    data = embedded.load_sentiment("test").select(range(count))
+    return list(data["text"]), list(data["label"])
+
+
+def report_batches(model, model_path: str, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    """2 × `num_batches` batches with labels for `model` (see module docstring)."""
+    count = 2 * args.num_batches * args.batch_size
+    kind = _label_kind(model)
+    generator = torch.Generator().manual_seed(args.seed)
+    tokenizer = load_tokenizer(model_path)
+    real_labels = None
+    if tokenizer is not None:
+        causal = kind == "tokens" and not type(model).__name__.endswith("ForMaskedLM")
+        texts, real_labels = _texts(args, causal, count)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
+        input_ids, attention_mask = enc["input_ids"], enc["attention_mask"]
+    else:
+        vocab = model.config.vocab_size
+        input_ids = torch.randint(3, vocab, (count, args.max_length), generator=generator)
+        attention_mask = torch.ones_like(input_ids)
+        attention_mask[::2, -(args.max_length // 4) :] = 0  # some padding, as real batches have
+    batches = []
+    for start in range(0, count, args.batch_size):
+        rows = slice(start, start + args.batch_size)
+        batch = {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows]}
+        if kind == "class":
+            num_labels = model.config.num_labels
+            if real_labels is not None:
+                batch["labels"] = torch.tensor(real_labels[rows]) % num_labels
+            else:
+                batch["labels"] = torch.randint(0, num_labels, (len(batch["input_ids"]),), generator=generator)
+        elif kind == "tokens":
+            batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        batches.append(batch)
+    return batches
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from ..analysis import format_scale_table, plot_scale_report, scale_report
+
+    if args.num_batches < 1 or args.batch_size < 1 or args.max_length < 2:
+        raise CommandError("--num-batches and --batch-size should be ≥ 1 and --max-length ≥ 2.")
+    model = load_model(args.model, args.model_class)
+    batches = report_batches(model, args.model, args)
+    measure, calibration = batches[: args.num_batches], batches[args.num_batches :]
+    if _label_kind(model) is None:
+        print(f"{type(model).__name__} has no loss head: gradients come from the proxy loss sum(logits²)/2/rows.")
+    report = scale_report(model, measure, calibrate=args.calibrate, calibration_batches=calibration)
+    print(format_scale_table(report))
+    plot_scale_report(report, args.output, title=f"{args.model}: tensor scales against the FP8 ranges")
+    print(f"Wrote {args.output}")
+    if args.json_path:
+        Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json_path).write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
+        print(f"Wrote {args.json_path}")
+    return 0

@@ -1,0 +1,158 @@
+"""`hf-unitscale train RECIPE.yaml`: fine-tune with `UnitScaleTrainer` from a recipe.
+
+    recipe (flat YAML) + command-line overrides → ModelArguments, DataArguments, UnitScaleTrainingArguments
+    → evaluate the untrained model (baseline) → train (progress bar) → evaluate → save the model
+    → per-layer scale table and PNG (`analysis.py`) in `output_dir`
+
+Every recipe key is also a flag (`--max_steps 5` or `--max-steps 5`), built from the dataclass
+fields' help metadata by `HfArgumentParser`; flags given on the command line override the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+
+def _override_parser() -> argparse.ArgumentParser:
+    """The recipe's flags, with no defaults and nothing required: only what the user types is returned."""
+    from ..recipe import recipe_parser
+
+    parser = recipe_parser(add_help=False)
+    for action in parser._actions:
+        action.default = argparse.SUPPRESS
+        action.required = False
+    return parser
+
+
+def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "train",
+        parents=[_override_parser()],
+        help="fine-tune with UnitScaleTrainer from a YAML recipe",
+        description="Fine-tune with UnitScaleTrainer from a flat YAML recipe (see recipes/). Prints evaluation "
+        "metrics before and after training and writes the model and a scale plot to `output_dir`. Every recipe key "
+        "below can also be given as a flag, which overrides the recipe.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        argument_default=argparse.SUPPRESS,
+    )
+    parser.add_argument("recipe", nargs="?", default=None, help="the YAML recipe file")
+    parser.set_defaults(func=train_command)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: v for k, v in vars(args).items() if k not in ("recipe", "func", "command")}
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4f}" if math.isfinite(value) and abs(value) < 1e4 else f"{value:.4g}"
+    return "—" if value is None else str(value)
+
+
+def metrics_table(before: dict[str, float] | None, after: dict[str, float]) -> str:
+    """Evaluation metrics before and after training, side by side (runtime bookkeeping left out)."""
+    skip = ("runtime", "samples_per_second", "steps_per_second", "epoch", "preparation_time")
+    keys = [k for k in after if not k.endswith(skip)]
+    rows = [("metric", "before training", "after training")]
+    rows += [(k.removeprefix("eval_"), _fmt((before or {}).get(k)), _fmt(after[k])) for k in keys]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths, strict=True)))
+        for r in rows
+    ]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def run_recipe(recipe) -> dict[str, Any]:
+    """Train and evaluate one parsed recipe; returns {"before", "after", "train", "scale_plot", "seconds"}."""
+    from transformers import set_seed
+
+    from ..hub import save_pretrained
+    from ..tasks import add_perplexity, setup_task
+    from ..trainer import UnitScaleTrainer
+
+    start = time.perf_counter()
+    training = recipe.training
+    set_seed(training.seed)
+    setup = setup_task(recipe.model, recipe.data, seed=training.seed)
+    evaluate = setup.eval_dataset is not None and len(setup.eval_dataset) > 0
+    trainer = UnitScaleTrainer(
+        model=setup.model,
+        args=training,
+        train_dataset=setup.train_dataset,
+        eval_dataset=setup.eval_dataset if evaluate else None,
+        data_collator=setup.data_collator,
+        processing_class=setup.tokenizer,
+        compute_metrics=setup.compute_metrics if evaluate else None,
+        preprocess_logits_for_metrics=setup.preprocess_logits_for_metrics if evaluate else None,
+    )
+    causal = setup.task == "causal-lm"
+    before = None
+    if evaluate and recipe.data.baseline_eval:
+        print(f"Evaluating the untrained model on {len(setup.eval_dataset)} examples (baseline)…")
+        before = trainer.evaluate()
+        if causal:
+            add_perplexity(before)
+    print(
+        f"Training on {len(setup.train_dataset)} examples ({setup.task}, lr rule `{training.lr_rule}`, fp8={training.fp8})…"
+    )
+    train_output = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
+    after = {}
+    if evaluate:
+        after = trainer.evaluate()
+        if causal:
+            add_perplexity(after)
+        print(metrics_table(before, after))
+    output_dir = Path(training.output_dir)
+    if recipe.model.save_format == "unit-scaled":
+        trainer.save_model(str(output_dir))  # UnitScaleTrainer saves Ŵ, s, a, c exactly
+    elif trainer.is_world_process_zero():
+        save_pretrained(trainer.model, output_dir, checkpoint_format="merged")
+        setup.tokenizer.save_pretrained(output_dir)
+    plot_path = None
+    if recipe.data.scale_plot and trainer.is_world_process_zero():
+        plot_path = _scale_plot(trainer.model, setup, recipe, output_dir)
+    result = {
+        "task": setup.task,
+        "before": before,
+        "after": after,
+        "train": train_output.metrics,
+        "scale_plot": str(plot_path) if plot_path else None,
+        "seconds": time.perf_counter() - start,
+    }
+    if trainer.is_world_process_zero():
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "recipe_results.json").write_text(json.dumps(result, indent=1, default=str), encoding="utf-8")
+    return result
+
+
+def _scale_plot(model, setup, recipe, output_dir: Path) -> Path:
+    from ..analysis import format_scale_table, plot_scale_report, scale_report
+    from ..tasks import scale_batches
+
+    count, size = recipe.data.scale_plot_batches, recipe.training.per_device_eval_batch_size
+    measure = scale_batches(setup, count, size)
+    calibration = scale_batches(setup, count, size, from_train=True)
+    report = scale_report(model, measure, calibration_batches=calibration)
+    path = output_dir / recipe.data.scale_plot
+    plot_scale_report(report, path, title=f"{recipe.model.model_name_or_path} after fine-tuning: scales vs FP8 ranges")
+    (path.with_suffix(".json")).write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
+    print(format_scale_table(report))
+    print(f"Wrote the scale plot {path} (table: {path.with_suffix('.json')})")
+    return path
+
+
+def train_command(args: argparse.Namespace) -> int:
+    from ..recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, _overrides(args))
+    result = run_recipe(recipe)
+    print(f"Done in {result['seconds']:.0f} s; model and results in {recipe.training.output_dir}")
+    return 0

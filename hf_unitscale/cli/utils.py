@@ -1,0 +1,74 @@
+"""Helpers shared by the subcommands: loading a model by folder, Hub id or embedded name."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class CommandError(Exception):
+    """A user error a subcommand reports in one line (no traceback)."""
+
+
+def load_model(name_or_path: str, model_class: str | None = None) -> Any:
+    """A unit-scaled model from a folder, Hub id or `embedded:<name>`, whatever its checkpoint format.
+
+    `model_class` names a transformers class or Auto class (e.g. `AutoModelForSequenceClassification`);
+    by default the class in `config.architectures`.
+    """
+    import transformers
+
+    from ..hub import from_pretrained
+    from ..tasks import resolve_model_path
+
+    cls = None
+    if model_class is not None:
+        cls = getattr(transformers, model_class, None)
+        if cls is None:
+            raise CommandError(f"`--model-class {model_class}` is not a transformers class.")
+    try:
+        return from_pretrained(resolve_model_path(name_or_path), model_class=cls)
+    except OSError as err:
+        raise CommandError(f"could not load {name_or_path!r}: {err}") from err
+
+
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "vocab.json",
+    "tokenizer.model",
+    "spiece.model",
+)
+
+
+def load_tokenizer(name_or_path: str) -> Any | None:
+    """The tokenizer saved with a model, or None when there is none.
+
+    Checks for tokenizer files first: transformers 5 otherwise builds an empty tokenizer (special
+    tokens only) from a bare config, which would silently map every word to [UNK].
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import cached_file
+
+    from ..tasks import resolve_model_path
+
+    path = resolve_model_path(name_or_path)
+    try:
+        found = any(
+            cached_file(
+                path, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
+            )
+            for name in TOKENIZER_FILES
+        )
+        return AutoTokenizer.from_pretrained(path) if found else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def copy_tokenizer(source: str, destination: str) -> bool:
+    """Save the tokenizer of `source` (if it has one) into `destination`."""
+    tokenizer = load_tokenizer(source)
+    if tokenizer is None:
+        return False
+    tokenizer.save_pretrained(destination)
+    return True

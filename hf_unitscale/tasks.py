@@ -1,0 +1,286 @@
+"""Data and task wiring for recipes: model, tokenizer, datasets, collator and metrics per task.
+
+Two tasks:
+
+* `text-classification`: `AutoModelForSequenceClassification`, inputs truncated to
+  `max_seq_length`, padded per batch; metrics from the shipped `evaluate` scripts
+  (accuracy, F1 — binary for two classes, macro otherwise).
+* `causal-lm`: `AutoModelForCausalLM`, texts concatenated (EOS between them) and cut into
+  blocks of `max_seq_length` tokens, labels = inputs; eval loss, perplexity = exp(loss), and
+  next-token accuracy if asked.
+
+Data comes from `dataset_name` (`datasets.load_dataset`), from local `train_file`/`eval_file`,
+or — with neither — from the embedded real data that works offline: VADER's movie-review
+sentiment snippets (`embedded.load_sentiment`) or Jane Austen's novels (`embedded.load_austen`).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from transformers.utils import logging
+
+from .recipe import TASKS, DataArguments, ModelArguments
+
+__all__ = ["EMBEDDED_MODELS", "TaskSetup", "infer_task", "resolve_model_path", "setup_task"]
+
+logger = logging.get_logger(__name__)
+
+EMBEDDED_PREFIX = "embedded:"
+EMBEDDED_MODELS = ("minilm", "smollm2")
+
+
+def resolve_model_path(name_or_path: str) -> str:
+    """`embedded:minilm` / `embedded:smollm2` → the cached folder (fetched if needed); anything else unchanged."""
+    if not name_or_path.startswith(EMBEDDED_PREFIX):
+        return name_or_path
+    from . import embedded
+
+    name = name_or_path[len(EMBEDDED_PREFIX) :]
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(f"Unknown embedded model {name_or_path!r}; choose `embedded:minilm` or `embedded:smollm2`.")
+    return str(embedded.minilm_path() if name == "minilm" else embedded.smollm2_path())
+
+
+def infer_task(config: Any) -> str:
+    """The recipe task a transformers config's architecture implies (default text classification for encoders)."""
+    architectures = getattr(config, "architectures", None) or []
+    if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        return "causal-lm"
+    if any(a.endswith("ForSequenceClassification") for a in architectures):
+        return "text-classification"
+    if getattr(config, "is_decoder", False) or config.model_type in ("gpt2", "llama", "mistral", "qwen2", "gemma"):
+        return "causal-lm"
+    return "text-classification"
+
+
+@dataclass
+class TaskSetup:
+    """Everything a Trainer needs for one recipe."""
+
+    task: str
+    model: Any
+    tokenizer: Any
+    train_dataset: Any
+    eval_dataset: Any
+    data_collator: Callable
+    compute_metrics: Callable | None
+    preprocess_logits_for_metrics: Callable | None
+
+
+# --------------------------------------------------------------------------- raw data
+
+
+def _load_raw(data_args: DataArguments, task: str, seed: int):
+    """(train, eval) `datasets.Dataset`s with a text column (and a label column for classification)."""
+    import datasets
+
+    if data_args.train_file or data_args.eval_file:
+        files = {k: v for k, v in (("train", data_args.train_file), ("eval", data_args.eval_file)) if v}
+        suffix = next(iter(files.values())).rsplit(".", 1)[-1]
+        builder = {"jsonl": "json", "json": "json", "csv": "csv", "txt": "text", "tsv": "csv"}.get(suffix)
+        if builder is None:
+            raise ValueError(f"`train_file`/`eval_file` should be .csv, .json, .jsonl or .txt, got {suffix!r}.")
+        kwargs = {"delimiter": "\t"} if suffix == "tsv" else {}
+        raw = datasets.load_dataset(builder, data_files=files, **kwargs)
+        train, evaluation = raw.get("train"), raw.get("eval")
+    elif data_args.dataset_name:
+        train = datasets.load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, split=data_args.train_split
+        )
+        evaluation = datasets.load_dataset(
+            data_args.dataset_name, data_args.dataset_config_name, split=data_args.eval_split
+        )
+    else:
+        from . import embedded
+
+        load = embedded.load_sentiment if task == "text-classification" else embedded.load_austen
+        train, evaluation = load("train"), load("test")
+    if train is None:
+        raise ValueError("No training data: set `dataset_name`, `train_file`, or neither (embedded data).")
+    for name, ds in (("training", train), ("evaluation", evaluation)):
+        if ds is None:
+            continue
+        needed = [data_args.text_column] + ([data_args.label_column] if task == "text-classification" else [])
+        for column in needed:
+            if column not in ds.column_names:
+                key = "text_column" if column == data_args.text_column else "label_column"
+                raise ValueError(
+                    f"The {name} data has no column {column!r} (`{key}`); its columns are {ds.column_names}."
+                )
+    train = train.shuffle(seed=seed)
+    if data_args.max_train_samples is not None:
+        train = train.select(range(min(data_args.max_train_samples, len(train))))
+    if evaluation is not None and data_args.max_eval_samples is not None:
+        evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
+    return train, evaluation
+
+
+def _label_names(train, column: str) -> list[str] | None:
+    """The class names of a `ClassLabel` label column, else None."""
+    import datasets
+
+    feature = train.features.get(column)
+    return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+
+
+# --------------------------------------------------------------------------- tokenization
+
+
+def _tokenize_classification(ds, tokenizer, data_args: DataArguments, label_to_id: dict | None):
+    if ds is None:
+        return None
+
+    def encode(batch):
+        out = tokenizer(batch[data_args.text_column], truncation=True, max_length=data_args.max_seq_length)
+        labels = batch[data_args.label_column]
+        out["labels"] = [label_to_id[v] for v in labels] if label_to_id else [int(v) for v in labels]
+        return out
+
+    return ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing")
+
+
+def _tokenize_causal_lm(ds, tokenizer, data_args: DataArguments):
+    if ds is None:
+        return None
+    block = data_args.max_seq_length
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+
+    def encode(batch):
+        return {"input_ids": [ids + eos for ids in tokenizer(batch[data_args.text_column])["input_ids"]]}
+
+    def group(batch):
+        # concatenate, then cut into full blocks (the tail shorter than a block is dropped)
+        ids = [t for seq in batch["input_ids"] for t in seq]
+        n = (len(ids) // block) * block
+        blocks = [ids[i : i + block] for i in range(0, n, block)]
+        return {"input_ids": blocks, "attention_mask": [[1] * block for _ in blocks], "labels": [b[:] for b in blocks]}
+
+    tokens = ds.map(encode, batched=True, remove_columns=ds.column_names, desc="Tokenizing")
+    return tokens.map(group, batched=True, batch_size=1000, desc=f"Grouping into blocks of {block}")
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _classification_metrics(names: list[str], num_labels: int) -> Callable:
+    from .metrics import load_metric
+
+    metrics = {name: load_metric(name) for name in names}
+
+    def compute(eval_pred) -> dict[str, float]:
+        logits, labels = eval_pred.predictions, eval_pred.label_ids
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        predictions = np.argmax(logits, axis=-1)
+        out = {}
+        for name, metric in metrics.items():
+            kwargs = {"average": "binary" if num_labels == 2 else "macro"} if name == "f1" else {}
+            out.update(metric.compute(predictions=predictions, references=labels, **kwargs))
+        return out
+
+    return compute
+
+
+def _causal_lm_metrics(names: list[str]) -> tuple[Callable | None, Callable | None]:
+    unknown = [n for n in names if n != "accuracy"]
+    if unknown:
+        logger.warning(f"Causal LM recipes compute `accuracy` (next-token) only; ignoring metrics {unknown}.")
+    if "accuracy" not in names:
+        return None, None
+    from .metrics import load_metric
+
+    accuracy = load_metric("accuracy")
+
+    def preprocess(logits, labels):
+        logits = logits[0] if isinstance(logits, tuple) else logits
+        return logits.argmax(dim=-1)  # keep only the argmax: full logits of every eval batch do not fit
+
+    def compute(eval_pred) -> dict[str, float]:
+        predictions, labels = eval_pred.predictions, eval_pred.label_ids
+        # position t predicts token t+1
+        predictions, labels = predictions[:, :-1].reshape(-1), labels[:, 1:].reshape(-1)
+        keep = labels != -100
+        return accuracy.compute(predictions=predictions[keep], references=labels[keep])
+
+    return compute, preprocess
+
+
+def add_perplexity(metrics: dict[str, float], prefix: str = "eval") -> dict[str, float]:
+    """Add `<prefix>_perplexity` = exp(`<prefix>_loss`) (inf when the loss is too large)."""
+    loss = metrics.get(f"{prefix}_loss")
+    if loss is not None:
+        metrics[f"{prefix}_perplexity"] = math.exp(loss) if loss < 700 else math.inf
+    return metrics
+
+
+# --------------------------------------------------------------------------- setup
+
+
+def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: int = 42) -> TaskSetup:
+    """Load the model, tokenizer and data of a recipe and wire collator and metrics for its task."""
+    from transformers import (
+        AutoConfig,
+        AutoModelForCausalLM,
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        default_data_collator,
+    )
+
+    path = resolve_model_path(model_args.model_name_or_path)
+    config = AutoConfig.from_pretrained(path)
+    task = model_args.task or infer_task(config)
+    if task not in TASKS:
+        raise ValueError(f"`task` should be one of {TASKS}, got {task!r}.")
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or path))
+    train_raw, eval_raw = _load_raw(data_args, task, seed)
+
+    if task == "text-classification":
+        names = _label_names(train_raw, data_args.label_column)
+        label_to_id = None
+        if names is None:
+            values = sorted(set(train_raw[data_args.label_column]))
+            if not all(isinstance(v, (int, np.integer)) for v in values) or values != list(range(len(values))):
+                label_to_id = {v: i for i, v in enumerate(values)}
+                names = [str(v) for v in values]
+        num_labels = model_args.num_labels or (len(names) if names else int(max(train_raw[data_args.label_column])) + 1)
+        extra = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
+        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        if model.config.pad_token_id is None:
+            model.config.pad_token_id = tokenizer.pad_token_id
+        train = _tokenize_classification(train_raw, tokenizer, data_args, label_to_id)
+        evaluation = _tokenize_classification(eval_raw, tokenizer, data_args, label_to_id)
+        collator = DataCollatorWithPadding(tokenizer)
+        compute, preprocess = _classification_metrics(data_args.metrics, num_labels), None
+    else:
+        model = AutoModelForCausalLM.from_pretrained(path)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        train = _tokenize_causal_lm(train_raw, tokenizer, data_args)
+        evaluation = _tokenize_causal_lm(eval_raw, tokenizer, data_args)
+        if len(train) == 0:
+            raise ValueError(
+                f"The training text is shorter than one block of `max_seq_length` = {data_args.max_seq_length} tokens."
+            )
+        collator = default_data_collator
+        compute, preprocess = _causal_lm_metrics(data_args.metrics)
+    return TaskSetup(task, model, tokenizer, train, evaluation, collator, compute, preprocess)
+
+
+def scale_batches(
+    setup: TaskSetup, count: int, batch_size: int, *, from_train: bool = False
+) -> list[dict[str, torch.Tensor]]:
+    """`count` collated batches (with labels) from the evaluation set (or the training set)."""
+    ds = setup.train_dataset if from_train or setup.eval_dataset is None else setup.eval_dataset
+    batches = []
+    for start in range(0, min(len(ds), count * batch_size), batch_size):
+        rows = [ds[i] for i in range(start, min(start + batch_size, len(ds)))]
+        batches.append(setup.data_collator(rows))
+    return batches

@@ -1,0 +1,199 @@
+"""Recipes: every YAML in recipes/ parses and trains on a tiny stand-in; bad recipes name the bad key.
+
+Also holds the tiny stand-ins the CLI tests share: a model folder from the table in
+`tiny_models.py` with a word-level tokenizer over its vocabulary, and tiny JSON-lines data.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import yaml
+
+from hf_unitscale.cli import main
+from hf_unitscale.recipe import DataArguments, ModelArguments, RecipeError, load_recipe
+
+from tiny_models import CASES_BY_ID, VOCAB
+
+RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
+RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
+SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
+WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIAL))]
+# the tiny stand-in of each task in the table
+STAND_IN = {"text-classification": "bert", "causal-lm": "llama-tied"}
+
+
+# --------------------------------------------------------------------------- tiny stand-ins (shared with test_cli)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer whose ids cover exactly the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="[PAD]",
+        unk_token="[UNK]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        eos_token="[SEP]",
+    )
+
+
+def save_tiny_model(case_id: str, folder: Path, *, tokenizer: bool = True) -> Path:
+    """Save the tiny model `case_id` of the table (and a tokenizer) to `folder`."""
+    model = CASES_BY_ID[case_id].model()
+    model.save_pretrained(folder)
+    if tokenizer:
+        tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_tiny_data(folder: Path, task: str, *, n_train: int = 48, n_eval: int = 16) -> tuple[Path, Path]:
+    """train.jsonl / eval.jsonl of random word sentences; classification label = the first word is in the upper half."""
+    rng = random.Random(0)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for split, n in (("train", n_train), ("eval", n_eval)):
+        rows = []
+        for _ in range(n):
+            words = [rng.choice(WORDS) for _ in range(rng.randint(4, 14))]
+            row = {"text": " ".join(words)}
+            if task == "text-classification":
+                row["label"] = int(WORDS.index(words[0]) >= len(WORDS) // 2)
+            rows.append(row)
+        path = folder / f"{split}.jsonl"
+        path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+        paths.append(path)
+    return paths[0], paths[1]
+
+
+def stand_in_overrides(tmp_path: Path, task: str, max_steps: int = 2) -> list[str]:
+    """Command-line overrides that point a recipe at the tiny stand-in of its task."""
+    model_dir = save_tiny_model(STAND_IN[task], tmp_path / "model")
+    train_file, eval_file = write_tiny_data(tmp_path / "data", task)
+    return [
+        "--model_name_or_path", str(model_dir),
+        "--train_file", str(train_file),
+        "--eval_file", str(eval_file),
+        "--max_steps", str(max_steps),
+        "--max-seq-length", "16",
+        "--per_device_train_batch_size", "4",
+        "--per_device_eval_batch_size", "8",
+        "--scale_plot_batches", "1",
+        "--output_dir", str(tmp_path / "out"),
+        "--logging_steps", "1",
+        "--disable_tqdm", "true",
+    ]  # fmt: skip
+
+
+# --------------------------------------------------------------------------- every shipped recipe
+
+
+def test_recipes_exist():
+    names = {p.stem for p in RECIPES}
+    assert {"text_classification", "causal_lm", "text_classification_fp8", "causal_lm_fp8"} <= names, names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_parses(recipe):
+    parsed = load_recipe(recipe)
+    assert parsed.model.task in ("text-classification", "causal-lm")
+    assert parsed.model.model_name_or_path.startswith("embedded:"), "shipped recipes must run offline"
+    assert parsed.training.fp8 == recipe.stem.endswith("_fp8")
+    assert parsed.training.report_to in ([], ["none"]), parsed.training.report_to
+    # every key is commented for the user who edits it
+    lines = [line for line in recipe.read_text().splitlines() if line and not line.startswith("#")]
+    assert all(":" in line for line in lines)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
+def test_recipe_trains_on_tiny_stand_in(recipe, tmp_path, capsys):
+    task = load_recipe(recipe).model.task
+    assert main(["train", str(recipe), *stand_in_overrides(tmp_path, task)]) == 0
+    out = capsys.readouterr().out
+    assert "before training" in out and "after training" in out
+    results = json.loads((tmp_path / "out" / "recipe_results.json").read_text())
+    assert results["train"]["train_loss"] > 0
+    assert results["before"] is not None and results["after"]
+    if task == "text-classification":
+        assert 0.0 <= results["after"]["eval_accuracy"] <= 1.0 and "eval_f1" in results["after"]
+    else:
+        assert results["after"]["eval_perplexity"] > 1.0
+    assert (tmp_path / "out" / "scales.png").stat().st_size > 1000
+    assert (tmp_path / "out" / "config.json").is_file()
+
+
+# --------------------------------------------------------------------------- parsing and bad recipes
+
+
+def _write(tmp_path: Path, values: dict) -> Path:
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(values), encoding="utf-8")
+    return path
+
+
+GOOD = {"model_name_or_path": "some/model", "output_dir": "out", "max_steps": 3, "report_to": "none"}
+
+
+def test_values_are_typed_and_yaml_exponents_are_floats(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model_name_or_path: m\noutput_dir: o\nlearning_rate: 5e-5\nfp8: true\nmetrics: [accuracy]\n")
+    recipe = load_recipe(path)
+    assert isinstance(recipe.model, ModelArguments) and isinstance(recipe.data, DataArguments)
+    assert recipe.training.learning_rate == 5e-5  # YAML 1.1 reads 5e-5 as a string
+    assert recipe.training.fp8 is True and recipe.data.metrics == ["accuracy"]
+
+
+def test_overrides_replace_recipe_values(tmp_path):
+    recipe = load_recipe(_write(tmp_path, GOOD), {"max_steps": "7", "learning_rate": "1e-3"})
+    assert recipe.training.max_steps == 7 and recipe.training.learning_rate == 1e-3
+
+
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"learnig_rate": 1e-4}, "learnig_rate"),  # unknown key (typo)
+        ({"lr_rules": "umup"}, "lr_rules"),
+        ({"model_name_or_path": None}, "model_name_or_path"),  # missing model
+        ({"max_steps": "five"}, "max_steps"),  # wrong types
+        ({"learning_rate": "fast"}, "learning_rate"),
+        ({"fp8": "sometimes"}, "fp8"),
+        ({"per_device_train_batch_size": 2.5}, "per_device_train_batch_size"),
+        ({"lr_rule": "adam"}, "lr_rule"),
+        ({"max_seq_length": [64]}, "max_seq_length"),
+    ],
+)
+def test_bad_recipe_error_names_the_key(tmp_path, change, key, capsys):
+    values = {**GOOD, **change}
+    if values["model_name_or_path"] is None:
+        del values["model_name_or_path"]
+    path = _write(tmp_path, values)
+    with pytest.raises(RecipeError, match=f"`{key}`"):
+        load_recipe(path)
+    # the command reports it in one line, with exit status 2
+    assert main(["train", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"`{key}`" in err and "Traceback" not in err
+
+
+def test_unknown_key_suggests_the_close_one(tmp_path):
+    with pytest.raises(RecipeError, match="Did you mean `learning_rate`"):
+        load_recipe(_write(tmp_path, {**GOOD, "learnig_rate": 1e-4}))
+
+
+def test_sectioned_recipe_is_refused_with_the_section_name(tmp_path):
+    with pytest.raises(RecipeError, match="`training`"):
+        load_recipe(_write(tmp_path, {**GOOD, "training": {"max_steps": 3}}))
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
