@@ -35,6 +35,7 @@ from .checkpoint import (
     merged_state_dict,
     operand_scales,
     read_checkpoint_format,
+    read_embedding_dtype,
     read_safetensors,
     read_weight_dtype,
     set_operand_scales,
@@ -50,7 +51,7 @@ __all__ = ["attach_checkpoint_methods", "from_pretrained", "push_to_hub", "save_
 logger = logging.get_logger(__name__)
 
 # keys of the config block that describe a saved checkpoint rather than conversion options
-_CHECKPOINT_KEYS = ("checkpoint_format", "weight_dtype", "operand_scales", "hf_unitscale_version")
+_CHECKPOINT_KEYS = ("checkpoint_format", "weight_dtype", "embedding_dtype", "operand_scales", "hf_unitscale_version")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 # weight files a push replaces: a stale model.safetensors next to a unit-scaled checkpoint would be
 # loaded by plain transformers as if it were the model
@@ -70,6 +71,7 @@ def save_pretrained(
     *,
     checkpoint_format: str = "merged",
     weight_dtype: str | None = None,
+    embedding_dtype: str | None = None,
     state_dict: dict[str, torch.Tensor] | None = None,
     is_main_process: bool = True,
     model_card: bool = True,
@@ -86,6 +88,8 @@ def save_pretrained(
             weights with their scale (see `checkpoint.py`).
         weight_dtype: storage of Ŵ: `"float32"` (default), `"bfloat16"` or `"e4m3"` for the unit-scaled
             format; the compressed-tensors format is always `"e4m3"`; merged weights keep the model dtype.
+        embedding_dtype: storage of embedding tables in the unit-scaled format; default `"int8"` (per-row
+            scales) when `weight_dtype="e4m3"`, else `weight_dtype` — see `unit_scaled_state_dict` for why.
         state_dict: a full state dict to save instead of `model.state_dict()` (e.g. gathered from FSDP).
         model_card: write README.md (`model_card.py`), merging into one already in `save_directory`.
         repo_id, base_model, tags: shown in the model card (its load code, metadata).
@@ -95,6 +99,8 @@ def save_pretrained(
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
     weight_dtype = _check_weight_dtype(checkpoint_format, weight_dtype)
+    if embedding_dtype is not None and checkpoint_format != "unit-scaled":
+        raise ValueError(f"`embedding_dtype` applies to the unit-scaled format only, got {checkpoint_format!r}.")
     push = kwargs.pop("push_to_hub", False)
     upload_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
     if push:
@@ -116,9 +122,11 @@ def save_pretrained(
     elif is_main_process:
         os.makedirs(save_directory, exist_ok=True)
         if checkpoint_format == "unit-scaled":
-            tensors = unit_scaled_state_dict(model, state_dict, weight_dtype)
+            if embedding_dtype is None:
+                embedding_dtype = "int8" if weight_dtype == "e4m3" else weight_dtype
+            tensors = unit_scaled_state_dict(model, state_dict, weight_dtype, embedding_dtype)
             extra_config = {}
-            block = _checkpoint_block(model, "unit-scaled", weight_dtype=weight_dtype)
+            block = _checkpoint_block(model, "unit-scaled", weight_dtype=weight_dtype, embedding_dtype=embedding_dtype)
         else:
             tensors, quantization_config = compressed_tensors_checkpoint(model, state_dict)
             extra_config = {"quantization_config": quantization_config}
@@ -134,6 +142,7 @@ def save_pretrained(
             save_directory,
             checkpoint_format=checkpoint_format,
             weight_dtype=weight_dtype,
+            embedding_dtype=embedding_dtype,
             repo_id=repo_id,
             base_model=base_model,
             tags=tags,
@@ -210,6 +219,7 @@ def push_to_hub(
     *,
     checkpoint_format: str = "merged",
     weight_dtype: str | None = None,
+    embedding_dtype: str | None = None,
     commit_message: str | None = None,
     commit_description: str | None = None,
     private: bool | None = None,
@@ -259,6 +269,7 @@ def push_to_hub(
             folder,
             checkpoint_format=checkpoint_format,
             weight_dtype=weight_dtype,
+            embedding_dtype=embedding_dtype,
             repo_id=repo_id,
             base_model=base_model,
             tags=tags,
@@ -345,7 +356,8 @@ def from_pretrained(
         set_operand_scales(model, stored_scales)
         return model
     weights_file = cached_file(pretrained_model_name_or_path, UNIT_SCALED_WEIGHTS_NAME, **hub_kwargs)
-    weight_dtype = read_weight_dtype(config.to_dict())  # before `_convert` replaces the block with its options
+    # before `_convert` replaces the block with its conversion options
+    weight_dtype, embedding_dtype = read_weight_dtype(config.to_dict()), read_embedding_dtype(config.to_dict())
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype", getattr(config, "dtype", None) or torch.float32))
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     with no_init_weights():
@@ -360,6 +372,7 @@ def from_pretrained(
         read_safetensors(weights_file),
         source=str(weights_file),
         weight_dtype=weight_dtype,
+        embedding_dtype=embedding_dtype,
     )
     return model.eval()
 

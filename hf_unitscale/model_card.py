@@ -159,7 +159,12 @@ def _load_code(architecture: str, repo_id: str, checkpoint_format: str) -> str:
 
 
 def model_card_section(
-    model: nn.Module, *, checkpoint_format: str, weight_dtype: str | None = None, repo_id: str | None = None
+    model: nn.Module,
+    *,
+    checkpoint_format: str,
+    weight_dtype: str | None = None,
+    embedding_dtype: str | None = None,
+    repo_id: str | None = None,
 ) -> str:
     """The unit-scaling section of the card, between its markers."""
     config = model.config
@@ -167,6 +172,9 @@ def model_card_section(
     architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     repo_id = repo_id or "path/to/this/checkpoint"
     dtype = {"merged": "the model dtype", "compressed-tensors": "e4m3"}.get(checkpoint_format, weight_dtype)
+    if checkpoint_format == "unit-scaled" and embedding_dtype not in (None, weight_dtype):
+        rows = " with one fp32 scale per row" if embedding_dtype == "int8" else ""
+        dtype = f"{dtype}; embedding tables {embedding_dtype}{rows}"
     lr_rule = block.get("lr_rule") or "not recorded (the model was not trained with `UnitScaleTrainer`)"
     precision = ", ".join(f"{k}: `{block.get(k)}`" for k in ("forward_format", "backward_format", "backend"))
     return "\n".join(
@@ -218,6 +226,7 @@ def render_model_card(
     *,
     checkpoint_format: str,
     weight_dtype: str | None = None,
+    embedding_dtype: str | None = None,
     repo_id: str | None = None,
     base_model: str | None = None,
     tags: list[str] | None = None,
@@ -225,7 +234,13 @@ def render_model_card(
 ) -> str:
     """README.md text: `existing` (a card's text) with its metadata completed and its unit-scaling section
     replaced or appended; a new card when `existing` is None."""
-    section = model_card_section(model, checkpoint_format=checkpoint_format, weight_dtype=weight_dtype, repo_id=repo_id)
+    section = model_card_section(
+        model,
+        checkpoint_format=checkpoint_format,
+        weight_dtype=weight_dtype,
+        embedding_dtype=embedding_dtype,
+        repo_id=repo_id,
+    )
     if existing is None or not existing.strip():
         data = None
         title = f"# {repo_id.split('/')[-1]}\n\n" if repo_id else ""
@@ -248,6 +263,7 @@ def update_model_card(
     *,
     checkpoint_format: str,
     weight_dtype: str | None = None,
+    embedding_dtype: str | None = None,
     repo_id: str | None = None,
     base_model: str | None = None,
     tags: list[str] | None = None,
@@ -262,6 +278,7 @@ def update_model_card(
         model,
         checkpoint_format=checkpoint_format,
         weight_dtype=weight_dtype,
+        embedding_dtype=embedding_dtype,
         repo_id=repo_id,
         base_model=base_model,
         tags=tags,

@@ -20,12 +20,14 @@ from hf_unitscale.modules import UnitScaledMatmulMixin
 
 from tiny_models import CASES_BY_ID, TINY_CASES
 
-FORMATS = [
-    ("merged", None),
-    ("unit-scaled", "float32"),
-    ("unit-scaled", "bfloat16"),
-    ("unit-scaled", "e4m3"),
-    ("compressed-tensors", None),
+FORMATS = [  # (checkpoint_format, weight_dtype, embedding_dtype)
+    ("merged", None, None),
+    ("unit-scaled", "float32", None),
+    ("unit-scaled", "bfloat16", None),
+    ("unit-scaled", "e4m3", None),  # embedding tables default to int8 rows
+    ("unit-scaled", "e4m3", "e4m3"),
+    ("unit-scaled", "float32", "int8"),
+    ("compressed-tensors", None, None),
 ]
 
 
@@ -43,37 +45,48 @@ def _outputs(model, batch) -> torch.Tensor:
         return model(**batch).logits
 
 
-def _rounded_reference(model, dtype: torch.dtype | None, only_linear_except: list[str] | None = None):
-    """A copy of `model` whose Ŵ went through `dtype` (what a low-precision file stores)."""
+def _rounded_reference(model, weight_dtype: str, embedding_dtype: str | None = None, only_linear_except=None):
+    """A copy of `model` whose Ŵ went through the storage a low-precision file uses."""
     reference = copy.deepcopy(model)
+    done: set[int] = set()
     with torch.no_grad():
         for name, module in hf_unitscale.unit_scaled_modules(reference).items():
             if only_linear_except is not None and (
                 not isinstance(module, torch.nn.Linear) or name in only_linear_except
             ):
                 continue
+            dtype = (embedding_dtype or weight_dtype) if isinstance(module, torch.nn.Embedding) else weight_dtype
             for weight in module.unit_scaled_weights:
                 w = getattr(module, weight)
-                w.copy_(w.to(dtype).to(w.dtype) if dtype != torch.float8_e4m3fn else _e4m3(w))
+                if id(w) not in done:  # a tied Ŵ is stored once, under its first name
+                    done.add(id(w))
+                    w.copy_(_stored(w, dtype))
     return reference
 
 
-def _e4m3(w: torch.Tensor) -> torch.Tensor:
-    return w.float().clamp(-448, 448).to(get_format("e4m3").dtype).to(w.dtype)
+def _stored(w: torch.Tensor, dtype: str) -> torch.Tensor:
+    if dtype == "int8":
+        k = w.abs().amax(dim=1, keepdim=True) / 127
+        k = torch.where(k > 0, k, torch.ones_like(k))  # a padding row is all zero
+        return (w / k).round().clamp(-127, 127) * k
+    if dtype == "e4m3":
+        return w.float().clamp(-448, 448).to(get_format("e4m3").dtype).to(w.dtype)
+    return w.to(getattr(torch, dtype)).to(w.dtype)
 
 
-@pytest.mark.parametrize(("checkpoint_format", "weight_dtype"), FORMATS, ids=lambda v: str(v))
+@pytest.mark.parametrize(("checkpoint_format", "weight_dtype", "embedding_dtype"), FORMATS, ids=lambda v: str(v))
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
-def test_round_trip(case, checkpoint_format, weight_dtype, tmp_path):
+def test_round_trip(case, checkpoint_format, weight_dtype, embedding_dtype, tmp_path):
     model = _converted(case)
     batch = case.batch()
-    model.save_pretrained(tmp_path, checkpoint_format=checkpoint_format, weight_dtype=weight_dtype)
+    options = {"embedding_dtype": embedding_dtype} if embedding_dtype else {}
+    model.save_pretrained(tmp_path, checkpoint_format=checkpoint_format, weight_dtype=weight_dtype, **options)
     loaded = hf_unitscale.from_pretrained(tmp_path)
 
     assert hf_unitscale.is_unit_scaled(loaded)
     assert operand_scales(loaded) == operand_scales(model) != {}
     assert (tmp_path / "README.md").exists()
-    if checkpoint_format == "unit-scaled" and weight_dtype == "float32":
+    if checkpoint_format == "unit-scaled" and weight_dtype == "float32" and embedding_dtype is None:
         # exact: Ŵ, s, a, c bit for bit
         expected, actual = model.state_dict(), loaded.state_dict()
         assert expected.keys() == actual.keys()
@@ -84,10 +97,11 @@ def test_round_trip(case, checkpoint_format, weight_dtype, tmp_path):
     if checkpoint_format == "merged":
         reference = model  # s re-measured from W = s·Ŵ: equal up to fp32 rounding
     elif checkpoint_format == "unit-scaled":
-        reference = _rounded_reference(model, getattr(torch, weight_dtype, torch.float8_e4m3fn))
+        default = "int8" if weight_dtype == "e4m3" else weight_dtype
+        reference = _rounded_reference(model, weight_dtype, embedding_dtype or default)
     else:
         ignore = json.loads((tmp_path / "config.json").read_text())["quantization_config"]["ignore"]
-        reference = _rounded_reference(model, torch.float8_e4m3fn, only_linear_except=ignore)
+        reference = _rounded_reference(model, "e4m3", only_linear_except=ignore)
     torch.testing.assert_close(_outputs(loaded, batch), _outputs(reference, batch), rtol=1e-5, atol=1e-6)
 
 
@@ -121,7 +135,7 @@ def test_plain_transformers_loads_merged_and_compressed_tensors_without_hf_units
             reference = model
             if checkpoint_format == "compressed-tensors":
                 ignore = json.loads((folder / "config.json").read_text())["quantization_config"]["ignore"]
-                reference = _rounded_reference(model, torch.float8_e4m3fn, only_linear_except=ignore)
+                reference = _rounded_reference(model, "e4m3", only_linear_except=ignore)
             expected[folder] = _outputs(reference, batch)
             architecture = json.loads((folder / "config.json").read_text())["architectures"][0]
             jobs.append(
@@ -221,7 +235,7 @@ def test_block_whose_exclusions_disagree_with_weights(unit_scaled_folder):
 
 def test_block_whose_weight_dtype_disagrees_with_weights(unit_scaled_folder):
     _edit_block(unit_scaled_folder, weight_dtype="bfloat16")
-    with pytest.raises(ValueError, match=r"stored as torch.float8_e4m3fn.*weight_dtype='bfloat16'.*disagrees"):
+    with pytest.raises(ValueError, match=r"is stored as e4m3.*weight_dtype='bfloat16'.*disagrees"):
         hf_unitscale.from_pretrained(unit_scaled_folder)
 
 
@@ -235,6 +249,12 @@ def test_merged_block_naming_an_unknown_layer(tmp_path):
 def test_unknown_checkpoint_format_is_refused(unit_scaled_folder):
     _edit_block(unit_scaled_folder, checkpoint_format="fp4-magic")
     with pytest.raises(ValueError, match="checkpoint_format.*fp4-magic"):
+        hf_unitscale.from_pretrained(unit_scaled_folder)
+
+
+def test_block_whose_embedding_dtype_disagrees_with_weights(unit_scaled_folder):
+    _edit_block(unit_scaled_folder, embedding_dtype="e4m3")
+    with pytest.raises(ValueError, match=r"`model.embed_tokens.weight` is stored as int8.*embedding_dtype='e4m3'"):
         hf_unitscale.from_pretrained(unit_scaled_folder)
 
 
