@@ -128,7 +128,12 @@ def test_recipe_trains_on_tiny_stand_in(recipe, tmp_path, capsys):
     else:
         assert results["after"]["eval_perplexity"] > 1.0
     assert (tmp_path / "out" / "scales.png").stat().st_size > 1000
-    assert (tmp_path / "out" / "config.json").is_file()
+    block = json.loads((tmp_path / "out" / "config.json").read_text())["unit_scaling"]
+    if recipe.stem.endswith("_fp8"):  # trained with FP8 GEMMs on calibrated static scales
+        assert (block["forward_format"], block["backward_format"]) == ("e4m3", "e5m2"), block
+        assert block["calibration"]["num_batches"] >= 1, block
+    else:
+        assert block["forward_format"] is None and block["backward_format"] is None, block
 
 
 # --------------------------------------------------------------------------- parsing and bad recipes

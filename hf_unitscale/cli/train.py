@@ -94,13 +94,14 @@ def run_recipe(recipe) -> dict[str, Any]:
         preprocess_logits_for_metrics=setup.preprocess_logits_for_metrics if evaluate else None,
     )
     causal = setup.task == "causal-lm"
+    say = print if trainer.is_world_process_zero() else (lambda *a, **k: None)  # one copy of each line
     before = None
     if evaluate and recipe.data.baseline_eval:
-        print(f"Evaluating the untrained model on {len(setup.eval_dataset)} examples (baseline)…")
+        say(f"Evaluating the untrained model on {len(setup.eval_dataset)} examples (baseline)…")
         before = trainer.evaluate()
         if causal:
             add_perplexity(before)
-    print(
+    say(
         f"Training on {len(setup.train_dataset)} examples ({setup.task}, lr rule `{training.lr_rule}`, fp8={training.fp8})…"
     )
     train_output = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
@@ -109,7 +110,7 @@ def run_recipe(recipe) -> dict[str, Any]:
         after = trainer.evaluate()
         if causal:
             add_perplexity(after)
-        print(metrics_table(before, after))
+        say(metrics_table(before, after))
     output_dir = Path(training.output_dir)
     if recipe.model.save_format == "unit-scaled":
         trainer.save_model(str(output_dir))  # UnitScaleTrainer saves Ŵ, s, a, c exactly
@@ -117,8 +118,9 @@ def run_recipe(recipe) -> dict[str, Any]:
         save_pretrained(trainer.model, output_dir, checkpoint_format="merged")
         setup.tokenizer.save_pretrained(output_dir)
     plot_path = None
-    if recipe.data.scale_plot and trainer.is_world_process_zero():
-        plot_path = _scale_plot(trainer.model, setup, recipe, output_dir)
+    if recipe.data.scale_plot:
+        # every rank measures: calibration averages its statistics over ranks (a collective)
+        plot_path = _scale_plot(trainer.model, setup, recipe, output_dir, write=trainer.is_world_process_zero())
     result = {
         "task": setup.task,
         "before": before,
@@ -133,7 +135,7 @@ def run_recipe(recipe) -> dict[str, Any]:
     return result
 
 
-def _scale_plot(model, setup, recipe, output_dir: Path) -> Path:
+def _scale_plot(model, setup, recipe, output_dir: Path, *, write: bool = True) -> Path | None:
     from ..analysis import format_scale_table, plot_scale_report, scale_report
     from ..tasks import scale_batches
 
@@ -141,6 +143,8 @@ def _scale_plot(model, setup, recipe, output_dir: Path) -> Path:
     measure = scale_batches(setup, count, size)
     calibration = scale_batches(setup, count, size, from_train=True)
     report = scale_report(model, measure, calibration_batches=calibration)
+    if not write:
+        return None
     path = output_dir / recipe.data.scale_plot
     plot_scale_report(report, path, title=f"{recipe.model.model_name_or_path} after fine-tuning: scales vs FP8 ranges")
     (path.with_suffix(".json")).write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
