@@ -202,3 +202,32 @@ def test_sectioned_recipe_is_refused_with_the_section_name(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+# --------------------------------------------------------------------------- shipped metrics
+
+
+@pytest.mark.parametrize("average", ["binary", "macro", "micro", "weighted"])
+def test_shipped_metrics_load_offline_and_match_sklearn(average):
+    import os
+
+    from sklearn.metrics import accuracy_score, f1_score
+
+    from hf_unitscale.metrics import load_metric
+
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+    rng = random.Random(average)
+    classes = 2 if average == "binary" else 3
+    references = [rng.randrange(classes) for _ in range(50)]
+    predictions = [r if rng.random() < 0.7 else rng.randrange(classes) for r in references]
+    f1 = load_metric("f1").compute(predictions=predictions, references=references, average=average)["f1"]
+    assert f1 == pytest.approx(f1_score(references, predictions, average=average))
+    accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
+    assert accuracy == pytest.approx(accuracy_score(references, predictions))
+
+
+def test_unknown_shipped_metric_name_is_passed_to_evaluate():
+    from hf_unitscale.metrics import metric_path
+
+    with pytest.raises(ValueError, match="shipped metrics"):
+        metric_path("bleu")
