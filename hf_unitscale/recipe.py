@@ -201,6 +201,8 @@ def _coerce_one(value: Any, action: argparse.Action, key: str, where: str) -> An
     if action.choices:
         candidate = kind(value) if callable(kind) and isinstance(value, str) else value
         if candidate not in action.choices and value not in action.choices:
+            if isinstance(value, bool):
+                raise wrong('; YAML reads an unquoted no/yes/on/off as a boolean, so quote it: "no"')
             raise wrong()
         return value
     if kind is str:

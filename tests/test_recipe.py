@@ -174,6 +174,7 @@ def test_overrides_replace_recipe_values(tmp_path):
         ({"per_device_train_batch_size": 2.5}, "per_device_train_batch_size"),
         ({"lr_rule": "adam"}, "lr_rule"),
         ({"max_seq_length": [64]}, "max_seq_length"),
+        ({"eval_strategy": False}, "eval_strategy"),  # YAML's unquoted `no`
     ],
 )
 def test_bad_recipe_error_names_the_key(tmp_path, change, key, capsys):
