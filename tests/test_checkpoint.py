@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import subprocess
 import sys
 import textwrap
@@ -19,6 +20,8 @@ from hf_unitscale.formats import get_format
 from hf_unitscale.modules import UnitScaledMatmulMixin
 
 from tiny_models import CASES_BY_ID, TINY_CASES
+
+logger = logging.getLogger(__name__)
 
 FORMATS = [  # (checkpoint_format, weight_dtype, embedding_dtype)
     ("merged", None, None),
@@ -304,3 +307,89 @@ def test_model_card_groups_layers_of_big_models(tmp_path, monkeypatch):
     text = model_card.model_card_section(_converted(CASES_BY_ID["llama-untied"]), checkpoint_format="merged")
     assert "| `model.layers.N.mlp.down_proj` | Linear | 2 |" in text
     assert "model.layers.0." not in text
+
+
+# ---- FP8 storage of the real models: size and eval loss on real data ----
+
+
+def _safetensors_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
+
+
+def _fp8_round_trip(model, tmp_path):
+    """(merged fp32 bytes, e4m3 unit-scaled bytes, model loaded back from the e4m3 checkpoint)."""
+    hf_unitscale.unit_scale(model)
+    model.save_pretrained(tmp_path / "merged")
+    model.save_pretrained(tmp_path / "fp8", checkpoint_format="unit-scaled", weight_dtype="e4m3")
+    return (
+        _safetensors_bytes(tmp_path / "merged"),
+        _safetensors_bytes(tmp_path / "fp8"),
+        hf_unitscale.from_pretrained(tmp_path / "fp8"),
+    )
+
+
+@pytest.mark.slow
+def test_fp8_storage_smollm2_size_and_austen_loss(tmp_path):
+    """Causal-LM loss of SmolLM2-135M on held-out Austen text (4 × 256 tokens), fp32 vs the e4m3 checkpoint."""
+    from hf_unitscale.embedded import load_austen, smollm2_path
+
+    path = smollm2_path()
+    tokens = transformers.AutoTokenizer.from_pretrained(path)("\n\n".join(load_austen("test")["text"])).input_ids
+    batch = torch.tensor(tokens[: 4 * 256]).reshape(4, 256)
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            return model(input_ids=batch, labels=batch).loss.item()
+
+    model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+    reference = loss(model)
+    merged_bytes, fp8_bytes, loaded = _fp8_round_trip(model, tmp_path)
+    change = abs(loss(loaded) - reference) / reference
+    logger.info(f"fp32 loss {reference:.5f}, relative change {change:.4%}, size ratio {fp8_bytes / merged_bytes:.4f}")
+    assert fp8_bytes <= 0.3 * merged_bytes, f"e4m3 file is {fp8_bytes / merged_bytes:.3f}× the fp32 merged file"
+    assert change <= 0.005, f"eval loss changed by {change:.2%} (fp32 {reference:.4f})"
+
+
+@pytest.mark.slow
+def test_fp8_storage_minilm_size_and_probe_loss(tmp_path):
+    """MiniLM is a sentence-embedding model with no LM head, so its "eval loss" is the cross-entropy of a
+    fixed logistic-regression probe, fitted once on fp32 mean-pooled embeddings of training reviews, on
+    held-out reviews: a real loss on real data whose only moving part is the embeddings being compared."""
+    from hf_unitscale.embedded import load_sentiment, minilm_path
+
+    path = minilm_path()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+    train, test = load_sentiment("train").select(range(300)), load_sentiment("test").select(range(300))
+
+    def embed(model, texts) -> torch.Tensor:
+        encoded = tokenizer(list(texts), padding=True, truncation=True, max_length=64, return_tensors="pt")
+        with torch.no_grad():
+            hidden = model(**encoded).last_hidden_state
+        mask = encoded["attention_mask"].unsqueeze(-1).float()
+        return torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+
+    model = transformers.AutoModel.from_pretrained(path).eval()
+    features, labels = embed(model, train["text"]), torch.tensor(train["label"])
+    torch.manual_seed(0)
+    probe = torch.nn.Linear(features.shape[1], 2)
+    optimizer = torch.optim.LBFGS(probe.parameters(), max_iter=200)
+
+    def closure():
+        optimizer.zero_grad()
+        objective = torch.nn.functional.cross_entropy(probe(features), labels) + 1e-3 * probe.weight.square().sum()
+        objective.backward()
+        return objective
+
+    optimizer.step(closure)
+    test_labels = torch.tensor(test["label"])
+
+    def loss(model) -> float:
+        with torch.no_grad():
+            return torch.nn.functional.cross_entropy(probe(embed(model, test["text"])), test_labels).item()
+
+    reference = loss(model)
+    merged_bytes, fp8_bytes, loaded = _fp8_round_trip(model, tmp_path)
+    change = abs(loss(loaded) - reference) / reference
+    logger.info(f"fp32 loss {reference:.5f}, relative change {change:.4%}, size ratio {fp8_bytes / merged_bytes:.4f}")
+    assert fp8_bytes <= 0.3 * merged_bytes, f"e4m3 file is {fp8_bytes / merged_bytes:.3f}× the fp32 merged file"
+    assert change <= 0.005, f"probe loss changed by {change:.2%} (fp32 {reference:.4f})"
