@@ -88,7 +88,7 @@ def _sum_sq_and_count(t: torch.Tensor) -> tuple[float, float]:
 
 
 def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ())

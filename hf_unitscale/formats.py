@@ -63,12 +63,16 @@ class CastCounter:
     underflowed: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
 
     def update(self, x: torch.Tensor, cast: torch.Tensor, fmt: LowPrecisionFormat) -> None:
-        nonzero = x != 0
+        """Count x's elements that saturate (|x| > max) or underflow. Rounding is to nearest-even, so a
+        non-zero x becomes 0 exactly when |x| <= smallest_subnormal / 2: comparing |x| with that bound
+        counts the same elements as `cast == 0` without reading the low-precision tensor back."""
+        magnitude = x.detach().abs()
         device = x.device
+        nonzero = (magnitude > 0).sum()
         self.seen = self.seen.to(device) + x.numel()
-        self.nonzero = self.nonzero.to(device) + nonzero.sum()
-        self.saturated = self.saturated.to(device) + (x.abs() > fmt.max).sum()
-        self.underflowed = self.underflowed.to(device) + (nonzero & (cast == 0)).sum()
+        self.nonzero = self.nonzero.to(device) + nonzero
+        self.saturated = self.saturated.to(device) + (magnitude > fmt.max).sum()
+        self.underflowed = self.underflowed.to(device) + nonzero - (magnitude > fmt.smallest_subnormal / 2).sum()
 
     def as_dict(self) -> dict[str, float]:
         """Counts and the fractions a log wants: saturated / seen and underflowed / non-zero."""

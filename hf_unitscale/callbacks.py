@@ -1,0 +1,141 @@
+"""`RecalibrationCallback`: keep static FP8 operand scales current during training, log what casts clip.
+
+Static scales a = rms(x), c = rms(g) are measured once (see `calibrate.py`), but gradients grow
+~10× during fine-tuning, so a c measured at step 0 later lets g/c reach E5M2's max and saturate.
+Every `every` optimizer steps this callback re-runs `calibrate` on a few fixed batches (fresh
+scales for the current weights), and at every log it adds the saturation/underflow fractions
+counted since the previous log (`summarize_casts`), so a run shows whether its scales still fit.
+
+Batches come from `batches` (a re-iterable such as a list or DataLoader, or a zero-argument
+callable returning an iterable), else from the `train_dataloader` the Trainer passes to callbacks:
+then the first `num_batches` are drawn once, under a forked RNG so the training data order is
+unchanged, and reused for every recalibration (the same batches measure how the *model* changed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Mapping
+from itertools import islice
+from typing import Any
+
+import torch
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+from .calibrate import calibrate, matmul_layers
+from .precision import cast_statistics, summarize_casts, track_casts
+
+__all__ = ["RecalibrationCallback"]
+
+logger = logging.get_logger(__name__)
+
+Batches = Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]]
+
+
+def _detached(batch: Mapping[str, Any]) -> dict[str, Any]:
+    return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+class RecalibrationCallback(TrainerCallback):
+    """Calibrate at train begin, recalibrate every `every` steps, log cast counters.
+
+    Args:
+        batches: calibration batches (re-iterable or zero-argument callable); None = the Trainer's
+            train dataloader (first `num_batches`, drawn once).
+        every: recalibrate after every `every` optimizer steps; 0 or None = never.
+        num_batches: batches per calibration.
+        calibrate_at_start: calibrate in `on_train_begin` (off when the model was calibrated already).
+        log_casts: attach cast counters to every matmul layer and add their fractions to each log.
+        log_prefix: prefix of the log keys (`fp8/grad_output_saturated_fraction`, …).
+        loss_fn: `loss_fn(outputs, batch)` for calibration when training does not use the model's own
+            loss (a custom `compute_loss`); default: the model's loss, see `calibrate`.
+    """
+
+    def __init__(
+        self,
+        batches: Batches | None = None,
+        *,
+        every: int | None = 100,
+        num_batches: int = 4,
+        calibrate_at_start: bool = True,
+        log_casts: bool = True,
+        log_prefix: str = "fp8/",
+        loss_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
+    ) -> None:
+        if every is not None and every < 0:
+            raise ValueError(f"`every` should be a non-negative number of steps or None, got {every}.")
+        if num_batches < 1:
+            raise ValueError(f"`num_batches` should be a positive integer, got {num_batches}.")
+        self.batches = batches
+        self.every = every or 0
+        self.num_batches = num_batches
+        self.calibrate_at_start = calibrate_at_start
+        self.log_casts = log_casts
+        self.log_prefix = log_prefix
+        self.loss_fn = loss_fn
+        self._cached: list[dict[str, Any]] | None = None
+        self.history: list[dict[str, Any]] = []  # one entry per calibration: step and per-layer scales
+        self.logged: list[dict[str, float]] = []  # the cast fractions of every log, with their step
+
+    # ------------------------------------------------------------------ batches and calibration
+
+    def _calibration_batches(self, train_dataloader: Iterable | None) -> Iterable[Mapping[str, Any]]:
+        if self.batches is not None:
+            source = self.batches() if callable(self.batches) else self.batches
+            return islice(source, self.num_batches)
+        if self._cached is None:
+            if train_dataloader is None:
+                raise ValueError(
+                    "RecalibrationCallback has no batches: pass `batches=` or use it in a Trainer, "
+                    "which hands its `train_dataloader` to callbacks."
+                )
+            with torch.random.fork_rng(devices=[]):  # drawing must not shift the training data order
+                self._cached = [_detached(b) for b in islice(iter(train_dataloader), self.num_batches)]
+        return self._cached
+
+    def recalibrate(self, model, args=None, state=None, train_dataloader=None) -> dict[str, dict[str, float]]:
+        """Calibrate `model` now; returns calibrate's per-layer table and records it in `history`."""
+        accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
+        table = calibrate(
+            model,
+            self._calibration_batches(train_dataloader),
+            num_batches=self.num_batches,
+            loss_fn=self.loss_fn,
+            loss_scale=1.0 / accumulation,  # the Trainer divides the loss by the accumulation steps
+            progress=False,
+        )
+        step = state.global_step if state is not None else None
+        self.history.append({"step": step, "scales": table})
+        logger.info(f"Recalibrated static FP8 scales of {len(table)} layers at step {step}.")
+        return table
+
+    # ------------------------------------------------------------------ Trainer events
+
+    def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if model is None or not matmul_layers(model):
+            logger.warning("RecalibrationCallback: the model has no converted matmul layer; nothing to do.")
+            return
+        if self.log_casts:
+            track_casts(model)
+        if self.calibrate_at_start:
+            self.recalibrate(model, args, state, train_dataloader)
+
+    def on_step_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if self.every and model is not None and state.global_step % self.every == 0 and matmul_layers(model):
+            self.recalibrate(model, args, state, train_dataloader)
+
+    def on_log(self, args, state, control, logs=None, model=None, **kwargs):
+        """Add the fractions counted since the last log to `logs` (and to the entry in `state.log_history`)."""
+        if not self.log_casts or logs is None or model is None or not matmul_layers(model):
+            return
+        entries = self.cast_log_entries(model)
+        if not entries:  # nothing was cast since the last log (e.g. the end-of-training summary)
+            return
+        self.logged.append({"step": state.global_step, **entries})
+        logs.update(entries)
+        if state.log_history and state.log_history[-1].get("step") == state.global_step:
+            state.log_history[-1].update(entries)
+
+    def cast_log_entries(self, model) -> dict[str, float]:
+        """Saturation/underflow fractions since the previous call (counters are reset)."""
+        return summarize_casts(cast_statistics(model, reset=True), prefix=self.log_prefix)

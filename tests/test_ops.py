@@ -1,0 +1,145 @@
+"""The scaled matmul: its three GEMMs against autograd of F.linear, the backends against each other."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_unitscale.formats import FORMATS
+from hf_unitscale.ops import MatmulPrecision, OperandCounters, rms, scaled_embedding, scaled_linear
+
+E4M3, E5M2 = FORMATS["e4m3"], FORMATS["e5m2"]
+
+
+def _operands(dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(3, 5, 24, generator=g, dtype=dtype) * 0.3
+    w_hat = torch.randn(16, 24, generator=g, dtype=dtype)  # unit-scaled weight Ŵ
+    bias = torch.randn(16, generator=g, dtype=dtype)
+    s = torch.tensor(0.02)  # weight scale
+    a = torch.tensor(0.3)  # input scale
+    c = torch.tensor(1e-5)  # output-gradient scale
+    grad_out = torch.randn(3, 5, 16, generator=g, dtype=dtype) * 1e-5
+    return x, w_hat, bias, s, a, c, grad_out
+
+
+def _run(fn, x, w_hat, bias, grad_out):
+    x = x.clone().requires_grad_(True)
+    w_hat = w_hat.clone().requires_grad_(True)
+    bias = bias.clone().requires_grad_(True)
+    y = fn(x, w_hat, bias)
+    y.backward(grad_out)
+    return y.detach(), x.grad, w_hat.grad, bias.grad
+
+
+def _rel(a, b):
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.mark.parametrize("precision", [None, MatmulPrecision(None, None)], ids=["no-precision", "identity-casts"])
+def test_three_gemms_match_autograd_of_linear(precision):
+    """With identity casts, y, ∂x, ∂b equal those of F.linear(x, s·Ŵ, b) and ∂Ŵ = s·∂W, for any a, c."""
+    x, w_hat, bias, s, a, c, grad_out = _operands(torch.float64)
+    ref = _run(lambda x, w, b: F.linear(x, w * s.double(), b), x, w_hat, bias, grad_out)
+    ours = _run(lambda x, w, b: scaled_linear(x, w, b, s, a, c, precision), x, w_hat, bias, grad_out)
+    for name, got, want in zip(("y", "grad_x", "grad_w_hat", "grad_bias"), ours, ref, strict=True):
+        # float64 operands; the scalar products s·a, s·c, s·a·c are formed in fp32 (rounding ≤ 2^-24)
+        assert _rel(got, want) <= 1e-7, f"{name} differs: relative error {_rel(got, want)}"
+
+
+def test_identity_casts_go_through_the_custom_function():
+    """MatmulPrecision(None, None) is allowed and takes the three-GEMM path (it has a custom grad_fn)."""
+    x, w_hat, bias, s, a, c, _ = _operands()
+    y = scaled_linear(x.requires_grad_(True), w_hat, None, s, a, c, MatmulPrecision(None, None))
+    assert "ScaledMatmul" in type(y.grad_fn).__name__ or "ScaledMatmul" in str(y.grad_fn.next_functions)
+
+
+def test_gradcheck_of_scaled_matmul_with_identity_casts():
+    x, w_hat, bias, s, a, c, _ = _operands(torch.float64)
+    x = x[:1, :2, :6].clone().requires_grad_(True)
+    w = w_hat[:4, :6].clone().requires_grad_(True)
+    b = bias[:4].clone().requires_grad_(True)
+    fn = lambda x, w, b: scaled_linear(x, w, b, s, a, torch.tensor(0.7), MatmulPrecision(None, None))  # noqa: E731
+    assert torch.autograd.gradcheck(fn, (x, w, b))
+
+
+def test_fp8_gemms_are_close_to_fp32_when_operands_are_unit_scale():
+    """With a = rms(x), c = rms(g) the E4M3/E5M2 GEMMs stay within FP8 rounding of fp32."""
+    x, w_hat, bias, s, _, _, grad_out = _operands()
+    a, c = rms(x).float(), rms(grad_out).float()
+    precision = MatmulPrecision(E4M3, E5M2)
+    ref = _run(lambda x, w, b: scaled_linear(x, w, b, s, a, c, None), x, w_hat, bias, grad_out)
+    ours = _run(lambda x, w, b: scaled_linear(x, w, b, s, a, c, precision), x, w_hat, bias, grad_out)
+    for name, got, want in zip(("y", "grad_x", "grad_w_hat"), ours[:3], ref[:3], strict=True):
+        assert _rel(got, want) < 0.1, f"{name}: relative error {_rel(got, want):.3f} too large for FP8"
+
+
+def test_unscaled_gradients_flush_to_zero_in_e5m2():
+    """Naive FP8 (c = 1) on gradients of RMS 1e-5: most of g is below E5M2's subnormals (2^-16 ≈ 1.5e-5)."""
+    x, w_hat, bias, s, a, _, grad_out = _operands()
+    counters = {"naive": OperandCounters.new(), "scaled": OperandCounters.new()}
+    for name, c in (("naive", torch.tensor(1.0)), ("scaled", rms(grad_out).float())):
+        precision = MatmulPrecision(E4M3, E5M2)
+        _run(
+            lambda x, w, b, c=c, p=precision, n=name: scaled_linear(x, w, b, s, a, c, p, counters[n]),
+            x,
+            w_hat,
+            bias,
+            grad_out,
+        )
+    naive = counters["naive"].grad_output.as_dict()["underflow_fraction"]
+    scaled = counters["scaled"].grad_output.as_dict()["underflow_fraction"]
+    assert naive > 0.3 and scaled < 1e-3, f"underflow naive {naive:.3f}, scaled {scaled:.5f}"
+
+
+def test_counters_see_saturation_of_each_operand():
+    x, w_hat, bias, s, a, c, grad_out = _operands()
+    counters = OperandCounters.new()
+    precision = MatmulPrecision(E4M3, E5M2)
+    # a, c far too small: x/a beyond 448 and g/c beyond 57344 saturate instead of becoming inf
+    y = scaled_linear(x.requires_grad_(True), w_hat, bias, s, a * 1e-4, c * 1e-6, precision, counters)
+    y.backward(grad_out)
+    assert torch.isfinite(x.grad).all()
+    assert counters.input.as_dict()["saturated_fraction"] > 0.5
+    assert counters.grad_output.as_dict()["saturated_fraction"] > 0.5
+    assert counters.weight.as_dict()["saturated"] == 0
+
+
+SCALED_MM_TOLERANCE = (
+    1e-5  # relative (Frobenius); both backends multiply the same FP8 values, only summation order differs
+)
+
+
+def test_scaled_mm_and_simulate_agree():
+    x, w_hat, bias, s, _, _, grad_out = _operands()
+    a, c = rms(x).float(), rms(grad_out).float()
+    results = {}
+    for backend in ("simulate", "scaled_mm"):
+        precision = MatmulPrecision(E4M3, E5M2, backend)
+        results[backend] = _run(
+            lambda x, w, b, p=precision: scaled_linear(x, w, b, s, a, c, p), x, w_hat, bias, grad_out
+        )
+    for name, sim, mm in zip(
+        ("y", "grad_x", "grad_w_hat", "grad_bias"), results["simulate"], results["scaled_mm"], strict=True
+    ):
+        assert _rel(mm, sim) <= SCALED_MM_TOLERANCE, f"{name}: scaled_mm vs simulate relative error {_rel(mm, sim)}"
+
+
+def test_scaled_mm_needs_fp8_formats():
+    with pytest.raises(ValueError, match="scaled_mm"):
+        MatmulPrecision(FORMATS["bf16"], E5M2, "scaled_mm")
+    with pytest.raises(ValueError, match="backend"):
+        MatmulPrecision(E4M3, E5M2, "cublas")
+
+
+def test_rms_over_nonzero_elements():
+    x = torch.tensor([[3.0, 4.0], [0.0, 0.0]])
+    assert rms(x).item() == pytest.approx((25 / 4) ** 0.5)
+    assert rms(x, nonzero_only=True).item() == pytest.approx((25 / 2) ** 0.5)
+    assert rms(torch.zeros(3), nonzero_only=True).item() == 0.0
+
+
+def test_scaled_embedding_multiplies_the_scale_back():
+    w_hat = torch.randn(10, 4)
+    ids = torch.tensor([[1, 2, 0]])
+    s = torch.tensor(0.05)
+    torch.testing.assert_close(scaled_embedding(ids, w_hat, s, padding_idx=0), F.embedding(ids, w_hat * s))
