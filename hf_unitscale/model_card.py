@@ -171,7 +171,9 @@ def model_card_section(
     block = dict(getattr(config, CONFIG_KEY, None) or {})
     architecture = (getattr(config, "architectures", None) or [type(model).__name__])[0]
     repo_id = repo_id or "path/to/this/checkpoint"
-    dtype = {"merged": "the model dtype", "compressed-tensors": "e4m3"}.get(checkpoint_format, weight_dtype)
+    dtype = {"merged": "the model dtype", "compressed-tensors": "e4m3"}.get(
+        checkpoint_format, weight_dtype or "float32"
+    )
     if checkpoint_format == "unit-scaled" and embedding_dtype not in (None, weight_dtype):
         rows = " with one fp32 scale per row" if embedding_dtype == "int8" else ""
         dtype = f"{dtype}; embedding tables {embedding_dtype}{rows}"

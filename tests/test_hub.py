@@ -10,6 +10,7 @@ import transformers
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
 
 import hf_unitscale
+import hf_unitscale.trainer
 from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales, set_operand_scales
 from hf_unitscale.modules import UnitScaledMatmulMixin
 
@@ -145,3 +146,33 @@ def test_merged_back_model_pushes_as_plain_transformers(local_hub):
     assert "unit-scaling" not in _card("user/plain")
     plain = transformers.BertForSequenceClassification.from_pretrained("user/plain").eval()
     torch.testing.assert_close(_logits(plain, batch), _logits(model, batch), rtol=0, atol=0)
+
+
+def test_trainer_push_to_hub_card(local_hub, tmp_path):
+    from hf_unitscale.arguments import UnitScaleTrainingArguments
+
+    model, batch = _converted("llama-untied")
+    rows = [{"input_ids": row, "labels": row} for row in CASES_BY_ID["llama-untied"].batch(4)["input_ids"]]
+    model.config.unit_scaling["lr_rule"] = None  # the trainer records its own
+    args = UnitScaleTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        lr_rule="umup",
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to=[],
+        hub_model_id="user/trained",
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = hf_unitscale.trainer.UnitScaleTrainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    trainer.push_to_hub()
+    assert UNIT_SCALED_WEIGHTS_NAME in local_hub.repo_files("user/trained")
+    card = _card("user/trained")
+    assert "unit-scaling" in ModelCard(card).data.tags
+    # Trainer.push_to_hub: save_model (our card), create_model_card (Trainer's card, our section merged back in)
+    assert "## Unit scaling" in card and "`unit-scaled` —" in card and "Training hyperparameters" in card
+    assert card.count("<!-- hf_unitscale:begin -->") == 1 and "**Learning-rate rule:** umup" in card
+    assert "**Weight dtype (Ŵ):** float32" in card
+    loaded = hf_unitscale.from_pretrained("user/trained")
+    torch.testing.assert_close(_logits(loaded, batch), _logits(trainer.model, batch), rtol=0, atol=0)
