@@ -14,6 +14,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from pathlib import Path
 from types import MethodType
 from typing import Any
 
@@ -105,6 +106,8 @@ def save_pretrained(
     upload_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
     if push:
         repo_id = repo_id or str(save_directory).rstrip("/").split("/")[-1]
+    if is_main_process:
+        _remove_stale_weights(save_directory, checkpoint_format)
     config = model.config
     original_block = getattr(config, CONFIG_KEY, None)
     if checkpoint_format == "merged":
@@ -149,6 +152,21 @@ def save_pretrained(
         )
     if push and is_main_process:
         _upload(save_directory, repo_id, **upload_kwargs)
+
+
+def _remove_stale_weights(save_directory: str | os.PathLike, checkpoint_format: str) -> None:
+    """Delete weight files a save in another format left in `save_directory`: a stale model.safetensors next to
+    a unit-scaled checkpoint would be loaded by plain transformers as if it were this model."""
+    folder = Path(save_directory)
+    if not folder.is_dir():
+        return
+    for pattern in _WEIGHT_PATTERNS:
+        for path in folder.glob(pattern):
+            if path.is_file():
+                logger.info(
+                    f"Removing {path}, left by an earlier save, before saving a {checkpoint_format} checkpoint."
+                )
+                path.unlink()
 
 
 def _check_weight_dtype(checkpoint_format: str, weight_dtype: str | None) -> str | None:

@@ -393,3 +393,15 @@ def test_fp8_storage_minilm_size_and_probe_loss(tmp_path):
     logger.info(f"fp32 loss {reference:.5f}, relative change {change:.4%}, size ratio {fp8_bytes / merged_bytes:.4f}")
     assert fp8_bytes <= 0.3 * merged_bytes, f"e4m3 file is {fp8_bytes / merged_bytes:.3f}× the fp32 merged file"
     assert change <= 0.005, f"probe loss changed by {change:.2%} (fp32 {reference:.4f})"
+
+
+def test_saving_another_format_into_a_folder_removes_stale_weights(tmp_path):
+    model = _converted(CASES_BY_ID["llama-tied"])
+    model.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded merged: model-0000x-of-0000y.safetensors
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    model.save_pretrained(tmp_path, checkpoint_format="unit-scaled")
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == [UNIT_SCALED_WEIGHTS_NAME]
+    with pytest.raises(OSError, match="model.safetensors"):
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path)
+    model.save_pretrained(tmp_path)
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
