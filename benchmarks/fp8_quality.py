@@ -1,0 +1,501 @@
+"""FP8 fine-tuning quality: static unit scales against fp32, naive FP8 and torchao's dynamic scaling.
+
+Fine-tunes the real MiniLM (all-MiniLM-L6-v2 + a fresh 2-way head) on VADER's movie-review
+sentiment snippets and, with `--tasks lm`, the real SmolLM2-135M on Jane Austen, under six variants:
+
+  fp32             the model as loaded, no conversion
+  naive_fp8        the same E4M3/E5M2 casts on raw weights W, a = c = 1 (no scales at all)
+  unit_uncal       unit-scaled weights Ŵ = W/s, a = c = 1 (weight rescaling only)
+  calib_raw        raw weights W with calibrated a, c (calibration only)
+  ours             unit-scaled Ŵ + calibrated a, c, recalibrated every `--recalibrate-every` steps
+  torchao_dynamic  torchao `Float8Linear`, dynamic per-tensor amax scaling (emulated on CPU)
+
+Every variant runs the same plain training loop (AdamW, same seeds, same data order, same dropout
+masks, no gradient clipping); the unit-scaled variants use the "equivalent" AdamW rule
+(lr/s, eps·s, weight decay·s per weight, design.md §3), so with identity casts all six would
+follow the same trajectory and any difference is numerics. The loop is deliberately not
+`transformers.Trainer`, so the benchmark does not depend on `hf_unitscale.trainer`.
+
+Reported per variant: weight-gradient fidelity at step 0 (per-layer cosine and relative error
+to fp32 on one batch), cast underflow/saturation over training (our counters, on every `--count-every`-th step; n/a for torchao),
+training-loss gap to fp32 (early phase = steps 41-110 of 300, scaled to `--steps`, and the whole
+run), final eval loss/accuracy (mean ± std over seeds), wall-time ratio to fp32.
+
+    python benchmarks/fp8_quality.py                              # full: 300 steps, 3 seeds, 2000 eval
+    python benchmarks/fp8_quality.py --steps 60 --seeds 2 --eval-size 500 --tasks classification
+
+Writes benchmarks/results/fp8_quality.{json,md} and fp8_quality_loss.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from hf_unitscale import unit_scale, unit_scaled_modules  # noqa: E402
+from hf_unitscale.calibrate import calibrate, matmul_layers  # noqa: E402
+from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts  # noqa: E402
+
+logger = logging.getLogger("fp8_quality")
+VARIANTS = ("fp32", "naive_fp8", "unit_uncal", "calib_raw", "ours", "torchao_dynamic")
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+class ClassificationTask:
+    name = "minilm_sentiment"
+
+    def __init__(self, args):
+        from transformers import AutoTokenizer
+
+        from hf_unitscale.embedded import load_sentiment, minilm_path
+
+        self.path = minilm_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.train = load_sentiment("train")
+        self.test = load_sentiment("test").select(range(args.eval_size))
+        self.batch_size, self.max_length = args.batch_size, args.max_length
+
+    def model(self, seed):
+        from transformers import AutoModelForSequenceClassification
+
+        torch.manual_seed(seed)  # the fresh classifier head
+        return AutoModelForSequenceClassification.from_pretrained(self.path, num_labels=2)
+
+    def _collate(self, rows):
+        batch = dict(
+            self.tokenizer(rows["text"], padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        )
+        batch["labels"] = torch.tensor(rows["label"])
+        return batch
+
+    def train_batches(self, seed, steps):
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed)).tolist()
+        for step in range(steps):
+            idx = [order[(step * self.batch_size + i) % len(order)] for i in range(self.batch_size)]
+            yield self._collate(self.train[idx])
+
+    def eval_batches(self):
+        for start in range(0, len(self.test), 128):
+            yield self._collate(self.test[start : start + 128])
+
+    @staticmethod
+    def eval_metrics(outputs, batch):
+        loss = F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum").item()
+        correct = (outputs.logits.argmax(-1) == batch["labels"]).sum().item()
+        return {"loss": loss, "correct": correct, "count": len(batch["labels"])}
+
+    @staticmethod
+    def finish_metrics(total):
+        return {"eval_loss": total["loss"] / total["count"], "eval_accuracy": total["correct"] / total["count"]}
+
+
+class LanguageModelTask:
+    name = "smollm2_austen"
+
+    def __init__(self, args):
+        from transformers import AutoTokenizer
+
+        from hf_unitscale.embedded import load_austen, smollm2_path
+
+        self.path = smollm2_path()
+        tokenizer = AutoTokenizer.from_pretrained(self.path)
+        self.seq = args.lm_seq_len
+        self.batch_size = args.lm_batch_size
+
+        def blocks(dataset, limit):
+            ids = []
+            for text in dataset["text"]:
+                ids.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
+                if len(ids) >= limit * self.seq:
+                    break
+            return torch.tensor(ids[: len(ids) // self.seq * self.seq]).view(-1, self.seq)
+
+        self.train = blocks(load_austen("train"), args.lm_steps * self.batch_size + 64)
+        self.test = blocks(load_austen("test"), args.lm_eval_size)[: args.lm_eval_size]
+
+    def model(self, seed):
+        from transformers import AutoModelForCausalLM
+
+        torch.manual_seed(seed)
+        return AutoModelForCausalLM.from_pretrained(self.path, dtype=torch.float32)
+
+    def train_batches(self, seed, steps):
+        order = torch.randperm(len(self.train), generator=torch.Generator().manual_seed(seed))
+        for step in range(steps):
+            idx = order[(torch.arange(self.batch_size) + step * self.batch_size) % len(order)]
+            ids = self.train[idx]
+            yield {"input_ids": ids, "labels": ids}
+
+    def eval_batches(self):
+        for start in range(0, len(self.test), 8):
+            ids = self.test[start : start + 8]
+            yield {"input_ids": ids, "labels": ids}
+
+    @staticmethod
+    def eval_metrics(outputs, batch):
+        tokens = batch["labels"][:, 1:].numel()
+        return {"loss": outputs.loss.item() * tokens, "count": tokens}
+
+    @staticmethod
+    def finish_metrics(total):
+        loss = total["loss"] / total["count"]
+        return {"eval_loss": loss, "eval_perplexity": math.exp(loss)}
+
+
+# --------------------------------------------------------------------------- variants
+
+
+@torch.no_grad()
+def _raw_weights(model):
+    """Undo the weight rescaling but keep the converted classes: weight = W, s = 1."""
+    for module in unit_scaled_modules(model).values():
+        for name in module.unit_scaled_weights:
+            scale = module.scale_of(name)
+            weight = getattr(module, name)
+            if scale.item() != 1.0:
+                weight.mul_(scale.to(weight.dtype))
+                scale.fill_(1.0)
+
+
+def build_variant(variant, task, seed, calibration_batches):
+    model = task.model(seed)
+    if variant == "fp32":
+        return model
+    if variant == "torchao_dynamic":
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+
+        return convert_to_float8_training(model, config=Float8LinearConfig(emulate=True))
+    unit_scale(model)
+    if variant in ("naive_fp8", "calib_raw"):
+        _raw_weights(model)
+    if variant in ("calib_raw", "ours"):
+        calibrate(model, calibration_batches, progress=False)
+    set_precision(model, "e4m3", "e5m2", "simulate")
+    return model
+
+
+def optimizer_for(model, lr, weight_decay, eps=1e-8):
+    """AdamW; a unit-scaled weight Ŵ (scale s) gets lr/s, eps·s, wd·s: the same updates of W = s·Ŵ."""
+    scale_of = {}
+    for module in unit_scaled_modules(model).values():
+        for name in module.unit_scaled_weights:
+            scale_of[id(getattr(module, name))] = float(module.scale_of(name))
+    groups = {}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        s = scale_of.get(id(param), 1.0)
+        wd = weight_decay if param.dim() >= 2 else 0.0
+        groups.setdefault((s, wd), []).append(param)
+    return torch.optim.AdamW(
+        [{"params": ps, "lr": lr / s, "eps": eps * s, "weight_decay": wd * s} for (s, wd), ps in groups.items()]
+    )
+
+
+def _plain_weight_grads(model):
+    """dL/dW per 2-D Linear weight (name → tensor): a unit-scaled Ŵ's gradient divided by its s."""
+    scales = {name: float(m.weight_scale) for name, m in matmul_layers(model).items()}
+    grads = {}
+    for name, module in model.named_modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and weight is not None and weight.grad is not None:
+            grads[name] = weight.grad.detach().double() / scales.get(name, 1.0)
+    return grads
+
+
+def gradient_fidelity(model, reference, batch):
+    """Per-layer cosine and relative error of this model's dL/dW against the fp32 reference on `batch`."""
+    model.train()
+    torch.manual_seed(1234)  # same dropout masks as the reference
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    grads = _plain_weight_grads(model)
+    model.zero_grad(set_to_none=True)
+    layers = {}
+    for name, ref in reference.items():
+        got = grads[name]
+        cos = F.cosine_similarity(got.flatten(), ref.flatten(), dim=0).item()
+        rel = ((got - ref).norm() / ref.norm()).item()
+        layers[name] = {"cosine": cos, "relative_error": rel}
+    return layers
+
+
+def train_one(variant, task, seed, args):
+    first = list(task.train_batches(seed, args.calibration_batches + 1))
+    calibration_batches, fidelity_batch = first[:-1], first[-1]  # fidelity on a batch calibration never saw
+    model = build_variant(variant, task, seed, calibration_batches)
+    result = {"variant": variant, "seed": seed}
+    counted = variant not in ("fp32", "torchao_dynamic")
+    if seed == args.seed_list[0]:
+        if variant == "fp32":
+            result["reference_grads"] = gradient_fidelity_reference(model, fidelity_batch)
+        else:
+            if counted:
+                track_casts(model)
+            result["fidelity"] = gradient_fidelity(model, args.reference_grads, fidelity_batch)
+            if counted:
+                result["fidelity_casts"] = cast_statistics(model, reset=True)
+    counters = track_casts(model) if counted else {}
+    layers = matmul_layers(model) if counted else {}
+    optimizer = optimizer_for(model, args.lr, args.weight_decay)
+    warmup = max(1, args.steps // 10)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (args.steps - step) / (args.steps - warmup)))
+    )
+    losses, saturated_by_interval = [], []
+    model.train()
+    torch.manual_seed(seed + 1000)  # dropout masks: identical across variants
+    start = time.perf_counter()
+    for step, batch in enumerate(task.train_batches(seed, args.steps), start=1):
+        sampled = step % args.count_every == 0  # counting costs ~2x an FP8 step on CPU: sample steps
+        for name, layer in layers.items():
+            layer.cast_counters = counters[name] if sampled else None
+        loss = model(**batch).loss
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+        if counted and step % args.recalibrate_every == 0:
+            saturated_by_interval.append(summarize_casts(cast_statistics(model)))
+            if variant == "ours":
+                rng = torch.get_rng_state()
+                calibrate(model, calibration_batches, progress=False)  # eval mode: no dropout RNG used
+                torch.set_rng_state(rng)
+        if step % max(1, args.steps // 10) == 0:
+            logger.info(f"  {task.name} {variant} seed {seed} step {step}: loss {statistics.fmean(losses[-10:]):.4f}")
+    result["train_seconds"] = time.perf_counter() - start
+    result["losses"] = losses
+    if counted:
+        stats = cast_statistics(model)
+        result["train_casts"] = summarize_casts(stats)
+        result["train_casts_by_interval"] = saturated_by_interval
+        result["train_grad_underflow_by_layer"] = {k: v["grad_output"]["underflow_fraction"] for k, v in stats.items()}
+    model.eval()
+    total = {}
+    with torch.no_grad():
+        for batch in task.eval_batches():
+            for key, value in task.eval_metrics(model(**batch), batch).items():
+                total[key] = total.get(key, 0) + value
+    result.update(task.finish_metrics(total))
+    logger.info(f"  {task.name} {variant} seed {seed}: {task.finish_metrics(total)}, {result['train_seconds']:.0f}s")
+    return result
+
+
+def gradient_fidelity_reference(model, batch):
+    model.train()
+    torch.manual_seed(1234)
+    model.zero_grad(set_to_none=True)
+    model(**batch).loss.backward()
+    grads = _plain_weight_grads(model)
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+# --------------------------------------------------------------------------- report
+
+
+def _mean_std(values):
+    return (statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+
+
+def summarize(task_name, runs, args):
+    by_variant = {v: [r for r in runs if r["variant"] == v] for v in args.variant_list}
+    fp32_runs = {r["seed"]: r for r in by_variant["fp32"]}
+    early = (round(40 * args.steps / 300), max(round(110 * args.steps / 300), round(40 * args.steps / 300) + 1))
+    summary = {}
+    for variant, vruns in by_variant.items():
+        row = {"seeds": [r["seed"] for r in vruns]}
+        fid = next((r["fidelity"] for r in vruns if "fidelity" in r), None)
+        if fid:
+            cos = [v["cosine"] for v in fid.values()]
+            rel = [v["relative_error"] for v in fid.values()]
+            row["grad_cosine_min"], row["grad_cosine_median"] = min(cos), statistics.median(cos)
+            row["grad_relerr_median"], row["grad_relerr_max"] = statistics.median(rel), max(rel)
+            row["grad_cosine_worst_layer"] = min(fid, key=lambda k: fid[k]["cosine"])
+            row["fidelity_by_layer"] = fid
+        fc = next((r["fidelity_casts"] for r in vruns if "fidelity_casts" in r), None)
+        if fc:
+            row["start_casts"] = summarize_casts(fc)
+            row["start_grad_underflow_by_layer"] = {k: v["grad_output"]["underflow_fraction"] for k, v in fc.items()}
+        if "train_casts" in vruns[0]:
+            row["train_casts_seed0"] = vruns[0]["train_casts"]
+            row["train_grad_underflow_by_layer_seed0"] = vruns[0]["train_grad_underflow_by_layer"]
+            row["train_casts_by_interval_seed0"] = vruns[0]["train_casts_by_interval"]
+        gaps_early, gaps_all = [], []
+        for r in vruns:
+            ref = fp32_runs[r["seed"]]["losses"]
+            e0, e1 = early
+            gaps_early.append(statistics.fmean(r["losses"][e0:e1]) / statistics.fmean(ref[e0:e1]) - 1)
+            gaps_all.append(statistics.fmean(r["losses"]) / statistics.fmean(ref) - 1)
+            row.setdefault("early_train_loss", []).append(statistics.fmean(r["losses"][e0:e1]))
+        row["early_steps"] = [early[0] + 1, early[1]]
+        row["early_loss_gap"], row["whole_loss_gap"] = _mean_std(gaps_early), _mean_std(gaps_all)
+        for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
+            if key in vruns[0]:
+                row[key] = _mean_std([r[key] for r in vruns])
+        fp32_time = sum(r["train_seconds"] for r in by_variant["fp32"])
+        row["time_ratio"] = sum(r["train_seconds"] for r in vruns) / fp32_time
+        summary[variant] = row
+    return summary
+
+
+def markdown(all_summaries, args, wall):
+    lines = [
+        "# FP8 fine-tuning quality",
+        "",
+        f"Command: `python benchmarks/fp8_quality.py {' '.join(sys.argv[1:])}` — {wall / 60:.1f} min on "
+        f"{torch.get_num_threads()} CPU threads. Steps {args.steps}, seeds {args.seed_list}, "
+        f"eval examples {args.eval_size}, batch {args.batch_size}, lr {args.lr}. Same loop, data order, "
+        "seeds and dropout masks for all variants; `simulate` backend (E4M3 forward, E5M2 backward).",
+        "",
+    ]
+    for task_name, summary in all_summaries.items():
+        metric = "eval_accuracy" if "eval_accuracy" in summary["fp32"] else "eval_perplexity"
+        lines += [
+            f"## {task_name}",
+            "",
+            "| variant | grad cos min / median (step 0) | grad rel. err median | g underflow step 0 (pooled / worst layer) "
+            "| g underflow over training | saturation over training (x / g) | early loss gap | whole-run loss gap "
+            f"| eval loss | {metric} | time ÷ fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
+        ]
+        for variant, row in summary.items():
+            start = row.get("start_casts", {})
+            train = row.get("train_casts_seed0", {})
+
+            def pct(d, key):
+                return f"{100 * d[key]:.3f}%" if key in d else "n/a"
+
+            fid = (
+                f"{row['grad_cosine_min']:.4f} / {row['grad_cosine_median']:.4f}" if "grad_cosine_min" in row else "ref"
+            )
+            rel = f"{row['grad_relerr_median']:.3f}" if "grad_relerr_median" in row else "ref"
+            lines.append(
+                f"| {variant} | {fid} | {rel} "
+                f"| {pct(start, 'fp8/grad_output_underflow_fraction')} / "
+                f"{pct(start, 'fp8/grad_output_max_layer_underflow_fraction')} "
+                f"| {pct(train, 'fp8/grad_output_underflow_fraction')} "
+                f"| {pct(train, 'fp8/input_saturated_fraction')} / {pct(train, 'fp8/grad_output_saturated_fraction')} "
+                f"| {100 * row['early_loss_gap'][0]:+.2f}% ± {100 * row['early_loss_gap'][1]:.2f} "
+                f"| {100 * row['whole_loss_gap'][0]:+.2f}% ± {100 * row['whole_loss_gap'][1]:.2f} "
+                f"| {row['eval_loss'][0]:.4f} ± {row['eval_loss'][1]:.4f} "
+                f"| {row[metric][0]:.4f} ± {row[metric][1]:.4f} | {row['time_ratio']:.2f} |"
+            )
+        lines += [
+            "",
+            "Loss gap: mean training loss of the variant ÷ fp32's on the same seed, minus 1 (early = steps "
+            f"{summary['fp32']['early_steps'][0]}–{summary['fp32']['early_steps'][1]}). Underflow: non-zero "
+            "elements of g/c flushed to zero ÷ non-zero elements; saturation: elements clipped to the format max. "
+            "torchao scales dynamically and has no counters here (n/a).",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+def plot(all_runs, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(all_runs), figsize=(7 * len(all_runs), 4.5), squeeze=False)
+    for ax, (task_name, runs) in zip(axes[0], all_runs.items(), strict=True):
+        variants = dict.fromkeys(r["variant"] for r in runs)
+        for variant in variants:
+            curves = [r["losses"] for r in runs if r["variant"] == variant]
+            mean = [statistics.fmean(v) for v in zip(*curves, strict=True)]
+            window = max(1, len(mean) // 30)
+            smooth = [statistics.fmean(mean[max(0, i - window + 1) : i + 1]) for i in range(len(mean))]
+            ax.plot(range(1, len(smooth) + 1), smooth, label=variant, lw=1.2)
+        ax.set_title(f"{task_name}: training loss (mean over seeds, moving avg)")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--tasks", default="classification,lm", help="comma list of classification, lm")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--eval-size", "--eval_size", type=int, default=2000)
+    parser.add_argument("--batch-size", "--batch_size", type=int, default=32)
+    parser.add_argument("--max-length", "--max_length", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--weight-decay", "--weight_decay", type=float, default=0.01)
+    parser.add_argument("--calibration-batches", "--calibration_batches", type=int, default=4)
+    parser.add_argument("--recalibrate-every", "--recalibrate_every", type=int, default=100)
+    parser.add_argument("--lm-steps", "--lm_steps", type=int, default=60)
+    parser.add_argument("--lm-batch-size", "--lm_batch_size", type=int, default=8)
+    parser.add_argument("--lm-seq-len", "--lm_seq_len", type=int, default=128)
+    parser.add_argument("--lm-eval-size", "--lm_eval_size", type=int, default=256, help="eval sequences (LM)")
+    parser.add_argument("--count-every", "--count_every", type=int, default=5, help="count casts every N steps")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.seed_list = list(range(args.seeds))
+    args.variant_list = [v for v in args.variants.split(",") if v]
+    if "fp32" not in args.variant_list:
+        parser.error("--variants must include fp32 (the reference)")
+    args.variant_list = ["fp32"] + [v for v in args.variant_list if v != "fp32"]
+    args.out.mkdir(parents=True, exist_ok=True)
+    wall = time.perf_counter()
+    all_runs, all_summaries = {}, {}
+    for task_key in args.tasks.split(","):
+        if task_key == "classification":
+            task = ClassificationTask(args)
+        elif task_key == "lm":
+            task = LanguageModelTask(args)
+            args = copy.copy(args)
+            args.steps, args.batch_size, args.eval_size = args.lm_steps, args.lm_batch_size, args.lm_eval_size
+        else:
+            parser.error(f"unknown task {task_key!r}")
+        runs = []
+        for seed in args.seed_list:
+            for variant in args.variant_list:
+                result = train_one(variant, task, seed, args)
+                if "reference_grads" in result:
+                    args.reference_grads = result.pop("reference_grads")
+                runs.append(result)
+        all_runs[task.name] = runs
+        all_summaries[task.name] = summarize(task.name, runs, args)
+        (args.out / "fp8_quality.json").write_text(
+            json.dumps(
+                {
+                    "args": {k: str(v) for k, v in vars(args).items() if k != "reference_grads"},
+                    "summary": all_summaries,
+                    "runs": all_runs,
+                },
+                indent=1,
+            )
+        )
+    wall = time.perf_counter() - wall
+    (args.out / "fp8_quality.md").write_text(markdown(all_summaries, args, wall))
+    plot(all_runs, args.out / "fp8_quality_loss.png")
+    print((args.out / "fp8_quality.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
