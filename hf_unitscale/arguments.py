@@ -66,6 +66,15 @@ class UnitScaleTrainingArguments(TrainingArguments):
         metadata={"help": "With `fp8`, recalibrate the static scales every this many optimizer steps (0: never)."},
     )
 
+    save_format: Literal["merged", "unit-scaled"] = field(
+        default="merged",
+        metadata={
+            "help": "Format of `save_model()` and `push_to_hub()`: `merged` (a plain transformers checkpoint W = s·Ŵ) "
+            "or `unit-scaled` (Ŵ, s, a, c; needs hf_unitscale to load). Checkpoints written during training are "
+            "always unit-scaled, so resuming is exact."
+        },
+    )
+
     def __post_init__(self) -> None:
         if isinstance(self.lr_multipliers, str):
             text = self.lr_multipliers.strip()
@@ -86,6 +95,8 @@ class UnitScaleTrainingArguments(TrainingArguments):
             )
         if self.calibration_batches < 1:
             raise ValueError(f"`calibration_batches` should be a positive integer, got {self.calibration_batches}.")
+        if self.save_format not in ("merged", "unit-scaled"):
+            raise ValueError(f"`save_format` must be 'merged' or 'unit-scaled', got {self.save_format!r}.")
         if self.recalibrate_every < 0:
             raise ValueError(f"`recalibrate_every` should be 0 (never) or positive, got {self.recalibrate_every}.")
         # before TrainingArguments builds a DeepSpeed config (which needs deepspeed installed)
@@ -147,4 +158,5 @@ _OPTION_FIELDS = (
     "fp8",
     "calibration_batches",
     "recalibrate_every",
+    "save_format",
 )

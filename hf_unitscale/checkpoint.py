@@ -123,11 +123,13 @@ def unit_scaled_state_dict(
     state_dict = dict(model.state_dict() if state_dict is None else state_dict)
     converted = _converted_weight_names(model)
     embeddings = _embedding_weight_names(model)
+    # a state dict gathered from FSDP2 holds a tied weight twice, as two tensors: skip aliases by name too
+    aliases = _parameter_aliases(model)
     seen: set[tuple] = set()
     out = {}
     for name, tensor in state_dict.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
-        if key in seen:
+        if key in seen or name in aliases:
             continue  # the alias of a tied tensor: restored by tying on load
         seen.add(key)
         dtype = (embedding_dtype or weight_dtype) if name in embeddings else weight_dtype
@@ -308,8 +310,8 @@ def _dtype_name(dtype: torch.dtype) -> str:
     return next((name for name, d in EMBEDDING_DTYPES.items() if d == dtype), str(dtype))
 
 
-def _tied_aliases(model: nn.Module) -> dict[str, str]:
-    """{alias: first name} for parameters reachable under several names, and for their scales."""
+def _parameter_aliases(model: nn.Module) -> dict[str, str]:
+    """{alias: first name} for parameters reachable under several names (tied weights)."""
     first_name: dict[int, str] = {}
     aliases = {}
     for name, param in model.named_parameters(remove_duplicate=False):
@@ -317,6 +319,12 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
             aliases[name] = first_name[id(param)]
         else:
             first_name[id(param)] = name
+    return aliases
+
+
+def _tied_aliases(model: nn.Module) -> dict[str, str]:
+    """`_parameter_aliases`, plus the scale buffers of tied converted weights (equal copies, one per module)."""
+    aliases = _parameter_aliases(model)
     converted = _converted_weight_names(model)
     for alias, source in list(aliases.items()):
         if alias in converted and source in converted:

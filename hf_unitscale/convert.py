@@ -13,6 +13,8 @@ converted (GPT-2's `lm_head` and `wte`) is divided once; its second layer gets i
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from transformers import PreTrainedModel
@@ -44,18 +46,21 @@ def unit_scaled_modules(model: nn.Module) -> dict[str, UnitScaledModuleMixin]:
 
 
 def _weight_scale(weight: torch.Tensor, name: str) -> torch.Tensor:
-    """s = rms(W) as an fp32 scalar; 1 for an all-zero W; an error naming the tensor if W is not finite."""
+    """s = rms(W) = ‖W‖₂ / √n as an fp32 scalar; 1 for an all-zero W; an error naming the tensor if W is not finite."""
     if weight.device.type == "meta":
         return torch.ones((), dtype=torch.float32)
     w = weight.detach()
-    if not torch.isfinite(w).all():
+    # one fp32 pass (vector_norm accumulates pairwise); nan/inf anywhere makes the norm non-finite
+    scale = torch.linalg.vector_norm(w, dtype=torch.float32) / math.sqrt(w.numel())
+    if not torch.isfinite(scale):
         bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(
-            f"Cannot unit-scale `{name}`: it has {bad} non-finite value(s) (nan/inf). "
-            "Fix or re-initialize this weight before converting."
-        )
-    scale = w.double().square().mean().sqrt().float()
-    return torch.where(scale > 0, scale, torch.ones_like(scale))
+        if bad:
+            raise ValueError(
+                f"Cannot unit-scale `{name}`: it has {bad} non-finite value(s) (nan/inf). "
+                "Fix or re-initialize this weight before converting."
+            )
+        scale = (torch.linalg.vector_norm(w.double()) / math.sqrt(w.numel())).float()  # squares overflowed fp32
+    return torch.where(scale > 0, scale, torch.ones_like(scale)).cpu()
 
 
 def _other_weights(module: nn.Module) -> tuple[str, ...]:
@@ -170,5 +175,8 @@ def merge_unit_scale(model: nn.Module) -> nn.Module:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
-    model.__dict__.pop("save_pretrained", None)  # back to transformers' own method
+    if isinstance(model, PreTrainedModel):
+        from .hub import detach_checkpoint_methods  # hub imports this module
+
+        detach_checkpoint_methods(model)
     return model

@@ -191,7 +191,8 @@ def _write_config(
     saved = {name: getattr(config, name, None) for name in (CONFIG_KEY, "architectures", *extra)}
     try:
         setattr(config, CONFIG_KEY, block)
-        config.architectures = [type(model).__name__]
+        # under FSDP2 the class is `FSDP<Model>`; transformers strips the prefix the same way
+        config.architectures = [type(model).__name__.removeprefix("FSDP")]
         for name, value in extra.items():
             setattr(config, name, value)
         config.save_pretrained(save_directory)
@@ -253,24 +254,6 @@ def push_to_hub(
     repo are deleted in the same commit. A README already in the repo is kept, with the unit-scaling
     section merged in. Returns the commit info; takes transformers' `push_to_hub` arguments.
     """
-    if not is_unit_scaled(model):  # merged back with `merge_unit_scale`: a plain model again
-        if model.model_tags:
-            model.model_tags = [t for t in model.model_tags if t not in MODEL_CARD_TAGS] or None
-        options = dict(
-            commit_message=commit_message,
-            commit_description=commit_description,
-            private=private,
-            token=token,
-            revision=revision,
-            tags=tags,
-        )
-        return type(model).push_to_hub(
-            model,
-            repo_id,
-            create_pr=create_pr,
-            max_shard_size=max_shard_size,
-            **{k: v for k, v in options.items() if v is not None},
-        )
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory(prefix="hf_unitscale_push_") as folder:
@@ -310,6 +293,14 @@ def attach_checkpoint_methods(model: PreTrainedModel) -> None:
     model.save_pretrained = MethodType(save_pretrained, model)
     model.push_to_hub = MethodType(push_to_hub, model)
     model.add_model_tags(list(MODEL_CARD_TAGS))
+
+
+def detach_checkpoint_methods(model: PreTrainedModel) -> None:
+    """Undo `attach_checkpoint_methods` (after `merge_unit_scale`): transformers' own methods, no tags of ours."""
+    for method in ("save_pretrained", "push_to_hub"):
+        model.__dict__.pop(method, None)
+    if model.model_tags:
+        model.model_tags = [t for t in model.model_tags if t not in MODEL_CARD_TAGS] or None
 
 
 def _model_class(config: PretrainedConfig, model_class: type[PreTrainedModel] | None) -> type[PreTrainedModel]:

@@ -295,10 +295,22 @@ class UnitScaleTrainer(Trainer):
 
     # ---- checkpoints: exact unit-scaled format ----
 
+    def _save_checkpoint(self, model: nn.Module, trial: Any) -> None:
+        self._writing_checkpoint = True
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            self._writing_checkpoint = False
+
+    def _save_format(self) -> str:
+        """Checkpoints: always `unit-scaled` (exact resume); `save_model`/`push_to_hub`: `args.save_format`."""
+        return "unit-scaled" if getattr(self, "_writing_checkpoint", False) else self.unit_scale_options["save_format"]
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        if not (isinstance(model, PreTrainedModel) and is_unit_scaled(model)):
-            return super()._save(output_dir, state_dict)
+        checkpoint_format = self._save_format()
+        if not (isinstance(model, PreTrainedModel) and is_unit_scaled(model)) or checkpoint_format == "merged":
+            return super()._save(output_dir, state_dict)  # a converted model's save_pretrained writes merged
         # Trainer._save calls model.save_pretrained(output_dir, state_dict=..., is_main_process=...);
         # route it to the unit-scaled format for the length of the call.
         had_attribute = "save_pretrained" in model.__dict__
@@ -329,7 +341,9 @@ class UnitScaleTrainer(Trainer):
         if self.is_world_process_zero() and is_unit_scaled(model):
             from .model_card import update_model_card
 
-            update_model_card(model, self.args.output_dir, checkpoint_format="unit-scaled")
+            update_model_card(
+                model, self.args.output_dir, checkpoint_format=self._save_format(), repo_id=self.args.hub_model_id
+            )
 
     def _load_unit_scaled(self, checkpoint_dir: str, model: nn.Module) -> bool:
         """Load a unit-scaled checkpoint into `model`; False when `checkpoint_dir` holds none.

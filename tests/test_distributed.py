@@ -196,23 +196,12 @@ def test_trainer_fsdp2_checkpoint_weights_equal_single_process(launches, checkpo
     _compare_state_dicts({k: sharded[k] for k in single}, single, f"{checkpoint}, Trainer FSDP2 vs one process")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="hub.save_pretrained writes config.architectures = [type(model).__name__], which under FSDP2 is "
-    "`FSDPGPT2LMHeadModel` (transformers strips the prefix); from_pretrained cannot resolve it",
-)
 def test_trainer_fsdp2_checkpoint_names_the_architecture(launches):
     final = launches["trainer_fsdp2"].wait() / "final"
     assert json.loads((final / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
     hf_unitscale.from_pretrained(final)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="Accelerator.get_state_dict under FSDP2 returns a separate tensor for the tied `lm_head.weight`; "
-    "unit_scaled_state_dict de-duplicates by storage, so it is stored twice (hf_unitscale.distributed."
-    "retie_state_dict in UnitScaleTrainer._save, or de-duplication by name, fixes it)",
-)
 def test_trainer_fsdp2_checkpoint_stores_tied_weight_once(launches):
     sharded = load_file(launches["trainer_fsdp2"].wait() / "final" / "unit_scaled_model.safetensors")
     single = load_file(launches["single"].wait() / "final" / "unit_scaled_model.safetensors")

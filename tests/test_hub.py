@@ -157,6 +157,7 @@ def test_trainer_push_to_hub_card(local_hub, tmp_path):
     args = UnitScaleTrainingArguments(
         output_dir=str(tmp_path / "run"),
         lr_rule="umup",
+        save_format="unit-scaled",
         max_steps=1,
         per_device_train_batch_size=2,
         report_to=[],

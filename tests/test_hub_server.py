@@ -9,11 +9,12 @@ import socket
 import sys
 from pathlib import Path
 
-import hub_server
 import pytest
-from hub_server import LocalHub, use_local_hub
 from huggingface_hub import HfApi, constants, hf_hub_download, snapshot_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, RepositoryNotFoundError
+
+import hub_server
+from hub_server import LocalHub, use_local_hub
 
 
 @pytest.fixture

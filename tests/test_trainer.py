@@ -188,6 +188,34 @@ def test_load_best_model_at_end_reads_the_unit_scaled_checkpoint(tmp_path, monke
         torch.testing.assert_close(tensor, best[name], rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.parametrize("save_format", ["merged", "unit-scaled"])
+def test_save_model_writes_args_save_format_and_checkpoints_stay_exact(save_format, tmp_path):
+    case = CASES_BY_ID["bert"]
+    args = _args(
+        tmp_path,
+        cls=UnitScaleTrainingArguments,
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        save_format=save_format,
+    )
+    trainer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert", rows=8))
+    trainer.train()
+    trainer.save_model(str(tmp_path / "final"))
+    assert UNIT_SCALED_WEIGHTS_NAME in os.listdir(tmp_path / "checkpoint-2")
+    final = set(os.listdir(tmp_path / "final"))
+    batch = case.batch()
+    with torch.no_grad():
+        expected = trainer.model.eval()(**batch).logits
+    if save_format == "merged":  # a plain transformers checkpoint
+        assert "model.safetensors" in final and UNIT_SCALED_WEIGHTS_NAME not in final
+        plain = type(trainer.model).from_pretrained(tmp_path / "final").eval()
+        assert not is_unit_scaled(plain)
+        torch.testing.assert_close(plain(**batch).logits, expected, rtol=1e-5, atol=1e-6)
+    else:
+        assert UNIT_SCALED_WEIGHTS_NAME in final and "model.safetensors" not in final
+
+
 def test_resume_refuses_plain_checkpoint(tmp_path):
     case = CASES_BY_ID["gpt2"]
     plain_model = case.model()

@@ -111,6 +111,7 @@ def main() -> None:
         weight_decay=WEIGHT_DECAY,
         max_grad_norm=MAX_GRAD_NORM,
         lr_rule="equivalent",
+        save_format="unit-scaled",  # `final/` is compared tensor by tensor with the checkpoint format
         train_sampling_strategy="sequential",
         logging_steps=1,
         save_strategy="steps",
