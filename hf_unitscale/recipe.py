@@ -54,13 +54,6 @@ class ModelArguments:
         default=None,
         metadata={"help": "Number of classes for text classification; default: from the training labels."},
     )
-    save_format: Literal["merged", "unit-scaled"] = field(
-        default="merged",
-        metadata={
-            "help": "Format of the final model in `output_dir`: `merged` (plain transformers checkpoint, W = s·Ŵ) "
-            "or `unit-scaled` (Ŵ, s and the calibrated a, c; load with `hf_unitscale.from_pretrained`)."
-        },
-    )
 
 
 @dataclass

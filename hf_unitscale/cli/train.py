@@ -74,7 +74,6 @@ def run_recipe(recipe) -> dict[str, Any]:
     """Train and evaluate one parsed recipe; returns {"before", "after", "train", "scale_plot", "seconds"}."""
     from transformers import set_seed
 
-    from ..hub import save_pretrained
     from ..tasks import add_perplexity, setup_task
     from ..trainer import UnitScaleTrainer
 
@@ -112,11 +111,7 @@ def run_recipe(recipe) -> dict[str, Any]:
             add_perplexity(after)
         say(metrics_table(before, after))
     output_dir = Path(training.output_dir)
-    if recipe.model.save_format == "unit-scaled":
-        trainer.save_model(str(output_dir))  # UnitScaleTrainer saves Ŵ, s, a, c exactly
-    elif trainer.is_world_process_zero():
-        save_pretrained(trainer.model, output_dir, checkpoint_format="merged")
-        setup.tokenizer.save_pretrained(output_dir)
+    trainer.save_model(str(output_dir))  # in `save_format`: merged (plain W = s·Ŵ) or unit-scaled (Ŵ, s, a, c)
     plot_path = None
     if recipe.data.scale_plot:
         # every rank measures: calibration averages its statistics over ranks (a collective)
