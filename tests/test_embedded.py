@@ -101,8 +101,11 @@ def test_minilm_loads_as_bert() -> None:
     assert model.config.model_type == "bert"
     assert model.config.num_hidden_layers == 6
     assert model.config.hidden_size == 384
-    batch = tokenizer(["A cat sits on the mat.", "A kitten rests on a rug.", "Stock prices fell sharply."],
-                      padding=True, return_tensors="pt")
+    batch = tokenizer(
+        ["A cat sits on the mat.", "A kitten rests on a rug.", "Stock prices fell sharply."],
+        padding=True,
+        return_tensors="pt",
+    )
     with torch.no_grad():
         hidden = model(**batch).last_hidden_state
     mask = batch["attention_mask"].unsqueeze(-1).float()
@@ -161,8 +164,7 @@ def test_austen_books() -> None:
     train = embedded.load_austen("train")
     test = embedded.load_austen("test")
     assert train.column_names == ["text", "book"]
-    books = ["Sense & Sensibility", "Pride & Prejudice", "Mansfield Park",
-             "Emma", "Northanger Abbey", "Persuasion"]
+    books = ["Sense & Sensibility", "Pride & Prejudice", "Mansfield Park", "Emma", "Northanger Abbey", "Persuasion"]
     assert list(dict.fromkeys(train["book"])) == list(dict.fromkeys(test["book"])) == books
     assert len(train) > 9000
     assert 0.04 < len(test) / (len(train) + len(test)) < 0.06
