@@ -45,6 +45,23 @@ class TinyCase:
         return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def _tiny_llama(tie_word_embeddings: bool) -> LlamaForCausalLM:
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=tie_word_embeddings,
+        bos_token_id=0,
+        eos_token_id=0,
+        pad_token_id=0,
+    )
+    return LlamaForCausalLM(config)
+
+
 _COMMON = dict(vocab_size=VOCAB, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 TINY_CASES = [
@@ -112,44 +129,8 @@ TINY_CASES = [
         ),
         tied=True,
     ),
-    TinyCase(
-        "llama-tied",
-        lambda: LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-                tie_word_embeddings=True,
-                bos_token_id=0,
-                eos_token_id=0,
-                pad_token_id=0,
-            )
-        ),
-        tied=True,
-    ),
-    TinyCase(
-        "llama-untied",
-        lambda: LlamaForCausalLM(
-            LlamaConfig(
-                vocab_size=VOCAB,
-                hidden_size=32,
-                intermediate_size=48,
-                num_hidden_layers=2,
-                num_attention_heads=4,
-                num_key_value_heads=2,
-                max_position_embeddings=64,
-                tie_word_embeddings=False,
-                bos_token_id=0,
-                eos_token_id=0,
-                pad_token_id=0,
-            )
-        ),
-        tied=False,
-    ),
+    TinyCase("llama-tied", lambda: _tiny_llama(tie_word_embeddings=True), tied=True),
+    TinyCase("llama-untied", lambda: _tiny_llama(tie_word_embeddings=False), tied=False),
 ]
 
 CASES_BY_ID = {case.id: case for case in TINY_CASES}
