@@ -14,8 +14,10 @@ amax scaling. The scalar products are applied to the fp32 GEMM output: `torch._s
 takes exactly these per-tensor scales (backend "scaled_mm"); backend "simulate" casts to the
 format and back and multiplies in the input's dtype, which runs everywhere.
 
-Without casts the three GEMMs are mathematically x @ Wᵀ + b, so the full-precision path
-computes F.linear(x, s·Ŵ, b): one weight-sized multiply, autograd for the rest.
+Without casts the three GEMMs are mathematically x @ Wᵀ + b, so the full-precision path is
+F.linear(s·x, Ŵ, b) when in ≤ out and s·F.linear(x, Ŵ) + b otherwise: one multiply over the
+smaller activation (a weight-sized multiply would re-allocate an LM head's 50k×d weight every
+step), autograd for the rest.
 Embeddings: y = s · Ŵ[ids]; their lookups are not GEMMs and stay in the compute dtype.
 """
 
@@ -124,11 +126,16 @@ def scaled_linear(
 ) -> torch.Tensor:
     """y = s·(x @ Ŵᵀ) + b for x of shape (..., in) and Ŵ of shape (out, in).
 
-    `precision=None` is the full-precision path, F.linear(x, s·Ŵ, b), for which a and c do not
+    `precision=None` is the full-precision path (s multiplies the smaller activation), for which a and c do not
     matter; otherwise the three GEMMs of the module docstring with casts to `precision`'s formats.
     """
     if precision is None:
-        return F.linear(x, weight * weight_scale.to(weight.dtype), bias)
+        scale = weight_scale.to(x.dtype)
+        out_features, in_features = weight.shape
+        if in_features <= out_features:
+            return F.linear(x * scale, weight, bias)
+        out = F.linear(x, weight) * scale
+        return out if bias is None else out + bias
     out = _ScaledMatmul.apply(
         x.reshape(-1, x.shape[-1]), weight, weight_scale, input_scale, grad_scale, precision, counters
     )
