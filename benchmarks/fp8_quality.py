@@ -45,7 +45,8 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_unitscale import unit_scale, unit_scaled_modules  # noqa: E402
-from hf_unitscale.calibrate import calibrate, matmul_layers  # noqa: E402
+from hf_unitscale.calibrate import calibrate  # noqa: E402
+from hf_unitscale.convert import matmul_layers  # noqa: E402
 from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts  # noqa: E402
 
 logger = logging.getLogger("fp8_quality")

@@ -19,7 +19,6 @@ the plot shades the E4M3 and E5M2 ranges (smallest subnormal to max) to show it.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -35,6 +34,7 @@ from .convert import is_unit_scaled, unit_scale, unit_scaled_modules
 from .formats import FORMATS, CastCounter, cast_to_format
 from .modules import UnitScaledEmbedding, UnitScaledMatmulMixin
 from .ops import rms
+from .precision import full_precision
 
 __all__ = ["LayerScales", "ScaleReport", "format_scale_table", "plot_scale_report", "scale_report"]
 
@@ -140,19 +140,6 @@ def _loss(outputs: Any) -> torch.Tensor:
     return logits.float().square().sum() / (2 * rows)
 
 
-@contextlib.contextmanager
-def _full_precision(model: nn.Module):
-    layers = [m for m in model.modules() if isinstance(m, UnitScaledMatmulMixin)]
-    saved = [m.__dict__.get("precision") for m in layers]
-    try:
-        for m in layers:
-            m.precision = None
-        yield
-    finally:
-        for m, precision in zip(layers, saved, strict=True):
-            m.precision = precision
-
-
 def _measure(
     model: nn.Module, batches: Sequence[Mapping[str, Any]], *, divide_by_scales: bool
 ) -> dict[str, tuple[float, float, float]]:
@@ -194,7 +181,7 @@ def _measure(
         handles.append(module.register_forward_pre_hook(pre_hook(name)))
         handles.append(module.register_forward_hook(forward_hook(name)))
     try:
-        with _full_precision(model), torch.enable_grad():
+        with full_precision(model), torch.enable_grad():
             for batch in batches:
                 outputs_of.clear()
                 loss = _loss(model(**_batch_inputs(model, batch)))

@@ -35,7 +35,6 @@ How it is measured, and why:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
@@ -46,19 +45,15 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import CONFIG_KEY
-from .modules import UnitScaledMatmulMixin
+from .convert import matmul_layers
 from .ops import rms
+from .precision import full_precision
 
-__all__ = ["calibrate", "matmul_layers"]
+__all__ = ["calibrate"]
 
 logger = logging.get_logger(__name__)
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
-
-
-def matmul_layers(model: nn.Module) -> dict[str, UnitScaledMatmulMixin]:
-    """The converted matmul layers of `model` (those with static scales a, c) by qualified name."""
-    return {name: m for name, m in model.named_modules() if isinstance(m, UnitScaledMatmulMixin)}
 
 
 class _LayerStats:
@@ -138,23 +133,6 @@ def _all_reduce_mean_squares(stats: dict[str, _LayerStats]) -> None:
     dist.all_reduce(tensor)
     for s, (x_ms, x_n, g_ms, g_n) in zip(stats.values(), tensor.tolist(), strict=True):
         s.x_ms_total, s.x_batches, s.g_ms_total, s.g_batches = x_ms, int(x_n), g_ms, int(g_n)
-
-
-@contextlib.contextmanager
-def _full_precision(layers: Iterable[UnitScaledMatmulMixin]):
-    layers = list(layers)
-    saved = [layer.__dict__.get("precision", None) for layer in layers]
-    had = ["precision" in layer.__dict__ for layer in layers]
-    try:
-        for layer in layers:
-            layer.precision = None
-        yield
-    finally:
-        for layer, precision, present in zip(layers, saved, had, strict=True):
-            if present:
-                layer.precision = precision
-            else:
-                layer.__dict__.pop("precision", None)
 
 
 def calibrate(
@@ -237,7 +215,7 @@ def calibrate(
     used_proxy = False
     try:
         model.eval()
-        with _full_precision(layers.values()), torch.enable_grad():
+        with full_precision(model), torch.enable_grad():
             for batch in bar:
                 inputs = _model_inputs(model, batch)
                 outputs_of.clear()

@@ -22,7 +22,8 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .calibrate import calibrate, matmul_layers
+from .calibrate import calibrate
+from .convert import matmul_layers
 from .precision import cast_statistics, summarize_casts, track_casts
 
 __all__ = ["RecalibrationCallback"]

@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .config import CONFIG_KEY
-from .convert import unit_scaled_modules
+from .convert import matmul_layers, unit_scaled_modules
 from .formats import cast_to_format, get_format
 from .modules import SCALE_SUFFIX, UnitScaledMatmulMixin
 
@@ -72,12 +72,7 @@ def _converted_weight_names(model: nn.Module) -> dict[str, str]:
 
 
 def _operand_scale_names(model: nn.Module) -> list[str]:
-    return [
-        f"{name}.{buffer}"
-        for name, module in unit_scaled_modules(model).items()
-        if isinstance(module, UnitScaledMatmulMixin)
-        for buffer in ("input_scale", "grad_scale")
-    ]
+    return [f"{name}.{buffer}" for name in matmul_layers(model) for buffer in ("input_scale", "grad_scale")]
 
 
 def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -224,8 +219,8 @@ def operand_scales(model: nn.Module) -> dict[str, list[float]]:
     """{layer: [a, c]} for every converted matmul layer whose static scales are not both 1."""
     return {
         name: [float(module.input_scale), float(module.grad_scale)]
-        for name, module in unit_scaled_modules(model).items()
-        if isinstance(module, UnitScaledMatmulMixin) and (float(module.input_scale), float(module.grad_scale)) != (1, 1)
+        for name, module in matmul_layers(model).items()
+        if (float(module.input_scale), float(module.grad_scale)) != (1, 1)
     }
 
 

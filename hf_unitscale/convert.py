@@ -30,7 +30,7 @@ from .modules import (
     generic_unit_scaled_class,
 )
 
-__all__ = ["is_unit_scaled", "merge_unit_scale", "unit_scale", "unit_scaled_modules"]
+__all__ = ["is_unit_scaled", "matmul_layers", "merge_unit_scale", "unit_scale", "unit_scaled_modules"]
 
 logger = logging.get_logger(__name__)
 
@@ -43,6 +43,11 @@ def is_unit_scaled(model: nn.Module) -> bool:
 def unit_scaled_modules(model: nn.Module) -> dict[str, UnitScaledModuleMixin]:
     """The converted modules of `model` by qualified name, in `named_modules` order."""
     return {name: m for name, m in model.named_modules() if isinstance(m, UnitScaledModuleMixin)}
+
+
+def matmul_layers(model: nn.Module) -> dict[str, UnitScaledMatmulMixin]:
+    """The converted matmul layers of `model` (those with static operand scales a, c) by qualified name."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, UnitScaledMatmulMixin)}
 
 
 def _weight_scale(weight: torch.Tensor, name: str) -> torch.Tensor:

@@ -12,19 +12,23 @@ training log wants:
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 from torch import nn
 
 from .config import CONFIG_KEY, UnitScaleConfig
+from .convert import matmul_layers
 from .modules import UnitScaledMatmulMixin
 from .ops import MatmulPrecision, OperandCounters
 
-__all__ = ["OPERANDS", "cast_statistics", "set_precision", "summarize_casts", "track_casts"]
+__all__ = ["OPERANDS", "cast_statistics", "full_precision", "set_precision", "summarize_casts", "track_casts"]
 
 OPERANDS = ("input", "weight", "grad_output")
 
 
 def _matmul_layers(model: nn.Module) -> dict[str, UnitScaledMatmulMixin]:
-    layers = {name: m for name, m in model.named_modules() if isinstance(m, UnitScaledMatmulMixin)}
+    layers = matmul_layers(model)
     if not layers:
         raise ValueError(f"{type(model).__name__} has no converted matmul layer; call `unit_scale(model)` first.")
     return layers
@@ -101,3 +105,21 @@ def summarize_casts(statistics: dict[str, dict[str, dict[str, float]]], prefix: 
         summary[f"{prefix}{operand}_max_layer_underflow_fraction"] = max(r["underflow_fraction"] for r in rows)
         summary[f"{prefix}{operand}_max_layer_saturated_fraction"] = max(r["saturated_fraction"] for r in rows)
     return summary
+
+
+@contextlib.contextmanager
+def full_precision(model: nn.Module) -> Iterator[None]:
+    """Inside the block every converted matmul of `model` runs its full-precision path (`precision=None`);
+    each layer's own setting (an instance attribute or the class default) is restored afterwards."""
+    layers = list(matmul_layers(model).values())
+    saved = [(layer, "precision" in layer.__dict__, layer.__dict__.get("precision")) for layer in layers]
+    try:
+        for layer in layers:
+            layer.precision = None
+        yield
+    finally:
+        for layer, present, precision in saved:
+            if present:
+                layer.precision = precision
+            else:
+                layer.__dict__.pop("precision", None)

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from hf_unitscale import unit_scale
-from hf_unitscale.calibrate import calibrate, matmul_layers
+from hf_unitscale.calibrate import calibrate
 from hf_unitscale.callbacks import RecalibrationCallback
+from hf_unitscale.convert import matmul_layers
 from hf_unitscale.ops import MatmulPrecision, rms
 from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts
 

@@ -347,7 +347,7 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
 
 def test_fp8_calibrates_and_trains(tmp_path):
     pytest.importorskip("hf_unitscale.callbacks")
-    from hf_unitscale.calibrate import matmul_layers
+    from hf_unitscale.convert import matmul_layers
 
     case = CASES_BY_ID["bert"]
     args = _args(
