@@ -150,7 +150,10 @@ def test_equivalent_groups_are_plain_adamw_on_w():
     for (name, p), q in zip(plain.named_parameters(), converted.parameters(), strict=True):
         module = converted.get_submodule(name.rsplit(".", 1)[0])
         w = q * module.weight_scale if name.endswith("weight") and hasattr(module, "weight_scale") else q
-        torch.testing.assert_close(w, p, rtol=1e-5, atol=1e-7, msg=f"{name} diverged from torch AdamW on W")
+        # relative to the tensor's scale: the two computations differ by fp32 rounding, which Adam's
+        # normalization amplifies on elements whose gradient cancels to ~1% of the row's
+        scale = p.detach().abs().max().item()
+        torch.testing.assert_close(w, p, rtol=0, atol=1e-5 * scale, msg=f"{name} diverged from torch AdamW on W")
 
 
 def _fan_in(model: nn.Module, name: str) -> int:
