@@ -33,6 +33,7 @@ from transformers.utils import logging
 from .convert import is_unit_scaled, unit_scale, unit_scaled_modules
 from .formats import FORMATS, CastCounter, cast_to_format
 from .modules import UnitScaledEmbedding, UnitScaledMatmulMixin
+from .operand_stats import RmsAccumulator, default_loss, model_inputs
 from .ops import rms
 from .precision import full_precision
 
@@ -98,46 +99,15 @@ def _none_if_nan(value: Any) -> Any:
 # --------------------------------------------------------------------------- measurement
 
 
-class _Accumulator:
-    """Per-batch sums of squares and counts of non-zero elements, pooled as sqrt(mean_b ms_b)."""
+class _Accumulator(RmsAccumulator):
+    """An operand's pooled RMS, plus how much of it a cast to E5M2 flushes to zero."""
 
     def __init__(self) -> None:
-        self.sum_sq = self.count = 0.0
-        self.ms_total = 0.0
-        self.batches = 0
+        super().__init__()
         self.flush = CastCounter()
-
-    def add(self, t: torch.Tensor) -> None:
-        count = float((t != 0).sum())
-        self.sum_sq += float(rms(t, nonzero_only=True)) ** 2 * count
-        self.count += count
-
-    def end_batch(self) -> None:
-        if self.count:
-            self.ms_total += self.sum_sq / self.count
-            self.batches += 1
-        self.sum_sq = self.count = 0.0
-
-    def value(self) -> float:
-        return math.sqrt(self.ms_total / self.batches) if self.batches else NAN
 
     def flushed(self) -> float:
         return self.flush.as_dict()["underflow_fraction"] if int(self.flush.nonzero) else NAN
-
-
-def _batch_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    return {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def _loss(outputs: Any) -> torch.Tensor:
-    loss = getattr(outputs, "loss", None)
-    if loss is not None:
-        return loss
-    # no labels: the proxy `calibrate` uses, sum(logits²)/2/rows (gradient logits/rows)
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    rows = logits.numel() // logits.shape[-1]
-    return logits.float().square().sum() / (2 * rows)
 
 
 def _measure(
@@ -184,7 +154,8 @@ def _measure(
         with full_precision(model), torch.enable_grad():
             for batch in batches:
                 outputs_of.clear()
-                loss = _loss(model(**_batch_inputs(model, batch)))
+                batch_inputs = model_inputs(model, batch)
+                loss = default_loss(model(**batch_inputs), batch_inputs)
                 names = [n for n, outs in outputs_of.items() for _ in outs]
                 tensors = [t for outs in outputs_of.values() for t in outs]
                 for name, grad in zip(names, torch.autograd.grad(loss, tensors, allow_unused=True), strict=True):

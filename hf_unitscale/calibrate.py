@@ -46,7 +46,7 @@ from transformers.utils import logging
 
 from .config import CONFIG_KEY
 from .convert import matmul_layers
-from .ops import rms
+from .operand_stats import RmsAccumulator, default_loss, model_inputs
 from .precision import full_precision
 
 __all__ = ["calibrate"]
@@ -54,63 +54,6 @@ __all__ = ["calibrate"]
 logger = logging.get_logger(__name__)
 
 LossFn = Callable[[Any, Mapping[str, Any]], torch.Tensor]
-
-
-class _LayerStats:
-    """Per layer: sums of the per-batch non-zero mean squares of x and g, and how many batches."""
-
-    def __init__(self) -> None:
-        self.x_sum_sq = self.x_count = 0.0
-        self.g_sum_sq = self.g_count = 0.0
-        self.x_ms_total = self.g_ms_total = 0.0
-        self.x_batches = self.g_batches = 0
-
-    def end_batch(self) -> None:
-        if self.x_count:
-            self.x_ms_total += self.x_sum_sq / self.x_count
-            self.x_batches += 1
-        if self.g_count:
-            self.g_ms_total += self.g_sum_sq / self.g_count
-            self.g_batches += 1
-        self.x_sum_sq = self.x_count = self.g_sum_sq = self.g_count = 0.0
-
-
-def _sum_sq_and_count(t: torch.Tensor) -> tuple[float, float]:
-    t = t.detach()
-    count = float((t != 0).sum())
-    # rms over non-zero elements, squared back to a sum so several calls per batch pool correctly
-    return float(rms(t, nonzero_only=True)) ** 2 * count, count
-
-
-def _is_causal_lm(model: nn.Module) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    model_type = getattr(getattr(model, "config", None), "model_type", None)
-    names = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type, ())
-    names = (names,) if isinstance(names, str) else tuple(names)
-    return type(model).__name__ in names
-
-
-def _model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    if "labels" not in inputs and "input_ids" in inputs and _is_causal_lm(model):
-        labels = inputs["input_ids"].clone()
-        if "attention_mask" in inputs:
-            labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)
-        inputs["labels"] = labels
-    return inputs
-
-
-def _default_loss(outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
-    loss = getattr(outputs, "loss", None)
-    if loss is None and isinstance(outputs, Mapping):
-        loss = outputs.get("loss")
-    if loss is not None:
-        return loss
-    logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
-    rows = logits.numel() // logits.shape[-1]
-    return logits.float().square().sum() / (2 * rows)
 
 
 def _count_tokens(batch: Mapping[str, Any]) -> int:
@@ -121,18 +64,18 @@ def _count_tokens(batch: Mapping[str, Any]) -> int:
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
-def _all_reduce_mean_squares(stats: dict[str, _LayerStats]) -> None:
+def _all_reduce_mean_squares(accumulators: list[RmsAccumulator]) -> None:
     """Sum per-batch mean squares and batch counts over ranks (no-op outside torch.distributed)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    values = [[s.x_ms_total, s.x_batches, s.g_ms_total, s.g_batches] for s in stats.values()]
+    values = [[acc.ms_total, acc.batches] for acc in accumulators]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     tensor = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(tensor)
-    for s, (x_ms, x_n, g_ms, g_n) in zip(stats.values(), tensor.tolist(), strict=True):
-        s.x_ms_total, s.x_batches, s.g_ms_total, s.g_batches = x_ms, int(x_n), g_ms, int(g_n)
+    for acc, (ms_total, batches) in zip(accumulators, tensor.tolist(), strict=True):
+        acc.ms_total, acc.batches = ms_total, int(batches)
 
 
 def calibrate(
@@ -171,7 +114,8 @@ def calibrate(
         raise ValueError(
             f"{type(model).__name__} has no converted matmul layer to calibrate; call `unit_scale(model)` first."
         )
-    stats = {name: _LayerStats() for name in layers}
+    inputs_rms = {name: RmsAccumulator() for name in layers}
+    grads_rms = {name: RmsAccumulator() for name in layers}
     outputs_of: dict[str, list[torch.Tensor]] = {}
     state = {"recording": False, "first_input": True}
 
@@ -180,9 +124,7 @@ def calibrate(
             if not state["recording"]:
                 return None  # e.g. activation-checkpoint recomputation inside backward
             x = args[0]
-            sum_sq, count = _sum_sq_and_count(x)
-            stats[name].x_sum_sq += sum_sq
-            stats[name].x_count += count
+            inputs_rms[name].add(x)
             if not x.requires_grad and x.is_floating_point():
                 # a frozen front (or a fully frozen model): make the graph reach every layer output
                 return (x.detach().requires_grad_(True), *args[1:])
@@ -202,7 +144,7 @@ def calibrate(
         handles.append(layer.register_forward_pre_hook(pre_hook(name)))
         handles.append(layer.register_forward_hook(forward_hook(name)))
 
-    loss_fn = loss_fn or _default_loss
+    loss_fn = loss_fn or default_loss
     was_training = {m: m.training for m in model.modules()}
     iterator = iter(batches) if num_batches is None else islice(batches, num_batches)
     try:
@@ -217,23 +159,21 @@ def calibrate(
         model.eval()
         with full_precision(model), torch.enable_grad():
             for batch in bar:
-                inputs = _model_inputs(model, batch)
+                inputs = model_inputs(model, batch)
                 outputs_of.clear()
                 state["recording"] = True
                 outputs = model(**inputs)
                 state["recording"] = False
-                used_proxy |= loss_fn is _default_loss and getattr(outputs, "loss", None) is None
+                used_proxy |= loss_fn is default_loss and getattr(outputs, "loss", None) is None
                 loss = loss_fn(outputs, inputs) * loss_scale
                 names = [n for n, outs in outputs_of.items() for _ in outs]
                 tensors = [t for outs in outputs_of.values() for t in outs]
                 grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors else ()
                 for name, grad in zip(names, grads, strict=True):
                     if grad is not None:
-                        sum_sq, count = _sum_sq_and_count(grad)
-                        stats[name].g_sum_sq += sum_sq
-                        stats[name].g_count += count
-                for s in stats.values():
-                    s.end_batch()
+                        grads_rms[name].add(grad)
+                for acc in (*inputs_rms.values(), *grads_rms.values()):
+                    acc.end_batch()
                 n_batches += 1
                 n_tokens += _count_tokens(inputs)
                 del outputs, loss, grads, tensors
@@ -252,14 +192,12 @@ def calibrate(
             "Calibrating without a loss (no `labels`): output-gradient scales c come from the proxy "
             "sum(logits²)/2/rows. Pass batches with `labels` or a `loss_fn` for the real training gradients."
         )
-    _all_reduce_mean_squares(stats)
+    _all_reduce_mean_squares([*inputs_rms.values(), *grads_rms.values()])
 
     table: dict[str, dict[str, float]] = {}
     unmeasured = []
     for name, layer in layers.items():
-        s = stats[name]
-        input_rms = math.sqrt(s.x_ms_total / s.x_batches) if s.x_batches else math.nan
-        grad_rms = math.sqrt(s.g_ms_total / s.g_batches) if s.g_batches else math.nan
+        input_rms, grad_rms = inputs_rms[name].value(), grads_rms[name].value()
         for what, value, buffer in (("input", input_rms, layer.input_scale), ("gradient", grad_rms, layer.grad_scale)):
             if math.isnan(value):
                 unmeasured.append(f"{name} ({what})")
@@ -280,7 +218,7 @@ def calibrate(
             f"measure (layer unused or no gradient reaches it): {', '.join(unmeasured[:8])}"
         )
     loss_name = "model loss" if not used_proxy else "proxy sum(logits^2)/2/rows"
-    if loss_fn is not _default_loss:
+    if loss_fn is not default_loss:
         loss_name = "loss_fn"
     record = {
         "num_batches": n_batches,
