@@ -13,7 +13,8 @@ sentiment snippets and, with `--tasks lm`, the real SmolLM2-135M on Jane Austen,
 Every variant runs the same plain training loop (AdamW, same seeds, same data order, same dropout
 masks, no gradient clipping); the unit-scaled variants use the "equivalent" AdamW rule
 (lr/s, eps·s, weight decay·s per weight, design.md §3), so with identity casts all six would
-follow the same trajectory and any difference is numerics. The loop is deliberately not
+follow the same trajectory and any difference is numerics. Every FP8 variant, torchao's too, keeps
+the readout (LM head / classifier) in fp32, the library's default (`--fp8-readout` casts it as well). The loop is deliberately not
 `transformers.Trainer`, so the benchmark does not depend on `hf_unitscale.trainer`.
 
 Reported per variant: weight-gradient fidelity at step 0 (per-layer cosine and relative error
@@ -46,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_unitscale import unit_scale, unit_scaled_modules  # noqa: E402
 from hf_unitscale.calibrate import calibrate  # noqa: E402
-from hf_unitscale.convert import matmul_layers  # noqa: E402
+from hf_unitscale.convert import matmul_layers, readout_module  # noqa: E402
 from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts  # noqa: E402
 
 logger = logging.getLogger("fp8_quality")
@@ -173,20 +174,26 @@ def _raw_weights(model):
                 scale.fill_(1.0)
 
 
-def build_variant(variant, task, seed, calibration_batches):
+def build_variant(variant, task, seed, calibration_batches, fp8_readout):
+    """The model of `variant`; unless `fp8_readout`, every FP8 variant (torchao too) keeps the readout in fp32."""
     model = task.model(seed)
     if variant == "fp32":
         return model
     if variant == "torchao_dynamic":
         from torchao.float8 import Float8LinearConfig, convert_to_float8_training
 
-        return convert_to_float8_training(model, config=Float8LinearConfig(emulate=True))
+        readout = readout_module(model)
+        return convert_to_float8_training(
+            model,
+            config=Float8LinearConfig(emulate=True),
+            module_filter_fn=None if fp8_readout else (lambda module, name: module is not readout),
+        )
     unit_scale(model)
     if variant in ("naive_fp8", "calib_raw"):
         _raw_weights(model)
     if variant in ("calib_raw", "ours"):
         calibrate(model, calibration_batches, progress=False)
-    set_precision(model, "e4m3", "e5m2", "simulate")
+    set_precision(model, "e4m3", "e5m2", "simulate", full_precision_modules=[] if fp8_readout else None)
     return model
 
 
@@ -239,7 +246,7 @@ def gradient_fidelity(model, reference, batch):
 def train_one(variant, task, seed, args):
     first = list(task.train_batches(seed, args.calibration_batches + 1))
     calibration_batches, fidelity_batch = first[:-1], first[-1]  # fidelity on a batch calibration never saw
-    model = build_variant(variant, task, seed, calibration_batches)
+    model = build_variant(variant, task, seed, calibration_batches, args.fp8_readout)
     result = {"variant": variant, "seed": seed}
     counted = variant not in ("fp32", "torchao_dynamic")
     if seed == args.seed_list[0]:
@@ -356,20 +363,25 @@ def summarize(task_name, runs, args):
     return summary
 
 
-def markdown(all_summaries, args, wall):
+def markdown(all_summaries, all_settings, wall):
     lines = [
         "# FP8 fine-tuning quality",
         "",
         f"Command: `python benchmarks/fp8_quality.py {' '.join(sys.argv[1:])}` — {wall / 60:.1f} min on "
-        f"{torch.get_num_threads()} CPU threads. Steps {args.steps}, seeds {args.seed_list}, "
-        f"eval examples {args.eval_size}, batch {args.batch_size}, lr {args.lr}. Same loop, data order, "
-        "seeds and dropout masks for all variants; `simulate` backend (E4M3 forward, E5M2 backward).",
+        f"{torch.get_num_threads()} CPU threads. Same loop, data order, seeds and dropout masks for all variants; "
+        "`simulate` backend (E4M3 forward, E5M2 backward).",
         "",
     ]
     for task_name, summary in all_summaries.items():
         metric = "eval_accuracy" if "eval_accuracy" in summary["fp32"] else "eval_perplexity"
+        settings = all_settings[task_name]
         lines += [
             f"## {task_name}",
+            "",
+            f"Steps {settings['steps']}, seeds {settings['seeds']}, batch {settings['batch_size']}, "
+            f"{settings['eval']}, lr {settings['lr']}, {settings['calibration_batches']} calibration batches, "
+            f"recalibration every {settings['recalibrate_every']} steps, readout layer in {settings['readout']} "
+            "for every variant.",
             "",
             "| variant | grad cos min / median (step 0) | grad rel. err median | g underflow step 0 (pooled / worst layer) "
             "| g underflow over training | saturation over training (x / g) | early loss gap | whole-run loss gap "
@@ -450,6 +462,9 @@ def main(argv=None):
     parser.add_argument("--lm-seq-len", "--lm_seq_len", type=int, default=128)
     parser.add_argument("--lm-eval-size", "--lm_eval_size", type=int, default=256, help="eval sequences (LM)")
     parser.add_argument("--count-every", "--count_every", type=int, default=5, help="count casts every N steps")
+    parser.add_argument(
+        "--fp8-readout", "--fp8_readout", action="store_true", help="cast the readout (output head) to FP8 too"
+    )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
@@ -463,7 +478,7 @@ def main(argv=None):
     args.variant_list = ["fp32"] + [v for v in args.variant_list if v != "fp32"]
     args.out.mkdir(parents=True, exist_ok=True)
     wall = time.perf_counter()
-    all_runs, all_summaries = {}, {}
+    all_runs, all_summaries, all_settings = {}, {}, {}
     for task_key in args.tasks.split(","):
         if task_key == "classification":
             task = ClassificationTask(args)
@@ -482,6 +497,21 @@ def main(argv=None):
                 runs.append(result)
         all_runs[task.name] = runs
         all_summaries[task.name] = summarize(task.name, runs, args)
+        eval_desc = (
+            f"{args.eval_size} eval examples"
+            if task_key == "classification"
+            else f"{args.eval_size} eval sequences × {args.lm_seq_len} tokens"
+        )
+        all_settings[task.name] = {
+            "steps": args.steps,
+            "seeds": args.seed_list,
+            "batch_size": args.batch_size,
+            "eval": eval_desc,
+            "lr": args.lr,
+            "calibration_batches": args.calibration_batches,
+            "recalibrate_every": args.recalibrate_every,
+            "readout": "FP8" if args.fp8_readout else "fp32",
+        }
         (args.out / "fp8_quality.json").write_text(
             json.dumps(
                 {
@@ -492,9 +522,9 @@ def main(argv=None):
                 indent=1,
             )
         )
-    wall = time.perf_counter() - wall
-    (args.out / "fp8_quality.md").write_text(markdown(all_summaries, args, wall))
-    plot(all_runs, args.out / "fp8_quality_loss.png")
+        # written after every task, so a finished task's table survives a later task being interrupted
+        (args.out / "fp8_quality.md").write_text(markdown(all_summaries, all_settings, time.perf_counter() - wall))
+        plot(all_runs, args.out / "fp8_quality_loss.png")
     print((args.out / "fp8_quality.md").read_text())
 
 

@@ -57,6 +57,13 @@ class UnitScaleTrainingArguments(TrainingArguments):
         default=False,
         metadata={"help": "Train with FP8 matmuls (E4M3 forward, E5M2 gradients) using calibrated static scales."},
     )
+    fp8_full_precision_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "With `fp8`, regular expressions over module names (re.fullmatch) of matmul layers kept in full "
+            "precision. Default: the readout (output head). An empty list casts every layer."
+        },
+    )
     calibration_batches: int = field(
         default=4,
         metadata={"help": "With `fp8`, the number of training batches the calibration pass measures a, c over."},
@@ -156,6 +163,7 @@ _OPTION_FIELDS = (
     "umup_depth_scaling",
     "lr_multipliers",
     "fp8",
+    "fp8_full_precision_modules",
     "calibration_batches",
     "recalibrate_every",
     "save_format",

@@ -46,6 +46,13 @@ class UnitScaleConfig:
         default="simulate",
         metadata={"help": f"GEMM backend for low-precision formats: one of {BACKENDS}."},
     )
+    full_precision_modules: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Regular expressions over module names (re.fullmatch) of converted matmul layers that keep the "
+            "full-precision path when formats are set; null: the readout (output head). [] casts every layer."
+        },
+    )
     calibration: dict[str, Any] | None = field(
         default=None,
         metadata={"help": "Set by calibration: how the static operand scales a, c were measured."},
@@ -62,11 +69,12 @@ class UnitScaleConfig:
                 get_format(value)
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
-        for pattern in self.exclude_modules:
-            try:
-                re.compile(pattern)
-            except re.error as err:
-                raise ValueError(f"`exclude_modules` entry {pattern!r} is not a regular expression: {err}.") from None
+        for option in ("exclude_modules", "full_precision_modules"):
+            for pattern in getattr(self, option) or ():
+                try:
+                    re.compile(pattern)
+                except re.error as err:
+                    raise ValueError(f"`{option}` entry {pattern!r} is not a regular expression: {err}.") from None
         _ = self.precision  # validates the format/backend combination
 
     @property

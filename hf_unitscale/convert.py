@@ -18,6 +18,7 @@ import math
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from .config import CONFIG_KEY, UnitScaleConfig
@@ -30,9 +31,30 @@ from .modules import (
     generic_unit_scaled_class,
 )
 
-__all__ = ["is_unit_scaled", "matmul_layers", "merge_unit_scale", "unit_scale", "unit_scaled_modules"]
+__all__ = [
+    "is_unit_scaled",
+    "matmul_layers",
+    "merge_unit_scale",
+    "readout_module",
+    "unit_scale",
+    "unit_scaled_modules",
+]
 
 logger = logging.get_logger(__name__)
+
+
+def readout_module(model: nn.Module) -> nn.Module | None:
+    """The output head: `get_output_embeddings()` (tied or not), else the last matmul layer outside the base model."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    head = get_output() if callable(get_output) else None
+    if head is not None:
+        return head
+    base = getattr(model, "base_model", model)
+    if base is model:
+        return None
+    inside = {id(m) for m in base.modules()}
+    matmuls = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in inside]
+    return matmuls[-1] if matmuls else None
 
 
 def is_unit_scaled(model: nn.Module) -> bool:
@@ -126,7 +148,6 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
             "other module with ≥2-D weights (or all were excluded by `exclude_modules` / `convert_other_modules`)."
         )
     scale_of_param: dict[int, torch.Tensor] = {}
-    precision = config.precision
     for name, module, unit_class, weight_names in plan:
         for weight_name in weight_names:
             param = getattr(module, weight_name)
@@ -143,9 +164,12 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
             device = module.weight.device if module.weight.device.type != "meta" else "cpu"
             module.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
             module.register_buffer("grad_scale", torch.ones((), dtype=torch.float32, device=device))
-            module.precision = precision
         elif unit_class.unit_scaled_weights != weight_names:
             module.unit_scaled_weights = weight_names
+    if config.precision is not None and matmul_layers(model):
+        from .precision import apply_precision  # precision imports this module
+
+        apply_precision(model, config)
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         setattr(model.config, CONFIG_KEY, config.to_dict())
     if isinstance(model, PreTrainedModel):

@@ -57,7 +57,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .convert import unit_scaled_modules
+from .convert import readout_module, unit_scaled_modules
 
 __all__ = [
     "LR_RULES",
@@ -101,20 +101,6 @@ def _is_norm(module: nn.Module) -> bool:
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)):
         return True
     return "norm" in type(module).__name__.lower()
-
-
-def _readout_module(model: nn.Module) -> nn.Module | None:
-    """The output head: untied output embeddings, else the last matmul layer outside the base model."""
-    get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if callable(get_output) else None
-    if head is not None:
-        return head
-    base = getattr(model, "base_model", model)
-    if base is model:
-        return None
-    inside = {id(m) for m in base.modules()}
-    matmuls = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in inside]
-    return matmuls[-1] if matmuls else None
 
 
 def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
@@ -191,7 +177,7 @@ def describe_parameters(
     for module in unit_scaled_modules(model).values():
         for weight in module.unit_scaled_weights:
             scales.setdefault(id(getattr(module, weight)), float(module.scale_of(weight)))
-    readout = _readout_module(model)
+    readout = readout_module(model)
     readout_weight = getattr(readout, "weight", None) if readout is not None else None
     blocks = _block_prefixes(model, _num_layers(model))
 

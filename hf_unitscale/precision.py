@@ -1,7 +1,11 @@
 """Turn low-precision GEMMs on and off on a converted model, and count what their casts clip.
 
 `set_precision` sets the `MatmulPrecision` of every converted matmul layer (and the
-`unit_scaling` config block, so it is saved with the model). `track_casts` attaches an
+`unit_scaling` config block, so it is saved with the model), except the layers named by
+`full_precision_modules`, by default the readout: an LM head's output gradient g = (softmax − onehot)/N
+sums to zero over the vocabulary, and its grad-input g @ W cancels W's common row component; E5M2's
+2-bit mantissa breaks that cancellation (SmolLM2-135M, E5M2 on the head alone: weight-gradient
+cosine to fp32 down to 0.58 in the last layer; every other layer in E5M2: min 0.96). `track_casts` attaches an
 `OperandCounters` (input x/a, weight Ŵ, output gradient g/c) to every matmul layer;
 `cast_statistics` reads them per layer and `summarize_casts` pools them into the fractions a
 training log wants:
@@ -13,16 +17,28 @@ training log wants:
 from __future__ import annotations
 
 import contextlib
+import re
 from collections.abc import Iterator
 
 from torch import nn
+from transformers.utils import logging
 
 from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import matmul_layers
+from .convert import matmul_layers, readout_module
 from .modules import UnitScaledMatmulMixin
 from .ops import MatmulPrecision, OperandCounters
 
-__all__ = ["OPERANDS", "cast_statistics", "full_precision", "set_precision", "summarize_casts", "track_casts"]
+__all__ = [
+    "OPERANDS",
+    "apply_precision",
+    "cast_statistics",
+    "full_precision",
+    "set_precision",
+    "summarize_casts",
+    "track_casts",
+]
+
+logger = logging.get_logger(__name__)
 
 OPERANDS = ("input", "weight", "grad_output")
 
@@ -34,27 +50,57 @@ def _matmul_layers(model: nn.Module) -> dict[str, UnitScaledMatmulMixin]:
     return layers
 
 
+def apply_precision(model: nn.Module, config: UnitScaleConfig) -> list[str]:
+    """Give every converted matmul layer `config.precision`, except those matching `config.full_precision_modules`
+    (re.fullmatch; None: the readout), which keep the full-precision path. Returns the names kept."""
+    layers = _matmul_layers(model)
+    patterns = config.full_precision_modules
+    if patterns is None:
+        readout = readout_module(model)
+        kept = [name for name, layer in layers.items() if layer is readout]
+    else:
+        for pattern in patterns:
+            if not any(re.fullmatch(pattern, name) for name in layers):
+                raise ValueError(
+                    f"`full_precision_modules` entry {pattern!r} matches no converted matmul layer of "
+                    f"{type(model).__name__} (e.g. {list(layers)[-1]!r}); it is a regex over module names."
+                )
+        kept = [name for name in layers if any(re.fullmatch(pattern, name) for pattern in patterns)]
+    precision = config.precision
+    for name, layer in layers.items():
+        layer.precision = None if name in kept else precision
+    if precision is not None:
+        logger.info(f"Low-precision GEMMs in {len(layers) - len(kept)} matmul layers; full precision in {kept}.")
+    return kept
+
+
 def set_precision(
     model: nn.Module,
     forward_format: str | None = "e4m3",
     backward_format: str | None = "e5m2",
     backend: str = "simulate",
+    *,
+    full_precision_modules: list[str] | None = None,
 ) -> MatmulPrecision | None:
-    """Run every converted matmul layer's GEMMs with these operand formats (None, None: full precision).
+    """Run the converted matmul layers' GEMMs with these operand formats (None, None: full precision).
 
     Formats are names from `formats.FORMATS` ("e4m3", "e5m2", "bf16"); backend is "simulate" or
-    "scaled_mm". Returns the `MatmulPrecision` set. Updates `model.config.unit_scaling`.
+    "scaled_mm". `full_precision_modules` (regexes over module names) keep the full-precision path;
+    None keeps the readout, [] casts every layer. Returns the `MatmulPrecision` set and updates
+    `model.config.unit_scaling`.
     """
     block = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-    base = dict(block) if isinstance(block, dict) else {}
-    base.update(forward_format=forward_format, backward_format=backward_format, backend=backend)
-    config = UnitScaleConfig.from_dict(base)  # validates names and the format/backend combination
-    precision = config.precision
-    for layer in _matmul_layers(model).values():
-        layer.precision = precision
+    options = {
+        "forward_format": forward_format,
+        "backward_format": backward_format,
+        "backend": backend,
+        "full_precision_modules": full_precision_modules,
+    }
+    config = UnitScaleConfig.from_dict({**(block if isinstance(block, dict) else {}), **options})  # validates
+    apply_precision(model, config)
     if isinstance(block, dict):
-        block.update(forward_format=forward_format, backward_format=backward_format, backend=backend)
-    return precision
+        block.update(options)
+    return config.precision
 
 
 def track_casts(model: nn.Module, enabled: bool = True) -> dict[str, OperandCounters]:

@@ -141,7 +141,7 @@ class UnitScaleTrainer(Trainer):
             from .precision import set_precision
 
             backend = block.get("backend", "simulate") if isinstance(block, dict) else "simulate"
-            set_precision(model, "e4m3", "e5m2", backend)
+            set_precision(model, "e4m3", "e5m2", backend, full_precision_modules=options["fp8_full_precision_modules"])
         return model
 
     def call_model_init(self, trial=None) -> nn.Module:
