@@ -33,7 +33,7 @@ from transformers.utils import logging
 from .convert import is_unit_scaled, unit_scale, unit_scaled_modules
 from .formats import FORMATS, CastCounter, cast_to_format
 from .modules import UnitScaledEmbedding, UnitScaledMatmulMixin
-from .operand_stats import RmsAccumulator, default_loss, model_inputs
+from .operand_stats import OperandRmsHooks, RmsAccumulator, default_loss, model_inputs
 from .ops import rms
 from .precision import full_precision
 
@@ -99,12 +99,16 @@ def _none_if_nan(value: Any) -> Any:
 # --------------------------------------------------------------------------- measurement
 
 
-class _Accumulator(RmsAccumulator):
+class _FlushCountingAccumulator(RmsAccumulator):
     """An operand's pooled RMS, plus how much of it a cast to E5M2 flushes to zero."""
 
     def __init__(self) -> None:
         super().__init__()
         self.flush = CastCounter()
+
+    def add(self, t: torch.Tensor) -> None:
+        super().add(t)
+        cast_to_format(t.detach().float(), FORMATS["e5m2"], self.flush)
 
     def flushed(self) -> float:
         return self.flush.as_dict()["underflow_fraction"] if int(self.flush.nonzero) else NAN
@@ -118,58 +122,14 @@ def _measure(
     With `divide_by_scales` the operands are x/a and g/c (a calibrated matmul's FP8 operands), else x and g.
     """
     modules = unit_scaled_modules(model)
-    inputs = {name: _Accumulator() for name in modules}
-    grads = {name: _Accumulator() for name in modules}
-    outputs_of: dict[str, list[torch.Tensor]] = {}
-    e5m2 = FORMATS["e5m2"]
-
-    def scales(module: nn.Module) -> tuple[float, float]:
-        if divide_by_scales and isinstance(module, UnitScaledMatmulMixin):
-            return float(module.input_scale), float(module.grad_scale)
-        return 1.0, 1.0
-
-    def pre_hook(name: str):
-        def hook(module: nn.Module, args: tuple[Any, ...]):
-            x = args[0] if args else None
-            if isinstance(x, torch.Tensor) and x.is_floating_point():
-                inputs[name].add(x.detach() / scales(module)[0])
-                if not x.requires_grad:  # a frozen front: let the graph reach this layer's output
-                    return (x.detach().requires_grad_(True), *args[1:])
-            return None
-
-        return hook
-
-    def forward_hook(name: str):
-        def hook(module: nn.Module, args: tuple[Any, ...], output: Any):
-            if isinstance(output, torch.Tensor) and output.requires_grad:
-                outputs_of.setdefault(name, []).append(output)
-
-        return hook
-
-    handles = []
-    for name, module in modules.items():
-        handles.append(module.register_forward_pre_hook(pre_hook(name)))
-        handles.append(module.register_forward_hook(forward_hook(name)))
-    try:
-        with full_precision(model), torch.enable_grad():
-            for batch in batches:
-                outputs_of.clear()
-                batch_inputs = model_inputs(model, batch)
-                loss = default_loss(model(**batch_inputs), batch_inputs)
-                names = [n for n, outs in outputs_of.items() for _ in outs]
-                tensors = [t for outs in outputs_of.values() for t in outs]
-                for name, grad in zip(names, torch.autograd.grad(loss, tensors, allow_unused=True), strict=True):
-                    if grad is not None:
-                        g = grad.detach() / scales(modules[name])[1]
-                        grads[name].add(g)
-                        cast_to_format(g.float(), e5m2, grads[name].flush)
-                for acc in (*inputs.values(), *grads.values()):
-                    acc.end_batch()
-    finally:
-        outputs_of.clear()
-        for handle in handles:
-            handle.remove()
-    return {name: (inputs[name].value(), grads[name].value(), grads[name].flushed()) for name in modules}
+    hooks = OperandRmsHooks(modules, divide_by_scales=divide_by_scales, grad_accumulator=_FlushCountingAccumulator)
+    with hooks, full_precision(model), torch.enable_grad():
+        for batch in batches:
+            inputs = model_inputs(model, batch)
+            hooks.backward(default_loss(hooks.forward(model, inputs), inputs))
+    return {
+        name: (hooks.inputs[name].value(), hooks.grads[name].value(), hooks.grads[name].flushed()) for name in modules
+    }
 
 
 def _weight_rows(model: nn.Module) -> list[tuple[str, str, str, nn.Module, str]]:

@@ -46,7 +46,7 @@ from transformers.utils import logging
 
 from .config import CONFIG_KEY
 from .convert import matmul_layers
-from .operand_stats import RmsAccumulator, default_loss, model_inputs
+from .operand_stats import OperandRmsHooks, RmsAccumulator, default_loss, model_inputs
 from .precision import full_precision
 
 __all__ = ["calibrate"]
@@ -114,36 +114,6 @@ def calibrate(
         raise ValueError(
             f"{type(model).__name__} has no converted matmul layer to calibrate; call `unit_scale(model)` first."
         )
-    inputs_rms = {name: RmsAccumulator() for name in layers}
-    grads_rms = {name: RmsAccumulator() for name in layers}
-    outputs_of: dict[str, list[torch.Tensor]] = {}
-    state = {"recording": False, "first_input": True}
-
-    def pre_hook(name: str):
-        def hook(module: nn.Module, args: tuple[Any, ...]):
-            if not state["recording"]:
-                return None  # e.g. activation-checkpoint recomputation inside backward
-            x = args[0]
-            inputs_rms[name].add(x)
-            if not x.requires_grad and x.is_floating_point():
-                # a frozen front (or a fully frozen model): make the graph reach every layer output
-                return (x.detach().requires_grad_(True), *args[1:])
-            return None
-
-        return hook
-
-    def forward_hook(name: str):
-        def hook(module: nn.Module, args: tuple[Any, ...], output: torch.Tensor):
-            if state["recording"] and output.requires_grad:
-                outputs_of.setdefault(name, []).append(output)
-
-        return hook
-
-    handles = []
-    for name, layer in layers.items():
-        handles.append(layer.register_forward_pre_hook(pre_hook(name)))
-        handles.append(layer.register_forward_hook(forward_hook(name)))
-
     loss_fn = loss_fn or default_loss
     was_training = {m: m.training for m in model.modules()}
     iterator = iter(batches) if num_batches is None else islice(batches, num_batches)
@@ -157,32 +127,16 @@ def calibrate(
     used_proxy = False
     try:
         model.eval()
-        with full_precision(model), torch.enable_grad():
+        with OperandRmsHooks(layers) as hooks, full_precision(model), torch.enable_grad():
             for batch in bar:
                 inputs = model_inputs(model, batch)
-                outputs_of.clear()
-                state["recording"] = True
-                outputs = model(**inputs)
-                state["recording"] = False
+                outputs = hooks.forward(model, inputs)
                 used_proxy |= loss_fn is default_loss and getattr(outputs, "loss", None) is None
-                loss = loss_fn(outputs, inputs) * loss_scale
-                names = [n for n, outs in outputs_of.items() for _ in outs]
-                tensors = [t for outs in outputs_of.values() for t in outs]
-                grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors else ()
-                for name, grad in zip(names, grads, strict=True):
-                    if grad is not None:
-                        grads_rms[name].add(grad)
-                for acc in (*inputs_rms.values(), *grads_rms.values()):
-                    acc.end_batch()
+                hooks.backward(loss_fn(outputs, inputs) * loss_scale)
                 n_batches += 1
                 n_tokens += _count_tokens(inputs)
-                del outputs, loss, grads, tensors
-                outputs_of.clear()
+                del outputs
     finally:
-        state["recording"] = False
-        outputs_of.clear()
-        for handle in handles:
-            handle.remove()
         for module, training in was_training.items():
             module.training = training
     if n_batches == 0:
@@ -192,12 +146,12 @@ def calibrate(
             "Calibrating without a loss (no `labels`): output-gradient scales c come from the proxy "
             "sum(logits²)/2/rows. Pass batches with `labels` or a `loss_fn` for the real training gradients."
         )
-    _all_reduce_mean_squares([*inputs_rms.values(), *grads_rms.values()])
+    _all_reduce_mean_squares(hooks.accumulators())
 
     table: dict[str, dict[str, float]] = {}
     unmeasured = []
     for name, layer in layers.items():
-        input_rms, grad_rms = inputs_rms[name].value(), grads_rms[name].value()
+        input_rms, grad_rms = hooks.inputs[name].value(), hooks.grads[name].value()
         for what, value, buffer in (("input", input_rms, layer.input_scale), ("gradient", grad_rms, layer.grad_scale)):
             if math.isnan(value):
                 unmeasured.append(f"{name} ({what})")

@@ -38,6 +38,7 @@ __all__ = [
     "readout_module",
     "unit_scale",
     "unit_scaled_modules",
+    "weight_scales",
 ]
 
 logger = logging.get_logger(__name__)
@@ -70,6 +71,15 @@ def unit_scaled_modules(model: nn.Module) -> dict[str, UnitScaledModuleMixin]:
 def matmul_layers(model: nn.Module) -> dict[str, UnitScaledMatmulMixin]:
     """The converted matmul layers of `model` (those with static operand scales a, c) by qualified name."""
     return {name: m for name, m in model.named_modules() if isinstance(m, UnitScaledMatmulMixin)}
+
+
+def weight_scales(model: nn.Module) -> dict[int, float]:
+    """{id(Ŵ): s} for every unit-scaled weight of `model` (W = s·Ŵ); a tied weight appears once, with its first scale."""
+    scales: dict[int, float] = {}
+    for module in unit_scaled_modules(model).values():
+        for weight_name in module.unit_scaled_weights:
+            scales.setdefault(id(getattr(module, weight_name)), float(module.scale_of(weight_name)))
+    return scales
 
 
 def _weight_scale(weight: torch.Tensor, name: str) -> torch.Tensor:

@@ -57,7 +57,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .convert import readout_module, unit_scaled_modules
+from .convert import readout_module, weight_scales
 
 __all__ = [
     "LR_RULES",
@@ -173,10 +173,7 @@ def describe_parameters(
         if role not in ROLES:
             raise ValueError(f"`role_overrides[{pattern!r}]` must be one of {ROLES}, got {role!r}.")
     decay = set(_default_decay_names(model) if decay_parameter_names is None else decay_parameter_names)
-    scales: dict[int, float] = {}
-    for module in unit_scaled_modules(model).values():
-        for weight in module.unit_scaled_weights:
-            scales.setdefault(id(getattr(module, weight)), float(module.scale_of(weight)))
+    scales = weight_scales(model)
     readout = readout_module(model)
     readout_weight = getattr(readout, "weight", None) if readout is not None else None
     blocks = _block_prefixes(model, _num_layers(model))

@@ -8,20 +8,26 @@ are averaged, then rooted:
 
 so one outlier batch does not dominate as a max would, and several tensors seen in one batch
 (a layer called twice) pool into that batch's mean square.
+
+`OperandRmsHooks` measures them on real batches: a forward pre-hook records each layer's input x,
+a forward hook keeps its output, and the loss is differentiated with `torch.autograd.grad` with
+respect to those outputs, which gives each layer's output gradient g without creating or changing
+any parameter `.grad`.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
 from torch import nn
 
+from .modules import UnitScaledMatmulMixin
 from .ops import rms
 
-__all__ = ["RmsAccumulator", "default_loss", "model_inputs"]
+__all__ = ["OperandRmsHooks", "RmsAccumulator", "default_loss", "model_inputs"]
 
 
 class RmsAccumulator:
@@ -48,6 +54,105 @@ class RmsAccumulator:
     def value(self) -> float:
         """The pooled RMS; nan when no batch saw a non-zero element."""
         return math.sqrt(self.ms_total / self.batches) if self.batches else math.nan
+
+
+class OperandRmsHooks:
+    """Hooks on `layers` that pool, per layer, rms(x) of its input and rms(g) of its output gradient.
+
+    Used as a context manager (the hooks are removed on exit), one `forward` and one `backward` per batch:
+
+        with OperandRmsHooks(layers) as hooks, torch.enable_grad():
+            for batch in batches:
+                inputs = model_inputs(model, batch)
+                outputs = hooks.forward(model, inputs)
+                hooks.backward(default_loss(outputs, inputs))
+        rms_x, rms_g = hooks.inputs[name].value(), hooks.grads[name].value()
+
+    Only calls inside `forward` are recorded (not, e.g., activation-checkpoint recomputation
+    inside backward). A layer whose floating-point input does not require grad (a frozen front,
+    or a fully frozen model) gets it as a leaf that does, so the graph reaches every layer output.
+
+    Args:
+        layers: {name: module}; a module's first positional argument is its input x.
+        divide_by_scales: record x/a and g/c for converted matmul layers (the operands their FP8
+            GEMMs see, with the static scales a, c at entry), else x and g.
+        grad_accumulator: makes the accumulator of each layer's gradient operand.
+    """
+
+    def __init__(
+        self,
+        layers: Mapping[str, nn.Module],
+        *,
+        divide_by_scales: bool = False,
+        grad_accumulator: Callable[[], RmsAccumulator] = RmsAccumulator,
+    ) -> None:
+        self.layers = dict(layers)
+        self.divide_by_scales = divide_by_scales
+        self.inputs = {name: RmsAccumulator() for name in self.layers}
+        self.grads = {name: grad_accumulator() for name in self.layers}
+        self._scales: dict[str, tuple[float, float]] = {}
+        self._outputs: dict[str, list[torch.Tensor]] = {}
+        self._recording = False
+        self._handles: list[Any] = []
+
+    def accumulators(self) -> list[RmsAccumulator]:
+        """Every input accumulator, then every gradient accumulator, in `layers` order."""
+        return [*self.inputs.values(), *self.grads.values()]
+
+    def _pre_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...]):
+            x = args[0] if args else None
+            if not (self._recording and isinstance(x, torch.Tensor) and x.is_floating_point()):
+                return None
+            self.inputs[name].add(x.detach() / self._scales[name][0])
+            if not x.requires_grad:  # a frozen front: let the graph reach this layer's output
+                return (x.detach().requires_grad_(True), *args[1:])
+            return None
+
+        return hook
+
+    def _forward_hook(self, name: str):
+        def hook(module: nn.Module, args: tuple[Any, ...], output: Any):
+            if self._recording and isinstance(output, torch.Tensor) and output.requires_grad:
+                self._outputs.setdefault(name, []).append(output)
+
+        return hook
+
+    def __enter__(self) -> OperandRmsHooks:
+        for name, layer in self.layers.items():
+            scaled = self.divide_by_scales and isinstance(layer, UnitScaledMatmulMixin)
+            self._scales[name] = (float(layer.input_scale), float(layer.grad_scale)) if scaled else (1.0, 1.0)
+            self._handles.append(layer.register_forward_pre_hook(self._pre_hook(name)))
+            self._handles.append(layer.register_forward_hook(self._forward_hook(name)))
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._recording = False
+        self._outputs.clear()
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def forward(self, model: nn.Module, inputs: Mapping[str, Any]) -> Any:
+        """`model(**inputs)`, recording every layer's input and keeping its output for `backward`."""
+        self._outputs.clear()
+        self._recording = True
+        try:
+            return model(**inputs)
+        finally:
+            self._recording = False
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Record g = ∂loss/∂output of every layer output kept by `forward`, then close the batch."""
+        names = [name for name, outs in self._outputs.items() for _ in outs]
+        tensors = [t for outs in self._outputs.values() for t in outs]
+        self._outputs.clear()
+        grads = torch.autograd.grad(loss, tensors, allow_unused=True) if tensors else ()
+        for name, grad in zip(names, grads, strict=True):
+            if grad is not None:
+                self.grads[name].add(grad.detach() / self._scales[name][1])
+        for acc in self.accumulators():
+            acc.end_batch()
 
 
 def _is_causal_lm(model: nn.Module) -> bool:

@@ -38,7 +38,7 @@ from transformers.utils import logging
 from .arguments import UnitScaleTrainingArguments, deepspeed_optimizer_error, unit_scale_options
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, load_checkpoint_into
 from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import is_unit_scaled, unit_scale, unit_scaled_modules
+from .convert import is_unit_scaled, unit_scale, weight_scales
 from .hub import save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
 
@@ -215,11 +215,7 @@ class UnitScaleTrainer(Trainer):
         """Every parameter once, and {id: s} for the converted ones (s never changes during training)."""
         if self._clip_cache is None:
             unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
-            scales: dict[int, float] = {}
-            for module in unit_scaled_modules(unwrapped).values():
-                for weight in module.unit_scaled_weights:
-                    scales.setdefault(id(getattr(module, weight)), float(module.scale_of(weight)))
-            self._clip_cache = (list(model.parameters()), scales)
+            self._clip_cache = (list(model.parameters()), weight_scales(unwrapped))
         return self._clip_cache
 
     def _plain_clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:

@@ -346,7 +346,6 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
 
 
 def test_fp8_calibrates_and_trains(tmp_path):
-    pytest.importorskip("hf_unitscale.callbacks")
     from hf_unitscale.convert import matmul_layers
 
     case = CASES_BY_ID["bert"]
@@ -356,6 +355,11 @@ def test_fp8_calibrates_and_trains(tmp_path):
     trainer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert"))
     trainer.train()
     layers = matmul_layers(trainer.model)
-    assert all(layer.precision is not None and layer.precision.forward.name == "e4m3" for layer in layers.values())
+    assert layers["classifier"].precision is None  # the readout stays in full precision by default
+    assert all(layer.precision.forward.name == "e4m3" for name, layer in layers.items() if name != "classifier")
     assert any(float(layer.grad_scale) != 1.0 for layer in layers.values()), "no layer was calibrated"
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in _train_logs(trainer))
+
+    args = _args(tmp_path, cls=UnitScaleTrainingArguments, fp8=True, fp8_full_precision_modules=[])
+    every_layer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert")).model
+    assert all(layer.precision.forward.name == "e4m3" for layer in matmul_layers(every_layer).values())

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .utils import copy_tokenizer, load_model
+from .utils import add_model_class_argument, copy_tokenizer, load_model
 
 
 def convert_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -35,13 +35,7 @@ def convert_command_parser(subparsers: argparse._SubParsersAction) -> argparse.A
         default="float32",
         help="storage dtype of Ŵ in the unit-scaled format (default: %(default)s)",
     )
-    parser.add_argument(
-        "--model-class",
-        "--model_class",
-        dest="model_class",
-        default=None,
-        help="transformers class to load with, e.g. AutoModelForSequenceClassification (default: config.architectures)",
-    )
+    add_model_class_argument(parser)
     parser.set_defaults(func=convert_command)
     return parser
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .utils import copy_tokenizer, load_model
+from .utils import add_model_class_argument, copy_tokenizer, load_model
 
 
 def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -17,13 +17,7 @@ def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     )
     parser.add_argument("model", help="unit-scaled checkpoint folder or Hub id")
     parser.add_argument("output_dir", help="folder to write the plain checkpoint to")
-    parser.add_argument(
-        "--model-class",
-        "--model_class",
-        dest="model_class",
-        default=None,
-        help="transformers class to load with (default: config.architectures)",
-    )
+    add_model_class_argument(parser)
     parser.set_defaults(func=merge_command)
     return parser
 

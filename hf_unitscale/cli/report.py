@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from .utils import CommandError, load_model, load_tokenizer
+from .utils import CommandError, add_model_class_argument, load_model, load_tokenizer
 
 
 def report_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -30,13 +30,7 @@ def report_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
     parser.add_argument("model", help="model folder, Hub id, or embedded:minilm / embedded:smollm2")
     parser.add_argument("--output", "-o", default="scales.png", help="PNG to write (default: %(default)s)")
     parser.add_argument("--json", dest="json_path", default=None, help="also write the table as JSON to this file")
-    parser.add_argument(
-        "--model-class",
-        "--model_class",
-        dest="model_class",
-        default=None,
-        help="transformers class to load with, e.g. AutoModelForSequenceClassification (default: config.architectures)",
-    )
+    add_model_class_argument(parser)
     parser.add_argument(
         "--text-file", "--text_file", dest="text_file", default=None, help="text to measure on, one example per line"
     )

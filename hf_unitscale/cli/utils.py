@@ -2,11 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 from typing import Any
 
 
 class CommandError(Exception):
     """A user error a subcommand reports in one line (no traceback)."""
+
+
+def add_model_class_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--model-class` flag, whose value `args.model_class` goes to `load_model`."""
+    parser.add_argument(
+        "--model-class",
+        "--model_class",
+        dest="model_class",
+        default=None,
+        help="transformers class to load with, e.g. AutoModelForSequenceClassification (default: config.architectures)",
+    )
 
 
 def load_model(name_or_path: str, model_class: str | None = None) -> Any:
