@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_unitscale import unit_scale, unit_scaled_modules  # noqa: E402
 from hf_unitscale.calibrate import calibrate  # noqa: E402
-from hf_unitscale.convert import matmul_layers, readout_module  # noqa: E402
+from hf_unitscale.convert import matmul_layers, readout_module, weight_scales  # noqa: E402
 from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts  # noqa: E402
 
 logger = logging.getLogger("fp8_quality")
@@ -199,10 +199,7 @@ def build_variant(variant, task, seed, calibration_batches, fp8_readout):
 
 def optimizer_for(model, lr, weight_decay, eps=1e-8):
     """AdamW; a unit-scaled weight Ŵ (scale s) gets lr/s, eps·s, wd·s: the same updates of W = s·Ŵ."""
-    scale_of = {}
-    for module in unit_scaled_modules(model).values():
-        for name in module.unit_scaled_weights:
-            scale_of[id(getattr(module, name))] = float(module.scale_of(name))
+    scale_of = weight_scales(model)
     groups = {}
     for param in model.parameters():
         if not param.requires_grad:
