@@ -19,7 +19,8 @@ What it changes, and where:
   lr of every group under `umup`/`mup`.
 * `_save`, `_load_from_checkpoint`, `_load_best_model`: checkpoints in the exact `unit-scaled`
   format (Ŵ, s, a, c), so resuming continues the same trajectory.
-* `fp8=True`: E4M3/E5M2 matmuls (`precision.set_precision`) with static scales calibrated on
+* `fp8=True`: E4M3/E5M2 matmuls (`precision.set_precision`; the readout, or the layers named by
+  `fp8_full_precision_modules`, stays in full precision) with static scales calibrated on
   `calibration_batches` training batches at train begin and every `recalibrate_every` steps
   (`callbacks.RecalibrationCallback`).
 """
