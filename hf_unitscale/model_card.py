@@ -179,6 +179,9 @@ def model_card_section(
         dtype = f"{dtype}; embedding tables {embedding_dtype}{rows}"
     lr_rule = block.get("lr_rule") or "not recorded (the model was not trained with `UnitScaleTrainer`)"
     precision = ", ".join(f"{k}: `{block.get(k)}`" for k in ("forward_format", "backward_format", "backend"))
+    if block.get("forward_format") or block.get("backward_format"):
+        kept = block.get("full_precision_modules")
+        precision += ", kept in full precision: " + ("the readout" if kept is None else f"`{kept}`")
     return "\n".join(
         [
             BEGIN,

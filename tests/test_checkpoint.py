@@ -18,6 +18,7 @@ import hf_unitscale
 from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales, set_operand_scales
 from hf_unitscale.formats import get_format
 from hf_unitscale.modules import UnitScaledMatmulMixin
+from hf_unitscale.precision import set_precision
 
 from tiny_models import CASES_BY_ID, TINY_CASES
 
@@ -277,8 +278,10 @@ def test_model_card_states_what_it_must(checkpoint_format, tmp_path):
     model = _converted(CASES_BY_ID["llama-tied"])
     model.config.unit_scaling["lr_rule"] = "umup"
     model.config.unit_scaling["calibration"] = {"batches": 4, "dataset": "austen"}
+    set_precision(model, "e4m3", "e5m2")
     model.save_pretrained(tmp_path, checkpoint_format=checkpoint_format, repo_id="user/tiny-llama")
     card = (tmp_path / "README.md").read_text()
+    assert "forward_format: `e4m3`, backward_format: `e5m2`" in card and "full precision: the readout" in card
     assert card.startswith("---\n") and "- unit-scaling" in card and "- hf_unitscale" in card
     assert "library_name: transformers" in card
     assert "**unit-scaled**" in card and f"`{checkpoint_format}`" in card
