@@ -157,6 +157,12 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
             f"Found nothing to unit-scale in {type(model).__name__}: no nn.Linear, Conv1D or nn.Embedding, and no "
             "other module with ≥2-D weights (or all were excluded by `exclude_modules` / `convert_other_modules`)."
         )
+    if config.precision is not None and config.full_precision_modules:
+        from .precision import full_precision_names  # precision imports this module
+
+        # check before any layer is swapped, so a bad pattern leaves the model as it was
+        matmul_names = [name for name, _, unit_class, _ in plan if issubclass(unit_class, UnitScaledMatmulMixin)]
+        full_precision_names(config.full_precision_modules, matmul_names, type(model).__name__)
     scale_of_param: dict[int, torch.Tensor] = {}
     for name, module, unit_class, weight_names in plan:
         for weight_name in weight_names:

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_unitscale import UnitScaleConfig, unit_scale
+from hf_unitscale import UnitScaleConfig, is_unit_scaled, unit_scale
 from hf_unitscale.calibrate import calibrate
 from hf_unitscale.callbacks import RecalibrationCallback
 from hf_unitscale.convert import matmul_layers
@@ -231,6 +231,10 @@ def test_set_precision_keeps_the_readout_in_full_precision_by_default():
     assert {n for n, m in matmul_layers(again).items() if m.precision is None} == kept
     with pytest.raises(ValueError, match=r"`full_precision_modules` entry 'lm_head' matches no converted matmul layer"):
         set_precision(model, "e4m3", "e5m2", full_precision_modules=["lm_head"])
+    fresh = case.model()
+    with pytest.raises(ValueError, match=r"`full_precision_modules` entry 'lm_head' matches no converted matmul layer"):
+        unit_scale(fresh, UnitScaleConfig(forward_format="e4m3", full_precision_modules=["lm_head"]))
+    assert not is_unit_scaled(fresh)  # checked before any layer was swapped
 
 
 # --------------------------------------------------------------------------- recalibration callback
