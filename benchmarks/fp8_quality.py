@@ -164,14 +164,15 @@ class LanguageModelTask:
 
 @torch.no_grad()
 def _raw_weights(model):
-    """Undo the weight rescaling but keep the converted classes: weight = W, s = 1."""
+    """Undo the weight rescaling but keep the converted classes: weight = W, s = 1 (a tied weight multiplied once)."""
+    done = set()
     for module in unit_scaled_modules(model).values():
         for name in module.unit_scaled_weights:
-            scale = module.scale_of(name)
             weight = getattr(module, name)
-            if scale.item() != 1.0:
-                weight.mul_(scale.to(weight.dtype))
-                scale.fill_(1.0)
+            if id(weight) not in done:
+                weight.mul_(module.scale_of(name).to(weight.dtype))
+                done.add(id(weight))
+            module.scale_of(name).fill_(1.0)
 
 
 def build_variant(variant, task, seed, calibration_batches, fp8_readout):
