@@ -355,8 +355,9 @@ def summarize(task_name, runs, args):
         for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
             if key in vruns[0]:
                 row[key] = _mean_std([r[key] for r in vruns])
-        fp32_time = sum(r["train_seconds"] for r in by_variant["fp32"])
-        row["time_ratio"] = sum(r["train_seconds"] for r in vruns) / fp32_time
+        # medians over seeds: one run slowed by other work on a shared machine does not skew the ratio
+        fp32_time = statistics.median(r["train_seconds"] for r in by_variant["fp32"])
+        row["time_ratio"] = statistics.median(r["train_seconds"] for r in vruns) / fp32_time
         summary[variant] = row
     return summary
 
@@ -413,7 +414,8 @@ def markdown(all_summaries, all_settings, wall):
             "Loss gap: mean training loss of the variant ÷ fp32's on the same seed, minus 1 (early = steps "
             f"{summary['fp32']['early_steps'][0]}–{summary['fp32']['early_steps'][1]}). Underflow: non-zero "
             "elements of g/c flushed to zero ÷ non-zero elements; saturation: elements clipped to the format max. "
-            "torchao scales dynamically and has no counters here (n/a).",
+            "torchao scales dynamically and has no counters here (n/a). Time: median training time over seeds ÷ "
+            "fp32's (emulated FP8 on CPU: not FP8 speed).",
             "",
         ]
     return "\n".join(lines)
