@@ -157,11 +157,11 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
             f"Found nothing to unit-scale in {type(model).__name__}: no nn.Linear, Conv1D or nn.Embedding, and no "
             "other module with ≥2-D weights (or all were excluded by `exclude_modules` / `convert_other_modules`)."
         )
+    matmul_names = [name for name, _, unit_class, _ in plan if issubclass(unit_class, UnitScaledMatmulMixin)]
     if config.precision is not None and config.full_precision_modules:
         from .precision import full_precision_names  # precision imports this module
 
         # check before any layer is swapped, so a bad pattern leaves the model as it was
-        matmul_names = [name for name, _, unit_class, _ in plan if issubclass(unit_class, UnitScaledMatmulMixin)]
         full_precision_names(config.full_precision_modules, matmul_names, type(model).__name__)
     scale_of_param: dict[int, torch.Tensor] = {}
     for name, module, unit_class, weight_names in plan:
@@ -182,7 +182,7 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
             module.register_buffer("grad_scale", torch.ones((), dtype=torch.float32, device=device))
         elif unit_class.unit_scaled_weights != weight_names:
             module.unit_scaled_weights = weight_names
-    if config.precision is not None and matmul_layers(model):
+    if config.precision is not None and matmul_names:
         from .precision import apply_precision  # precision imports this module
 
         apply_precision(model, config)
