@@ -20,7 +20,8 @@ the readout (LM head / classifier) in fp32, the library's default (`--fp8-readou
 Reported per variant: weight-gradient fidelity at step 0 (per-layer cosine and relative error
 to fp32 on one batch), cast underflow/saturation over training (our counters, on every `--count-every`-th step; n/a for torchao),
 training-loss gap to fp32 (early phase = steps 41-110 of 300, scaled to `--steps`, and the whole
-run), final eval loss/accuracy (mean ± std over seeds), wall-time ratio to fp32.
+run), final eval loss/accuracy (mean ± std over seeds) with the FP8 forward and with the trained weights in
+full precision, wall-time ratio to fp32.
 
     python benchmarks/fp8_quality.py                              # full: 300 steps, 3 seeds, 2000 eval
     python benchmarks/fp8_quality.py --steps 60 --seeds 2 --eval-size 500 --tasks classification
@@ -48,7 +49,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_unitscale import unit_scale, unit_scaled_modules  # noqa: E402
 from hf_unitscale.calibrate import calibrate  # noqa: E402
 from hf_unitscale.convert import matmul_layers, readout_module, weight_scales  # noqa: E402
-from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts  # noqa: E402
+from hf_unitscale.precision import cast_statistics, full_precision, set_precision, summarize_casts, track_casts  # noqa: E402
 
 logger = logging.getLogger("fp8_quality")
 VARIANTS = ("fp32", "naive_fp8", "unit_uncal", "calib_raw", "ours", "torchao_dynamic")
@@ -292,15 +293,33 @@ def train_one(variant, task, seed, args):
         result["train_casts"] = summarize_casts(stats)
         result["train_casts_by_interval"] = saturated_by_interval
         result["train_grad_underflow_by_layer"] = {k: v["grad_output"]["underflow_fraction"] for k, v in stats.items()}
+    result.update(evaluate(model, task))
+    if variant != "fp32":
+        result["eval_loss_full_precision"] = evaluate_in_full_precision(variant, model, task, seed)["eval_loss"]
+    logger.info(
+        f"  {task.name} {variant} seed {seed}: eval loss {result['eval_loss']:.4f}, {result['train_seconds']:.0f}s"
+    )
+    return result
+
+
+@torch.no_grad()
+def evaluate(model, task):
     model.eval()
     total = {}
-    with torch.no_grad():
-        for batch in task.eval_batches():
-            for key, value in task.eval_metrics(model(**batch), batch).items():
-                total[key] = total.get(key, 0) + value
-    result.update(task.finish_metrics(total))
-    logger.info(f"  {task.name} {variant} seed {seed}: {task.finish_metrics(total)}, {result['train_seconds']:.0f}s")
-    return result
+    for batch in task.eval_batches():
+        for key, value in task.eval_metrics(model(**batch), batch).items():
+            total[key] = total.get(key, 0) + value
+    return task.finish_metrics(total)
+
+
+def evaluate_in_full_precision(variant, model, task, seed):
+    """The trained weights with every GEMM in fp32: what the merged export gives a user who serves in full precision."""
+    if variant == "torchao_dynamic":  # Float8Linear keeps the plain weight and bias: load them into nn.Linear
+        plain = task.model(seed)
+        plain.load_state_dict(model.state_dict())
+        return evaluate(plain, task)
+    with full_precision(model):
+        return evaluate(model, task)
 
 
 def gradient_fidelity_reference(model, batch):
@@ -352,7 +371,7 @@ def summarize(task_name, runs, args):
             row.setdefault("early_train_loss", []).append(statistics.fmean(r["losses"][e0:e1]))
         row["early_steps"] = [early[0] + 1, early[1]]
         row["early_loss_gap"], row["whole_loss_gap"] = _mean_std(gaps_early), _mean_std(gaps_all)
-        for key in ("eval_loss", "eval_accuracy", "eval_perplexity"):
+        for key in ("eval_loss", "eval_accuracy", "eval_perplexity", "eval_loss_full_precision"):
             if key in vruns[0]:
                 row[key] = _mean_std([r[key] for r in vruns])
         # medians over seeds: one run slowed by other work on a shared machine does not skew the ratio
@@ -384,8 +403,8 @@ def markdown(all_summaries, all_settings, wall):
             "",
             "| variant | grad cos min / median (step 0) | grad rel. err median | g underflow step 0 (pooled / worst layer) "
             "| g underflow over training | saturation over training (x / g) | early loss gap | whole-run loss gap "
-            f"| eval loss | {metric} | time ÷ fp32 |",
-            "|---|---|---|---|---|---|---|---|---|---|---|",
+            f"| eval loss | {metric} | eval loss, GEMMs in fp32 | time ÷ fp32 |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for variant, row in summary.items():
             start = row.get("start_casts", {})
@@ -398,6 +417,8 @@ def markdown(all_summaries, all_settings, wall):
                 f"{row['grad_cosine_min']:.4f} / {row['grad_cosine_median']:.4f}" if "grad_cosine_min" in row else "ref"
             )
             rel = f"{row['grad_relerr_median']:.3f}" if "grad_relerr_median" in row else "ref"
+            full_eval = row["eval_loss"] if variant == "fp32" else row.get("eval_loss_full_precision")
+            full = f"{full_eval[0]:.4f} ± {full_eval[1]:.4f}" if full_eval else "not run"
             lines.append(
                 f"| {variant} | {fid} | {rel} "
                 f"| {pct(start, 'fp8/grad_output_underflow_fraction')} / "
@@ -407,7 +428,7 @@ def markdown(all_summaries, all_settings, wall):
                 f"| {100 * row['early_loss_gap'][0]:+.2f}% ± {100 * row['early_loss_gap'][1]:.2f} "
                 f"| {100 * row['whole_loss_gap'][0]:+.2f}% ± {100 * row['whole_loss_gap'][1]:.2f} "
                 f"| {row['eval_loss'][0]:.4f} ± {row['eval_loss'][1]:.4f} "
-                f"| {row[metric][0]:.4f} ± {row[metric][1]:.4f} | {row['time_ratio']:.2f} |"
+                f"| {row[metric][0]:.4f} ± {row[metric][1]:.4f} | {full} | {row['time_ratio']:.2f} |"
             )
         lines += [
             "",
@@ -415,7 +436,8 @@ def markdown(all_summaries, all_settings, wall):
             f"{summary['fp32']['early_steps'][0]}–{summary['fp32']['early_steps'][1]}). Underflow: non-zero "
             "elements of g/c flushed to zero ÷ non-zero elements; saturation: elements clipped to the format max. "
             "torchao scales dynamically and has no counters here (n/a). Time: median training time over seeds ÷ "
-            "fp32's (emulated FP8 on CPU: not FP8 speed).",
+            "fp32's (emulated FP8 on CPU: not FP8 speed). Eval loss, GEMMs in fp32: the same trained weights "
+            "evaluated with every matmul in full precision, as a user serving the merged export in fp32 gets them.",
             "",
         ]
     return "\n".join(lines)
