@@ -7,7 +7,7 @@
   s = rms(W).
 - `unit-scaled`: Ŵ under the original names (fp32, bf16 or E4M3: Ŵ has unit RMS, so FP8 with no
   further scale keeps it), every `<weight>_scale` s, `input_scale` a and `grad_scale` c, in
-  `unit_scaled_model.safetensors`. There is deliberately no `model.safetensors`: plain
+  `unit_scaled_model.safetensors` (or shards of it with an index, past `max_shard_size`). There is deliberately no `model.safetensors`: plain
   transformers fails loudly ("no file named model.safetensors") instead of loading Ŵ as W.
   It keeps training state exact (Trainer checkpoints use it) and stores Ŵ compactly. Tensors that
   are not converted (norm gains, biases) are stored as they are: they are a tiny part of the file.
@@ -27,9 +27,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from transformers.utils import cached_file
+from transformers.utils.hub import get_checkpoint_shard_files
 
 from .config import CONFIG_KEY
 from .convert import matmul_layers, unit_scaled_modules
@@ -39,20 +42,25 @@ from .modules import SCALE_SUFFIX, UnitScaledMatmulMixin
 __all__ = [
     "CHECKPOINT_FORMATS",
     "EMBEDDING_DTYPES",
+    "UNIT_SCALED_INDEX_NAME",
     "UNIT_SCALED_WEIGHTS_NAME",
     "WEIGHT_DTYPES",
     "compressed_tensors_checkpoint",
     "decode_stored_weights",
+    "has_unit_scaled_weights",
     "load_checkpoint_into",
     "load_unit_scaled_state_dict",
     "merged_state_dict",
     "operand_scales",
     "read_checkpoint_format",
+    "read_unit_scaled_weights",
     "set_operand_scales",
     "unit_scaled_state_dict",
 ]
 
 UNIT_SCALED_WEIGHTS_NAME = "unit_scaled_model.safetensors"
+UNIT_SCALED_INDEX_NAME = "unit_scaled_model.safetensors.index.json"
+DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' default for save_pretrained
 MERGED_WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_FORMATS = ("merged", "unit-scaled", "compressed-tensors")
 # storage dtype of Ŵ in the unit-scaled format
@@ -366,33 +374,90 @@ def _read_block_dtype(config_dict: dict, key: str, allowed: dict) -> str | None:
 
 
 def write_unit_scaled_weights(
-    state_dict: dict[str, torch.Tensor], save_directory: str | os.PathLike, checkpoint_format: str = "unit-scaled"
-) -> Path:
-    """One safetensors file: `unit_scaled_model.safetensors`, or `model.safetensors` for compressed-tensors."""
-    name = MERGED_WEIGHTS_NAME if checkpoint_format == "compressed-tensors" else UNIT_SCALED_WEIGHTS_NAME
-    path = Path(save_directory) / name
-    save_file(state_dict, str(path), metadata={"format": "pt", "hf_unitscale": checkpoint_format})
-    return path
+    state_dict: dict[str, torch.Tensor],
+    save_directory: str | os.PathLike,
+    checkpoint_format: str = "unit-scaled",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+) -> list[Path]:
+    """`unit_scaled_model.safetensors` (`model.safetensors` for compressed-tensors), or, when the tensors exceed
+    `max_shard_size`, shards `…-0000k-of-0000n.safetensors` and an `….safetensors.index.json` mapping each
+    tensor to its shard, as transformers shards a checkpoint. Returns the files written."""
+    stem = "model" if checkpoint_format == "compressed-tensors" else "unit_scaled_model"
+    split = split_torch_state_dict_into_shards(
+        state_dict, filename_pattern=stem + "{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    folder = Path(save_directory)
+    written = []
+    for filename, names in split.filename_to_tensors.items():
+        path = folder / filename
+        save_file(
+            {name: state_dict[name] for name in names},
+            str(path),
+            metadata={"format": "pt", "hf_unitscale": checkpoint_format},
+        )
+        written.append(path)
+    if split.is_sharded:
+        index = {
+            "metadata": {**split.metadata, "hf_unitscale": checkpoint_format},
+            "weight_map": split.tensor_to_filename,
+        }
+        path = folder / f"{stem}.safetensors.index.json"
+        path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+        written.append(path)
+    return written
+
+
+def unit_scaled_weight_files(pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any) -> list[str]:
+    """Local paths of a unit-scaled checkpoint's weights in a folder or Hub repo: `unit_scaled_model.safetensors`,
+    or every shard its index names (downloaded and cached for a repo). `hub_kwargs` as for `cached_file`."""
+    where = str(pretrained_model_name_or_path)
+    single = cached_file(where, UNIT_SCALED_WEIGHTS_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if single is not None:
+        return [single]
+    index = cached_file(where, UNIT_SCALED_INDEX_NAME, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+    if index is None:
+        raise ValueError(
+            f"{where} holds neither {UNIT_SCALED_WEIGHTS_NAME} nor {UNIT_SCALED_INDEX_NAME}: it is not a unit-scaled "
+            "checkpoint (merged checkpoints load with `hf_unitscale.from_pretrained`, which re-measures the scales)."
+        )
+    try:
+        shards, _ = get_checkpoint_shard_files(where, index, **hub_kwargs)
+    except (KeyError, json.JSONDecodeError) as err:
+        raise ValueError(f"Could not read the shard index {index}: {err!r}. Re-download or re-save it.") from err
+    missing = [shard for shard in shards if not os.path.isfile(shard)]
+    if missing:
+        raise ValueError(f"{index} names shard(s) that are missing: {missing[:3]}. Re-download or re-save it.")
+    return shards
+
+
+def read_unit_scaled_weights(
+    pretrained_model_name_or_path: str | os.PathLike, **hub_kwargs: Any
+) -> dict[str, torch.Tensor]:
+    """Every tensor of a unit-scaled checkpoint (one file or its shards), as one state dict."""
+    state_dict = {}
+    for path in unit_scaled_weight_files(pretrained_model_name_or_path, **hub_kwargs):
+        state_dict.update(read_safetensors(path))
+    return state_dict
 
 
 def load_checkpoint_into(model: nn.Module, checkpoint_dir: str | os.PathLike) -> None:
-    """Load a checkpoint folder of either format into an already converted model, in place."""
+    """Load a unit-scaled checkpoint folder (one weights file or shards) into an already converted model, in place."""
     checkpoint_dir = Path(checkpoint_dir)
     config = (
         json.loads((checkpoint_dir / "config.json").read_text()) if (checkpoint_dir / "config.json").exists() else {}
     )
-    fmt = read_checkpoint_format(config)
-    if fmt == "unit-scaled" or (checkpoint_dir / UNIT_SCALED_WEIGHTS_NAME).exists():
-        state_dict = read_safetensors(checkpoint_dir / UNIT_SCALED_WEIGHTS_NAME)
-        load_unit_scaled_state_dict(
-            model,
-            state_dict,
-            source=str(checkpoint_dir / UNIT_SCALED_WEIGHTS_NAME),
-            weight_dtype=read_weight_dtype(config),
-            embedding_dtype=read_embedding_dtype(config),
-        )
-        return
-    raise ValueError(
-        f"{checkpoint_dir} holds no {UNIT_SCALED_WEIGHTS_NAME}; load merged checkpoints with "
-        "`hf_unitscale.from_pretrained`, which re-measures the scales."
+    load_unit_scaled_state_dict(
+        model,
+        read_unit_scaled_weights(checkpoint_dir),
+        source=str(checkpoint_dir),
+        weight_dtype=read_weight_dtype(config),
+        embedding_dtype=read_embedding_dtype(config),
+    )
+
+
+def has_unit_scaled_weights(checkpoint_dir: str | os.PathLike) -> bool:
+    """Whether a local folder holds a unit-scaled checkpoint's weights (one file or a shard index)."""
+    return any(
+        os.path.isfile(os.path.join(checkpoint_dir, name))
+        for name in (UNIT_SCALED_WEIGHTS_NAME, UNIT_SCALED_INDEX_NAME)
     )

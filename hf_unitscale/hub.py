@@ -25,19 +25,19 @@ from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from transformers import AutoConfig, CompressedTensorsConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
-from transformers.utils import cached_file, logging
+from transformers.utils import logging
 
 from . import __version__
 from .checkpoint import (
     CHECKPOINT_FORMATS,
-    UNIT_SCALED_WEIGHTS_NAME,
+    DEFAULT_MAX_SHARD_SIZE,
     compressed_tensors_checkpoint,
     load_unit_scaled_state_dict,
     merged_state_dict,
     operand_scales,
     read_checkpoint_format,
     read_embedding_dtype,
-    read_safetensors,
+    read_unit_scaled_weights,
     read_weight_dtype,
     set_operand_scales,
     unit_scaled_state_dict,
@@ -94,8 +94,9 @@ def save_pretrained(
         state_dict: a full state dict to save instead of `model.state_dict()` (e.g. gathered from FSDP).
         model_card: write README.md (`model_card.py`), merging into one already in `save_directory`.
         repo_id, base_model, tags: shown in the model card (its load code, metadata).
-        kwargs: passed to `PreTrainedModel.save_pretrained` for the merged format (`max_shard_size`, …);
-            `push_to_hub=True` pushes the saved folder with `push_to_hub` semantics (`repo_id`, `token`, …).
+        kwargs: passed to `PreTrainedModel.save_pretrained` for the merged format; the other formats take
+            `max_shard_size` (default "50GB", as transformers: larger checkpoints are split into shards with an
+            index). `push_to_hub=True` pushes the saved folder with `push_to_hub` semantics (`repo_id`, `token`, …).
     """
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
@@ -106,6 +107,14 @@ def save_pretrained(
     upload_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
     if push:
         repo_id = repo_id or str(save_directory).rstrip("/").split("/")[-1]
+    max_shard_size = kwargs.pop("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
+    if checkpoint_format == "merged":
+        kwargs["max_shard_size"] = max_shard_size
+    elif kwargs:
+        raise TypeError(
+            f"save_pretrained() got argument(s) {sorted(kwargs)} that the {checkpoint_format} format does not use; "
+            "it takes `max_shard_size` and the arguments of this function."
+        )
     if is_main_process:
         _remove_stale_weights(save_directory, checkpoint_format)
     config = model.config
@@ -137,7 +146,7 @@ def save_pretrained(
                 model, checkpoint_format, weight_dtype="e4m3", operand_scales=operand_scales(model)
             )
         _write_config(model, save_directory, block, extra_config)
-        write_unit_scaled_weights(tensors, save_directory, checkpoint_format)
+        write_unit_scaled_weights(tensors, save_directory, checkpoint_format, max_shard_size)
         logger.info(f"Saved {checkpoint_format} checkpoint ({weight_dtype} Ŵ) to {save_directory}.")
     if model_card and is_main_process:
         update_model_card(
@@ -245,7 +254,7 @@ def push_to_hub(
     token: bool | str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
-    max_shard_size: int | str | None = "50GB",
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     tags: list[str] | None = None,
     base_model: str | None = None,
 ) -> CommitInfo:
@@ -264,7 +273,6 @@ def push_to_hub(
             pass
         except Exception as err:  # e.g. a branch that does not exist yet: start a fresh card
             logger.info(f"Read no model card from {repo_id}@{revision} ({type(err).__name__}: {err}).")
-        extra = {"max_shard_size": max_shard_size} if checkpoint_format == "merged" else {}
         save_pretrained(
             model,
             folder,
@@ -274,7 +282,7 @@ def push_to_hub(
             repo_id=repo_id,
             base_model=base_model,
             tags=tags,
-            **extra,
+            max_shard_size=max_shard_size,
         )
         return _upload(
             folder,
@@ -364,7 +372,6 @@ def from_pretrained(
         unit_scale(model, unit_scale_config)
         set_operand_scales(model, stored_scales)
         return model
-    weights_file = cached_file(pretrained_model_name_or_path, UNIT_SCALED_WEIGHTS_NAME, **hub_kwargs)
     # before `_convert` replaces the block with its conversion options
     weight_dtype, embedding_dtype = read_weight_dtype(config.to_dict()), read_embedding_dtype(config.to_dict())
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype", getattr(config, "dtype", None) or torch.float32))
@@ -378,8 +385,8 @@ def from_pretrained(
     _convert(model, unit_scale_config, measure=False)
     load_unit_scaled_state_dict(
         model,
-        read_safetensors(weights_file),
-        source=str(weights_file),
+        read_unit_scaled_weights(pretrained_model_name_or_path, **hub_kwargs),
+        source=str(pretrained_model_name_or_path),
         weight_dtype=weight_dtype,
         embedding_dtype=embedding_dtype,
     )

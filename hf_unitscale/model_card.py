@@ -42,7 +42,7 @@ _FORMAT_TEXT = {
         "and restores the calibrated operand scales from the `unit_scaling` block of `config.json`."
     ),
     "unit-scaled": (
-        f"`{UNIT_SCALED_WEIGHTS_NAME}` holding the unit-scale weights Ŵ, their scales s and the operand scales "
+        f"`{UNIT_SCALED_WEIGHTS_NAME}` (or shards of it with an index) holding the unit-scale weights Ŵ, their scales s and the operand scales "
         "a, c exactly. There is deliberately no `model.safetensors`: plain transformers refuses this folder "
         "instead of loading Ŵ as if it were W."
     ),

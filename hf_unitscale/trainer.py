@@ -28,7 +28,6 @@ What it changes, and where:
 from __future__ import annotations
 
 import math
-import os
 from typing import Any
 
 import torch
@@ -37,7 +36,7 @@ from transformers import PreTrainedModel, Trainer
 from transformers.utils import logging
 
 from .arguments import UnitScaleTrainingArguments, deepspeed_optimizer_error, unit_scale_options
-from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, load_checkpoint_into
+from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_checkpoint_into
 from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import is_unit_scaled, unit_scale, weight_scales
 from .hub import save_pretrained
@@ -350,12 +349,12 @@ class UnitScaleTrainer(Trainer):
         unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
         if not is_unit_scaled(unwrapped):
             return False
-        if os.path.isfile(os.path.join(checkpoint_dir, UNIT_SCALED_WEIGHTS_NAME)):
+        if has_unit_scaled_weights(checkpoint_dir):
             load_checkpoint_into(unwrapped, checkpoint_dir)
             self._clip_cache = None
             return True
         raise ValueError(
-            f"{checkpoint_dir} holds no {UNIT_SCALED_WEIGHTS_NAME}: it is not a UnitScaleTrainer checkpoint, and "
+            f"{checkpoint_dir} holds no {UNIT_SCALED_WEIGHTS_NAME} (nor shards of it): it is not a UnitScaleTrainer checkpoint, and "
             "resuming from plain weights W would not continue the same trajectory (the optimizer state is in Ŵ = W/s "
             "space). Resume from a checkpoint written by UnitScaleTrainer, or start a new run from these weights."
         )

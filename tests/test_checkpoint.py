@@ -408,3 +408,46 @@ def test_saving_another_format_into_a_folder_removes_stale_weights(tmp_path):
         transformers.LlamaForCausalLM.from_pretrained(tmp_path)
     model.save_pretrained(tmp_path)
     assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
+
+
+# ---- sharding: past `max_shard_size` the weights are split as transformers splits them ----
+
+
+@pytest.mark.parametrize(
+    ("checkpoint_format", "stem"), [("unit-scaled", "unit_scaled_model"), ("compressed-tensors", "model")]
+)
+def test_sharded_save_loads_the_same_model(checkpoint_format, stem, tmp_path):
+    case = CASES_BY_ID["llama-tied"]
+    model = _converted(case)
+    model.save_pretrained(tmp_path / "single", checkpoint_format=checkpoint_format)
+    model.save_pretrained(tmp_path / "sharded", checkpoint_format=checkpoint_format, max_shard_size="20KB")
+
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("*.safetensors"))
+    index = json.loads((tmp_path / "sharded" / f"{stem}.safetensors.index.json").read_text())
+    assert len(shards) > 1 and all(name.startswith(f"{stem}-0000") for name in shards), shards
+    assert sorted(set(index["weight_map"].values())) == shards
+    assert sorted(index["weight_map"]) == sorted(load_file(tmp_path / "single" / f"{stem}.safetensors"))
+    single, sharded = (hf_unitscale.from_pretrained(tmp_path / name) for name in ("single", "sharded"))
+    assert operand_scales(sharded) == operand_scales(model)
+    torch.testing.assert_close(_outputs(sharded, case.batch()), _outputs(single, case.batch()), rtol=0, atol=0)
+    if checkpoint_format == "unit-scaled":  # Trainer resume reads shards too, into an already converted model
+        resumed = _converted(case, calibrated=False)
+        hf_unitscale.checkpoint.load_checkpoint_into(resumed, tmp_path / "sharded")
+        assert all(torch.equal(v, model.state_dict()[k]) for k, v in resumed.state_dict().items())
+
+
+def test_missing_shard_is_named(tmp_path):
+    _converted(CASES_BY_ID["llama-tied"]).save_pretrained(
+        tmp_path, checkpoint_format="unit-scaled", max_shard_size="20KB"
+    )
+    lost = sorted(tmp_path.glob("unit_scaled_model-*.safetensors"))[1]
+    lost.unlink()
+    with pytest.raises(ValueError, match=f"index.json names shard.*missing.*{lost.name}"):
+        hf_unitscale.from_pretrained(tmp_path)
+
+
+def test_unit_scaled_save_refuses_arguments_it_would_ignore(tmp_path):
+    model = _converted(CASES_BY_ID["llama-tied"])
+    with pytest.raises(TypeError, match=r"\['variant'\].*unit-scaled format does not use"):
+        model.save_pretrained(tmp_path, checkpoint_format="unit-scaled", variant="ema")
+    assert not list(tmp_path.glob("*.safetensors"))

@@ -80,6 +80,19 @@ def test_push_list_load_by_repo_id(local_hub, checkpoint_format, weight_dtype, w
     assert local_hub.unhandled == []
 
 
+def test_sharded_unit_scaled_push_loads_by_repo_id(local_hub):
+    model, batch = _converted("llama-tied")
+    model.push_to_hub("user/sharded", checkpoint_format="unit-scaled", max_shard_size="20KB")
+
+    weights = [f for f in HfApi().list_repo_files("user/sharded") if f.startswith("unit_scaled_model")]
+    assert "unit_scaled_model.safetensors.index.json" in weights and len(weights) > 3, weights
+    assert UNIT_SCALED_WEIGHTS_NAME not in weights
+    loaded = hf_unitscale.from_pretrained("user/sharded")  # index, then every shard, through the Hub client
+    torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), rtol=0, atol=0)
+    assert operand_scales(loaded) == operand_scales(model)
+    assert local_hub.unhandled == []
+
+
 def _save_local(model, checkpoint_format, weight_dtype):
     import tempfile
 
