@@ -319,6 +319,7 @@ class UnitScaleTrainer(Trainer):
                 checkpoint_format="unit-scaled",
                 state_dict=state_dict,
                 is_main_process=is_main_process,
+                **kwargs,
             )
 
         model.save_pretrained = save_unit_scaled
