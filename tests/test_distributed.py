@@ -6,7 +6,7 @@ Four launches, started together so their start-up (imports) overlaps on the 2 co
   the same script in one process with per-device batch 4: the same global batches, 20 steps;
 - the same script under `torchrun --nproc_per_node 2` with `--accelerate-fsdp2`: the trainer
   with `fsdp_version: 2`, through Accelerate's own FSDP2 path (forced on CPU), against the same
-  single-process run;
+  single-process run. Both 2-process runs also resume from their step-10 checkpoint;
 - `tests/distributed/fsdp2_train.py` under `torchrun --nproc_per_node 2`: GPT-2 (tied), Llama
   tied and untied, sharded with `fully_shard`, 10 steps each; its single-process reference is
   computed here, in this process, by the script's own `train_case`.
@@ -98,11 +98,14 @@ class Launch:
 def launches(tmp_path_factory):
     root = tmp_path_factory.mktemp("distributed")
     runs = {
-        "ddp": Launch("ddp_train.py", root / "ddp", 2, "--per-device-batch", "2", "--steps", "20"),
+        "ddp": Launch("ddp_train.py", root / "ddp", 2, "--per-device-batch", "2", "--steps", "20", "--resume-at", "10"),
         "single": Launch("ddp_train.py", root / "single", 1, "--per-device-batch", "4", "--steps", "20"),
         "fsdp2": Launch("fsdp2_train.py", root / "fsdp2", 2),
         "trainer_fsdp2": Launch(
-            "ddp_train.py", root / "trainer_fsdp2", 2, "--per-device-batch", "2", "--steps", "20", "--accelerate-fsdp2"
+            "ddp_train.py",
+            root / "trainer_fsdp2",
+            2,
+            *("--per-device-batch", "2", "--steps", "20", "--accelerate-fsdp2", "--resume-at", "10"),
         ),
     }
     yield runs
@@ -206,6 +209,27 @@ def test_trainer_fsdp2_checkpoint_stores_tied_weight_once(launches):
     sharded = load_file(launches["trainer_fsdp2"].wait() / "final" / "unit_scaled_model.safetensors")
     single = load_file(launches["single"].wait() / "final" / "unit_scaled_model.safetensors")
     assert sharded.keys() == single.keys()
+
+
+# ---- resuming a distributed run ----
+
+
+@pytest.mark.parametrize("run", ["ddp", "trainer_fsdp2"])
+def test_resume_continues_the_same_run(launches, run):
+    """Resumed from the full checkpoint of step 10 (Ŵ, s, a, c; optimizer, scheduler, RNG) in fresh trainers on
+    both ranks, steps 11–20 log the same losses and gradient norms and end at the same weights, bit for bit."""
+    out = launches[run].wait()
+    result = _result(launches[run])
+    assert {"optimizer.bin", "optimizer.pt"} & set(os.listdir(out / "run" / "checkpoint-10")), "no optimizer state"
+    resumed = result["resumed"]
+    assert resumed["steps"] == list(range(11, 21)), resumed["steps"]
+    assert resumed["losses"] == result["losses"][10:], f"{run}: resumed losses differ"
+    assert resumed["grad_norms"] == result["grad_norms"][10:], f"{run}: resumed gradient norms differ"
+    final = load_file(out / "final" / "unit_scaled_model.safetensors")
+    final_resumed = load_file(out / "final_resumed" / "unit_scaled_model.safetensors")
+    assert final.keys() == final_resumed.keys()
+    different = [name for name in final if not torch.equal(final[name], final_resumed[name])]
+    assert not different, f"{run}: resumed weights differ from the uninterrupted run in {different[:5]}"
 
 
 # ---- FSDP2 with torch's fully_shard ----

@@ -18,6 +18,10 @@ Accelerate is made to take its FSDP2 path on CPU (see `force_accelerate_fsdp2_on
 Rank 0 writes `DIR/result.json` (distributed type, the wrapper, world size, parameter types,
 optimizer groups, per-step losses and gradient norms) and the trainer saves `DIR/run/checkpoint-<steps>/`
 (unit-scaled format) and `DIR/final/` (`save_model`).
+
+With `--resume-at K` the run also writes a full checkpoint (optimizer, scheduler, RNG) at step K;
+afterwards a fresh model and trainer, in the same processes, resume from it to the last step and
+save `DIR/final_resumed/`; result.json gains the resumed run's losses and gradient norms.
 """
 
 from __future__ import annotations
@@ -93,6 +97,7 @@ def main() -> None:
     parser.add_argument(
         "--accelerate-fsdp2", action="store_true", help="shard with Accelerate's FSDP2 path instead of DDP"
     )
+    parser.add_argument("--resume-at", type=int, default=None, help="full checkpoint at this step, then resume it")
     args = parser.parse_args()
     fsdp_args = {}
     if args.accelerate_fsdp2:
@@ -115,8 +120,8 @@ def main() -> None:
         train_sampling_strategy="sequential",
         logging_steps=1,
         save_strategy="steps",
-        save_steps=args.steps,
-        save_only_model=True,
+        save_steps=args.resume_at or args.steps,
+        save_only_model=args.resume_at is None,
         report_to="none",
         disable_tqdm=True,
         seed=0,
@@ -125,9 +130,9 @@ def main() -> None:
         **fsdp_args,
     )
     global_batch = args.per_device_batch * training_args.world_size
-    model = CASES_BY_ID[args.case].model(seed=0).train()
+    dataset = FixedTokens(rows=args.steps * global_batch)
     trainer = UnitScaleTrainer(
-        model=model, args=training_args, train_dataset=FixedTokens(rows=args.steps * global_batch)
+        model=CASES_BY_ID[args.case].model(seed=0).train(), args=training_args, train_dataset=dataset
     )
     start = time.perf_counter()
     trainer.train()
@@ -139,6 +144,16 @@ def main() -> None:
     except ValueError as err:
         groups_cover_model = str(err)
     trainer.save_model(str(args.out / "final"))
+    resumed_history = None
+    if args.resume_at is not None:
+        training_args.output_dir = str(args.out / "run_resumed")
+        resumed = UnitScaleTrainer(
+            model=CASES_BY_ID[args.case].model(seed=0).train(), args=training_args, train_dataset=dataset
+        )
+        resumed.train(resume_from_checkpoint=str(args.out / "run" / f"checkpoint-{args.resume_at}"))
+        resumed.save_model(str(args.out / "final_resumed"))
+        # the resumed state carries the first run's history up to step K: keep the steps trained after resuming
+        resumed_history = [e for e in resumed.state.log_history if "loss" in e and e["step"] > args.resume_at]
 
     if trainer.is_world_process_zero():
         history = [entry for entry in trainer.state.log_history if "loss" in entry]
@@ -160,6 +175,12 @@ def main() -> None:
             "grad_norms": [entry.get("grad_norm") for entry in history],
             "train_seconds": seconds,
         }
+        if resumed_history is not None:
+            result["resumed"] = {
+                "steps": [entry["step"] for entry in resumed_history],
+                "losses": [entry["loss"] for entry in resumed_history],
+                "grad_norms": [entry.get("grad_norm") for entry in resumed_history],
+            }
         (args.out / "result.json").write_text(json.dumps(result, indent=2))
 
 
