@@ -64,6 +64,14 @@ class UnitScaleTrainingArguments(TrainingArguments):
             "precision. Default: the readout (output head). An empty list casts every layer."
         },
     )
+    fp8_eval: bool = field(
+        default=True,
+        metadata={
+            "help": "With `fp8`, run evaluation and prediction with the FP8 matmuls the model trains with (True), or "
+            "with every matmul in full precision (False): the function the merged export computes when served in "
+            "fp32/bf16."
+        },
+    )
     calibration_batches: int = field(
         default=4,
         metadata={"help": "With `fp8`, the number of training batches the calibration pass measures a, c over."},
@@ -164,6 +172,7 @@ _OPTION_FIELDS = (
     "lr_multipliers",
     "fp8",
     "fp8_full_precision_modules",
+    "fp8_eval",
     "calibration_batches",
     "recalibrate_every",
     "save_format",

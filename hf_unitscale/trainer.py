@@ -22,7 +22,8 @@ What it changes, and where:
 * `fp8=True`: E4M3/E5M2 matmuls (`precision.set_precision`; the readout, or the layers named by
   `fp8_full_precision_modules`, stays in full precision) with static scales calibrated on
   `calibration_batches` training batches at train begin and every `recalibrate_every` steps
-  (`callbacks.RecalibrationCallback`).
+  (`callbacks.RecalibrationCallback`). `evaluation_loop` runs every GEMM in full precision when
+  `fp8_eval=False`.
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import is_unit_scaled, unit_scale, weight_scales
 from .hub import save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
+from .precision import full_precision, set_precision
 
 __all__ = ["UnitScaleTrainer", "UnitScaleTrainingArguments"]
 
@@ -138,8 +140,6 @@ class UnitScaleTrainer(Trainer):
         if isinstance(block, dict):
             block["lr_rule"] = options["lr_rule"]
         if options["fp8"]:
-            from .precision import set_precision
-
             backend = block.get("backend", "simulate") if isinstance(block, dict) else "simulate"
             set_precision(model, "e4m3", "e5m2", backend, full_precision_modules=options["fp8_full_precision_modules"])
         return model
@@ -157,6 +157,13 @@ class UnitScaleTrainer(Trainer):
         self.add_callback(
             RecalibrationCallback(every=options["recalibrate_every"], num_batches=options["calibration_batches"])
         )
+
+    def evaluation_loop(self, *args: Any, **kwargs: Any):
+        """Trainer's loop (evaluate, predict); with `fp8_eval=False`, inside `precision.full_precision`."""
+        if self.unit_scale_options["fp8_eval"]:
+            return super().evaluation_loop(*args, **kwargs)
+        with full_precision(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)):
+            return super().evaluation_loop(*args, **kwargs)
 
     # ---- optimizer ----
 

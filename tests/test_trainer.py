@@ -363,3 +363,30 @@ def test_fp8_calibrates_and_trains(tmp_path):
     args = _args(tmp_path, cls=UnitScaleTrainingArguments, fp8=True, fp8_full_precision_modules=[])
     every_layer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert")).model
     assert all(layer.precision.forward.name == "e4m3" for layer in matmul_layers(every_layer).values())
+
+
+def test_fp8_eval_false_evaluates_what_the_merged_export_computes(tmp_path):
+    from hf_unitscale.convert import matmul_layers
+    from hf_unitscale.precision import full_precision
+
+    case = CASES_BY_ID["bert"]
+
+    def trained(fp8_eval):
+        args = _args(
+            tmp_path, cls=UnitScaleTrainingArguments, max_steps=3, fp8=True, calibration_batches=2, fp8_eval=fp8_eval
+        )
+        trainer = UnitScaleTrainer(
+            model=case.model(), args=args, train_dataset=_dataset("bert"), eval_dataset=_dataset("bert", rows=16)
+        )
+        trainer.train()
+        return trainer
+
+    in_fp8, in_full = trained(True), trained(False)
+    for name, tensor in in_fp8.model.state_dict().items():  # the option changes evaluation only
+        assert torch.equal(tensor, in_full.model.state_dict()[name]), name
+    fp8_loss, full_loss = in_fp8.evaluate()["eval_loss"], in_full.evaluate()["eval_loss"]
+    with full_precision(in_fp8.model):
+        assert in_fp8.evaluate()["eval_loss"] == full_loss
+    assert fp8_loss != full_loss  # same weights, bit for bit: only the GEMM precision can make them differ
+    # evaluating in full precision leaves the model training in FP8
+    assert all(layer.precision is not None for n, layer in matmul_layers(in_full.model).items() if n != "classifier")
