@@ -538,6 +538,7 @@ def main(argv=None):
             json.dumps(
                 {
                     "args": {k: str(v) for k, v in vars(args).items() if k != "reference_grads"},
+                    "settings": all_settings,
                     "summary": all_summaries,
                     "runs": all_runs,
                 },
