@@ -7,8 +7,9 @@
   s = rms(W).
 - `unit-scaled`: Ŵ under the original names (fp32, bf16 or E4M3: Ŵ has unit RMS, so FP8 with no
   further scale keeps it), every `<weight>_scale` s, `input_scale` a and `grad_scale` c, in
-  `unit_scaled_model.safetensors` (or shards of it with an index, past `max_shard_size`). There is deliberately no `model.safetensors`: plain
-  transformers fails loudly ("no file named model.safetensors") instead of loading Ŵ as W.
+  `unit_scaled_model.safetensors` (or shards of it with an index, past `max_shard_size`). There is
+  deliberately no `model.safetensors`: plain transformers fails loudly ("no file named
+  model.safetensors") instead of loading Ŵ as W.
   It keeps training state exact (Trainer checkpoints use it) and stores Ŵ compactly. Tensors that
   are not converted (norm gains, biases) are stored as they are: they are a tiny part of the file.
 - `compressed-tensors`: the per-tensor FP8 "float-quantized" format of the `compressed-tensors`
@@ -61,7 +62,6 @@ __all__ = [
 UNIT_SCALED_WEIGHTS_NAME = "unit_scaled_model.safetensors"
 UNIT_SCALED_INDEX_NAME = "unit_scaled_model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' default for save_pretrained
-MERGED_WEIGHTS_NAME = "model.safetensors"
 CHECKPOINT_FORMATS = ("merged", "unit-scaled", "compressed-tensors")
 # storage dtype of Ŵ in the unit-scaled format
 WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "e4m3": torch.float8_e4m3fn}

@@ -42,9 +42,9 @@ _FORMAT_TEXT = {
         "and restores the calibrated operand scales from the `unit_scaling` block of `config.json`."
     ),
     "unit-scaled": (
-        f"`{UNIT_SCALED_WEIGHTS_NAME}` (or shards of it with an index) holding the unit-scale weights Ŵ, their scales s and the operand scales "
-        "a, c exactly. There is deliberately no `model.safetensors`: plain transformers refuses this folder "
-        "instead of loading Ŵ as if it were W."
+        f"`{UNIT_SCALED_WEIGHTS_NAME}` (or shards of it with an index) holding the unit-scale weights Ŵ, "
+        "their scales s and the operand scales a, c exactly. There is deliberately no `model.safetensors`: "
+        "plain transformers refuses this folder instead of loading Ŵ as if it were W."
     ),
     "compressed-tensors": (
         "the per-tensor FP8 `float-quantized` format of the `compressed-tensors` package: each linear layer "

@@ -362,9 +362,10 @@ class UnitScaleTrainer(Trainer):
             self._clip_cache = None
             return True
         raise ValueError(
-            f"{checkpoint_dir} holds no {UNIT_SCALED_WEIGHTS_NAME} (nor shards of it): it is not a UnitScaleTrainer checkpoint, and "
-            "resuming from plain weights W would not continue the same trajectory (the optimizer state is in Ŵ = W/s "
-            "space). Resume from a checkpoint written by UnitScaleTrainer, or start a new run from these weights."
+            f"{checkpoint_dir} holds no {UNIT_SCALED_WEIGHTS_NAME} (nor shards of it): it is not a UnitScaleTrainer "
+            "checkpoint, and resuming from plain weights W would not continue the same trajectory (the optimizer "
+            "state is in Ŵ = W/s space). Resume from a checkpoint written by UnitScaleTrainer, or start a new run "
+            "from these weights."
         )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
