@@ -35,13 +35,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import fp8_quality  # noqa: E402
 
 from hf_unitscale.convert import matmul_layers  # noqa: E402
+from hf_unitscale.formats import get_format, round_trip  # noqa: E402
 from hf_unitscale.precision import full_precision  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+E4M3 = get_format("e4m3")
 
 
 def e4m3(t: torch.Tensor) -> torch.Tensor:
-    return t.to(torch.float8_e4m3fn).float()
+    """t rounded to E4M3 (the library's saturating cast, as the FP8 forward applies it), in t's dtype."""
+    return round_trip(t, E4M3)
 
 
 def on_midpoint(w: torch.Tensor) -> torch.Tensor:
@@ -111,8 +114,8 @@ def markdown(result, command):
         "",
         "| matmul weights | exactly on an E4M3 rounding midpoint | within one Adam step of one |",
         "|---|---|---|",
-        f"| raw W | {f['raw_on_midpoint']:.3%} | {f['raw_within_one_step']:.3%} |",
-        f"| unit-scaled Ŵ = W/s | {f['unit_on_midpoint']:.3%} | {f['unit_within_one_step']:.3%} |",
+        f"| raw W | {100 * f['raw_on_midpoint']:.4g}% | {100 * f['raw_within_one_step']:.4g}% |",
+        f"| unit-scaled Ŵ = W/s | {100 * f['unit_on_midpoint']:.4g}% | {100 * f['unit_within_one_step']:.4g}% |",
         "",
         "Loss on two held-out batches (mean), before and after one step:",
         "",
