@@ -26,7 +26,8 @@ full precision, wall-time ratio to fp32.
     python benchmarks/fp8_quality.py                              # full: 300 steps, 3 seeds, 2000 eval
     python benchmarks/fp8_quality.py --steps 60 --seeds 2 --eval-size 500 --tasks classification
 
-Writes benchmarks/results/fp8_quality.{json,md} and fp8_quality_loss.png.
+Writes benchmarks/results/fp8_quality.{json,md} and fp8_quality_loss.png; a task already in the results file
+and not run again keeps its results (so `--tasks lm` redoes only the LM table).
 """
 
 from __future__ import annotations
@@ -117,19 +118,26 @@ class LanguageModelTask:
 
         self.path = smollm2_path()
         tokenizer = AutoTokenizer.from_pretrained(self.path)
-        self.seq = args.lm_seq_len
         self.batch_size = args.lm_batch_size
 
-        def blocks(dataset, limit):
+        def blocks(dataset, limit, seq):
             ids = []
             for text in dataset["text"]:
                 ids.extend(tokenizer(text)["input_ids"] + [tokenizer.eos_token_id])
-                if len(ids) >= limit * self.seq:
+                if len(ids) >= limit * seq:
                     break
-            return torch.tensor(ids[: len(ids) // self.seq * self.seq]).view(-1, self.seq)
+            return torch.tensor(ids[: len(ids) // seq * seq]).view(-1, seq)
 
-        self.train = blocks(load_austen("train"), args.lm_steps * self.batch_size + 64)
-        self.test = blocks(load_austen("test"), args.lm_eval_size)[: args.lm_eval_size]
+        # the training blocks come from the start of the first novel, so the held-out fraction does not change them
+        splits = {split: load_austen(split, eval_fraction=args.lm_eval_fraction) for split in ("train", "test")}
+        self.train = blocks(splits["train"], args.lm_steps * self.batch_size + 64, args.lm_seq_len)
+        self.test = blocks(splits["test"], args.lm_eval_size, args.lm_eval_seq_len)[: args.lm_eval_size]
+        if len(self.test) < args.lm_eval_size:
+            raise ValueError(
+                f"the held-out {args.lm_eval_fraction:.0%} of each novel gives {len(self.test)} eval sequences of "
+                f"{args.lm_eval_seq_len} tokens, fewer than --lm-eval-size {args.lm_eval_size}: raise "
+                "--lm-eval-fraction or lower --lm-eval-seq-len"
+            )
 
     def model(self, seed):
         from transformers import AutoModelForCausalLM
@@ -381,13 +389,12 @@ def summarize(task_name, runs, args):
     return summary
 
 
-def markdown(all_summaries, all_settings, wall):
+def markdown(all_summaries, all_settings):
     lines = [
         "# FP8 fine-tuning quality",
         "",
-        f"Command: `python benchmarks/fp8_quality.py {' '.join(sys.argv[1:])}` — {wall / 60:.1f} min on "
-        f"{torch.get_num_threads()} CPU threads. Same loop, data order, seeds and dropout masks for all variants; "
-        "`simulate` backend (E4M3 forward, E5M2 backward).",
+        "Same loop, data order, seeds and dropout masks for all variants; `simulate` backend (E4M3 forward, E5M2 "
+        "backward).",
         "",
     ]
     for task_name, summary in all_summaries.items():
@@ -395,6 +402,8 @@ def markdown(all_summaries, all_settings, wall):
         settings = all_settings[task_name]
         lines += [
             f"## {task_name}",
+            "",
+            f"Command: `{settings['command']}` ({settings['minutes']:.1f} min, {settings['threads']} CPU threads).",
             "",
             f"Steps {settings['steps']}, seeds {settings['seeds']}, batch {settings['batch_size']}, "
             f"{settings['eval']}, lr {settings['lr']}, {settings['calibration_batches']} calibration batches, "
@@ -443,6 +452,15 @@ def markdown(all_summaries, all_settings, wall):
     return "\n".join(lines)
 
 
+def _previous_results(path):
+    """Runs, summaries and settings per task from an earlier results file: a run of one task keeps the others."""
+    if not path.exists():
+        return {}, {}, {}
+    previous = json.loads(path.read_text())
+    logger.info(f"Keeping the results of {sorted(previous['settings'])} from {path} for tasks this run does not redo")
+    return previous["runs"], previous["summary"], previous["settings"]
+
+
 def plot(all_runs, path):
     import matplotlib
 
@@ -483,6 +501,16 @@ def main(argv=None):
     parser.add_argument("--lm-batch-size", "--lm_batch_size", type=int, default=8)
     parser.add_argument("--lm-seq-len", "--lm_seq_len", type=int, default=128)
     parser.add_argument("--lm-eval-size", "--lm_eval_size", type=int, default=256, help="eval sequences (LM)")
+    parser.add_argument(
+        "--lm-eval-seq-len", "--lm_eval_seq_len", type=int, default=None, help="tokens per eval sequence (LM)"
+    )
+    parser.add_argument(
+        "--lm-eval-fraction",
+        "--lm_eval_fraction",
+        type=float,
+        default=0.05,
+        help="last fraction of each novel's paragraphs held out for eval (LM)",
+    )
     parser.add_argument("--count-every", "--count_every", type=int, default=5, help="count casts every N steps")
     parser.add_argument(
         "--fp8-readout", "--fp8_readout", action="store_true", help="cast the readout (output head) to FP8 too"
@@ -493,15 +521,17 @@ def main(argv=None):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
+    args.lm_eval_seq_len = args.lm_eval_seq_len or args.lm_seq_len
     args.seed_list = list(range(args.seeds))
     args.variant_list = [v for v in args.variants.split(",") if v]
     if "fp32" not in args.variant_list:
         parser.error("--variants must include fp32 (the reference)")
     args.variant_list = ["fp32"] + [v for v in args.variant_list if v != "fp32"]
     args.out.mkdir(parents=True, exist_ok=True)
-    wall = time.perf_counter()
-    all_runs, all_summaries, all_settings = {}, {}, {}
+    results_path = args.out / "fp8_quality.json"
+    all_runs, all_summaries, all_settings = _previous_results(results_path)
     for task_key in args.tasks.split(","):
+        task_start = time.perf_counter()
         if task_key == "classification":
             task = ClassificationTask(args)
         elif task_key == "lm":
@@ -519,34 +549,33 @@ def main(argv=None):
                 runs.append(result)
         all_runs[task.name] = runs
         all_summaries[task.name] = summarize(task.name, runs, args)
-        eval_desc = (
-            f"{args.eval_size} eval examples"
-            if task_key == "classification"
-            else f"{args.eval_size} eval sequences × {args.lm_seq_len} tokens"
-        )
+        if task_key == "classification":
+            batch_desc, eval_desc = f"{args.batch_size}", f"{args.eval_size} eval examples"
+        else:
+            batch_desc = f"{args.batch_size} × {args.lm_seq_len} tokens"
+            eval_desc = (
+                f"{args.eval_size} eval sequences × {args.lm_eval_seq_len} tokens "
+                f"(the last {args.lm_eval_fraction:.0%} of each novel's paragraphs)"
+            )
         all_settings[task.name] = {
+            "command": f"python benchmarks/fp8_quality.py {' '.join(sys.argv[1:])}",
+            "minutes": (time.perf_counter() - task_start) / 60,
+            "threads": torch.get_num_threads(),
             "steps": args.steps,
             "seeds": args.seed_list,
-            "batch_size": args.batch_size,
+            "batch_size": batch_desc,
             "eval": eval_desc,
             "lr": args.lr,
             "calibration_batches": args.calibration_batches,
             "recalibrate_every": args.recalibrate_every,
             "readout": "FP8" if args.fp8_readout else "fp32",
+            "args": {k: str(v) for k, v in vars(args).items() if k != "reference_grads"},  # defaults included
         }
-        (args.out / "fp8_quality.json").write_text(
-            json.dumps(
-                {
-                    "args": {k: str(v) for k, v in vars(args).items() if k != "reference_grads"},
-                    "settings": all_settings,
-                    "summary": all_summaries,
-                    "runs": all_runs,
-                },
-                indent=1,
-            )
-        )
         # written after every task, so a finished task's table survives a later task being interrupted
-        (args.out / "fp8_quality.md").write_text(markdown(all_summaries, all_settings, time.perf_counter() - wall))
+        results_path.write_text(
+            json.dumps({"settings": all_settings, "summary": all_summaries, "runs": all_runs}, indent=1)
+        )
+        (args.out / "fp8_quality.md").write_text(markdown(all_summaries, all_settings))
         plot(all_runs, args.out / "fp8_quality_loss.png")
     print((args.out / "fp8_quality.md").read_text())
 
