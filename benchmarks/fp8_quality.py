@@ -119,6 +119,7 @@ class LanguageModelTask:
         self.path = smollm2_path()
         tokenizer = AutoTokenizer.from_pretrained(self.path)
         self.batch_size = args.lm_batch_size
+        self.eval_batch_size = args.lm_eval_batch_size
 
         def blocks(dataset, limit, seq):
             ids = []
@@ -153,8 +154,8 @@ class LanguageModelTask:
             yield {"input_ids": ids, "labels": ids}
 
     def eval_batches(self):
-        for start in range(0, len(self.test), 8):
-            ids = self.test[start : start + 8]
+        for start in range(0, len(self.test), self.eval_batch_size):
+            ids = self.test[start : start + self.eval_batch_size]
             yield {"input_ids": ids, "labels": ids}
 
     @staticmethod
@@ -273,6 +274,12 @@ def train_one(variant, task, seed, args):
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (args.steps - step) / (args.steps - warmup)))
     )
     losses, saturated_by_interval = [], []
+
+    def counted_casts():  # the counters hold every sampled step, whether or not this step was sampled
+        for name, layer in layers.items():
+            layer.cast_counters = counters[name]
+        return cast_statistics(model)
+
     model.train()
     torch.manual_seed(seed + 1000)  # dropout masks: identical across variants
     start = time.perf_counter()
@@ -287,7 +294,7 @@ def train_one(variant, task, seed, args):
         optimizer.zero_grad(set_to_none=True)
         losses.append(loss.item())
         if counted and step % args.recalibrate_every == 0:
-            saturated_by_interval.append(summarize_casts(cast_statistics(model)))
+            saturated_by_interval.append(summarize_casts(counted_casts()))
             if variant == "ours":
                 rng = torch.get_rng_state()
                 calibrate(model, calibration_batches, progress=False)  # eval mode: no dropout RNG used
@@ -297,10 +304,11 @@ def train_one(variant, task, seed, args):
     result["train_seconds"] = time.perf_counter() - start
     result["losses"] = losses
     if counted:
-        stats = cast_statistics(model)
+        stats = counted_casts()
         result["train_casts"] = summarize_casts(stats)
         result["train_casts_by_interval"] = saturated_by_interval
         result["train_grad_underflow_by_layer"] = {k: v["grad_output"]["underflow_fraction"] for k, v in stats.items()}
+        track_casts(model, enabled=False)  # evaluation runs uncounted (counting doubles an FP8 GEMM's cost)
     result.update(evaluate(model, task))
     if variant != "fp32":
         result["eval_loss_full_precision"] = evaluate_in_full_precision(variant, model, task, seed)["eval_loss"]
@@ -503,6 +511,13 @@ def main(argv=None):
     parser.add_argument("--lm-eval-size", "--lm_eval_size", type=int, default=256, help="eval sequences (LM)")
     parser.add_argument(
         "--lm-eval-seq-len", "--lm_eval_seq_len", type=int, default=None, help="tokens per eval sequence (LM)"
+    )
+    parser.add_argument(
+        "--lm-eval-batch-size",
+        "--lm_eval_batch_size",
+        type=int,
+        default=32,
+        help="eval sequences per forward (LM); FP8 weights are cast once per forward",
     )
     parser.add_argument(
         "--lm-eval-fraction",
