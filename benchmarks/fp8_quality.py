@@ -532,6 +532,7 @@ def main(argv=None):
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads:
@@ -573,7 +574,7 @@ def main(argv=None):
                 f"(the last {args.lm_eval_fraction:.0%} of each novel's paragraphs)"
             )
         all_settings[task.name] = {
-            "command": f"python benchmarks/fp8_quality.py {' '.join(sys.argv[1:])}",
+            "command": f"python benchmarks/fp8_quality.py {' '.join(argv)}",
             "minutes": (time.perf_counter() - task_start) / 60,
             "threads": torch.get_num_threads(),
             "steps": args.steps,
