@@ -492,19 +492,14 @@ def plot(all_runs, path):
     fig.savefig(path, dpi=120)
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+def add_task_arguments(parser):
+    """The options that define the two tasks' models, data and FP8 setup (shared with fp8_error_sources.py)."""
     parser.add_argument("--tasks", default="classification,lm", help="comma list of classification, lm")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--eval-size", "--eval_size", type=int, default=2000)
     parser.add_argument("--batch-size", "--batch_size", type=int, default=32)
     parser.add_argument("--max-length", "--max_length", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--weight-decay", "--weight_decay", type=float, default=0.01)
     parser.add_argument("--calibration-batches", "--calibration_batches", type=int, default=4)
-    parser.add_argument("--recalibrate-every", "--recalibrate_every", type=int, default=100)
     parser.add_argument("--lm-steps", "--lm_steps", type=int, default=60)
     parser.add_argument("--lm-batch-size", "--lm_batch_size", type=int, default=8)
     parser.add_argument("--lm-seq-len", "--lm_seq_len", type=int, default=128)
@@ -526,12 +521,34 @@ def main(argv=None):
         default=0.05,
         help="last fraction of each novel's paragraphs held out for eval (LM)",
     )
-    parser.add_argument("--count-every", "--count_every", type=int, default=5, help="count casts every N steps")
     parser.add_argument(
         "--fp8-readout", "--fp8_readout", action="store_true", help="cast the readout (output head) to FP8 too"
     )
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--out", type=Path, default=RESULTS)
+
+
+def make_task(task_key, args, parser):
+    """The task called `task_key` and the args it runs with (an LM task's steps, batch and eval size are its own)."""
+    if task_key == "classification":
+        return ClassificationTask(args), args
+    if task_key == "lm":
+        task = LanguageModelTask(args)
+        args = copy.copy(args)
+        args.steps, args.batch_size, args.eval_size = args.lm_steps, args.lm_batch_size, args.lm_eval_size
+        return task, args
+    parser.error(f"unknown task {task_key!r}")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_task_arguments(parser)
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--weight-decay", "--weight_decay", type=float, default=0.01)
+    parser.add_argument("--recalibrate-every", "--recalibrate_every", type=int, default=100)
+    parser.add_argument("--count-every", "--count_every", type=int, default=5, help="count casts every N steps")
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -548,14 +565,7 @@ def main(argv=None):
     all_runs, all_summaries, all_settings = _previous_results(results_path)
     for task_key in args.tasks.split(","):
         task_start = time.perf_counter()
-        if task_key == "classification":
-            task = ClassificationTask(args)
-        elif task_key == "lm":
-            task = LanguageModelTask(args)
-            args = copy.copy(args)
-            args.steps, args.batch_size, args.eval_size = args.lm_steps, args.lm_batch_size, args.lm_eval_size
-        else:
-            parser.error(f"unknown task {task_key!r}")
+        task, args = make_task(task_key, args, parser)
         runs = []
         for seed in args.seed_list:
             for variant in args.variant_list:
