@@ -45,6 +45,7 @@ from fp8_quality import (  # noqa: E402
     gradient_fidelity,
     gradient_fidelity_reference,
     make_task,
+    parse_task_arguments,
 )
 
 from hf_unitscale.convert import matmul_layers  # noqa: E402
@@ -187,14 +188,8 @@ def main(argv=None):
         "--forward-batches", "--forward_batches", type=int, default=4, help="held-out eval batches for the KL"
     )
     parser.add_argument("--jitter", default="0.7,0.85,1.2,1.4", help="factors f for ours' input scales a·f")
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.lm_eval_seq_len = args.lm_eval_seq_len or args.lm_seq_len
+    args, argv = parse_task_arguments(parser, argv)
     args.jitter_list = [float(f) for f in args.jitter.split(",") if f]
-    args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "fp8_error_sources.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else {}
     for task_key in args.tasks.split(","):

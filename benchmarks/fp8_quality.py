@@ -528,6 +528,18 @@ def add_task_arguments(parser):
     parser.add_argument("--out", type=Path, default=RESULTS)
 
 
+def parse_task_arguments(parser, argv):
+    """Parse `argv` (default sys.argv[1:]), set up logging, threads and the output folder; returns (args, argv)."""
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    args.lm_eval_seq_len = args.lm_eval_seq_len or args.lm_seq_len
+    args.out.mkdir(parents=True, exist_ok=True)
+    return args, argv
+
+
 def make_task(task_key, args, parser):
     """The task called `task_key` and the args it runs with (an LM task's steps, batch and eval size are its own)."""
     if task_key == "classification":
@@ -549,18 +561,12 @@ def main(argv=None):
     parser.add_argument("--weight-decay", "--weight_decay", type=float, default=0.01)
     parser.add_argument("--recalibrate-every", "--recalibrate_every", type=int, default=100)
     parser.add_argument("--count-every", "--count_every", type=int, default=5, help="count casts every N steps")
-    argv = sys.argv[1:] if argv is None else argv
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    args.lm_eval_seq_len = args.lm_eval_seq_len or args.lm_seq_len
+    args, argv = parse_task_arguments(parser, argv)
     args.seed_list = list(range(args.seeds))
     args.variant_list = [v for v in args.variants.split(",") if v]
     if "fp32" not in args.variant_list:
         parser.error("--variants must include fp32 (the reference)")
     args.variant_list = ["fp32"] + [v for v in args.variant_list if v != "fp32"]
-    args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "fp8_quality.json"
     all_runs, all_summaries, all_settings = _previous_results(results_path)
     for task_key in args.tasks.split(","):
