@@ -64,18 +64,50 @@ def _count_tokens(batch: Mapping[str, Any]) -> int:
     return int(ids.numel()) if isinstance(ids, torch.Tensor) else 0
 
 
-def _all_reduce_mean_squares(accumulators: list[RmsAccumulator]) -> None:
-    """Sum per-batch mean squares and batch counts over ranks (no-op outside torch.distributed)."""
+def _all_reduce_statistics(accumulators: list[RmsAccumulator]) -> None:
+    """Sum per-batch mean squares and batch counts over ranks, and take the max of the peaks
+    (no-op outside torch.distributed)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         return
-    values = [[acc.ms_total, acc.batches] for acc in accumulators]
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    tensor = torch.tensor(values, dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    for acc, (ms_total, batches) in zip(accumulators, tensor.tolist(), strict=True):
-        acc.ms_total, acc.batches = ms_total, int(batches)
+    sums = torch.tensor([[acc.ms_total, acc.batches] for acc in accumulators], dtype=torch.float64, device=device)
+    peaks = torch.tensor([acc.peak for acc in accumulators], dtype=torch.float64, device=device)
+    dist.all_reduce(sums)
+    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    for acc, (ms_total, batches), peak in zip(accumulators, sums.tolist(), peaks.tolist(), strict=True):
+        acc.ms_total, acc.batches, acc.peak = ms_total, int(batches), peak
+
+
+def _peak(accumulator: RmsAccumulator, scale: torch.Tensor) -> float:
+    """max|t| / scale over the calibration batches: the largest operand the FP8 cast will see (nan if unmeasured)."""
+    return accumulator.peak / float(scale) if accumulator.batches else math.nan
+
+
+def _warn_about_headroom(table: Mapping[str, Mapping[str, float]], layers: Mapping[str, Any]) -> None:
+    """Warn, once per set of operands, about operands whose calibrated peak is within 2x of their format's max.
+
+    At unit scale a tensor's largest elements sit at max|t|/rms(t); transformers' massive activations
+    (a few elements hundreds of times the RMS, e.g. SmolLM2's MLP down-projection inputs at ~300
+    against E4M3's 448) leave little room, and activations that grow in training then saturate.
+    Only layers with low-precision formats set (`set_precision`) are checked.
+    """
+    tight = []
+    for name, row in table.items():
+        precision = layers[name].precision
+        if precision is None:
+            continue
+        for operand, fmt in (("input", precision.forward), ("grad", precision.backward)):
+            if fmt is not None and row[f"{operand}_peak"] > fmt.max / 2:
+                tight.append(f"{name} ({operand}, {fmt.name})")
+    if tight:  # names only, so recalibrating every N steps does not repeat it
+        logger.warning_once(
+            f"Calibration: {len(tight)} operand(s) peak within 2x of their format's largest value at unit scale "
+            f"(see the `input_peak`/`grad_peak` calibrate returns): {', '.join(tight)}. Growth during training "
+            "will saturate them: recalibrate more often (`recalibrate_every`), watch the `fp8/*_saturated_fraction` "
+            "logs, or keep these layers in full precision (`fp8_full_precision_modules`)."
+        )
 
 
 def calibrate(
@@ -99,8 +131,10 @@ def calibrate(
         progress: show a tqdm progress bar.
 
     Returns:
-        `{layer name: {"input_rms", "grad_rms", "input_scale", "grad_scale"}}`: the measured RMS
-        (nan when not measured) and the scales now in the buffers. A layer whose output gets no
+        `{layer name: {"input_rms", "grad_rms", "input_scale", "grad_scale", "input_peak", "grad_peak"}}`:
+        the measured RMS (nan when not measured), the scales now in the buffers, and the peaks
+        max|x|/a and max|g|/c over the calibration batches (the largest operands the FP8 casts see;
+        a warning names layers whose peak is within 2x of their format's max). A layer whose output gets no
         gradient (unused by the loss) keeps its previous `c`, and likewise `a`.
 
     Raises:
@@ -146,7 +180,7 @@ def calibrate(
             "Calibrating without a loss (no `labels`): output-gradient scales c come from the proxy "
             "sum(logits²)/2/rows. Pass batches with `labels` or a `loss_fn` for the real training gradients."
         )
-    _all_reduce_mean_squares(hooks.accumulators())
+    _all_reduce_statistics(hooks.accumulators())
 
     table: dict[str, dict[str, float]] = {}
     unmeasured = []
@@ -165,12 +199,15 @@ def calibrate(
             "grad_rms": grad_rms,
             "input_scale": float(layer.input_scale),
             "grad_scale": float(layer.grad_scale),
+            "input_peak": _peak(hooks.inputs[name], layer.input_scale),
+            "grad_peak": _peak(hooks.grads[name], layer.grad_scale),
         }
     if unmeasured:
         logger.warning(
             f"Calibration kept the previous scale of {len(unmeasured)} operand(s) it could not "
             f"measure (layer unused or no gradient reaches it): {', '.join(unmeasured[:8])}"
         )
+    _warn_about_headroom(table, layers)
     loss_name = "model loss" if not used_proxy else "proxy sum(logits^2)/2/rows"
     if loss_fn is not default_loss:
         loss_name = "loss_fn"

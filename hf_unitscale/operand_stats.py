@@ -31,12 +31,14 @@ __all__ = ["OperandRmsHooks", "RmsAccumulator", "default_loss", "model_inputs"]
 
 
 class RmsAccumulator:
-    """Running sqrt(mean over batches of the non-zero mean square) of one operand."""
+    """Running sqrt(mean over batches of the non-zero mean square) of one operand, and its peak max|t|
+    over every batch (what a static scale must leave room for below a format's max)."""
 
     def __init__(self) -> None:
         self.sum_sq = self.count = 0.0  # the current batch
         self.ms_total = 0.0  # Σ over finished batches of their mean square
         self.batches = 0
+        self.peak = 0.0
 
     def add(self, t: torch.Tensor) -> None:
         t = t.detach()
@@ -44,6 +46,8 @@ class RmsAccumulator:
         # rms over non-zero elements, squared back to a sum so several tensors per batch pool correctly
         self.sum_sq += float(rms(t, nonzero_only=True)) ** 2 * count
         self.count += count
+        if t.numel():
+            self.peak = max(self.peak, float(t.abs().max()))
 
     def end_batch(self) -> None:
         if self.count:

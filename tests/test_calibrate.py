@@ -5,6 +5,7 @@ sentiment snippets (`hf_unitscale.embedded`).
 """
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -149,6 +150,47 @@ def test_calibration_is_the_rms_average_over_batches():
         for key in ("input_rms", "grad_rms"):
             expected = ((single[0][name][key] ** 2 + single[1][name][key] ** 2) / 2) ** 0.5
             assert both[name][key] == pytest.approx(expected, rel=1e-6)
+
+
+def test_calibrate_reports_operand_peaks_and_warns_once_when_one_nears_the_format_max(caplog):
+    case = CASES_BY_ID["llama-untied"]
+    batch = case.batch(batch_size=24, seq_len=64, seed=1)  # 24·64·48 elements: a lone spike sits at ~270x rms
+    batches = [{**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}]
+    model = unit_scale(case.model())
+    layers = matmul_layers(model)
+    name = next(n for n in layers if n.endswith("layers.0.mlp.down_proj"))
+    peaks = {"x": 0.0, "g": 0.0}  # measured independently of calibrate's hooks
+
+    def massive_activation(module, args):  # one element 10^4 x the input's mean magnitude, as in real LLMs
+        spike = 1e4 * args[0].detach().abs().mean()
+        x = args[0].clone()
+        x[0, 0, 0] = spike
+        return (x, *args[1:])
+
+    def record(module, args, output):
+        peaks["x"] = max(peaks["x"], args[0].abs().max().item())
+        output.register_hook(lambda g: peaks.__setitem__("g", max(peaks["g"], g.abs().max().item())))
+
+    layers[name].register_forward_pre_hook(massive_activation)
+    layers[name].register_forward_hook(record)
+    table = calibrate(copy.deepcopy(model), batches, progress=False)  # no formats set: nothing to warn about
+    assert table[name]["input_peak"] > 448 / 2
+
+    set_precision(model, "e4m3", "e5m2")
+    peaks.update(x=0.0, g=0.0)
+    logger = logging.getLogger("hf_unitscale")
+    logger.propagate = True
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        table = calibrate(model, batches, progress=False)
+        warned = caplog.text
+        calibrate(model, batches, progress=False)  # recalibration: the same operands are not warned about again
+    assert table[name]["input_peak"] == pytest.approx(peaks["x"] / table[name]["input_scale"], rel=1e-6)
+    assert table[name]["grad_peak"] == pytest.approx(peaks["g"] / table[name]["grad_scale"], rel=1e-6)
+    assert all(row["input_peak"] >= 1 and row["grad_peak"] >= 1 for row in table.values())  # max >= rms
+    assert f"{name} (input, e4m3)" in warned and "fp8_full_precision_modules" in warned
+    others = [n for n, row in table.items() if n != name and row["input_peak"] <= 224 and row["grad_peak"] <= 28672]
+    assert others and not any(f"{n} (" in warned for n in others)
+    assert caplog.text.count("peak within 2x") == 1
 
 
 def test_existing_grads_survive_calibration():
@@ -457,7 +499,11 @@ def test_smollm2_readout_in_e5m2_breaks_gradients_so_it_stays_full_precision(smo
     reference(**batch).loss.backward()
     ref_grads = {n: p.grad.detach() for n, p in reference.named_parameters() if p.grad is not None}
     ours = unit_scale(copy.deepcopy(reference))
-    calibrate(ours, calibration, progress=False)
+    table = calibrate(ours, calibration, progress=False)
+    # massive activations: the largest inputs at unit scale are MLP down-projections', within 2x of E4M3's 448
+    peaks = sorted(((row["input_peak"], name) for name, row in table.items()), reverse=True)
+    tight = [name for peak, name in peaks if peak > 448 / 2]
+    assert tight and all(name.endswith("mlp.down_proj") for name in tight) and peaks[0][0] < 448, peaks[:6]
 
     min_cosine = {}
     for label, kept in (("readout kept", None), ("readout in E5M2", [])):

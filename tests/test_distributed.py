@@ -1,6 +1,6 @@
 """Multi-process runs on CPU (gloo): `UnitScaleTrainer` under DDP and FSDP2, unit-scaled models under FSDP2.
 
-Four launches, started together so their start-up (imports) overlaps on the 2 cores:
+Five launches, started together so their start-up (imports) overlaps on the 2 cores:
 
 - `tests/distributed/ddp_train.py` under `torchrun --nproc_per_node 2` (per-device batch 2), and
   the same script in one process with per-device batch 4: the same global batches, 20 steps;
@@ -9,7 +9,9 @@ Four launches, started together so their start-up (imports) overlaps on the 2 co
   single-process run. Both 2-process runs also resume from their step-10 checkpoint;
 - `tests/distributed/fsdp2_train.py` under `torchrun --nproc_per_node 2`: GPT-2 (tied), Llama
   tied and untied, sharded with `fully_shard`, 10 steps each; its single-process reference is
-  computed here, in this process, by the script's own `train_case`.
+  computed here, in this process, by the script's own `train_case`;
+- `tests/distributed/calibrate_ranks.py` under `torchrun --nproc_per_node 2`: `calibrate` with a
+  different batch on each rank, against single-process calibrations of each batch.
 
 Weights are compared per tensor as max|a − b| / max(max|b|, 1): relative to the tensor, but never
 to a scale below 1 — the unit scale every trained tensor has (Ŵ by construction; norm gains).
@@ -54,6 +56,7 @@ def _load_script(name: str):
 
 
 fsdp2_train = _load_script("fsdp2_train")
+calibrate_ranks = _load_script("calibrate_ranks")
 
 
 class Launch:
@@ -107,6 +110,7 @@ def launches(tmp_path_factory):
             2,
             *("--per-device-batch", "2", "--steps", "20", "--accelerate-fsdp2", "--resume-at", "10"),
         ),
+        "calibrate": Launch("calibrate_ranks.py", root / "calibrate", 2),
     }
     yield runs
     for run in runs.values():
@@ -293,6 +297,28 @@ def test_fsdp2_full_checkpoints_load(launches, fsdp2_reference, case_id):
         with torch.no_grad():
             logits = model.eval()(**batch).logits
         assert _relative(logits, expected) <= RTOL, f"{case_id}, {name}: logits differ by {_relative(logits, expected)}"
+
+
+# ---- calibration over ranks ----
+
+
+def test_calibration_pools_every_ranks_batch_and_leaves_ranks_equal(launches):
+    """Two ranks, each with its own batch, end with the scales of both batches calibrated in one process:
+    a² = mean over batches of their mean squares (likewise c), peaks max|x| the max over batches."""
+    result = _result(launches["calibrate"])
+    assert result["world_size"] == 2
+    first, second = result["tables"]
+    assert first == second
+    alone = [
+        hf_unitscale.calibrate(calibrate_ranks.model(), [calibrate_ranks.batch(r)], progress=False) for r in (0, 1)
+    ]
+    assert alone[0] != alone[1]  # the ranks really saw different data
+    for name, row in first.items():
+        for operand, scale in (("input", "input_scale"), ("grad", "grad_scale")):
+            expected = ((alone[0][name][f"{operand}_rms"] ** 2 + alone[1][name][f"{operand}_rms"] ** 2) / 2) ** 0.5
+            assert row[scale] == pytest.approx(expected, rel=1e-6), (name, operand)
+            raw_peaks = [table[name][f"{operand}_peak"] * table[name][scale] for table in alone]
+            assert row[f"{operand}_peak"] * row[scale] == pytest.approx(max(raw_peaks), rel=1e-6), (name, operand)
 
 
 # ---- the Accelerate configs of recipes/accelerate ----

@@ -1,0 +1,58 @@
+"""`calibrate` over gloo processes: every rank measures its own batch, and all end with the same scales.
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed/calibrate_ranks.py --out DIR
+
+Every rank builds the same unit-scaled tiny Llama (same seed) and calibrates it on its own batch
+(`batch(rank)`). Rank 0 writes `DIR/result.json`: each rank's calibration table and the
+world size. The test compares them with single-process calibrations of each batch alone: the
+pooled RMS is sqrt(mean over ranks' batches of their mean squares), the peak the max over ranks.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
+
+from hf_unitscale import unit_scale  # noqa: E402
+from hf_unitscale.calibrate import calibrate  # noqa: E402
+
+from tiny_models import CASES_BY_ID  # noqa: E402
+
+CASE = "llama-untied"
+
+
+def model():
+    torch.manual_seed(0)
+    return unit_scale(CASES_BY_ID[CASE].model())
+
+
+def batch(rank: int) -> dict[str, torch.Tensor]:
+    """Rank `rank`'s labelled batch (different data on every rank)."""
+    rows = CASES_BY_ID[CASE].batch(batch_size=2, seq_len=16, seed=rank + 1)
+    return {**rows, "labels": rows["input_ids"].masked_fill(rows["attention_mask"] == 0, -100)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    table = calibrate(model(), [batch(rank)], progress=False)
+    tables = [None] * world
+    dist.all_gather_object(tables, table)
+    if rank == 0:
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "result.json").write_text(json.dumps({"world_size": world, "tables": tables}))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
