@@ -6,6 +6,7 @@ For every converted layer (weight W = s·Ŵ, input x, output gradient g, static 
     rms(Ŵ)                the unit-scaled weight, 1 at conversion
     rms(x), rms(g)        the layer input and output gradient with a = c = 1
     rms(x/a), rms(g/c)    the operands FP8 GEMMs see after calibration
+    max|x/a|, max|g/c|    their largest elements: a static scale leaves 448/max|x/a| (E4M3) of headroom
 
 Activations and gradients are measured with hooks on real batches, over non-zero elements
 (padding zeroes gradient rows), in full precision, in eval mode, with the model's own loss — the
@@ -61,6 +62,8 @@ class LayerScales:
     scaled_input_rms: float = NAN  # rms(x/a), measured after calibration
     scaled_grad_rms: float = NAN  # rms(g/c), measured after calibration
     scaled_grad_flushed: float = NAN  # fraction of non-zero g/c that E5M2 flushes to zero
+    scaled_input_peak: float = NAN  # max|x/a|: headroom below E4M3's max is 448 / peak
+    scaled_grad_peak: float = NAN  # max|g/c|: headroom below E5M2's max is 57344 / peak
 
 
 # (attribute, table header, plot label, plot panel): panel 0 is what a naive FP8 cast sees, 1 after unit scaling
@@ -116,8 +119,9 @@ class _FlushCountingAccumulator(RmsAccumulator):
 
 def _measure(
     model: nn.Module, batches: Sequence[Mapping[str, Any]], *, divide_by_scales: bool
-) -> dict[str, tuple[float, float, float]]:
-    """{layer: (rms of input operand, rms of gradient operand, fraction of it E5M2 flushes)} over `batches`.
+) -> dict[str, tuple[float, float, float, float, float]]:
+    """{layer: (rms of input operand, rms of gradient operand, fraction of it E5M2 flushes, max|input|,
+    max|gradient|)} over `batches`.
 
     With `divide_by_scales` the operands are x/a and g/c (a calibrated matmul's FP8 operands), else x and g.
     """
@@ -127,8 +131,19 @@ def _measure(
         for batch in batches:
             inputs = model_inputs(model, batch)
             hooks.backward(default_loss(hooks.forward(model, inputs), inputs))
+
+    def peak(accumulator: RmsAccumulator) -> float:
+        return accumulator.peak if accumulator.batches else NAN
+
     return {
-        name: (hooks.inputs[name].value(), hooks.grads[name].value(), hooks.grads[name].flushed()) for name in modules
+        name: (
+            hooks.inputs[name].value(),
+            hooks.grads[name].value(),
+            hooks.grads[name].flushed(),
+            peak(hooks.inputs[name]),
+            peak(hooks.grads[name]),
+        )
+        for name in modules
     }
 
 
@@ -187,7 +202,7 @@ def scale_report(
     rows = []
     measured = _measure(model, batches, divide_by_scales=False)
     for row_name, module_name, kind, module, weight_name in _weight_rows(model):
-        input_rms, grad_rms, flushed = measured[module_name]
+        input_rms, grad_rms, flushed, _, _ = measured[module_name]
         rows.append(LayerScales(row_name, kind, *_weight_stats(module, weight_name), input_rms, grad_rms, flushed))
     if calibrate:
         from .calibrate import calibrate as run_calibration
@@ -198,7 +213,13 @@ def scale_report(
         for row, (_, module_name, _, module, _) in zip(rows, _weight_rows(model), strict=True):
             if isinstance(module, UnitScaledMatmulMixin):
                 row.input_scale, row.grad_scale = float(module.input_scale), float(module.grad_scale)
-                row.scaled_input_rms, row.scaled_grad_rms, row.scaled_grad_flushed = after[module_name]
+                (
+                    row.scaled_input_rms,
+                    row.scaled_grad_rms,
+                    row.scaled_grad_flushed,
+                    row.scaled_input_peak,
+                    row.scaled_grad_peak,
+                ) = after[module_name]
     return ScaleReport(rows, calibrated=calibrate, num_batches=len(batches))
 
 
@@ -222,6 +243,8 @@ TABLE_COLUMNS = (
     ("scaled_input_rms", "rms(x/a)"),
     ("scaled_grad_rms", "rms(g/c)"),
     ("scaled_grad_flushed", "g/c→0 e5m2"),
+    ("scaled_input_peak", "max|x/a|"),
+    ("scaled_grad_peak", "max|g/c|"),
 )
 
 
@@ -243,7 +266,8 @@ def format_scale_table(report: ScaleReport) -> str:
     footer = (
         f"E4M3 range {e4m3.smallest_subnormal:.3g}..{e4m3.max:g} (forward operands); "
         f"E5M2 range {e5m2.smallest_subnormal:.3g}..{e5m2.max:g} (gradients). "
-        "g→0: fraction of non-zero gradient elements a cast to E5M2 flushes to zero."
+        "g→0: fraction of non-zero gradient elements a cast to E5M2 flushes to zero; max|x/a|, max|g/c|: the "
+        "largest calibrated operands (headroom below the format's max)."
     )
     rule = "-" * len(render(header))
     return "\n".join([render(header), rule, *[render(line) for line in lines], rule, footer])

@@ -112,6 +112,9 @@ def test_calibration_rescues_gradients_from_e5m2_underflow():
     assert below, "expected some raw gradients below E5M2's smallest subnormal"
     assert sum(r.grad_flushed for r in matmuls) / len(matmuls) > 0.3
     assert max(r.scaled_grad_flushed for r in matmuls) < 0.05
+    # the largest calibrated operands: at least their RMS, and inside E4M3's / E5M2's range on these batches
+    assert all(r.scaled_input_rms <= r.scaled_input_peak < FORMATS["e4m3"].max for r in matmuls)
+    assert all(r.scaled_grad_rms <= r.scaled_grad_peak < FORMATS["e5m2"].max for r in matmuls)
 
 
 @pytest.mark.parametrize("case_id", ["bert", "llama-untied"])

@@ -124,7 +124,7 @@ def test_convert_with_model_class(tmp_path):
 
 # --------------------------------------------------------------------------- report
 
-_ROW = re.compile(r"^(\S+)\s+((?:\S+\s+){9}\S+)\s*$")
+_ROW = re.compile(r"^(\S+)\s+((?:\S+\s+){11}\S+)\s*$")
 
 
 def _parse_table(text: str) -> dict[str, list[str]]:
@@ -152,6 +152,7 @@ def test_report_writes_png_and_table_matching_the_plot_data(case_id, tokenizer, 
     assert list(table) == [row["name"] for row in data["layers"]]
     columns = ["weight_rms", "unit_weight_rms", "input_rms", "grad_rms", "grad_flushed"]
     columns += ["input_scale", "grad_scale", "scaled_input_rms", "scaled_grad_rms", "scaled_grad_flushed"]
+    columns += ["scaled_input_peak", "scaled_grad_peak"]
     for row in data["layers"]:
         for column, cell in zip(columns, table[row["name"]], strict=True):
             value = row[column]
