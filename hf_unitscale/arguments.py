@@ -80,6 +80,13 @@ class UnitScaleTrainingArguments(TrainingArguments):
         default=0,
         metadata={"help": "With `fp8`, recalibrate the static scales every this many optimizer steps (0: never)."},
     )
+    calibration_headroom: float | None = field(
+        default=None,
+        metadata={
+            "help": "With `fp8`, keep every calibrated operand's largest element at least this factor below its "
+            "format's max (E4M3 448, E5M2 57344) by raising its scale where needed; None: a = rms(x), c = rms(g)."
+        },
+    )
 
     save_format: Literal["merged", "unit-scaled"] = field(
         default="merged",
@@ -114,6 +121,10 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(f"`save_format` must be 'merged' or 'unit-scaled', got {self.save_format!r}.")
         if self.recalibrate_every < 0:
             raise ValueError(f"`recalibrate_every` should be 0 (never) or positive, got {self.recalibrate_every}.")
+        if self.calibration_headroom is not None and not self.calibration_headroom >= 1:
+            raise ValueError(
+                f"`calibration_headroom` should be a factor >= 1 or None, got {self.calibration_headroom}."
+            )
         # before TrainingArguments builds a DeepSpeed config (which needs deepspeed installed)
         error = deepspeed_optimizer_error(self.deepspeed)
         if error:
@@ -175,5 +186,6 @@ _OPTION_FIELDS = (
     "fp8_eval",
     "calibration_batches",
     "recalibrate_every",
+    "calibration_headroom",
     "save_format",
 )

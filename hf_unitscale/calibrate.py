@@ -46,6 +46,7 @@ from transformers.utils import logging
 
 from .config import CONFIG_KEY
 from .convert import matmul_layers
+from .formats import FORMATS, LowPrecisionFormat
 from .operand_stats import OperandRmsHooks, RmsAccumulator, default_loss, model_inputs
 from .precision import full_precision
 
@@ -85,6 +86,13 @@ def _peak(accumulator: RmsAccumulator, scale: torch.Tensor) -> float:
     return accumulator.peak / float(scale) if accumulator.batches else math.nan
 
 
+def _operand_formats(layer: Any) -> tuple[LowPrecisionFormat | None, LowPrecisionFormat | None]:
+    """The formats of a layer's input and gradient operands: its precision's, or E4M3/E5M2 when none is set."""
+    if layer.precision is None:
+        return FORMATS["e4m3"], FORMATS["e5m2"]
+    return layer.precision.forward, layer.precision.backward
+
+
 def _warn_about_headroom(table: Mapping[str, Mapping[str, float]], layers: Mapping[str, Any]) -> None:
     """Warn, once per set of operands, about operands whose calibrated peak is within 2x of their format's max.
 
@@ -105,8 +113,8 @@ def _warn_about_headroom(table: Mapping[str, Mapping[str, float]], layers: Mappi
         logger.warning_once(
             f"Calibration: {len(tight)} operand(s) peak within 2x of their format's largest value at unit scale "
             f"(see the `input_peak`/`grad_peak` calibrate returns): {', '.join(tight)}. Growth during training "
-            "will saturate them: recalibrate more often (`recalibrate_every`), watch the `fp8/*_saturated_fraction` "
-            "logs, or keep these layers in full precision (`fp8_full_precision_modules`)."
+            "will saturate them: calibrate with `headroom=2` (`calibration_headroom`), recalibrate more often "
+            "(`recalibrate_every`), or keep these layers in full precision (`fp8_full_precision_modules`)."
         )
 
 
@@ -117,9 +125,16 @@ def calibrate(
     num_batches: int | None = None,
     loss_fn: LossFn | None = None,
     loss_scale: float = 1.0,
+    headroom: float | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Set every converted matmul layer's static scales a = rms(x) and c = rms(g), in place.
+
+    With `headroom` h, a scale is raised where its operand's peak would come closer than a factor h
+    to the format's largest value M (E4M3's 448 for x, E5M2's 57344 for g, or the formats the
+    layer's precision names): a = max(rms(x), h·max|x|/M), likewise c. The operand's RMS is then
+    min(1, M / (h·max|x|/rms(x))): with h = 2 it stays in [0.5, 1] for any operand that would not
+    saturate at unit scale (max|x| ≤ M·rms(x)), and activations may double before they saturate.
 
     Args:
         model: a model converted by `unit_scale`.
@@ -128,6 +143,8 @@ def calibrate(
         loss_fn: `loss_fn(outputs, batch) -> scalar`; default the model's loss, see module docstring.
         loss_scale: multiplies the loss before differentiating (1/gradient-accumulation steps
             to match a Trainer's backward).
+        headroom: keep every calibrated peak at least this factor (≥ 1) below its format's max;
+            None: a = rms(x), c = rms(g) exactly.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -143,6 +160,8 @@ def calibrate(
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"`num_batches` should be a positive integer or None, got {num_batches}.")
+    if headroom is not None and not headroom >= 1:
+        raise ValueError(f"`headroom` should be a factor >= 1 (peaks at most max/headroom) or None, got {headroom}.")
     layers = matmul_layers(model)
     if not layers:
         raise ValueError(
@@ -186,12 +205,18 @@ def calibrate(
     unmeasured = []
     for name, layer in layers.items():
         input_rms, grad_rms = hooks.inputs[name].value(), hooks.grads[name].value()
-        for what, value, buffer in (("input", input_rms, layer.input_scale), ("gradient", grad_rms, layer.grad_scale)):
+        input_format, grad_format = _operand_formats(layer)
+        for what, value, buffer, accumulator, fmt in (
+            ("input", input_rms, layer.input_scale, hooks.inputs[name], input_format),
+            ("gradient", grad_rms, layer.grad_scale, hooks.grads[name], grad_format),
+        ):
             if math.isnan(value):
                 unmeasured.append(f"{name} ({what})")
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Calibration measured a non-finite or zero {what} RMS {value} at `{name}`.")
+            if headroom is not None and fmt is not None:
+                value = max(value, headroom * accumulator.peak / fmt.max)
             with torch.no_grad():
                 buffer.fill_(value)
         table[name] = {
@@ -217,6 +242,7 @@ def calibrate(
         "statistic": "sqrt(mean over batches of mean square over non-zero elements)",
         "loss": loss_name,
         "loss_scale": loss_scale,
+        "headroom": headroom,
         "precision": "full (fp32 path, casts off)",
         "mode": "eval",
     }

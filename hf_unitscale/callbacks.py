@@ -50,6 +50,7 @@ class RecalibrationCallback(TrainerCallback):
         log_prefix: prefix of the log keys (`fp8/grad_output_saturated_fraction`, …).
         loss_fn: `loss_fn(outputs, batch)` for calibration when training does not use the model's own
             loss (a custom `compute_loss`); default: the model's loss, see `calibrate`.
+        headroom: `calibrate`'s `headroom`: keep every operand's peak this factor below its format's max.
     """
 
     def __init__(
@@ -62,6 +63,7 @@ class RecalibrationCallback(TrainerCallback):
         log_casts: bool = True,
         log_prefix: str = "fp8/",
         loss_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
+        headroom: float | None = None,
     ) -> None:
         if every is not None and every < 0:
             raise ValueError(f"`every` should be a non-negative number of steps or None, got {every}.")
@@ -74,6 +76,7 @@ class RecalibrationCallback(TrainerCallback):
         self.log_casts = log_casts
         self.log_prefix = log_prefix
         self.loss_fn = loss_fn
+        self.headroom = headroom
         self._cached: list[dict[str, Any]] | None = None
         self.history: list[dict[str, Any]] = []  # one entry per calibration: step and per-layer scales
         self.logged: list[dict[str, float]] = []  # the cast fractions of every log, with their step
@@ -103,6 +106,7 @@ class RecalibrationCallback(TrainerCallback):
             num_batches=self.num_batches,
             loss_fn=self.loss_fn,
             loss_scale=1.0 / accumulation,  # the Trainer divides the loss by the accumulation steps
+            headroom=self.headroom,
             progress=False,
         )
         step = state.global_step if state is not None else None

@@ -155,7 +155,11 @@ class UnitScaleTrainer(Trainer):
 
         options = self.unit_scale_options
         self.add_callback(
-            RecalibrationCallback(every=options["recalibrate_every"], num_batches=options["calibration_batches"])
+            RecalibrationCallback(
+                every=options["recalibrate_every"],
+                num_batches=options["calibration_batches"],
+                headroom=options["calibration_headroom"],
+            )
         )
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):

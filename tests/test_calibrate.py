@@ -152,16 +152,19 @@ def test_calibration_is_the_rms_average_over_batches():
             assert both[name][key] == pytest.approx(expected, rel=1e-6)
 
 
-def test_calibrate_reports_operand_peaks_and_warns_once_when_one_nears_the_format_max(caplog):
+def _llama_with_a_massive_activation():
+    """A unit-scaled tiny Llama whose first MLP down-projection input carries one element 10^4 x the input's
+    mean magnitude (as real LLMs' massive activations do), a batch big enough (24·64·48 elements) for that
+    lone spike to sit at ~270x the RMS, the spiked layer's name, and its max|x|, max|g| as last seen."""
     case = CASES_BY_ID["llama-untied"]
-    batch = case.batch(batch_size=24, seq_len=64, seed=1)  # 24·64·48 elements: a lone spike sits at ~270x rms
+    batch = case.batch(batch_size=24, seq_len=64, seed=1)
     batches = [{**batch, "labels": batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)}]
     model = unit_scale(case.model())
     layers = matmul_layers(model)
     name = next(n for n in layers if n.endswith("layers.0.mlp.down_proj"))
     peaks = {"x": 0.0, "g": 0.0}  # measured independently of calibrate's hooks
 
-    def massive_activation(module, args):  # one element 10^4 x the input's mean magnitude, as in real LLMs
+    def massive_activation(module, args):
         spike = 1e4 * args[0].detach().abs().mean()
         x = args[0].clone()
         x[0, 0, 0] = spike
@@ -173,6 +176,11 @@ def test_calibrate_reports_operand_peaks_and_warns_once_when_one_nears_the_forma
 
     layers[name].register_forward_pre_hook(massive_activation)
     layers[name].register_forward_hook(record)
+    return model, batches, name, peaks
+
+
+def test_calibrate_reports_operand_peaks_and_warns_once_when_one_nears_the_format_max(caplog):
+    model, batches, name, peaks = _llama_with_a_massive_activation()
     table = calibrate(copy.deepcopy(model), batches, progress=False)  # no formats set: nothing to warn about
     assert table[name]["input_peak"] > 448 / 2
 
@@ -180,6 +188,7 @@ def test_calibrate_reports_operand_peaks_and_warns_once_when_one_nears_the_forma
     peaks.update(x=0.0, g=0.0)
     logger = logging.getLogger("hf_unitscale")
     logger.propagate = True
+    logging.Logger.warning_once.cache_clear()  # transformers' once-only warnings: as in a fresh process
     with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
         table = calibrate(model, batches, progress=False)
         warned = caplog.text
@@ -191,6 +200,27 @@ def test_calibrate_reports_operand_peaks_and_warns_once_when_one_nears_the_forma
     others = [n for n, row in table.items() if n != name and row["input_peak"] <= 224 and row["grad_peak"] <= 28672]
     assert others and not any(f"{n} (" in warned for n in others)
     assert caplog.text.count("peak within 2x") == 1
+
+
+def test_headroom_raises_only_the_scales_of_operands_near_their_format_max(caplog):
+    model, batches, name, _ = _llama_with_a_massive_activation()
+    set_precision(model, "e4m3", "e5m2")
+    plain = calibrate(copy.deepcopy(model), batches, progress=False)
+    logging.getLogger("hf_unitscale").propagate = True
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        roomy = calibrate(model, batches, headroom=2, progress=False)
+    assert "peak within 2x" not in caplog.text
+    # the spiked input: a = max(rms, 2·max|x|/448), so its peak sits at exactly 448/2 and its RMS stays >= 0.5
+    assert plain[name]["input_peak"] > 224
+    assert roomy[name]["input_peak"] == pytest.approx(224, rel=1e-6)
+    assert 0.5 <= roomy[name]["input_rms"] / roomy[name]["input_scale"] < 1
+    assert model.config.unit_scaling["calibration"]["headroom"] == 2
+    # every other operand already had 2x room: a = rms(x), c = rms(g) as without headroom
+    for layer, row in roomy.items():
+        assert row["grad_scale"] == plain[layer]["grad_scale"]
+        assert layer == name or row["input_scale"] == plain[layer]["input_scale"]
+    with pytest.raises(ValueError, match="headroom"):
+        calibrate(model, batches, headroom=0.5, progress=False)
 
 
 def test_existing_grads_survive_calibration():

@@ -307,6 +307,7 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         "fp8": True,
         "calibration_batches": 2,
         "recalibrate_every": 100,
+        "calibration_headroom": 2.0,
         "use_cpu": True,
         "report_to": [],
     }
@@ -343,6 +344,8 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--lr_rule", "sgd"])
     with pytest.raises(ValueError, match="JSON object"):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), lr_multipliers="classifier=10", use_cpu=True)
+    with pytest.raises(ValueError, match="calibration_headroom"):
+        UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_headroom=0.5, use_cpu=True)
 
 
 def test_fp8_calibrates_and_trains(tmp_path):
@@ -350,10 +353,17 @@ def test_fp8_calibrates_and_trains(tmp_path):
 
     case = CASES_BY_ID["bert"]
     args = _args(
-        tmp_path, cls=UnitScaleTrainingArguments, max_steps=4, fp8=True, calibration_batches=2, recalibrate_every=2
+        tmp_path,
+        cls=UnitScaleTrainingArguments,
+        max_steps=4,
+        fp8=True,
+        calibration_batches=2,
+        recalibrate_every=2,
+        calibration_headroom=2.0,
     )
     trainer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert"))
     trainer.train()
+    assert trainer.model.config.unit_scaling["calibration"]["headroom"] == 2.0  # reached `calibrate`
     layers = matmul_layers(trainer.model)
     assert layers["classifier"].precision is None  # the readout stays in full precision by default
     assert all(layer.precision.forward.name == "e4m3" for name, layer in layers.items() if name != "classifier")
