@@ -9,8 +9,10 @@ each measured over non-zero elements only: padding zeroes whole gradient rows (a
 all elements in a padded batch, ~87% in a BERT classifier's last layer) and ReLU zeroes inputs;
 zeros are exact in every format, and a plain RMS would be diluted by them and depend on how
 much padding a batch has. Over several batches the mean squares are averaged and then rooted
-(a = sqrt(mean_b ms_b(x))), so one outlier batch does not dominate as a max would. Under
-torch.distributed the per-batch mean squares are averaged over ranks, so every rank holds the
+(a = sqrt(mean_b ms_b(x))), so one outlier batch does not dominate as a max would; the max is
+recorded too (peaks max|x|/a, max|g|/c: the headroom left below the format's max, which
+`headroom=h` enforces by raising a scale to h·max|x|/M where needed). Under
+torch.distributed the per-batch mean squares are averaged over ranks and the peaks maxed, so every rank holds the
 same scales.
 
 How it is measured, and why:

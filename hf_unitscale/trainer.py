@@ -22,7 +22,7 @@ What it changes, and where:
 * `fp8=True`: E4M3/E5M2 matmuls (`precision.set_precision`; the readout, or the layers named by
   `fp8_full_precision_modules`, stays in full precision) with static scales calibrated on
   `calibration_batches` training batches at train begin and every `recalibrate_every` steps
-  (`callbacks.RecalibrationCallback`). `evaluation_loop` runs every GEMM in full precision when
+  (`callbacks.RecalibrationCallback`), with `calibration_headroom` below the formats' max. `evaluation_loop` runs every GEMM in full precision when
   `fp8_eval=False`.
 """
 
