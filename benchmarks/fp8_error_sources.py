@@ -49,24 +49,13 @@ from fp8_quality import (  # noqa: E402
     parse_task_arguments,
 )
 
-from hf_unitscale.calibrate import calibrate  # noqa: E402
 from hf_unitscale.convert import matmul_layers  # noqa: E402
 from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts  # noqa: E402
 
 logger = logging.getLogger("fp8_error_sources")
 VARIANTS = ("naive_fp8", "unit_uncal", "calib_raw", "ours", "ours_headroom2", "torchao_dynamic")
-HEADROOM = 2.0  # ours_headroom2: calibrate(..., headroom=2), as recipes/causal_lm_fp8.yaml does
 # (forward format, backward format) per setting of measurement 1
 CAST_SETTINGS = {"fp8": ("e4m3", "e5m2"), "g_only": (None, "e5m2"), "xw_only": ("e4m3", None)}
-
-
-def _build(variant, task, seed, calibration, args):
-    """`fp8_quality.build_variant`, plus `ours_headroom2`: ours calibrated with every peak 2x below the format max."""
-    if variant != "ours_headroom2":
-        return build_variant(variant, task, seed, calibration, args.fp8_readout)
-    model = build_variant("ours", task, seed, calibration, args.fp8_readout)
-    calibrate(model, calibration, headroom=HEADROOM, progress=False)
-    return model
 
 
 def gradient_sources(task, args):
@@ -77,7 +66,7 @@ def gradient_sources(task, args):
         calibration, batch = first[:-1], first[-1]
         reference = gradient_fidelity_reference(task.model(seed), batch)
         for variant in VARIANTS:
-            model = _build(variant, task, seed, calibration, args)
+            model = build_variant(variant, task, seed, calibration, args.fp8_readout)
             settings = {"fp8": None} if variant == "torchao_dynamic" else CAST_SETTINGS
             row = {"seed": seed, "variant": variant}
             for setting, formats in settings.items():
@@ -125,7 +114,7 @@ def forward_sources(task, args):
     reference = _logits(task.model(0), batches)
     rows = {}
     for variant in VARIANTS:
-        model = _build(variant, task, 0, first, args)
+        model = build_variant(variant, task, 0, first, args.fp8_readout)
         rows[variant] = _forward_error(reference, _logits(model, batches))
         logger.info(f"  {task.name} {variant}: {rows[variant]}")
         if variant != "ours":

@@ -54,6 +54,10 @@ from hf_unitscale.precision import cast_statistics, full_precision, set_precisio
 
 logger = logging.getLogger("fp8_quality")
 VARIANTS = ("fp32", "naive_fp8", "unit_uncal", "calib_raw", "ours", "torchao_dynamic")
+# on request (--variants): ours calibrated with `headroom` (peaks kept 2x below the format max), recalibrated alike
+HEADROOM = {"ours_headroom2": 2.0}
+CALIBRATED = ("calib_raw", "ours", *HEADROOM)
+RECALIBRATED = ("ours", *HEADROOM)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -202,8 +206,8 @@ def build_variant(variant, task, seed, calibration_batches, fp8_readout):
     unit_scale(model)
     if variant in ("naive_fp8", "calib_raw"):
         _raw_weights(model)
-    if variant in ("calib_raw", "ours"):
-        calibrate(model, calibration_batches, progress=False)
+    if variant in CALIBRATED:
+        calibrate(model, calibration_batches, headroom=HEADROOM.get(variant), progress=False)
     set_precision(model, "e4m3", "e5m2", "simulate", full_precision_modules=[] if fp8_readout else None)
     return model
 
@@ -295,9 +299,10 @@ def train_one(variant, task, seed, args):
         losses.append(loss.item())
         if counted and step % args.recalibrate_every == 0:
             saturated_by_interval.append(summarize_casts(counted_casts()))
-            if variant == "ours":
+            if variant in RECALIBRATED:
                 rng = torch.get_rng_state()
-                calibrate(model, calibration_batches, progress=False)  # eval mode: no dropout RNG used
+                # eval mode: no dropout RNG used
+                calibrate(model, calibration_batches, headroom=HEADROOM.get(variant), progress=False)
                 torch.set_rng_state(rng)
         if step % max(1, args.steps // 10) == 0:
             logger.info(f"  {task.name} {variant} seed {seed} step {step}: loss {statistics.fmean(losses[-10:]):.4f}")
@@ -566,6 +571,9 @@ def main(argv=None):
     args.variant_list = [v for v in args.variants.split(",") if v]
     if "fp32" not in args.variant_list:
         parser.error("--variants must include fp32 (the reference)")
+    unknown = sorted(set(args.variant_list) - set(VARIANTS) - set(HEADROOM))
+    if unknown:
+        parser.error(f"unknown --variants {unknown}; choose from {[*VARIANTS, *HEADROOM]}")
     args.variant_list = ["fp32"] + [v for v in args.variant_list if v != "fp32"]
     results_path = args.out / "fp8_quality.json"
     all_runs, all_summaries, all_settings = _previous_results(results_path)
