@@ -10,6 +10,8 @@ sentiment snippets and, with `--tasks lm`, the real SmolLM2-135M on Jane Austen,
   ours             unit-scaled Ŵ + calibrated a, c, recalibrated every `--recalibrate-every` steps
   torchao_dynamic  torchao `Float8Linear`, dynamic per-tensor amax scaling (emulated on CPU)
 
+and, only when named in `--variants`, ours_headroom2: ours calibrated with `headroom=2`.
+
 Every variant runs the same plain training loop (AdamW, same seeds, same data order, same dropout
 masks, no gradient clipping); the unit-scaled variants use the "equivalent" AdamW rule
 (lr/s, eps·s, weight decay·s per weight, design.md §3), so with identity casts all six would
