@@ -132,16 +132,13 @@ def _measure(
             inputs = model_inputs(model, batch)
             hooks.backward(default_loss(hooks.forward(model, inputs), inputs))
 
-    def peak(accumulator: RmsAccumulator) -> float:
-        return accumulator.peak if accumulator.batches else NAN
-
     return {
         name: (
             hooks.inputs[name].value(),
             hooks.grads[name].value(),
             hooks.grads[name].flushed(),
-            peak(hooks.inputs[name]),
-            peak(hooks.grads[name]),
+            hooks.inputs[name].peak(),
+            hooks.grads[name].peak(),
         )
         for name in modules
     }

@@ -76,16 +76,11 @@ def _all_reduce_statistics(accumulators: list[RmsAccumulator]) -> None:
         return
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     sums = torch.tensor([[acc.ms_total, acc.batches] for acc in accumulators], dtype=torch.float64, device=device)
-    peaks = torch.tensor([acc.peak for acc in accumulators], dtype=torch.float64, device=device)
+    peaks = torch.tensor([acc.absmax for acc in accumulators], dtype=torch.float64, device=device)
     dist.all_reduce(sums)
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
     for acc, (ms_total, batches), peak in zip(accumulators, sums.tolist(), peaks.tolist(), strict=True):
-        acc.ms_total, acc.batches, acc.peak = ms_total, int(batches), peak
-
-
-def _peak(accumulator: RmsAccumulator, scale: torch.Tensor) -> float:
-    """max|t| / scale over the calibration batches: the largest operand the FP8 cast will see (nan if unmeasured)."""
-    return accumulator.peak / float(scale) if accumulator.batches else math.nan
+        acc.ms_total, acc.batches, acc.absmax = ms_total, int(batches), peak
 
 
 def _operand_formats(layer: Any) -> tuple[LowPrecisionFormat | None, LowPrecisionFormat | None]:
@@ -105,10 +100,9 @@ def _warn_about_headroom(table: Mapping[str, Mapping[str, float]], layers: Mappi
     """
     tight = []
     for name, row in table.items():
-        precision = layers[name].precision
-        if precision is None:
+        if layers[name].precision is None:
             continue
-        for operand, fmt in (("input", precision.forward), ("grad", precision.backward)):
+        for operand, fmt in zip(("input", "grad"), _operand_formats(layers[name]), strict=True):
             if fmt is not None and row[f"{operand}_peak"] > fmt.max / 2:
                 tight.append(f"{name} ({operand}, {fmt.name})")
     if tight:  # names only, so recalibrating every N steps does not repeat it
@@ -218,7 +212,7 @@ def calibrate(
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Calibration measured a non-finite or zero {what} RMS {value} at `{name}`.")
             if headroom is not None and fmt is not None:
-                value = max(value, headroom * accumulator.peak / fmt.max)
+                value = max(value, headroom * accumulator.peak() / fmt.max)
             with torch.no_grad():
                 buffer.fill_(value)
         table[name] = {
@@ -226,8 +220,9 @@ def calibrate(
             "grad_rms": grad_rms,
             "input_scale": float(layer.input_scale),
             "grad_scale": float(layer.grad_scale),
-            "input_peak": _peak(hooks.inputs[name], layer.input_scale),
-            "grad_peak": _peak(hooks.grads[name], layer.grad_scale),
+            # the largest operands the casts will see: max|x|/a, max|g|/c (nan if unmeasured)
+            "input_peak": hooks.inputs[name].peak() / float(layer.input_scale),
+            "grad_peak": hooks.grads[name].peak() / float(layer.grad_scale),
         }
     if unmeasured:
         logger.warning(

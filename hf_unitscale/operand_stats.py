@@ -38,7 +38,7 @@ class RmsAccumulator:
         self.sum_sq = self.count = 0.0  # the current batch
         self.ms_total = 0.0  # Σ over finished batches of their mean square
         self.batches = 0
-        self.peak = 0.0
+        self.absmax = 0.0  # max|t| over every batch
 
     def add(self, t: torch.Tensor) -> None:
         t = t.detach()
@@ -47,7 +47,7 @@ class RmsAccumulator:
         self.sum_sq += float(rms(t, nonzero_only=True)) ** 2 * count
         self.count += count
         if t.numel():
-            self.peak = max(self.peak, float(t.abs().max()))
+            self.absmax = max(self.absmax, float(t.abs().max()))
 
     def end_batch(self) -> None:
         if self.count:
@@ -58,6 +58,10 @@ class RmsAccumulator:
     def value(self) -> float:
         """The pooled RMS; nan when no batch saw a non-zero element."""
         return math.sqrt(self.ms_total / self.batches) if self.batches else math.nan
+
+    def peak(self) -> float:
+        """max|t| over every batch; nan when no batch saw a non-zero element."""
+        return self.absmax if self.batches else math.nan
 
 
 class OperandRmsHooks:
