@@ -10,7 +10,7 @@ Two measurements at step 0, on the tasks, variants, seeds and calibration of `fp
 
    For small independent errors 1 − cos adds up: (1 − cos_fp8) ≈ (1 − cos_g) + (1 − cos_xW).
    torchao's `Float8Linear` has no "g only": it requires both operands of a GEMM in one precision.
-   `ours_headroom2` is `ours` calibrated with `headroom=2` (scales raised where a peak nears the max).
+   `ours_headroom2` and `ours_budget` are `ours` calibrated with fp8_quality.py's `CALIBRATION_OPTIONS`.
 
 2. Forward error on held-out data: the mean over positions of KL(p_fp32 ‖ p_FP8) of the output
    distribution, how often the arg-max agrees, and the logits' relative error (MiniLM's fresh 2-way
@@ -53,7 +53,7 @@ from hf_unitscale.convert import matmul_layers  # noqa: E402
 from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts  # noqa: E402
 
 logger = logging.getLogger("fp8_error_sources")
-VARIANTS = ("naive_fp8", "unit_uncal", "calib_raw", "ours", "ours_headroom2", "torchao_dynamic")
+VARIANTS = ("naive_fp8", "unit_uncal", "calib_raw", "ours", "ours_headroom2", "ours_budget", "torchao_dynamic")
 # (forward format, backward format) per setting of measurement 1
 CAST_SETTINGS = {"fp8": ("e4m3", "e5m2"), "g_only": (None, "e5m2"), "xw_only": ("e4m3", None)}
 

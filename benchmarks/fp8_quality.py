@@ -10,7 +10,11 @@ sentiment snippets and, with `--tasks lm`, the real SmolLM2-135M on Jane Austen,
   ours             unit-scaled Ŵ + calibrated a, c, recalibrated every `--recalibrate-every` steps
   torchao_dynamic  torchao `Float8Linear`, dynamic per-tensor amax scaling (emulated on CPU)
 
-and, only when named in `--variants`, ours_headroom2: ours calibrated with `headroom=2`.
+and, only when named in `--variants`, ours recalibrated with other `calibrate` options:
+
+  ours_headroom2   `headroom=2` (scales raised where a peak nears the format max)
+  ours_budget      `underflow_budget=1e-4, headroom=4` (scales lowered where unit RMS flushes more
+                   than 0.01% of an operand's elements, never so far that a peak comes within 4x of the max)
 
 Every variant runs the same plain training loop (AdamW, same seeds, same data order, same dropout
 masks, no gradient clipping); the unit-scaled variants use the "equivalent" AdamW rule
@@ -56,10 +60,10 @@ from hf_unitscale.precision import cast_statistics, full_precision, set_precisio
 
 logger = logging.getLogger("fp8_quality")
 VARIANTS = ("fp32", "naive_fp8", "unit_uncal", "calib_raw", "ours", "torchao_dynamic")
-# on request (--variants): ours calibrated with `headroom` (peaks kept 2x below the format max), recalibrated alike
-HEADROOM = {"ours_headroom2": 2.0}
-CALIBRATED = ("calib_raw", "ours", *HEADROOM)
-RECALIBRATED = ("ours", *HEADROOM)
+# on request (--variants): ours with these `calibrate` options, at the start and at every recalibration
+CALIBRATION_OPTIONS = {"ours_headroom2": {"headroom": 2.0}, "ours_budget": {"underflow_budget": 1e-4, "headroom": 4.0}}
+CALIBRATED = ("calib_raw", "ours", *CALIBRATION_OPTIONS)
+RECALIBRATED = ("ours", *CALIBRATION_OPTIONS)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -209,7 +213,7 @@ def build_variant(variant, task, seed, calibration_batches, fp8_readout):
     if variant in ("naive_fp8", "calib_raw"):
         _raw_weights(model)
     if variant in CALIBRATED:
-        calibrate(model, calibration_batches, headroom=HEADROOM.get(variant), progress=False)
+        calibrate(model, calibration_batches, **CALIBRATION_OPTIONS.get(variant, {}), progress=False)
     set_precision(model, "e4m3", "e5m2", "simulate", full_precision_modules=[] if fp8_readout else None)
     return model
 
@@ -304,7 +308,7 @@ def train_one(variant, task, seed, args):
             if variant in RECALIBRATED:
                 rng = torch.get_rng_state()
                 # eval mode: no dropout RNG used
-                calibrate(model, calibration_batches, headroom=HEADROOM.get(variant), progress=False)
+                calibrate(model, calibration_batches, **CALIBRATION_OPTIONS.get(variant, {}), progress=False)
                 torch.set_rng_state(rng)
         if step % max(1, args.steps // 10) == 0:
             logger.info(f"  {task.name} {variant} seed {seed} step {step}: loss {statistics.fmean(losses[-10:]):.4f}")
@@ -573,9 +577,9 @@ def main(argv=None):
     args.variant_list = [v for v in args.variants.split(",") if v]
     if "fp32" not in args.variant_list:
         parser.error("--variants must include fp32 (the reference)")
-    unknown = sorted(set(args.variant_list) - set(VARIANTS) - set(HEADROOM))
+    unknown = sorted(set(args.variant_list) - set(VARIANTS) - set(CALIBRATION_OPTIONS))
     if unknown:
-        parser.error(f"unknown --variants {unknown}; choose from {[*VARIANTS, *HEADROOM]}")
+        parser.error(f"unknown --variants {unknown}; choose from {[*VARIANTS, *CALIBRATION_OPTIONS]}")
     args.variant_list = ["fp32"] + [v for v in args.variant_list if v != "fp32"]
     results_path = args.out / "fp8_quality.json"
     all_runs, all_summaries, all_settings = _previous_results(results_path)

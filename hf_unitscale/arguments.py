@@ -87,6 +87,14 @@ class UnitScaleTrainingArguments(TrainingArguments):
             "format's max (E4M3 448, E5M2 57344) by raising its scale where needed; None: a = rms(x), c = rms(g)."
         },
     )
+    calibration_underflow_budget: float | None = field(
+        default=None,
+        metadata={
+            "help": "With `fp8`, lower a calibrated scale from the operand's RMS where its cast would flush more than "
+            "this fraction of the operand's non-zero elements to zero (e.g. 1e-4), never so far that its peak comes "
+            "within `calibration_headroom` (or 1) of the format's max; None: no lowering."
+        },
+    )
 
     save_format: Literal["merged", "unit-scaled"] = field(
         default="merged",
@@ -125,6 +133,9 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`calibration_headroom` should be a factor >= 1 or None, got {self.calibration_headroom}."
             )
+        budget = self.calibration_underflow_budget
+        if budget is not None and not 0 <= budget < 1:
+            raise ValueError(f"`calibration_underflow_budget` should be a fraction in [0, 1) or None, got {budget}.")
         # before TrainingArguments builds a DeepSpeed config (which needs deepspeed installed)
         error = deepspeed_optimizer_error(self.deepspeed)
         if error:
@@ -187,5 +198,6 @@ _OPTION_FIELDS = (
     "calibration_batches",
     "recalibrate_every",
     "calibration_headroom",
+    "calibration_underflow_budget",
     "save_format",
 )

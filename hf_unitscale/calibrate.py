@@ -12,8 +12,16 @@ much padding a batch has. Over several batches the mean squares are averaged and
 (a = sqrt(mean_b ms_b(x))), so one outlier batch does not dominate as a max would; the max is
 recorded too (peaks max|x|/a, max|g|/c: the headroom left below the format's max, which
 `headroom=h` enforces by raising a scale to h·max|x|/M where needed). Under
-torch.distributed the per-batch mean squares are averaged over ranks and the peaks maxed, so every rank holds the
-same scales.
+torch.distributed the per-batch mean squares are averaged over ranks, the peaks maxed and the
+exponent histograms summed, so every rank holds the same scales.
+
+Unit RMS leaves an operand's small elements where its distribution puts them: a cast flushes
+|x/a| < m/2 (m the format's smallest subnormal, E5M2 2^-16), and gradients are heavy-tailed below
+their RMS (MiniLM's attention query gradients flush 1.4% of their non-zero elements at c = rms(g)).
+`underflow_budget=f` lowers a scale from the RMS to the largest (to a factor 2) at which at most a
+fraction f of the operand's non-zero calibration elements flush, but never below
+max(1, headroom)·max|x|/M: the budget yields to saturation, with a warning naming what it cannot
+fit. Where unit RMS already meets the budget the scale stays the RMS.
 
 How it is measured, and why:
 
@@ -68,8 +76,8 @@ def _count_tokens(batch: Mapping[str, Any]) -> int:
 
 
 def _all_reduce_statistics(accumulators: list[RmsAccumulator]) -> None:
-    """Sum per-batch mean squares and batch counts over ranks, and take the max of the peaks
-    (no-op outside torch.distributed)."""
+    """Sum per-batch mean squares, batch counts and exponent histograms over ranks, and take the max of the
+    peaks (no-op outside torch.distributed)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -77,10 +85,20 @@ def _all_reduce_statistics(accumulators: list[RmsAccumulator]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     sums = torch.tensor([[acc.ms_total, acc.batches] for acc in accumulators], dtype=torch.float64, device=device)
     peaks = torch.tensor([acc.absmax for acc in accumulators], dtype=torch.float64, device=device)
+    histograms = torch.stack([acc.exponent_counts for acc in accumulators]).to(device)
     dist.all_reduce(sums)
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-    for acc, (ms_total, batches), peak in zip(accumulators, sums.tolist(), peaks.tolist(), strict=True):
-        acc.ms_total, acc.batches, acc.absmax = ms_total, int(batches), peak
+    dist.all_reduce(histograms)
+    for acc, (ms_total, batches), peak, counts in zip(
+        accumulators, sums.tolist(), peaks.tolist(), histograms.cpu(), strict=True
+    ):
+        acc.ms_total, acc.batches, acc.absmax, acc.exponent_counts = ms_total, int(batches), peak, counts
+
+
+def _listed(names: list[str], shown: int = 8) -> str:
+    """The first `shown` names, comma-separated, and how many more there are."""
+    more = f" and {len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
 
 
 def _operand_formats(layer: Any) -> tuple[LowPrecisionFormat | None, LowPrecisionFormat | None]:
@@ -99,16 +117,18 @@ def _warn_about_headroom(table: Mapping[str, Mapping[str, float]], layers: Mappi
     Only layers with low-precision formats set (`set_precision`) are checked.
     """
     tight = []
+    # scales are float32 buffers: a peak put at exactly M/2 by `headroom=2` reads back up to one rounding above it
+    rounding = 1 + torch.finfo(torch.float32).eps
     for name, row in table.items():
         if layers[name].precision is None:
             continue
         for operand, fmt in zip(("input", "grad"), _operand_formats(layers[name]), strict=True):
-            if fmt is not None and row[f"{operand}_peak"] > fmt.max / 2:
+            if fmt is not None and row[f"{operand}_peak"] > fmt.max / 2 * rounding:
                 tight.append(f"{name} ({operand}, {fmt.name})")
     if tight:  # names only, so recalibrating every N steps does not repeat it
         logger.warning_once(
             f"Calibration: {len(tight)} operand(s) peak within 2x of their format's largest value at unit scale "
-            f"(see the `input_peak`/`grad_peak` calibrate returns): {', '.join(tight)}. Growth during training "
+            f"(see the `input_peak`/`grad_peak` calibrate returns): {_listed(tight)}. Growth during training "
             "will saturate them: calibrate with `headroom=2` (`calibration_headroom`), recalibrate more often "
             "(`recalibrate_every`), or keep these layers in full precision (`fp8_full_precision_modules`)."
         )
@@ -122,6 +142,7 @@ def calibrate(
     loss_fn: LossFn | None = None,
     loss_scale: float = 1.0,
     headroom: float | None = None,
+    underflow_budget: float | None = None,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Set every converted matmul layer's static scales a = rms(x) and c = rms(g), in place.
@@ -132,6 +153,11 @@ def calibrate(
     min(1, M / (h·max|x|/rms(x))): with h = 2 it stays in [0.5, 1] for any operand that would not
     saturate at unit scale (max|x| ≤ M·rms(x)), and activations may double before they saturate.
 
+    With `underflow_budget` f, a scale is lowered where unit RMS would flush more than a fraction f of
+    the operand's non-zero elements to zero (|x/a| < m/2, m the format's smallest subnormal):
+    a = max(min(rms(x), a_f), max(1, h)·max|x|/M), a_f the largest scale (to a factor 2) that flushes
+    at most f of the calibration elements. Saturation wins where both cannot hold (a warning names them).
+
     Args:
         model: a model converted by `unit_scale`.
         batches: dicts of model inputs (with `labels` for real gradients), e.g. a DataLoader.
@@ -141,6 +167,8 @@ def calibrate(
             to match a Trainer's backward).
         headroom: keep every calibrated peak at least this factor (≥ 1) below its format's max;
             None: a = rms(x), c = rms(g) exactly.
+        underflow_budget: the largest fraction (in [0, 1)) of an operand's non-zero calibration
+            elements its cast may flush to zero, e.g. 1e-3; None: no lowering.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -158,6 +186,11 @@ def calibrate(
         raise ValueError(f"`num_batches` should be a positive integer or None, got {num_batches}.")
     if headroom is not None and not headroom >= 1:
         raise ValueError(f"`headroom` should be a factor >= 1 (peaks at most max/headroom) or None, got {headroom}.")
+    if underflow_budget is not None and not 0 <= underflow_budget < 1:
+        raise ValueError(
+            f"`underflow_budget` should be a fraction in [0, 1) of elements allowed to flush to zero, or None, "
+            f"got {underflow_budget}."
+        )
     layers = matmul_layers(model)
     if not layers:
         raise ValueError(
@@ -198,7 +231,7 @@ def calibrate(
     _all_reduce_statistics(hooks.accumulators())
 
     table: dict[str, dict[str, float]] = {}
-    unmeasured = []
+    unmeasured, over_budget = [], []
     for name, layer in layers.items():
         input_rms, grad_rms = hooks.inputs[name].value(), hooks.grads[name].value()
         input_format, grad_format = _operand_formats(layer)
@@ -211,8 +244,14 @@ def calibrate(
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Calibration measured a non-finite or zero {what} RMS {value} at `{name}`.")
-            if headroom is not None and fmt is not None:
-                value = max(value, headroom * accumulator.peak() / fmt.max)
+            if fmt is not None and (headroom is not None or underflow_budget is not None):
+                floor = (headroom or 1.0) * accumulator.peak() / fmt.max  # peaks at most M/h
+                if underflow_budget is not None:
+                    budget_scale = accumulator.largest_scale_flushing_at_most(underflow_budget, fmt.smallest_subnormal)
+                    value = min(value, budget_scale)
+                    if budget_scale < floor:
+                        over_budget.append(f"{name} ({what}, {fmt.name})")
+                value = max(value, floor)
             with torch.no_grad():
                 buffer.fill_(value)
         table[name] = {
@@ -227,7 +266,14 @@ def calibrate(
     if unmeasured:
         logger.warning(
             f"Calibration kept the previous scale of {len(unmeasured)} operand(s) it could not "
-            f"measure (layer unused or no gradient reaches it): {', '.join(unmeasured[:8])}"
+            f"measure (layer unused or no gradient reaches it): {_listed(unmeasured)}"
+        )
+    if over_budget:
+        logger.warning_once(
+            f"Calibration: {len(over_budget)} operand(s) span more than their format's range: flushing at most "
+            f"{underflow_budget} of their elements to zero would saturate their peaks, so saturation won: "
+            f"{_listed(over_budget)}. Lower `headroom`, or keep these layers in full precision "
+            "(`fp8_full_precision_modules`)."
         )
     _warn_about_headroom(table, layers)
     loss_name = "model loss" if not used_proxy else "proxy sum(logits^2)/2/rows"
@@ -240,6 +286,7 @@ def calibrate(
         "loss": loss_name,
         "loss_scale": loss_scale,
         "headroom": headroom,
+        "underflow_budget": underflow_budget,
         "precision": "full (fp32 path, casts off)",
         "mode": "eval",
     }

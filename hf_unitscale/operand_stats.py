@@ -7,7 +7,9 @@ are averaged, then rooted:
     rms = sqrt( mean_b  ( Σ_{t≠0} t² / #{t≠0} )_b )
 
 so one outlier batch does not dominate as a max would, and several tensors seen in one batch
-(a layer called twice) pool into that batch's mean square.
+(a layer called twice) pool into that batch's mean square. Each accumulator also keeps the peak
+max|t| and a histogram of the binary exponents of the non-zero |t|, which say how a static scale
+sits against a format's largest value and its flush-to-zero threshold.
 
 `OperandRmsHooks` measures them on real batches: a forward pre-hook records each layer's input x,
 a forward hook keeps its output, and the loss is differentiated with `torch.autograd.grad` with
@@ -29,25 +31,35 @@ from .ops import rms
 
 __all__ = ["OperandRmsHooks", "RmsAccumulator", "default_loss", "model_inputs"]
 
+# |t| = m·2^e with m in [0.5, 1) (torch.frexp); bin e + EXPONENT_OFFSET counts the |t| in [2^(e-1), 2^e).
+# fp32 exponents run from -148 (smallest subnormal) to 128.
+EXPONENT_OFFSET = 160
+EXPONENT_BINS = 320
+
 
 class RmsAccumulator:
-    """Running sqrt(mean over batches of the non-zero mean square) of one operand, and its peak max|t|
-    over every batch (what a static scale must leave room for below a format's max)."""
+    """Running sqrt(mean over batches of the non-zero mean square) of one operand, its peak max|t|
+    over every batch (what a static scale must leave room for below a format's max), and the
+    exponent histogram of its non-zero elements (what a scale flushes to zero)."""
 
     def __init__(self) -> None:
         self.sum_sq = self.count = 0.0  # the current batch
         self.ms_total = 0.0  # Σ over finished batches of their mean square
         self.batches = 0
         self.absmax = 0.0  # max|t| over every batch
+        self.exponent_counts = torch.zeros(EXPONENT_BINS, dtype=torch.float64)  # over every batch
 
     def add(self, t: torch.Tensor) -> None:
         t = t.detach()
-        count = float((t != 0).sum())
+        nonzero = t != 0
+        count = float(nonzero.sum())
         # rms over non-zero elements, squared back to a sum so several tensors per batch pool correctly
         self.sum_sq += float(rms(t, nonzero_only=True)) ** 2 * count
         self.count += count
         if t.numel():
             self.absmax = max(self.absmax, float(t.abs().max()))
+            bins = (torch.frexp(t.float()).exponent[nonzero] + EXPONENT_OFFSET).clamp_(0, EXPONENT_BINS - 1)
+            self.exponent_counts += torch.bincount(bins.flatten(), minlength=EXPONENT_BINS).to("cpu", torch.float64)
 
     def end_batch(self) -> None:
         if self.count:
@@ -62,6 +74,21 @@ class RmsAccumulator:
     def peak(self) -> float:
         """max|t| over every batch; nan when no batch saw a non-zero element."""
         return self.absmax if self.batches else math.nan
+
+    def largest_scale_flushing_at_most(self, fraction: float, smallest_subnormal: float) -> float:
+        """The largest scale c, to within a factor 2, at which at most `fraction` of the non-zero elements seen
+        flush to zero when cast as t/c to a format whose smallest subnormal is m.
+
+        A cast flushes |t/c| < m/2. With T = 2^e the largest power of two such that
+        #{0 < |t| < T} ≤ fraction·#{t ≠ 0} (read off the exponent histogram), c = 2T/m. nan when no
+        batch saw a non-zero element.
+        """
+        if not self.batches:
+            return math.nan
+        below = torch.cumsum(self.exponent_counts, 0)  # below[i] = #{0 < |t| < 2^(i - EXPONENT_OFFSET)}
+        allowed = fraction * float(below[-1])
+        index = int((below <= allowed).nonzero().max())
+        return 2.0 ** (index - EXPONENT_OFFSET) * 2 / smallest_subnormal
 
 
 class OperandRmsHooks:

@@ -22,8 +22,9 @@ What it changes, and where:
 * `fp8=True`: E4M3/E5M2 matmuls (`precision.set_precision`; the readout, or the layers named by
   `fp8_full_precision_modules`, stays in full precision) with static scales calibrated on
   `calibration_batches` training batches at train begin and every `recalibrate_every` steps
-  (`callbacks.RecalibrationCallback`), with `calibration_headroom` below the formats' max. `evaluation_loop` runs every GEMM in full precision when
-  `fp8_eval=False`.
+  (`callbacks.RecalibrationCallback`), with `calibration_headroom` below the formats' max and at most
+  `calibration_underflow_budget` of each operand flushed to zero. `evaluation_loop` runs every GEMM in
+  full precision when `fp8_eval=False`.
 """
 
 from __future__ import annotations
@@ -159,6 +160,7 @@ class UnitScaleTrainer(Trainer):
                 every=options["recalibrate_every"],
                 num_batches=options["calibration_batches"],
                 headroom=options["calibration_headroom"],
+                underflow_budget=options["calibration_underflow_budget"],
             )
         )
 

@@ -319,6 +319,20 @@ def test_calibration_pools_every_ranks_batch_and_leaves_ranks_equal(launches):
             assert row[scale] == pytest.approx(expected, rel=1e-6), (name, operand)
             raw_peaks = [table[name][f"{operand}_peak"] * table[name][scale] for table in alone]
             assert row[f"{operand}_peak"] * row[scale] == pytest.approx(max(raw_peaks), rel=1e-6), (name, operand)
+    # with an underflow budget the ranks' exponent histograms are summed: the scales of one process seeing both
+    budgeted = result["budget_tables"]
+    assert budgeted[0] == budgeted[1]
+    both = hf_unitscale.calibrate(
+        calibrate_ranks.model(),
+        [calibrate_ranks.batch(0), calibrate_ranks.batch(1)],
+        underflow_budget=calibrate_ranks.UNDERFLOW_BUDGET,
+        progress=False,
+    )
+    lowered = [name for name in both if both[name]["input_scale"] < first[name]["input_scale"]]
+    assert lowered, "the budget lowered no scale: the test would not see the histograms"
+    for name, row in budgeted[0].items():
+        for scale in ("input_scale", "grad_scale"):
+            assert row[scale] == pytest.approx(both[name][scale], rel=1e-6), (name, scale)
 
 
 # ---- the Accelerate configs of recipes/accelerate ----

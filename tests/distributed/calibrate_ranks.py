@@ -3,9 +3,10 @@
     torchrun --standalone --nproc_per_node 2 tests/distributed/calibrate_ranks.py --out DIR
 
 Every rank builds the same unit-scaled tiny Llama (same seed) and calibrates it on its own batch
-(`batch(rank)`). Rank 0 writes `DIR/result.json`: each rank's calibration table and the
-world size. The test compares them with single-process calibrations of each batch alone: the
-pooled RMS is sqrt(mean over ranks' batches of their mean squares), the peak the max over ranks.
+(`batch(rank)`), plainly and with `UNDERFLOW_BUDGET`. Rank 0 writes `DIR/result.json`: each rank's
+calibration tables and the world size. The test compares them with single-process calibrations: the
+pooled RMS is sqrt(mean over ranks' batches of their mean squares), the peak the max over ranks, and
+the budgeted scales those of one process calibrating on every rank's batch (exponent histograms summed).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hf_unitscale.calibrate import calibrate  # noqa: E402
 from tiny_models import CASES_BY_ID  # noqa: E402
 
 CASE = "llama-untied"
+UNDERFLOW_BUDGET = 1e-3
 
 
 def model():
@@ -45,12 +47,14 @@ def main() -> None:
     args = parser.parse_args()
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    table = calibrate(model(), [batch(rank)], progress=False)
-    tables = [None] * world
-    dist.all_gather_object(tables, table)
+    result = {"world_size": world}
+    for key, options in (("tables", {}), ("budget_tables", {"underflow_budget": UNDERFLOW_BUDGET})):
+        table = calibrate(model(), [batch(rank)], progress=False, **options)
+        result[key] = [None] * world
+        dist.all_gather_object(result[key], table)
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "result.json").write_text(json.dumps({"world_size": world, "tables": tables}))
+        (args.out / "result.json").write_text(json.dumps(result))
     dist.destroy_process_group()
 
 
