@@ -13,7 +13,7 @@ sentiment snippets and, with `--tasks lm`, the real SmolLM2-135M on Jane Austen,
 and, only when named in `--variants`, ours recalibrated with other `calibrate` options:
 
   ours_headroom2   `headroom=2` (scales raised where a peak nears the format max)
-  ours_budget      `underflow_budget=1e-4, headroom=4` (scales lowered where unit RMS flushes more
+  ours_budget      `grad_underflow_budget=1e-4, headroom=4` (scales lowered where unit RMS flushes more
                    than 0.01% of an operand's elements, never so far that a peak comes within 4x of the max)
 
 Every variant runs the same plain training loop (AdamW, same seeds, same data order, same dropout
@@ -61,7 +61,10 @@ from hf_unitscale.precision import cast_statistics, full_precision, set_precisio
 logger = logging.getLogger("fp8_quality")
 VARIANTS = ("fp32", "naive_fp8", "unit_uncal", "calib_raw", "ours", "torchao_dynamic")
 # on request (--variants): ours with these `calibrate` options, at the start and at every recalibration
-CALIBRATION_OPTIONS = {"ours_headroom2": {"headroom": 2.0}, "ours_budget": {"underflow_budget": 1e-4, "headroom": 4.0}}
+CALIBRATION_OPTIONS = {
+    "ours_headroom2": {"headroom": 2.0},
+    "ours_budget": {"grad_underflow_budget": 1e-4, "headroom": 4.0},
+}
 CALIBRATED = ("calib_raw", "ours", *CALIBRATION_OPTIONS)
 RECALIBRATED = ("ours", *CALIBRATION_OPTIONS)
 RESULTS = Path(__file__).resolve().parent / "results"

@@ -87,12 +87,12 @@ class UnitScaleTrainingArguments(TrainingArguments):
             "format's max (E4M3 448, E5M2 57344) by raising its scale where needed; None: a = rms(x), c = rms(g)."
         },
     )
-    calibration_underflow_budget: float | None = field(
+    calibration_grad_underflow_budget: float | None = field(
         default=None,
         metadata={
-            "help": "With `fp8`, lower a calibrated scale from the operand's RMS where its cast would flush more than "
-            "this fraction of the operand's non-zero elements to zero (e.g. 1e-4), never so far that its peak comes "
-            "within `calibration_headroom` (or 1) of the format's max; None: no lowering."
+            "help": "With `fp8`, lower a layer's gradient scale c from rms(g) where its E5M2 cast would flush more than "
+            "this fraction of the non-zero output-gradient elements to zero (e.g. 1e-4), never so far that the peak "
+            "comes within `calibration_headroom` (or 1) of the format's max; None: c is not lowered."
         },
     )
 
@@ -133,9 +133,11 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`calibration_headroom` should be a factor >= 1 or None, got {self.calibration_headroom}."
             )
-        budget = self.calibration_underflow_budget
+        budget = self.calibration_grad_underflow_budget
         if budget is not None and not 0 <= budget < 1:
-            raise ValueError(f"`calibration_underflow_budget` should be a fraction in [0, 1) or None, got {budget}.")
+            raise ValueError(
+                f"`calibration_grad_underflow_budget` should be a fraction in [0, 1) or None, got {budget}."
+            )
         # before TrainingArguments builds a DeepSpeed config (which needs deepspeed installed)
         error = deepspeed_optimizer_error(self.deepspeed)
         if error:
@@ -198,6 +200,6 @@ _OPTION_FIELDS = (
     "calibration_batches",
     "recalibrate_every",
     "calibration_headroom",
-    "calibration_underflow_budget",
+    "calibration_grad_underflow_budget",
     "save_format",
 )

@@ -51,8 +51,8 @@ class RecalibrationCallback(TrainerCallback):
         loss_fn: `loss_fn(outputs, batch)` for calibration when training does not use the model's own
             loss (a custom `compute_loss`); default: the model's loss, see `calibrate`.
         headroom: `calibrate`'s `headroom`: keep every operand's peak this factor below its format's max.
-        underflow_budget: `calibrate`'s `underflow_budget`: lower scales where unit RMS flushes more than this
-            fraction of an operand's elements to zero.
+        grad_underflow_budget: `calibrate`'s `grad_underflow_budget`: lower gradient scales where unit RMS flushes
+            more than this fraction of a layer's output-gradient elements to zero.
     """
 
     def __init__(
@@ -66,7 +66,7 @@ class RecalibrationCallback(TrainerCallback):
         log_prefix: str = "fp8/",
         loss_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
         headroom: float | None = None,
-        underflow_budget: float | None = None,
+        grad_underflow_budget: float | None = None,
     ) -> None:
         if every is not None and every < 0:
             raise ValueError(f"`every` should be a non-negative number of steps or None, got {every}.")
@@ -80,7 +80,7 @@ class RecalibrationCallback(TrainerCallback):
         self.log_prefix = log_prefix
         self.loss_fn = loss_fn
         self.headroom = headroom
-        self.underflow_budget = underflow_budget
+        self.grad_underflow_budget = grad_underflow_budget
         self._cached: list[dict[str, Any]] | None = None
         self.history: list[dict[str, Any]] = []  # one entry per calibration: step and per-layer scales
         self.logged: list[dict[str, float]] = []  # the cast fractions of every log, with their step
@@ -111,7 +111,7 @@ class RecalibrationCallback(TrainerCallback):
             loss_fn=self.loss_fn,
             loss_scale=1.0 / accumulation,  # the Trainer divides the loss by the accumulation steps
             headroom=self.headroom,
-            underflow_budget=self.underflow_budget,
+            grad_underflow_budget=self.grad_underflow_budget,
             progress=False,
         )
         step = state.global_step if state is not None else None

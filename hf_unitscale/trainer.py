@@ -23,7 +23,7 @@ What it changes, and where:
   `fp8_full_precision_modules`, stays in full precision) with static scales calibrated on
   `calibration_batches` training batches at train begin and every `recalibrate_every` steps
   (`callbacks.RecalibrationCallback`), with `calibration_headroom` below the formats' max and at most
-  `calibration_underflow_budget` of each operand flushed to zero. `evaluation_loop` runs every GEMM in
+  `calibration_grad_underflow_budget` of each output gradient flushed to zero. `evaluation_loop` runs every GEMM in
   full precision when `fp8_eval=False`.
 """
 
@@ -160,7 +160,7 @@ class UnitScaleTrainer(Trainer):
                 every=options["recalibrate_every"],
                 num_batches=options["calibration_batches"],
                 headroom=options["calibration_headroom"],
-                underflow_budget=options["calibration_underflow_budget"],
+                grad_underflow_budget=options["calibration_grad_underflow_budget"],
             )
         )
 

@@ -251,38 +251,37 @@ def _flushed(t, scale, fmt):
     return ((cast_to_format(t / scale, fmt) == 0) & nonzero).sum().item() / nonzero.sum().item()
 
 
-def test_underflow_budget_lowers_a_scale_only_as_far_as_its_cast_needs(caplog):
-    """calibrate(underflow_budget=f): a scale drops below the RMS only to the largest power-of-two step that
-    flushes at most f of the operand's non-zero elements (so less than 2x where the RMS itself meets f), unless
-    that would put its peak above the format's max, where the peak sits at the max and a warning names it."""
-    model, batches, spiked, _ = _llama_with_a_massive_activation()
+def test_grad_underflow_budget_lowers_a_gradient_scale_only_as_far_as_its_cast_needs(caplog):
+    """calibrate(grad_underflow_budget=f): c drops below rms(g) only to the largest power-of-two step that flushes
+    at most f of the gradient's non-zero elements (less than 2x where the RMS itself meets f), unless that would
+    put its peak above E5M2's max, where the peak sits at the max and a warning names the layer. a stays rms(x)."""
+    model, batches, _, _ = _llama_with_a_massive_activation()  # 24·64 tokens: enough elements for 1e-4 to bite
     operands = _operands(model, batches)
     plain = calibrate(copy.deepcopy(model), batches, progress=False)
-    budget = 1e-4
+    budget, fmt = 1e-4, FORMATS["e5m2"]
     logging.getLogger("hf_unitscale").propagate = True
     logging.Logger.warning_once.cache_clear()
     with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
-        table = calibrate(model, batches, underflow_budget=budget, progress=False)
-    assert model.config.unit_scaling["calibration"]["underflow_budget"] == budget
+        table = calibrate(model, batches, grad_underflow_budget=budget, progress=False)
+    assert model.config.unit_scaling["calibration"]["grad_underflow_budget"] == budget
     outcome = {"kept": [], "lowered": [], "floored": []}
     for name, row in table.items():
-        for operand, key, fmt in (("x", "input", FORMATS["e4m3"]), ("g", "grad", FORMATS["e5m2"])):
-            t, rms_scale, scale = operands[name][operand], plain[name][f"{key}_scale"], row[f"{key}_scale"]
-            assert scale <= rms_scale, (name, operand)
-            if _flushed(t, rms_scale, fmt) <= budget:
-                assert scale > rms_scale / 2, (name, operand)
-            if row[f"{key}_peak"] == pytest.approx(fmt.max, rel=1e-6):  # saturation won
-                assert f"{name} ({'input' if operand == 'x' else 'gradient'}" in caplog.text
-                outcome["floored"].append(name)
-            elif scale < rms_scale:
-                assert _flushed(t, scale, fmt) <= budget < _flushed(t, 2 * scale, fmt), (name, operand)
-                outcome["lowered"].append(name)
-            else:
-                outcome["kept"].append(name)
-    assert outcome["kept"] and outcome["lowered"], outcome
-    assert spiked in outcome["floored"], outcome  # its spike sits ~270x above the RMS: no room to lower by 2
-    with pytest.raises(ValueError, match="underflow_budget"):
-        calibrate(model, batches, underflow_budget=1.0, progress=False)
+        assert row["input_scale"] == plain[name]["input_scale"], name
+        g, rms_scale, scale = operands[name]["g"], plain[name]["grad_scale"], row["grad_scale"]
+        assert scale <= rms_scale, name
+        if _flushed(g, rms_scale, fmt) <= budget:
+            assert scale > rms_scale / 2, name
+        if row["grad_peak"] == pytest.approx(fmt.max, rel=1e-6):  # saturation won
+            assert f"{name} (e5m2)" in caplog.text
+            outcome["floored"].append(name)
+        elif scale < rms_scale:
+            assert _flushed(g, scale, fmt) <= budget < _flushed(g, 2 * scale, fmt), name
+            outcome["lowered"].append(name)
+        else:
+            outcome["kept"].append(name)
+    assert outcome["kept"] and outcome["lowered"] and outcome["floored"], outcome
+    with pytest.raises(ValueError, match="grad_underflow_budget"):
+        calibrate(model, batches, grad_underflow_budget=1.0, progress=False)
 
 
 def test_existing_grads_survive_calibration():
@@ -492,9 +491,9 @@ def test_minilm_static_fp8_matches_fp32_and_naive_fp8_does_not(minilm):
     ours = unit_scale(copy.deepcopy(reference))
     calibrate(ours, calibration, progress=False)
     variants["ours"] = ours
-    # scales lowered where unit RMS flushes more than 0.01% of an operand, peaks kept 4x below the format max
+    # c lowered where unit RMS flushes more than 0.01% of a layer's gradient, peaks kept 4x below the format max
     budgeted = unit_scale(copy.deepcopy(reference))
-    calibrate(budgeted, calibration, underflow_budget=1e-4, headroom=4, progress=False)
+    calibrate(budgeted, calibration, grad_underflow_budget=1e-4, headroom=4, progress=False)
     variants["ours_budget"] = budgeted
     unit_uncalibrated = unit_scale(copy.deepcopy(reference))  # Ŵ unit scale, a = c = 1
     variants["unit_uncalibrated"] = unit_uncalibrated
@@ -552,7 +551,7 @@ def test_minilm_static_fp8_matches_fp32_and_naive_fp8_does_not(minilm):
     # elements sit below 2^-17·rms(g) ((token, head) slices where the softmax is nearly one-hot).
     assert ours_r["g_pooled"] < 5e-3, table("ours")
     assert max(ours_r["g_underflow"].values()) < 0.05, table("ours")
-    # `underflow_budget` lowers c where it must (up to ~2^9 here): every layer flushes < 0.1% of its gradient
+    # `grad_underflow_budget` lowers c where it must (up to ~2^9 here): every layer flushes < 0.1% of its gradient
     # elements on this held-out batch, nothing saturates, and the weight gradients are as close to fp32
     budget_r = results["ours_budget"]
     assert max(budget_r["g_underflow"].values()) < 1e-3 and budget_r["saturated"] == 0, table("ours_budget")

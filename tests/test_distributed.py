@@ -325,10 +325,10 @@ def test_calibration_pools_every_ranks_batch_and_leaves_ranks_equal(launches):
     both = hf_unitscale.calibrate(
         calibrate_ranks.model(),
         [calibrate_ranks.batch(0), calibrate_ranks.batch(1)],
-        underflow_budget=calibrate_ranks.UNDERFLOW_BUDGET,
+        grad_underflow_budget=calibrate_ranks.GRAD_UNDERFLOW_BUDGET,
         progress=False,
     )
-    lowered = [name for name in both if both[name]["input_scale"] < first[name]["input_scale"]]
+    lowered = [name for name in both if both[name]["grad_scale"] < first[name]["grad_scale"]]
     assert lowered, "the budget lowered no scale: the test would not see the histograms"
     for name, row in budgeted[0].items():
         for scale in ("input_scale", "grad_scale"):

@@ -308,7 +308,7 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         "calibration_batches": 2,
         "recalibrate_every": 100,
         "calibration_headroom": 2.0,
-        "calibration_underflow_budget": 1e-4,
+        "calibration_grad_underflow_budget": 1e-4,
         "use_cpu": True,
         "report_to": [],
     }
@@ -347,8 +347,8 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), lr_multipliers="classifier=10", use_cpu=True)
     with pytest.raises(ValueError, match="calibration_headroom"):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_headroom=0.5, use_cpu=True)
-    with pytest.raises(ValueError, match="calibration_underflow_budget"):
-        UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_underflow_budget=1.5, use_cpu=True)
+    with pytest.raises(ValueError, match="calibration_grad_underflow_budget"):
+        UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_grad_underflow_budget=1.5, use_cpu=True)
 
 
 def test_fp8_calibrates_and_trains(tmp_path):
@@ -363,12 +363,12 @@ def test_fp8_calibrates_and_trains(tmp_path):
         calibration_batches=2,
         recalibrate_every=2,
         calibration_headroom=2.0,
-        calibration_underflow_budget=1e-4,
+        calibration_grad_underflow_budget=1e-4,
     )
     trainer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert"))
     trainer.train()
     record = trainer.model.config.unit_scaling["calibration"]
-    assert record["headroom"] == 2.0 and record["underflow_budget"] == 1e-4  # reached `calibrate`
+    assert record["headroom"] == 2.0 and record["grad_underflow_budget"] == 1e-4  # reached `calibrate`
     layers = matmul_layers(trainer.model)
     assert layers["classifier"].precision is None  # the readout stays in full precision by default
     assert all(layer.precision.forward.name == "e4m3" for name, layer in layers.items() if name != "classifier")
