@@ -601,3 +601,36 @@ def test_smollm2_readout_in_e5m2_breaks_gradients_so_it_stays_full_precision(smo
         min_cosine[label] = min(cosines.values())
     assert min_cosine["readout kept"] >= 0.93, min_cosine
     assert min_cosine["readout in E5M2"] < min_cosine["readout kept"] - 0.1, min_cosine
+
+
+@pytest.mark.slow
+def test_smollm2_query_gradients_that_underflow_are_zero_in_exact_arithmetic(smollm2_path):
+    """What E5M2 flushes in SmolLM2's attention queries at c = rms(g): the first position attends to itself
+    alone, its softmax is the constant 1, so ∂L/∂q there is exactly zero; fp32 leaves rounding residue
+    below 1e-5·rms(g), under E5M2's 2^-17 (an underflow counter counts it as lost). No per-tensor scale keeps
+    the smallest 0.1% of elements without saturating the largest: they are further apart than E5M2's 2^32.8
+    from flush threshold to max."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from hf_unitscale.embedded import load_austen
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+    ids = torch.tensor(tokenizer("\n".join(load_austen("train")["text"][:200]))["input_ids"][: 4 * 64]).view(4, 64)
+    model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
+    grads = {}
+
+    def keep_grad(module, args, output):
+        output.register_hook(lambda g: grads.__setitem__("q", g.detach()))
+
+    model.model.layers[4].self_attn.q_proj.register_forward_hook(keep_grad)
+    model(input_ids=ids, labels=ids).loss.backward()
+    g = grads["q"]
+    nonzero = g != 0
+    flushed = (cast_to_format(g / rms(g, nonzero_only=True), FORMATS["e5m2"]) == 0) & nonzero
+    first = torch.zeros_like(flushed)
+    first[:, 0] = True
+    assert flushed.sum() / nonzero.sum() > 1e-3  # what the per-layer underflow counter reports
+    assert flushed[:, 0][nonzero[:, 0]].all(), "a first-position gradient survived the cast"
+    assert (flushed & first).sum() / flushed.sum() > 0.95, "flushed elements outside the first position"
+    smallest = torch.quantile(g[nonzero].abs(), 1e-3)
+    assert (smallest / g.abs().max()).item() < 2**-17 / FORMATS["e5m2"].max  # 2^-32.8
