@@ -59,7 +59,7 @@ class RmsAccumulator:
         if t.numel():
             self.absmax = max(self.absmax, float(t.abs().max()))
             bins = (torch.frexp(t.float()).exponent[nonzero] + EXPONENT_OFFSET).clamp_(0, EXPONENT_BINS - 1)
-            self.exponent_counts += torch.bincount(bins.flatten(), minlength=EXPONENT_BINS).to("cpu", torch.float64)
+            self.exponent_counts += torch.bincount(bins, minlength=EXPONENT_BINS).to("cpu", torch.float64)
 
     def end_batch(self) -> None:
         if self.count:

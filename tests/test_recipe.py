@@ -132,6 +132,9 @@ def test_recipe_trains_on_tiny_stand_in(recipe, tmp_path, capsys):
     if recipe.stem.endswith("_fp8"):  # trained with FP8 GEMMs on calibrated static scales
         assert (block["forward_format"], block["backward_format"]) == ("e4m3", "e5m2"), block
         assert block["calibration"]["num_batches"] >= 1, block
+        recipe_values = yaml.safe_load(recipe.read_text())
+        for key in ("headroom", "grad_underflow_budget"):  # the recipe's calibration options reached `calibrate`
+            assert block["calibration"][key] == recipe_values.get(f"calibration_{key}"), (key, block)
     else:
         assert block["forward_format"] is None and block["backward_format"] is None, block
 
