@@ -13,8 +13,8 @@ sentiment snippets and, with `--tasks lm`, the real SmolLM2-135M on Jane Austen,
 and, only when named in `--variants`, ours recalibrated with other `calibrate` options:
 
   ours_headroom2   `headroom=2` (scales raised where a peak nears the format max)
-  ours_budget      `grad_underflow_budget=1e-4, headroom=4` (scales lowered where unit RMS flushes more
-                   than 0.01% of an operand's elements, never so far that a peak comes within 4x of the max)
+  ours_budget      `grad_underflow_budget=1e-4, headroom=4` (c lowered where rms(g) would flush more than
+                   0.01% of a layer's gradient elements, never so far that a peak comes within 4x of the max)
 
 Every variant runs the same plain training loop (AdamW, same seeds, same data order, same dropout
 masks, no gradient clipping); the unit-scaled variants use the "equivalent" AdamW rule

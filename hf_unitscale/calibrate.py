@@ -59,7 +59,7 @@ from transformers.utils import logging
 from .config import CONFIG_KEY
 from .convert import matmul_layers
 from .formats import FORMATS, LowPrecisionFormat
-from .operand_stats import OperandRmsHooks, RmsAccumulator, default_loss, model_inputs
+from .operand_stats import ExponentHistogramAccumulator, OperandRmsHooks, RmsAccumulator, default_loss, model_inputs
 from .precision import full_precision
 
 __all__ = ["calibrate"]
@@ -78,8 +78,8 @@ def _count_tokens(batch: Mapping[str, Any]) -> int:
 
 
 def _all_reduce_statistics(accumulators: list[RmsAccumulator]) -> None:
-    """Sum per-batch mean squares, batch counts and exponent histograms over ranks, and take the max of the
-    peaks (no-op outside torch.distributed)."""
+    """Sum per-batch mean squares, batch counts and any exponent histograms over ranks, and take the max of
+    the peaks (no-op outside torch.distributed)."""
     import torch.distributed as dist
 
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
@@ -87,14 +87,16 @@ def _all_reduce_statistics(accumulators: list[RmsAccumulator]) -> None:
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
     sums = torch.tensor([[acc.ms_total, acc.batches] for acc in accumulators], dtype=torch.float64, device=device)
     peaks = torch.tensor([acc.absmax for acc in accumulators], dtype=torch.float64, device=device)
-    histograms = torch.stack([acc.exponent_counts for acc in accumulators]).to(device)
     dist.all_reduce(sums)
     dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
-    dist.all_reduce(histograms)
-    for acc, (ms_total, batches), peak, counts in zip(
-        accumulators, sums.tolist(), peaks.tolist(), histograms.cpu(), strict=True
-    ):
-        acc.ms_total, acc.batches, acc.absmax, acc.exponent_counts = ms_total, int(batches), peak, counts
+    for acc, (ms_total, batches), peak in zip(accumulators, sums.tolist(), peaks.tolist(), strict=True):
+        acc.ms_total, acc.batches, acc.absmax = ms_total, int(batches), peak
+    histogrammed = [acc for acc in accumulators if isinstance(acc, ExponentHistogramAccumulator)]
+    if histogrammed:
+        histograms = torch.stack([acc.exponent_counts for acc in histogrammed]).to(device)
+        dist.all_reduce(histograms)
+        for acc, counts in zip(histogrammed, histograms.cpu(), strict=True):
+            acc.exponent_counts = counts
 
 
 def _listed(names: list[str], shown: int = 8) -> str:
@@ -212,7 +214,10 @@ def calibrate(
     used_proxy = False
     try:
         model.eval()
-        with OperandRmsHooks(layers) as hooks, full_precision(model), torch.enable_grad():
+        # the gradients' exponent histograms only when a budget will read them
+        grad_accumulator = RmsAccumulator if grad_underflow_budget is None else ExponentHistogramAccumulator
+        hooks = OperandRmsHooks(layers, grad_accumulator=grad_accumulator)
+        with hooks, full_precision(model), torch.enable_grad():
             for batch in bar:
                 inputs = model_inputs(model, batch)
                 outputs = hooks.forward(model, inputs)

@@ -8,8 +8,8 @@ are averaged, then rooted:
 
 so one outlier batch does not dominate as a max would, and several tensors seen in one batch
 (a layer called twice) pool into that batch's mean square. Each accumulator also keeps the peak
-max|t| and a histogram of the binary exponents of the non-zero |t|, which say how a static scale
-sits against a format's largest value and its flush-to-zero threshold.
+max|t| (how a static scale sits against a format's largest value); `ExponentHistogramAccumulator`
+adds a histogram of the binary exponents of the non-zero |t| (what a scale flushes to zero).
 
 `OperandRmsHooks` measures them on real batches: a forward pre-hook records each layer's input x,
 a forward hook keeps its output, and the loss is differentiated with `torch.autograd.grad` with
@@ -29,7 +29,7 @@ from torch import nn
 from .modules import UnitScaledMatmulMixin
 from .ops import rms
 
-__all__ = ["OperandRmsHooks", "RmsAccumulator", "default_loss", "model_inputs"]
+__all__ = ["ExponentHistogramAccumulator", "OperandRmsHooks", "RmsAccumulator", "default_loss", "model_inputs"]
 
 # |t| = m·2^e with m in [0.5, 1) (torch.frexp); bin e + EXPONENT_OFFSET counts the |t| in [2^(e-1), 2^e).
 # fp32 exponents run from -148 (smallest subnormal) to 128.
@@ -38,28 +38,23 @@ EXPONENT_BINS = 320
 
 
 class RmsAccumulator:
-    """Running sqrt(mean over batches of the non-zero mean square) of one operand, its peak max|t|
-    over every batch (what a static scale must leave room for below a format's max), and the
-    exponent histogram of its non-zero elements (what a scale flushes to zero)."""
+    """Running sqrt(mean over batches of the non-zero mean square) of one operand, and its peak max|t|
+    over every batch (what a static scale must leave room for below a format's max)."""
 
     def __init__(self) -> None:
         self.sum_sq = self.count = 0.0  # the current batch
         self.ms_total = 0.0  # Σ over finished batches of their mean square
         self.batches = 0
         self.absmax = 0.0  # max|t| over every batch
-        self.exponent_counts = torch.zeros(EXPONENT_BINS, dtype=torch.float64)  # over every batch
 
     def add(self, t: torch.Tensor) -> None:
         t = t.detach()
-        nonzero = t != 0
-        count = float(nonzero.sum())
+        count = float((t != 0).sum())
         # rms over non-zero elements, squared back to a sum so several tensors per batch pool correctly
         self.sum_sq += float(rms(t, nonzero_only=True)) ** 2 * count
         self.count += count
         if t.numel():
             self.absmax = max(self.absmax, float(t.abs().max()))
-            bins = (torch.frexp(t.float()).exponent[nonzero] + EXPONENT_OFFSET).clamp_(0, EXPONENT_BINS - 1)
-            self.exponent_counts += torch.bincount(bins, minlength=EXPONENT_BINS).to("cpu", torch.float64)
 
     def end_batch(self) -> None:
         if self.count:
@@ -74,6 +69,21 @@ class RmsAccumulator:
     def peak(self) -> float:
         """max|t| over every batch; nan when no batch saw a non-zero element."""
         return self.absmax if self.batches else math.nan
+
+
+class ExponentHistogramAccumulator(RmsAccumulator):
+    """An `RmsAccumulator` that also counts, over every batch, the binary exponents of the non-zero
+    elements: how much of the operand a scale would flush to zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.exponent_counts = torch.zeros(EXPONENT_BINS, dtype=torch.float64)
+
+    def add(self, t: torch.Tensor) -> None:
+        super().add(t)
+        t = t.detach()
+        bins = (torch.frexp(t.float()).exponent[t != 0] + EXPONENT_OFFSET).clamp_(0, EXPONENT_BINS - 1)
+        self.exponent_counts += torch.bincount(bins, minlength=EXPONENT_BINS).to("cpu", torch.float64)
 
     def largest_scale_flushing_at_most(self, fraction: float, smallest_subnormal: float) -> float:
         """The largest scale c, to within a factor 2, at which at most `fraction` of the non-zero elements seen
