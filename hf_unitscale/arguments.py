@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 from transformers import TrainingArguments
 
+from .formats import FP8_FORMAT_PAIRS
 from .lr_rules import LR_RULES
 
 __all__ = ["UnitScaleTrainingArguments", "deepspeed_optimizer_error", "unit_scale_options"]
@@ -55,7 +56,15 @@ class UnitScaleTrainingArguments(TrainingArguments):
     )
     fp8: bool = field(
         default=False,
-        metadata={"help": "Train with FP8 matmuls (E4M3 forward, E5M2 gradients) using calibrated static scales."},
+        metadata={"help": "Train with FP8 matmuls (formats: `fp8_format`) using calibrated static scales."},
+    )
+    fp8_format: str = field(
+        default="HYBRID",
+        metadata={
+            "help": "With `fp8`, the operand formats, named as accelerate's `fp8_format`: 'HYBRID' (E4M3 forward, "
+            "E5M2 output gradients) or 'E4M3' (E4M3 for both; pair it with `calibration_headroom`, as E4M3's max "
+            "is 448)."
+        },
     )
     fp8_full_precision_modules: list[str] | None = field(
         default=None,
@@ -90,7 +99,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
     calibration_grad_underflow_budget: float | None = field(
         default=None,
         metadata={
-            "help": "With `fp8`, lower a layer's gradient scale c from rms(g) where its E5M2 cast would flush more than "
+            "help": "With `fp8`, lower a layer's gradient scale c from rms(g) where its cast would flush more than "
             "this fraction of the non-zero output-gradient elements to zero (e.g. 1e-4), never so far that the peak "
             "comes within `calibration_headroom` (or 1) of the format's max; None: c is not lowered."
         },
@@ -123,6 +132,9 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`lr_rule='mup'` needs `mup_base_width` (the hidden size the lr was tuned at), got {self.mup_base_width!r}."
             )
+        self.fp8_format = self.fp8_format.upper()
+        if self.fp8_format not in FP8_FORMAT_PAIRS:
+            raise ValueError(f"`fp8_format` must be one of {sorted(FP8_FORMAT_PAIRS)}, got {self.fp8_format!r}.")
         if self.calibration_batches < 1:
             raise ValueError(f"`calibration_batches` should be a positive integer, got {self.calibration_batches}.")
         if self.save_format not in ("merged", "unit-scaled"):
@@ -195,6 +207,7 @@ _OPTION_FIELDS = (
     "umup_depth_scaling",
     "lr_multipliers",
     "fp8",
+    "fp8_format",
     "fp8_full_precision_modules",
     "fp8_eval",
     "calibration_batches",

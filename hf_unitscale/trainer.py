@@ -19,7 +19,8 @@ What it changes, and where:
   lr of every group under `umup`/`mup`.
 * `_save`, `_load_from_checkpoint`, `_load_best_model`: checkpoints in the exact `unit-scaled`
   format (Ŵ, s, a, c), so resuming continues the same trajectory.
-* `fp8=True`: E4M3/E5M2 matmuls (`precision.set_precision`; the readout, or the layers named by
+* `fp8=True`: FP8 matmuls, E4M3 forward and E5M2 (`fp8_format="HYBRID"`) or E4M3 (`"E4M3"`) output
+  gradients (`precision.set_precision`; the readout, or the layers named by
   `fp8_full_precision_modules`, stays in full precision) with static scales calibrated on
   `calibration_batches` training batches at train begin and every `recalibrate_every` steps
   (`callbacks.RecalibrationCallback`), with `calibration_headroom` below the formats' max and at most
@@ -41,6 +42,7 @@ from .arguments import UnitScaleTrainingArguments, deepspeed_optimizer_error, un
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_checkpoint_into
 from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import is_unit_scaled, unit_scale, weight_scales
+from .formats import FP8_FORMAT_PAIRS
 from .hub import save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
 from .precision import full_precision, set_precision
@@ -142,7 +144,8 @@ class UnitScaleTrainer(Trainer):
             block["lr_rule"] = options["lr_rule"]
         if options["fp8"]:
             backend = block.get("backend", "simulate") if isinstance(block, dict) else "simulate"
-            set_precision(model, "e4m3", "e5m2", backend, full_precision_modules=options["fp8_full_precision_modules"])
+            formats = FP8_FORMAT_PAIRS[options["fp8_format"]]
+            set_precision(model, *formats, backend, full_precision_modules=options["fp8_full_precision_modules"])
         return model
 
     def call_model_init(self, trial=None) -> nn.Module:

@@ -305,6 +305,7 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         "umup_depth_scaling": True,
         "lr_multipliers": {r"^classifier\.": 10.0, r"\.bias$": 0.5},
         "fp8": True,
+        "fp8_format": "E4M3",
         "calibration_batches": 2,
         "recalibrate_every": 100,
         "calibration_headroom": 2.0,
@@ -349,6 +350,9 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_headroom=0.5, use_cpu=True)
     with pytest.raises(ValueError, match="calibration_grad_underflow_budget"):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_grad_underflow_budget=1.5, use_cpu=True)
+    with pytest.raises(ValueError, match=r"`fp8_format` must be one of \['E4M3', 'HYBRID'\], got 'E5M2'"):
+        UnitScaleTrainingArguments(output_dir=str(tmp_path), fp8_format="e5m2", use_cpu=True)
+    assert UnitScaleTrainingArguments(output_dir=str(tmp_path), fp8_format="e4m3", use_cpu=True).fp8_format == "E4M3"
 
 
 def test_fp8_calibrates_and_trains(tmp_path):
@@ -371,13 +375,16 @@ def test_fp8_calibrates_and_trains(tmp_path):
     assert record["headroom"] == 2.0 and record["grad_underflow_budget"] == 1e-4  # reached `calibrate`
     layers = matmul_layers(trainer.model)
     assert layers["classifier"].precision is None  # the readout stays in full precision by default
-    assert all(layer.precision.forward.name == "e4m3" for name, layer in layers.items() if name != "classifier")
+    cast = [layer.precision for name, layer in layers.items() if name != "classifier"]
+    assert all((p.forward.name, p.backward.name) == ("e4m3", "e5m2") for p in cast)  # fp8_format="HYBRID"
     assert any(float(layer.grad_scale) != 1.0 for layer in layers.values()), "no layer was calibrated"
     assert all(torch.isfinite(torch.tensor(log["loss"])) for log in _train_logs(trainer))
 
-    args = _args(tmp_path, cls=UnitScaleTrainingArguments, fp8=True, fp8_full_precision_modules=[])
+    args = _args(tmp_path, cls=UnitScaleTrainingArguments, fp8=True, fp8_format="E4M3", fp8_full_precision_modules=[])
     every_layer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert")).model
-    assert all(layer.precision.forward.name == "e4m3" for layer in matmul_layers(every_layer).values())
+    precisions = [layer.precision for layer in matmul_layers(every_layer).values()]
+    assert all((p.forward.name, p.backward.name) == ("e4m3", "e4m3") for p in precisions)
+    assert every_layer.config.unit_scaling["backward_format"] == "e4m3"  # saved with the model
 
 
 def test_fp8_eval_false_evaluates_what_the_merged_export_computes(tmp_path):
