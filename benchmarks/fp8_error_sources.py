@@ -4,13 +4,14 @@ Two measurements at step 0, on the tasks, variants, seeds and calibration of `fp
 
 1. Weight-gradient cosine to fp32, per layer, on a batch calibration never saw, with each cast on alone:
 
-     fp8        E4M3 x and Ŵ, E5M2 output gradient g (what fp8_quality.py reports)
-     g only     x and Ŵ exact, g/c cast to E5M2: the cast the static gradient scale c serves
+     fp8        E4M3 x and Ŵ, E5M2 output gradient g (what fp8_quality.py reports; E4M3 g for ours_e4m3)
+     g only     x and Ŵ exact, g/c cast to E5M2 (E4M3): the cast the static gradient scale c serves
      x, W only  x/a and Ŵ cast to E4M3 (in every GEMM that uses them), g exact
 
    For small independent errors 1 − cos adds up: (1 − cos_fp8) ≈ (1 − cos_g) + (1 − cos_xW).
    torchao's `Float8Linear` has no "g only": it requires both operands of a GEMM in one precision.
-   `ours_headroom2` and `ours_budget` are `ours` calibrated with fp8_quality.py's `CALIBRATION_OPTIONS`.
+   `ours_headroom2`, `ours_budget` and `ours_e4m3` are `ours` calibrated with fp8_quality.py's
+   `CALIBRATION_OPTIONS`, `ours_e4m3` with E4M3 output gradients (`GRADIENT_FORMATS`).
 
 2. Forward error on held-out data: the mean over positions of KL(p_fp32 ‖ p_FP8) of the output
    distribution, how often the arg-max agrees, and the logits' relative error (MiniLM's fresh 2-way
@@ -47,15 +48,29 @@ from fp8_quality import (  # noqa: E402
     gradient_fidelity_reference,
     make_task,
     parse_task_arguments,
+    variant_formats,
 )
 
 from hf_unitscale.convert import matmul_layers  # noqa: E402
 from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts  # noqa: E402
 
 logger = logging.getLogger("fp8_error_sources")
-VARIANTS = ("naive_fp8", "unit_uncal", "calib_raw", "ours", "ours_headroom2", "ours_budget", "torchao_dynamic")
-# (forward format, backward format) per setting of measurement 1
-CAST_SETTINGS = {"fp8": ("e4m3", "e5m2"), "g_only": (None, "e5m2"), "xw_only": ("e4m3", None)}
+VARIANTS = (
+    "naive_fp8",
+    "unit_uncal",
+    "calib_raw",
+    "ours",
+    "ours_headroom2",
+    "ours_budget",
+    "ours_e4m3",
+    "torchao_dynamic",
+)
+
+
+def cast_settings(variant):
+    """(forward format, backward format) per setting of measurement 1, in the variant's formats."""
+    forward, backward = variant_formats(variant)
+    return {"fp8": (forward, backward), "g_only": (None, backward), "xw_only": (forward, None)}
 
 
 def gradient_sources(task, args):
@@ -67,7 +82,7 @@ def gradient_sources(task, args):
         reference = gradient_fidelity_reference(task.model(seed), batch)
         for variant in VARIANTS:
             model = build_variant(variant, task, seed, calibration, args.fp8_readout)
-            settings = {"fp8": None} if variant == "torchao_dynamic" else CAST_SETTINGS
+            settings = {"fp8": None} if variant == "torchao_dynamic" else cast_settings(variant)
             row = {"seed": seed, "variant": variant}
             for setting, formats in settings.items():
                 if formats is not None:
@@ -147,9 +162,10 @@ def markdown(results):
             f"Command: `{result['command']}` ({result['minutes']:.1f} min, {result['threads']} CPU threads).",
             "",
             f"Weight-gradient cosine to fp32 per layer on one held-out batch per seed (seeds {result['seeds']}): "
-            "the worst layer for each seed / the median layer (mean over seeds).",
+            "the worst layer for each seed / the median layer (mean over seeds). x and Ŵ in E4M3; g in E5M2, "
+            "in E4M3 for ours_e4m3.",
             "",
-            "| variant | E4M3 x, W + E5M2 g | E5M2 g only | E4M3 x, W only | g-only underflow (pooled / worst layer) |",
+            "| variant | x, W + g | g only | x, W only | g-only underflow (pooled / worst layer) |",
             "|---|---|---|---|---|",
         ]
         for variant in dict.fromkeys(r["variant"] for r in result["gradients"]):  # a task run before a variant existed

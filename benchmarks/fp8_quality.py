@@ -10,11 +10,13 @@ sentiment snippets and, with `--tasks lm`, the real SmolLM2-135M on Jane Austen,
   ours             unit-scaled Ŵ + calibrated a, c, recalibrated every `--recalibrate-every` steps
   torchao_dynamic  torchao `Float8Linear`, dynamic per-tensor amax scaling (emulated on CPU)
 
-and, only when named in `--variants`, ours recalibrated with other `calibrate` options:
+and, only when named in `--variants`, ours with other `calibrate` options or gradient format:
 
   ours_headroom2   `headroom=2` (scales raised where a peak nears the format max)
   ours_budget      `grad_underflow_budget=1e-4, headroom=4` (c lowered where rms(g) would flush more than
                    0.01% of a layer's gradient elements, never so far that a peak comes within 4x of the max)
+  ours_e4m3        output gradients cast to E4M3 instead of E5M2 (accelerate's `fp8_format="E4M3"`), with
+                   `headroom=2`: E4M3's max, 448, is 2^8.8 above a unit-RMS gradient, E5M2's 2^15.8
 
 Every variant runs the same plain training loop (AdamW, same seeds, same data order, same dropout
 masks, no gradient clipping); the unit-scaled variants use the "equivalent" AdamW rule
@@ -60,11 +62,14 @@ from hf_unitscale.precision import cast_statistics, full_precision, set_precisio
 
 logger = logging.getLogger("fp8_quality")
 VARIANTS = ("fp32", "naive_fp8", "unit_uncal", "calib_raw", "ours", "torchao_dynamic")
-# on request (--variants): ours with these `calibrate` options, at the start and at every recalibration
+# on request (--variants): ours with these `calibrate` options (at the start and at every recalibration)
 CALIBRATION_OPTIONS = {
     "ours_headroom2": {"headroom": 2.0},
     "ours_budget": {"grad_underflow_budget": 1e-4, "headroom": 4.0},
+    "ours_e4m3": {"headroom": 2.0},
 }
+# the output gradient's format per variant: E5M2 unless named here
+GRADIENT_FORMATS = {"ours_e4m3": "e4m3"}
 CALIBRATED = ("calib_raw", "ours", *CALIBRATION_OPTIONS)
 RECALIBRATED = ("ours", *CALIBRATION_OPTIONS)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -215,10 +220,16 @@ def build_variant(variant, task, seed, calibration_batches, fp8_readout):
     unit_scale(model)
     if variant in ("naive_fp8", "calib_raw"):
         _raw_weights(model)
+    # formats first: calibration's headroom and budget read them
+    set_precision(model, *variant_formats(variant), "simulate", full_precision_modules=[] if fp8_readout else None)
     if variant in CALIBRATED:
         calibrate(model, calibration_batches, **CALIBRATION_OPTIONS.get(variant, {}), progress=False)
-    set_precision(model, "e4m3", "e5m2", "simulate", full_precision_modules=[] if fp8_readout else None)
     return model
+
+
+def variant_formats(variant):
+    """(forward, backward) operand formats of a variant run with our casts."""
+    return "e4m3", GRADIENT_FORMATS.get(variant, "e5m2")
 
 
 def optimizer_for(model, lr, weight_decay, eps=1e-8):
@@ -416,7 +427,7 @@ def markdown(all_summaries, all_settings):
         "# FP8 fine-tuning quality",
         "",
         "Same loop, data order, seeds and dropout masks for all variants; `simulate` backend (E4M3 forward, E5M2 "
-        "backward).",
+        "backward; E4M3 backward for ours_e4m3).",
         "",
     ]
     for task_name, summary in all_summaries.items():
