@@ -109,12 +109,13 @@ SCALED_MM_TOLERANCE = (
 )
 
 
-def test_scaled_mm_and_simulate_agree():
+@pytest.mark.parametrize("backward", [E5M2, E4M3], ids=["hybrid", "e4m3"])
+def test_scaled_mm_and_simulate_agree(backward):
     x, w_hat, bias, s, _, _, grad_out = _operands()
     a, c = rms(x).float(), rms(grad_out).float()
     results = {}
     for backend in ("simulate", "scaled_mm"):
-        precision = MatmulPrecision(E4M3, E5M2, backend)
+        precision = MatmulPrecision(E4M3, backward, backend)
         results[backend] = _run(
             lambda x, w, b, p=precision: scaled_linear(x, w, b, s, a, c, p), x, w_hat, bias, grad_out
         )
