@@ -11,7 +11,7 @@ Two measurements at step 0, on the tasks, variants, seeds and calibration of `fp
    For small independent errors 1 − cos adds up: (1 − cos_fp8) ≈ (1 − cos_g) + (1 − cos_xW).
    torchao's `Float8Linear` has no "g only": it requires both operands of a GEMM in one precision.
    `ours_headroom2`, `ours_budget` and `ours_e4m3` are `ours` calibrated with fp8_quality.py's
-   `CALIBRATION_OPTIONS`, `ours_e4m3` with E4M3 output gradients (`GRADIENT_FORMATS`).
+   `CALIBRATION_OPTIONS`, `ours_e4m3` with E4M3 output gradients (`GRADIENT_FORMATS`), as is `torchao_e4m3`.
 
 2. Forward error on held-out data: the mean over positions of KL(p_fp32 ‖ p_FP8) of the output
    distribution, how often the arg-max agrees, and the logits' relative error (MiniLM's fresh 2-way
@@ -42,6 +42,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fp8_quality import (  # noqa: E402
+    TORCHAO,
     add_task_arguments,
     build_variant,
     gradient_fidelity,
@@ -64,6 +65,7 @@ VARIANTS = (
     "ours_budget",
     "ours_e4m3",
     "torchao_dynamic",
+    "torchao_e4m3",
 )
 
 
@@ -82,7 +84,7 @@ def gradient_sources(task, args):
         reference = gradient_fidelity_reference(task.model(seed), batch)
         for variant in VARIANTS:
             model = build_variant(variant, task, seed, calibration, args.fp8_readout)
-            settings = {"fp8": None} if variant == "torchao_dynamic" else cast_settings(variant)
+            settings = {"fp8": None} if variant in TORCHAO else cast_settings(variant)
             row = {"seed": seed, "variant": variant}
             for setting, formats in settings.items():
                 if formats is not None:
@@ -163,7 +165,7 @@ def markdown(results):
             "",
             f"Weight-gradient cosine to fp32 per layer on one held-out batch per seed (seeds {result['seeds']}): "
             "the worst layer for each seed / the median layer (mean over seeds). x and Ŵ in E4M3; g in E5M2, "
-            "in E4M3 for ours_e4m3.",
+            "in E4M3 for ours_e4m3 and torchao_e4m3.",
             "",
             "| variant | x, W + g | g only | x, W only | g-only underflow (pooled / worst layer) |",
             "|---|---|---|---|---|",

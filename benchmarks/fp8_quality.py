@@ -10,13 +10,14 @@ sentiment snippets and, with `--tasks lm`, the real SmolLM2-135M on Jane Austen,
   ours             unit-scaled Ŵ + calibrated a, c, recalibrated every `--recalibrate-every` steps
   torchao_dynamic  torchao `Float8Linear`, dynamic per-tensor amax scaling (emulated on CPU)
 
-and, only when named in `--variants`, ours with other `calibrate` options or gradient format:
+and, only when named in `--variants`, ours with other `calibrate` options or gradient format, and a peer:
 
   ours_headroom2   `headroom=2` (scales raised where a peak nears the format max)
   ours_budget      `grad_underflow_budget=1e-4, headroom=4` (c lowered where rms(g) would flush more than
                    0.01% of a layer's gradient elements, never so far that a peak comes within 4x of the max)
   ours_e4m3        output gradients cast to E4M3 instead of E5M2 (accelerate's `fp8_format="E4M3"`), with
                    `headroom=2`: E4M3's max, 448, is 2^8.8 above a unit-RMS gradient, E5M2's 2^15.8
+  torchao_e4m3     torchao_dynamic with E4M3 output gradients (`cast_config_grad_output`), its peer
 
 Every variant runs the same plain training loop (AdamW, same seeds, same data order, same dropout
 masks, no gradient clipping); the unit-scaled variants use the "equivalent" AdamW rule
@@ -58,6 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_unitscale import unit_scale, unit_scaled_modules  # noqa: E402
 from hf_unitscale.calibrate import calibrate  # noqa: E402
 from hf_unitscale.convert import matmul_layers, readout_module, weight_scales  # noqa: E402
+from hf_unitscale.formats import FORMATS  # noqa: E402
 from hf_unitscale.precision import cast_statistics, full_precision, set_precision, summarize_casts, track_casts  # noqa: E402
 
 logger = logging.getLogger("fp8_quality")
@@ -69,7 +71,8 @@ CALIBRATION_OPTIONS = {
     "ours_e4m3": {"headroom": 2.0},
 }
 # the output gradient's format per variant: E5M2 unless named here
-GRADIENT_FORMATS = {"ours_e4m3": "e4m3"}
+GRADIENT_FORMATS = {"ours_e4m3": "e4m3", "torchao_e4m3": "e4m3"}
+TORCHAO = ("torchao_dynamic", "torchao_e4m3")
 CALIBRATED = ("calib_raw", "ours", *CALIBRATION_OPTIONS)
 RECALIBRATED = ("ours", *CALIBRATION_OPTIONS)
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -208,13 +211,14 @@ def build_variant(variant, task, seed, calibration_batches, fp8_readout):
     model = task.model(seed)
     if variant == "fp32":
         return model
-    if variant == "torchao_dynamic":
-        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    if variant in TORCHAO:
+        from torchao.float8 import CastConfig, Float8LinearConfig, convert_to_float8_training
 
+        grad_dtype = FORMATS[variant_formats(variant)[1]].dtype
         readout = readout_module(model)
         return convert_to_float8_training(
             model,
-            config=Float8LinearConfig(emulate=True),
+            config=Float8LinearConfig(emulate=True, cast_config_grad_output=CastConfig(target_dtype=grad_dtype)),
             module_filter_fn=None if fp8_readout else (lambda module, name: module is not readout),
         )
     unit_scale(model)
@@ -280,7 +284,7 @@ def train_one(variant, task, seed, args):
     calibration_batches, fidelity_batch = first[:-1], first[-1]  # fidelity on a batch calibration never saw
     model = build_variant(variant, task, seed, calibration_batches, args.fp8_readout)
     result = {"variant": variant, "seed": seed}
-    counted = variant not in ("fp32", "torchao_dynamic")
+    counted = variant not in ("fp32", *TORCHAO)
     if seed == args.seed_list[0]:
         if variant == "fp32":
             result["reference_grads"] = gradient_fidelity_reference(model, fidelity_batch)
@@ -355,7 +359,7 @@ def evaluate(model, task):
 
 def evaluate_in_full_precision(variant, model, task, seed):
     """The trained weights with every GEMM in fp32: what the merged export gives a user who serves in full precision."""
-    if variant == "torchao_dynamic":  # Float8Linear keeps the plain weight and bias: load them into nn.Linear
+    if variant in TORCHAO:  # Float8Linear keeps the plain weight and bias: load them into nn.Linear
         plain = task.model(seed)
         plain.load_state_dict(model.state_dict())
         return evaluate(plain, task)
@@ -591,9 +595,10 @@ def main(argv=None):
     args.variant_list = [v for v in args.variants.split(",") if v]
     if "fp32" not in args.variant_list:
         parser.error("--variants must include fp32 (the reference)")
-    unknown = sorted(set(args.variant_list) - set(VARIANTS) - set(CALIBRATION_OPTIONS))
+    known = [*VARIANTS, *CALIBRATION_OPTIONS, *TORCHAO[1:]]
+    unknown = sorted(set(args.variant_list) - set(known))
     if unknown:
-        parser.error(f"unknown --variants {unknown}; choose from {[*VARIANTS, *CALIBRATION_OPTIONS]}")
+        parser.error(f"unknown --variants {unknown}; choose from {known}")
     args.variant_list = ["fp32"] + [v for v in args.variant_list if v != "fp32"]
     results_path = args.out / "fp8_quality.json"
     all_runs, all_summaries, all_settings = _previous_results(results_path)
