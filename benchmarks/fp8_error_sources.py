@@ -4,7 +4,7 @@ Two measurements at step 0, on the tasks, variants, seeds and calibration of `fp
 
 1. Weight-gradient cosine to fp32, per layer, on a batch calibration never saw, with each cast on alone:
 
-     fp8        E4M3 x and Ŵ, E5M2 output gradient g (what fp8_quality.py reports; E4M3 g for ours_e4m3)
+     fp8        E4M3 x and Ŵ, E5M2 output gradient g (fp8_quality.py's; E4M3 g in the *_e4m3 variants)
      g only     x and Ŵ exact, g/c cast to E5M2 (E4M3): the cast the static gradient scale c serves
      x, W only  x/a and Ŵ cast to E4M3 (in every GEMM that uses them), g exact
 

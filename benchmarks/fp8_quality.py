@@ -431,7 +431,7 @@ def markdown(all_summaries, all_settings):
         "# FP8 fine-tuning quality",
         "",
         "Same loop, data order, seeds and dropout masks for all variants; `simulate` backend (E4M3 forward, E5M2 "
-        "backward; E4M3 backward for ours_e4m3).",
+        "backward; E4M3 backward for ours_e4m3 and torchao_e4m3).",
         "",
     ]
     for task_name, summary in all_summaries.items():
