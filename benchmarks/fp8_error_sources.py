@@ -11,7 +11,7 @@ Two measurements at step 0, on the tasks, variants, seeds and calibration of `fp
    For small independent errors 1 − cos adds up: (1 − cos_fp8) ≈ (1 − cos_g) + (1 − cos_xW).
    torchao's `Float8Linear` has no "g only": it requires both operands of a GEMM in one precision.
    `ours_headroom2`, `ours_budget` and `ours_e4m3` are `ours` calibrated with fp8_quality.py's
-   `CALIBRATION_OPTIONS`, `ours_e4m3` with E4M3 output gradients (`GRADIENT_FORMATS`), as is `torchao_e4m3`.
+   `CALIBRATION_OPTIONS`, `ours_e4m3` with E4M3 output gradients (`FP8_FORMATS`), as is `torchao_e4m3`.
 
 2. Forward error on held-out data: the mean over positions of KL(p_fp32 ‖ p_FP8) of the output
    distribution, how often the arg-max agrees, and the logits' relative error (MiniLM's fresh 2-way

@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_unitscale import unit_scale, unit_scaled_modules  # noqa: E402
 from hf_unitscale.calibrate import calibrate  # noqa: E402
 from hf_unitscale.convert import matmul_layers, readout_module, weight_scales  # noqa: E402
-from hf_unitscale.formats import FORMATS  # noqa: E402
+from hf_unitscale.formats import FORMATS, FP8_FORMAT_PAIRS  # noqa: E402
 from hf_unitscale.precision import cast_statistics, full_precision, set_precision, summarize_casts, track_casts  # noqa: E402
 
 logger = logging.getLogger("fp8_quality")
@@ -70,8 +70,8 @@ CALIBRATION_OPTIONS = {
     "ours_budget": {"grad_underflow_budget": 1e-4, "headroom": 4.0},
     "ours_e4m3": {"headroom": 2.0},
 }
-# the output gradient's format per variant: E5M2 unless named here
-GRADIENT_FORMATS = {"ours_e4m3": "e4m3", "torchao_e4m3": "e4m3"}
+# the library's `fp8_format` per variant: "HYBRID" (E5M2 output gradients) unless named here
+FP8_FORMATS = {"ours_e4m3": "E4M3", "torchao_e4m3": "E4M3"}
 TORCHAO = ("torchao_dynamic", "torchao_e4m3")
 CALIBRATED = ("calib_raw", "ours", *CALIBRATION_OPTIONS)
 RECALIBRATED = ("ours", *CALIBRATION_OPTIONS)
@@ -232,8 +232,8 @@ def build_variant(variant, task, seed, calibration_batches, fp8_readout):
 
 
 def variant_formats(variant):
-    """(forward, backward) operand formats of a variant run with our casts."""
-    return "e4m3", GRADIENT_FORMATS.get(variant, "e5m2")
+    """(forward, backward) operand formats of a variant: those of its `fp8_format`."""
+    return FP8_FORMAT_PAIRS[FP8_FORMATS.get(variant, "HYBRID")]
 
 
 def optimizer_for(model, lr, weight_decay, eps=1e-8):
@@ -595,7 +595,7 @@ def main(argv=None):
     args.variant_list = [v for v in args.variants.split(",") if v]
     if "fp32" not in args.variant_list:
         parser.error("--variants must include fp32 (the reference)")
-    known = [*VARIANTS, *CALIBRATION_OPTIONS, *TORCHAO[1:]]
+    known = list(dict.fromkeys([*VARIANTS, *CALIBRATION_OPTIONS, *TORCHAO]))
     unknown = sorted(set(args.variant_list) - set(known))
     if unknown:
         parser.error(f"unknown --variants {unknown}; choose from {known}")

@@ -58,7 +58,7 @@ from transformers.utils import logging
 
 from .config import CONFIG_KEY
 from .convert import matmul_layers
-from .formats import FORMATS, LowPrecisionFormat
+from .formats import FORMATS, FP8_FORMAT_PAIRS, LowPrecisionFormat
 from .operand_stats import ExponentHistogramAccumulator, OperandRmsHooks, RmsAccumulator, default_loss, model_inputs
 from .precision import full_precision
 
@@ -106,9 +106,11 @@ def _listed(names: list[str], shown: int = 8) -> str:
 
 
 def _operand_formats(layer: Any) -> tuple[LowPrecisionFormat | None, LowPrecisionFormat | None]:
-    """The formats of a layer's input and gradient operands: its precision's, or E4M3/E5M2 when none is set."""
+    """The formats of a layer's input and gradient operands: its precision's, or the default pair ("HYBRID",
+    E4M3/E5M2) when none is set."""
     if layer.precision is None:
-        return FORMATS["e4m3"], FORMATS["e5m2"]
+        forward, backward = FP8_FORMAT_PAIRS["HYBRID"]
+        return FORMATS[forward], FORMATS[backward]
     return layer.precision.forward, layer.precision.backward
 
 
