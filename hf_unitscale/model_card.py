@@ -18,6 +18,7 @@ import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
+from typing import Any
 
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
@@ -230,22 +231,16 @@ def render_model_card(
     model: nn.Module,
     *,
     checkpoint_format: str,
-    weight_dtype: str | None = None,
-    embedding_dtype: str | None = None,
     repo_id: str | None = None,
     base_model: str | None = None,
     tags: list[str] | None = None,
     existing: str | None = None,
+    **storage: str | None,
 ) -> str:
     """README.md text: `existing` (a card's text) with its metadata completed and its unit-scaling section
-    replaced or appended; a new card when `existing` is None."""
-    section = model_card_section(
-        model,
-        checkpoint_format=checkpoint_format,
-        weight_dtype=weight_dtype,
-        embedding_dtype=embedding_dtype,
-        repo_id=repo_id,
-    )
+    replaced or appended; a new card when `existing` is None. `storage`: `weight_dtype`, `embedding_dtype`
+    of `model_card_section`."""
+    section = model_card_section(model, checkpoint_format=checkpoint_format, repo_id=repo_id, **storage)
     if existing is None or not existing.strip():
         data = None
         title = f"# {repo_id.split('/')[-1]}\n\n" if repo_id else ""
@@ -262,32 +257,13 @@ def render_model_card(
     return f"---\n{data.to_yaml()}\n---\n\n{body.lstrip()}"
 
 
-def update_model_card(
-    model: nn.Module,
-    save_directory: str | os.PathLike,
-    *,
-    checkpoint_format: str,
-    weight_dtype: str | None = None,
-    embedding_dtype: str | None = None,
-    repo_id: str | None = None,
-    base_model: str | None = None,
-    tags: list[str] | None = None,
-) -> Path:
-    """Write `save_directory/README.md`, merging into a card already there (whoever wrote it).
+def update_model_card(model: nn.Module, save_directory: str | os.PathLike, **card_options: Any) -> Path:
+    """Write `save_directory/README.md`, merging into a card already there (whoever wrote it);
+    `card_options` are those of `render_model_card` (`checkpoint_format`, `repo_id`, `tags`, ...).
 
     For `UnitScaleTrainer.create_model_card`: call the parent (it writes the training summary), then this.
     """
     path = Path(save_directory) / "README.md"
     existing = path.read_text(encoding="utf-8") if path.exists() else None
-    text = render_model_card(
-        model,
-        checkpoint_format=checkpoint_format,
-        weight_dtype=weight_dtype,
-        embedding_dtype=embedding_dtype,
-        repo_id=repo_id,
-        base_model=base_model,
-        tags=tags,
-        existing=existing,
-    )
-    path.write_text(text, encoding="utf-8")
+    path.write_text(render_model_card(model, existing=existing, **card_options), encoding="utf-8")
     return path
