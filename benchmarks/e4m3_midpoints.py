@@ -6,10 +6,12 @@ neighbour; any update, however small, that points at the other neighbour moves q
 step (≈ 2⁻⁹ for the raw weights against an Adam step of lr). So with raw weights in E4M3 the first
 updates jump far further than AdamW asked, a bigger effective learning rate on a few % of the weights.
 Unit scaling divides by s = rms(W), not a power of two, which moves the grid off the midpoints.
+torchao's dynamic scale 448/max|W| is not a power of two either, but it is set by one of the grid's own values.
 
 Measured here, on the real SmolLM2 and Austen text:
-  1. the fraction of matmul weights exactly on an E4M3 midpoint (and within lr of one), raw W and Ŵ = W/s;
-  2. one AdamW step of fp32, `calib_raw` and `ours` (the variants of `fp8_quality.py`): the loss on
+  1. the fraction of matmul weights exactly on an E4M3 midpoint (and within lr of one): raw W, Ŵ = W/s
+     and torchao's W·448/max|W|;
+  2. one AdamW step of fp32, `calib_raw`, `ours` and `torchao_dynamic` (the variants of `fp8_quality.py`): the loss on
      two held-out batches before and after, with the FP8 forward and with every GEMM in fp32, and for
      `calib_raw` also with the weights that sat on a midpoint held at their old value.
 
@@ -21,10 +23,8 @@ Writes benchmarks/results/e4m3_midpoints.{json,md}.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import sys
-import types
 from pathlib import Path
 
 import torch
@@ -36,7 +36,6 @@ import fp8_quality  # noqa: E402
 
 from hf_unitscale.convert import matmul_layers  # noqa: E402
 from hf_unitscale.formats import get_format, round_trip  # noqa: E402
-from hf_unitscale.precision import full_precision  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 E4M3 = get_format("e4m3")
@@ -55,15 +54,17 @@ def on_midpoint(w: torch.Tensor) -> torch.Tensor:
 
 
 def midpoint_fractions(model, lr):
-    """Over the matmul weights (not the embedding): fraction exactly on a midpoint and within one Adam step of one."""
-    counts = {"raw": [0, 0], "unit": [0, 0]}
+    """Over the matmul weights (not the embedding): fraction exactly on a midpoint and within one Adam step of one,
+    for raw W, Ŵ = W/s and torchao's W·k (its dynamic per-tensor scale k = 448 / max|W|, as torchao rounds it)."""
+    counts = {"raw": [0, 0], "unit": [0, 0], "torchao": [0, 0]}
     total = 0
     for name, param in model.named_parameters():
         if param.dim() != 2 or "embed" in name:
             continue
         w = param.detach().float()
         s = w.square().mean().sqrt()
-        for key, weights, step in (("raw", w, lr), ("unit", w / s, lr / s)):
+        k = (E4M3.max / w.abs().max().double()).float()
+        for key, weights, step in (("raw", w, lr), ("unit", w / s, lr / s), ("torchao", w * k, lr * k)):
             counts[key][0] += on_midpoint(weights).sum().item()
             counts[key][1] += (e4m3(weights + step) != e4m3(weights - step)).sum().item()
         total += w.numel()
@@ -75,23 +76,27 @@ def midpoint_fractions(model, lr):
 
 
 @torch.no_grad()
-def losses(model, batches, in_full_precision=False):
+def losses(model, batches):
     model.eval()
-    with full_precision(model) if in_full_precision else contextlib.nullcontext():
-        return [model(**batch).loss.item() for batch in batches]
+    return [model(**batch).loss.item() for batch in batches]
+
+
+def losses_in_fp32(variant, model, task, batches):
+    with fp8_quality.in_full_precision(variant, model, task, 0) as served:
+        return losses(served, batches)
 
 
 def one_step(variant, task, calibration, step_batch, held_out, lr):
     model = fp8_quality.build_variant(variant, task, 0, calibration, fp8_readout=False)
-    result = {"before": losses(model, held_out), "before_fp32_gemms": losses(model, held_out, True)}
-    layers = {f"{name}.weight" for name in matmul_layers(model)}
+    result = {"before": losses(model, held_out), "before_fp32_gemms": losses_in_fp32(variant, model, task, held_out)}
+    layers = {f"{name}.weight" for name in matmul_layers(model)}  # empty for torchao: it is not unit-scaled
     before = {n: p.detach().clone() for n, p in model.named_parameters() if n in layers}
     optimizer = fp8_quality.optimizer_for(model, lr, weight_decay=0.01)
     model.train()
     model(**step_batch).loss.backward()
     optimizer.step()
     result["after"] = losses(model, held_out)
-    result["after_fp32_gemms"] = losses(model, held_out, True)
+    result["after_fp32_gemms"] = losses_in_fp32(variant, model, task, held_out)
     if variant == "calib_raw":
         moved = [(e4m3(p.detach()) != e4m3(before[n])) for n, p in model.named_parameters() if n in layers]
         result["fraction_of_e4m3_values_moved"] = sum(m.sum().item() for m in moved) / sum(m.numel() for m in moved)
@@ -116,6 +121,8 @@ def markdown(result, command):
         "|---|---|---|",
         f"| raw W | {100 * f['raw_on_midpoint']:.4g}% | {100 * f['raw_within_one_step']:.4g}% |",
         f"| unit-scaled Ŵ = W/s | {100 * f['unit_on_midpoint']:.4g}% | {100 * f['unit_within_one_step']:.4g}% |",
+        f"| torchao's W·448/max\\|W\\| | {100 * f['torchao_on_midpoint']:.4g}% "
+        f"| {100 * f['torchao_within_one_step']:.4g}% |",
         "",
         "Loss on two held-out batches (mean), before and after one step:",
         "",
@@ -151,16 +158,19 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    task = fp8_quality.LanguageModelTask(
-        types.SimpleNamespace(lm_seq_len=64, lm_batch_size=8, lm_steps=1, lm_eval_size=1)
-    )
+    task_parser = argparse.ArgumentParser()
+    fp8_quality.add_task_arguments(task_parser)  # the task's other options at their defaults
+    task_args = task_parser.parse_args(["--lm-seq-len", "64", "--lm-eval-seq-len", "64", "--lm-batch-size", "8"])
+    task_args.lm_steps, task_args.lm_eval_size = 1, 1  # 1·8 + 64 = 72 training blocks to draw the 7 batches from
+    task = fp8_quality.LanguageModelTask(task_args)
     batches = list(task.train_batches(0, 7))
     calibration, step_batch, held_out = batches[:4], batches[4], batches[5:]
     result = {
         "lr": args.lr,
         "midpoints": midpoint_fractions(task.model(0), args.lr),
         "steps": {
-            v: one_step(v, task, calibration, step_batch, held_out, args.lr) for v in ("fp32", "calib_raw", "ours")
+            v: one_step(v, task, calibration, step_batch, held_out, args.lr)
+            for v in ("fp32", "calib_raw", "ours", "torchao_dynamic")
         },
     }
     args.out.mkdir(parents=True, exist_ok=True)

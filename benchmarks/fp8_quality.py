@@ -42,6 +42,7 @@ and not run again keeps its results (so `--tasks lm` redoes only the LM table).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import logging
@@ -280,12 +281,17 @@ def gradient_fidelity(model, reference, batch):
 
 
 def train_one(variant, task, seed, args):
+    """Train `variant` on `task` for `args.steps` and evaluate it; returns (results, the trained model).
+
+    On the first seed, also the step-0 gradient fidelity: fp32's reference gradients, every other variant's
+    cosine to `args.reference_grads` (skipped without them: fp8_forward_swap.py trains no fp32 model).
+    """
     first = list(task.train_batches(seed, args.calibration_batches + 1))
     calibration_batches, fidelity_batch = first[:-1], first[-1]  # fidelity on a batch calibration never saw
     model = build_variant(variant, task, seed, calibration_batches, args.fp8_readout)
     result = {"variant": variant, "seed": seed}
     counted = variant not in ("fp32", *TORCHAO)
-    if seed == args.seed_list[0]:
+    if seed == args.seed_list[0] and (variant == "fp32" or getattr(args, "reference_grads", None) is not None):
         if variant == "fp32":
             result["reference_grads"] = gradient_fidelity_reference(model, fidelity_batch)
         else:
@@ -344,7 +350,7 @@ def train_one(variant, task, seed, args):
     logger.info(
         f"  {task.name} {variant} seed {seed}: eval loss {result['eval_loss']:.4f}, {result['train_seconds']:.0f}s"
     )
-    return result
+    return result, model
 
 
 @torch.no_grad()
@@ -357,14 +363,21 @@ def evaluate(model, task):
     return task.finish_metrics(total)
 
 
-def evaluate_in_full_precision(variant, model, task, seed):
-    """The trained weights with every GEMM in fp32: what the merged export gives a user who serves in full precision."""
+@contextlib.contextmanager
+def in_full_precision(variant, model, task, seed):
+    """`model`'s trained weights with every GEMM in fp32: what the merged export gives a user who serves in fp32."""
     if variant in TORCHAO:  # Float8Linear keeps the plain weight and bias: load them into nn.Linear
         plain = task.model(seed)
         plain.load_state_dict(model.state_dict())
-        return evaluate(plain, task)
-    with full_precision(model):
-        return evaluate(model, task)
+        yield plain
+    else:
+        with full_precision(model):
+            yield model
+
+
+def evaluate_in_full_precision(variant, model, task, seed):
+    with in_full_precision(variant, model, task, seed) as served:
+        return evaluate(served, task)
 
 
 def gradient_fidelity_reference(model, batch):
@@ -557,6 +570,15 @@ def add_task_arguments(parser):
     parser.add_argument("--out", type=Path, default=RESULTS)
 
 
+def add_training_arguments(parser):
+    """The options of `train_one`'s loop (shared with fp8_forward_swap.py)."""
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--lr", type=float, default=5e-5)
+    parser.add_argument("--weight-decay", "--weight_decay", type=float, default=0.01)
+    parser.add_argument("--recalibrate-every", "--recalibrate_every", type=int, default=100)
+    parser.add_argument("--count-every", "--count_every", type=int, default=5, help="count casts every N steps")
+
+
 def parse_task_arguments(parser, argv):
     """Parse `argv` (default sys.argv[1:]), set up logging, threads and the output folder; returns (args, argv)."""
     argv = sys.argv[1:] if argv is None else argv
@@ -584,12 +606,8 @@ def make_task(task_key, args, parser):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_task_arguments(parser)
+    add_training_arguments(parser)
     parser.add_argument("--variants", default=",".join(VARIANTS))
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=5e-5)
-    parser.add_argument("--weight-decay", "--weight_decay", type=float, default=0.01)
-    parser.add_argument("--recalibrate-every", "--recalibrate_every", type=int, default=100)
-    parser.add_argument("--count-every", "--count_every", type=int, default=5, help="count casts every N steps")
     args, argv = parse_task_arguments(parser, argv)
     args.seed_list = list(range(args.seeds))
     args.variant_list = [v for v in args.variants.split(",") if v]
@@ -608,7 +626,7 @@ def main(argv=None):
         runs = []
         for seed in args.seed_list:
             for variant in args.variant_list:
-                result = train_one(variant, task, seed, args)
+                result, _ = train_one(variant, task, seed, args)
                 if "reference_grads" in result:
                     args.reference_grads = result.pop("reference_grads")
                 runs.append(result)
