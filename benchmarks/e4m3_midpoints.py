@@ -6,7 +6,7 @@ neighbour; any update, however small, that points at the other neighbour moves q
 step (≈ 2⁻⁹ for the raw weights against an Adam step of lr). So with raw weights in E4M3 the first
 updates jump far further than AdamW asked, a bigger effective learning rate on a few % of the weights.
 Unit scaling divides by s = rms(W), not a power of two, which moves the grid off the midpoints.
-torchao's dynamic scale 448/max|W| is not a power of two either, but it is set by one of the grid's own values.
+torchao's dynamic scale 448/max|W| is not a power of two either; (1) counts what it leaves on midpoints.
 
 Measured here, on the real SmolLM2 and Austen text:
   1. the fraction of matmul weights exactly on an E4M3 midpoint (and within lr of one): raw W, Ŵ = W/s
