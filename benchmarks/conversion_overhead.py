@@ -4,9 +4,9 @@ Measured in one run, fp32 on CPU: `unit_scale` on the real SmolLM2-135M, and med
 time of plain vs converted GPT-2-small-shaped (random weights, Conv1D) and SmolLM2 models, with
 plain and converted steps interleaved so machine noise hits both alike.
 
-    python benchmarks/conversion_overhead.py [--repeats 7] [--seq-len 128]
+    python benchmarks/conversion_overhead.py [--repeats 7] [--seq-len 128] [--out DIR]
 
-Writes benchmarks/results/conversion_overhead.{json,md}.
+Writes conversion_overhead.{json,md} to --out (default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -55,11 +55,12 @@ def compare(name: str, plain: torch.nn.Module, batch_size: int, seq_len: int, re
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seq-len", type=int, default=128)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for conversion_overhead.{json,md}")
+    args = parser.parse_args(argv)
     torch.manual_seed(0)
 
     smollm2 = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
@@ -81,8 +82,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "machine": platform.machine(),
     }
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "conversion_overhead.json").write_text(json.dumps(result, indent=2))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "conversion_overhead.json").write_text(json.dumps(result, indent=2))
     lines = [
         f"Conversion of SmolLM2-135M (`unit_scale`, in memory): {conversion_s:.2f} s",
         "",
@@ -97,7 +98,7 @@ def main() -> None:
         f"\nfp32, CPU ({torch.get_num_threads()} threads, torch {torch.__version__}), median of {args.repeats} "
         "interleaved steps."
     )
-    (RESULTS / "conversion_overhead.md").write_text("\n".join(lines) + "\n")
+    (args.out / "conversion_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -7,9 +7,10 @@ timing its optimizer steps after the first; the ratio is of the medians. Peak me
 trainer in its own subprocess (peak RSS is a process-wide high-water mark), plus the bytes held
 by parameters, optimizer state and buffers after training (gradients are freed each step).
 
-    python benchmarks/trainer_overhead.py [--repeats 5] [--steps 6] [--batch-size 16] [--seq-len 64] [--threads N]
+    python benchmarks/trainer_overhead.py [--repeats 5] [--steps 6] [--batch-size 16] [--seq-len 64] [--threads N] \
+        [--out DIR]
 
-Writes benchmarks/results/trainer_overhead.json and .md.
+Writes trainer_overhead.json and .md to --out (default benchmarks/results).
 """
 
 from __future__ import annotations
@@ -125,7 +126,7 @@ def throughput(repeats: int, steps: int, batch_size: int, seq_len: int) -> dict:
     }
 
 
-def main() -> None:
+def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--steps", type=int, default=6)
@@ -133,7 +134,8 @@ def main() -> None:
     parser.add_argument("--seq-len", "--seq_len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--memory-only", "--memory_only", choices=sorted(TRAINERS), help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    parser.add_argument("--out", type=Path, default=RESULTS, help="folder for trainer_overhead.{json,md}")
+    args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_only:
@@ -156,7 +158,7 @@ def main() -> None:
         memory[kind] = json.loads(output.strip().splitlines()[-1])
     result = {
         "model": "all-MiniLM-L6-v2 + 2-label head (BertForSequenceClassification), fp32, CPU",
-        "settings": vars(args) | {"threads": torch.get_num_threads()},
+        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"threads": torch.get_num_threads()},
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -168,9 +170,9 @@ def main() -> None:
         "state_ratio": memory["unit_scaled"]["state_mib"] / memory["plain"]["state_mib"],
         "targets": {"throughput_ratio": ">= 0.95", "memory_ratio": "<= 1.05"},
     }
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "trainer_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
-    (RESULTS / "trainer_overhead.md").write_text(_markdown(result))
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "trainer_overhead.json").write_text(json.dumps(result, indent=2) + "\n")
+    (args.out / "trainer_overhead.md").write_text(_markdown(result))
     print(_markdown(result))
 
 
@@ -196,7 +198,7 @@ def _markdown(r: dict) -> str:
             "",
             f"Command: `python benchmarks/trainer_overhead.py --repeats {s['repeats']} --steps {s['steps']} "
             f"--batch-size {s['batch_size']} --seq-len {s['seq_len']} --threads {s['threads']}` "
-            "(results: `benchmarks/results/trainer_overhead.json`).",
+            "(results: `trainer_overhead.json` beside this file).",
             "",
         ]
     )
