@@ -231,15 +231,19 @@ def _edit_block(folder, **changes):
     (folder / "config.json").write_text(json.dumps(config))
 
 
-def test_block_whose_exclusions_disagree_with_weights(unit_scaled_folder):
-    _edit_block(unit_scaled_folder, exclude_modules=["lm_head"])
-    with pytest.raises(ValueError, match=r"unexpected \[.*'lm_head.weight_scale'.*disagrees with the saved weights"):
-        hf_unitscale.from_pretrained(unit_scaled_folder)
-
-
-def test_block_whose_weight_dtype_disagrees_with_weights(unit_scaled_folder):
-    _edit_block(unit_scaled_folder, weight_dtype="bfloat16")
-    with pytest.raises(ValueError, match=r"is stored as e4m3.*weight_dtype='bfloat16'.*disagrees"):
+@pytest.mark.parametrize(
+    ("changes", "error"),
+    [
+        ({"exclude_modules": ["lm_head"]}, r"unexpected \[.*'lm_head.weight_scale'.*disagrees with the saved weights"),
+        ({"weight_dtype": "bfloat16"}, r"is stored as e4m3.*weight_dtype='bfloat16'.*disagrees"),
+        ({"embedding_dtype": "e4m3"}, r"`model.embed_tokens.weight` is stored as int8.*embedding_dtype='e4m3'"),
+        ({"checkpoint_format": "fp4-magic"}, r"checkpoint_format.*fp4-magic"),
+    ],
+    ids=["exclusions", "weight_dtype", "embedding_dtype", "unknown_format"],
+)
+def test_block_that_disagrees_with_the_weights_is_refused(unit_scaled_folder, changes, error):
+    _edit_block(unit_scaled_folder, **changes)
+    with pytest.raises(ValueError, match=error):
         hf_unitscale.from_pretrained(unit_scaled_folder)
 
 
@@ -248,18 +252,6 @@ def test_merged_block_naming_an_unknown_layer(tmp_path):
     _edit_block(tmp_path, operand_scales={"bert.encoder.layer.7.output.dense": [1.0, 2.0]})
     with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.7\.output\.dense.*disagrees"):
         hf_unitscale.from_pretrained(tmp_path)
-
-
-def test_unknown_checkpoint_format_is_refused(unit_scaled_folder):
-    _edit_block(unit_scaled_folder, checkpoint_format="fp4-magic")
-    with pytest.raises(ValueError, match="checkpoint_format.*fp4-magic"):
-        hf_unitscale.from_pretrained(unit_scaled_folder)
-
-
-def test_block_whose_embedding_dtype_disagrees_with_weights(unit_scaled_folder):
-    _edit_block(unit_scaled_folder, embedding_dtype="e4m3")
-    with pytest.raises(ValueError, match=r"`model.embed_tokens.weight` is stored as int8.*embedding_dtype='e4m3'"):
-        hf_unitscale.from_pretrained(unit_scaled_folder)
 
 
 def test_weight_dtype_outside_unit_scaled_format_is_refused(tmp_path):
