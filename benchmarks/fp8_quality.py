@@ -10,13 +10,15 @@ sentiment snippets and, with `--tasks lm`, the real SmolLM2-135M on Jane Austen,
   ours             unit-scaled Ŵ + calibrated a, c, recalibrated every `--recalibrate-every` steps
   torchao_dynamic  torchao `Float8Linear`, dynamic per-tensor amax scaling (emulated on CPU)
 
-and, only when named in `--variants`, ours with other `calibrate` options or gradient format, and a peer:
+and, only when named in `--variants`, ours with other `calibrate` options, gradient format or GEMM backend, and a peer:
 
   ours_headroom2   `headroom=2` (scales raised where a peak nears the format max)
   ours_budget      `grad_underflow_budget=1e-4, headroom=4` (c lowered where rms(g) would flush more than
                    0.01% of a layer's gradient elements, never so far that a peak comes within 4x of the max)
   ours_e4m3        output gradients cast to E4M3 instead of E5M2 (accelerate's `fp8_format="E4M3"`), with
                    `headroom=2`: E4M3's max, 448, is 2^8.8 above a unit-RMS gradient, E5M2's 2^15.8
+  ours_scaled_mm   ours with backend "scaled_mm": the three GEMMs in `torch._scaled_mm` on FP8 tensors (which runs
+                   on CPU in torch 2.13) instead of `simulate`'s cast-back-to-fp32 matmul
   torchao_e4m3     torchao_dynamic with E4M3 output gradients (`cast_config_grad_output`), its peer
 
 Every variant runs the same plain training loop (AdamW, same seeds, same data order, same dropout
@@ -73,9 +75,11 @@ CALIBRATION_OPTIONS = {
 }
 # the library's `fp8_format` per variant: "HYBRID" (E5M2 output gradients) unless named here
 FP8_FORMATS = {"ours_e4m3": "E4M3", "torchao_e4m3": "E4M3"}
+# the GEMM backend per variant: "simulate" unless named here
+BACKENDS = {"ours_scaled_mm": "scaled_mm"}
 TORCHAO = ("torchao_dynamic", "torchao_e4m3")
-CALIBRATED = ("calib_raw", "ours", *CALIBRATION_OPTIONS)
-RECALIBRATED = ("ours", *CALIBRATION_OPTIONS)
+CALIBRATED = ("calib_raw", "ours", *CALIBRATION_OPTIONS, *BACKENDS)
+RECALIBRATED = ("ours", *CALIBRATION_OPTIONS, *BACKENDS)
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -226,7 +230,8 @@ def build_variant(variant, task, seed, calibration_batches, fp8_readout):
     if variant in ("naive_fp8", "calib_raw"):
         _raw_weights(model)
     # formats first: calibration's headroom and budget read them
-    set_precision(model, *variant_formats(variant), "simulate", full_precision_modules=[] if fp8_readout else None)
+    backend = BACKENDS.get(variant, "simulate")
+    set_precision(model, *variant_formats(variant), backend, full_precision_modules=[] if fp8_readout else None)
     if variant in CALIBRATED:
         calibrate(model, calibration_batches, **CALIBRATION_OPTIONS.get(variant, {}), progress=False)
     return model
@@ -443,8 +448,8 @@ def markdown(all_summaries, all_settings):
     lines = [
         "# FP8 fine-tuning quality",
         "",
-        "Same loop, data order, seeds and dropout masks for all variants; `simulate` backend (E4M3 forward, E5M2 "
-        "backward; E4M3 backward for ours_e4m3 and torchao_e4m3).",
+        "Same loop, data order, seeds and dropout masks for all variants; `simulate` backend (`scaled_mm` for "
+        "ours_scaled_mm), E4M3 forward, E5M2 backward (E4M3 for ours_e4m3 and torchao_e4m3).",
         "",
     ]
     for task_name, summary in all_summaries.items():
@@ -613,7 +618,7 @@ def main(argv=None):
     args.variant_list = [v for v in args.variants.split(",") if v]
     if "fp32" not in args.variant_list:
         parser.error("--variants must include fp32 (the reference)")
-    known = list(dict.fromkeys([*VARIANTS, *CALIBRATION_OPTIONS, *TORCHAO]))
+    known = list(dict.fromkeys([*VARIANTS, *CALIBRATION_OPTIONS, *BACKENDS, *TORCHAO]))
     unknown = sorted(set(args.variant_list) - set(known))
     if unknown:
         parser.error(f"unknown --variants {unknown}; choose from {known}")
