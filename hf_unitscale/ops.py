@@ -33,6 +33,8 @@ from .formats import CastCounter, LowPrecisionFormat, cast_to_format
 __all__ = ["MatmulPrecision", "OperandCounters", "rms", "scaled_embedding", "scaled_linear"]
 
 BACKENDS = ("simulate", "scaled_mm")
+# torch._scaled_mm on CUDA needs the inner dimension K and the output width N of its GEMMs to be multiples of 16
+SCALED_MM_ALIGNMENT = 16
 
 
 @dataclass(frozen=True)
@@ -76,13 +78,31 @@ def _cast(x: torch.Tensor, fmt: LowPrecisionFormat | None, counter: CastCounter 
     return x if fmt is None else cast_to_format(x, fmt, counter)
 
 
+def _pad_to_alignment(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """`t` with zeros appended along `dim` up to a multiple of SCALED_MM_ALIGNMENT (itself if already one)."""
+    missing = -t.shape[dim] % SCALED_MM_ALIGNMENT
+    if missing == 0:
+        return t
+    pad = [0, 0, 0, 0]
+    pad[1 if dim == 1 else 3] = missing  # F.pad lists the last dimension first
+    return F.pad(t, pad)
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """scale · (a @ b), a and b possibly in a low-precision dtype, result in `out_dtype`."""
+    """scale · (a @ b) for a (M × K), b (K × N), possibly in a low-precision dtype; result in `out_dtype`.
+
+    `scaled_mm` zero-pads K and N to multiples of SCALED_MM_ALIGNMENT (zeros add nothing to a dot product; the
+    padded columns are cut off): CUDA's FP8 GEMM refuses other shapes, and K of the weight-gradient GEMM is the
+    token count, which no batch shape guarantees.
+    """
     if backend == "scaled_mm":
-        # _scaled_mm wants a row-major, b column-major; scales are fp32 scalars applied to the fp32 accumulator
+        n = b.shape[1]
+        a = _pad_to_alignment(a, 1).contiguous()  # row-major
+        b = _pad_to_alignment(_pad_to_alignment(b, 0), 1).t().contiguous().t()  # column-major
+        # scales are fp32 scalars applied to the fp32 accumulator
         one = torch.ones((), dtype=torch.float32, device=a.device)
-        b_col_major = b.t().contiguous().t()
-        return torch._scaled_mm(a.contiguous(), b_col_major, scale.float(), one, out_dtype=out_dtype)
+        out = torch._scaled_mm(a, b, scale.float(), one, out_dtype=out_dtype)
+        return out if out.shape[1] == n else out[:, :n]
     return (a.to(out_dtype) @ b.to(out_dtype)) * scale.to(out_dtype)
 
 

@@ -10,15 +10,15 @@ from hf_unitscale.ops import MatmulPrecision, OperandCounters, rms, scaled_embed
 E4M3, E5M2 = FORMATS["e4m3"], FORMATS["e5m2"]
 
 
-def _operands(dtype=torch.float32, seed=0):
+def _operands(dtype=torch.float32, seed=0, tokens=(3, 5), in_features=24, out_features=16):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(3, 5, 24, generator=g, dtype=dtype) * 0.3
-    w_hat = torch.randn(16, 24, generator=g, dtype=dtype)  # unit-scaled weight Ŵ
-    bias = torch.randn(16, generator=g, dtype=dtype)
+    x = torch.randn(*tokens, in_features, generator=g, dtype=dtype) * 0.3
+    w_hat = torch.randn(out_features, in_features, generator=g, dtype=dtype)  # unit-scaled weight Ŵ
+    bias = torch.randn(out_features, generator=g, dtype=dtype)
     s = torch.tensor(0.02)  # weight scale
     a = torch.tensor(0.3)  # input scale
     c = torch.tensor(1e-5)  # output-gradient scale
-    grad_out = torch.randn(3, 5, 16, generator=g, dtype=dtype) * 1e-5
+    grad_out = torch.randn(*tokens, out_features, generator=g, dtype=dtype) * 1e-5
     return x, w_hat, bias, s, a, c, grad_out
 
 
@@ -109,9 +109,32 @@ SCALED_MM_TOLERANCE = (
 )
 
 
+@pytest.fixture
+def scaled_mm_checked_as_on_cuda(monkeypatch):
+    """torch._scaled_mm with CUDA's shape checks, which CPU skips: K and N of (M × K) @ (K × N) multiples of 16."""
+    real = torch._scaled_mm
+    shapes = []
+
+    def checked(mat1, mat2, *args, **kwargs):
+        assert mat1.shape[1] % 16 == 0 and mat2.shape[0] % 16 == 0 and mat2.shape[1] % 16 == 0, (
+            f"CUDA's _scaled_mm refuses {tuple(mat1.shape)} @ {tuple(mat2.shape)}"
+        )
+        shapes.append((tuple(mat1.shape), tuple(mat2.shape)))
+        return real(mat1, mat2, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_scaled_mm", checked)
+    return shapes
+
+
 @pytest.mark.parametrize("backward", [E5M2, E4M3], ids=["hybrid", "e4m3"])
-def test_scaled_mm_and_simulate_agree(backward):
-    x, w_hat, bias, s, _, _, grad_out = _operands()
+@pytest.mark.parametrize(
+    ("tokens", "in_features", "out_features"),
+    [((3, 5), 24, 16), ((1, 1), 32, 2), ((4, 16), 48, 64)],
+    ids=["unaligned", "one-token-two-outputs", "aligned"],
+)
+def test_scaled_mm_and_simulate_agree(backward, tokens, in_features, out_features, scaled_mm_checked_as_on_cuda):
+    """Any token count and layer width: `scaled_mm` pads K and N for CUDA and still computes what `simulate` does."""
+    x, w_hat, bias, s, _, _, grad_out = _operands(tokens=tokens, in_features=in_features, out_features=out_features)
     a, c = rms(x).float(), rms(grad_out).float()
     results = {}
     for backend in ("simulate", "scaled_mm"):
@@ -122,7 +145,9 @@ def test_scaled_mm_and_simulate_agree(backward):
     for name, sim, mm in zip(
         ("y", "grad_x", "grad_w_hat", "grad_bias"), results["simulate"], results["scaled_mm"], strict=True
     ):
+        assert mm.shape == sim.shape, name
         assert _rel(mm, sim) <= SCALED_MM_TOLERANCE, f"{name}: scaled_mm vs simulate relative error {_rel(mm, sim)}"
+    assert len(scaled_mm_checked_as_on_cuda) == 3  # forward, grad-input, grad-weight
 
 
 def test_scaled_mm_needs_fp8_formats():
