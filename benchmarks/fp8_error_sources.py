@@ -49,6 +49,7 @@ from fp8_quality import (  # noqa: E402
     gradient_fidelity_reference,
     make_task,
     parse_task_arguments,
+    start_batches,
     variant_formats,
 )
 
@@ -79,8 +80,7 @@ def gradient_sources(task, args):
     """Per seed and variant: min and median over layers of the weight-gradient cosine, per cast setting."""
     rows = []
     for seed in range(args.seeds):
-        first = list(task.train_batches(seed, args.calibration_batches + 1))
-        calibration, batch = first[:-1], first[-1]
+        calibration, batch = start_batches(task, seed, args.calibration_batches)
         reference = gradient_fidelity_reference(task.model(seed), batch)
         for variant in VARIANTS:
             model = build_variant(variant, task, seed, calibration, args.fp8_readout)
@@ -126,7 +126,7 @@ def _forward_error(reference, got):
 
 def forward_sources(task, args):
     """KL(p_fp32 ‖ p_FP8) on held-out data per variant at seed 0, and for `ours` with input scales a·f."""
-    first = list(task.train_batches(0, args.calibration_batches))
+    first, _ = start_batches(task, 0, args.calibration_batches)
     batches = list(task.eval_batches())[: args.forward_batches]
     reference = _logits(task.model(0), batches)
     rows = {}

@@ -35,6 +35,7 @@ from fp8_quality import (  # noqa: E402
     logger,
     make_task,
     parse_task_arguments,
+    start_batches,
     train_one,
 )
 
@@ -64,7 +65,7 @@ def plain_state_dict(variant, model):
 
 def swap_one_seed(task, seed, args):
     """{trained variant: {forward: eval loss}}; the own forward and fp32 come from `train_one`'s evaluation."""
-    calibration_batches = list(task.train_batches(seed, args.calibration_batches))  # train_one's calibration
+    calibration_batches, _ = start_batches(task, seed, args.calibration_batches)  # train_one's calibration
     losses = {}
     for variant in TRAINED:
         result, model = train_one(variant, task, seed, args)

@@ -285,14 +285,20 @@ def gradient_fidelity(model, reference, batch):
     return layers
 
 
+def start_batches(task, seed, calibration_batches):
+    """(calibration batches, fidelity batch) of `seed`: its first `calibration_batches` training batches calibrate,
+    the next one, which calibration never saw, measures step-0 gradient fidelity."""
+    first = list(task.train_batches(seed, calibration_batches + 1))
+    return first[:-1], first[-1]
+
+
 def train_one(variant, task, seed, args):
     """Train `variant` on `task` for `args.steps` and evaluate it; returns (results, the trained model).
 
     On the first seed, also the step-0 gradient fidelity: fp32's reference gradients, every other variant's
     cosine to `args.reference_grads` (skipped without them: fp8_forward_swap.py trains no fp32 model).
     """
-    first = list(task.train_batches(seed, args.calibration_batches + 1))
-    calibration_batches, fidelity_batch = first[:-1], first[-1]  # fidelity on a batch calibration never saw
+    calibration_batches, fidelity_batch = start_batches(task, seed, args.calibration_batches)
     model = build_variant(variant, task, seed, calibration_batches, args.fp8_readout)
     result = {"variant": variant, "seed": seed}
     counted = variant not in ("fp32", *TORCHAO)
