@@ -80,6 +80,7 @@ BACKENDS = {"ours_scaled_mm": "scaled_mm"}
 TORCHAO = ("torchao_dynamic", "torchao_e4m3")
 CALIBRATED = ("calib_raw", "ours", *CALIBRATION_OPTIONS, *BACKENDS)
 RECALIBRATED = ("ours", *CALIBRATION_OPTIONS, *BACKENDS)
+KNOWN_VARIANTS = tuple(dict.fromkeys([*VARIANTS, *CALIBRATION_OPTIONS, *BACKENDS, *TORCHAO]))
 RESULTS = Path(__file__).resolve().parent / "results"
 
 
@@ -624,10 +625,9 @@ def main(argv=None):
     args.variant_list = [v for v in args.variants.split(",") if v]
     if "fp32" not in args.variant_list:
         parser.error("--variants must include fp32 (the reference)")
-    known = list(dict.fromkeys([*VARIANTS, *CALIBRATION_OPTIONS, *BACKENDS, *TORCHAO]))
-    unknown = sorted(set(args.variant_list) - set(known))
+    unknown = sorted(set(args.variant_list) - set(KNOWN_VARIANTS))
     if unknown:
-        parser.error(f"unknown --variants {unknown}; choose from {known}")
+        parser.error(f"unknown --variants {unknown}; choose from {list(KNOWN_VARIANTS)}")
     args.variant_list = ["fp32"] + [v for v in args.variant_list if v != "fp32"]
     results_path = args.out / "fp8_quality.json"
     all_runs, all_summaries, all_settings = _previous_results(results_path)
