@@ -114,7 +114,8 @@ class _FlushCountingAccumulator(RmsAccumulator):
         cast_to_format(t.detach().float(), FORMATS["e5m2"], self.flush)
 
     def flushed(self) -> float:
-        return self.flush.as_dict()["underflow_fraction"] if int(self.flush.nonzero) else NAN
+        counts = self.flush.as_dict()
+        return counts["underflow_fraction"] if counts["nonzero"] else NAN
 
 
 def _measure(

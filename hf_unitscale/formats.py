@@ -70,43 +70,44 @@ def get_format(name: str) -> LowPrecisionFormat:
         raise ValueError(f"Unknown low-precision format {name!r}; choose one of {sorted(FORMATS)}.") from None
 
 
+COUNTS = ("seen", "nonzero", "saturated", "underflowed")
+
+
 @dataclass
 class CastCounter:
     """Running counts over casts: elements seen, non-zero inputs, saturated (|x| > max) and underflowed
-    (x != 0 but cast to 0). Counts are int64 tensors so counting never synchronizes a GPU."""
+    (x != 0 but cast to 0), in one int64 tensor `counts` (in `COUNTS` order).
 
-    seen: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    nonzero: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    saturated: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
-    underflowed: torch.Tensor = field(default_factory=lambda: torch.zeros((), dtype=torch.int64))
+    Counting never synchronizes a GPU, and it adds in place, so `torch.compile` traces it into the
+    graph (rebinding a Python attribute inside an autograd.Function would break the graph at every layer).
+    """
+
+    counts: torch.Tensor = field(default_factory=lambda: torch.zeros(len(COUNTS), dtype=torch.int64))
 
     def update(self, x: torch.Tensor, cast: torch.Tensor, fmt: LowPrecisionFormat) -> None:
         """Count x's elements that saturate (|x| > max) or underflow. Rounding is to nearest-even, so a
         non-zero x becomes 0 exactly when |x| <= smallest_subnormal / 2: comparing |x| with that bound
         counts the same elements as `cast == 0` without reading the low-precision tensor back."""
+        if self.counts.device != x.device:  # the model moved after `track_casts`
+            self.counts = self.counts.to(x.device)
         magnitude = x.detach().abs()
-        device = x.device
         nonzero = (magnitude > 0).sum()
-        self.seen = self.seen.to(device) + x.numel()
-        self.nonzero = self.nonzero.to(device) + nonzero
-        self.saturated = self.saturated.to(device) + (magnitude > fmt.max).sum()
-        self.underflowed = self.underflowed.to(device) + nonzero - (magnitude > fmt.smallest_subnormal / 2).sum()
+        seen = torch.full((), x.numel(), dtype=torch.int64, device=x.device)
+        saturated = (magnitude > fmt.max).sum()
+        underflowed = nonzero - (magnitude > fmt.smallest_subnormal / 2).sum()
+        self.counts.add_(torch.stack([seen, nonzero, saturated, underflowed]))
 
     def as_dict(self) -> dict[str, float]:
         """Counts and the fractions a log wants: saturated / seen and underflowed / non-zero."""
-        seen, nonzero = int(self.seen), int(self.nonzero)
+        counts = dict(zip(COUNTS, self.counts.tolist(), strict=True))
         return {
-            "seen": seen,
-            "nonzero": nonzero,
-            "saturated": int(self.saturated),
-            "underflowed": int(self.underflowed),
-            "saturated_fraction": int(self.saturated) / max(seen, 1),
-            "underflow_fraction": int(self.underflowed) / max(nonzero, 1),
+            **counts,
+            "saturated_fraction": counts["saturated"] / max(counts["seen"], 1),
+            "underflow_fraction": counts["underflowed"] / max(counts["nonzero"], 1),
         }
 
     def reset(self) -> None:
-        for name in ("seen", "nonzero", "saturated", "underflowed"):
-            setattr(self, name, torch.zeros((), dtype=torch.int64))
+        self.counts.zero_()
 
 
 def cast_to_format(x: torch.Tensor, fmt: LowPrecisionFormat, counter: CastCounter | None = None) -> torch.Tensor:
