@@ -8,7 +8,11 @@ trainer in its own subprocess (peak RSS is a process-wide high-water mark), plus
 by parameters, optimizer state and buffers after training (gradients are freed each step).
 
     python benchmarks/trainer_overhead.py [--repeats 5] [--steps 6] [--batch-size 16] [--seq-len 64] [--threads N] \
-        [--out DIR]
+        [--torch-compile] [--out DIR]
+
+`--torch-compile` runs both trainers with `TrainingArguments(torch_compile=True)` (inductor): there the
+multiply by s can fuse into the neighbouring kernels. The first step of each repeat, which compiles, is
+dropped as in eager runs.
 
 Writes trainer_overhead.json and .md to --out (default benchmarks/results).
 """
@@ -61,7 +65,7 @@ def _dataset(batch_size: int, steps: int, seq_len: int):
     ).rename_column("label", "labels")
 
 
-def _trainer(kind: str, data, steps: int, batch_size: int, output_dir: str):
+def _trainer(kind: str, data, steps: int, batch_size: int, output_dir: str, torch_compile: bool):
     torch.manual_seed(0)
     model = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     args = TrainingArguments(
@@ -79,6 +83,7 @@ def _trainer(kind: str, data, steps: int, batch_size: int, output_dir: str):
         logging_steps=1,
         save_strategy="no",
         seed=0,
+        torch_compile=torch_compile,
     )
     timer = StepTimer()
     trainer = TRAINERS[kind](model=model, args=args, train_dataset=data, callbacks=[timer])
@@ -94,25 +99,26 @@ def _state_bytes(trainer) -> int:
     return total
 
 
-def memory_run(kind: str, steps: int, batch_size: int, seq_len: int) -> dict:
+def memory_run(kind: str, steps: int, batch_size: int, seq_len: int, torch_compile: bool) -> dict:
     """Train in this process; report peak RSS and the bytes of the training state."""
     data = _dataset(batch_size, steps, seq_len)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _ = _trainer(kind, data, steps, batch_size, tmp)
+        trainer, _ = _trainer(kind, data, steps, batch_size, tmp, torch_compile)
         trainer.train()
         state = _state_bytes(trainer)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_rss_mib": peak_kib / 1024, "state_mib": state / 2**20}
 
 
-def throughput(repeats: int, steps: int, batch_size: int, seq_len: int) -> dict:
+def throughput(repeats: int, steps: int, batch_size: int, seq_len: int, torch_compile: bool) -> dict:
     data = _dataset(batch_size, steps, seq_len)
     per_kind: dict[str, list[float]] = {kind: [] for kind in TRAINERS}
     losses: dict[str, list[float]] = {kind: [] for kind in TRAINERS}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(repeats):
             for kind in TRAINERS:  # interleaved: drifts in machine load hit both alike
-                trainer, timer = _trainer(kind, data, steps, batch_size, tmp)
+                torch._dynamo.reset()  # each repeat compiles afresh, as a new run would
+                trainer, timer = _trainer(kind, data, steps, batch_size, tmp, torch_compile)
                 trainer.train()
                 per_kind[kind].extend(timer.times[1:])  # the first step pays one-off setup
                 losses[kind].append(trainer.state.log_history[-2]["loss"])
@@ -133,16 +139,17 @@ def main(argv=None) -> None:
     parser.add_argument("--batch-size", "--batch_size", type=int, default=16)
     parser.add_argument("--seq-len", "--seq_len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--torch-compile", "--torch_compile", action="store_true", help="torch_compile=True")
     parser.add_argument("--memory-only", "--memory_only", choices=sorted(TRAINERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for trainer_overhead.{json,md}")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_only:
-        print(json.dumps(memory_run(args.memory_only, args.steps, args.batch_size, args.seq_len)))
+        print(json.dumps(memory_run(args.memory_only, args.steps, args.batch_size, args.seq_len, args.torch_compile)))
         return
 
-    speed = throughput(args.repeats, args.steps, args.batch_size, args.seq_len)
+    speed = throughput(args.repeats, args.steps, args.batch_size, args.seq_len, args.torch_compile)
     memory = {}
     for kind in TRAINERS:
         command = [sys.executable, __file__, "--memory-only", kind, "--steps", str(args.steps)]
@@ -154,10 +161,12 @@ def main(argv=None) -> None:
             "--threads",
             str(args.threads),
         ]
+        command += ["--torch-compile"] if args.torch_compile else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         memory[kind] = json.loads(output.strip().splitlines()[-1])
     result = {
-        "model": "all-MiniLM-L6-v2 + 2-label head (BertForSequenceClassification), fp32, CPU",
+        "model": "all-MiniLM-L6-v2 + 2-label head (BertForSequenceClassification), fp32, CPU"
+        + (", torch.compile (inductor)" if args.torch_compile else ", eager"),
         "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"threads": torch.get_num_threads()},
         "versions": {
             "torch": torch.__version__,
@@ -197,7 +206,8 @@ def _markdown(r: dict) -> str:
             f"| {m['unit_scaled']['state_mib']:.1f} | {r['state_ratio']:.3f} | |",
             "",
             f"Command: `python benchmarks/trainer_overhead.py --repeats {s['repeats']} --steps {s['steps']} "
-            f"--batch-size {s['batch_size']} --seq-len {s['seq_len']} --threads {s['threads']}` "
+            f"--batch-size {s['batch_size']} --seq-len {s['seq_len']} --threads {s['threads']}"
+            f"{' --torch-compile' if s['torch_compile'] else ''}` "
             "(results: `trainer_overhead.json` beside this file).",
             "",
         ]

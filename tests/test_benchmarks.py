@@ -121,8 +121,9 @@ def test_conversion_overhead(tmp_path):
         assert_finite(row["ratio"], f"{row['model']} ratio")
 
 
-def test_trainer_overhead(tmp_path):
-    options = ["--repeats", "1", "--steps", "2", "--batch-size", "2", "--seq-len", "8"]
+@pytest.mark.parametrize("compile_flag", [[], ["--torch-compile"]], ids=["eager", "compiled"])
+def test_trainer_overhead(tmp_path, compile_flag):
+    options = ["--repeats", "1", "--steps", "2", "--batch-size", "2", "--seq-len", "8", *compile_flag]
     results = run_benchmark("trainer_overhead", tmp_path, *options)
     final_loss = results["throughput"]["final_loss"]
     # same model, data and AdamW: the drop-in trainer ends where Trainer does
