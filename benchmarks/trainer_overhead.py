@@ -10,9 +10,8 @@ by parameters, optimizer state and buffers after training (gradients are freed e
     python benchmarks/trainer_overhead.py [--repeats 5] [--steps 6] [--batch-size 16] [--seq-len 64] [--threads N] \
         [--torch-compile] [--out DIR]
 
-`--torch-compile` runs both trainers with `TrainingArguments(torch_compile=True)` (inductor): there the
-multiply by s can fuse into the neighbouring kernels. The first step of each repeat, which compiles, is
-dropped as in eager runs.
+`--torch-compile` runs both trainers with `TrainingArguments(torch_compile=True)` (inductor). The first
+step of each repeat, which compiles, is dropped as in eager runs.
 
 Writes trainer_overhead.json and .md to --out (default benchmarks/results).
 """
@@ -167,7 +166,10 @@ def main(argv=None) -> None:
     result = {
         "model": "all-MiniLM-L6-v2 + 2-label head (BertForSequenceClassification), fp32, CPU"
         + (", torch.compile (inductor)" if args.torch_compile else ", eager"),
-        "settings": {k: v for k, v in vars(args).items() if k != "out"} | {"threads": torch.get_num_threads()},
+        # the folder only when not the default, so the written command reruns into the same place
+        "settings": {k: v for k, v in vars(args).items() if k != "out"}
+        | {"threads": torch.get_num_threads()}
+        | ({} if args.out.resolve() == RESULTS.resolve() else {"out": str(args.out)}),
         "versions": {
             "torch": torch.__version__,
             "transformers": transformers.__version__,
@@ -207,7 +209,7 @@ def _markdown(r: dict) -> str:
             "",
             f"Command: `python benchmarks/trainer_overhead.py --repeats {s['repeats']} --steps {s['steps']} "
             f"--batch-size {s['batch_size']} --seq-len {s['seq_len']} --threads {s['threads']}"
-            f"{' --torch-compile' if s['torch_compile'] else ''}` "
+            f"{' --torch-compile' if s['torch_compile'] else ''}{' --out ' + s['out'] if 'out' in s else ''}` "
             "(results: `trainer_overhead.json` beside this file).",
             "",
         ]
