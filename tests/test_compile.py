@@ -1,8 +1,8 @@
 """`torch.compile` takes a unit-scaled model, FP8 casts and cast counters included, as one graph.
 
-On a GPU, FP8 pays off only when the casts and scale multiplies fuse around the GEMMs, which takes
-`torch.compile` (`TrainingArguments(torch_compile=True)`). A graph break at every layer would leave
-them as separate kernels, so the test compiles with `fullgraph=True`, which raises on any break.
+Fusing the casts and scale multiplies around the GEMMs takes `torch.compile`
+(`TrainingArguments(torch_compile=True)`); a graph break at every layer would leave them as separate
+kernels. So the test compiles with `fullgraph=True`, which raises on any break.
 """
 
 import pytest
