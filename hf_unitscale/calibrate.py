@@ -58,6 +58,7 @@ from transformers.utils import logging
 
 from .config import CONFIG_KEY
 from .convert import matmul_layers
+from .distributed import all_reduce_across_processes
 from .formats import FORMATS, FP8_FORMAT_PAIRS, LowPrecisionFormat
 from .operand_stats import ExponentHistogramAccumulator, OperandRmsHooks, RmsAccumulator, default_loss, model_inputs
 from .precision import full_precision
@@ -80,22 +81,16 @@ def _count_tokens(batch: Mapping[str, Any]) -> int:
 def _all_reduce_statistics(accumulators: list[RmsAccumulator]) -> None:
     """Sum per-batch mean squares, batch counts and any exponent histograms over ranks, and take the max of
     the peaks (no-op outside torch.distributed)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
-        return
-    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else None
-    sums = torch.tensor([[acc.ms_total, acc.batches] for acc in accumulators], dtype=torch.float64, device=device)
-    peaks = torch.tensor([acc.absmax for acc in accumulators], dtype=torch.float64, device=device)
-    dist.all_reduce(sums)
-    dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    sums = all_reduce_across_processes(
+        torch.tensor([[acc.ms_total, acc.batches] for acc in accumulators], dtype=torch.float64)
+    )
+    peaks = all_reduce_across_processes(torch.tensor([acc.absmax for acc in accumulators], dtype=torch.float64), "max")
     for acc, (ms_total, batches), peak in zip(accumulators, sums.tolist(), peaks.tolist(), strict=True):
         acc.ms_total, acc.batches, acc.absmax = ms_total, int(batches), peak
     histogrammed = [acc for acc in accumulators if isinstance(acc, ExponentHistogramAccumulator)]
     if histogrammed:
-        histograms = torch.stack([acc.exponent_counts for acc in histogrammed]).to(device)
-        dist.all_reduce(histograms)
-        for acc, counts in zip(histogrammed, histograms.cpu(), strict=True):
+        histograms = all_reduce_across_processes(torch.stack([acc.exponent_counts for acc in histogrammed]))
+        for acc, counts in zip(histogrammed, histograms, strict=True):
             acc.exponent_counts = counts
 
 

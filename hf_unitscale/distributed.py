@@ -15,6 +15,8 @@ path that calls it):
   ("shared with a parameter already managed by another FSDP group").
 - A full checkpoint is gathered with `torch.distributed.checkpoint` (`gather_full_state_dict`)
   and written by rank 0 in either format with `save_full_checkpoint`.
+- Statistics a rank gathers on its own share of the batch (calibration sums, cast counts) are
+  pooled with `all_reduce_across_processes`, so every rank sees those of the global batch.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from torch import nn
 from transformers.utils import logging
 
 __all__ = [
+    "all_reduce_across_processes",
     "check_buffers_in_sync",
     "gather_full_state_dict",
     "repoint_optimizer_params",
@@ -42,6 +45,25 @@ logger = logging.get_logger(__name__)
 
 def _is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def _collective_device() -> torch.device:
+    """Where the default group reduces tensors: CPU under gloo, the current accelerator under NCCL and its kin."""
+    if dist.get_backend() == "gloo" or not torch.accelerator.is_available():
+        return torch.device("cpu")
+    return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+
+
+def all_reduce_across_processes(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
+    """`tensor` reduced over every process of the default group (`op`: "sum" or "max"), on `tensor`'s device.
+
+    `tensor` itself outside torch.distributed. Collective: every rank must call it, with the same shape.
+    """
+    if not _is_distributed():
+        return tensor
+    reduced = tensor.to(_collective_device(), copy=True)
+    dist.all_reduce(reduced, op={"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op])
+    return reduced.to(tensor.device)
 
 
 def repoint_optimizer_params(
@@ -85,8 +107,7 @@ def check_buffers_in_sync(model: nn.Module) -> None:
     if not buffers:
         return
     local = torch.cat([_full(b).detach().to("cpu", torch.float64).flatten() for _, b in buffers])
-    device = buffers[0][1].device if dist.get_backend() != "gloo" else torch.device("cpu")
-    local = local.to(device)
+    local = local.to(_collective_device())
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
     bad = set()
