@@ -147,5 +147,6 @@ class RecalibrationCallback(TrainerCallback):
             state.log_history[-1].update(entries)
 
     def cast_log_entries(self, model) -> dict[str, float]:
-        """Saturation/underflow fractions since the previous call (counters are reset)."""
-        return summarize_casts(cast_statistics(model, reset=True), prefix=self.log_prefix)
+        """Saturation/underflow fractions of the casts of every process since the previous call (counters are
+        reset). Collective under torch.distributed: the Trainer calls `on_log` on every rank."""
+        return summarize_casts(cast_statistics(model, reset=True, all_processes=True), prefix=self.log_prefix)

@@ -20,11 +20,14 @@ import contextlib
 import re
 from collections.abc import Iterator
 
+import torch
 from torch import nn
 from transformers.utils import logging
 
 from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import matmul_layers, readout_module
+from .distributed import all_reduce_across_processes
+from .formats import CastCounter
 from .modules import UnitScaledMatmulMixin
 from .ops import MatmulPrecision, OperandCounters
 
@@ -123,17 +126,30 @@ def track_casts(model: nn.Module, enabled: bool = True) -> dict[str, OperandCoun
     return counters
 
 
-def cast_statistics(model: nn.Module, *, reset: bool = False) -> dict[str, dict[str, dict[str, float]]]:
-    """`{layer: {operand: CastCounter.as_dict()}}` for every layer with counters; `reset` zeroes them after."""
-    result = {}
-    for name, layer in _matmul_layers(model).items():
-        counters = layer.cast_counters
-        if counters is None:
-            continue
-        result[name] = {operand: getattr(counters, operand).as_dict() for operand in OPERANDS}
-        if reset:
-            for operand in OPERANDS:
-                getattr(counters, operand).reset()
+def cast_statistics(
+    model: nn.Module, *, reset: bool = False, all_processes: bool = False
+) -> dict[str, dict[str, dict[str, float]]]:
+    """`{layer: {operand: CastCounter.as_dict()}}` for every layer with counters; `reset` zeroes them after.
+
+    Each process counts the casts of its own share of the batch. `all_processes=True` sums the counts of
+    every process first, so a data-parallel run reports the casts of its global batch, as one process
+    would; it is a collective (every rank must call it) and a no-op outside torch.distributed.
+    """
+    counters = {
+        (name, operand): getattr(layer.cast_counters, operand)
+        for name, layer in _matmul_layers(model).items()
+        if layer.cast_counters is not None
+        for operand in OPERANDS
+    }
+    counts = [counter.counts for counter in counters.values()]
+    if all_processes and counts:
+        counts = all_reduce_across_processes(torch.stack([c.cpu() for c in counts])).unbind()
+    result: dict[str, dict[str, dict[str, float]]] = {}
+    for (name, operand), operand_counts in zip(counters, counts, strict=True):
+        result.setdefault(name, {})[operand] = CastCounter(operand_counts).as_dict()
+    if reset:
+        for counter in counters.values():
+            counter.reset()
     return result
 
 

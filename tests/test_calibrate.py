@@ -332,6 +332,7 @@ def test_set_precision_and_cast_counters():
     model(**_labelled_batch(case)).loss.backward()
     stats = cast_statistics(model)
     assert all(stats[name]["grad_output"]["seen"] > 0 for name in stats)
+    assert cast_statistics(model, all_processes=True) == stats  # one process: nothing to pool
     summary = summarize_casts(stats)
     assert "fp8/grad_output_underflow_fraction" in summary and "fp8/input_saturated_fraction" in summary
     # uncalibrated (c = 1): the tiny model's output gradients sit far below E5M2's subnormals

@@ -1,6 +1,6 @@
 """Multi-process runs on CPU (gloo): `UnitScaleTrainer` under DDP and FSDP2, unit-scaled models under FSDP2.
 
-Five launches, started together so their start-up (imports) overlaps on the 2 cores:
+Eight launches, started together so their start-up (imports) overlaps on the 2 cores:
 
 - `tests/distributed/ddp_train.py` under `torchrun --nproc_per_node 2` (per-device batch 2), and
   the same script in one process with per-device batch 4: the same global batches, 20 steps;
@@ -11,7 +11,9 @@ Five launches, started together so their start-up (imports) overlaps on the 2 co
   tied and untied, sharded with `fully_shard`, 10 steps each; its single-process reference is
   computed here, in this process, by the script's own `train_case`;
 - `tests/distributed/calibrate_ranks.py` under `torchrun --nproc_per_node 2`: `calibrate` with a
-  different batch on each rank, against single-process calibrations of each batch.
+  different batch on each rank, against single-process calibrations of each batch;
+- `ddp_train.py --fp8` (10 steps, calibrated at the start, recalibrated at step 5) under DDP, under
+  Accelerate's FSDP2 path and in one process.
 
 Weights are compared per tensor as max|a − b| / max(max|b|, 1): relative to the tensor, but never
 to a scale below 1 — the unit scale every trained tensor has (Ŵ by construction; norm gains).
@@ -46,6 +48,7 @@ REPO = TESTS.parent
 BIN = Path(sys.executable).parent
 LAUNCH_TIMEOUT = 240  # seconds per launch; a hung collective fails the test instead of the CI run
 RTOL = 1e-4
+FP8_RUN = ("--fp8", "--steps", "10")
 
 
 def _load_script(name: str):
@@ -111,6 +114,11 @@ def launches(tmp_path_factory):
             *("--per-device-batch", "2", "--steps", "20", "--accelerate-fsdp2", "--resume-at", "10"),
         ),
         "calibrate": Launch("calibrate_ranks.py", root / "calibrate", 2),
+        "ddp_fp8": Launch("ddp_train.py", root / "ddp_fp8", 2, *FP8_RUN, "--per-device-batch", "2"),
+        "trainer_fsdp2_fp8": Launch(
+            "ddp_train.py", root / "trainer_fsdp2_fp8", 2, *FP8_RUN, "--per-device-batch", "2", "--accelerate-fsdp2"
+        ),
+        "single_fp8": Launch("ddp_train.py", root / "single_fp8", 1, *FP8_RUN, "--per-device-batch", "4"),
     }
     yield runs
     for run in runs.values():
@@ -137,10 +145,10 @@ def _compare_state_dicts(actual: dict, expected: dict, what: str) -> dict[str, f
     return differences
 
 
-def _assert_losses_match(actual: list[float], expected: list[float], what: str) -> None:
+def _assert_losses_match(actual: list[float], expected: list[float], what: str, rtol: float = RTOL) -> None:
     assert len(actual) == len(expected), f"{what}: {len(actual)} logged steps, expected {len(expected)}"
     worst = max(abs(a - b) / abs(b) for a, b in zip(actual, expected, strict=True))
-    assert worst <= RTOL, f"{what}: losses differ by up to {worst:.3g} relative\n{actual}\n{expected}"
+    assert worst <= rtol, f"{what}: values differ by up to {worst:.3g} relative\n{actual}\n{expected}"
 
 
 # ---- DDP through UnitScaleTrainer ----
@@ -333,6 +341,34 @@ def test_calibration_pools_every_ranks_batch_and_leaves_ranks_equal(launches):
     for name, row in budgeted[0].items():
         for scale in ("input_scale", "grad_scale"):
             assert row[scale] == pytest.approx(both[name][scale], rel=1e-6), (name, scale)
+
+
+# ---- FP8 training under DDP and FSDP2 ----
+
+
+@pytest.mark.parametrize("run", ["ddp_fp8", "trainer_fsdp2_fp8"])
+def test_fp8_training_matches_single_process(launches, run):
+    """FP8 matmuls with static scales (calibration pooled over ranks, kept identical on every rank: the script
+    checks the buffers) train as one process does. The first step's gradient matches like fp32's; later steps
+    drift a little more, because summing in another order now and then moves a value across an FP8 rounding
+    boundary, and Adam's first steps turn that into a different update of the near-zero gradients."""
+    result, single = _result(launches[run]), _result(launches["single_fp8"])
+    assert result["world_size"] == 2 and result["wrapper"] in ("DistributedDataParallel", "FSDPGPT2LMHeadModel")
+    assert result["parameter_types"] == (["DTensor"] if run == "trainer_fsdp2_fp8" else ["Parameter"])
+    _assert_losses_match(result["grad_norms"][:1], single["grad_norms"][:1], f"{run}: first gradient norm")
+    _assert_losses_match(result["losses"], single["losses"], f"{run}: FP8 losses", rtol=1e-3)
+
+
+@pytest.mark.parametrize("run", ["ddp_fp8", "trainer_fsdp2_fp8"])
+def test_fp8_cast_fractions_count_every_rank(launches, run):
+    """The logged saturation/underflow fractions count the casts of the global batch, summed over ranks: at the
+    first step (same weights, same data) they equal one process's exactly. Rank 0's own counts alone gave
+    fractions 3–15% off."""
+    result, single = _result(launches[run]), _result(launches["single_fp8"])
+    first, expected = result["cast_fractions"][0], single["cast_fractions"][0]
+    assert expected.keys() == first.keys() and len(expected) == 12, sorted(expected)
+    assert any(v > 0 for k, v in expected.items() if "grad_output" in k), "no gradient element flushed: nothing tested"
+    assert first == expected
 
 
 # ---- the Accelerate configs of recipes/accelerate ----

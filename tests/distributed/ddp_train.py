@@ -12,11 +12,14 @@ plain-gradient space) on a fixed dataset read in order, so the global batch of s
 same rows whatever the number of processes: rank r of a 2-process run gets the r-th half of it.
 Every row is full length, so each process's mean loss weighs the same number of tokens.
 
+With `--fp8` the trainer runs FP8 matmuls (`fp8=True`): calibrated on 2 batches at the start and
+again every 5 steps, the casts' saturation/underflow fractions in every log.
+
 With `--accelerate-fsdp2` the trainer gets `fsdp="full_shard"` with `fsdp_version: 2`, and
 Accelerate is made to take its FSDP2 path on CPU (see `force_accelerate_fsdp2_on_cpu`).
 
 Rank 0 writes `DIR/result.json` (distributed type, the wrapper, world size, parameter types,
-optimizer groups, per-step losses and gradient norms) and the trainer saves `DIR/run/checkpoint-<steps>/`
+optimizer groups, per-step losses, gradient norms and FP8 cast fractions) and the trainer saves `DIR/run/checkpoint-<steps>/`
 (unit-scaled format) and `DIR/final/` (`save_model`).
 
 With `--resume-at K` the run also writes a full checkpoint (optimizer, scheduler, RNG) at step K;
@@ -98,6 +101,7 @@ def main() -> None:
         "--accelerate-fsdp2", action="store_true", help="shard with Accelerate's FSDP2 path instead of DDP"
     )
     parser.add_argument("--resume-at", type=int, default=None, help="full checkpoint at this step, then resume it")
+    parser.add_argument("--fp8", action="store_true", help="FP8 matmuls, calibrated at the start and every 5 steps")
     args = parser.parse_args()
     fsdp_args = {}
     if args.accelerate_fsdp2:
@@ -107,6 +111,7 @@ def main() -> None:
             "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"},
         }
 
+    fp8_args = {"fp8": True, "calibration_batches": 2, "recalibrate_every": 5} if args.fp8 else {}
     training_args = UnitScaleTrainingArguments(
         output_dir=str(args.out / "run"),
         use_cpu=True,
@@ -128,6 +133,7 @@ def main() -> None:
         dataloader_num_workers=0,
         ddp_find_unused_parameters=False,
         **fsdp_args,
+        **fp8_args,
     )
     global_batch = args.per_device_batch * training_args.world_size
     dataset = FixedTokens(rows=args.steps * global_batch)
@@ -173,6 +179,7 @@ def main() -> None:
             "steps": [entry["step"] for entry in history],
             "losses": [entry["loss"] for entry in history],
             "grad_norms": [entry.get("grad_norm") for entry in history],
+            "cast_fractions": [{k: v for k, v in entry.items() if k.startswith("fp8/")} for entry in history],
             "train_seconds": seconds,
         }
         if resumed_history is not None:
