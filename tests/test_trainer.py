@@ -416,8 +416,10 @@ def test_fp8_eval_false_evaluates_what_the_merged_export_computes(tmp_path):
 
 def test_fp8_training_compiles_into_one_graph(tmp_path):
     """`torch_compile=True` with FP8: cast counters, calibration and recalibration cause no graph break, and the
-    compiled run follows the eager one (FP8 rounding can turn on the last bit of a differently summed GEMM;
-    test_compile.py checks the compiled model against eager exactly, on one batch)."""
+    compiled run follows the eager one. At the first step (same weights, same batch) the logged cast fractions
+    are eager's exactly, as test_compile.py checks on one batch. Later, FP8 rounding can turn on the last bit of
+    a differently summed GEMM: losses stay within 1e-4, but a few tiny gradients flush in one run and not in the
+    other. On an AVX-512 CPU the fractions were equal to step 4, and at step 6 they were 0.0071 against 0.0096."""
     case = CASES_BY_ID["llama-untied"]
     runs = {}
     for torch_compile in (False, True):
@@ -437,8 +439,10 @@ def test_fp8_training_compiles_into_one_graph(tmp_path):
         runs[torch_compile] = _train_logs(trainer)
     assert not torch._dynamo.utils.counters["graph_break"], dict(torch._dynamo.utils.counters["graph_break"])
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    first_eager, first_compiled = runs[False][0], runs[True][0]
+    fractions = [key for key in first_eager if key.startswith("fp8/")]
+    assert len(fractions) == 12 and first_eager["fp8/grad_output_underflow_fraction"] > 0, first_eager
+    assert {key: first_compiled[key] for key in fractions} == {key: first_eager[key] for key in fractions}
     for eager, compiled in zip(runs[False], runs[True], strict=True):
         assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
-        # counted under compile too; a few tiny gradients flushing or not makes the fractions differ slightly
-        key = "fp8/grad_output_underflow_fraction"
-        assert compiled[key] == pytest.approx(eager[key], rel=0.25) and compiled[key] > 0
+        assert compiled["fp8/grad_output_underflow_fraction"] > 0  # counted under compile at every log
