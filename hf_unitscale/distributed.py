@@ -49,9 +49,14 @@ def _is_distributed() -> bool:
 
 def _collective_device() -> torch.device:
     """Where the default group reduces tensors: CPU under gloo, the current accelerator under NCCL and its kin."""
-    if dist.get_backend() == "gloo" or not torch.accelerator.is_available():
+    accelerator = getattr(torch, "accelerator", None)  # torch >= 2.6; before it, CUDA is the accelerator
+    if dist.get_backend() == "gloo":
         return torch.device("cpu")
-    return torch.device(torch.accelerator.current_accelerator().type, torch.accelerator.current_device_index())
+    if accelerator is None:
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    if not accelerator.is_available():
+        return torch.device("cpu")
+    return torch.device(accelerator.current_accelerator().type, accelerator.current_device_index())
 
 
 def all_reduce_across_processes(tensor: torch.Tensor, op: str = "sum") -> torch.Tensor:
