@@ -353,8 +353,10 @@ def test_fp8_training_matches_single_process(launches, run):
     drift a little more, because summing in another order now and then moves a value across an FP8 rounding
     boundary, and Adam's first steps turn that into a different update of the near-zero gradients."""
     result, single = _result(launches[run]), _result(launches["single_fp8"])
-    assert result["world_size"] == 2 and result["wrapper"] in ("DistributedDataParallel", "FSDPGPT2LMHeadModel")
-    assert result["parameter_types"] == (["DTensor"] if run == "trainer_fsdp2_fp8" else ["Parameter"])
+    sharded = run == "trainer_fsdp2_fp8"
+    assert result["world_size"] == 2, result
+    assert result["wrapper"] == ("FSDPGPT2LMHeadModel" if sharded else "DistributedDataParallel"), result["wrapper"]
+    assert result["parameter_types"] == (["DTensor"] if sharded else ["Parameter"]), result["parameter_types"]
     _assert_losses_match(result["grad_norms"][:1], single["grad_norms"][:1], f"{run}: first gradient norm")
     _assert_losses_match(result["losses"], single["losses"], f"{run}: FP8 losses", rtol=1e-3)
 
