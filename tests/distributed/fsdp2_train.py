@@ -28,6 +28,7 @@ optimizer, unsharded, on the whole global batch.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import time
@@ -211,7 +212,12 @@ def main() -> None:
     try:
         for case_id in args.cases.split(","):
             run_distributed(case_id, args.out, mesh)
+        dist.barrier()  # no rank tears the group down while another still writes or reduces
     finally:
+        # FSDP2 modules sit in reference cycles (hooks), so only the collector frees them and the collective work
+        # they hold: do it now, not at interpreter exit, where releasing those tensors from Gloo's threads once
+        # aborted a rank ("terminate called without an active exception", SIGABRT after the last case finished)
+        gc.collect()
         dist.destroy_process_group()
 
 
