@@ -311,16 +311,18 @@ def _safetensors_bytes(folder) -> int:
     return sum(f.stat().st_size for f in folder.glob("*.safetensors"))
 
 
-def _fp8_round_trip(model, tmp_path):
-    """(merged fp32 bytes, e4m3 unit-scaled bytes, model loaded back from the e4m3 checkpoint)."""
+def _assert_fp8_storage_is_compact_and_close(model, loss, tmp_path, what: str) -> None:
+    """Save `model` merged (fp32) and unit-scaled with Ŵ in E4M3, load the latter back, and assert that its
+    file is ≤ 0.3× the merged one and that `loss(model)` moves by ≤ 0.5% relative."""
+    reference = loss(model)
     hf_unitscale.unit_scale(model)
     model.save_pretrained(tmp_path / "merged")
     model.save_pretrained(tmp_path / "fp8", checkpoint_format="unit-scaled", weight_dtype="e4m3")
-    return (
-        _safetensors_bytes(tmp_path / "merged"),
-        _safetensors_bytes(tmp_path / "fp8"),
-        hf_unitscale.from_pretrained(tmp_path / "fp8"),
-    )
+    merged_bytes, fp8_bytes = _safetensors_bytes(tmp_path / "merged"), _safetensors_bytes(tmp_path / "fp8")
+    change = abs(loss(hf_unitscale.from_pretrained(tmp_path / "fp8")) - reference) / reference
+    logger.info(f"fp32 {what} {reference:.5f}, relative change {change:.4%}, size ratio {fp8_bytes / merged_bytes:.4f}")
+    assert fp8_bytes <= 0.3 * merged_bytes, f"e4m3 file is {fp8_bytes / merged_bytes:.3f}× the fp32 merged file"
+    assert change <= 0.005, f"{what} changed by {change:.2%} (fp32 {reference:.4f})"
 
 
 @pytest.mark.slow
@@ -337,12 +339,7 @@ def test_fp8_storage_smollm2_size_and_austen_loss(tmp_path):
             return model(input_ids=batch, labels=batch).loss.item()
 
     model = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
-    reference = loss(model)
-    merged_bytes, fp8_bytes, loaded = _fp8_round_trip(model, tmp_path)
-    change = abs(loss(loaded) - reference) / reference
-    logger.info(f"fp32 loss {reference:.5f}, relative change {change:.4%}, size ratio {fp8_bytes / merged_bytes:.4f}")
-    assert fp8_bytes <= 0.3 * merged_bytes, f"e4m3 file is {fp8_bytes / merged_bytes:.3f}× the fp32 merged file"
-    assert change <= 0.005, f"eval loss changed by {change:.2%} (fp32 {reference:.4f})"
+    _assert_fp8_storage_is_compact_and_close(model, loss, tmp_path, "eval loss")
 
 
 @pytest.mark.slow
@@ -382,12 +379,7 @@ def test_fp8_storage_minilm_size_and_probe_loss(tmp_path):
         with torch.no_grad():
             return torch.nn.functional.cross_entropy(probe(embed(model, test["text"])), test_labels).item()
 
-    reference = loss(model)
-    merged_bytes, fp8_bytes, loaded = _fp8_round_trip(model, tmp_path)
-    change = abs(loss(loaded) - reference) / reference
-    logger.info(f"fp32 loss {reference:.5f}, relative change {change:.4%}, size ratio {fp8_bytes / merged_bytes:.4f}")
-    assert fp8_bytes <= 0.3 * merged_bytes, f"e4m3 file is {fp8_bytes / merged_bytes:.3f}× the fp32 merged file"
-    assert change <= 0.005, f"probe loss changed by {change:.2%} (fp32 {reference:.4f})"
+    _assert_fp8_storage_is_compact_and_close(model, loss, tmp_path, "probe loss")
 
 
 def test_saving_another_format_into_a_folder_removes_stale_weights(tmp_path):
