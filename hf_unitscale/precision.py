@@ -5,7 +5,7 @@
 `full_precision_modules`, by default the readout: an LM head's output gradient g = (softmax − onehot)/N
 sums to zero over the vocabulary, SmolLM2's tied embedding W has a mean row holding 45% of its
 energy, and E5M2 rounding of g breaks that cancellation in g @ W (SmolLM2-135M, E5M2 backward: the
-worst layer's weight-gradient cosine to fp32 is 0.94 with the head kept, 0.73 with it cast). `track_casts` attaches an
+worst layer's weight-gradient cosine to fp32 is 0.88–0.95 with the head kept, 0.73 with it cast). `track_casts` attaches an
 `OperandCounters` (input x/a, weight Ŵ, output gradient g/c) to every matmul layer;
 `cast_statistics` reads them per layer and `summarize_casts` pools them into the fractions a
 training log wants:

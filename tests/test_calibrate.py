@@ -6,6 +6,7 @@ sentiment snippets (`hf_unitscale.embedded`).
 
 import copy
 import logging
+import statistics
 
 import pytest
 import torch
@@ -608,14 +609,19 @@ def test_smollm2_readout_in_e5m2_breaks_gradients_so_it_stays_full_precision(smo
     tight = [name for peak, name in peaks if peak > 448 / 2]
     assert tight and all(name.endswith("mlp.down_proj") for name in tight) and peaks[0][0] < 448, peaks[:6]
 
-    min_cosine = {}
+    min_cosine, median_cosine = {}, {}
     for label, kept in (("readout kept", None), ("readout in E5M2", [])):
         set_precision(ours, None, "e5m2", full_precision_modules=kept)
         _, grads, _ = _fp8_run(ours, batch)
         cosines = {n: _cos(g, ref_grads[f"{n}.weight"]) for n, g in grads.items() if n != "lm_head"}
-        min_cosine[label] = min(cosines.values())
-    assert min_cosine["readout kept"] >= 0.93, min_cosine
+        min_cosine[label], median_cosine[label] = min(cosines.values()), statistics.median(cosines.values())
+    # Kept, the worst layer is layer 0's key projection, whose gradient is mostly cancellation (a key bias's is
+    # zero in exact arithmetic), so its cosine is a rounding draw: 0.953 on an AVX-512 CPU, 0.938 with torch and
+    # MKL capped at AVX2, 0.876 there after set_num_threads(1) and back. E5M2's damage is not: min 0.728-0.731,
+    # median 0.979 against 0.992, in all three.
+    assert min_cosine["readout kept"] >= 0.85 and median_cosine["readout kept"] >= 0.99, (min_cosine, median_cosine)
     assert min_cosine["readout in E5M2"] < min_cosine["readout kept"] - 0.1, min_cosine
+    assert median_cosine["readout in E5M2"] < median_cosine["readout kept"] - 0.01, median_cosine
 
 
 @pytest.mark.slow
