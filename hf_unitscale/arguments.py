@@ -104,6 +104,14 @@ class UnitScaleTrainingArguments(TrainingArguments):
             "comes within `calibration_headroom` (or 1) of the format's max; None: c is not lowered."
         },
     )
+    calibration_input_rounding_search: bool = field(
+        default=False,
+        metadata={
+            "help": "With `fp8`, choose each input scale a within a factor sqrt(2) of rms(x) to minimize x's "
+            "forward-format rounding error on the calibration batches (helps where outlier features repeat "
+            "from token to token, as in Llama models); False: a = rms(x)."
+        },
+    )
 
     save_format: Literal["merged", "unit-scaled"] = field(
         default="merged",
@@ -214,5 +222,6 @@ _OPTION_FIELDS = (
     "recalibrate_every",
     "calibration_headroom",
     "calibration_grad_underflow_budget",
+    "calibration_input_rounding_search",
     "save_format",
 )

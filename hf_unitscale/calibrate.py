@@ -24,6 +24,9 @@ max(1, headroom)·max|g|/M: the budget yields to saturation, with a warning nami
 cannot fit. Where unit RMS already meets the budget, c moves by less than 2x. Input scales are not
 lowered: on MiniLM, lowering a as well raised the training loss by 0.06-0.25% (0.15% on average
 over three seeds) against lowering c alone, and changed no eval metric (benchmarks/fp8_quality.py).
+`input_rounding_search=True` moves a within a factor √2 of rms(x) instead, to the scale at which the
+forward cast of the calibration inputs errs least (outlier features that repeat from token to token
+then round with a small error rather than the same large one in every token).
 
 How it is measured, and why:
 
@@ -60,7 +63,14 @@ from .config import CONFIG_KEY
 from .convert import matmul_layers
 from .distributed import all_reduce_across_processes
 from .formats import FORMATS, FP8_FORMAT_PAIRS, LowPrecisionFormat
-from .operand_stats import ExponentHistogramAccumulator, OperandRmsHooks, RmsAccumulator, default_loss, model_inputs
+from .operand_stats import (
+    ExponentHistogramAccumulator,
+    OperandRmsHooks,
+    RmsAccumulator,
+    RoundingErrorAccumulator,
+    default_loss,
+    model_inputs,
+)
 from .precision import full_precision
 
 __all__ = ["calibrate"]
@@ -92,6 +102,11 @@ def _all_reduce_statistics(accumulators: list[RmsAccumulator]) -> None:
         histograms = all_reduce_across_processes(torch.stack([acc.exponent_counts for acc in histogrammed]))
         for acc, counts in zip(histogrammed, histograms, strict=True):
             acc.exponent_counts = counts
+    searched = [acc for acc in accumulators if isinstance(acc, RoundingErrorAccumulator)]
+    if searched:
+        errors = all_reduce_across_processes(torch.stack([acc.squared_errors for acc in searched]))
+        for acc, summed in zip(searched, errors, strict=True):
+            acc.squared_errors = summed
 
 
 def _listed(names: list[str], shown: int = 8) -> str:
@@ -144,6 +159,7 @@ def calibrate(
     loss_scale: float = 1.0,
     headroom: float | None = None,
     grad_underflow_budget: float | None = None,
+    input_rounding_search: bool = False,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Set every converted matmul layer's static scales a = rms(x) and c = rms(g), in place.
@@ -160,6 +176,12 @@ def calibrate(
     #{0 < |g| < 2^k} ≤ f·#{g ≠ 0} over the calibration batches. Saturation wins where both cannot
     hold (a warning names the layers).
 
+    With `input_rounding_search`, a is the scale within a factor √2 of rms(x) (a grid of 32 per octave)
+    that minimizes Σ (a·q(x/a) − x)² over the calibration batches, q the layer's forward format (then
+    raised by `headroom` where needed). Any such a keeps the operand's RMS in [0.71, 1.41]; FP8 rounding
+    is scale-free on average, but outlier features keep similar values from token to token, and the
+    grid point that puts them near format values lowers their systematic error.
+
     Args:
         model: a model converted by `unit_scale`.
         batches: dicts of model inputs (with `labels` for real gradients), e.g. a DataLoader.
@@ -171,6 +193,8 @@ def calibrate(
             None: a = rms(x), c = rms(g) exactly.
         grad_underflow_budget: the largest fraction (in [0, 1)) of a layer's non-zero output-gradient
             elements its cast may flush to zero, e.g. 1e-4; None: c is not lowered.
+        input_rounding_search: choose each a near rms(x) to minimize the forward cast's squared error
+            (above); costs 32 casts of every input per batch.
         progress: show a tqdm progress bar.
 
     Returns:
@@ -213,7 +237,13 @@ def calibrate(
         model.eval()
         # the gradients' exponent histograms only when a budget will read them
         grad_accumulator = RmsAccumulator if grad_underflow_budget is None else ExponentHistogramAccumulator
-        hooks = OperandRmsHooks(layers, grad_accumulator=grad_accumulator)
+        forward_formats = {name: _operand_formats(layer)[0] for name, layer in layers.items()}
+        searched = {
+            name: RoundingErrorAccumulator(fmt)
+            for name, fmt in forward_formats.items()
+            if input_rounding_search and fmt is not None
+        }
+        hooks = OperandRmsHooks(layers, grad_accumulator=grad_accumulator, input_accumulators=searched)
         with hooks, full_precision(model), torch.enable_grad():
             for batch in bar:
                 inputs = model_inputs(model, batch)
@@ -249,6 +279,8 @@ def calibrate(
                 continue
             if not (math.isfinite(value) and value > 0):
                 raise ValueError(f"Calibration measured a non-finite or zero {what} RMS {value} at `{name}`.")
+            if isinstance(accumulator, RoundingErrorAccumulator):
+                value = accumulator.best_scale_near(value)
             if fmt is not None and (headroom is not None or budget is not None):
                 floor = (headroom or 1.0) * accumulator.peak() / fmt.max  # peaks at most M/h
                 if budget is not None:
@@ -292,6 +324,7 @@ def calibrate(
         "loss_scale": loss_scale,
         "headroom": headroom,
         "grad_underflow_budget": grad_underflow_budget,
+        "input_rounding_search": input_rounding_search,
         "precision": "full (fp32 path, casts off)",
         "mode": "eval",
     }

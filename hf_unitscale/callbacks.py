@@ -53,6 +53,8 @@ class RecalibrationCallback(TrainerCallback):
         headroom: `calibrate`'s `headroom`: keep every operand's peak this factor below its format's max.
         grad_underflow_budget: `calibrate`'s `grad_underflow_budget`: lower gradient scales where unit RMS flushes
             more than this fraction of a layer's output-gradient elements to zero.
+        input_rounding_search: `calibrate`'s `input_rounding_search`: choose each a near rms(x) to minimize x's
+            forward rounding error.
     """
 
     def __init__(
@@ -67,6 +69,7 @@ class RecalibrationCallback(TrainerCallback):
         loss_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
         headroom: float | None = None,
         grad_underflow_budget: float | None = None,
+        input_rounding_search: bool = False,
     ) -> None:
         if every is not None and every < 0:
             raise ValueError(f"`every` should be a non-negative number of steps or None, got {every}.")
@@ -81,6 +84,7 @@ class RecalibrationCallback(TrainerCallback):
         self.loss_fn = loss_fn
         self.headroom = headroom
         self.grad_underflow_budget = grad_underflow_budget
+        self.input_rounding_search = input_rounding_search
         self._cached: list[dict[str, Any]] | None = None
         self.history: list[dict[str, Any]] = []  # one entry per calibration: step and per-layer scales
         self.logged: list[dict[str, float]] = []  # the cast fractions of every log, with their step
@@ -112,6 +116,7 @@ class RecalibrationCallback(TrainerCallback):
             loss_scale=1.0 / accumulation,  # the Trainer divides the loss by the accumulation steps
             headroom=self.headroom,
             grad_underflow_budget=self.grad_underflow_budget,
+            input_rounding_search=self.input_rounding_search,
             progress=False,
         )
         step = state.global_step if state is not None else None

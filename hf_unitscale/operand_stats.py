@@ -9,7 +9,9 @@ are averaged, then rooted:
 so one outlier batch does not dominate as a max would, and several tensors seen in one batch
 (a layer called twice) pool into that batch's mean square. Each accumulator also keeps the peak
 max|t| (how a static scale sits against a format's largest value); `ExponentHistogramAccumulator`
-adds a histogram of the binary exponents of the non-zero |t| (what a scale flushes to zero).
+adds a histogram of the binary exponents of the non-zero |t| (what a scale flushes to zero), and
+`RoundingErrorAccumulator` the error of casting t to a format at scales across one octave (which scale
+near the RMS rounds t best).
 
 `OperandRmsHooks` measures them on real batches: a forward pre-hook records each layer's input x,
 a forward hook keeps its output, and the loss is differentiated with `torch.autograd.grad` with
@@ -26,10 +28,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from .formats import LowPrecisionFormat, round_trip
 from .modules import UnitScaledMatmulMixin
 from .ops import rms
 
-__all__ = ["ExponentHistogramAccumulator", "OperandRmsHooks", "RmsAccumulator", "default_loss", "model_inputs"]
+__all__ = [
+    "ExponentHistogramAccumulator",
+    "OperandRmsHooks",
+    "RmsAccumulator",
+    "RoundingErrorAccumulator",
+    "default_loss",
+    "model_inputs",
+]
 
 # |t| = m·2^e with m in [0.5, 1) (torch.frexp); bin e + EXPONENT_OFFSET counts the |t| in [2^(e-1), 2^e).
 # fp32 exponents run from -148 (smallest subnormal) to 128.
@@ -101,6 +111,47 @@ class ExponentHistogramAccumulator(RmsAccumulator):
         return 2.0 ** (index - EXPONENT_OFFSET) * 2 / smallest_subnormal
 
 
+class RoundingErrorAccumulator(RmsAccumulator):
+    """An `RmsAccumulator` that also sums, over every batch, the squared error of casting the operand to
+    `fmt` at each scale of a grid across one octave: which scale within a factor √2 of the RMS rounds it best.
+
+    A scale 2^(k + j/J) (J = `steps`) keeps the operand's mantissas where the scale 2^(j/J) puts them, so
+    away from the format's ends (saturation, subnormals) the error of casting t/a is periodic in log2(a)
+    with period 1. Each tensor is divided by 2^e, e = round(log2(rms(t))) (exact: a power of two), and cast
+    at the J scales 2^(j/J); the errors, multiplied back by 4^e, add up over tensors, batches and ranks.
+    Where some elements keep the same values from batch to batch (outlier features), the grid point that
+    puts them nearest to format values lowers the error well below what any scale gives on average.
+    """
+
+    def __init__(self, fmt: LowPrecisionFormat, steps: int = 32) -> None:
+        super().__init__()
+        self.fmt = fmt
+        self.steps = steps
+        self.squared_errors = torch.zeros(steps, dtype=torch.float64)
+
+    def add(self, t: torch.Tensor) -> None:
+        super().add(t)
+        t = t.detach().float()
+        value = float(rms(t, nonzero_only=True))
+        if not (math.isfinite(value) and value > 0):
+            return
+        exponent = round(math.log2(value))
+        t = t * 2.0**-exponent
+        errors = []
+        for j in range(self.steps):
+            scale = 2.0 ** (j / self.steps)
+            errors.append((round_trip(t / scale, self.fmt) * scale - t).double().square().sum())
+        self.squared_errors += torch.stack(errors).to("cpu") * 4.0**exponent
+
+    def best_scale_near(self, value: float) -> float:
+        """The grid scale 2^(k + j/J) with the least summed cast error, k chosen so it lies within a factor √2
+        of `value` (the pooled RMS); `value` itself when nothing was seen."""
+        if not (self.batches and math.isfinite(value) and value > 0):
+            return value
+        offset = int(torch.argmin(self.squared_errors)) / self.steps
+        return 2.0 ** (round(math.log2(value) - offset) + offset)
+
+
 class OperandRmsHooks:
     """Hooks on `layers` that pool, per layer, rms(x) of its input and rms(g) of its output gradient.
 
@@ -122,6 +173,7 @@ class OperandRmsHooks:
         divide_by_scales: record x/a and g/c for converted matmul layers (the operands their FP8
             GEMMs see, with the static scales a, c at entry), else x and g.
         grad_accumulator: makes the accumulator of each layer's gradient operand.
+        input_accumulators: {name: accumulator} for the inputs of some layers (default a new `RmsAccumulator`).
     """
 
     def __init__(
@@ -130,10 +182,12 @@ class OperandRmsHooks:
         *,
         divide_by_scales: bool = False,
         grad_accumulator: Callable[[], RmsAccumulator] = RmsAccumulator,
+        input_accumulators: Mapping[str, RmsAccumulator] | None = None,
     ) -> None:
         self.layers = dict(layers)
         self.divide_by_scales = divide_by_scales
-        self.inputs = {name: RmsAccumulator() for name in self.layers}
+        chosen = input_accumulators or {}
+        self.inputs = {name: chosen.get(name) or RmsAccumulator() for name in self.layers}
         self.grads = {name: grad_accumulator() for name in self.layers}
         self._scales: dict[str, tuple[float, float]] = {}
         self._outputs: dict[str, list[torch.Tensor]] = {}

@@ -164,6 +164,7 @@ class UnitScaleTrainer(Trainer):
                 num_batches=options["calibration_batches"],
                 headroom=options["calibration_headroom"],
                 grad_underflow_budget=options["calibration_grad_underflow_budget"],
+                input_rounding_search=options["calibration_input_rounding_search"],
             )
         )
 

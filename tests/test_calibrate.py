@@ -6,6 +6,7 @@ sentiment snippets (`hf_unitscale.embedded`).
 
 import copy
 import logging
+import math
 import statistics
 
 import pytest
@@ -17,6 +18,7 @@ from hf_unitscale.calibrate import calibrate
 from hf_unitscale.callbacks import RecalibrationCallback
 from hf_unitscale.convert import matmul_layers
 from hf_unitscale.formats import FORMATS, cast_to_format
+from hf_unitscale.operand_stats import RoundingErrorAccumulator
 from hf_unitscale.ops import MatmulPrecision, rms
 from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts
 
@@ -283,6 +285,52 @@ def test_grad_underflow_budget_lowers_a_gradient_scale_only_as_far_as_its_cast_n
     assert outcome["kept"] and outcome["lowered"] and outcome["floored"], outcome
     with pytest.raises(ValueError, match="grad_underflow_budget"):
         calibrate(model, batches, grad_underflow_budget=1.0, progress=False)
+
+
+def _cast_error(x, scale, fmt=FORMATS["e4m3"]):
+    """Σ (a·q(x/a) − x)²: the squared error of storing x/a in `fmt`, in x's units."""
+    return (cast_to_format(x / scale, fmt).double() * scale - x.double()).square().sum().item()
+
+
+def test_rounding_error_accumulator_puts_a_repeated_outlier_near_format_values():
+    """An input whose outlier channel holds one value in every token (as LLMs' outlier features do) rounds with
+    the same error in every token at a typical scale; over a grid of scales within √2 of the RMS, the one the
+    accumulator picks puts that value near an E4M3 value, far below the grid's mean error."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 64)
+    x[:, 5] = 23.37
+    accumulator = RoundingErrorAccumulator(FORMATS["e4m3"])
+    for half in x.chunk(2):  # two batches
+        accumulator.add(half)
+        accumulator.end_batch()
+    value = rms(x).item()
+    scale = accumulator.best_scale_near(value)
+    assert 2**-0.5 <= scale / value <= 2**0.5
+    grid = [2 ** (math.floor(math.log2(value)) + j / 32) for j in range(32)]
+    errors = [_cast_error(x, a) for a in grid]
+    assert _cast_error(x, scale) == pytest.approx(min(errors), rel=1e-6)
+    assert _cast_error(x, scale) < 0.5 * statistics.fmean(errors), (_cast_error(x, scale), errors)
+
+
+def test_input_rounding_search_lowers_each_inputs_cast_error_and_keeps_its_rms_near_one():
+    """calibrate(input_rounding_search=True) sets a within √2 of rms(x), where x's E4M3 cast errs no more than at
+    a = rms(x) (and less over all layers); c is unchanged and the option is recorded in the config."""
+    case = CASES_BY_ID["llama-untied"]
+    model = unit_scale(case.model())
+    batches = [_labelled_batch(case, seed) for seed in (1, 2)]
+    operands = _operands(model, batches)
+    plain = calibrate(copy.deepcopy(model), batches, progress=False)
+    table = calibrate(model, batches, input_rounding_search=True, progress=False)
+    assert model.config.unit_scaling["calibration"]["input_rounding_search"] is True
+    searched_errors = plain_errors = 0.0
+    for name, row in table.items():
+        x, a = operands[name]["x"], row["input_scale"]
+        assert row["grad_scale"] == plain[name]["grad_scale"], name
+        assert 2**-0.5 <= a / plain[name]["input_scale"] <= 2**0.5, name
+        searched, at_rms = _cast_error(x, a), _cast_error(x, plain[name]["input_scale"])
+        assert searched <= at_rms * 1.01, (name, searched, at_rms)
+        searched_errors, plain_errors = searched_errors + searched, plain_errors + at_rms
+    assert searched_errors < plain_errors
 
 
 def test_existing_grads_survive_calibration():

@@ -312,7 +312,8 @@ def test_fsdp2_full_checkpoints_load(launches, fsdp2_reference, case_id):
 
 def test_calibration_pools_every_ranks_batch_and_leaves_ranks_equal(launches):
     """Two ranks, each with its own batch, end with the scales of both batches calibrated in one process:
-    a² = mean over batches of their mean squares (likewise c), peaks max|x| the max over batches."""
+    a² = mean over batches of their mean squares (likewise c), peaks max|x| the max over batches; with an underflow
+    budget and the input rounding search, the scales of one process calibrating on both batches."""
     result = _result(launches["calibrate"])
     assert result["world_size"] == 2
     first, second = result["tables"]
@@ -327,18 +328,21 @@ def test_calibration_pools_every_ranks_batch_and_leaves_ranks_equal(launches):
             assert row[scale] == pytest.approx(expected, rel=1e-6), (name, operand)
             raw_peaks = [table[name][f"{operand}_peak"] * table[name][scale] for table in alone]
             assert row[f"{operand}_peak"] * row[scale] == pytest.approx(max(raw_peaks), rel=1e-6), (name, operand)
-    # with an underflow budget the ranks' exponent histograms are summed: the scales of one process seeing both
-    budgeted = result["budget_tables"]
-    assert budgeted[0] == budgeted[1]
+    # with an underflow budget and the input rounding search the ranks' exponent histograms and cast errors are
+    # summed: the scales of one process seeing both batches
+    searched = result["searched_tables"]
+    assert searched[0] == searched[1]
     both = hf_unitscale.calibrate(
         calibrate_ranks.model(),
         [calibrate_ranks.batch(0), calibrate_ranks.batch(1)],
-        grad_underflow_budget=calibrate_ranks.GRAD_UNDERFLOW_BUDGET,
+        **calibrate_ranks.SEARCH_OPTIONS,
         progress=False,
     )
     lowered = [name for name in both if both[name]["grad_scale"] < first[name]["grad_scale"]]
     assert lowered, "the budget lowered no scale: the test would not see the histograms"
-    for name, row in budgeted[0].items():
+    moved = [name for name in both if both[name]["input_scale"] != pytest.approx(first[name]["input_scale"])]
+    assert moved, "the search moved no input scale: the test would not see the cast errors"
+    for name, row in searched[0].items():
         for scale in ("input_scale", "grad_scale"):
             assert row[scale] == pytest.approx(both[name][scale], rel=1e-6), (name, scale)
 

@@ -310,6 +310,7 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         "recalibrate_every": 100,
         "calibration_headroom": 2.0,
         "calibration_grad_underflow_budget": 1e-4,
+        "calibration_input_rounding_search": True,
         "use_cpu": True,
         "report_to": [],
     }
@@ -368,11 +369,13 @@ def test_fp8_calibrates_and_trains(tmp_path):
         recalibrate_every=2,
         calibration_headroom=2.0,
         calibration_grad_underflow_budget=1e-4,
+        calibration_input_rounding_search=True,
     )
     trainer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert"))
     trainer.train()
     record = trainer.model.config.unit_scaling["calibration"]
-    assert record["headroom"] == 2.0 and record["grad_underflow_budget"] == 1e-4  # reached `calibrate`
+    # reached `calibrate`
+    assert record["headroom"] == 2.0 and record["grad_underflow_budget"] == 1e-4 and record["input_rounding_search"]
     layers = matmul_layers(trainer.model)
     assert layers["classifier"].precision is None  # the readout stays in full precision by default
     cast = [layer.precision for name, layer in layers.items() if name != "classifier"]

@@ -3,10 +3,11 @@
     torchrun --standalone --nproc_per_node 2 tests/distributed/calibrate_ranks.py --out DIR
 
 Every rank builds the same unit-scaled tiny Llama (same seed) and calibrates it on its own batch
-(`batch(rank)`), plainly and with `GRAD_UNDERFLOW_BUDGET`. Rank 0 writes `DIR/result.json`: each rank's
+(`batch(rank)`), plainly and with `SEARCH_OPTIONS`. Rank 0 writes `DIR/result.json`: each rank's
 calibration tables and the world size. The test compares them with single-process calibrations: the
 pooled RMS is sqrt(mean over ranks' batches of their mean squares), the peak the max over ranks, and
-the budgeted scales those of one process calibrating on every rank's batch (exponent histograms summed).
+the budgeted and searched scales those of one process calibrating on every rank's batch (exponent histograms
+and cast errors summed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from hf_unitscale.calibrate import calibrate  # noqa: E402
 from tiny_models import CASES_BY_ID  # noqa: E402
 
 CASE = "llama-untied"
-GRAD_UNDERFLOW_BUDGET = 1e-3
+# options whose statistics are summed over ranks: exponent histograms (budget), cast errors (search)
+SEARCH_OPTIONS = {"grad_underflow_budget": 1e-3, "input_rounding_search": True}
 
 
 def model():
@@ -48,7 +50,7 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     result = {"world_size": world}
-    for key, options in (("tables", {}), ("budget_tables", {"grad_underflow_budget": GRAD_UNDERFLOW_BUDGET})):
+    for key, options in (("tables", {}), ("searched_tables", SEARCH_OPTIONS)):
         table = calibrate(model(), [batch(rank)], progress=False, **options)
         result[key] = [None] * world
         dist.all_gather_object(result[key], table)
