@@ -97,16 +97,16 @@ def _all_reduce_statistics(accumulators: list[RmsAccumulator]) -> None:
     peaks = all_reduce_across_processes(torch.tensor([acc.absmax for acc in accumulators], dtype=torch.float64), "max")
     for acc, (ms_total, batches), peak in zip(accumulators, sums.tolist(), peaks.tolist(), strict=True):
         acc.ms_total, acc.batches, acc.absmax = ms_total, int(batches), peak
-    histogrammed = [acc for acc in accumulators if isinstance(acc, ExponentHistogramAccumulator)]
-    if histogrammed:
-        histograms = all_reduce_across_processes(torch.stack([acc.exponent_counts for acc in histogrammed]))
-        for acc, counts in zip(histogrammed, histograms, strict=True):
-            acc.exponent_counts = counts
-    searched = [acc for acc in accumulators if isinstance(acc, RoundingErrorAccumulator)]
-    if searched:
-        errors = all_reduce_across_processes(torch.stack([acc.squared_errors for acc in searched]))
-        for acc, summed in zip(searched, errors, strict=True):
-            acc.squared_errors = summed
+    # the per-rank counts that add up: exponent histograms (underflow budget), cast errors (input rounding search)
+    for kind, attribute in (
+        (ExponentHistogramAccumulator, "exponent_counts"),
+        (RoundingErrorAccumulator, "squared_errors"),
+    ):
+        chosen = [acc for acc in accumulators if isinstance(acc, kind)]
+        if chosen:
+            totals = all_reduce_across_processes(torch.stack([getattr(acc, attribute) for acc in chosen]))
+            for acc, total in zip(chosen, totals, strict=True):
+                setattr(acc, attribute, total)
 
 
 def _listed(names: list[str], shown: int = 8) -> str:
@@ -237,12 +237,10 @@ def calibrate(
         model.eval()
         # the gradients' exponent histograms only when a budget will read them
         grad_accumulator = RmsAccumulator if grad_underflow_budget is None else ExponentHistogramAccumulator
-        forward_formats = {name: _operand_formats(layer)[0] for name, layer in layers.items()}
-        searched = {
-            name: RoundingErrorAccumulator(fmt)
-            for name, fmt in forward_formats.items()
-            if input_rounding_search and fmt is not None
-        }
+        searched = {}
+        if input_rounding_search:  # layers with a forward format: the one the search rounds x to
+            forward_formats = {name: _operand_formats(layer)[0] for name, layer in layers.items()}
+            searched = {name: RoundingErrorAccumulator(fmt) for name, fmt in forward_formats.items() if fmt is not None}
         hooks = OperandRmsHooks(layers, grad_accumulator=grad_accumulator, input_accumulators=searched)
         with hooks, full_precision(model), torch.enable_grad():
             for batch in bar:
