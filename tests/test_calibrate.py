@@ -752,8 +752,8 @@ def test_smollm2_input_rounding_search_brings_the_e4m3_forward_closer_to_fp32(sm
 
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
 
-    def token_rows(split, rows):
-        ids = tokenizer("\n".join(load_austen(split)["text"]))["input_ids"][: rows * 64]
+    def token_rows(split, rows):  # the first 40 paragraphs hold over 3,000 tokens; tokenizing all takes ~6 s
+        ids = tokenizer("\n".join(load_austen(split)["text"][:40]))["input_ids"][: rows * 64]
         return torch.tensor(ids).view(rows, 64)
 
     train, held_out = token_rows("train", 16), token_rows("test", 16)
