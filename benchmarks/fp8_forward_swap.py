@@ -28,6 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from fp8_quality import (  # noqa: E402
+    TORCHAO,
     add_task_arguments,
     add_training_arguments,
     build_variant,
@@ -58,8 +59,9 @@ class _TrainedWeights:
 
 
 def plain_state_dict(variant, model):
-    """The trained weights under transformers' names: W = s·Ŵ for ours, Float8Linear's own weights for torchao."""
-    state = merged_state_dict(model) if variant == "ours" else model.state_dict()
+    """The trained weights under transformers' names: W = s·Ŵ for ours (any unit-scaled variant), Float8Linear's
+    own weights for torchao."""
+    state = model.state_dict() if variant in TORCHAO else merged_state_dict(model)
     return {name: tensor.detach().clone() for name, tensor in state.items()}
 
 

@@ -174,3 +174,48 @@ def test_trainer_overhead(tmp_path, compile_flag):
     # same model, data and AdamW: the drop-in trainer ends where Trainer does
     assert final_loss["unit_scaled"] == pytest.approx(final_loss["plain"], rel=1e-5)
     assert set(results["memory"]) == {"plain", "unit_scaled"}
+
+
+def test_weight_grid_shift_keeps_the_fp32_function_moves_the_fp8_rounding_and_restores_the_weights():
+    from e4m3_weight_grid import weight_grid_shifted
+
+    from hf_unitscale import set_precision, unit_scale
+    from hf_unitscale.precision import full_precision
+
+    from tiny_models import CASES_BY_ID
+
+    case = CASES_BY_ID["llama-tied"]  # lm_head casts the embedding's weight
+    model, batch = case.model(), case.batch()
+    unit_scale(model)
+    set_precision(model, full_precision_modules=[])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with torch.no_grad():
+        with full_precision(model):
+            fp32 = model(**batch).logits
+        fp8 = model(**batch).logits
+        with weight_grid_shifted(model, 2**0.5):
+            assert model.lm_head.weight is model.model.embed_tokens.weight
+            assert float(model.lm_head.weight_scale) == pytest.approx(float(before["lm_head.weight_scale"]) / 2**0.5)
+            assert float(model.model.embed_tokens.weight_scale) == float(model.lm_head.weight_scale)
+            with full_precision(model):
+                torch.testing.assert_close(model(**batch).logits, fp32, rtol=1e-5, atol=1e-5)
+            shifted = model(**batch).logits
+        assert (shifted - fp8).abs().max() > 1e-3  # the E4M3 forward rounded Ŵ elsewhere
+        assert torch.equal(model(**batch).logits, fp8)
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, before[name]), name
+
+
+def test_e4m3_weight_grid(tmp_path):
+    options = ["--tasks", "classification,lm", "--grid-shifts", "2"]
+    results = run_benchmark("e4m3_weight_grid", tmp_path, *options, *TASK_OPTIONS, *TRAINING_OPTIONS)
+    assert sorted(results["tasks"]) == sorted(TASKS)
+    for task, task_results in results["tasks"].items():
+        rows = task_results["seeds"]["0"]
+        assert sorted(rows) == ["step 0", "trained"]
+        for stage, row in rows.items():
+            assert len(row["shifts"]) == 2, (task, stage)
+            for value in (row["fp32_gemms"], row["torchao_forward"], *row["shifts"]):
+                assert_finite(value, f"{task} {stage}")
+        # shift k = 0 is ours as fp8_quality.py trains and evaluates it
+        assert rows["trained"]["shifts"][0] == pytest.approx(rows["trained"]["train_eval_loss"], rel=1e-6), task
