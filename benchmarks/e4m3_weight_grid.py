@@ -6,8 +6,8 @@ are K draws of the same rounding at the same error budget (k = 0 is the model as
 `fp8_quality.py` (or another unit-scaled variant, `--variant`; same seeds, data, calibration and training), at
 step 0 and after training, this evaluates the FP8-forward eval loss at every shift, beside the same weights with
 every GEMM in fp32 and with torchao's dynamic E4M3 forward. Where the shifts spread wider than a gap between
-ours and torchao, that gap is one draw of the grid, not static against dynamic scaling; seeds that start from the
-same pretrained weights share the draw.
+ours and torchao, one grid position cannot settle that gap: the mean over the shifts is the static forward's
+typical loss. Seeds that start from the same pretrained weights start from the same draw.
 
     python benchmarks/e4m3_weight_grid.py --tasks lm --seeds 1 --calibration-batches 4 --recalibrate-every 50 \\
         --count-every 10 --lm-steps 20 --lm-batch-size 8 --lm-seq-len 64 --lm-eval-size 2000 \\
