@@ -21,7 +21,9 @@ class UnitScaleConfig:
 
     Every weight W of an `nn.Linear`, transformers `Conv1D` or `nn.Embedding` (and, with
     `convert_other_modules`, every ≥2-D parameter of other modules, e.g. `nn.LSTM`, `nn.Conv2d`)
-    becomes s·Ŵ with s = rms(W), rms(Ŵ) = 1. Norm gains and biases stay as they are.
+    becomes s·Ŵ with s = rms(W), rms(Ŵ) = 1. Norm gains and biases stay as they are. With
+    `power_of_two_scales`, s = 2^round(log₂ rms(W)) instead, so rms(Ŵ) is within a factor √2 of 1
+    and Ŵ = W/s is exact in every float dtype: conversion and the merged export W = s·Ŵ lose no bit.
     """
 
     exclude_modules: list[str] = field(
@@ -32,6 +34,16 @@ class UnitScaleConfig:
         default=True,
         metadata={
             "help": "Also convert ≥2-D weights of other modules (LSTM, Conv2d, …) by multiplying s in at forward."
+        },
+    )
+    power_of_two_scales: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Round each s to the nearest power of two, so Ŵ = W/s and the merged W = s·Ŵ are exact and rms(Ŵ) "
+            "is within a factor √2 of 1. null: only for weights stored in 16-bit floats (bf16/fp16), where s = rms(W) "
+            "would round a fraction of the weights by one ulp (one bf16 ulp is 0.4–0.8%). Off for fp32 weights by default: "
+            "weights dequantized from a low-bit checkpoint keep their grid under a power of two, and the E4M3 forward "
+            "rounds some exactly half-way (see the README's FP8 section)."
         },
     )
     forward_format: str | None = field(

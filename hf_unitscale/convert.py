@@ -82,8 +82,9 @@ def weight_scales(model: nn.Module) -> dict[int, float]:
     return scales
 
 
-def _weight_scale(weight: torch.Tensor, name: str) -> torch.Tensor:
-    """s = rms(W) = ‖W‖₂ / √n as an fp32 scalar; 1 for an all-zero W; an error naming the tensor if W is not finite."""
+def _weight_scale(weight: torch.Tensor, name: str, power_of_two: bool) -> torch.Tensor:
+    """s = rms(W) = ‖W‖₂ / √n as an fp32 scalar, or with `power_of_two` 2^round(log₂ rms(W)); 1 for an all-zero W;
+    an error naming the tensor if W is not finite."""
     if weight.device.type == "meta":
         return torch.ones((), dtype=torch.float32)
     w = weight.detach()
@@ -100,7 +101,16 @@ def _weight_scale(weight: torch.Tensor, name: str) -> torch.Tensor:
                 "Fix or re-initialize this weight before converting."
             )
         scale = (torch.linalg.vector_norm(w.double()) / math.sqrt(w.numel())).float()  # squares overflowed fp32
+    if power_of_two:
+        scale = torch.exp2(torch.round(torch.log2(scale)))
     return torch.where(scale > 0, scale, torch.ones_like(scale)).cpu()
+
+
+def _uses_power_of_two(weight: torch.Tensor, config: UnitScaleConfig) -> bool:
+    """`config.power_of_two_scales`, or where it is None, whether W is stored in a float narrower than fp32."""
+    if config.power_of_two_scales is not None:
+        return config.power_of_two_scales
+    return weight.is_floating_point() and torch.finfo(weight.dtype).bits < 32
 
 
 def _other_weights(module: nn.Module) -> tuple[str, ...]:
@@ -164,14 +174,19 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
         # check before any layer is swapped, so a bad pattern leaves the model as it was
         full_precision_names(config.full_precision_modules, matmul_names, type(model).__name__)
     scale_of_param: dict[int, torch.Tensor] = {}
+    rounded_by_dtype = 0  # weights whose 16-bit dtype made `power_of_two_scales=None` round s
     for name, module, unit_class, weight_names in plan:
         for weight_name in weight_names:
             param = getattr(module, weight_name)
             if id(param) not in scale_of_param:  # a tied weight is divided once
                 qualified = f"{name}.{weight_name}" if name else weight_name
-                scale = _weight_scale(param, qualified) if measure else torch.ones((), dtype=torch.float32)
-                if measure and param.device.type != "meta":
-                    param.div_(scale.to(device=param.device, dtype=torch.float32).to(param.dtype))
+                scale = torch.ones((), dtype=torch.float32)
+                if measure:
+                    power_of_two = _uses_power_of_two(param, config)
+                    rounded_by_dtype += power_of_two and config.power_of_two_scales is None
+                    scale = _weight_scale(param, qualified, power_of_two)
+                    if param.device.type != "meta":
+                        param.div_(scale.to(device=param.device, dtype=torch.float32).to(param.dtype))
                 scale_of_param[id(param)] = scale
             scale = scale_of_param[id(param)].to(param.device if param.device.type != "meta" else "cpu")
             module.register_buffer(weight_name + SCALE_SUFFIX, scale.clone())
@@ -192,6 +207,11 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
         from .hub import attach_checkpoint_methods  # hub imports this module
 
         attach_checkpoint_methods(model)
+    if rounded_by_dtype:
+        logger.info(
+            f"{rounded_by_dtype} weights are stored in 16-bit floats: their scales s are powers of two, so "
+            "Ŵ = W/s and the merged W = s·Ŵ are exact (`UnitScaleConfig.power_of_two_scales`)."
+        )
     logger.info(f"Unit-scaled {len(plan)} modules of {type(model).__name__}.")
     return model
 

@@ -13,6 +13,7 @@ rest: `update_model_card(model, folder, ...)` merges, it never clobbers.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import statistics
@@ -25,7 +26,7 @@ from torch import nn
 
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME
 from .config import CONFIG_KEY
-from .convert import unit_scaled_modules
+from .convert import unit_scaled_modules, weight_scales
 from .modules import UnitScaledMatmulMixin
 
 __all__ = ["MODEL_CARD_TAGS", "model_card_section", "render_model_card", "update_model_card"]
@@ -39,8 +40,8 @@ MAX_LAYER_ROWS = 32
 _FORMAT_TEXT = {
     "merged": (
         "a plain transformers checkpoint (`model.safetensors`) holding the merged weights W = s·Ŵ. Any "
-        "transformers install loads it and computes the same function; `hf_unitscale` re-measures s = rms(W) "
-        "and restores the calibrated operand scales from the `unit_scaling` block of `config.json`."
+        "transformers install loads it and computes the same function; `hf_unitscale` re-measures s from W as "
+        "`unit_scale` does and restores the calibrated operand scales from the `unit_scaling` block of `config.json`."
     ),
     "unit-scaled": (
         f"`{UNIT_SCALED_WEIGHTS_NAME}` (or shards of it with an index) holding the unit-scale weights Ŵ, "
@@ -91,7 +92,7 @@ def _range(values: list[float | None]) -> str:
 def _scale_table(model: nn.Module) -> str:
     rows = _scale_rows(model)
     if len(rows) <= MAX_LAYER_ROWS:
-        lines = ["| layer | type | s = rms(W) | a (input) | c (output grad) |", "|---|---|---|---|---|"]
+        lines = ["| layer | type | s | a (input) | c (output grad) |", "|---|---|---|---|---|"]
         lines += [f"| `{n}` | {k} | {_fmt(s)} | {_fmt(a)} | {_fmt(c)} |" for n, k, s, a, c in rows]
         return "\n".join(lines)
     groups: dict[tuple[str, str], list[tuple]] = defaultdict(list)
@@ -100,7 +101,7 @@ def _scale_table(model: nn.Module) -> str:
     lines = [
         f"{len(rows)} converted weights, grouped by name pattern (`N` = layer index); ranges are min … max.",
         "",
-        "| layers | type | count | s = rms(W) | a (input) | c (output grad) |",
+        "| layers | type | count | s | a (input) | c (output grad) |",
         "|---|---|---|---|---|---|",
     ]
     for (pattern, kind), members in groups.items():
@@ -159,6 +160,14 @@ def _load_code(architecture: str, repo_id: str, checkpoint_format: str) -> str:
     return f"With `hf_unitscale` (any format):\n\n{with_package}\n\nWithout `hf_unitscale`: {without}"
 
 
+def _scale_text(model: nn.Module) -> str:
+    """How s was chosen: rms(W), or a power of two (math.frexp's mantissa of 2^k is ½) for an exact conversion."""
+    scales = weight_scales(model).values()
+    if scales and all(math.frexp(scale)[0] == 0.5 for scale in scales):
+        return "s a power of two, so Ŵ = W/s is exact, and rms(Ŵ) within a factor √2 of 1 at conversion"
+    return "s = rms(W), so rms(Ŵ) = 1 at conversion"
+
+
 def model_card_section(
     model: nn.Module,
     *,
@@ -189,7 +198,7 @@ def model_card_section(
             "## Unit scaling",
             "",
             f"This `{architecture}` is **unit-scaled** with `hf_unitscale`: every "
-            "converted weight is stored as W = s·Ŵ with rms(Ŵ) = 1 and a scalar s, and its matmuls run as "
+            f"converted weight is stored as W = s·Ŵ with {_scale_text(model)}, and its matmuls run as "
             "y = (s·a)·(q(x/a) @ q(Ŵ)ᵀ) + b with static operand scales a (input) and c (output gradient). "
             "The model computes the same function as before conversion.",
             "",

@@ -282,6 +282,14 @@ def test_model_card_states_what_it_must(checkpoint_format, tmp_path):
     assert 'hf_unitscale.from_pretrained("user/tiny-llama")' in card
     if checkpoint_format != "unit-scaled":
         assert 'LlamaForCausalLM.from_pretrained("user/tiny-llama")' in card
+    assert "s = rms(W), so rms(Ŵ) = 1" in card
+
+
+def test_model_card_says_when_scales_are_powers_of_two(tmp_path):
+    model = hf_unitscale.unit_scale(CASES_BY_ID["bert"].model().to(torch.bfloat16))
+    model.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "s a power of two, so Ŵ = W/s is exact" in card and "s = rms(W)" not in card
 
 
 def test_model_card_merges_into_existing_readme_and_is_refreshed(tmp_path):

@@ -1,6 +1,7 @@
 """unit_scale / merge_unit_scale: the converted model computes the same function (hf_unitscale/convert.py)."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -8,6 +9,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from hf_unitscale import UnitScaleConfig, is_unit_scaled, merge_unit_scale, unit_scale, unit_scaled_modules
+from hf_unitscale.convert import weight_scales
 from hf_unitscale.modules import UnitScaledEmbedding, UnitScaledMatmulMixin
 
 from tiny_models import CASES_BY_ID, TINY_CASES
@@ -93,6 +95,43 @@ def test_merge_restores_the_original_state_dict(case):
     assert not is_unit_scaled(model)
     assert type(model.get_input_embeddings()) is nn.Embedding
     assert "unit_scaling" not in model.config.to_dict()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
+def test_16bit_weights_convert_and_merge_bit_exactly(case, dtype):
+    """In a 16-bit float, W/rms(W) rounds a fraction of the weights by one ulp (one bf16 ulp is 0.4–0.8%), and s·Ŵ rounds
+    again; by default such weights get a power-of-two s, so Ŵ = W/s and the merged s·Ŵ are exact."""
+    model = case.model().to(dtype)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    unit_scale(model)
+    for name, module in unit_scaled_modules(model).items():
+        for weight_name in module.unit_scaled_weights:
+            scale, weight = module.scale_of(weight_name), getattr(module, weight_name).detach()
+            assert scale.dtype == torch.float32 and torch.equal(scale, torch.exp2(torch.log2(scale).round())), name
+            assert torch.equal(weight * scale.to(dtype), original[f"{name}.{weight_name}"]), name
+            if weight.any():
+                rms = weight.double().square().mean().sqrt().item()
+                assert 2**-0.5 <= rms <= 2**0.5, f"rms({name}.{weight_name}) = {rms}"
+    merge_unit_scale(model)
+    for name, tensor in original.items():
+        assert torch.equal(model.state_dict()[name], tensor), f"{name} changed"
+
+    rms_scaled = case.model().to(dtype)
+    merge_unit_scale(unit_scale(rms_scaled, UnitScaleConfig(power_of_two_scales=False)))
+    changed = sum(int((rms_scaled.state_dict()[k] != v).sum()) for k, v in original.items())
+    assert changed > 0.01 * sum(v.numel() for v in original.values() if v.is_floating_point())
+
+
+def test_fp32_weights_keep_s_equal_to_their_rms_unless_asked():
+    model, rounded = CASES_BY_ID["llama-untied"].model(), CASES_BY_ID["llama-untied"].model()
+    unit_scale(model)
+    unit_scale(rounded, UnitScaleConfig(power_of_two_scales=True))
+    assert_unit_rms(model)
+    scales = [float(m.weight_scale) for m in unit_scaled_modules(rounded).values()]
+    assert all(s == 2.0 ** round(math.log2(s)) for s in scales), scales
+    assert not all(s == 2.0 ** round(math.log2(s)) for s in map(float, weight_scales(model).values()))
+    assert rounded.config.unit_scaling["power_of_two_scales"] is True
 
 
 def test_converting_twice_is_a_noop_with_a_warning(caplog):
@@ -200,6 +239,15 @@ def test_real_minilm_keeps_its_function(minilm_path):
     assert_unit_rms(model)
     assert sum(p.numel() for p in model.parameters()) == count
     assert len(unit_scaled_modules(model)) == 6 * 6 + 3 + 1  # 6 linears per layer, 3 embeddings, pooler
+
+
+@pytest.mark.slow
+def test_real_minilm_in_bf16_converts_and_merges_bit_exactly(minilm_path):
+    model = AutoModel.from_pretrained(minilm_path, dtype=torch.bfloat16)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    merge_unit_scale(unit_scale(model))
+    for name, tensor in original.items():
+        assert torch.equal(model.state_dict()[name], tensor), f"{name} changed"
 
 
 @pytest.mark.slow

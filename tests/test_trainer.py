@@ -11,7 +11,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, Trainer, TrainingArguments
 
-from hf_unitscale import is_unit_scaled, unit_scale
+from hf_unitscale import UnitScaleConfig, is_unit_scaled, merge_unit_scale, unit_scale
 from hf_unitscale.arguments import UnitScaleTrainingArguments
 from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME
 from hf_unitscale.trainer import UnitScaleTrainer
@@ -98,6 +98,27 @@ def test_equivalent_rule_reproduces_plain_trainer(case_id, tmp_path):
         expected = plain.model.eval()(**batch).logits
         got = ours.model.eval()(**batch).logits
     assert _max_relative(got, expected) <= RTOL, f"outputs after training differ by {_max_relative(got, expected):.2e}"
+
+
+@pytest.mark.parametrize("case_id", ["gpt2", "bert", "llama-untied"])
+def test_power_of_two_scales_reproduce_plain_trainer_bit_for_bit(case_id, tmp_path):
+    """With s = 2^k every product by s, 1/s, s² (forward, backward, Adam's moments, eps·s, lr/s, clipping) is
+    exact in fp32, so the equivalent rule is plain AdamW to the last bit, not to rounding (RTOL above)."""
+    case = CASES_BY_ID[case_id]
+    data = _dataset(case_id)
+    plain = Trainer(model=case.model(), args=_args(tmp_path / "plain"), train_dataset=data)
+    plain.train()
+    converted = unit_scale(case.model(), UnitScaleConfig(power_of_two_scales=True))
+    ours = UnitScaleTrainer(model=converted, args=_args(tmp_path / "ours"), train_dataset=data)
+    ours.train()
+    plain_logs, our_logs = _train_logs(plain), _train_logs(ours)
+    assert [(log["loss"], log["grad_norm"]) for log in our_logs] == [
+        (log["loss"], log["grad_norm"]) for log in plain_logs
+    ]
+    assert sum(log["grad_norm"] > 0.5 for log in plain_logs) >= len(plain_logs) // 2  # clipping was exercised
+    merged = merge_unit_scale(ours.model).state_dict()
+    for name, tensor in plain.model.state_dict().items():
+        assert torch.equal(merged[name], tensor), f"{name} differs after training"
 
 
 @pytest.mark.slow
