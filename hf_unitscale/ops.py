@@ -15,9 +15,11 @@ takes exactly these per-tensor scales (backend "scaled_mm"); backend "simulate" 
 format and back and multiplies in the input's dtype, which runs everywhere.
 
 Without casts the three GEMMs are mathematically x @ Wᵀ + b, so the full-precision path is
-F.linear(s·x, Ŵ, b) when in ≤ out and s·F.linear(x, Ŵ) + b otherwise: one multiply over the
+F.linear(s·x, Ŵ, b) when in < out and s·F.linear(x, Ŵ, b/s) otherwise: one multiply over the
 smaller activation (a weight-sized multiply would re-allocate an LM head's 50k×d weight every
-step), autograd for the rest.
+step), autograd for the rest. The bias stays inside the GEMM, as in nn.Linear, so with a
+power-of-two s every rounding is the original layer's, scaled by a power of two: the output is
+bit for bit x @ Wᵀ + b.
 Embeddings: y = s · Ŵ[ids]; their lookups are not GEMMs and stay in the compute dtype.
 """
 
@@ -152,10 +154,9 @@ def scaled_linear(
     if precision is None:
         scale = weight_scale.to(x.dtype)
         out_features, in_features = weight.shape
-        if in_features <= out_features:
+        if in_features < out_features:
             return F.linear(x * scale, weight, bias)
-        out = F.linear(x, weight) * scale
-        return out if bias is None else out + bias
+        return F.linear(x, weight, None if bias is None else bias / scale) * scale
     out = _ScaledMatmul.apply(
         x.reshape(-1, x.shape[-1]), weight, weight_scale, input_scale, grad_scale, precision, counters
     )

@@ -223,20 +223,28 @@ def test_plain_torch_lstm_classifier_converts_and_stays_equivalent():
 
 
 @pytest.mark.slow
-def test_real_minilm_keeps_its_function(minilm_path):
+@pytest.mark.parametrize("power_of_two", [False, True], ids=["rms", "power-of-two"])
+def test_real_minilm_keeps_its_function(minilm_path, power_of_two):
     tokenizer = AutoTokenizer.from_pretrained(minilm_path)
     model = AutoModel.from_pretrained(minilm_path, dtype=torch.float32).eval()
     batch = tokenizer(
         ["A gripping, beautifully acted film.", "Dull and far too long."], padding=True, return_tensors="pt"
     )
+
+    def outputs():
+        out = model(**batch)
+        return torch.cat([out.last_hidden_state.flatten(), out.pooler_output.flatten()])
+
     with torch.no_grad():
-        expected = model(**batch).last_hidden_state
-    count = sum(p.numel() for p in model.parameters())
-    unit_scale(model)
-    with torch.no_grad():
-        actual = model(**batch).last_hidden_state
-    assert_same_function(expected, actual)
-    assert_unit_rms(model)
+        expected = outputs()
+        count = sum(p.numel() for p in model.parameters())
+        unit_scale(model, UnitScaleConfig(power_of_two_scales=power_of_two))
+        actual = outputs()
+    if power_of_two:  # every product with s = 2^k is exact, and the bias stays inside each GEMM
+        assert torch.equal(actual, expected)
+    else:
+        assert_same_function(expected, actual)
+        assert_unit_rms(model)
     assert sum(p.numel() for p in model.parameters()) == count
     assert len(unit_scaled_modules(model)) == 6 * 6 + 3 + 1  # 6 linears per layer, 3 embeddings, pooler
 
@@ -251,17 +259,30 @@ def test_real_minilm_in_bf16_converts_and_merges_bit_exactly(minilm_path):
 
 
 @pytest.mark.slow
-def test_real_smollm2_keeps_its_function(smollm2_path):
+@pytest.mark.parametrize("power_of_two", [False, True], ids=["rms", "power-of-two"])
+def test_real_smollm2_keeps_its_function(smollm2_path, power_of_two):
     tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32).eval()
     batch = tokenizer(["It is a truth universally acknowledged, that a single man"], return_tensors="pt")
-    with torch.no_grad():
-        expected = model(**batch).logits
-    unit_scale(model)
-    with torch.no_grad():
-        actual = model(**batch).logits
-    assert_same_function(expected, actual)
-    assert_unit_rms(model)
+    batch["labels"] = batch["input_ids"]
+
+    def logits_and_plain_grads():
+        model.zero_grad()
+        out = model(**batch)
+        out.loss.backward()
+        scales = weight_scales(model)  # g_W = g_Ŵ / s
+        return out.logits.detach(), {n: p.grad / scales.get(id(p), 1.0) for n, p in model.named_parameters()}
+
+    expected, expected_grads = logits_and_plain_grads()
+    unit_scale(model, UnitScaleConfig(power_of_two_scales=power_of_two))
+    actual, grads = logits_and_plain_grads()
+    if power_of_two:
+        assert torch.equal(actual, expected)
+        for name, grad in grads.items():
+            assert torch.equal(grad, expected_grads[name]), name
+    else:
+        assert_same_function(expected, actual)
+        assert_unit_rms(model)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     assert actual[0, -1].argmax() == expected[0, -1].argmax()
 

@@ -79,6 +79,18 @@ def _assert_same_trajectory(plain, ours, max_grad_norm):
         assert b["learning_rate"] == pytest.approx(a["learning_rate"], rel=1e-9, abs=1e-15)
 
 
+def _assert_bit_identical_run(plain, ours, max_grad_norm):
+    plain_logs, our_logs = _train_logs(plain), _train_logs(ours)
+    assert [(log["loss"], log["grad_norm"]) for log in our_logs] == [
+        (log["loss"], log["grad_norm"]) for log in plain_logs
+    ]
+    clipped = sum(log["grad_norm"] > max_grad_norm for log in plain_logs)
+    assert clipped >= len(plain_logs) // 2, f"clipping triggered on only {clipped}/{len(plain_logs)} steps"
+    merged = merge_unit_scale(ours.model).state_dict()
+    for name, tensor in plain.model.state_dict().items():
+        assert torch.equal(merged[name], tensor), f"{name} differs after training"
+
+
 def _max_relative(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max() / b.abs().max())
 
@@ -111,18 +123,12 @@ def test_power_of_two_scales_reproduce_plain_trainer_bit_for_bit(case_id, tmp_pa
     converted = unit_scale(case.model(), UnitScaleConfig(power_of_two_scales=True))
     ours = UnitScaleTrainer(model=converted, args=_args(tmp_path / "ours"), train_dataset=data)
     ours.train()
-    plain_logs, our_logs = _train_logs(plain), _train_logs(ours)
-    assert [(log["loss"], log["grad_norm"]) for log in our_logs] == [
-        (log["loss"], log["grad_norm"]) for log in plain_logs
-    ]
-    assert sum(log["grad_norm"] > 0.5 for log in plain_logs) >= len(plain_logs) // 2  # clipping was exercised
-    merged = merge_unit_scale(ours.model).state_dict()
-    for name, tensor in plain.model.state_dict().items():
-        assert torch.equal(merged[name], tensor), f"{name} differs after training"
+    _assert_bit_identical_run(plain, ours, max_grad_norm=0.5)
 
 
 @pytest.mark.slow
-def test_equivalent_rule_on_real_minilm(tmp_path, minilm_path):
+@pytest.mark.parametrize("power_of_two", [False, True], ids=["rms", "power-of-two"])
+def test_equivalent_rule_on_real_minilm(tmp_path, minilm_path, power_of_two):
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     from hf_unitscale.embedded import load_sentiment
@@ -142,8 +148,12 @@ def test_equivalent_rule_on_real_minilm(tmp_path, minilm_path):
     settings = dict(max_steps=10, per_device_train_batch_size=8, learning_rate=1e-4, warmup_steps=2, max_grad_norm=0.2)
     plain = Trainer(model=model(), args=_args(tmp_path / "plain", **settings), train_dataset=data)
     plain.train()
-    ours = UnitScaleTrainer(model=model(), args=_args(tmp_path / "ours", **settings), train_dataset=data)
+    converted = unit_scale(model(), UnitScaleConfig(power_of_two_scales=power_of_two))
+    ours = UnitScaleTrainer(model=converted, args=_args(tmp_path / "ours", **settings), train_dataset=data)
     ours.train()
+    if power_of_two:
+        _assert_bit_identical_run(plain, ours, max_grad_norm=0.2)
+        return
     _assert_same_trajectory(plain, ours, max_grad_norm=0.2)
     batch = {k: torch.tensor(data[:8][k]) for k in ("input_ids", "attention_mask", "token_type_ids")}
     with torch.no_grad():
