@@ -2,8 +2,8 @@
 
 For every converted layer (weight W = s·Ŵ, input x, output gradient g, static scales a, c):
 
-    rms(W) = s·rms(Ŵ)     the plain weight a naive FP8 cast sees      (s = rms(W) at conversion)
-    rms(Ŵ)                the unit-scaled weight, 1 at conversion
+    rms(W) = s·rms(Ŵ)     the plain weight a naive FP8 cast sees      (s = rms(W) at conversion, or a power of two)
+    rms(Ŵ)                the unit-scaled weight, 1 at conversion (within √2 of 1 for power-of-two s)
     rms(x), rms(g)        the layer input and output gradient with a = c = 1
     rms(x/a), rms(g/c)    the operands FP8 GEMMs see after calibration
     max|x/a|, max|g/c|    their largest elements: a static scale leaves 448/max|x/a| (E4M3) of headroom

@@ -1,6 +1,7 @@
 """The scaled matmul and embedding: all the math of a unit-scaled layer.
 
-A converted weight W is stored as a unit-RMS tensor Ŵ = W / s with s = rms(W) a stored scalar.
+A converted weight W is stored as a unit-scale tensor Ŵ = W / s with s a stored scalar: rms(W), or the power of
+two nearest it (`UnitScaleConfig.power_of_two_scales`).
 A linear layer with input x, output gradient g and static operand scales a (input) and c
 (output gradient), both 1 until calibrated, computes three GEMMs:
 

@@ -24,7 +24,8 @@ __all__ = ["CommandError", "build_parser", "main"]
 
 DESCRIPTION = """\
 Unit scaling for pretrained Hugging Face models: every weight W is stored as s·Ŵ with s = rms(W)
-and rms(Ŵ) = 1, the scale moved into the computation, the model's function unchanged.
+and rms(Ŵ) = 1 (s a power of two for 16-bit weights), the scale moved into the computation, the
+model's function unchanged.
 
 commands:
   convert   load a model (folder, Hub id or embedded:minilm / embedded:smollm2), unit-scale it and
