@@ -146,10 +146,13 @@ def main(argv=None):
     add_training_arguments(parser)
     parser.add_argument("--variant", default="ours", choices=RECALIBRATED, help="the unit-scaled variant to shift")
     parser.add_argument("--grid-shifts", "--grid_shifts", type=int, default=8, help="shifts m = 2^(k/N), k < N")
+    parser.add_argument(
+        "--first-seed", "--first_seed", type=int, default=0, help="run seeds first-seed … first-seed + seeds − 1"
+    )
     args, argv = parse_task_arguments(parser, argv)
     if args.grid_shifts < 2:
         parser.error(f"--grid-shifts must be at least 2 (k = 0 is the model as it stands), got {args.grid_shifts}")
-    args.seed_list = list(range(args.seeds))
+    args.seed_list = list(range(args.first_seed, args.first_seed + args.seeds))
     result = {"variant": args.variant, "grid_shifts": args.grid_shifts, "threads": torch.get_num_threads(), "tasks": {}}
     for task_key in args.tasks.split(","):
         start = time.perf_counter()
