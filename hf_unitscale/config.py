@@ -39,11 +39,11 @@ class UnitScaleConfig:
     power_of_two_scales: bool | None = field(
         default=None,
         metadata={
-            "help": "Round each s to the nearest power of two, so Ŵ = W/s and the merged W = s·Ŵ are exact and rms(Ŵ) "
-            "is within a factor √2 of 1. null: only for weights stored in 16-bit floats (bf16/fp16), where s = rms(W) "
-            "would round a fraction of the weights by one ulp (one bf16 ulp is 0.4–0.8%). Off for fp32 weights by default: "
-            "weights dequantized from a low-bit checkpoint keep their grid under a power of two, and the E4M3 forward "
-            "rounds some exactly half-way (see the README's FP8 section)."
+            "help": "Round each s to the nearest power of two, so Ŵ = W/s and the merged W = s·Ŵ are exact and "
+            "rms(Ŵ) is within a factor √2 of 1. null: only for weights stored in 16-bit floats (bf16/fp16), where "
+            "s = rms(W) would round a fraction of the weights by one ulp (one bf16 ulp is 0.4–0.8%). Off for fp32 "
+            "weights by default: weights dequantized from a low-bit checkpoint keep their grid under a power of two, "
+            "and the E4M3 forward rounds some exactly half-way (see the README's FP8 section)."
         },
     )
     forward_format: str | None = field(

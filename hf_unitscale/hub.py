@@ -333,8 +333,8 @@ def from_pretrained(
     """Load a unit-scaled model from a Hub repo id or a local folder, whatever its format.
 
     - `unit-scaled` checkpoint: builds the model from its config and loads Ŵ, s, a, c exactly.
-    - `merged` checkpoint: loads W with transformers, converts (measuring s as `unit_scale` does) and restores the
-      calibrated a, c of the `unit_scaling` block.
+    - `merged` checkpoint: loads W with transformers, converts (measuring s as `unit_scale` does) and
+      restores the calibrated a, c of the `unit_scaling` block.
     - plain checkpoint (no block): loads it and converts with `unit_scale_config` or the defaults.
 
     Args:

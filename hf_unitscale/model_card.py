@@ -41,7 +41,8 @@ _FORMAT_TEXT = {
     "merged": (
         "a plain transformers checkpoint (`model.safetensors`) holding the merged weights W = s·Ŵ. Any "
         "transformers install loads it and computes the same function; `hf_unitscale` re-measures s from W as "
-        "`unit_scale` does and restores the calibrated operand scales from the `unit_scaling` block of `config.json`."
+        "`unit_scale` does and restores the calibrated operand scales from the `unit_scaling` block of "
+        "`config.json`."
     ),
     "unit-scaled": (
         f"`{UNIT_SCALED_WEIGHTS_NAME}` (or shards of it with an index) holding the unit-scale weights Ŵ, "

@@ -55,6 +55,18 @@ def test_tiny_models_keep_their_function(case):
 
 
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
+def test_power_of_two_scales_keep_the_function_bit_for_bit_in_fp32_and_bf16_autocast(case):
+    """With s = 2^k, s·x, W/s and b/s are exact, and every GEMM rounds as the original's does, scaled by 2^k
+    (under autocast, bf16(s) = s too)."""
+    batch = case.batch()
+    original = case.model().eval()
+    converted = unit_scale(case.model().eval(), UnitScaleConfig(power_of_two_scales=True))
+    for autocast in (False, True):
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            assert torch.equal(converted(**batch).logits, original(**batch).logits), f"autocast={autocast}"
+
+
+@pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
 def test_every_weight_is_converted_and_ties_survive(case):
     model = case.model()
     unit_scale(model)
