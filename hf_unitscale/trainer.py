@@ -13,7 +13,10 @@ What it changes, and where:
 * `_clip_grad_norm` / `_get_grad_norm`: the norm is measured on plain gradients,
   ‖g‖² = Σ ‖g_Ŵ/s‖² + Σ ‖g_other‖², and every gradient is multiplied by the same factor
   min(1, max_grad_norm / (‖g‖ + 1e-6)) as `torch.nn.utils.clip_grad_norm_` would on the plain
-  model — so the update equals plain clipping. The logged `grad_norm` is that plain norm.
+  model — so the update equals plain clipping. The logged `grad_norm` is that plain norm. Each
+  ‖g_Ŵ‖ is taken, and divided by s, in its gradient's dtype, as `clip_grad_norm_` keeps it, so with
+  power-of-two scales (the default for bf16/fp16 weights) the norm and the clipping are plain's bit
+  for bit.
 * `log`: `learning_rate` is the schedule's lr η·f(t) (not the first group's), plus `lr/<role>`
   entries — the lr on W = s·Ŵ under `equivalent` (one value per role, or its min and max), the
   lr of every group under `umup`/`mup`.
@@ -254,9 +257,9 @@ class UnitScaleTrainer(Trainer):
             torch._foreach_mul_(grads, [scales.get(id(p), 1.0) for p in params])
             return norm
         self.accelerator.unscale_gradients()  # fp16 loss scaling; a no-op otherwise
-        norms = torch.stack([n.float() for n in torch._foreach_norm(grads)])
-        inverse = torch.tensor([1.0 / scales.get(id(p), 1.0) for p in params], device=norms.device)
-        total = torch.linalg.vector_norm(norms * inverse)
+        # clip_grad_norm_'s own steps on ‖g_W‖ = ‖g_Ŵ‖/s, each norm in its gradient's dtype as torch keeps it
+        norms = torch._foreach_mul(torch._foreach_norm(grads), [1.0 / scales.get(id(p), 1.0) for p in params])
+        total = torch.nn.utils.get_total_norm(norms)
         if math.isfinite(max_norm):
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
         return total

@@ -112,15 +112,18 @@ def test_equivalent_rule_reproduces_plain_trainer(case_id, tmp_path):
     assert _max_relative(got, expected) <= RTOL, f"outputs after training differ by {_max_relative(got, expected):.2e}"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case_id", ["gpt2", "bert", "llama-untied"])
-def test_power_of_two_scales_reproduce_plain_trainer_bit_for_bit(case_id, tmp_path):
+def test_power_of_two_scales_reproduce_plain_trainer_bit_for_bit(case_id, dtype, tmp_path):
     """With s = 2^k every product by s, 1/s, s² (forward, backward, Adam's moments, eps·s, lr/s, clipping) is
-    exact in fp32, so the equivalent rule is plain AdamW to the last bit, not to rounding (RTOL above)."""
+    exact, so the equivalent rule is plain AdamW to the last bit, not to rounding (RTOL above). bf16 weights
+    get power-of-two scales by default; their gradient norms are bf16, as in torch's clip_grad_norm_."""
     case = CASES_BY_ID[case_id]
     data = _dataset(case_id)
-    plain = Trainer(model=case.model(), args=_args(tmp_path / "plain"), train_dataset=data)
+    plain = Trainer(model=case.model().to(dtype), args=_args(tmp_path / "plain"), train_dataset=data)
     plain.train()
-    converted = unit_scale(case.model(), UnitScaleConfig(power_of_two_scales=True))
+    config = UnitScaleConfig(power_of_two_scales=True if dtype == torch.float32 else None)
+    converted = unit_scale(case.model().to(dtype), config)
     ours = UnitScaleTrainer(model=converted, args=_args(tmp_path / "ours"), train_dataset=data)
     ours.train()
     _assert_bit_identical_run(plain, ours, max_grad_norm=0.5)
