@@ -112,8 +112,8 @@ def test_merge_restores_the_original_state_dict(case):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
 def test_16bit_weights_convert_and_merge_bit_exactly(case, dtype):
-    """In a 16-bit float, W/rms(W) rounds a fraction of the weights by one ulp (one bf16 ulp is 0.4–0.8%), and s·Ŵ rounds
-    again; by default such weights get a power-of-two s, so Ŵ = W/s and the merged s·Ŵ are exact."""
+    """In a 16-bit float, W/rms(W) rounds a fraction of the weights by one ulp (one bf16 ulp is 0.4–0.8%), and
+    s·Ŵ rounds again; by default such weights get a power-of-two s, so Ŵ = W/s and the merged s·Ŵ are exact."""
     model = case.model().to(dtype)
     original = {k: v.clone() for k, v in model.state_dict().items()}
     unit_scale(model)
