@@ -245,9 +245,9 @@ class UnitScaleTrainer(Trainer):
         grads = [p.grad for p in params]
         if not grads:
             return torch.zeros(())
+        inverse = [1.0 / scales.get(id(p), 1.0) for p in params]
         if self.is_fsdp_enabled or any(type(g) is not torch.Tensor for g in grads):
             # DTensor / sharded gradients: turn them into plain gradients, let accelerate clip, turn back
-            inverse = [1.0 / scales.get(id(p), 1.0) for p in params]
             torch._foreach_mul_(grads, inverse)
             norm = (
                 super()._clip_grad_norm(model)
@@ -258,7 +258,7 @@ class UnitScaleTrainer(Trainer):
             return norm
         self.accelerator.unscale_gradients()  # fp16 loss scaling; a no-op otherwise
         # clip_grad_norm_'s own steps on ‖g_W‖ = ‖g_Ŵ‖/s, each norm in its gradient's dtype as torch keeps it
-        norms = torch._foreach_mul(torch._foreach_norm(grads), [1.0 / scales.get(id(p), 1.0) for p in params])
+        norms = torch._foreach_mul(torch._foreach_norm(grads), inverse)
         total = torch.nn.utils.get_total_norm(norms)
         if math.isfinite(max_norm):
             torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)

@@ -13,8 +13,9 @@ def convert_command_parser(subparsers: argparse._SubParsersAction) -> argparse.A
         help="unit-scale a model and save it (unit-scaled or merged format)",
         description="Load a model (any checkpoint format), unit-scale it (s = rms(W), a power of two for 16-bit "
         "weights; Ŵ = W/s; the function is unchanged) and save it. `unit-scaled` stores Ŵ, s and the operand scales "
-        "a, c exactly (Ŵ may be stored in bf16 or FP8 since it has unit scale); `merged` stores a plain transformers checkpoint W = s·Ŵ with the "
-        "scales recorded in config.json. Load either with `hf_unitscale.from_pretrained`.",
+        "a, c exactly (Ŵ may be stored in bf16 or FP8 since it has unit scale); `merged` stores a plain "
+        "transformers checkpoint W = s·Ŵ with the scales recorded in config.json. Load either with "
+        "`hf_unitscale.from_pretrained`.",
     )
     parser.add_argument("model", help="model folder, Hub id, or embedded:minilm / embedded:smollm2")
     parser.add_argument("output_dir", help="folder to write the converted checkpoint to")
