@@ -130,8 +130,14 @@ def test_power_of_two_scales_reproduce_plain_trainer_bit_for_bit(case_id, dtype,
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("power_of_two", [False, True], ids=["rms", "power-of-two"])
-def test_equivalent_rule_on_real_minilm(tmp_path, minilm_path, power_of_two):
+@pytest.mark.parametrize(
+    ("dtype", "power_of_two"),
+    [(torch.float32, False), (torch.float32, True), (torch.bfloat16, None)],
+    ids=["fp32-rms", "fp32-power-of-two", "bf16-default"],
+)
+def test_equivalent_rule_on_real_minilm(tmp_path, minilm_path, dtype, power_of_two):
+    """rms(W) scales follow plain AdamW to rounding; power-of-two scales (asked for in fp32, the default for bf16
+    weights) follow it bit for bit."""
     from transformers import AutoTokenizer, BertForSequenceClassification
 
     from hf_unitscale.embedded import load_sentiment
@@ -146,7 +152,7 @@ def test_equivalent_rule_on_real_minilm(tmp_path, minilm_path, power_of_two):
 
     def model():
         torch.manual_seed(0)  # the new classifier head
-        return BertForSequenceClassification.from_pretrained(minilm_path, num_labels=2)
+        return BertForSequenceClassification.from_pretrained(minilm_path, num_labels=2, dtype=dtype)
 
     settings = dict(max_steps=10, per_device_train_batch_size=8, learning_rate=1e-4, warmup_steps=2, max_grad_norm=0.2)
     plain = Trainer(model=model(), args=_args(tmp_path / "plain", **settings), train_dataset=data)
@@ -154,7 +160,7 @@ def test_equivalent_rule_on_real_minilm(tmp_path, minilm_path, power_of_two):
     converted = unit_scale(model(), UnitScaleConfig(power_of_two_scales=power_of_two))
     ours = UnitScaleTrainer(model=converted, args=_args(tmp_path / "ours", **settings), train_dataset=data)
     ours.train()
-    if power_of_two:
+    if power_of_two is not False:
         _assert_bit_identical_run(plain, ours, max_grad_norm=0.2)
         return
     _assert_same_trajectory(plain, ours, max_grad_norm=0.2)
