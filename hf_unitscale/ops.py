@@ -26,6 +26,7 @@ Embeddings: y = s · Ŵ[ids]; their lookups are not GEMMs and stay in the comput
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -91,6 +92,30 @@ def _pad_to_alignment(t: torch.Tensor, dim: int) -> torch.Tensor:
     return F.pad(t, pad)
 
 
+@functools.cache
+def scaled_mm_runs_on(device: torch.device) -> bool:
+    """Whether this torch has a `torch._scaled_mm` kernel for `device`: CPU has one in torch 2.13, none in 2.6;
+    CUDA needs compute capability 8.9 or higher. Probed once per device with a 16 × 16 E4M3 GEMM."""
+    square = torch.zeros(16, 16, device=device).to(torch.float8_e4m3fn)
+    one = torch.ones((), device=device)
+    try:
+        torch._scaled_mm(square, square.t(), one, one, out_dtype=torch.float32)
+    except (NotImplementedError, RuntimeError):
+        return False
+    return True
+
+
+def _check_scaled_mm_runs_on(device: torch.device) -> None:
+    if torch.compiler.is_compiling() or scaled_mm_runs_on(device):
+        return
+    raise NotImplementedError(
+        f"backend='scaled_mm' needs a torch._scaled_mm kernel for {device}, and torch {torch.__version__} has none "
+        "there (CPU has one in torch 2.13, none in 2.6; CUDA needs compute capability 8.9 or higher). Use "
+        "backend='simulate' (`set_precision(..., backend='simulate')`), which applies the same casts and scales "
+        "around a full-precision matmul, or move the model to a device that has the kernel."
+    )
+
+
 def _gemm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
     """scale · (a @ b) for a (M × K), b (K × N), possibly in a low-precision dtype; result in `out_dtype`.
 
@@ -99,6 +124,7 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, out_dtype: torc
     token count, which no batch shape guarantees.
     """
     if backend == "scaled_mm":
+        _check_scaled_mm_runs_on(a.device)
         n = b.shape[1]
         a = _pad_to_alignment(a, 1).contiguous()  # row-major
         b = _pad_to_alignment(_pad_to_alignment(b, 0), 1).t().contiguous().t()  # column-major

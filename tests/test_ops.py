@@ -5,7 +5,14 @@ import torch
 import torch.nn.functional as F
 
 from hf_unitscale.formats import FORMATS
-from hf_unitscale.ops import MatmulPrecision, OperandCounters, rms, scaled_embedding, scaled_linear
+from hf_unitscale.ops import (
+    MatmulPrecision,
+    OperandCounters,
+    rms,
+    scaled_embedding,
+    scaled_linear,
+    scaled_mm_runs_on,
+)
 
 E4M3, E5M2 = FORMATS["e4m3"], FORMATS["e5m2"]
 
@@ -112,6 +119,7 @@ SCALED_MM_TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2**-7}
 @pytest.fixture
 def scaled_mm_checked_as_on_cuda(monkeypatch):
     """torch._scaled_mm with CUDA's shape checks, which CPU skips: K and N of (M × K) @ (K × N) multiples of 16."""
+    scaled_mm_runs_on(torch.device("cpu"))  # probe (cached) before the patch, so only the layer's GEMMs are recorded
     real = torch._scaled_mm
     shapes = []
 
@@ -126,6 +134,9 @@ def scaled_mm_checked_as_on_cuda(monkeypatch):
     return shapes
 
 
+@pytest.mark.skipif(
+    not scaled_mm_runs_on(torch.device("cpu")), reason=f"torch {torch.__version__} has no CPU torch._scaled_mm kernel"
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("backward", [E5M2, E4M3], ids=["hybrid", "e4m3"])
 @pytest.mark.parametrize(
@@ -152,6 +163,23 @@ def test_scaled_mm_and_simulate_agree(dtype, backward, tokens, in_features, out_
         error = _rel(mm.float(), sim.float())
         assert error <= SCALED_MM_TOLERANCE[dtype], f"{name}: scaled_mm vs simulate relative error {error}"
     assert len(scaled_mm_checked_as_on_cuda) == 3  # forward, grad-input, grad-weight
+
+
+def test_scaled_mm_without_a_kernel_names_the_device_and_simulate(monkeypatch):
+    """Where torch has no _scaled_mm kernel (CPU in torch 2.6), the first GEMM says so and points to `simulate`."""
+
+    def no_kernel(*args, **kwargs):
+        raise NotImplementedError("Could not run 'aten::_scaled_mm' with arguments from the 'CPU' backend.")
+
+    monkeypatch.setattr(torch, "_scaled_mm", no_kernel)
+    scaled_mm_runs_on.cache_clear()
+    try:
+        assert not scaled_mm_runs_on(torch.device("cpu"))
+        x, w_hat, bias, s, a, c, _ = _operands()
+        with pytest.raises(NotImplementedError, match=r"backend='scaled_mm'.*for cpu.*backend='simulate'"):
+            scaled_linear(x, w_hat, bias, s, a, c, MatmulPrecision(E4M3, E5M2, "scaled_mm"))
+    finally:
+        scaled_mm_runs_on.cache_clear()  # the real kernel's answer for the tests that follow
 
 
 def test_scaled_mm_needs_fp8_formats():
