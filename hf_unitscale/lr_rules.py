@@ -47,6 +47,7 @@ trainable parameter exactly once.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -108,7 +109,9 @@ def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
         return 0
     if isinstance(module, Conv1D):  # weight stored (in, out)
         return int(param.shape[0])
-    return int(param[0].numel())  # Linear (out, in), Conv (out, in/groups, *kernel), LSTM (4h, in)
+    # Linear (out, in), Conv (out, in/groups, *kernel), LSTM (4h, in); from the shape, as torch 2.6's DTensor
+    # (an FSDP2-sharded parameter) has no sharding rule for indexing
+    return math.prod(param.shape[1:])
 
 
 def _num_layers(model: nn.Module) -> int | None:
