@@ -28,7 +28,11 @@ class UnitScaleConfig:
 
     exclude_modules: list[str] = field(
         default_factory=list,
-        metadata={"help": "Regular expressions over module names (re.fullmatch) of modules to leave unconverted."},
+        metadata={
+            "help": "Regular expressions over module names (re.fullmatch) of modules to leave unconverted, with "
+            "everything inside them (`bert.pooler` excludes `bert.pooler.dense`). A pattern matching no module is an "
+            "error. A weight tied across the boundary (an excluded `lm_head` tied to a converted embedding) is too."
+        },
     )
     convert_other_modules: bool = field(
         default=True,
@@ -82,6 +86,8 @@ class UnitScaleConfig:
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
         for option in ("exclude_modules", "full_precision_modules"):
+            if isinstance(getattr(self, option), str):  # one regex, as peft's `target_modules` takes it
+                setattr(self, option, [getattr(self, option)])
             for pattern in getattr(self, option) or ():
                 try:
                     re.compile(pattern)

@@ -14,6 +14,7 @@ converted (GPT-2's `lm_head` and `wte`) is divided once; its second layer gets i
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
@@ -118,11 +119,58 @@ def _other_weights(module: nn.Module) -> tuple[str, ...]:
     return tuple(name for name, p in module.named_parameters(recurse=False) if p.dim() >= 2)
 
 
+def _excluded_names(model: nn.Module, config: UnitScaleConfig) -> set[str]:
+    """Names of the modules `config.exclude_modules` leaves unconverted: those a pattern matches (re.fullmatch) and
+    everything inside them; an error names a pattern that matches no module."""
+    names = [name for name, _ in model.named_modules()]
+    for pattern in config.exclude_modules:
+        if not any(re.fullmatch(pattern, name) for name in names):
+            raise ValueError(
+                f"`exclude_modules` entry {pattern!r} matches no module of {type(model).__name__} (e.g. "
+                f"{names[-1]!r}); it is a regex over module names (re.fullmatch)."
+            )
+    excluded = {name for name in names if config.is_excluded(name)}
+    return {name for name in names if any(name == top or name.startswith(top + ".") for top in excluded)}
+
+
+def _read_directly(model: nn.Module) -> set[int]:
+    """ids of modules whose weights an enclosing module reads directly instead of calling them: a class swap there
+    would never multiply s back in. `nn.MultiheadAttention` reads `out_proj.weight`; `nn.TransformerEncoderLayer`'s
+    inference fast path reads every weight inside it. They stay unconverted (MHA's own `in_proj_weight` is)."""
+    skipped = set()
+    for module in model.modules():
+        if isinstance(module, nn.TransformerEncoderLayer):
+            skipped.update(id(inner) for inner in module.modules())
+        elif isinstance(module, nn.MultiheadAttention):
+            skipped.update(id(inner) for inner in module.modules() if inner is not module)
+    return skipped
+
+
+def _check_ties_stay_inside(model: nn.Module, plan: list[tuple[str, nn.Module, type, tuple[str, ...]]]) -> None:
+    """A weight shared by a module to convert and one that stays (excluded, or not convertible) would be divided
+    by s for one and read as W by the other: refuse, naming both."""
+    converted = {
+        id(getattr(module, weight)): f"{name}.{weight}" for name, module, _, weights in plan for weight in weights
+    }
+    planned = {id(module) for _, module, _, _ in plan}
+    for name, module in model.named_modules():
+        if id(module) in planned:
+            continue
+        for weight, param in module.named_parameters(recurse=False):
+            if id(param) in converted:
+                raise ValueError(
+                    f"`{name}.{weight}` stays unconverted but is tied to `{converted[id(param)]}`, which would become "
+                    "s·Ŵ: both read one Parameter, so one of them would compute with Ŵ. Convert both or neither "
+                    "(adjust `exclude_modules`)."
+                )
+
+
 def _conversion_plan(model: nn.Module, config: UnitScaleConfig) -> list[tuple[str, nn.Module, type, tuple[str, ...]]]:
     """(name, module, unit-scaled class, weight names) for every module to convert."""
+    excluded, read_directly = _excluded_names(model, config), _read_directly(model)
     plan = []
     for name, module in model.named_modules():
-        if isinstance(module, UnitScaledModuleMixin) or config.is_excluded(name):
+        if isinstance(module, UnitScaledModuleMixin) or name in excluded or id(module) in read_directly:
             continue
         base = type(module)
         if base in MATMUL_CLASSES:
@@ -131,6 +179,7 @@ def _conversion_plan(model: nn.Module, config: UnitScaleConfig) -> list[tuple[st
             plan.append((name, module, EMBEDDING_CLASSES[base], ("weight",)))
         elif config.convert_other_modules and (weights := _other_weights(module)):
             plan.append((name, module, generic_unit_scaled_class(base), weights))
+    _check_ties_stay_inside(model, plan)
     return plan
 
 

@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -201,6 +202,68 @@ def test_exclude_modules_leaves_them_plain():
     assert type(model.classifier) is nn.Linear
     assert type(model.bert.encoder.layer[0].attention.self.query) is nn.Linear
     assert isinstance(model.bert.encoder.layer[0].attention.self.key, UnitScaledMatmulMixin)
+
+
+def test_excluding_a_module_excludes_what_is_inside_it():
+    model = unit_scale(CASES_BY_ID["bert"].model(), UnitScaleConfig(exclude_modules="bert.pooler"))  # one regex
+    assert type(model.bert.pooler.dense) is nn.Linear
+    assert isinstance(model.bert.encoder.layer[0].attention.self.key, UnitScaledMatmulMixin)
+
+
+def test_an_exclude_pattern_matching_no_module_is_an_error():
+    model = CASES_BY_ID["bert"].model()
+    with pytest.raises(ValueError, match=r"`exclude_modules` entry 'bert.poolr' matches no module of Bert"):
+        unit_scale(model, UnitScaleConfig(exclude_modules=["bert.poolr"]))
+    assert not is_unit_scaled(model)
+
+
+@pytest.mark.parametrize(
+    ("case_id", "excluded", "kept", "tied_to"),
+    [
+        ("gpt2", "lm_head", "lm_head.weight", "transformer.wte.weight"),
+        ("llama-tied", r"model\.embed_tokens", "model.embed_tokens.weight", "lm_head.weight"),
+    ],
+)
+def test_excluding_one_side_of_a_tied_weight_is_an_error(case_id, excluded, kept, tied_to):
+    # one Parameter: converting one side would divide it by s and leave the other computing with Ŵ
+    model = CASES_BY_ID[case_id].model()
+    batch = CASES_BY_ID[case_id].batch()
+    with torch.no_grad():
+        expected = model(**batch).logits
+    with pytest.raises(
+        ValueError, match=rf"`{re.escape(kept)}` stays unconverted but is tied to `{re.escape(tied_to)}`"
+    ):
+        unit_scale(model, UnitScaleConfig(exclude_modules=[excluded]))
+    assert not is_unit_scaled(model)
+    with torch.no_grad():
+        assert torch.equal(model(**batch).logits, expected)
+
+
+class AttentionStack(nn.Module):
+    """torch's own attention modules, whose forward reads submodule weights directly (MHA's `out_proj.weight`,
+    the encoder layer's inference fast path)."""
+
+    def __init__(self):
+        super().__init__()
+        self.attention = nn.MultiheadAttention(16, 2, batch_first=True)
+        self.encoder_layer = nn.TransformerEncoderLayer(16, 2, 32, batch_first=True)
+
+    def forward(self, x):
+        return self.encoder_layer(self.attention(x, x, x)[0])
+
+
+@pytest.mark.parametrize("grad", [True, False], ids=["autograd", "no-grad-fast-path"])
+def test_torch_attention_modules_keep_their_function(grad):
+    torch.manual_seed(0)
+    model = AttentionStack().eval()
+    x = torch.randn(2, 5, 16)
+    with torch.set_grad_enabled(grad):
+        expected = model(x)
+        unit_scale(model)
+        actual = model(x)
+    assert_same_function(expected, actual)
+    assert list(unit_scaled_modules(model)) == ["attention"]  # its in_proj_weight; out_proj and the layer stay
+    assert model.attention.unit_scaled_weights == ("in_proj_weight",)
 
 
 class LSTMClassifier(nn.Module):
