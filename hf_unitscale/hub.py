@@ -23,7 +23,7 @@ import transformers
 from huggingface_hub import CommitInfo, HfApi
 from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
-from transformers import AutoConfig, CompressedTensorsConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, CompressedTensorsConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.utils import logging
 
@@ -53,10 +53,16 @@ logger = logging.get_logger(__name__)
 
 # keys of the config block that describe a saved checkpoint rather than conversion options
 _CHECKPOINT_KEYS = ("checkpoint_format", "weight_dtype", "embedding_dtype", "operand_scales", "hf_unitscale_version")
+_UPLOAD_KWARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
-# weight files a push replaces: a stale model.safetensors next to a unit-scaled checkpoint would be
-# loaded by plain transformers as if it were the model
-_WEIGHT_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.bin", "*.bin.index.json", "*.pt", "*.pth"]
+# the top-level model weight files of every format (one file, shards, index) that a save or push replaces: a stale
+# model.safetensors next to a unit-scaled checkpoint would be loaded by plain transformers as if it were the model.
+# Only these names: optimizer states, training arguments, adapters and subfolders (Trainer's checkpoints) stay.
+_WEIGHT_PATTERNS = [
+    pattern
+    for stem, extension in (("model", ".safetensors"), ("pytorch_model", ".bin"), ("unit_scaled_model", ".safetensors"))
+    for pattern in (f"{stem}{extension}", f"{stem}-*-of-*{extension}", f"{stem}{extension}.index.json")
+]
 _DEFAULT_WEIGHT_DTYPE = {"merged": None, "unit-scaled": "float32", "compressed-tensors": "e4m3"}
 
 
@@ -104,7 +110,7 @@ def save_pretrained(
     if embedding_dtype is not None and checkpoint_format != "unit-scaled":
         raise ValueError(f"`embedding_dtype` applies to the unit-scaled format only, got {checkpoint_format!r}.")
     push = kwargs.pop("push_to_hub", False)
-    upload_kwargs = {k: kwargs.pop(k) for k in ("commit_message", "private", "token", "create_pr") if k in kwargs}
+    upload_kwargs = {k: kwargs.pop(k) for k in _UPLOAD_KWARGS if k in kwargs}
     if push:
         repo_id = repo_id or str(save_directory).rstrip("/").split("/")[-1]
     max_shard_size = kwargs.pop("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
@@ -197,9 +203,10 @@ def _write_config(
 ) -> None:
     """config.json with `block` as its `unit_scaling` entry (and `extra` entries), leaving model.config as it was."""
     config = model.config
-    saved = {name: getattr(config, name, None) for name in (CONFIG_KEY, "architectures", *extra)}
+    saved = {name: getattr(config, name, None) for name in (CONFIG_KEY, "architectures", "dtype", *extra)}
     try:
         setattr(config, CONFIG_KEY, block)
+        config.dtype = str(model.dtype).removeprefix("torch.")  # the dtype `from_pretrained` rebuilds the model in
         # under FSDP2 the class is `FSDP<Model>`; transformers strips the prefix the same way
         config.architectures = [type(model).__name__.removeprefix("FSDP")]
         for name, value in extra.items():
@@ -340,7 +347,9 @@ def from_pretrained(
     Args:
         model_class: the transformers class or Auto class to load with; defaults to the class
             named in `config.architectures`.
-        kwargs: passed to `from_pretrained` of that class (`dtype`, `token`, `revision`, …).
+        kwargs: passed to `from_pretrained` of that class (`dtype`, `token`, `revision`, …). A unit-scaled
+            checkpoint is built from its config instead, in the dtype it was saved in unless `dtype` says
+            otherwise; it takes `dtype`, `attn_implementation` and the Hub arguments, and names any other.
     """
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
@@ -372,15 +381,25 @@ def from_pretrained(
         unit_scale(model, unit_scale_config)
         set_operand_scales(model, stored_scales)
         return model
+    unused = sorted(set(kwargs) - {*_HUB_KWARGS, "dtype", "torch_dtype", "attn_implementation"})
+    if unused:
+        raise TypeError(
+            f"from_pretrained() got argument(s) {unused} that a unit-scaled checkpoint does not take: it builds the "
+            "model from its config and loads Ŵ, s, a, c exactly. It takes `dtype`, `attn_implementation` and "
+            f"{list(_HUB_KWARGS)}; move the model with `.to(device)` afterwards."
+        )
     # before `_convert` replaces the block with its conversion options
     weight_dtype, embedding_dtype = read_weight_dtype(config.to_dict()), read_embedding_dtype(config.to_dict())
-    dtype = kwargs.get("dtype", kwargs.get("torch_dtype", getattr(config, "dtype", None) or torch.float32))
+    dtype = kwargs.get("dtype", kwargs.get("torch_dtype", "auto"))
+    if dtype == "auto":  # the dtype the model was saved in
+        dtype = getattr(config, "dtype", None) or torch.float32
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    build_kwargs = {"dtype": dtype, "attn_implementation": kwargs.get("attn_implementation")}
     with no_init_weights():
         if isinstance(cls, type) and issubclass(cls, PreTrainedModel):
-            model = cls._from_config(config, dtype=dtype)
+            model = cls._from_config(config, **build_kwargs)
         else:  # an Auto class
-            model = cls.from_config(config, dtype=dtype)
+            model = cls.from_config(config, **build_kwargs)
     model.tie_weights()  # before converting: a tied weight is one Parameter, saved once
     _convert(model, unit_scale_config, measure=False)
     load_unit_scaled_state_dict(
@@ -390,6 +409,11 @@ def from_pretrained(
         weight_dtype=weight_dtype,
         embedding_dtype=embedding_dtype,
     )
+    if model.can_generate():
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        except OSError:  # no generation_config.json: the one derived from config.json stays
+            pass
     return model.eval()
 
 

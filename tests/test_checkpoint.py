@@ -392,14 +392,21 @@ def test_fp8_storage_minilm_size_and_probe_loss(tmp_path):
 
 def test_saving_another_format_into_a_folder_removes_stale_weights(tmp_path):
     model = _converted(CASES_BY_ID["llama-tied"])
+    # what a Trainer checkpoint or an adapter keeps beside the weights: not ours to delete
+    others = ["optimizer.pt", "scheduler.pt", "training_args.bin", "adapter_model.safetensors", "run/model.safetensors"]
+    for name in others:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).write_bytes(b"kept")
     model.save_pretrained(tmp_path, max_shard_size="20KB")  # sharded merged: model-0000x-of-0000y.safetensors
     assert (tmp_path / "model.safetensors.index.json").exists()
     model.save_pretrained(tmp_path, checkpoint_format="unit-scaled")
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == [UNIT_SCALED_WEIGHTS_NAME]
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors*") if p.name not in others) == [UNIT_SCALED_WEIGHTS_NAME]
     with pytest.raises(OSError, match="model.safetensors"):
         transformers.LlamaForCausalLM.from_pretrained(tmp_path)
     model.save_pretrained(tmp_path)
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors*")) == ["model.safetensors"]
+    weights = sorted(p.name for p in tmp_path.glob("*.safetensors*") if p.name not in others)
+    assert weights == ["model.safetensors"]
+    assert all((tmp_path / name).read_bytes() == b"kept" for name in others)
 
 
 # ---- sharding: past `max_shard_size` the weights are split as transformers splits them ----
@@ -443,3 +450,22 @@ def test_unit_scaled_save_refuses_arguments_it_would_ignore(tmp_path):
     with pytest.raises(TypeError, match=r"\['variant'\].*unit-scaled format does not use"):
         model.save_pretrained(tmp_path, checkpoint_format="unit-scaled", variant="ema")
     assert not list(tmp_path.glob("*.safetensors"))
+
+
+def test_unit_scaled_load_keeps_dtype_attention_and_generation_config(tmp_path):
+    model = _converted(CASES_BY_ID["llama-tied"])
+    model.config.dtype = torch.bfloat16  # as after loading a bf16 checkpoint and calling .float()
+    model.generation_config.max_new_tokens, model.generation_config.do_sample = 7, True
+    model.save_pretrained(tmp_path, checkpoint_format="unit-scaled")
+    for dtype in ({}, {"dtype": "auto"}):  # the dtype the model was saved in: fp32
+        loaded = hf_unitscale.from_pretrained(tmp_path, **dtype)
+        assert loaded.dtype == torch.float32
+        assert all(torch.equal(loaded.state_dict()[k], v) for k, v in model.state_dict().items())
+    assert (loaded.generation_config.max_new_tokens, loaded.generation_config.do_sample) == (7, True)
+    assert hf_unitscale.from_pretrained(tmp_path, dtype=torch.bfloat16).dtype == torch.bfloat16
+    eager = hf_unitscale.from_pretrained(tmp_path, attn_implementation="eager")
+    assert eager.config._attn_implementation == "eager"
+    with pytest.raises(
+        TypeError, match=r"\['device_map'\] that a unit-scaled checkpoint does not take.*\.to\(device\)"
+    ):
+        hf_unitscale.from_pretrained(tmp_path, device_map="cpu")

@@ -109,10 +109,15 @@ def test_plain_transformers_loads_merged_push_and_refuses_unit_scaled(local_hub)
     torch.testing.assert_close(_logits(plain, batch), _logits(model, batch), rtol=1e-6, atol=1e-7)
     assert 'BertForSequenceClassification.from_pretrained("user/bert")' in _card("user/bert")
 
+    # files a Trainer pushes beside the weights (`hub_strategy="checkpoint"`) are not ours to delete
+    others = ["training_args.bin", "last-checkpoint/optimizer.pt", "last-checkpoint/model.safetensors"]
+    for name in others:
+        HfApi().upload_file(path_or_fileobj=b"kept", path_in_repo=name, repo_id="user/bert")
     # the same repo re-pushed unit-scaled: the stale merged weights are deleted in the same commit, so plain
     # transformers fails loudly instead of loading the old W
     model.push_to_hub("user/bert", checkpoint_format="unit-scaled", weight_dtype="bfloat16")
     assert "model.safetensors" not in local_hub.repo_files("user/bert")
+    assert set(others) <= set(local_hub.repo_files("user/bert"))
     with pytest.raises(OSError, match="model.safetensors"):
         transformers.BertForSequenceClassification.from_pretrained("user/bert", force_download=True)
     card = _card("user/bert")
@@ -146,6 +151,9 @@ def test_save_pretrained_push_to_hub_flag(local_hub, tmp_path):
     model, batch = _converted("distilbert")
     model.save_pretrained(tmp_path / "out", checkpoint_format="unit-scaled", push_to_hub=True, repo_id="user/distil")
     assert UNIT_SCALED_WEIGHTS_NAME in local_hub.repo_files("user/distil")
+    model.save_pretrained(tmp_path / "merged", push_to_hub=True, repo_id="user/distil", revision="merged")
+    assert "model.safetensors" in local_hub.repo_files("user/distil", revision="merged")
+    assert UNIT_SCALED_WEIGHTS_NAME in local_hub.repo_files("user/distil")  # main as it was
     torch.testing.assert_close(
         _logits(hf_unitscale.from_pretrained("user/distil"), batch), _logits(model, batch), rtol=0, atol=0
     )
