@@ -5,7 +5,9 @@ What it changes, and where:
 * `__init__` / `call_model_init`: converts an unconverted model with `unit_scale` and records
   the lr rule in `model.config.unit_scaling["lr_rule"]`.
 * `create_optimizer`: the named per-group learning rates of `lr_rules.build_param_groups`
-  (AdamW-family optimizers only: they take per-group lr, eps and decoupled weight_decay).
+  (AdamW-family optimizers only: they take per-group lr, eps and decoupled weight_decay). η, ε and the
+  decay are read as Trainer reads them: from `optim` and the arguments, or from `optimizer_cls_and_kwargs`
+  (the class's own lr and eps defaults where the kwargs give none; decay always `args.weight_decay`).
   The optimizer's `defaults["lr"]` stays η, so schedules that divide by it (`min_lr` of
   `cosine_with_min_lr`, `lr_end` of `polynomial`) give every group its own lr times the plain
   schedule factor; schedules that set absolute per-group lrs (`reduce_lr_on_plateau` with a
@@ -33,6 +35,7 @@ What it changes, and where:
 
 from __future__ import annotations
 
+import inspect
 import math
 from typing import Any
 
@@ -133,7 +136,7 @@ class UnitScaleTrainer(Trainer):
             )
         if self.unit_scale_options["fp8"]:
             self._add_recalibration()
-        self._clip_cache: tuple[list[nn.Parameter], dict[int, float]] | None = None
+        self._clip_cache: tuple[nn.Module, list[nn.Parameter], dict[int, float]] | None = None
         self._group_lrs: list[float] | None = None
 
     # ---- conversion ----
@@ -192,6 +195,11 @@ class UnitScaleTrainer(Trainer):
                     f"`optimizer_cls_and_kwargs` gives {optimizer_cls!r}."
                 )
             optimizer_kwargs = dict(optimizer_kwargs)
+            # as in Trainer: `learning_rate` and `adam_epsilon` go only to optimizers built from `optim`; these
+            # kwargs fall back to the class's own defaults
+            for name, parameter in inspect.signature(optimizer_cls).parameters.items():
+                if name in ("lr", "eps") and parameter.default is not inspect.Parameter.empty:
+                    optimizer_kwargs.setdefault(name, parameter.default)
         else:
             optim = getattr(self.args.optim, "value", self.args.optim)
             if optim not in ADAMW_OPTIMIZERS:
@@ -206,7 +214,7 @@ class UnitScaleTrainer(Trainer):
                 raise ValueError(f"UnitScaleTrainer cannot use an optimizer that brings its own `{key}`.")
         lr = optimizer_kwargs.get("lr", self.args.learning_rate)
         eps = optimizer_kwargs.get("eps", self.args.adam_epsilon)
-        weight_decay = optimizer_kwargs.pop("weight_decay", self.args.weight_decay)
+        weight_decay = self.args.weight_decay  # as Trainer's groups: a `weight_decay` in optimizer_kwargs is overridden
         options = self.unit_scale_options
         groups = build_param_groups(
             opt_model,
@@ -233,10 +241,10 @@ class UnitScaleTrainer(Trainer):
 
     def _scaled_parameters(self, model: nn.Module) -> tuple[list[nn.Parameter], dict[int, float]]:
         """Every parameter once, and {id: s} for the converted ones (s never changes during training)."""
-        if self._clip_cache is None:
+        if self._clip_cache is None or self._clip_cache[0] is not model:  # `model_init` builds a new one per train()
             unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)
-            self._clip_cache = (list(model.parameters()), weight_scales(unwrapped))
-        return self._clip_cache
+            self._clip_cache = (model, list(model.parameters()), weight_scales(unwrapped))
+        return self._clip_cache[1:]
 
     def _plain_clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         """‖g_W‖ over all parameters (g_W = g_Ŵ/s); clips every gradient by one factor when `max_norm` is finite."""
@@ -281,7 +289,7 @@ class UnitScaleTrainer(Trainer):
         reference = next((g for g in groups if g.get("base_lr")), None)
         if reference is None:
             return super()._get_learning_rate()
-        return float(self.args.learning_rate * reference["lr"] / reference["base_lr"])
+        return float(self.optimizer.defaults["lr"] * reference["lr"] / reference["base_lr"])  # η·f(t)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "learning_rate" in logs and self.optimizer is not None:

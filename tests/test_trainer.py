@@ -324,6 +324,34 @@ def test_refusals(tmp_path):
         _args(tmp_path, cls=UnitScaleTrainingArguments, lr_rule="mup")
 
 
+def test_model_init_and_optimizer_kwargs_reproduce_plain_trainer_on_every_train(tmp_path):
+    """`optimizer_cls_and_kwargs` as Trainer reads it (the class's default lr and eps, the groups' weight decay from
+    `args.weight_decay`), and `model_init` rebuilding the model on each `train()`: clipping must follow it."""
+    case = CASES_BY_ID["gpt2"]
+    data = _dataset("gpt2")
+    optimizer = (torch.optim.AdamW, {"weight_decay": 0.5, "betas": (0.9, 0.99)})
+    plain = Trainer(
+        model_init=lambda: case.model(),
+        args=_args(tmp_path / "plain"),
+        train_dataset=data,
+        optimizer_cls_and_kwargs=optimizer,
+    )
+    ours = UnitScaleTrainer(
+        model_init=lambda: case.model(),
+        args=_args(tmp_path / "ours"),
+        train_dataset=data,
+        optimizer_cls_and_kwargs=optimizer,
+        unit_scale_config=UnitScaleConfig(power_of_two_scales=True),
+    )
+    for run in range(2):
+        plain.train()
+        ours.train()
+        _assert_bit_identical_run(plain, ours, max_grad_norm=0.5)
+        our_lrs = [log["learning_rate"] for log in _train_logs(ours)]
+        assert our_lrs == pytest.approx([log["learning_rate"] for log in _train_logs(plain)], rel=1e-9), f"run {run}"
+        assert max(our_lrs) == pytest.approx(1e-3)  # AdamW's default, not args.learning_rate
+
+
 def test_converts_model_init_and_accepts_converted_models(tmp_path):
     case = CASES_BY_ID["gpt2"]
     trainer = UnitScaleTrainer(
