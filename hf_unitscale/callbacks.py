@@ -5,6 +5,9 @@ Static scales a = rms(x), c = rms(g) are measured once (see `calibrate.py`), but
 Every `every` optimizer steps this callback re-runs `calibrate` on a few fixed batches (fresh
 scales for the current weights), and at every log it adds the saturation/underflow fractions
 counted since the previous log (`summarize_casts`), so a run shows whether its scales still fit.
+Callbacks see a log in list order: `UnitScaleTrainer` puts this one right after `DefaultFlowCallback`, so
+reporting integrations (`report_to`), the printer and later callbacks get the fractions; with a plain
+`Trainer`, do the same (`trainer.callback_handler.callbacks.insert(1, callback)`).
 
 Batches come from `batches` (a re-iterable such as a list or DataLoader, or a zero-argument
 callable returning an iterable), else from the `train_dataloader` the Trainer passes to callbacks:

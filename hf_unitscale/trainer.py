@@ -164,15 +164,16 @@ class UnitScaleTrainer(Trainer):
         from .callbacks import RecalibrationCallback
 
         options = self.unit_scale_options
-        self.add_callback(
-            RecalibrationCallback(
-                every=options["recalibrate_every"],
-                num_batches=options["calibration_batches"],
-                headroom=options["calibration_headroom"],
-                grad_underflow_budget=options["calibration_grad_underflow_budget"],
-                input_rounding_search=options["calibration_input_rounding_search"],
-            )
+        callback = RecalibrationCallback(
+            every=options["recalibrate_every"],
+            num_batches=options["calibration_batches"],
+            headroom=options["calibration_headroom"],
+            grad_underflow_budget=options["calibration_grad_underflow_budget"],
+            input_rounding_search=options["calibration_input_rounding_search"],
         )
+        # first after DefaultFlowCallback: its `on_log` adds the fp8/ fractions before reporting integrations, the
+        # printer and the user's callbacks read the logs
+        self.callback_handler.callbacks.insert(1, callback)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         """Trainer's loop (evaluate, predict); with `fp8_eval=False`, inside `precision.full_precision`."""

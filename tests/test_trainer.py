@@ -9,7 +9,7 @@ import datasets
 import pytest
 import torch
 import yaml
-from transformers import HfArgumentParser, Trainer, TrainingArguments
+from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
 from hf_unitscale import UnitScaleConfig, is_unit_scaled, merge_unit_scale, unit_scale
 from hf_unitscale.arguments import UnitScaleTrainingArguments
@@ -439,8 +439,15 @@ def test_fp8_calibrates_and_trains(tmp_path):
         calibration_grad_underflow_budget=1e-4,
         calibration_input_rounding_search=True,
     )
-    trainer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert"))
+    seen = []
+
+    class LogRecorder(TrainerCallback):  # what the printer and report_to integrations receive
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            seen.append(dict(logs))
+
+    trainer = UnitScaleTrainer(model=case.model(), args=args, train_dataset=_dataset("bert"), callbacks=[LogRecorder()])
     trainer.train()
+    assert all("fp8/grad_output_underflow_fraction" in logs for logs in seen if "loss" in logs), seen
     record = trainer.model.config.unit_scaling["calibration"]
     # reached `calibrate`
     assert record["headroom"] == 2.0 and record["grad_underflow_budget"] == 1e-4 and record["input_rounding_search"]
