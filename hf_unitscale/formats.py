@@ -113,7 +113,8 @@ class CastCounter:
 def cast_to_format(x: torch.Tensor, fmt: LowPrecisionFormat, counter: CastCounter | None = None) -> torch.Tensor:
     """x cast to `fmt.dtype`, saturating at ±fmt.max. Counts into `counter` when given."""
     # clamp: casting to float8_e5m2 overflows to inf instead of saturating
-    cast = x.clamp(-fmt.max, fmt.max).to(fmt.dtype)
+    limit = min(fmt.max, torch.finfo(x.dtype).max)  # bf16's max does not fit an fp16 x's clamp
+    cast = x.clamp(-limit, limit).to(fmt.dtype)
     if counter is not None:
         counter.update(x, cast, fmt)
     return cast

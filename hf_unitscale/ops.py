@@ -12,8 +12,9 @@ A linear layer with input x, output gradient g and static operand scales a (inpu
 q_f, q_b are saturating casts to a low-precision format (E4M3 forward, E5M2 backward, or bf16);
 every operand they see has unit scale when a = rms(x) and c = rms(g), so FP8 needs no dynamic
 amax scaling. The scalar products are applied to the fp32 GEMM output: `torch._scaled_mm`
-takes exactly these per-tensor scales (backend "scaled_mm"); backend "simulate" casts to the
-format and back and multiplies in the input's dtype, which runs everywhere.
+takes exactly these per-tensor scales (backend "scaled_mm"); backend "simulate" runs the same GEMM
+in fp32 on the cast values, which runs everywhere. Both round once to the input's dtype (under autocast,
+its dtype), and both divide x/a and g/c in fp32.
 
 Without casts the three GEMMs are mathematically x @ Wᵀ + b, so the full-precision path is
 F.linear(s·x, Ŵ, b) when in < out and s·F.linear(x, Ŵ, b/s) otherwise: one multiply over the
@@ -82,6 +83,19 @@ def _cast(x: torch.Tensor, fmt: LowPrecisionFormat | None, counter: CastCounter 
     return x if fmt is None else cast_to_format(x, fmt, counter)
 
 
+def _at_least_fp32(t: torch.Tensor) -> torch.Tensor:
+    return t if t.dtype == torch.float64 else t.float()
+
+
+def _scale_and_cast(
+    x: torch.Tensor, scale: torch.Tensor, fmt: LowPrecisionFormat | None, counter: CastCounter | None, dtype
+) -> torch.Tensor:
+    """q(x/scale), dividing in fp32: the GEMM output is multiplied back by the fp32 scale, and a scale rounded to a
+    16-bit x's dtype on one side only would bias every output of the layer by the same factor (up to ~1% in bf16)."""
+    scaled = _at_least_fp32(x) / scale
+    return scaled.to(dtype) if fmt is None else cast_to_format(scaled, fmt, counter)
+
+
 def _pad_to_alignment(t: torch.Tensor, dim: int) -> torch.Tensor:
     """`t` with zeros appended along `dim` up to a multiple of SCALED_MM_ALIGNMENT (itself if already one)."""
     missing = -t.shape[dim] % SCALED_MM_ALIGNMENT
@@ -132,7 +146,9 @@ def _gemm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, out_dtype: torc
         one = torch.ones((), dtype=torch.float32, device=a.device)
         out = torch._scaled_mm(a, b, scale.float(), one, out_dtype=out_dtype)
         return out if out.shape[1] == n else out[:, :n]
-    return (a.to(out_dtype) @ b.to(out_dtype)) * scale.to(out_dtype)
+    # as `_scaled_mm`: an fp32 GEMM (exact products of FP8 values, fp32 accumulation), the fp32 scale applied to it,
+    # one rounding to `out_dtype`
+    return (_at_least_fp32(a) @ _at_least_fp32(b) * scale).to(out_dtype)
 
 
 class _ScaledMatmul(torch.autograd.Function):
@@ -141,7 +157,7 @@ class _ScaledMatmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, weight_scale, input_scale, grad_scale, precision, counters):
         fwd = precision.forward
-        x_cast = _cast(x / input_scale.to(x.dtype), fwd, counters and counters.input)
+        x_cast = _scale_and_cast(x, input_scale, fwd, counters and counters.input, x.dtype)
         w_cast = _cast(weight, fwd, counters and counters.weight)
         ctx.save_for_backward(x_cast, w_cast, weight_scale, input_scale, grad_scale)
         ctx.precision, ctx.counters, ctx.dtypes = precision, counters, (x.dtype, weight.dtype)
@@ -152,8 +168,9 @@ class _ScaledMatmul(torch.autograd.Function):
         x_cast, w_cast, weight_scale, input_scale, grad_scale = ctx.saved_tensors
         precision, counters = ctx.precision, ctx.counters
         x_dtype, w_dtype = ctx.dtypes
-        g = grad_output.to(x_dtype) / grad_scale.to(x_dtype)
-        g_cast = _cast(g, precision.backward, counters and counters.grad_output)
+        g_cast = _scale_and_cast(
+            grad_output, grad_scale, precision.backward, counters and counters.grad_output, x_dtype
+        )
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
             grad_x = _gemm(g_cast, w_cast, grad_scale * weight_scale, x_dtype, precision.backend)
@@ -184,11 +201,13 @@ def scaled_linear(
         if in_features < out_features:
             return F.linear(x * scale, weight, bias)
         return F.linear(x, weight, None if bias is None else bias / scale) * scale
+    if torch.is_autocast_enabled(x.device.type):  # as F.linear under autocast: compute and return in its dtype
+        x = x.to(torch.get_autocast_dtype(x.device.type))
     out = _ScaledMatmul.apply(
         x.reshape(-1, x.shape[-1]), weight, weight_scale, input_scale, grad_scale, precision, counters
     )
     out = out.reshape(*x.shape[:-1], weight.shape[0])
-    return out if bias is None else out + bias
+    return out if bias is None else out + bias.to(out.dtype)
 
 
 def scaled_embedding(ids: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, **kwargs) -> torch.Tensor:

@@ -18,6 +18,12 @@ def test_cast_saturates_instead_of_overflowing(name):
     assert counter.as_dict()["saturated_fraction"] == pytest.approx(0.5)
 
 
+def test_bf16_format_casts_fp16_values():
+    # bf16's max (3.4e38) is no fp16 number: clamping an fp16 tensor to it raised
+    x = torch.tensor([1.0, -65504.0, 3.0e-5], dtype=torch.float16)
+    assert round_trip(x, get_format("bf16")).tolist() == x.bfloat16().half().tolist()
+
+
 def test_e5m2_without_clamp_would_overflow():
     """Why cast_to_format clamps: torch's e5m2 cast turns values past its max into inf on CPU."""
     x = torch.tensor([60000.0, 1e6])

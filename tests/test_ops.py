@@ -80,6 +80,38 @@ def test_fp8_gemms_are_close_to_fp32_when_operands_are_unit_scale():
         assert _rel(got, want) < 0.1, f"{name}: relative error {_rel(got, want):.3f} too large for FP8"
 
 
+def test_16_bit_operands_meet_the_same_fp32_scales():
+    """bf16 x, Ŵ, g: the casts see x/a and g/c computed in fp32 and the GEMMs multiply back by the fp32 scales, so
+    every output is the fp32 run's rounded to bf16. A scale rounded to bf16 on one side only biased a whole layer's
+    output or gradient by up to 1%, which rounding noise does not average out."""
+    x, w_hat, bias, _, _, _, grad_out = _operands(tokens=(16, 32), in_features=64, out_features=48)
+    s, a, c = torch.tensor(0.0301), torch.tensor(0.3 * 1.0117), torch.tensor(1.0039e-5)
+    x, w_hat, bias, grad_out = (t.bfloat16().float() for t in (x, w_hat, bias, grad_out))  # on the bf16 grid
+    precision = MatmulPrecision(E4M3, E5M2)
+
+    def run(dtype):
+        return _run(
+            lambda x, w, b: scaled_linear(x, w, b, s, a, c, precision),
+            *(t.to(dtype) for t in (x, w_hat, bias, grad_out)),
+        )
+
+    for name, got, want in zip(
+        ("y", "grad_x", "grad_w_hat"), run(torch.bfloat16)[:3], run(torch.float32)[:3], strict=True
+    ):
+        ratio = float((got.double() * want).sum() / (want.double() * want).sum())
+        assert abs(ratio - 1) < 2e-4, f"{name}: bf16 run is {ratio - 1:+.2e} off the fp32 run's scale"
+        assert _rel(got.float(), want) < 2**-8, f"{name}: {_rel(got.float(), want):.2e} from the fp32 run"
+
+
+def test_fp8_under_autocast_computes_and_returns_the_autocast_dtype():
+    x, w_hat, bias, s, a, c, _ = _operands()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = scaled_linear(x.requires_grad_(), w_hat, bias, s, a, c, MatmulPrecision(E4M3, E5M2))
+    assert y.dtype == torch.bfloat16  # as F.linear there: not promoted back to fp32 by the input or the bias
+    y.sum().backward()
+    assert x.grad.dtype == torch.float32
+
+
 def test_unscaled_gradients_flush_to_zero_in_e5m2():
     """Naive FP8 (c = 1) on gradients of RMS 1e-5: most of g is below E5M2's subnormals (2^-16 ≈ 1.5e-5)."""
     x, w_hat, bias, s, a, _, grad_out = _operands()
