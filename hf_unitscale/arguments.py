@@ -158,6 +158,12 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`calibration_grad_underflow_budget` should be a fraction in [0, 1) or None, got {budget}."
             )
+        if self.fp8 and self.fp16:
+            raise ValueError(
+                "`fp8=True` with `fp16=True`: fp16's GradScaler multiplies the loss by up to 2^16 after calibration "
+                "measured c, and the FP8 casts saturate instead of overflowing, so the scaler never sees an inf and "
+                "gradients clip silently. Use `bf16=True` (no loss scaling) or full precision with `fp8=True`."
+            )
         # before TrainingArguments builds a DeepSpeed config (which needs deepspeed installed)
         error = deepspeed_optimizer_error(self.deepspeed)
         if error:

@@ -116,7 +116,9 @@ def track_casts(model: nn.Module, enabled: bool = True) -> dict[str, OperandCoun
     """Attach fresh `OperandCounters` to every converted matmul layer (`enabled=False` detaches them).
 
     Counting costs a few elementwise passes per cast; counters only count when a layer runs a
-    low-precision `precision`. Returns the counters by layer name (empty when disabled).
+    low-precision `precision`. Under gradient checkpointing the recomputed forward counts its input and
+    weight casts again: the fractions stay right, the raw counts of those operands double. Returns the
+    counters by layer name (empty when disabled).
     """
     counters = {}
     for name, layer in _matmul_layers(model).items():

@@ -417,6 +417,8 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), lr_multipliers="classifier=10", use_cpu=True)
     with pytest.raises(ValueError, match="calibration_headroom"):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_headroom=0.5, use_cpu=True)
+    with pytest.raises(ValueError, match=r"`fp8=True` with `fp16=True`.*Use `bf16=True`"):
+        UnitScaleTrainingArguments(output_dir=str(tmp_path), fp8=True, fp16=True, use_cpu=True)
     with pytest.raises(ValueError, match="calibration_grad_underflow_budget"):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_grad_underflow_budget=1.5, use_cpu=True)
     with pytest.raises(ValueError, match=r"`fp8_format` must be one of \['E4M3', 'HYBRID'\], got 'E5M2'"):
