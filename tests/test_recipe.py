@@ -235,3 +235,35 @@ def test_unknown_shipped_metric_name_is_passed_to_evaluate():
 
     with pytest.raises(ValueError, match="shipped metrics"):
         metric_path("bleu")
+
+
+def test_dict_typed_training_arguments_take_a_mapping(tmp_path):
+    from hf_unitscale.recipe import mapping_keys
+
+    assert {"lr_scheduler_kwargs", "lr_multipliers", "fsdp_config", "accelerator_config", "deepspeed"} <= mapping_keys()
+    assert "gradient_checkpointing_kwargs" in mapping_keys() and "max_steps" not in mapping_keys()
+    values = {
+        **GOOD,
+        "activation_checkpointing_kwargs": {"use_reentrant": False},
+        "accelerator_config": {"split_batches": True},
+    }
+    recipe = load_recipe(_write(tmp_path, values))
+    assert recipe.training.activation_checkpointing_kwargs == {"use_reentrant": False}
+    assert recipe.training.accelerator_config.split_batches is True
+
+
+def test_scale_plot_batches_must_be_positive(tmp_path, capsys):
+    path = _write(tmp_path, {**GOOD, "scale_plot_batches": 0})
+    with pytest.raises(RecipeError, match="`scale_plot_batches` should be at least 1"):
+        load_recipe(path)
+    assert main(["train", str(path)]) == 2
+
+
+def test_unknown_metric_names_the_shipped_ones(tmp_path, capsys):
+    path = _write(tmp_path, {**GOOD, "metrics": ["accuracy", "acuracy"]})
+    with pytest.raises(RecipeError, match=r"`metrics`.*\['accuracy', 'f1'\].*'acuracy'.*Did you mean `accuracy`"):
+        load_recipe(path)
+    assert main(["train", str(path), "--metrics", "f1", "acuracy"]) == 2
+    err = capsys.readouterr().err
+    assert "'acuracy'" in err and "Traceback" not in err
+    assert load_recipe(path, {"metrics": ["f1"]}).data.metrics == ["f1"]

@@ -57,11 +57,13 @@ def main(argv: list[str] | None = None) -> int:
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 1
+    from ..embedded.fetching import FetchError
     from ..recipe import RecipeError
 
     try:
         return args.func(args) or 0
-    except (CommandError, RecipeError) as err:
+    except (CommandError, RecipeError, FetchError, ValueError, OSError) as err:
+        # user errors (a bad name, path, column or value; a failed download): the message, no traceback
         print(f"hf-unitscale {args.command}: error: {err}", file=sys.stderr)
         return 2
 

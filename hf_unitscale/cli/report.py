@@ -1,11 +1,11 @@
 """`hf-unitscale report`: per-layer scale table in the terminal and a log-scale PNG (see `analysis.py`).
 
 Batches: with a tokenizer, real text — `--text-file` lines, else the embedded data (movie-review
-snippets for encoders, Jane Austen for causal LMs); without one (e.g. a bare test model), seeded
-random token ids. Labels make the loss the model's real training loss: the real sentiment labels
-(or random ones) for a classifier, the inputs themselves for a (causal or masked) LM. The first
-`--num-batches` batches are measured; the next `--num-batches` calibrate a, c, so x/a and g/c are
-measured on data the scales were not fitted to.
+snippets for encoders, Jane Austen for causal LMs), cycled when more rows are needed; without one
+(e.g. a bare test model), seeded random token ids. Labels make the loss the model's real training
+loss: the real sentiment labels (or random ones) for a classifier, the inputs themselves for a
+(causal or masked) LM. The first `--num-batches` batches are measured; the next `--num-batches`
+calibrate a, c, so x/a and g/c are measured on data the scales were not fitted to.
 """
 
 from __future__ import annotations
@@ -92,8 +92,10 @@ def _texts(args: argparse.Namespace, causal: bool, count: int) -> tuple[list[str
     if causal:
         texts = list(embedded.load_austen("test")["text"])
         return [texts[i % len(texts)] for i in range(count)], None
-    data = embedded.load_sentiment("test").select(range(count))
-    return list(data["text"]), list(data["label"])
+    data = embedded.load_sentiment("test")
+    texts, labels = list(data["text"]), list(data["label"])
+    rows = [i % len(texts) for i in range(count)]  # cycled, as the Austen text is
+    return [texts[i] for i in rows], [labels[i] for i in rows]
 
 
 def report_batches(model, model_path: str, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
@@ -136,6 +138,8 @@ def report_command(args: argparse.Namespace) -> int:
 
     if args.num_batches < 1 or args.batch_size < 1 or args.max_length < 2:
         raise CommandError("--num-batches and --batch-size should be ≥ 1 and --max-length ≥ 2.")
+    if args.text_file and not Path(args.text_file).is_file():
+        raise CommandError(f"--text-file {args.text_file} does not exist; give a text file, one example per line.")
     model = load_model(args.model, args.model_class)
     batches = report_batches(model, args.model, args)
     measure, calibration = batches[: args.num_batches], batches[args.num_batches :]

@@ -5,7 +5,8 @@
     → per-layer scale table and PNG (`analysis.py`) in `output_dir`
 
 Every recipe key is also a flag (`--max_steps 5` or `--max-steps 5`), built from the dataclass
-fields' help metadata by `HfArgumentParser`; flags given on the command line override the recipe.
+fields' help metadata by `HfArgumentParser`; flags given on the command line override the recipe, and
+`null`/`none` is None for an optional key (YAML's `null`).
 """
 
 from __future__ import annotations
@@ -17,15 +18,56 @@ import time
 from pathlib import Path
 from typing import Any
 
+NULLS = ("null", "none")  # YAML's null on the command line, case-insensitive
+RECIPE_SUFFIXES = (".yaml", ".yml")
+# keys for which the string "none" means something (no integrations), and None does not
+_NONE_IS_A_VALUE = ("report_to",)
+
+
+class _NullableChoices(tuple):
+    """Choices that also admit None (`--task null`), listed without it in `--help`."""
+
+    def __contains__(self, item: object) -> bool:
+        return item is None or tuple.__contains__(self, item)
+
+
+def _flag_type(action: argparse.Action, nullable: bool):
+    """`action.type`, plus `null`/`none` → None for an optional key, and a clear error when a flag that
+    takes a variable number of values swallows the recipe path."""
+    convert = action.type
+    flag = action.option_strings[0]
+
+    def parse(text: str) -> Any:
+        if nullable and text.lower() in NULLS:
+            return None
+        if action.nargs in ("?", "+", "*") and text.lower().endswith(RECIPE_SUFFIXES):
+            raise argparse.ArgumentTypeError(
+                f"took the recipe path {text!r} as its value; put the recipe path first: "
+                f"`hf-unitscale train {text} {flag} ...`"
+            )
+        return text if convert is None else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "str")  # argparse's "invalid int value" names the type
+    return parse
+
 
 def _override_parser() -> argparse.ArgumentParser:
-    """The recipe's flags, with no defaults and nothing required: only what the user types is returned."""
-    from ..recipe import recipe_parser
+    """The recipe's flags, with no defaults and nothing required: only what the user types is returned.
+
+    An optional key also takes `null` (or `none`) for None, as in YAML.
+    """
+    from ..recipe import optional_keys, recipe_parser
 
     parser = recipe_parser(add_help=False)
+    nullable = optional_keys() - set(_NONE_IS_A_VALUE)
     for action in parser._actions:
         action.default = argparse.SUPPRESS
         action.required = False
+        if not action.option_strings or isinstance(action, argparse._StoreFalseAction):
+            continue
+        action.type = _flag_type(action, action.dest in nullable)
+        if action.choices is not None and action.dest in nullable:
+            action.choices = _NullableChoices(action.choices)
     return parser
 
 
@@ -36,7 +78,8 @@ def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         help="fine-tune with UnitScaleTrainer from a YAML recipe",
         description="Fine-tune with UnitScaleTrainer from a flat YAML recipe (see recipes/). Prints evaluation "
         "metrics before and after training and writes the model and a scale plot to `output_dir`. Every recipe key "
-        "below can also be given as a flag, which overrides the recipe.",
+        "below can also be given as a flag after the recipe path, which overrides the recipe; `null` (or `none`) "
+        "gives an optional key the value None, as in YAML.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
     )
@@ -46,7 +89,8 @@ def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    return {k: v for k, v in vars(args).items() if k not in ("recipe", "func", "command")}
+    overrides = {k: v for k, v in vars(args).items() if k not in ("recipe", "func", "command")}
+    return {k: None if isinstance(v, list) and None in v else v for k, v in overrides.items()}  # `--label_names null`
 
 
 def _fmt(value: Any) -> str:
@@ -150,8 +194,13 @@ def _scale_plot(model, setup, recipe, output_dir: Path, *, write: bool = True) -
 
 def train_command(args: argparse.Namespace) -> int:
     from ..recipe import load_recipe
+    from .utils import check_local_path
 
     recipe = load_recipe(args.recipe, _overrides(args))
+    check_local_path(recipe.model.model_name_or_path, "`model_name_or_path`")
+    if recipe.model.tokenizer_name:
+        check_local_path(recipe.model.tokenizer_name, "`tokenizer_name`")
     result = run_recipe(recipe)
-    print(f"Done in {result['seconds']:.0f} s; model and results in {recipe.training.output_dir}")
+    if recipe.training.process_index == 0:  # one line under DDP, as every other print
+        print(f"Done in {result['seconds']:.0f} s; model and results in {recipe.training.output_dir}")
     return 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Any
 
 
@@ -21,6 +22,15 @@ def add_model_class_argument(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def check_local_path(name_or_path: str, what: str) -> None:
+    """Refuse a local-looking path (`/…`, `./…`, `../…`, `~…`) that does not exist, before the Hub sees it as an id."""
+    if name_or_path.startswith(("/", "./", "../", "~", "\\")) and not Path(name_or_path).expanduser().exists():
+        raise CommandError(
+            f"could not load {what} {name_or_path!r}: no such file or folder; give a model folder, a Hub id, "
+            "embedded:minilm or embedded:smollm2."
+        )
+
+
 def load_model(name_or_path: str, model_class: str | None = None) -> Any:
     """A unit-scaled model from a folder, Hub id or `embedded:<name>`, whatever its checkpoint format.
 
@@ -32,6 +42,7 @@ def load_model(name_or_path: str, model_class: str | None = None) -> Any:
     from ..hub import from_pretrained
     from ..tasks import resolve_model_path
 
+    check_local_path(name_or_path, "model")
     cls = None
     if model_class is not None:
         cls = getattr(transformers, model_class, None)

