@@ -26,7 +26,8 @@ Rules (η = learning rate, ε = Adam eps, wd = weight decay, per tensor with sca
                  (depth scaling: every tensor inside the L repeated blocks also × L^-½)
     mup          hidden_weight   η / width_mult          ε       wd
                  (matrix-like)   width_mult = hidden_size / mup_base_width
-                 embedding, readout, norm, bias (vector-like): η
+                 readout         η / width_mult          ε       wd
+                 embedding, norm, bias (vector-like): η
 
 `equivalent` is exactly plain AdamW on W: with g_Ŵ = s·g_W, Adam's moments are m_Ŵ = s·m_W and
 v_Ŵ = s²·v_W, so m_Ŵ/(√v_Ŵ + s·ε) = m_W/(√v_W + ε); the step on Ŵ is (η/s)·dir and on W = s·Ŵ it
@@ -34,9 +35,10 @@ is η·dir; torch's decoupled decay multiplies Ŵ by 1 - lr·wd = 1 - (η/s)(s·
 W. Parameters that are not converted (norm gains, biases, excluded modules) keep η, ε, wd.
 
 Weight decay follows `transformers.Trainer` in every rule: no decay on the parameters outside
-`Trainer.get_decay_parameter_names` (biases and norm weights). `mup`'s vector-like readout is
-the `mup` package's MuAdam rule; the pretrained forward is kept, with no 1/width_mult output
-multiplier. User multipliers (`lr_multipliers={regex: factor}`, `re.search` over parameter
+`Trainer.get_decay_parameter_names` (biases and norm weights). The pretrained forward is kept, so
+`mup` has no MuReadout 1/width_mult output multiplier; under Adam, whose step does not depend on a
+weight's scale, giving the (untied) readout η/width_mult changes the logits exactly as MuReadout with
+MuAdam's η does. A readout tied to the input embedding keeps the embedding's η. User multipliers (`lr_multipliers={regex: factor}`, `re.search` over parameter
 names, every matching pattern multiplies) are applied last, to the lr only.
 
 Groups are deterministic: named `<role>` plus a tag (`hidden_weight:fan_in=37`,
@@ -80,8 +82,20 @@ ROLES: tuple[str, ...] = get_args(Role)
 LrRule = Literal["equivalent", "umup", "mup"]
 LR_RULES: tuple[str, ...] = get_args(LrRule)
 
-# roles plain Trainer decays; the others it never decays (biases, norm gains)
-_DECAYED_ROLES = ("embedding", "hidden_weight", "readout")
+# the roles of ≥2-D weights: plain Trainer decays them (not biases or norm gains), and the rules read their
+# fan-in or width from the shape
+_WEIGHT_ROLES = ("embedding", "hidden_weight", "readout")
+
+
+def _check_pattern_matches(option: str, pattern: str, names: list[str], match) -> None:
+    """A regex of `option` must compile and match some trainable parameter name: a typo must not do nothing."""
+    try:
+        matched = any(match(pattern, name) for name in names)
+    except re.error as err:
+        raise ValueError(f"`{option}` key {pattern!r} is not a regular expression: {err}.") from None
+    if not matched:
+        example = f" (e.g. {names[-1]!r})" if names else ""
+        raise ValueError(f"`{option}` key {pattern!r} matches no trainable parameter name{example}.")
 
 
 @dataclass(frozen=True)
@@ -172,9 +186,11 @@ def describe_parameters(
             names an unknown role.
     """
     overrides = dict(role_overrides or {})
+    trainable = [name for name, param in model.named_parameters() if param.requires_grad]
     for pattern, role in overrides.items():
         if role not in ROLES:
             raise ValueError(f"`role_overrides[{pattern!r}]` must be one of {ROLES}, got {role!r}.")
+        _check_pattern_matches("role_overrides", pattern, trainable, re.fullmatch)
     decay = set(_default_decay_names(model) if decay_parameter_names is None else decay_parameter_names)
     scales = weight_scales(model)
     readout = readout_module(model)
@@ -193,6 +209,11 @@ def describe_parameters(
             continue
         module, leaf = owner[id(param)]
         role = next((r for pattern, r in overrides.items() if re.fullmatch(pattern, name)), None)
+        if role in _WEIGHT_ROLES and param.dim() < 2:
+            raise ValueError(
+                f"`role_overrides` gives `{name}` (shape {tuple(param.shape)}) the role `{role}`, which the rules "
+                "scale by the weight's fan-in or width: it needs a ≥2-D weight. Use `norm` or `bias` (lr η)."
+            )
         if role is None:
             if id(param) in embedding_weights:  # also a tied output head
                 role = "embedding"
@@ -265,6 +286,9 @@ def _rule_settings(
         if info.role == "hidden_weight":  # matrix-like: fan_in and fan_out both grow with width
             lr = lr / width_mult
             tags.append("matrix")
+        elif info.role == "readout":  # MuReadout's 1/width_mult output multiplier, moved into Adam's lr
+            lr = lr / width_mult
+            tags.append("readout")
         return lr, eps, wd, tags
     raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {rule!r}.")
 
@@ -298,6 +322,16 @@ def build_param_groups(
         raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {lr_rule!r}.")
     multipliers = _check_multipliers(lr_multipliers)
     infos = describe_parameters(model, role_overrides=role_overrides, decay_parameter_names=decay_parameter_names)
+    for pattern in multipliers:
+        _check_pattern_matches("lr_multipliers", pattern, [info.name for info in infos], re.search)
+    for option, value, rule in (
+        ("mup_base_width", mup_base_width, "mup"),
+        ("umup_depth_scaling", umup_depth_scaling, "umup"),
+    ):
+        if value and lr_rule != rule:
+            logger.warning(
+                f"`{option}={value!r}` applies to `lr_rule='{rule}'` only; `lr_rule='{lr_rule}'` ignores it."
+            )
     width_mult = 1.0
     if lr_rule == "mup":
         if not mup_base_width or mup_base_width <= 0:
@@ -305,6 +339,11 @@ def build_param_groups(
         width_mult = _hidden_size(model) / mup_base_width
     depth = _num_layers(model)
     depth_scaling = lr_rule == "umup" and umup_depth_scaling
+    if depth_scaling and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        raise ValueError(
+            f"`umup_depth_scaling=True` scales by the depth L of one stack of blocks; {type(model).__name__} has an "
+            "encoder and a decoder stack. Train it without depth scaling."
+        )
     if depth_scaling and not (depth and _block_prefixes(model, depth)):
         raise ValueError(
             f"`umup_depth_scaling=True` needs the model's repeated blocks: found no ModuleList of "
@@ -329,10 +368,11 @@ def build_param_groups(
                 factor *= value
         if factor != 1.0:
             p_lr *= factor
-            tags.append(f"lr_x{factor:g}")
-        if info.role in _DECAYED_ROLES and not info.decay:
+            short = f"{factor:g}"  # exact: 0.1·3 and 0.3 are different factors and groups
+            tags.append(f"lr_x{short if float(short) == factor else repr(factor)}")
+        if info.role in _WEIGHT_ROLES and not info.decay:
             tags.append("no_decay")
-        elif info.role not in _DECAYED_ROLES and info.decay:
+        elif info.role not in _WEIGHT_ROLES and info.decay:
             tags.append("decay")
         name = info.role + (":" + ",".join(tags) if tags else "")
         settings = {"lr": p_lr, "eps": p_eps, "weight_decay": p_wd}

@@ -197,10 +197,52 @@ def test_mup_table_at_two_widths(case_id):
         model = _wider(case_id, factor)
         width_mult = model.config.hidden_size / base
         for group in _groups(model, "mup", mup_base_width=base):
-            expected = LR / width_mult if group["role"] == "hidden_weight" else LR
+            # the readout (untied: gpt2's is the tied embedding) carries MuReadout's 1/width_mult in its lr
+            expected = LR / width_mult if group["role"] in ("hidden_weight", "readout") else LR
             assert group["lr"] == pytest.approx(expected, rel=1e-12), group["name"]
     with pytest.raises(ValueError, match="mup_base_width"):
         _groups(model, "mup")
+
+
+def test_typos_and_impossible_roles_are_named():
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    with pytest.raises(ValueError, match=r"`lr_multipliers` key 'clasifier' matches no trainable parameter"):
+        _groups(model, "umup", lr_multipliers={"clasifier": 10.0})
+    with pytest.raises(ValueError, match=r"`role_overrides` key 'pooler' matches no trainable parameter"):
+        _groups(model, "umup", role_overrides={"pooler": "readout"})  # re.fullmatch: a whole name
+    with pytest.raises(ValueError, match=r"`role_overrides` key '\(' is not a regular expression"):
+        _groups(model, "umup", role_overrides={"(": "readout"})
+    with pytest.raises(ValueError, match=r"gives `classifier.bias` \(shape \(2,\)\) the role `hidden_weight`"):
+        _groups(model, "umup", role_overrides={r"classifier\.bias": "hidden_weight"})
+
+
+def test_factors_that_print_alike_get_their_own_groups():
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    groups = _groups(model, "umup", lr_multipliers={"attention": 0.1, "query": 3.0, "intermediate": 0.3})
+    query = [
+        g for g in groups if any(p is model.bert.encoder.layer[0].attention.self.query.weight for p in g["params"])
+    ]
+    inter = [g for g in groups if any(p is model.bert.encoder.layer[0].intermediate.dense.weight for p in g["params"])]
+    assert query[0]["lr"] != inter[0]["lr"] and query[0]["name"] != inter[0]["name"]
+
+
+def test_depth_scaling_refuses_encoder_decoder_stacks():
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    config = BartConfig(
+        vocab_size=64,
+        d_model=16,
+        encoder_layers=2,
+        decoder_layers=3,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_position_embeddings=32,
+    )
+    model = unit_scale(BartForConditionalGeneration(config))
+    with pytest.raises(ValueError, match="has an encoder and a decoder stack"):
+        _groups(model, "umup", umup_depth_scaling=True)
 
 
 def test_user_multipliers_apply_last_and_multiply():
