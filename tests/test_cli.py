@@ -168,6 +168,18 @@ def test_report_writes_png_and_table_matching_the_plot_data(case_id, tokenizer, 
     assert all(0.3 < row["scaled_input_rms"] < 3 and 0.3 < row["scaled_grad_rms"] < 3 for row in matmuls)
 
 
+def test_report_with_a_new_head_repeats(tmp_path, capsys):
+    # AutoModelForSequenceClassification on a causal LM's checkpoint initializes a `score` head: `--seed` seeds it
+    source = save_tiny_model("llama-untied", tmp_path / "plain", tokenizer=False)
+    tables = []
+    for run in range(2):
+        out = tmp_path / f"{run}.json"
+        argv = ["report", str(source), "-o", str(tmp_path / "a.png"), "--json", str(out), "--max-length", "12"]
+        assert main(argv + ["--model-class", "AutoModelForSequenceClassification"]) == 0
+        tables.append(json.loads(out.read_text()))
+    assert tables[0] == tables[1]
+
+
 def test_report_plot_values_equal_the_table(tmp_path, capsys):
     """The figure `report` draws is built from the same numbers it prints (analysis tests check the figure)."""
     from hf_unitscale.analysis import plot_scale_report, plotted_series, scale_report

@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 import torch
+import transformers
 
 from .utils import CommandError, add_model_class_argument, load_model, load_tokenizer
 
@@ -66,7 +67,10 @@ def report_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
         help="skip calibration (no x/a, g/c)",
     )
     parser.add_argument(
-        "--seed", type=int, default=0, help="seed of the random batches and labels (default: %(default)s)"
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of a newly initialized head and of the random batches and labels (default: %(default)s)",
     )
     parser.set_defaults(func=report_command)
     return parser
@@ -140,6 +144,8 @@ def report_command(args: argparse.Namespace) -> int:
         raise CommandError("--num-batches and --batch-size should be ≥ 1 and --max-length ≥ 2.")
     if args.text_file and not Path(args.text_file).is_file():
         raise CommandError(f"--text-file {args.text_file} does not exist; give a text file, one example per line.")
+    # a head the checkpoint lacks (a classifier on a bare encoder) is initialized from torch's global RNG
+    transformers.set_seed(args.seed)
     model = load_model(args.model, args.model_class)
     batches = report_batches(model, args.model, args)
     measure, calibration = batches[: args.num_batches], batches[args.num_batches :]
