@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+from types import MethodType
 
 import torch
 from torch import nn
@@ -31,6 +32,7 @@ from .modules import (
     UnitScaledModuleMixin,
     generic_unit_scaled_class,
 )
+from .resize import resize_token_embeddings
 
 __all__ = [
     "is_unit_scaled",
@@ -256,6 +258,7 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
         from .hub import attach_checkpoint_methods  # hub imports this module
 
         attach_checkpoint_methods(model)
+        model.resize_token_embeddings = MethodType(resize_token_embeddings, model)
     if rounded_by_dtype:
         logger.info(
             f"{rounded_by_dtype} weights are stored in 16-bit floats: their scales s are powers of two, so "
@@ -280,7 +283,8 @@ def merge_unit_scale(model: nn.Module) -> nn.Module:
             if id(param) not in merged:
                 if not torch.isfinite(param).all():
                     raise ValueError(f"Cannot merge `{name}.{weight_name}`: Ŵ has non-finite values.")
-                param.mul_(scale.to(param.dtype))
+                # s·Ŵ in fp32, rounded once, as `merged_state_dict` writes it (a 16-bit s would bias the whole tensor)
+                param.copy_((param.float() * scale.to(param.device)).to(param.dtype))
                 merged.add(id(param))
             delattr(module, weight_name + SCALE_SUFFIX)
         for buffer in ("input_scale", "grad_scale"):
@@ -296,4 +300,5 @@ def merge_unit_scale(model: nn.Module) -> nn.Module:
         from .hub import detach_checkpoint_methods  # hub imports this module
 
         detach_checkpoint_methods(model)
+        model.__dict__.pop("resize_token_embeddings", None)
     return model

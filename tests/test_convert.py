@@ -266,6 +266,40 @@ def test_torch_attention_modules_keep_their_function(grad):
     assert model.attention.unit_scaled_weights == ("in_proj_weight",)
 
 
+@pytest.mark.parametrize("mean_resizing", [True, False], ids=["mean-resizing", "init-weights"])
+@pytest.mark.parametrize("case_id", ["gpt2", "llama-untied"])
+def test_resized_vocabulary_keeps_the_function_and_draws_new_rows_for_w(case_id, mean_resizing):
+    """transformers copies an untied head into a new plain Linear (it would compute with Ŵ) and draws new rows
+    for W with `_init_weights`: the old tokens' logits stay the plain model's, new rows have W's magnitude."""
+    case = CASES_BY_ID[case_id]
+    plain, converted = case.model(), unit_scale(case.model())
+    for model in (plain, converted):
+        torch.manual_seed(0)
+        model.resize_token_embeddings(model.config.vocab_size + 7, mean_resizing=mean_resizing)
+    assert isinstance(converted.get_output_embeddings(), UnitScaledMatmulMixin)
+    batch = case.batch()
+    with torch.no_grad():
+        expected, actual = plain(**batch).logits, converted(**batch).logits
+    assert_same_function(expected[..., :-7], actual[..., :-7])
+    for get in ("get_input_embeddings", "get_output_embeddings"):
+        new_plain = getattr(plain, get)().weight[-7:]
+        module = getattr(converted, get)()
+        new_w = module.weight[-7:] * module.scale_of("weight")
+        ratio = (new_w.square().mean() / new_plain.square().mean()).sqrt().item()
+        assert 0.5 < ratio < 2, f"{get}: new rows have {ratio:.3g}× the plain model's RMS"
+
+
+def test_merge_after_a_16_bit_cast_equals_the_merged_export():
+    """Both multiply s·Ŵ in fp32 and round once: merging a bf16-cast model in place and saving it writes what
+    `save_pretrained` (merged) writes."""
+    from hf_unitscale.checkpoint import merged_state_dict
+
+    model = unit_scale(CASES_BY_ID["llama-untied"].model()).to(torch.bfloat16)  # s = rms(W), not a power of two
+    exported = merged_state_dict(model)
+    merged = merge_unit_scale(model).state_dict()
+    assert all(torch.equal(merged[name], tensor) for name, tensor in exported.items())
+
+
 class LSTMClassifier(nn.Module):
     """A plain torch text classifier: embedding → LSTM(100, 256) → Linear(256, 1)."""
 
