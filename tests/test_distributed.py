@@ -218,9 +218,13 @@ def test_trainer_fsdp2_checkpoint_names_the_architecture(launches):
 
 
 def test_trainer_fsdp2_checkpoint_stores_tied_weight_once(launches):
-    sharded = load_file(launches["trainer_fsdp2"].wait() / "final" / "unit_scaled_model.safetensors")
+    final = launches["trainer_fsdp2"].wait() / "final"
+    sharded = load_file(final / "unit_scaled_model.safetensors")
     single = load_file(launches["single"].wait() / "final" / "unit_scaled_model.safetensors")
     assert sharded.keys() == single.keys()
+    assert "transformer.wte.weight" in sharded and "lm_head.weight" not in sharded  # GPT-2's tied Ŵ, once
+    loaded = hf_unitscale.from_pretrained(final)
+    assert loaded.lm_head.weight is loaded.transformer.wte.weight  # and tied again on load
 
 
 # ---- resuming a distributed run ----

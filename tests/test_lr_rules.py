@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 
 import pytest
 import torch
@@ -224,6 +225,13 @@ def test_factors_that_print_alike_get_their_own_groups():
     ]
     inter = [g for g in groups if any(p is model.bert.encoder.layer[0].intermediate.dense.weight for p in g["params"])]
     assert query[0]["lr"] != inter[0]["lr"] and query[0]["name"] != inter[0]["name"]
+
+
+def test_options_of_another_rule_draw_a_warning(caplog):
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        _groups(model, "umup", mup_base_width=16)
+    assert "`mup_base_width=16` applies to `lr_rule='mup'` only" in caplog.text
 
 
 def test_depth_scaling_refuses_encoder_decoder_stacks():

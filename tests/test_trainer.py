@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+from types import SimpleNamespace
 
 import datasets
+import numpy
 import pytest
 import torch
 import yaml
@@ -14,7 +16,7 @@ from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArg
 from hf_unitscale import UnitScaleConfig, is_unit_scaled, merge_unit_scale, unit_scale
 from hf_unitscale.arguments import UnitScaleTrainingArguments
 from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME
-from hf_unitscale.trainer import UnitScaleTrainer
+from hf_unitscale.trainer import UnitScaleTrainer, _check_arguments
 
 from tiny_models import CASES_BY_ID, VOCAB
 
@@ -322,6 +324,12 @@ def test_refusals(tmp_path):
             UnitScaleTrainer(model=case.model(), args=args)
     with pytest.raises(ValueError, match="mup_base_width"):
         _args(tmp_path, cls=UnitScaleTrainingArguments, lr_rule="mup")
+    # DeepSpeed clips inside its engine, on g_Ŵ: checked before any DeepSpeed import (not installed here)
+    deepspeed_args = SimpleNamespace(
+        deepspeed={}, max_grad_norm=1.0, lr_scheduler_type="linear", lr_scheduler_kwargs={}
+    )
+    with pytest.raises(ValueError, match="Set `max_grad_norm=0` with DeepSpeed"):
+        _check_arguments(deepspeed_args)
 
 
 def test_model_init_and_optimizer_kwargs_reproduce_plain_trainer_on_every_train(tmp_path):
@@ -490,6 +498,10 @@ def test_fp8_eval_false_evaluates_what_the_merged_export_computes(tmp_path):
     with full_precision(in_fp8.model):
         assert in_fp8.evaluate()["eval_loss"] == full_loss
     assert fp8_loss != full_loss  # same weights, bit for bit: only the GEMM precision can make them differ
+    data = _dataset("bert", rows=16)
+    with full_precision(in_fp8.model):
+        expected = in_fp8.predict(data).predictions
+    assert numpy.array_equal(in_full.predict(data).predictions, expected)  # predict goes through the same loop
     # evaluating in full precision leaves the model training in FP8
     assert all(layer.precision is not None for n, layer in matmul_layers(in_full.model).items() if n != "classifier")
 
