@@ -511,8 +511,9 @@ def markdown(all_summaries, all_settings):
             "elements of g/c flushed to zero ÷ non-zero elements; saturation: elements clipped to the format max. "
             "torchao scales dynamically and has no counters here (n/a). Time: median training time over seeds ÷ "
             "fp32's (emulated FP8 on CPU: not FP8 speed); our variants' times include the cast counting of every "
-            "counted step and the recalibration passes, which fp32 and torchao do not run. Eval loss, GEMMs in fp32: the same trained weights "
-            "evaluated with every matmul in full precision, as a user serving the merged export in fp32 gets them.",
+            "counted step and the recalibration passes, which fp32 and torchao do not run. Eval loss, GEMMs in "
+            "fp32: the same trained weights evaluated with every matmul in full precision, as a user serving the "
+            "merged export in fp32 gets them.",
             "",
         ]
     return "\n".join(lines)

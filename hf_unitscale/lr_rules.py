@@ -38,8 +38,9 @@ Weight decay follows `transformers.Trainer` in every rule: no decay on the param
 `Trainer.get_decay_parameter_names` (biases and norm weights). The pretrained forward is kept, so
 `mup` has no MuReadout 1/width_mult output multiplier; under Adam, whose step does not depend on a
 weight's scale, giving the (untied) readout η/width_mult changes the logits exactly as MuReadout with
-MuAdam's η does. A readout tied to the input embedding keeps the embedding's η. User multipliers (`lr_multipliers={regex: factor}`, `re.search` over parameter
-names, every matching pattern multiplies) are applied last, to the lr only.
+MuAdam's η does. A readout tied to the input embedding keeps the embedding's η. User multipliers
+(`lr_multipliers={regex: factor}`, `re.search` over parameter names, every matching pattern
+multiplies) are applied last, to the lr only.
 
 Groups are deterministic: named `<role>` plus a tag (`hidden_weight:fan_in=37`,
 `hidden_weight:bert.encoder.layer.0.attention.self.query.weight` for one converted tensor under

@@ -35,7 +35,7 @@ def resize_token_embeddings(
     pad_to_multiple_of: int | None = None,
     mean_resizing: bool = True,
 ) -> nn.Embedding:
-    """`PreTrainedModel.resize_token_embeddings`, keeping W = s·Ŵ for the embedding and the head (module docstring)."""
+    """`PreTrainedModel.resize_token_embeddings`, keeping W = s·Ŵ for the embedding and the head (see above)."""
     old_rows = model.get_input_embeddings().weight.shape[0]
     head = model.get_output_embeddings()
     embeddings = PreTrainedModel.resize_token_embeddings(model, new_num_tokens, pad_to_multiple_of, mean_resizing)

@@ -23,7 +23,8 @@ def add_model_class_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def check_local_path(name_or_path: str, what: str) -> None:
-    """Refuse a local-looking path (`/…`, `./…`, `../…`, `~…`) that does not exist, before the Hub sees it as an id."""
+    """Refuse a local-looking path (`/…`, `./…`, `../…`, `~…`) that does not exist, before the Hub reads it as an
+    id."""
     if name_or_path.startswith(("/", "./", "../", "~", "\\")) and not Path(name_or_path).expanduser().exists():
         raise CommandError(
             f"could not load {what} {name_or_path!r}: no such file or folder; give a model folder, a Hub id, "
