@@ -96,6 +96,17 @@ def test_hooked_rms_matches_a_direct_measurement():
     assert row.grad_rms == pytest.approx(float(rms(seen["g"], nonzero_only=True)), rel=1e-5)
 
 
+def test_without_labels_the_proxy_loss_sets_the_gradients():
+    """No `labels` (a bare encoder, or `report` on one): the loss is sum(logits²)/2/rows, whose gradient at the
+    output layer is logits/rows, so the classifier's output-gradient RMS is rms(logits)/rows."""
+    case = CASES_BY_ID["bert"]
+    batch = case.batch(batch_size=4, seq_len=12, seed=10)  # input ids and mask, no labels
+    with torch.no_grad():
+        logits = case.model().eval()(**batch).logits
+    row = {r.name: r for r in scale_report(case.model(), [batch], calibrate=False).layers}["classifier"]
+    assert row.grad_rms == pytest.approx(float(rms(logits)) / 4, rel=1e-5)
+
+
 def test_already_converted_model_is_left_alone():
     case = CASES_BY_ID["gpt2"]
     model = unit_scale(case.model())
