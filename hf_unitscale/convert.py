@@ -27,6 +27,7 @@ from .config import CONFIG_KEY, UnitScaleConfig
 from .modules import (
     EMBEDDING_CLASSES,
     MATMUL_CLASSES,
+    OPERAND_SCALE_BUFFERS,
     SCALE_SUFFIX,
     UnitScaledMatmulMixin,
     UnitScaledModuleMixin,
@@ -196,8 +197,8 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
 
     Returns:
         `model`, converted. Ŵ stays trainable under each weight's original name; s, and the
-        static operand scales a, c of matmul layers, are fp32 buffers `<weight>_scale`,
-        `input_scale` and `grad_scale`.
+        static operand scales a, c, d of matmul layers, are fp32 buffers `<weight>_scale`,
+        `input_scale`, `grad_scale` and `weight_cast_scale`.
 
     Raises:
         ValueError: a weight is not finite (named), or nothing in `model` can be converted.
@@ -244,8 +245,8 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
         module.__class__ = unit_class
         if isinstance(module, UnitScaledMatmulMixin):
             device = module.weight.device if module.weight.device.type != "meta" else "cpu"
-            module.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
-            module.register_buffer("grad_scale", torch.ones((), dtype=torch.float32, device=device))
+            for buffer in OPERAND_SCALE_BUFFERS:
+                module.register_buffer(buffer, torch.ones((), dtype=torch.float32, device=device))
         elif unit_class.unit_scaled_weights != weight_names:
             module.unit_scaled_weights = weight_names
     if config.precision is not None and matmul_names:
@@ -287,7 +288,7 @@ def merge_unit_scale(model: nn.Module) -> nn.Module:
                 param.copy_((param.float() * scale.to(param.device)).to(param.dtype))
                 merged.add(id(param))
             delattr(module, weight_name + SCALE_SUFFIX)
-        for buffer in ("input_scale", "grad_scale"):
+        for buffer in OPERAND_SCALE_BUFFERS:
             if buffer in module._buffers:
                 delattr(module, buffer)
         for attribute in ("precision", "cast_counters", "unit_scaled_weights"):

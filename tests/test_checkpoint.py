@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 
 import hf_unitscale
 from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales, set_operand_scales
+from hf_unitscale.convert import matmul_layers
 from hf_unitscale.formats import get_format
 from hf_unitscale.modules import UnitScaledMatmulMixin
 from hf_unitscale.precision import set_precision
@@ -36,11 +37,15 @@ FORMATS = [  # (checkpoint_format, weight_dtype, embedding_dtype)
 
 
 def _converted(case, calibrated: bool = True):
-    """A converted tiny model; with `calibrated`, distinct a, c per matmul layer (identity casts: same function)."""
+    """A converted tiny model; with `calibrated`, distinct a, c per matmul layer and a weight-cast scale d in every
+    other one (identity casts: same function)."""
     model = hf_unitscale.unit_scale(case.model())
     if calibrated:
         layers = [n for n, m in hf_unitscale.unit_scaled_modules(model).items() if isinstance(m, UnitScaledMatmulMixin)]
-        set_operand_scales(model, {name: [0.5 + i / 7, 1e-5 * (i + 1)] for i, name in enumerate(layers)})
+        set_operand_scales(
+            model,
+            {name: [0.5 + i / 7, 1e-5 * (i + 1), *([1 + i / 16] if i % 2 else [])] for i, name in enumerate(layers)},
+        )
     return model
 
 
@@ -225,6 +230,27 @@ def test_missing_scale_names_it(unit_scaled_folder):
         hf_unitscale.from_pretrained(unit_scaled_folder)
 
 
+def test_a_file_without_weight_cast_scales_loads_with_d_one(unit_scaled_folder):
+    """Unit-scaled files written before the weight-cast scale d existed lack `weight_cast_scale`: they load, with
+    d = 1 (the forward they were written with), and a, c as stored."""
+    path = unit_scaled_folder / UNIT_SCALED_WEIGHTS_NAME
+    tensors = load_file(path)
+    stored_input_scales = {k: v for k, v in tensors.items() if k.endswith(".input_scale")}
+    assert any(v != 1 for k, v in tensors.items() if k.endswith(".weight_cast_scale"))
+    save_file({k: v for k, v in tensors.items() if not k.endswith(".weight_cast_scale")}, str(path))
+    loaded = hf_unitscale.from_pretrained(unit_scaled_folder)
+    state = loaded.state_dict()
+    assert all(float(layer.weight_cast_scale) == 1 for layer in matmul_layers(loaded).values())
+    assert all(torch.equal(state[k], v) for k, v in stored_input_scales.items())
+
+
+def test_operand_scales_of_the_wrong_length_are_named(unit_scaled_folder):
+    model = _converted(CASES_BY_ID["llama-untied"], calibrated=False)
+    name = next(iter(matmul_layers(model)))
+    with pytest.raises(ValueError, match=rf"holds \[1.0\] for `{name}`; expected \[a, c\] or \[a, c, d\]"):
+        set_operand_scales(model, {name: [1.0]})
+
+
 def _edit_block(folder, **changes):
     config = json.loads((folder / "config.json").read_text())
     config["unit_scaling"].update(changes)
@@ -279,6 +305,7 @@ def test_model_card_states_what_it_must(checkpoint_format, tmp_path):
     assert "**unit-scaled**" in card and f"`{checkpoint_format}`" in card
     assert "umup" in card and "batches: `4`" in card and "15 of 15 matmul layers" in card
     assert "| `model.layers.0.self_attn.q_proj` | Linear |" in card  # per-layer scale table
+    assert "| d (weight cast) |" in card and "7 carry a weight-cast scale d ≠ 1" in card
     assert 'hf_unitscale.from_pretrained("user/tiny-llama")' in card
     if checkpoint_format != "unit-scaled":
         assert 'LlamaForCausalLM.from_pretrained("user/tiny-llama")' in card
