@@ -3,7 +3,7 @@
 - `merged`: a plain transformers checkpoint, W = s·Ŵ under the original names and nothing else,
   in `model.safetensors`. Any transformers install loads it and computes the same function. The
   `unit_scaling` block of `config.json` keeps the conversion options and the calibrated operand
-  scales (a, c and, where searched, d per layer), so `hf_unitscale.from_pretrained` restores them; s is re-measured,
+  scales (a, c and, where searched, s·d per layer), so `hf_unitscale.from_pretrained` restores them; s is re-measured,
   s = rms(W).
 - `unit-scaled`: Ŵ under the original names (fp32, bf16 or E4M3: Ŵ has unit RMS, so FP8 with no
   further scale keeps it), every `<weight>_scale` s, `input_scale` a, `grad_scale` c and `weight_cast_scale` d, in
@@ -225,13 +225,18 @@ def compressed_tensors_checkpoint(
 
 
 def operand_scales(model: nn.Module) -> dict[str, list[float]]:
-    """{layer: [a, c]}, or [a, c, d] where d ≠ 1, for every converted matmul layer whose static scales are not all
-    1."""
+    """{layer: [a, c]}, or [a, c, s·d] where the weight-cast scale d ≠ 1, for every converted matmul layer whose
+    static scales are not all 1.
+
+    d is stored as s·d, the scale the forward divides the plain W = s·Ŵ by (q(Ŵ/d) = q(W/(s·d))): a merged
+    checkpoint's W reloads with s re-measured as rms(W), which training has moved away from the s that Ŵ was
+    divided by, and s·d keeps the grid under W where the search put it.
+    """
     table = {}
     for name, module in matmul_layers(model).items():
-        scales = [float(getattr(module, buffer)) for buffer in OPERAND_SCALE_BUFFERS]
-        while len(scales) > 2 and scales[-1] == 1:
-            scales.pop()
+        scales = [float(module.input_scale), float(module.grad_scale)]
+        if float(module.weight_cast_scale) != 1:
+            scales.append(float(module.weight_cast_scale) * float(module.weight_scale))
         if any(scale != 1 for scale in scales):
             table[name] = scales
     return table
@@ -239,7 +244,8 @@ def operand_scales(model: nn.Module) -> dict[str, list[float]]:
 
 @torch.no_grad()
 def set_operand_scales(model: nn.Module, scales: dict[str, list[float]]) -> None:
-    """Set a, c (and d, 1 when not listed) from `operand_scales` output; an unknown layer name is an error."""
+    """Set a, c and d (1 when not listed) from `operand_scales` output, d = (s·d)/s with the layer's current s; an
+    unknown layer name is an error."""
     modules = unit_scaled_modules(model)
     for name, values in scales.items():
         module = modules.get(name)
@@ -248,13 +254,14 @@ def set_operand_scales(model: nn.Module, scales: dict[str, list[float]]) -> None
                 f"The checkpoint's `{CONFIG_KEY}.operand_scales` names layer `{name}`, which is not a unit-scaled "
                 "matmul layer of this model: the config block disagrees with the model."
             )
-        if not 2 <= len(values) <= len(OPERAND_SCALE_BUFFERS):
+        if len(values) not in (2, 3):
             raise ValueError(
                 f"The checkpoint's `{CONFIG_KEY}.operand_scales` holds {values} for `{name}`; expected [a, c] or "
-                "[a, c, d]."
+                "[a, c, s·d]."
             )
-        for buffer, value in zip(OPERAND_SCALE_BUFFERS, [*values, 1.0, 1.0], strict=False):
-            getattr(module, buffer).fill_(value)
+        module.input_scale.fill_(values[0])
+        module.grad_scale.fill_(values[1])
+        module.weight_cast_scale.fill_(values[2] / float(module.weight_scale) if len(values) == 3 else 1.0)
 
 
 @torch.no_grad()
