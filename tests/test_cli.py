@@ -264,6 +264,28 @@ def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, c
     assert err.splitlines()[-1].startswith(f"hf-unitscale {argv[0]}: error: ")
 
 
+def test_a_generic_error_says_how_to_see_its_traceback(tmp_path, capsys, monkeypatch):
+    """A ValueError/OSError may be a user error or a bug deeper down: one line with a hint, and the traceback with
+    HF_UNITSCALE_TRACEBACK=1. The library's own user errors carry no hint."""
+    argv = ["train", str(_small_recipe(tmp_path)), "--model_name_or_path", str(tmp_path / "nonexistent")]
+    assert main(argv) == 2
+    assert "HF_UNITSCALE_TRACEBACK" not in capsys.readouterr().err
+
+    def save_pretrained(*args, **kwargs):  # stands in for a bug deeper down
+        raise ValueError("internal inconsistency")
+
+    monkeypatch.setattr(hf_unitscale.hub, "save_pretrained", save_pretrained)
+    argv = ["convert", str(save_tiny_model("bert", tmp_path / "plain")), str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert (
+        err.rstrip().endswith("internal inconsistency (HF_UNITSCALE_TRACEBACK=1: traceback)") and "Traceback" not in err
+    )
+    monkeypatch.setenv("HF_UNITSCALE_TRACEBACK", "1")
+    with pytest.raises(ValueError, match="internal inconsistency"):
+        main(argv)
+
+
 def test_report_cycles_the_sentiment_snippets(monkeypatch):
     # more batches than the embedded test split has rows: cycled, as the Austen text is
     import argparse

@@ -12,6 +12,7 @@ Each module exports `X_command_parser(subparsers)`, which adds the subcommand an
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from .convert import convert_command_parser
@@ -21,6 +22,8 @@ from .train import train_command_parser
 from .utils import CommandError
 
 __all__ = ["CommandError", "build_parser", "main"]
+
+TRACEBACK_VARIABLE = "HF_UNITSCALE_TRACEBACK"  # set to 1: errors raise with their traceback instead of one line
 
 DESCRIPTION = """\
 Unit scaling for pretrained Hugging Face models: every weight W is stored as s·Ŵ with s = rms(W)
@@ -36,7 +39,8 @@ commands:
   train     fine-tune with UnitScaleTrainer from a YAML recipe (see recipes/); any recipe key can
             be overridden on the command line, e.g. --max_steps 5 or --max-steps 5
 
-Run `hf-unitscale COMMAND --help` for a command's options.
+Run `hf-unitscale COMMAND --help` for a command's options. Errors print one line (exit status 2);
+HF_UNITSCALE_TRACEBACK=1 raises them with their traceback.
 """
 
 
@@ -63,8 +67,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.func(args) or 0
     except (CommandError, RecipeError, FetchError, ValueError, OSError) as err:
-        # user errors (a bad name, path, column or value; a failed download): the message, no traceback
-        print(f"hf-unitscale {args.command}: error: {err}", file=sys.stderr)
+        # user errors (a bad name, path, column or value; a failed download): the message, no traceback. A
+        # ValueError/OSError may also come from a bug deeper down: say how to see where it was raised.
+        if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
+            raise
+        hint = (
+            "" if isinstance(err, (CommandError, RecipeError, FetchError)) else f" ({TRACEBACK_VARIABLE}=1: traceback)"
+        )
+        print(f"hf-unitscale {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
 
 
