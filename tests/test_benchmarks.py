@@ -17,6 +17,7 @@ import math
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,8 @@ def fp8_kernel_slowdown() -> float:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # OpenMP barriers crawl when another process holds a core: one thread only shares it
     try:
-        fp8 = seconds(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.float32), repeats=1)  # ~1 s if ref
+        # ~1 s per call with the reference kernel; the best of 3, so one stall cannot drop the variant
+        fp8 = seconds(lambda: torch._scaled_mm(a, b, one, one, out_dtype=torch.float32), repeats=3)
         return fp8 / seconds(lambda: a.float() @ b.float(), repeats=20)
     finally:
         torch.set_num_threads(threads)
@@ -86,8 +88,15 @@ def smoke_variants() -> list[str]:
     """Every variant, but the real-kernel one (`BACKENDS`) only where the CPU's FP8 kernel is usable: with the
     reference kernel, a real model's training step takes minutes. tests/test_ops.py and tests/test_compile.py
     run the `scaled_mm` backend everywhere."""
-    usable = fp8_kernel_slowdown() < 50
-    return [variant for variant in KNOWN_VARIANTS if usable or variant not in BACKENDS]
+    slowdown = fp8_kernel_slowdown()
+    if slowdown >= 50:
+        warnings.warn(
+            f"torch._scaled_mm runs {slowdown:.0f}x slower than an fp32 matmul here (oneDNN's reference kernel): "
+            f"the benchmark smoke test skips {sorted(BACKENDS)}.",
+            stacklevel=1,
+        )
+        return [variant for variant in KNOWN_VARIANTS if variant not in BACKENDS]
+    return list(KNOWN_VARIANTS)
 
 
 @pytest.fixture(scope="module")
