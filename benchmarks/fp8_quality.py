@@ -19,8 +19,6 @@ and, only when named in `--variants`, ours with other `calibrate` options, gradi
                    `headroom=2`: E4M3's max, 448, is 2^8.8 above a unit-RMS gradient, E5M2's 2^15.8
   ours_rounding    `input_rounding_search=True` (each a chosen within √2 of rms(x) to minimize x's E4M3 rounding
                    error on the calibration batches)
-  ours_weight_rounding  `weight_rounding_search=True` (each layer's weight-cast scale d chosen within √2 of rms(Ŵ) to
-                   minimize Ŵ's E4M3 rounding error, each input feature weighted by its mean square)
   ours_scaled_mm   ours with backend "scaled_mm": the three GEMMs in `torch._scaled_mm` on FP8 tensors (which runs
                    on CPU in torch 2.13) instead of `simulate`'s cast-back-to-fp32 matmul
   torchao_e4m3     torchao_dynamic with E4M3 output gradients (`cast_config_grad_output`), its peer
@@ -77,7 +75,6 @@ CALIBRATION_OPTIONS = {
     "ours_budget": {"grad_underflow_budget": 1e-4, "headroom": 4.0},
     "ours_e4m3": {"headroom": 2.0},
     "ours_rounding": {"input_rounding_search": True},
-    "ours_weight_rounding": {"weight_rounding_search": True},
 }
 # the library's `fp8_format` per variant: "HYBRID" (E5M2 output gradients) unless named here
 FP8_FORMATS = {"ours_e4m3": "E4M3", "torchao_e4m3": "E4M3"}

@@ -112,14 +112,6 @@ class UnitScaleTrainingArguments(TrainingArguments):
             "from token to token, as in Llama models); False: a = rms(x)."
         },
     )
-    calibration_weight_rounding_search: bool = field(
-        default=False,
-        metadata={
-            "help": "With `fp8`, choose each layer's weight-cast scale d (forward q(Ŵ/d), output ×d) within a factor "
-            "sqrt(2) of rms(Ŵ) to minimize Ŵ's forward-format rounding error, each input feature weighted by its "
-            "mean square on the calibration batches; False: d = 1."
-        },
-    )
 
     save_format: Literal["merged", "unit-scaled"] = field(
         default="merged",
@@ -237,6 +229,5 @@ _OPTION_FIELDS = (
     "calibration_headroom",
     "calibration_grad_underflow_budget",
     "calibration_input_rounding_search",
-    "calibration_weight_rounding_search",
     "save_format",
 )

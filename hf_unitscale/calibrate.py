@@ -27,9 +27,6 @@ over three seeds) against lowering c alone, and changed no eval metric (benchmar
 `input_rounding_search=True` moves a within a factor √2 of rms(x) instead, to the scale at which the
 forward cast of the calibration inputs errs least (outlier features that repeat from token to token
 then round with a small error rather than the same large one in every token).
-`weight_rounding_search=True` also sets each layer's weight-cast scale d (forward q(Ŵ/d), output ×d) within a
-factor √2 of rms(Ŵ), to the d at which Ŵ's cast errs least, each input feature's error weighted by the
-feature's mean square on the calibration batches (`weight_rounding.py`).
 
 How it is measured, and why:
 
@@ -64,7 +61,7 @@ from transformers.utils import logging
 
 from .config import CONFIG_KEY
 from .convert import matmul_layers
-from .distributed import all_reduce_across_processes, full_tensor
+from .distributed import all_reduce_across_processes
 from .formats import FORMATS, FP8_FORMAT_PAIRS, LowPrecisionFormat
 from .operand_stats import (
     ExponentHistogramAccumulator,
@@ -75,7 +72,6 @@ from .operand_stats import (
     model_inputs,
 )
 from .precision import full_precision
-from .weight_rounding import best_weight_cast_scale
 
 __all__ = ["calibrate"]
 
@@ -101,17 +97,14 @@ def _all_reduce_statistics(accumulators: list[RmsAccumulator]) -> None:
     peaks = all_reduce_across_processes(torch.tensor([acc.absmax for acc in accumulators], dtype=torch.float64), "max")
     for acc, (ms_total, batches), peak in zip(accumulators, sums.tolist(), peaks.tolist(), strict=True):
         acc.ms_total, acc.batches, acc.absmax = ms_total, int(batches), peak
-    # the per-rank counts that add up: exponent histograms (underflow budget), cast errors (input rounding search),
-    # input feature squares (weight rounding search)
+    # the per-rank counts that add up: exponent histograms (underflow budget), cast errors (input rounding search)
     for kind, attribute in (
         (ExponentHistogramAccumulator, "exponent_counts"),
         (RoundingErrorAccumulator, "squared_errors"),
-        (RmsAccumulator, "feature_squares"),
     ):
-        chosen = [acc for acc in accumulators if isinstance(acc, kind) and getattr(acc, attribute, None) is not None]
+        chosen = [acc for acc in accumulators if isinstance(acc, kind)]
         if chosen:
-            counts = [getattr(acc, attribute) for acc in chosen]
-            totals = all_reduce_across_processes(torch.cat(counts)).split([len(c) for c in counts])
+            totals = all_reduce_across_processes(torch.stack([getattr(acc, attribute) for acc in chosen]))
             for acc, total in zip(chosen, totals, strict=True):
                 setattr(acc, attribute, total)
 
@@ -167,7 +160,6 @@ def calibrate(
     headroom: float | None = None,
     grad_underflow_budget: float | None = None,
     input_rounding_search: bool = False,
-    weight_rounding_search: bool = False,
     progress: bool = True,
 ) -> dict[str, dict[str, float]]:
     """Set every converted matmul layer's static scales a = rms(x) and c = rms(g), in place.
@@ -190,11 +182,6 @@ def calibrate(
     is scale-free on average, but outlier features keep similar values from token to token, and the
     grid point that puts them near format values lowers their systematic error.
 
-    With `weight_rounding_search`, the weight-cast scale d of each layer with a forward format is the d within a
-    factor √2 of rms(Ŵ) (32 per octave) that minimizes Σ_ij f_j (d·q(Ŵ_ij/d) − Ŵ_ij)², f_j = Σ_t x_tj² the
-    squares of input feature j over the calibration batches: the diagonal of the output error tr(ΔŴ Σₓ ΔŴᵀ).
-    Without it, d is left as it is (1 unless searched before).
-
     Args:
         model: a model converted by `unit_scale`.
         batches: dicts of model inputs (with `labels` for real gradients), e.g. a DataLoader.
@@ -208,13 +195,11 @@ def calibrate(
             elements its cast may flush to zero, e.g. 1e-4; None: c is not lowered.
         input_rounding_search: choose each a near rms(x) to minimize the forward cast's squared error
             (above); costs 32 casts of every input per batch.
-        weight_rounding_search: choose each d near rms(Ŵ) to minimize the input-weighted error of Ŵ's forward
-            cast (above); costs 32 casts of every weight.
         progress: show a tqdm progress bar.
 
     Returns:
-        `{layer name: {"input_rms", "grad_rms", "input_scale", "grad_scale", "weight_cast_scale", "input_peak",
-        "grad_peak"}}`: the measured RMS (nan when not measured), the scales now in the buffers, and the peaks
+        `{layer name: {"input_rms", "grad_rms", "input_scale", "grad_scale", "input_peak", "grad_peak"}}`:
+        the measured RMS (nan when not measured), the scales now in the buffers, and the peaks
         max|x|/a and max|g|/c over the calibration batches (the largest operands the FP8 casts see;
         a warning names layers whose peak is within 2x of their format's max). A layer whose output gets no
         gradient (unused by the loss) keeps its previous `c`, and likewise `a`.
@@ -252,16 +237,10 @@ def calibrate(
         model.eval()
         # the gradients' exponent histograms only when a budget will read them
         grad_accumulator = RmsAccumulator if grad_underflow_budget is None else ExponentHistogramAccumulator
-        # layers with a forward format: the one the searches round x, Ŵ to
-        forward_formats = {name: _operand_formats(layer)[0] for name, layer in layers.items()}
-        forward_formats = {name: fmt for name, fmt in forward_formats.items() if fmt is not None}
         searched = {}
-        for name, fmt in forward_formats.items():
-            features = layers[name].gemm_weight().shape[-1] if weight_rounding_search else None  # Σ x² per feature
-            if input_rounding_search:
-                searched[name] = RoundingErrorAccumulator(fmt, features=features)
-            elif weight_rounding_search:
-                searched[name] = RmsAccumulator(features)
+        if input_rounding_search:  # layers with a forward format: the one the search rounds x to
+            forward_formats = {name: _operand_formats(layer)[0] for name, layer in layers.items()}
+            searched = {name: RoundingErrorAccumulator(fmt) for name, fmt in forward_formats.items() if fmt is not None}
         hooks = OperandRmsHooks(layers, grad_accumulator=grad_accumulator, input_accumulators=searched)
         with hooks, full_precision(model), torch.enable_grad():
             for batch in bar:
@@ -310,18 +289,11 @@ def calibrate(
                 value = max(value, floor)
             with torch.no_grad():
                 buffer.fill_(value)
-        feature_squares = hooks.inputs[name].feature_squares
-        if feature_squares is not None and hooks.inputs[name].batches:  # searched and measured
-            with torch.no_grad():
-                layer.weight_cast_scale.fill_(
-                    best_weight_cast_scale(full_tensor(layer.gemm_weight()), feature_squares, forward_formats[name])
-                )
         table[name] = {
             "input_rms": input_rms,
             "grad_rms": grad_rms,
             "input_scale": float(layer.input_scale),
             "grad_scale": float(layer.grad_scale),
-            "weight_cast_scale": float(layer.weight_cast_scale),
             # the largest operands the casts will see: max|x|/a, max|g|/c (nan if unmeasured)
             "input_peak": hooks.inputs[name].peak() / float(layer.input_scale),
             "grad_peak": hooks.grads[name].peak() / float(layer.grad_scale),
@@ -351,7 +323,6 @@ def calibrate(
         "headroom": headroom,
         "grad_underflow_budget": grad_underflow_budget,
         "input_rounding_search": input_rounding_search,
-        "weight_rounding_search": weight_rounding_search,
         "precision": "full (fp32 path, casts off)",
         "mode": "eval",
     }

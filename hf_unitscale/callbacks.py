@@ -58,8 +58,6 @@ class RecalibrationCallback(TrainerCallback):
             more than this fraction of a layer's output-gradient elements to zero.
         input_rounding_search: `calibrate`'s `input_rounding_search`: choose each a near rms(x) to minimize x's
             forward rounding error.
-        weight_rounding_search: `calibrate`'s `weight_rounding_search`: choose each layer's weight-cast scale d
-            near rms(Ŵ) to minimize Ŵ's input-weighted forward rounding error.
     """
 
     def __init__(
@@ -75,7 +73,6 @@ class RecalibrationCallback(TrainerCallback):
         headroom: float | None = None,
         grad_underflow_budget: float | None = None,
         input_rounding_search: bool = False,
-        weight_rounding_search: bool = False,
     ) -> None:
         if every is not None and every < 0:
             raise ValueError(f"`every` should be a non-negative number of steps or None, got {every}.")
@@ -91,7 +88,6 @@ class RecalibrationCallback(TrainerCallback):
         self.headroom = headroom
         self.grad_underflow_budget = grad_underflow_budget
         self.input_rounding_search = input_rounding_search
-        self.weight_rounding_search = weight_rounding_search
         self._cached: list[dict[str, Any]] | None = None
         self.history: list[dict[str, Any]] = []  # one entry per calibration: step and per-layer scales
         self.logged: list[dict[str, float]] = []  # the cast fractions of every log, with their step
@@ -124,7 +120,6 @@ class RecalibrationCallback(TrainerCallback):
             headroom=self.headroom,
             grad_underflow_budget=self.grad_underflow_budget,
             input_rounding_search=self.input_rounding_search,
-            weight_rounding_search=self.weight_rounding_search,
             progress=False,
         )
         step = state.global_step if state is not None else None

@@ -3,10 +3,10 @@
 - `merged`: a plain transformers checkpoint, W = s·Ŵ under the original names and nothing else,
   in `model.safetensors`. Any transformers install loads it and computes the same function. The
   `unit_scaling` block of `config.json` keeps the conversion options and the calibrated operand
-  scales (a, c and, where searched, s·d per layer), so `hf_unitscale.from_pretrained` restores them; s is re-measured,
+  scales (a, c per layer), so `hf_unitscale.from_pretrained` restores them; s is re-measured,
   s = rms(W).
 - `unit-scaled`: Ŵ under the original names (fp32, bf16 or E4M3: Ŵ has unit RMS, so FP8 with no
-  further scale keeps it), every `<weight>_scale` s, `input_scale` a, `grad_scale` c and `weight_cast_scale` d, in
+  further scale keeps it), every `<weight>_scale` s, `input_scale` a and `grad_scale` c, in
   `unit_scaled_model.safetensors` (or shards of it with an index, past `max_shard_size`). There is
   deliberately no `model.safetensors`: plain transformers fails loudly ("no file named
   model.safetensors") instead of loading Ŵ as W.
@@ -38,7 +38,7 @@ from transformers.utils.hub import get_checkpoint_shard_files
 from .config import CONFIG_KEY
 from .convert import matmul_layers, unit_scaled_modules
 from .formats import cast_to_format, get_format
-from .modules import OPERAND_SCALE_BUFFERS, SCALE_SUFFIX, UnitScaledMatmulMixin
+from .modules import SCALE_SUFFIX, UnitScaledMatmulMixin
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -68,7 +68,6 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "e4m3": t
 # storage of embedding tables: the same, or int8 rows with an fp32 scale per row (`<weight>_row_scale`)
 EMBEDDING_DTYPES = {**WEIGHT_DTYPES, "int8": torch.int8}
 ROW_SCALE_SUFFIX = "_row_scale"
-_CAST_SCALE_KEY = ".weight_cast_scale"
 
 
 def _converted_weight_names(model: nn.Module) -> dict[str, str]:
@@ -81,7 +80,7 @@ def _converted_weight_names(model: nn.Module) -> dict[str, str]:
 
 
 def _operand_scale_names(model: nn.Module) -> list[str]:
-    return [f"{name}.{buffer}" for name in matmul_layers(model) for buffer in OPERAND_SCALE_BUFFERS]
+    return [f"{name}.{buffer}" for name in matmul_layers(model) for buffer in ("input_scale", "grad_scale")]
 
 
 def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
@@ -225,43 +224,27 @@ def compressed_tensors_checkpoint(
 
 
 def operand_scales(model: nn.Module) -> dict[str, list[float]]:
-    """{layer: [a, c]}, or [a, c, s·d] where the weight-cast scale d ≠ 1, for every converted matmul layer whose
-    static scales are not all 1.
-
-    d is stored as s·d, the scale the forward divides the plain W = s·Ŵ by (q(Ŵ/d) = q(W/(s·d))): a merged
-    checkpoint's W reloads with s re-measured as rms(W), which training has moved away from the s that Ŵ was
-    divided by, and s·d keeps the grid under W where the search put it.
-    """
-    table = {}
-    for name, module in matmul_layers(model).items():
-        scales = [float(module.input_scale), float(module.grad_scale)]
-        if float(module.weight_cast_scale) != 1:
-            scales.append(float(module.weight_cast_scale) * float(module.weight_scale))
-        if any(scale != 1 for scale in scales):
-            table[name] = scales
-    return table
+    """{layer: [a, c]} for every converted matmul layer whose static scales are not both 1."""
+    return {
+        name: [float(module.input_scale), float(module.grad_scale)]
+        for name, module in matmul_layers(model).items()
+        if (float(module.input_scale), float(module.grad_scale)) != (1, 1)
+    }
 
 
 @torch.no_grad()
 def set_operand_scales(model: nn.Module, scales: dict[str, list[float]]) -> None:
-    """Set a, c and d (1 when not listed) from `operand_scales` output, d = (s·d)/s with the layer's current s; an
-    unknown layer name is an error."""
+    """Set a, c from `operand_scales` output; an unknown layer name is an error."""
     modules = unit_scaled_modules(model)
-    for name, values in scales.items():
+    for name, (input_scale, grad_scale) in scales.items():
         module = modules.get(name)
         if not isinstance(module, UnitScaledMatmulMixin):
             raise ValueError(
                 f"The checkpoint's `{CONFIG_KEY}.operand_scales` names layer `{name}`, which is not a unit-scaled "
                 "matmul layer of this model: the config block disagrees with the model."
             )
-        if len(values) not in (2, 3):
-            raise ValueError(
-                f"The checkpoint's `{CONFIG_KEY}.operand_scales` holds {values} for `{name}`; expected [a, c] or "
-                "[a, c, s·d]."
-            )
-        module.input_scale.fill_(values[0])
-        module.grad_scale.fill_(values[1])
-        module.weight_cast_scale.fill_(values[2] / float(module.weight_scale) if len(values) == 3 else 1.0)
+        module.input_scale.fill_(input_scale)
+        module.grad_scale.fill_(grad_scale)
 
 
 @torch.no_grad()
@@ -285,8 +268,7 @@ def load_unit_scaled_state_dict(
     converted = _converted_weight_names(model)
     embeddings = _embedding_weight_names(model)
     aliases = _tied_aliases(model)
-    # files written before d existed lack it: d stays 1, the forward they were trained with
-    missing = [k for k in expected if k not in state_dict and k not in aliases and not k.endswith(_CAST_SCALE_KEY)]
+    missing = [k for k in expected if k not in state_dict and k not in aliases]
     unexpected = [k for k in state_dict if k not in expected]
     missing_scales = [k for k in missing if k in converted.values()]
     if missing_scales:

@@ -27,7 +27,6 @@ from .config import CONFIG_KEY, UnitScaleConfig
 from .modules import (
     EMBEDDING_CLASSES,
     MATMUL_CLASSES,
-    OPERAND_SCALE_BUFFERS,
     SCALE_SUFFIX,
     UnitScaledMatmulMixin,
     UnitScaledModuleMixin,
@@ -197,8 +196,8 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
 
     Returns:
         `model`, converted. Ŵ stays trainable under each weight's original name; s, and the
-        static operand scales a, c, d of matmul layers, are fp32 buffers `<weight>_scale`,
-        `input_scale`, `grad_scale` and `weight_cast_scale`.
+        static operand scales a, c of matmul layers, are fp32 buffers `<weight>_scale`,
+        `input_scale` and `grad_scale`.
 
     Raises:
         ValueError: a weight is not finite (named), or nothing in `model` can be converted.
@@ -245,8 +244,8 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
         module.__class__ = unit_class
         if isinstance(module, UnitScaledMatmulMixin):
             device = module.weight.device if module.weight.device.type != "meta" else "cpu"
-            for buffer in OPERAND_SCALE_BUFFERS:
-                module.register_buffer(buffer, torch.ones((), dtype=torch.float32, device=device))
+            module.register_buffer("input_scale", torch.ones((), dtype=torch.float32, device=device))
+            module.register_buffer("grad_scale", torch.ones((), dtype=torch.float32, device=device))
         elif unit_class.unit_scaled_weights != weight_names:
             module.unit_scaled_weights = weight_names
     if config.precision is not None and matmul_names:
@@ -288,7 +287,7 @@ def merge_unit_scale(model: nn.Module) -> nn.Module:
                 param.copy_((param.float() * scale.to(param.device)).to(param.dtype))
                 merged.add(id(param))
             delattr(module, weight_name + SCALE_SUFFIX)
-        for buffer in OPERAND_SCALE_BUFFERS:
+        for buffer in ("input_scale", "grad_scale"):
             if buffer in module._buffers:
                 delattr(module, buffer)
         for attribute in ("precision", "cast_counters", "unit_scaled_weights"):

@@ -34,7 +34,6 @@ from transformers.utils import logging
 __all__ = [
     "all_reduce_across_processes",
     "check_buffers_in_sync",
-    "full_tensor",
     "gather_full_state_dict",
     "repoint_optimizer_params",
     "retie_state_dict",
@@ -112,7 +111,7 @@ def check_buffers_in_sync(model: nn.Module) -> None:
     buffers = [(n, b) for n, b in model.named_buffers() if b.device.type != "meta"]
     if not buffers:
         return
-    local = torch.cat([full_tensor(b).detach().to("cpu", torch.float64).flatten() for _, b in buffers])
+    local = torch.cat([_full(b).detach().to("cpu", torch.float64).flatten() for _, b in buffers])
     local = local.to(_collective_device())
     gathered = [torch.empty_like(local) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, local)
@@ -131,8 +130,7 @@ def check_buffers_in_sync(model: nn.Module) -> None:
         )
 
 
-def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
-    """The whole tensor of one FSDP2 shards over ranks (a DTensor; collective), else `tensor`."""
+def _full(tensor: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
 
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -27,7 +27,7 @@ from torch import nn
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME
 from .config import CONFIG_KEY
 from .convert import unit_scaled_modules, weight_scales
-from .modules import OPERAND_SCALE_BUFFERS, UnitScaledMatmulMixin
+from .modules import UnitScaledMatmulMixin
 
 __all__ = ["MODEL_CARD_TAGS", "model_card_section", "render_model_card", "update_model_card"]
 
@@ -65,15 +65,16 @@ def _base_model(config) -> str | None:
     return name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) else None
 
 
-def _scale_rows(model: nn.Module) -> list[tuple[str, str, float, float | None, float | None, float | None]]:
-    """(layer, kind, s, a, c, d) for every converted weight; a, c, d are None for embeddings and generic layers."""
+def _scale_rows(model: nn.Module) -> list[tuple[str, str, float, float | None, float | None]]:
+    """(layer, kind, s, a, c) for every converted weight; a, c are None for embeddings and generic layers."""
     rows = []
     for name, module in unit_scaled_modules(model).items():
         matmul = isinstance(module, UnitScaledMatmulMixin)
         for weight in module.unit_scaled_weights:
             label = name if weight == "weight" else f"{name}.{weight}"
-            a, c, d = (float(getattr(module, b)) if matmul else None for b in OPERAND_SCALE_BUFFERS)
-            rows.append((label, type(module).base_class.__name__, float(module.scale_of(weight)), a, c, d))
+            a = float(module.input_scale) if matmul else None
+            c = float(module.grad_scale) if matmul else None
+            rows.append((label, type(module).base_class.__name__, float(module.scale_of(weight)), a, c))
     return rows
 
 
@@ -92,8 +93,8 @@ def _range(values: list[float | None]) -> str:
 def _scale_table(model: nn.Module) -> str:
     rows = _scale_rows(model)
     if len(rows) <= MAX_LAYER_ROWS:
-        lines = ["| layer | type | s | a (input) | c (output grad) | d (weight cast) |", "|---|---|---|---|---|---|"]
-        lines += [f"| `{n}` | {k} | {_fmt(s)} | {_fmt(a)} | {_fmt(c)} | {_fmt(d)} |" for n, k, s, a, c, d in rows]
+        lines = ["| layer | type | s | a (input) | c (output grad) |", "|---|---|---|---|---|"]
+        lines += [f"| `{n}` | {k} | {_fmt(s)} | {_fmt(a)} | {_fmt(c)} |" for n, k, s, a, c in rows]
         return "\n".join(lines)
     groups: dict[tuple[str, str], list[tuple]] = defaultdict(list)
     for row in rows:
@@ -101,13 +102,12 @@ def _scale_table(model: nn.Module) -> str:
     lines = [
         f"{len(rows)} converted weights, grouped by name pattern (`N` = layer index); ranges are min … max.",
         "",
-        "| layers | type | count | s | a (input) | c (output grad) | d (weight cast) |",
-        "|---|---|---|---|---|---|---|",
+        "| layers | type | count | s | a (input) | c (output grad) |",
+        "|---|---|---|---|---|---|",
     ]
     for (pattern, kind), members in groups.items():
-        s, a, c, d = ([m[i] for m in members] for i in (2, 3, 4, 5))
-        ranges = " | ".join(_range(values) for values in (s, a, c, d))
-        lines.append(f"| `{pattern}` | {kind} | {len(members)} | {ranges} |")
+        s, a, c = ([m[i] for m in members] for i in (2, 3, 4))
+        lines.append(f"| `{pattern}` | {kind} | {len(members)} | {_range(s)} | {_range(a)} | {_range(c)} |")
     return "\n".join(lines)
 
 
@@ -115,18 +115,12 @@ def _calibration_text(block: dict, model: nn.Module) -> str:
     calibration = block.get("calibration")
     matmuls = [m for m in unit_scaled_modules(model).values() if isinstance(m, UnitScaledMatmulMixin)]
     calibrated = sum((float(m.input_scale), float(m.grad_scale)) != (1.0, 1.0) for m in matmuls)
-    searched = sum(float(m.weight_cast_scale) != 1.0 for m in matmuls)
-    if not calibration and not calibrated and not searched:
-        return "Not calibrated: every operand scale a, c, d is 1."
+    if not calibration and not calibrated:
+        return "Not calibrated: every operand scale a, c is 1."
     details = ", ".join(f"{k}: `{v}`" for k, v in (calibration or {}).items()) or "no details recorded"
-    weight_casts = (
-        f" {searched} carry a weight-cast scale d ≠ 1: their forward casts Ŵ/d, where Ŵ's rounding errs least."
-        if searched
-        else ""
-    )
     return (
         f"Calibrated ({details}); {calibrated} of {len(matmuls)} matmul layers carry measured scales "
-        f"a = rms(input) and c = rms(output gradient), so every low-precision operand has unit RMS.{weight_casts}"
+        "a = rms(input) and c = rms(output gradient), so every low-precision operand has unit RMS."
     )
 
 

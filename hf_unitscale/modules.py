@@ -1,4 +1,4 @@
-"""Unit-scaled layers: the original module, re-classed, holding Ŵ, s, a, c and d.
+"""Unit-scaled layers: the original module, re-classed, holding Ŵ, s, a and c.
 
 Conversion swaps a module's class in place (`module.__class__ = UnitScaledLinear`), so the module
 keeps its parameters, hooks and attributes, `isinstance(module, nn.Linear)` still holds for
@@ -7,8 +7,6 @@ transformers/peft/accelerate code, and tied weights stay one Parameter. Each cla
     weight_scale  s   fp32 scalar buffer, rms of the original weight
     input_scale   a   fp32 scalar buffer, static input scale (1 until calibrated)      [matmuls only]
     grad_scale    c   fp32 scalar buffer, static output-gradient scale (1 until calibrated)
-    weight_cast_scale  d  fp32 scalar buffer, where the forward format's grid sits under Ŵ (1 unless
-                          calibration searched it)                                          [matmuls only]
 
 and a forward that calls the math in `ops.py`. `precision` (a `MatmulPrecision` or None) and
 `cast_counters` are plain attributes set by conversion and calibration, not state.
@@ -24,7 +22,6 @@ from transformers.pytorch_utils import Conv1D
 from .ops import MatmulPrecision, OperandCounters, scaled_embedding, scaled_linear
 
 __all__ = [
-    "OPERAND_SCALE_BUFFERS",
     "SCALE_SUFFIX",
     "UnitScaledConv1D",
     "UnitScaledEmbedding",
@@ -35,8 +32,6 @@ __all__ = [
 ]
 
 SCALE_SUFFIX = "_scale"
-# the static scales a, c, d of a matmul layer, in that order
-OPERAND_SCALE_BUFFERS = ("input_scale", "grad_scale", "weight_cast_scale")
 
 
 class UnitScaledModuleMixin:
@@ -65,45 +60,42 @@ class UnitScaledModuleMixin:
 
 
 class UnitScaledMatmulMixin(UnitScaledModuleMixin):
-    """A converted matmul layer: also carries the static operand scales a, c, d and the GEMM precision."""
+    """A converted matmul layer: also carries the static operand scales a, c and the GEMM precision."""
 
     input_scale: torch.Tensor
     grad_scale: torch.Tensor
-    weight_cast_scale: torch.Tensor
     precision: MatmulPrecision | None = None
     cast_counters: OperandCounters | None = None
 
-    def gemm_weight(self) -> torch.Tensor:
-        """Ŵ as the GEMMs read it, (out × in)."""
-        return self.weight
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _scaled_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return scaled_linear(
             x,
-            self.gemm_weight(),
+            weight,
             self.bias,
             self.weight_scale,
             self.input_scale,
             self.grad_scale,
             self.precision,
             self.cast_counters,
-            self.weight_cast_scale,
         )
 
 
 class UnitScaledLinear(UnitScaledMatmulMixin, nn.Linear):
-    """nn.Linear with weight = Ŵ: y = s·a·d·(q(x/a) @ q(Ŵ/d)ᵀ) + b."""
+    """nn.Linear with weight = Ŵ: y = s·a·(q(x/a) @ q(Ŵ)ᵀ) + b."""
 
     base_class = nn.Linear
 
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scaled_linear(x, self.weight)
+
 
 class UnitScaledConv1D(UnitScaledMatmulMixin, Conv1D):
-    """transformers' Conv1D (weight stored in × out) with weight = Ŵ: y = s·a·d·(q(x/a) @ q(Ŵ/d)) + b."""
+    """transformers' Conv1D (weight stored in × out) with weight = Ŵ: y = s·a·(q(x/a) @ q(Ŵ)) + b."""
 
     base_class = Conv1D
 
-    def gemm_weight(self) -> torch.Tensor:
-        return self.weight.t()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._scaled_linear(x, self.weight.t())
 
 
 class UnitScaledEmbedding(UnitScaledModuleMixin, nn.Embedding):

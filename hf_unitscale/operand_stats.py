@@ -49,19 +49,13 @@ EXPONENT_BINS = 320
 
 class RmsAccumulator:
     """Running sqrt(mean over batches of the non-zero mean square) of one operand, and its peak max|t|
-    over every batch (what a static scale must leave room for below a format's max).
+    over every batch (what a static scale must leave room for below a format's max)."""
 
-    With `features` n, also Σ t² over every row of every batch for each of the n features (the last dimension):
-    the weights of the weight-cast error each input feature multiplies (`calibrate`'s weight rounding search).
-    """
-
-    def __init__(self, features: int | None = None) -> None:
+    def __init__(self) -> None:
         self.sum_sq = self.count = 0.0  # the current batch
         self.ms_total = 0.0  # Σ over finished batches of their mean square
         self.batches = 0
         self.absmax = 0.0  # max|t| over every batch
-        # Σ_rows t², one per feature, when asked
-        self.feature_squares = None if features is None else torch.zeros(features, dtype=torch.float64)
 
     def add(self, t: torch.Tensor) -> None:
         t = t.detach()
@@ -71,8 +65,6 @@ class RmsAccumulator:
         self.count += count
         if t.numel():
             self.absmax = max(self.absmax, float(t.abs().max()))
-        if self.feature_squares is not None:
-            self.feature_squares += t.double().square().reshape(-1, t.shape[-1]).sum(0).cpu()
 
     def end_batch(self) -> None:
         if self.count:
@@ -131,8 +123,8 @@ class RoundingErrorAccumulator(RmsAccumulator):
     puts them nearest to format values lowers the error well below what any scale gives on average.
     """
 
-    def __init__(self, fmt: LowPrecisionFormat, steps: int = 32, features: int | None = None) -> None:
-        super().__init__(features)
+    def __init__(self, fmt: LowPrecisionFormat, steps: int = 32) -> None:
+        super().__init__()
         self.fmt = fmt
         self.steps = steps
         self.squared_errors = torch.zeros(steps, dtype=torch.float64)

@@ -2,20 +2,19 @@
 
 A converted weight W is stored as a unit-scale tensor Ŵ = W / s with s a stored scalar: rms(W), or the power of
 two nearest it (`UnitScaleConfig.power_of_two_scales`).
-A linear layer with input x, output gradient g and static operand scales a (input), c
-(output gradient) and d (weight cast), all 1 until calibrated, computes three GEMMs:
+A linear layer with input x, output gradient g and static operand scales a (input) and c
+(output gradient), both 1 until calibrated, computes three GEMMs:
 
-    forward      y   = (s·a·d) · ( q_f(x/a) @ q_f(Ŵ/d)ᵀ ) + b
-    grad-input   ∂x  = (s·c·d) · ( q_b(g/c) @ q_f(Ŵ/d) )
+    forward      y   = (s·a) · ( q_f(x/a) @ q_f(Ŵ)ᵀ ) + b
+    grad-input   ∂x  = (s·c) · ( q_b(g/c) @ q_f(Ŵ) )
     grad-weight  ∂Ŵ  = (s·a·c) · ( q_b(g/c)ᵀ @ q_f(x/a) )          (= s·∂W)
 
 q_f, q_b are saturating casts to a low-precision format (E4M3 forward, E5M2 backward, or bf16);
 every operand they see has unit scale when a = rms(x) and c = rms(g), so FP8 needs no dynamic
-amax scaling. d (within a factor √2 of rms(Ŵ) ≈ 1) only moves where the forward format's grid sits
-under Ŵ (`calibrate(..., weight_rounding_search=True)`). The scalar products are applied to the fp32 GEMM output: `torch._scaled_mm`
+amax scaling. The scalar products are applied to the fp32 GEMM output: `torch._scaled_mm`
 takes exactly these per-tensor scales (backend "scaled_mm"); backend "simulate" runs the same GEMM
 in fp32 on the cast values, which runs everywhere. Both round once to the input's dtype (under autocast,
-its dtype), and both divide x/a, Ŵ/d and g/c in fp32.
+its dtype), and both divide x/a and g/c in fp32.
 
 Without casts the three GEMMs are mathematically x @ Wᵀ + b, so the full-precision path is
 F.linear(s·x, Ŵ, b) when in < out and s·F.linear(x, Ŵ, b/s) otherwise: one multiply over the
@@ -156,21 +155,17 @@ class _ScaledMatmul(torch.autograd.Function):
     """The three GEMMs of the module docstring on 2-D x (tokens × in) and Ŵ (out × in); bias outside."""
 
     @staticmethod
-    def forward(ctx, x, weight, weight_scale, input_scale, grad_scale, weight_cast_scale, precision, counters):
+    def forward(ctx, x, weight, weight_scale, input_scale, grad_scale, precision, counters):
         fwd = precision.forward
         x_cast = _scale_and_cast(x, input_scale, fwd, counters and counters.input, x.dtype)
-        if weight_cast_scale is None:  # d = 1
-            w_cast, cast_weight_scale = _cast(weight, fwd, counters and counters.weight), weight_scale
-        else:  # q(Ŵ/d), and s·d for the GEMMs that read it
-            w_cast = _scale_and_cast(weight, weight_cast_scale, fwd, counters and counters.weight, weight.dtype)
-            cast_weight_scale = weight_scale * weight_cast_scale
-        ctx.save_for_backward(x_cast, w_cast, weight_scale, cast_weight_scale, input_scale, grad_scale)
+        w_cast = _cast(weight, fwd, counters and counters.weight)
+        ctx.save_for_backward(x_cast, w_cast, weight_scale, input_scale, grad_scale)
         ctx.precision, ctx.counters, ctx.dtypes = precision, counters, (x.dtype, weight.dtype)
-        return _gemm(x_cast, w_cast.t(), input_scale * cast_weight_scale, x.dtype, precision.backend)
+        return _gemm(x_cast, w_cast.t(), input_scale * weight_scale, x.dtype, precision.backend)
 
     @staticmethod
     def backward(ctx, grad_output):
-        x_cast, w_cast, weight_scale, cast_weight_scale, input_scale, grad_scale = ctx.saved_tensors
+        x_cast, w_cast, weight_scale, input_scale, grad_scale = ctx.saved_tensors
         precision, counters = ctx.precision, ctx.counters
         x_dtype, w_dtype = ctx.dtypes
         g_cast = _scale_and_cast(
@@ -178,11 +173,11 @@ class _ScaledMatmul(torch.autograd.Function):
         )
         grad_x = grad_w = None
         if ctx.needs_input_grad[0]:
-            grad_x = _gemm(g_cast, w_cast, grad_scale * cast_weight_scale, x_dtype, precision.backend)
+            grad_x = _gemm(g_cast, w_cast, grad_scale * weight_scale, x_dtype, precision.backend)
         if ctx.needs_input_grad[1]:
             grad_w = _gemm(g_cast.t(), x_cast, grad_scale * input_scale * weight_scale, x_dtype, precision.backend)
             grad_w = grad_w.to(w_dtype)
-        return grad_x, grad_w, None, None, None, None, None, None
+        return grad_x, grad_w, None, None, None, None, None
 
 
 def scaled_linear(
@@ -194,13 +189,11 @@ def scaled_linear(
     grad_scale: torch.Tensor,
     precision: MatmulPrecision | None = None,
     counters: OperandCounters | None = None,
-    weight_cast_scale: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y = s·(x @ Ŵᵀ) + b for x of shape (..., in) and Ŵ of shape (out, in).
 
-    `precision=None` is the full-precision path (s multiplies the smaller activation), for which a, c and d do not
-    matter; otherwise the three GEMMs of the module docstring with casts to `precision`'s formats (d =
-    `weight_cast_scale`, None for 1).
+    `precision=None` is the full-precision path (s multiplies the smaller activation), for which a and c do not
+    matter; otherwise the three GEMMs of the module docstring with casts to `precision`'s formats.
     """
     if precision is None:
         scale = weight_scale.to(x.dtype)
@@ -211,14 +204,7 @@ def scaled_linear(
     if torch.is_autocast_enabled(x.device.type):  # as F.linear under autocast: compute and return in its dtype
         x = x.to(torch.get_autocast_dtype(x.device.type))
     out = _ScaledMatmul.apply(
-        x.reshape(-1, x.shape[-1]),
-        weight,
-        weight_scale,
-        input_scale,
-        grad_scale,
-        weight_cast_scale,
-        precision,
-        counters,
+        x.reshape(-1, x.shape[-1]), weight, weight_scale, input_scale, grad_scale, precision, counters
     )
     out = out.reshape(*x.shape[:-1], weight.shape[0])
     return out if bias is None else out + bias.to(out.dtype)

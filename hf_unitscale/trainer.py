@@ -160,8 +160,7 @@ class UnitScaleTrainer(Trainer):
     # ---- FP8: static operand scales (calibrate.py), kept current by callbacks.RecalibrationCallback ----
 
     def _add_recalibration(self) -> None:
-        """Calibrate a, c (and d) on `calibration_batches` training batches at train begin, again every
-        `recalibrate_every`."""
+        """Calibrate a, c on `calibration_batches` training batches at train begin, again every `recalibrate_every`."""
         from .callbacks import RecalibrationCallback
 
         options = self.unit_scale_options
@@ -171,7 +170,6 @@ class UnitScaleTrainer(Trainer):
             headroom=options["calibration_headroom"],
             grad_underflow_budget=options["calibration_grad_underflow_budget"],
             input_rounding_search=options["calibration_input_rounding_search"],
-            weight_rounding_search=options["calibration_weight_rounding_search"],
         )
         # first after DefaultFlowCallback: its `on_log` adds the fp8/ fractions before reporting integrations, the
         # printer and the user's callbacks read the logs

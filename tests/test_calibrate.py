@@ -20,7 +20,7 @@ from hf_unitscale.convert import matmul_layers
 from hf_unitscale.formats import FORMATS, cast_to_format
 from hf_unitscale.operand_stats import RoundingErrorAccumulator
 from hf_unitscale.ops import MatmulPrecision, rms
-from hf_unitscale.precision import cast_statistics, full_precision, set_precision, summarize_casts, track_casts
+from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts
 
 from tiny_models import CASES_BY_ID, TINY_CASES
 
@@ -313,22 +313,16 @@ def test_rounding_error_accumulator_puts_a_repeated_outlier_near_format_values()
     assert _cast_error(x, scale) < 0.5 * statistics.fmean(errors), (_cast_error(x, scale), errors)
 
 
-def _searched_calibration(option: str):
-    """A tiny Llama calibrated on two batches with `option` on; its batches, plain calibration's table and its own."""
-    case = CASES_BY_ID["llama-untied"]
-    model = unit_scale(case.model())
-    batches = [_labelled_batch(case, seed) for seed in (1, 2)]
-    plain = calibrate(copy.deepcopy(model), batches, progress=False)
-    table = calibrate(model, batches, progress=False, **{option: True})
-    assert model.config.unit_scaling["calibration"][option] is True
-    return model, batches, plain, table
-
-
 def test_input_rounding_search_lowers_each_inputs_cast_error_and_keeps_its_rms_near_one():
     """calibrate(input_rounding_search=True) sets a within √2 of rms(x), where x's E4M3 cast errs no more than at
     a = rms(x) (and less over all layers); c is unchanged and the option is recorded in the config."""
-    model, batches, plain, table = _searched_calibration("input_rounding_search")
+    case = CASES_BY_ID["llama-untied"]
+    model = unit_scale(case.model())
+    batches = [_labelled_batch(case, seed) for seed in (1, 2)]
     operands = _operands(model, batches)
+    plain = calibrate(copy.deepcopy(model), batches, progress=False)
+    table = calibrate(model, batches, input_rounding_search=True, progress=False)
+    assert model.config.unit_scaling["calibration"]["input_rounding_search"] is True
     searched_errors = plain_errors = 0.0
     for name, row in table.items():
         x, a = operands[name]["x"], row["input_scale"]
@@ -338,55 +332,6 @@ def test_input_rounding_search_lowers_each_inputs_cast_error_and_keeps_its_rms_n
         assert searched <= at_rms * 1.01, (name, searched, at_rms)
         searched_errors, plain_errors = searched_errors + searched, plain_errors + at_rms
     assert searched_errors < plain_errors
-
-
-def _layer_inputs(model, batches):
-    """Every matmul layer's inputs over `batches`, tokens × features, in full precision."""
-    seen, handles = {}, []
-    for name, layer in matmul_layers(model).items():
-
-        def pre(module, args, name=name):
-            seen.setdefault(name, []).append(args[0].detach().reshape(-1, args[0].shape[-1]))
-
-        handles.append(layer.register_forward_pre_hook(pre))
-    with torch.no_grad(), full_precision(model):
-        for batch in batches:
-            model(**batch)
-    for handle in handles:
-        handle.remove()
-    return {name: torch.cat(xs) for name, xs in seen.items()}
-
-
-def test_weight_rounding_search_sets_d_where_the_input_weighted_cast_error_is_least():
-    """calibrate(weight_rounding_search=True) sets each layer's d within √2 of rms(Ŵ), at the grid point (32 per
-    octave) least in Σ_ij f_j (d·q(Ŵ_ij/d) − Ŵ_ij)², f_j = Σ_t x_tj²; over all layers the output error
-    Σ_t ‖(d·q(Ŵ/d) − Ŵ) x_t‖² of the E4M3 weight cast is then below that at d = 1. a and c are plain
-    calibration's, and the option is recorded."""
-    model, batches, plain, table = _searched_calibration("weight_rounding_search")
-    inputs = _layer_inputs(model, batches)
-    e4m3 = FORMATS["e4m3"]
-
-    def cast_error(w, d):
-        return (cast_to_format(w / d, e4m3).double() * d - w.double()).square()
-
-    output_errors = {"searched": 0.0, "d=1": 0.0}
-    for name, layer in matmul_layers(model).items():
-        w, x, d = layer.weight.detach(), inputs[name].double(), table[name]["weight_cast_scale"]
-        assert (table[name]["input_scale"], table[name]["grad_scale"]) == (
-            plain[name]["input_scale"],
-            plain[name]["grad_scale"],
-        ), name
-        center = rms(w).item()
-        assert 2**-0.5 <= d / center < 2**0.5, name
-        f = x.square().sum(0)
-        grid = [center * 2 ** (k / 32 - 0.5) for k in range(32)]
-        weighted = [(cast_error(w, g) * f).sum().item() for g in grid]
-        assert (cast_error(w, d) * f).sum().item() == pytest.approx(min(weighted), rel=1e-6), name
-        for key, scale in (("searched", d), ("d=1", 1.0)):
-            delta = (cast_to_format(w / scale, e4m3).double() * scale - w.double()).t()
-            output_errors[key] += (x @ delta).square().sum().item()
-    assert len({row["weight_cast_scale"] for row in table.values()}) > 1
-    assert output_errors["searched"] < 0.95 * output_errors["d=1"], output_errors
 
 
 def test_existing_grads_survive_calibration():
@@ -797,11 +742,10 @@ def test_smollm2_worst_query_layer_flushes_only_what_saturated_attention_heads_z
 
 
 @pytest.mark.slow
-def test_smollm2_rounding_searches_bring_the_e4m3_forward_closer_to_fp32(smollm2_path):
+def test_smollm2_input_rounding_search_brings_the_e4m3_forward_closer_to_fp32(smollm2_path):
     """SmolLM2's outlier features repeat from token to token, so at a = rms(x) their E4M3 rounding error repeats
-    too, and they multiply the same weight columns in every token. Input scales searched on four training batches
-    (`input_rounding_search`), and separately weight-cast scales (`weight_rounding_search`), each make the E4M3
-    forward's next-token distribution closer to fp32's on held-out Austen text: KL(p_fp32 ‖ p_FP8) falls."""
+    too. Input scales searched on four training batches (`input_rounding_search`) make the E4M3 forward's
+    next-token distribution closer to fp32's on held-out Austen text: KL(p_fp32 ‖ p_FP8) falls."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from hf_unitscale.embedded import load_austen
@@ -820,11 +764,9 @@ def test_smollm2_rounding_searches_bring_the_e4m3_forward_closer_to_fp32(smollm2
     model = unit_scale(reference)
     set_precision(model, "e4m3", None)
     kl = {}
-    # in this order: a plain calibration resets a to rms(x) but keeps a searched d
-    for search in ("none", "input_rounding_search", "weight_rounding_search"):
-        calibrate(model, calibration, progress=False, **({} if search == "none" else {search: True}))
+    for search in (False, True):
+        calibrate(model, calibration, input_rounding_search=search, progress=False)
         with torch.no_grad():
             got = F.log_softmax(model(input_ids=held_out).logits, dim=-1)
         kl[search] = (expected.exp() * (expected - got)).sum(-1).mean().item()
-    assert kl["input_rounding_search"] < 0.95 * kl["none"], kl
-    assert kl["weight_rounding_search"] < 0.95 * kl["none"], kl
+    assert kl[True] < 0.95 * kl[False], kl

@@ -346,19 +346,8 @@ def test_calibration_pools_every_ranks_batch_and_leaves_ranks_equal(launches):
     assert lowered, "the budget lowered no scale: the test would not see the histograms"
     moved = [name for name in both if both[name]["input_scale"] != pytest.approx(first[name]["input_scale"])]
     assert moved, "the search moved no input scale: the test would not see the cast errors"
-    # the weight search's d of one process depends on the batches through their feature squares: the two batches
-    # alone pick other d's somewhere, so equal d's show the squares were summed
-    alone = [
-        hf_unitscale.calibrate(
-            calibrate_ranks.model(), [calibrate_ranks.batch(r)], **calibrate_ranks.SEARCH_OPTIONS, progress=False
-        )
-        for r in (0, 1)
-    ]
-    assert any(row[name]["weight_cast_scale"] != both[name]["weight_cast_scale"] for row in alone for name in both), (
-        "each batch alone picks the d's of both: the test would not see the feature squares"
-    )
     for name, row in searched[0].items():
-        for scale in ("input_scale", "grad_scale", "weight_cast_scale"):
+        for scale in ("input_scale", "grad_scale"):
             assert row[scale] == pytest.approx(both[name][scale], rel=1e-6), (name, scale)
 
 
@@ -378,12 +367,6 @@ def test_fp8_training_matches_single_process(launches, run):
     assert result["parameter_types"] == (["DTensor"] if sharded else ["Parameter"]), result["parameter_types"]
     _assert_losses_match(result["grad_norms"][:1], single["grad_norms"][:1], f"{run}: first gradient norm")
     _assert_losses_match(result["losses"], single["losses"], f"{run}: FP8 losses", rtol=1e-3)
-    # at the first calibration (same Ŵ) the weight rounding search ran on the whole Ŵ, gathered from FSDP2's
-    # shards, and on the ranks' summed input squares: the d's of one process (later ones follow Ŵ, which FP8
-    # training moves differently in every run, and a tiny layer's cast error is flat enough in d to flip)
-    (first,) = single["first_weight_cast_scales"]
-    assert any(d != 1 for d in first.values()), "the search set no d: nothing tested"
-    assert result["first_weight_cast_scales"] == [pytest.approx(first, rel=1e-6)]
 
 
 @pytest.mark.parametrize("run", ["ddp_fp8", "trainer_fsdp2_fp8"])

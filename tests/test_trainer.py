@@ -387,7 +387,6 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         "calibration_headroom": 2.0,
         "calibration_grad_underflow_budget": 1e-4,
         "calibration_input_rounding_search": True,
-        "calibration_weight_rounding_search": True,
         "use_cpu": True,
         "report_to": [],
     }
@@ -449,7 +448,6 @@ def test_fp8_calibrates_and_trains(tmp_path):
         calibration_headroom=2.0,
         calibration_grad_underflow_budget=1e-4,
         calibration_input_rounding_search=True,
-        calibration_weight_rounding_search=True,
     )
     seen = []
 
@@ -463,7 +461,6 @@ def test_fp8_calibrates_and_trains(tmp_path):
     record = trainer.model.config.unit_scaling["calibration"]
     # reached `calibrate`
     assert record["headroom"] == 2.0 and record["grad_underflow_budget"] == 1e-4 and record["input_rounding_search"]
-    assert record["weight_rounding_search"]
     layers = matmul_layers(trainer.model)
     assert layers["classifier"].precision is None  # the readout stays in full precision by default
     cast = [layer.precision for name, layer in layers.items() if name != "classifier"]

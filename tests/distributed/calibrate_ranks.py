@@ -28,9 +28,8 @@ from hf_unitscale.calibrate import calibrate  # noqa: E402
 from tiny_models import CASES_BY_ID  # noqa: E402
 
 CASE = "llama-untied"
-# options whose statistics are summed over ranks: exponent histograms (budget), cast errors (input search), input
-# feature squares (weight search)
-SEARCH_OPTIONS = {"grad_underflow_budget": 1e-3, "input_rounding_search": True, "weight_rounding_search": True}
+# options whose statistics are summed over ranks: exponent histograms (budget), cast errors (search)
+SEARCH_OPTIONS = {"grad_underflow_budget": 1e-3, "input_rounding_search": True}
 
 
 def model():

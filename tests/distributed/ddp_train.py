@@ -13,7 +13,7 @@ same rows whatever the number of processes: rank r of a 2-process run gets the r
 Every row is full length, so each process's mean loss weighs the same number of tokens.
 
 With `--fp8` the trainer runs FP8 matmuls (`fp8=True`): calibrated on 2 batches at the start and
-again every 5 steps (with the weight rounding search), the casts' saturation/underflow fractions in every log.
+again every 5 steps, the casts' saturation/underflow fractions in every log.
 
 With `--accelerate-fsdp2` the trainer gets `fsdp="full_shard"` with `fsdp_version: 2`, and
 Accelerate is made to take its FSDP2 path on CPU (see `force_accelerate_fsdp2_on_cpu`).
@@ -42,7 +42,6 @@ from torch.utils.data import Dataset
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
 
 from hf_unitscale.arguments import UnitScaleTrainingArguments  # noqa: E402
-from hf_unitscale.callbacks import RecalibrationCallback  # noqa: E402
 from hf_unitscale.distributed import check_buffers_in_sync  # noqa: E402
 from hf_unitscale.lr_rules import check_param_groups  # noqa: E402
 from hf_unitscale.trainer import UnitScaleTrainer  # noqa: E402
@@ -112,14 +111,7 @@ def main() -> None:
             "fsdp_config": {"fsdp_version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"},
         }
 
-    # the weight search gathers FSDP2's sharded Ŵ on every rank (and sets d from the ranks' summed input squares)
-    fp8_args = {
-        "fp8": True,
-        "calibration_batches": 2,
-        "recalibrate_every": 5,
-        "calibration_weight_rounding_search": True,
-    }
-    fp8_args = fp8_args if args.fp8 else {}
+    fp8_args = {"fp8": True, "calibration_batches": 2, "recalibrate_every": 5} if args.fp8 else {}
     training_args = UnitScaleTrainingArguments(
         output_dir=str(args.out / "run"),
         use_cpu=True,
@@ -189,12 +181,6 @@ def main() -> None:
             "grad_norms": [entry.get("grad_norm") for entry in history],
             "cast_fractions": [{k: v for k, v in entry.items() if k.startswith("fp8/")} for entry in history],
             "train_seconds": seconds,
-            # d of every layer at the first calibration (the Ŵ of every run alike)
-            "first_weight_cast_scales": [
-                {name: row["weight_cast_scale"] for name, row in callback.history[0]["scales"].items()}
-                for callback in trainer.callback_handler.callbacks
-                if isinstance(callback, RecalibrationCallback)
-            ],
         }
         if resumed_history is not None:
             result["resumed"] = {
