@@ -279,7 +279,8 @@ def test_a_generic_error_says_how_to_see_its_traceback(tmp_path, capsys, monkeyp
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert (
-        err.rstrip().endswith("internal inconsistency (HF_UNITSCALE_TRACEBACK=1: traceback)") and "Traceback" not in err
+        err.rstrip().endswith("internal inconsistency (set HF_UNITSCALE_TRACEBACK=1 for the traceback)")
+        and "Traceback" not in err
     )
     monkeypatch.setenv("HF_UNITSCALE_TRACEBACK", "1")
     with pytest.raises(ValueError, match="internal inconsistency"):

@@ -72,7 +72,9 @@ def main(argv: list[str] | None = None) -> int:
         if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
             raise
         hint = (
-            "" if isinstance(err, (CommandError, RecipeError, FetchError)) else f" ({TRACEBACK_VARIABLE}=1: traceback)"
+            ""
+            if isinstance(err, (CommandError, RecipeError, FetchError))
+            else f" (set {TRACEBACK_VARIABLE}=1 for the traceback)"
         )
         print(f"hf-unitscale {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
