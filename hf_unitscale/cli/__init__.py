@@ -64,18 +64,15 @@ def main(argv: list[str] | None = None) -> int:
     from ..embedded.fetching import FetchError
     from ..recipe import RecipeError
 
+    own_user_errors = (CommandError, RecipeError, FetchError)
     try:
         return args.func(args) or 0
-    except (CommandError, RecipeError, FetchError, ValueError, OSError) as err:
+    except (*own_user_errors, ValueError, OSError) as err:
         # user errors (a bad name, path, column or value; a failed download): the message, no traceback. A
         # ValueError/OSError may also come from a bug deeper down: say how to see where it was raised.
         if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
             raise
-        hint = (
-            ""
-            if isinstance(err, (CommandError, RecipeError, FetchError))
-            else f" (set {TRACEBACK_VARIABLE}=1 for the traceback)"
-        )
+        hint = "" if isinstance(err, own_user_errors) else f" (set {TRACEBACK_VARIABLE}=1 for the traceback)"
         print(f"hf-unitscale {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
 
