@@ -63,7 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from hf_unitscale import unit_scale, unit_scaled_modules  # noqa: E402
 from hf_unitscale.calibrate import calibrate  # noqa: E402
-from hf_unitscale.convert import matmul_layers, readout_module, weight_scales  # noqa: E402
+from hf_unitscale.convert import matmul_layers, readout_modules, weight_scales  # noqa: E402
 from hf_unitscale.formats import FORMATS, FP8_FORMAT_PAIRS  # noqa: E402
 from hf_unitscale.precision import cast_statistics, full_precision, set_precision, summarize_casts, track_casts  # noqa: E402
 
@@ -224,11 +224,11 @@ def build_variant(variant, task, seed, calibration_batches, fp8_readout):
         from torchao.float8 import CastConfig, Float8LinearConfig, convert_to_float8_training
 
         grad_dtype = FORMATS[variant_formats(variant)[1]].dtype
-        readout = readout_module(model)
+        readouts = {id(m) for m in readout_modules(model)}
         return convert_to_float8_training(
             model,
             config=Float8LinearConfig(emulate=True, cast_config_grad_output=CastConfig(target_dtype=grad_dtype)),
-            module_filter_fn=None if fp8_readout else (lambda module, name: module is not readout),
+            module_filter_fn=None if fp8_readout else (lambda module, name: id(module) not in readouts),
         )
     unit_scale(model)
     if variant in ("naive_fp8", "calib_raw"):

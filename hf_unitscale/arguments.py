@@ -70,7 +70,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "With `fp8`, regular expressions over module names (re.fullmatch) of matmul layers kept in full "
-            "precision. Default: the readout (output head). An empty list casts every layer."
+            "precision. Default: the output heads (LM head, classifier, …). An empty list casts every layer."
         },
     )
     fp8_eval: bool = field(

@@ -38,7 +38,7 @@ __all__ = [
     "is_unit_scaled",
     "matmul_layers",
     "merge_unit_scale",
-    "readout_module",
+    "readout_modules",
     "unit_scale",
     "unit_scaled_modules",
     "weight_scales",
@@ -47,18 +47,30 @@ __all__ = [
 logger = logging.get_logger(__name__)
 
 
-def readout_module(model: nn.Module) -> nn.Module | None:
-    """The output head: `get_output_embeddings()` (tied or not), else the last matmul layer outside the base model."""
+def _matmul_widths(layer: nn.Module) -> tuple[int, int]:
+    """(input width, output width) of an nn.Linear (weight out × in) or a GPT-2 Conv1D (weight in × out)."""
+    if isinstance(layer, Conv1D):
+        return int(layer.weight.shape[0]), int(layer.weight.shape[1])
+    return int(layer.in_features), int(layer.out_features)
+
+
+def readout_modules(model: nn.Module) -> list[nn.Module]:
+    """The output heads: `get_output_embeddings()` (tied or not) and each matmul layer outside the base model whose
+    output width is no other such layer's input width, i.e. one that feeds no further head layer (a classifier, a
+    next-sentence or multiple-choice head beside the LM head; a head's inner `dense`, h → h before an h → labels
+    layer, is not one). Where that finds none outside the base model, the last matmul layer there."""
     get_output = getattr(model, "get_output_embeddings", None)
-    head = get_output() if callable(get_output) else None
-    if head is not None:
-        return head
+    output_embeddings = get_output() if callable(get_output) else None
+    heads = [output_embeddings] if output_embeddings is not None else []
     base = getattr(model, "base_model", model)
     if base is model:
-        return None
+        return heads
     inside = {id(m) for m in base.modules()}
-    matmuls = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in inside]
-    return matmuls[-1] if matmuls else None
+    outside = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in inside]
+    widths = {id(m): _matmul_widths(m) for m in outside}
+    final = [m for m in outside if all(widths[id(m)][1] != widths[id(o)][0] for o in outside if o is not m)]
+    heads += [m for m in final or outside[-1:] if m is not output_embeddings]
+    return heads
 
 
 def is_unit_scaled(model: nn.Module) -> bool:

@@ -5,8 +5,9 @@ gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one
 
     embedding       the weight of an nn.Embedding (a tied input/output matrix is one Parameter,
                     named after the embedding, and takes this role)
-    readout         the output head: `get_output_embeddings()` if untied, else the last matmul
-                    layer outside the base model (`classifier`, `score`, `qa_outputs`, …)
+    readout         an output head: `get_output_embeddings()` if untied, and each matmul layer
+                    outside the base model that feeds no other one there (`classifier`, `score`,
+                    `qa_outputs`, a next-sentence or multiple-choice head beside the LM head, …)
     norm            the 1-D weight (gain) of a normalization layer (LayerNorm, RMSNorm, …)
     bias            any other 1-D parameter named `bias`
     hidden_weight   any other ≥2-D parameter
@@ -61,7 +62,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .convert import readout_module, weight_scales
+from .convert import readout_modules, weight_scales
 
 __all__ = [
     "LR_RULES",
@@ -194,8 +195,7 @@ def describe_parameters(
         _check_pattern_matches("role_overrides", pattern, trainable, re.fullmatch)
     decay = set(_default_decay_names(model) if decay_parameter_names is None else decay_parameter_names)
     scales = weight_scales(model)
-    readout = readout_module(model)
-    readout_weight = getattr(readout, "weight", None) if readout is not None else None
+    readout_weights = {id(m.weight) for m in readout_modules(model) if hasattr(m, "weight")}
     blocks = _block_prefixes(model, _num_layers(model))
 
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
@@ -218,7 +218,7 @@ def describe_parameters(
         if role is None:
             if id(param) in embedding_weights:  # also a tied output head
                 role = "embedding"
-            elif readout_weight is not None and param is readout_weight:
+            elif id(param) in readout_weights:
                 role = "readout"
             elif param.dim() == 1 and leaf == "weight" and _is_norm(module):
                 role = "norm"

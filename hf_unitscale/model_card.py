@@ -193,7 +193,7 @@ def model_card_section(
     precision = ", ".join(f"{k}: `{block.get(k)}`" for k in ("forward_format", "backward_format", "backend"))
     if block.get("forward_format") or block.get("backward_format"):
         kept = block.get("full_precision_modules")
-        precision += ", kept in full precision: " + ("the readout" if kept is None else f"`{kept}`")
+        precision += ", kept in full precision: " + ("the output heads" if kept is None else f"`{kept}`")
     return "\n".join(
         [
             BEGIN,

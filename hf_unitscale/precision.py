@@ -2,10 +2,11 @@
 
 `set_precision` sets the `MatmulPrecision` of every converted matmul layer (and the
 `unit_scaling` config block, so it is saved with the model), except the layers named by
-`full_precision_modules`, by default the readout: an LM head's output gradient g = (softmax − onehot)/N
-sums to zero over the vocabulary, SmolLM2's tied embedding W has a mean row holding 45% of its
-energy, and E5M2 rounding of g breaks that cancellation in g @ W (SmolLM2-135M, E5M2 backward: the
-worst layer's weight-gradient cosine to fp32 is 0.88–0.95 with the head kept, 0.73 with it cast). `track_casts` attaches an
+`full_precision_modules`, by default the output heads (`convert.readout_modules`): an LM head's
+output gradient g = (softmax − onehot)/N sums to zero over the vocabulary, SmolLM2's tied embedding
+W has a mean row holding 45% of its energy, and E5M2 rounding of g breaks that cancellation in
+g @ W (SmolLM2-135M, E5M2 backward: the worst layer's weight-gradient cosine to fp32 is 0.88–0.95
+with the head kept, 0.73 with it cast). `track_casts` attaches an
 `OperandCounters` (input x/a, weight Ŵ, output gradient g/c) to every matmul layer;
 `cast_statistics` reads them per layer and `summarize_casts` pools them into the fractions a
 training log wants:
@@ -25,7 +26,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import matmul_layers, readout_module
+from .convert import matmul_layers, readout_modules
 from .distributed import all_reduce_across_processes
 from .formats import CastCounter
 from .modules import UnitScaledMatmulMixin
@@ -67,12 +68,12 @@ def full_precision_names(patterns: list[str], layer_names: list[str], model_name
 
 def apply_precision(model: nn.Module, config: UnitScaleConfig) -> list[str]:
     """Give every converted matmul layer `config.precision`, except those matching `config.full_precision_modules`
-    (re.fullmatch; None: the readout), which keep the full-precision path. Returns the names kept."""
+    (re.fullmatch; None: the output heads), which keep the full-precision path. Returns the names kept."""
     layers = _matmul_layers(model)
     patterns = config.full_precision_modules
     if patterns is None:
-        readout = readout_module(model)
-        kept = [name for name, layer in layers.items() if layer is readout]
+        readouts = {id(m) for m in readout_modules(model)}
+        kept = [name for name, layer in layers.items() if id(layer) in readouts]
     else:
         kept = full_precision_names(patterns, list(layers), type(model).__name__)
     precision = config.precision
@@ -95,7 +96,7 @@ def set_precision(
 
     Formats are names from `formats.FORMATS` ("e4m3", "e5m2", "bf16"); backend is "simulate" or
     "scaled_mm". `full_precision_modules` (regexes over module names) keep the full-precision path;
-    None keeps the readout, [] casts every layer. Returns the `MatmulPrecision` set and updates
+    None keeps the output heads, [] casts every layer. Returns the `MatmulPrecision` set and updates
     `model.config.unit_scaling`.
     """
     block = getattr(getattr(model, "config", None), CONFIG_KEY, None)

@@ -25,8 +25,8 @@ What it changes, and where:
 * `_save`, `_load_from_checkpoint`, `_load_best_model`: checkpoints in the exact `unit-scaled`
   format (Ŵ, s, a, c), so resuming continues the same trajectory.
 * `fp8=True`: FP8 matmuls, E4M3 forward and E5M2 (`fp8_format="HYBRID"`) or E4M3 (`"E4M3"`) output
-  gradients (`precision.set_precision`; the readout, or the layers named by
-  `fp8_full_precision_modules`, stays in full precision) with static scales calibrated on
+  gradients (`precision.set_precision`; the output heads, or the layers named by
+  `fp8_full_precision_modules`, stay in full precision) with static scales calibrated on
   `calibration_batches` training batches at train begin and every `recalibrate_every` steps
   (`callbacks.RecalibrationCallback`), with `calibration_headroom` below the formats' max and at most
   `calibration_grad_underflow_budget` of each output gradient flushed to zero. `evaluation_loop` runs every GEMM in

@@ -22,7 +22,7 @@ from hf_unitscale.operand_stats import RoundingErrorAccumulator
 from hf_unitscale.ops import MatmulPrecision, rms
 from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts
 
-from tiny_models import CASES_BY_ID, TINY_CASES
+from tiny_models import CASES_BY_ID, HEADS_CASES, TINY_CASES
 
 CASE_IDS = [case.id for case in TINY_CASES]
 
@@ -393,6 +393,13 @@ def test_set_precision_and_cast_counters():
         set_precision(model, "e3m4")
     track_casts(model, enabled=False)
     assert cast_statistics(model) == {}
+
+
+@pytest.mark.parametrize("case", HEADS_CASES, ids=lambda c: c.id)
+def test_set_precision_keeps_every_output_head_in_full_precision_by_default(case):
+    model = unit_scale(case.model())
+    set_precision(model, "e4m3", "e5m2")
+    assert {name for name, m in matmul_layers(model).items() if m.precision is None} == case.output_heads
 
 
 def test_set_precision_keeps_the_readout_in_full_precision_by_default():

@@ -273,7 +273,7 @@ def test_model_card_states_what_it_must(checkpoint_format, tmp_path):
     set_precision(model, "e4m3", "e5m2")
     model.save_pretrained(tmp_path, checkpoint_format=checkpoint_format, repo_id="user/tiny-llama")
     card = (tmp_path / "README.md").read_text()
-    assert "forward_format: `e4m3`, backward_format: `e5m2`" in card and "full precision: the readout" in card
+    assert "forward_format: `e4m3`, backward_format: `e5m2`" in card and "full precision: the output heads" in card
     assert card.startswith("---\n") and "- unit-scaling" in card and "- hf_unitscale" in card
     assert "library_name: transformers" in card
     assert "**unit-scaled**" in card and f"`{checkpoint_format}`" in card

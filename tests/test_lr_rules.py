@@ -19,7 +19,7 @@ from hf_unitscale.lr_rules import (
     summarize_param_groups,
 )
 
-from tiny_models import CASES_BY_ID, TINY_CASES
+from tiny_models import CASES_BY_ID, HEADS_CASES, TINY_CASES
 
 LR, EPS, WD = 1e-3, 1e-8, 0.01
 
@@ -60,6 +60,13 @@ def test_every_parameter_has_one_role(case):
         "llama-untied": ["lm_head.weight"],
     }.get(case.id, [])
     assert readouts == expected  # a tied head is one Parameter, named and classed as the embedding
+
+
+@pytest.mark.parametrize("case", HEADS_CASES, ids=lambda c: c.id)
+def test_every_output_head_is_a_readout_and_a_head_layer_feeding_another_is_hidden(case):
+    roles = parameter_roles(unit_scale(case.model()))
+    assert {n for n, r in roles.items() if r == "readout"} == {f"{h}.weight" for h in case.output_heads - case.tied}
+    assert {f"{n}.weight" for n in case.inner} <= {n for n, r in roles.items() if r == "hidden_weight"}
 
 
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)

@@ -12,16 +12,21 @@ from dataclasses import dataclass
 import torch
 from transformers import (
     BertConfig,
+    BertForPreTraining,
     BertForSequenceClassification,
     DistilBertConfig,
     DistilBertForSequenceClassification,
+    ElectraConfig,
+    ElectraForMaskedLM,
     GPT2Config,
+    GPT2DoubleHeadsModel,
     GPT2LMHeadModel,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     RobertaConfig,
     RobertaForMaskedLM,
+    RobertaForSequenceClassification,
 )
 
 VOCAB = 101
@@ -134,3 +139,55 @@ TINY_CASES = [
 ]
 
 CASES_BY_ID = {case.id: case for case in TINY_CASES}
+
+
+@dataclass(frozen=True)
+class HeadsCase:
+    """A tiny model with head layers outside its base model: `output_heads` are the matmul layers that end a head
+    (the LM head and any beside it), `inner` the head layers that feed another one, and `tied` the output heads
+    whose weight is the input embedding."""
+
+    id: str
+    build: Callable[[], PreTrainedModel]
+    output_heads: frozenset[str]
+    inner: frozenset[str]
+    tied: frozenset[str] = frozenset()
+
+    def model(self, seed: int = 0) -> PreTrainedModel:
+        torch.manual_seed(seed)
+        return self.build().eval()
+
+
+_BERT_SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, **_COMMON)
+
+HEADS_CASES = [
+    HeadsCase(  # MLM head (tied decoder after a dense transform) and next-sentence head
+        "bert-pretraining",
+        lambda: BertForPreTraining(BertConfig(**_BERT_SMALL)),
+        output_heads=frozenset({"cls.predictions.decoder", "cls.seq_relationship"}),
+        inner=frozenset({"cls.predictions.transform.dense"}),
+        tied=frozenset({"cls.predictions.decoder"}),
+    ),
+    HeadsCase(  # tied LM head and a multiple-choice head (Conv1D body, nn.Linear heads)
+        "gpt2-double-heads",
+        lambda: GPT2DoubleHeadsModel(GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4, n_positions=64)),
+        output_heads=frozenset({"lm_head", "multiple_choice_head.summary"}),
+        inner=frozenset(),
+        tied=frozenset({"lm_head"}),
+    ),
+    HeadsCase(  # classification head: dense h → h, then out_proj h → labels
+        "roberta-classifier",
+        lambda: RobertaForSequenceClassification(
+            RobertaConfig(**_BERT_SMALL, max_position_embeddings=64, pad_token_id=1)
+        ),
+        output_heads=frozenset({"classifier.out_proj"}),
+        inner=frozenset({"classifier.dense"}),
+    ),
+    HeadsCase(  # generator head: dense h → embedding_size, then the tied LM head
+        "electra-mlm",
+        lambda: ElectraForMaskedLM(ElectraConfig(embedding_size=16, **_BERT_SMALL)),
+        output_heads=frozenset({"generator_lm_head"}),
+        inner=frozenset({"generator_predictions.dense"}),
+        tied=frozenset({"generator_lm_head"}),
+    ),
+]
