@@ -24,6 +24,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from .config import CONFIG_KEY, UnitScaleConfig
+from .direct_reads import modules_read_directly
 from .modules import (
     EMBEDDING_CLASSES,
     MATMUL_CLASSES,
@@ -147,19 +148,6 @@ def _excluded_names(model: nn.Module, config: UnitScaleConfig) -> set[str]:
     return {name for name in names if any(name == top or name.startswith(top + ".") for top in excluded)}
 
 
-def _read_directly(model: nn.Module) -> set[int]:
-    """ids of modules whose weights an enclosing module reads directly instead of calling them: a class swap there
-    would never multiply s back in. `nn.MultiheadAttention` reads `out_proj.weight`; `nn.TransformerEncoderLayer`'s
-    inference fast path reads every weight inside it. They stay unconverted (MHA's own `in_proj_weight` is)."""
-    skipped = set()
-    for module in model.modules():
-        if isinstance(module, nn.TransformerEncoderLayer):
-            skipped.update(id(inner) for inner in module.modules())
-        elif isinstance(module, nn.MultiheadAttention):
-            skipped.update(id(inner) for inner in module.modules() if inner is not module)
-    return skipped
-
-
 def _check_ties_stay_inside(model: nn.Module, plan: list[tuple[str, nn.Module, type, tuple[str, ...]]]) -> None:
     """A weight shared by a module to convert and one that stays (excluded, or not convertible) would be divided
     by s for one and read as W by the other: refuse, naming both."""
@@ -181,10 +169,13 @@ def _check_ties_stay_inside(model: nn.Module, plan: list[tuple[str, nn.Module, t
 
 def _conversion_plan(model: nn.Module, config: UnitScaleConfig) -> list[tuple[str, nn.Module, type, tuple[str, ...]]]:
     """(name, module, unit-scaled class, weight names) for every module to convert."""
-    excluded, read_directly = _excluded_names(model, config), _read_directly(model)
-    plan = []
+    excluded, read_directly = _excluded_names(model, config), modules_read_directly(model)
+    plan, left = [], []
     for name, module in model.named_modules():
-        if isinstance(module, UnitScaledModuleMixin) or name in excluded or id(module) in read_directly:
+        if isinstance(module, UnitScaledModuleMixin) or name in excluded:
+            continue
+        if id(module) in read_directly:
+            left.append(f"`{name}` ({read_directly[id(module)]})")
             continue
         base = type(module)
         if base in MATMUL_CLASSES:
@@ -193,6 +184,11 @@ def _conversion_plan(model: nn.Module, config: UnitScaleConfig) -> list[tuple[st
             plan.append((name, module, EMBEDDING_CLASSES[base], ("weight",)))
         elif config.convert_other_modules and (weights := _other_weights(module)):
             plan.append((name, module, generic_unit_scaled_class(base), weights))
+    if left:
+        logger.warning(
+            f"{len(left)} module(s) stay unconverted because other code reads their weights directly, where s would "
+            f"not be applied: {'; '.join(left)}."
+        )
     _check_ties_stay_inside(model, plan)
     return plan
 

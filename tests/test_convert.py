@@ -266,6 +266,108 @@ def test_torch_attention_modules_keep_their_function(grad):
     assert model.attention.unit_scaled_weights == ("in_proj_weight",)
 
 
+class ReadsWeights(nn.Module):
+    """Reads one child's weight for its value and only inspects the other's."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        if isinstance(self.out.weight, torch.Tensor) and self.out.weight is not None:
+            x = x.to(self.out.weight.dtype)
+        return self.out(x @ self.proj.weight.T)
+
+
+def _direct_read_models() -> dict[str, tuple[nn.Module, dict]]:
+    """Models whose code reads a submodule's weight directly, with inputs that take that path."""
+    from transformers import (
+        CLIPVisionConfig,
+        CLIPVisionModel,
+        DebertaConfig,
+        DebertaForSequenceClassification,
+        MambaConfig,
+        MambaForCausalLM,
+        MobileBertConfig,
+        MobileBertForMaskedLM,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    ids = {"input_ids": torch.randint(3, 64, (2, 9), generator=torch.Generator().manual_seed(1))}
+    small = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    return {
+        "user-module": (ReadsWeights(), {"x": torch.randn(3, 8)}),
+        "deberta": (  # DebertaEncoder.get_rel_embedding: self.rel_embeddings.weight; attention: self.in_proj.weight
+            DebertaForSequenceClassification(
+                DebertaConfig(**small, hidden_size=32, relative_attention=True, pos_att_type=["p2c", "c2p"])
+            ),
+            ids,
+        ),
+        "mobilebert": (  # LM head: self.decoder.weight (tied to the word embeddings) and self.dense.weight
+            MobileBertForMaskedLM(
+                MobileBertConfig(
+                    **small, hidden_size=64, embedding_size=16, intra_bottleneck_size=16, true_hidden_size=16
+                )
+            ),
+            ids,
+        ),
+        "mamba": (  # the mixer's slow path: self.dt_proj.weight, self.x_proj.weight, …
+            MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=1)),
+            ids,
+        ),
+        "t5-inspects-only": (  # T5DenseActDense reads self.wo.weight only for isinstance and .dtype
+            T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4)),
+            ids,
+        ),
+        "clip-interpolate": (  # interpolate_pos_encoding: self.position_embedding.weight
+            CLIPVisionModel(
+                CLIPVisionConfig(
+                    image_size=16,
+                    patch_size=4,
+                    hidden_size=32,
+                    intermediate_size=37,
+                    num_hidden_layers=1,
+                    num_attention_heads=4,
+                )
+            ),
+            {"pixel_values": torch.randn(1, 3, 24, 24), "interpolate_pos_encoding": True},
+        ),
+    }
+
+
+LEFT_UNCONVERTED = {
+    "user-module": {"proj"},
+    "deberta": {"deberta.encoder.rel_embeddings", "deberta.encoder.layer.0.attention.self.in_proj"},
+    "mobilebert": {"cls.predictions.decoder", "cls.predictions.dense", "mobilebert.embeddings.word_embeddings"},
+    "mamba": {"backbone.layers.0.mixer." + n for n in ("conv1d", "x_proj", "dt_proj", "out_proj")},
+    "clip-interpolate": {"embeddings.position_embedding"},
+    "t5-inspects-only": set(),
+}
+
+
+@pytest.mark.parametrize("case", list(LEFT_UNCONVERTED))
+def test_a_layer_whose_weight_other_code_reads_stays_unconverted_and_is_named(case, caplog):
+    """Code that reads `self.child.weight` would get Ŵ = W/s: those layers (and layers tied to them) stay W, with
+    a warning naming them and the reading code; every other layer is converted and the function is kept."""
+    torch.manual_seed(0)
+    model, inputs = _direct_read_models()[case]
+    model.eval()
+    with torch.no_grad():
+        expected = model(**inputs)
+        with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+            unit_scale(model)
+        actual = model(**inputs)
+    if not isinstance(expected, torch.Tensor):
+        expected, actual = expected[0], actual[0]
+    assert_same_function(expected, actual)
+    converted = set(unit_scaled_modules(model))
+    weighted = {n for n, m in model.named_modules() if any(p.dim() >= 2 for p in m.parameters(recurse=False))}
+    assert weighted - converted == LEFT_UNCONVERTED[case]
+    for name in LEFT_UNCONVERTED[case]:
+        assert f"`{name}` (" in caplog.text
+
+
 @pytest.mark.parametrize("mean_resizing", [True, False], ids=["mean-resizing", "init-weights"])
 @pytest.mark.parametrize("case_id", ["gpt2", "llama-untied"])
 def test_resized_vocabulary_keeps_the_function_and_draws_new_rows_for_w(case_id, mean_resizing):
