@@ -13,6 +13,8 @@ Batches come from `batches` (a re-iterable such as a list or DataLoader, or a ze
 callable returning an iterable), else from the `train_dataloader` the Trainer passes to callbacks:
 then the first `num_batches` are drawn once, under a forked RNG so the training data order is
 unchanged, and reused for every recalibration (the same batches measure how the *model* changed).
+A run resumed from a checkpoint with calibrated scales keeps them (no calibration at train begin), so it
+continues the uninterrupted run's trajectory.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .calibrate import calibrate
+from .checkpoint import operand_scales
 from .convert import matmul_layers
 from .precision import cast_statistics, summarize_casts, track_casts
 
@@ -48,7 +51,8 @@ class RecalibrationCallback(TrainerCallback):
             train dataloader (first `num_batches`, drawn once).
         every: recalibrate after every `every` optimizer steps; 0 or None = never.
         num_batches: batches per calibration.
-        calibrate_at_start: calibrate in `on_train_begin` (off when the model was calibrated already).
+        calibrate_at_start: calibrate in `on_train_begin` (off when the model was calibrated already; a resumed
+            run whose checkpoint holds calibrated scales is not calibrated again).
         log_casts: attach cast counters to every matmul layer and add their fractions to each log.
         log_prefix: prefix of the log keys (`fp8/grad_output_saturated_fraction`, …).
         loss_fn: `loss_fn(outputs, batch)` for calibration when training does not use the model's own
@@ -135,7 +139,13 @@ class RecalibrationCallback(TrainerCallback):
             return
         if self.log_casts:
             track_casts(model)
-        if self.calibrate_at_start:
+        if state.global_step > 0 and operand_scales(model):
+            # resumed: the checkpoint holds the run's a, c at this step; draw the batches of later recalibrations
+            # now, from the same place in the data as the uninterrupted run did
+            if self.every and self.batches is None:
+                self._calibration_batches(train_dataloader)
+            logger.info(f"Resuming at step {state.global_step} with the checkpoint's calibrated FP8 scales.")
+        elif self.calibrate_at_start:
             self.recalibrate(model, args, state, train_dataloader)
 
     def on_step_end(self, args, state, control, model=None, train_dataloader=None, **kwargs):

@@ -173,10 +173,15 @@ def test_equivalent_rule_on_real_minilm(tmp_path, minilm_path, dtype, power_of_t
     assert _max_relative(got, expected) <= RTOL
 
 
-def test_resume_from_checkpoint_continues_the_same_run(tmp_path):
+@pytest.mark.parametrize("fp8", [False, True], ids=["fp32", "fp8-recalibrated"])
+def test_resume_from_checkpoint_continues_the_same_run(tmp_path, fp8):
+    """With FP8, the checkpoint's calibrated a, c carry on (no calibration at train begin) and the recalibration
+    at step 6, in the second epoch, measures the batches the uninterrupted run drew at train begin."""
     case = CASES_BY_ID["gpt2"]
     data = _dataset("gpt2", rows=32)
     settings = dict(max_steps=8, save_strategy="steps", save_steps=4, lr_rule="umup")
+    if fp8:
+        settings.update(fp8=True, recalibrate_every=3, calibration_batches=2, per_device_train_batch_size=8)
 
     def trainer(output_dir):
         args = _args(output_dir, cls=UnitScaleTrainingArguments, **settings)
