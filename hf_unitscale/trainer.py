@@ -47,7 +47,7 @@ from transformers.utils import logging
 from .arguments import UnitScaleTrainingArguments, deepspeed_optimizer_error, unit_scale_options
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_checkpoint_into
 from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import is_unit_scaled, unit_scale, weight_scales
+from .convert import is_unit_scaled, matmul_layers, unit_scale, weight_scales
 from .formats import FP8_FORMAT_PAIRS
 from .hub import save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
@@ -152,6 +152,14 @@ class UnitScaleTrainer(Trainer):
             backend = block.get("backend", "simulate") if isinstance(block, dict) else "simulate"
             formats = FP8_FORMAT_PAIRS[options["fp8_format"]]
             set_precision(model, *formats, backend, full_precision_modules=options["fp8_full_precision_modules"])
+        elif cast := [name for name, layer in matmul_layers(model).items() if layer.precision is not None]:
+            # set by hand or restored from a checkpoint's `unit_scaling` block; without fp8=True nothing calibrates
+            logger.warning(
+                f"{len(cast)} matmul layers of the model have low-precision GEMMs on (e.g. `{cast[0]}`), but `fp8` is "
+                "False: turning them off to train in full precision. Pass `fp8=True` to train in FP8 with calibrated "
+                "scales."
+            )
+            set_precision(model, None, None)
         return model
 
     def call_model_init(self, trial=None) -> nn.Module:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from types import SimpleNamespace
 
@@ -13,7 +14,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-from hf_unitscale import UnitScaleConfig, is_unit_scaled, merge_unit_scale, unit_scale
+from hf_unitscale import UnitScaleConfig, is_unit_scaled, merge_unit_scale, set_precision, unit_scale
 from hf_unitscale.arguments import UnitScaleTrainingArguments
 from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME
 from hf_unitscale.trainer import UnitScaleTrainer, _check_arguments
@@ -478,6 +479,21 @@ def test_fp8_calibrates_and_trains(tmp_path):
     precisions = [layer.precision for layer in matmul_layers(every_layer).values()]
     assert all((p.forward.name, p.backward.name) == ("e4m3", "e4m3") for p in precisions)
     assert every_layer.config.unit_scaling["backward_format"] == "e4m3"  # saved with the model
+
+
+def test_fp8_false_turns_off_the_low_precision_gemms_a_model_came_with(tmp_path, caplog):
+    """A model with FP8 on (by hand, or restored from a checkpoint's `unit_scaling` block) would otherwise train
+    with uncalibrated a = c = 1 under `fp8=False`: the trainer says so and trains it in full precision."""
+    from hf_unitscale.convert import matmul_layers
+
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    set_precision(model, "e4m3", "e5m2")
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        trainer = UnitScaleTrainer(model=model, args=_args(tmp_path, cls=UnitScaleTrainingArguments))
+    assert all(layer.precision is None for layer in matmul_layers(trainer.model).values())
+    block = trainer.model.config.unit_scaling
+    assert block["forward_format"] is None and block["backward_format"] is None  # what a checkpoint will record
+    assert "but `fp8` is False" in caplog.text
 
 
 def test_fp8_eval_false_evaluates_what_the_merged_export_computes(tmp_path):
