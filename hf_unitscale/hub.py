@@ -10,6 +10,7 @@ Loading never goes through a path that could silently drop the scales — see `c
 
 from __future__ import annotations
 
+import fnmatch
 import os
 import shutil
 import tempfile
@@ -182,6 +183,39 @@ def _remove_stale_weights(save_directory: str | os.PathLike, checkpoint_format: 
                     f"Removing {path}, left by an earlier save, before saving a {checkpoint_format} checkpoint."
                 )
                 path.unlink()
+
+
+def mirror_weight_files(source: str | os.PathLike, target: str | os.PathLike) -> None:
+    """Make `target`'s weight files `source`'s: delete every weight file in `target`, copy those of `source`.
+    `Trainer._push_from_checkpoint` copies a checkpoint's config.json to its output folder but only
+    model.safetensors/pytorch_model.bin weights, so a unit-scaled checkpoint would be pushed without any."""
+    _remove_stale_weights(target, "copied")
+    for pattern in _WEIGHT_PATTERNS:
+        for path in Path(source).glob(pattern):
+            shutil.copy(path, Path(target) / path.name)
+
+
+def delete_other_format_weights(
+    repo_id: str, checkpoint_format: str, *, token: bool | str | None = None, revision: str | None = None
+) -> None:
+    """Delete from a Hub repo the weight files that a `checkpoint_format` push does not write (a merged push's
+    model.safetensors before a unit-scaled push, and the reverse): plain transformers would load a stale
+    model.safetensors as the model. For uploads that cannot pass `delete_patterns` themselves (Trainer's)."""
+    own = "unit_scaled_model" if checkpoint_format == "unit-scaled" else "model"
+    others = [p for p in _WEIGHT_PATTERNS if not p.startswith(f"{own}.") and not p.startswith(f"{own}-")]
+    api = HfApi(token=token)
+    if not api.repo_exists(repo_id):
+        return
+    files = api.list_repo_files(repo_id, revision=revision)
+    stale = [name for name in files if any(fnmatch.fnmatchcase(name, pattern) for pattern in others)]
+    if stale:
+        logger.info(f"Deleting {stale} from {repo_id}: weights of another checkpoint format than {checkpoint_format}.")
+        api.delete_files(
+            repo_id,
+            stale,
+            revision=revision,
+            commit_message=f"Remove weights of another format than {checkpoint_format}",
+        )
 
 
 def _check_weight_dtype(checkpoint_format: str, weight_dtype: str | None) -> str | None:

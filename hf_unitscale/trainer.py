@@ -42,6 +42,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import PreTrainedModel, Trainer
+from transformers.trainer_utils import HubStrategy
 from transformers.utils import logging
 
 from .arguments import UnitScaleTrainingArguments, deepspeed_optimizer_error, unit_scale_options
@@ -49,7 +50,7 @@ from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_
 from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import is_unit_scaled, matmul_layers, unit_scale, weight_scales
 from .formats import FP8_FORMAT_PAIRS
-from .hub import save_pretrained
+from .hub import delete_other_format_weights, mirror_weight_files, save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
 from .precision import full_precision, set_precision
 
@@ -368,6 +369,31 @@ class UnitScaleTrainer(Trainer):
             else:
                 del model.save_pretrained
 
+    # ---- Hub: Trainer's uploads carry the checkpoint's weights and leave no other format's behind ----
+
+    def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
+        """Trainer's mid-training push of the output folder, which mirrors the latest checkpoint: with its
+        unit-scaled weights too (Trainer copies only model.safetensors/pytorch_model.bin), and none of another
+        format left in the repo."""
+        if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END:
+            mirror_weight_files(checkpoint_folder, self.args.output_dir)
+            delete_other_format_weights(
+                self.hub_model_id, "unit-scaled", token=self.args.hub_token, revision=self.args.hub_revision
+            )
+        super()._push_from_checkpoint(checkpoint_folder)
+
+    def push_to_hub(self, *args: Any, **kwargs: Any):
+        """Trainer's `push_to_hub` of the `save_format` checkpoint, after deleting the repo's weight files of another
+        format (mid-training pushes are unit-scaled; a stale model.safetensors would load in plain transformers)."""
+        if self.is_world_process_zero():
+            token = kwargs.get("token") or self.args.hub_token
+            if self.hub_model_id is None:
+                self.init_hf_repo(token=token)
+            self._finish_current_push()
+            revision = kwargs.get("revision") or self.args.hub_revision
+            delete_other_format_weights(self.hub_model_id, self._save_format(), token=token, revision=revision)
+        return super().push_to_hub(*args, **kwargs)
+
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Trainer's card (training summary), merged with the unit-scaling section (format, scales, lr rule)."""
         super().create_model_card(*args, **kwargs)
@@ -375,9 +401,8 @@ class UnitScaleTrainer(Trainer):
         if self.is_world_process_zero() and is_unit_scaled(model):
             from .model_card import update_model_card
 
-            update_model_card(
-                model, self.args.output_dir, checkpoint_format=self._save_format(), repo_id=self.args.hub_model_id
-            )
+            repo_id = self.hub_model_id or self.args.hub_model_id  # with its namespace once the repo exists
+            update_model_card(model, self.args.output_dir, checkpoint_format=self._save_format(), repo_id=repo_id)
 
     def _load_unit_scaled(self, checkpoint_dir: str, model: nn.Module) -> bool:
         """Load a unit-scaled checkpoint into `model`; False when `checkpoint_dir` holds none.

@@ -198,3 +198,45 @@ def test_trainer_push_to_hub_card(local_hub, tmp_path):
     assert "**Weight dtype (Ŵ):** float32" in card
     loaded = hf_unitscale.from_pretrained("user/trained")
     torch.testing.assert_close(_logits(loaded, batch), _logits(trainer.model, batch), rtol=0, atol=0)
+
+
+def test_trainer_pushes_during_training_carry_weights_and_leave_one_format(local_hub, tmp_path):
+    """`hub_strategy="every_save"`: each mid-training commit holds the checkpoint's unit-scaled weights (Trainer
+    copies only model.safetensors) and no stale merged weights of an earlier push; the final merged push deletes
+    the unit-scaled file, so plain transformers loads the trained model. The card names the namespaced repo."""
+    from transformers import BertForSequenceClassification
+
+    from hf_unitscale.arguments import UnitScaleTrainingArguments
+
+    earlier, batch = _converted("bert")
+    earlier.push_to_hub("user/run")  # merged: model.safetensors of another model
+    case = CASES_BY_ID["bert"]
+    rows = [{"input_ids": row, "labels": i % 2} for i, row in enumerate(case.batch(8, seed=2)["input_ids"])]
+    args = UnitScaleTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        push_to_hub=True,
+        hub_model_id="run",  # the namespace comes from the token's user
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = hf_unitscale.trainer.UnitScaleTrainer(model=case.model(seed=1), args=args, train_dataset=rows)
+    trainer.train()
+    trainer.push_to_hub()
+
+    files = {commit: local_hub.repo_files("user/run", revision=commit) for commit in local_hub.commits("user/run")}
+    during = [commit for commit, names in files.items() if UNIT_SCALED_WEIGHTS_NAME in names]
+    assert len(during) == 1 and "model.safetensors" not in files[during[0]]
+    step_2 = hf_unitscale.from_pretrained(str(tmp_path / "run" / "checkpoint-2"))
+    pushed_2 = hf_unitscale.from_pretrained("user/run", revision=during[0])
+    torch.testing.assert_close(_logits(pushed_2, batch), _logits(step_2, batch), rtol=0, atol=0)
+
+    final = local_hub.repo_files("user/run")
+    assert "model.safetensors" in final and UNIT_SCALED_WEIGHTS_NAME not in final
+    plain = BertForSequenceClassification.from_pretrained("user/run")
+    torch.testing.assert_close(_logits(plain, batch), _logits(trainer.model, batch), rtol=1e-5, atol=1e-6)
+    assert 'from_pretrained("user/run")' in _card("user/run")
