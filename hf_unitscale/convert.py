@@ -262,11 +262,13 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
         apply_precision(model, config)
     if getattr(model, "config", None) is not None and hasattr(model.config, "to_dict"):
         setattr(model.config, CONFIG_KEY, config.to_dict())
-    if isinstance(model, PreTrainedModel):
-        from .hub import attach_checkpoint_methods  # hub imports this module
+    from .hub import attach_checkpoint_methods  # hub imports this module
 
-        attach_checkpoint_methods(model)
-        model.resize_token_embeddings = MethodType(resize_token_embeddings, model)
+    # the model and any transformers model inside it (its base model, `model.bert`): each one's own save would
+    # write Ŵ as W, and its own resize would copy Ŵ into a plain embedding
+    for pretrained in (m for m in model.modules() if isinstance(m, PreTrainedModel)):
+        attach_checkpoint_methods(pretrained)
+        pretrained.resize_token_embeddings = MethodType(resize_token_embeddings, pretrained)
     if rounded_by_dtype:
         logger.info(
             f"{rounded_by_dtype} weights are stored in 16-bit floats: their scales s are powers of two, so "
@@ -304,9 +306,9 @@ def merge_unit_scale(model: nn.Module) -> nn.Module:
     config = getattr(model, "config", None)
     if config is not None and hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
-    if isinstance(model, PreTrainedModel):
-        from .hub import detach_checkpoint_methods  # hub imports this module
+    from .hub import detach_checkpoint_methods  # hub imports this module
 
-        detach_checkpoint_methods(model)
-        model.__dict__.pop("resize_token_embeddings", None)
+    for pretrained in (m for m in model.modules() if isinstance(m, PreTrainedModel)):
+        detach_checkpoint_methods(pretrained)
+        pretrained.__dict__.pop("resize_token_embeddings", None)
     return model

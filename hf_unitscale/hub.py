@@ -45,7 +45,7 @@ from .checkpoint import (
     write_unit_scaled_weights,
 )
 from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import _convert, is_unit_scaled, unit_scale
+from .convert import _convert, is_unit_scaled, matmul_layers, unit_scale
 from .model_card import MODEL_CARD_TAGS, update_model_card
 
 __all__ = ["attach_checkpoint_methods", "from_pretrained", "push_to_hub", "save_pretrained"]
@@ -56,6 +56,7 @@ logger = logging.get_logger(__name__)
 _CHECKPOINT_KEYS = ("checkpoint_format", "weight_dtype", "embedding_dtype", "operand_scales", "hf_unitscale_version")
 _UPLOAD_KWARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
+_LOADING_KWARGS = (*_HUB_KWARGS, "dtype", "torch_dtype", "attn_implementation", "quantization_config", "device_map")
 # the top-level model weight files of every format (one file, shards, index) that a save or push replaces: a stale
 # model.safetensors next to a unit-scaled checkpoint would be loaded by plain transformers as if it were the model.
 # Only these names: optimizer states, training arguments, adapters and subfolders (Trainer's checkpoints) stay.
@@ -381,12 +382,18 @@ def from_pretrained(
     Args:
         model_class: the transformers class or Auto class to load with; defaults to the class
             named in `config.architectures`.
-        kwargs: passed to `from_pretrained` of that class (`dtype`, `token`, `revision`, …). A unit-scaled
-            checkpoint is built from its config instead, in the dtype it was saved in unless `dtype` says
-            otherwise; it takes `dtype`, `attn_implementation` and the Hub arguments, and names any other.
+        kwargs: as in transformers, those naming config attributes (`num_labels`, `id2label`, …) update the
+            config; the rest go to `from_pretrained` of that class (`dtype`, `token`, `revision`, …). A
+            unit-scaled checkpoint is built from its config instead, in the dtype it was saved in unless `dtype`
+            says otherwise; it takes `dtype`, `attn_implementation` and the Hub arguments, and names any other.
     """
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
-    config = kwargs.pop("config", None) or AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+    config = kwargs.pop("config", None)
+    if config is None:
+        config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        # as in transformers: arguments naming config attributes (num_labels, id2label, …) update the config
+        for key in [k for k in kwargs if k not in _LOADING_KWARGS and hasattr(config, k)]:
+            setattr(config, key, kwargs.pop(key))
     checkpoint_format = read_checkpoint_format(config.to_dict())
     block = dict(getattr(config, CONFIG_KEY, None) or {})
     stored_scales = block.get("operand_scales") or {}
@@ -413,7 +420,7 @@ def from_pretrained(
         if is_unit_scaled(model):
             return model
         unit_scale(model, unit_scale_config)
-        set_operand_scales(model, stored_scales)
+        set_operand_scales(model, _as_named_in(model, stored_scales))
         return model
     unused = sorted(set(kwargs) - {*_HUB_KWARGS, "dtype", "torch_dtype", "attn_implementation"})
     if unused:
@@ -449,6 +456,26 @@ def from_pretrained(
         except OSError:  # no generation_config.json: the one derived from config.json stays
             pass
     return model.eval()
+
+
+def _as_named_in(model: PreTrainedModel, scales: dict[str, list[float]]) -> dict[str, list[float]]:
+    """Operand scales saved from a base model (`encoder.…`) or from a model with a head (`bert.encoder.…`), by
+    `model`'s layer names: transformers loads weights across the `base_model_prefix`, so they follow. Loading
+    into the base model drops the scales of head layers, as transformers drops their weights."""
+    prefix, layers = model.base_model_prefix, set(matmul_layers(model))
+    if not prefix:
+        return scales
+    renamed = {}
+    for name, value in scales.items():
+        if name not in layers and f"{prefix}.{name}" in layers:
+            name = f"{prefix}.{name}"
+        elif name not in layers and model.base_model is model:
+            if not name.startswith(f"{prefix}."):
+                logger.info(f"Not restoring the operand scales of `{name}`: a head layer this base model lacks.")
+                continue
+            name = name.removeprefix(f"{prefix}.")
+        renamed[name] = value
+    return renamed
 
 
 def _drop_quantization(model: PreTrainedModel) -> None:
