@@ -365,6 +365,16 @@ def _model_class(config: PretrainedConfig, model_class: type[PreTrainedModel] | 
     return getattr(transformers, architectures[0])
 
 
+def _concrete_class(cls: type, config: PretrainedConfig) -> type[PreTrainedModel]:
+    """`cls` itself, or the class an Auto class (`AutoModelForSequenceClassification`) picks for `config`."""
+    if issubclass(cls, PreTrainedModel):
+        return cls
+    try:
+        return cls._model_mapping[type(config)]
+    except KeyError:
+        raise ValueError(f"{cls.__name__} has no model class for a {type(config).__name__}.") from None
+
+
 def from_pretrained(
     pretrained_model_name_or_path: str | os.PathLike,
     *,
@@ -378,6 +388,11 @@ def from_pretrained(
     - `merged` checkpoint: loads W with transformers, converts (measuring s as `unit_scale` does) and
       restores the calibrated a, c of the `unit_scaling` block.
     - plain checkpoint (no block): loads it and converts with `unit_scale_config` or the defaults.
+
+    Into another class than the one saved (`model_class=AutoModelForSequenceClassification, num_labels=3` on a
+    base model's checkpoint, or the reverse), W loads as transformers loads it across classes (base-model
+    prefix, new heads initialized) and a, c follow their layers; a unit-scaled checkpoint is loaded as saved
+    first, then its W = s·Ŵ.
 
     Args:
         model_class: the transformers class or Auto class to load with; defaults to the class
@@ -401,6 +416,18 @@ def from_pretrained(
     if unit_scale_config is None:
         unit_scale_config = UnitScaleConfig.from_dict(options) if options else UnitScaleConfig()
     cls = _model_class(config, model_class)
+    saved_class = (getattr(config, "architectures", None) or [None])[0]
+    if checkpoint_format == "unit-scaled" and saved_class and _concrete_class(cls, config).__name__ != saved_class:
+        # another class than the one saved (its base model, another head): load Ŵ, s, a, c exactly as saved,
+        # then W = s·Ŵ into `cls` as transformers loads across classes (base-model prefix, new heads initialized)
+        saved = from_pretrained(
+            pretrained_model_name_or_path,
+            model_class=getattr(transformers, saved_class),
+            **{k: kwargs[k] for k in (*_HUB_KWARGS, "dtype", "torch_dtype") if k in kwargs},
+        )
+        stored_scales, kwargs["state_dict"] = operand_scales(saved), merged_state_dict(saved)
+        pretrained_model_name_or_path, cls, checkpoint_format = None, _concrete_class(cls, config), "merged"
+        del saved
     if checkpoint_format != "unit-scaled":
         if checkpoint_format == "compressed-tensors" and "quantization_config" not in kwargs:
             # dense weights W = e4m3(Ŵ)·s at load time (compressed-tensors would otherwise defer it to the

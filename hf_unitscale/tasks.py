@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from transformers.utils import logging
 
+from .config import CONFIG_KEY
+from .hub import from_pretrained
 from .recipe import TASKS, DataArguments, ModelArguments
 
 __all__ = ["EMBEDDED_MODELS", "TaskSetup", "infer_task", "resolve_model_path", "setup_task"]
@@ -221,6 +223,15 @@ def add_perplexity(metrics: dict[str, float], prefix: str = "eval") -> dict[str,
 # --------------------------------------------------------------------------- setup
 
 
+def _load_model(path: str, config: Any, auto_class: type, **kwargs: Any):
+    """A checkpoint hf_unitscale saved (its config has a `unit_scaling` block: unit-scaled Ŵ, s, a, c, or merged W
+    with a, c) loads through `hf_unitscale.from_pretrained`; a plain one through transformers, and the trainer
+    converts it with the recipe's options."""
+    if hasattr(config, CONFIG_KEY):
+        return from_pretrained(path, model_class=auto_class, **kwargs)
+    return auto_class.from_pretrained(path, **kwargs)
+
+
 def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: int = 42) -> TaskSetup:
     """Load the model, tokenizer and data of a recipe and wire collator and metrics for its task."""
     from transformers import (
@@ -250,7 +261,7 @@ def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: in
                 names = [str(v) for v in values]
         num_labels = model_args.num_labels or (len(names) if names else int(max(train_raw[data_args.label_column])) + 1)
         extra = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **extra)
+        model = _load_model(path, config, AutoModelForSequenceClassification, num_labels=num_labels, **extra)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:
@@ -260,7 +271,7 @@ def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: in
         collator = DataCollatorWithPadding(tokenizer)
         compute, preprocess = _classification_metrics(data_args.metrics, num_labels), None
     else:
-        model = AutoModelForCausalLM.from_pretrained(path)
+        model = _load_model(path, config, AutoModelForCausalLM)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         train = _tokenize_causal_lm(train_raw, tokenizer, data_args)

@@ -159,31 +159,38 @@ def test_plain_transformers_loads_merged_and_compressed_tensors_without_hf_units
         torch.testing.assert_close(torch.load(folder / "out.pt"), reference, rtol=1e-5, atol=1e-6, msg=str(folder))
 
 
-def test_a_merged_checkpoint_loads_across_the_base_model_prefix_as_in_transformers(tmp_path):
-    """The base model of a converted classifier saves merged W (not Ŵ) with its own layer names; it loads into a
-    classifier with a new head, `num_labels` and `id2label` reaching the config as in transformers, and the
-    body's a, c follow the `bert.` prefix; the classifier's checkpoint loads into the base model, its head's
-    a, c dropped with its weights."""
+@pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled"])
+def test_a_checkpoint_loads_into_another_head_class_as_in_transformers(checkpoint_format, tmp_path):
+    """The base model of a converted classifier saves W (merged) or Ŵ, s (not Ŵ as W) under its own layer names;
+    it loads into a classifier with a new head, `num_labels` and `id2label` reaching the config as in
+    transformers, the body's a, c following the `bert.` prefix; the classifier's checkpoint loads into the base
+    model, its head's a, c dropped with its weights."""
     from transformers import AutoModel, AutoModelForSequenceClassification
 
     classifier = _converted(CASES_BY_ID["bert"])
-    classifier.bert.save_pretrained(tmp_path / "base")
+    classifier.bert.save_pretrained(tmp_path / "base", checkpoint_format=checkpoint_format)
     labels = {0: "negative", 1: "neutral", 2: "positive"}
     loaded = hf_unitscale.from_pretrained(
         tmp_path / "base", model_class=AutoModelForSequenceClassification, num_labels=3, id2label=labels
     )
-    plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3, id2label=labels)
-    assert loaded.config.id2label == plain.config.id2label == labels and loaded.classifier.out_features == 3
+    assert loaded.config.id2label == labels and loaded.classifier.out_features == 3
+    bodies = [loaded.bert]
+    if checkpoint_format == "merged":
+        plain = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3, id2label=labels)
+        assert plain.config.id2label == labels
+        bodies.append(plain.bert)
     batch = CASES_BY_ID["bert"].batch()
-    with torch.no_grad():  # the body is the saved one, for both loaders
-        for body in (loaded.bert, plain.bert):
+    with torch.no_grad():  # the body is the saved one
+        for body in bodies:
             torch.testing.assert_close(body(**batch)[0], classifier.bert(**batch)[0], rtol=1e-5, atol=1e-6)
     body_scales = {n: v for n, v in operand_scales(classifier).items() if n.startswith("bert.")}
     assert operand_scales(loaded) == body_scales
 
-    classifier.save_pretrained(tmp_path / "classifier")
+    classifier.save_pretrained(tmp_path / "classifier", checkpoint_format=checkpoint_format)
     base = hf_unitscale.from_pretrained(tmp_path / "classifier", model_class=AutoModel)
     assert operand_scales(base) == {n.removeprefix("bert."): v for n, v in body_scales.items()}
+    with torch.no_grad():
+        torch.testing.assert_close(base(**batch)[0], classifier.bert(**batch)[0], rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("case", [CASES_BY_ID["bert"], CASES_BY_ID["llama-tied"]], ids=lambda c: c.id)

@@ -218,6 +218,18 @@ def test_train_five_step_recipe(tmp_path, capsys):
     assert is_unit_scaled(hf_unitscale.from_pretrained(tmp_path / "out"))
 
 
+def test_train_starts_from_a_unit_scaled_checkpoint(tmp_path, capsys):
+    """`hf-unitscale convert` writes Ŵ, s (no model.safetensors): `train` loads it through hf_unitscale."""
+    overrides = stand_in_overrides(tmp_path, "text-classification")
+    source = overrides[overrides.index("--model_name_or_path") + 1]
+    assert main(["convert", source, str(tmp_path / "unit-scaled"), "--format", "unit-scaled"]) == 0
+    overrides[overrides.index("--model_name_or_path") + 1] = str(tmp_path / "unit-scaled")
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text((RECIPES_DIR / "text_classification.yaml").read_text())
+    assert main(["train", str(recipe), *overrides, "--scale_plot", "null"]) == 0, capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "recipe_results.json").read_text())["train"]["train_loss"] > 0
+
+
 # --------------------------------------------------------------------------- user errors and command-line values
 
 
