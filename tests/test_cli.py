@@ -254,6 +254,7 @@ def _fail_fetch():
         ("train_missing_model", "no such file or folder"),
         ("train_missing_text_column", "no column 'review' (`text_column`)"),
         ("report_missing_text_file", "--text-file"),
+        ("merge_into_its_own_folder", "is the model folder itself"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, capsys, monkeypatch):
@@ -267,6 +268,9 @@ def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, c
     elif case == "train_missing_text_column":
         recipe = _small_recipe(tmp_path)
         argv = ["train", str(recipe), *stand_in_overrides(tmp_path, "text-classification"), "--text_column", "review"]
+    elif case == "merge_into_its_own_folder":
+        source = save_tiny_model("bert", tmp_path / "plain")
+        argv = ["merge", str(source), str(tmp_path / "." / "plain")]
     else:
         source = save_tiny_model("bert", tmp_path / "plain")
         argv = ["report", str(source), "--text-file", str(tmp_path / "missing.txt"), "-o", str(tmp_path / "a.png")]

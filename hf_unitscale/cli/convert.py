@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .utils import add_model_class_argument, copy_tokenizer, load_model
+from .utils import CommandError, add_model_class_argument, check_output_is_another_folder, copy_tokenizer, load_model
 
 
 def convert_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -44,12 +44,12 @@ def convert_command_parser(subparsers: argparse._SubParsersAction) -> argparse.A
 def convert_command(args: argparse.Namespace) -> int:
     from ..convert import unit_scaled_modules
     from ..hub import save_pretrained
-    from .utils import CommandError
 
     if args.checkpoint_format == "merged" and args.weight_dtype != "float32":
         raise CommandError(
             "`--weight-dtype` applies to `--format unit-scaled` only; merged weights keep the model dtype."
         )
+    check_output_is_another_folder(args.model, args.output_dir)
     model = load_model(args.model, args.model_class)
     save_pretrained(model, args.output_dir, checkpoint_format=args.checkpoint_format, weight_dtype=args.weight_dtype)
     tokenizer = copy_tokenizer(args.model, args.output_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .utils import add_model_class_argument, copy_tokenizer, load_model
+from .utils import add_model_class_argument, check_output_is_another_folder, copy_tokenizer, load_model
 
 
 def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -25,6 +25,7 @@ def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 def merge_command(args: argparse.Namespace) -> int:
     from ..convert import merge_unit_scale
 
+    check_output_is_another_folder(args.model, args.output_dir)
     model = load_model(args.model, args.model_class)
     merge_unit_scale(model)
     model.save_pretrained(args.output_dir)

@@ -32,6 +32,17 @@ def check_local_path(name_or_path: str, what: str) -> None:
         )
 
 
+def check_output_is_another_folder(name_or_path: str, output_dir: str) -> None:
+    """Refuse writing into the folder the model is read from: it would replace the source checkpoint, and files
+    of its format the new one does not write (its model card, its tokenizer) would stay beside it."""
+    source = Path(name_or_path).expanduser()
+    if source.is_dir() and source.resolve() == Path(output_dir).expanduser().resolve():
+        raise CommandError(
+            f"output_dir {output_dir!r} is the model folder itself; write to another folder (the source stays as "
+            "it is)."
+        )
+
+
 def load_model(name_or_path: str, model_class: str | None = None) -> Any:
     """A unit-scaled model from a folder, Hub id or `embedded:<name>`, whatever its checkpoint format.
 
