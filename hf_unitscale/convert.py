@@ -55,20 +55,29 @@ def _matmul_widths(layer: nn.Module) -> tuple[int, int]:
     return int(layer.in_features), int(layer.out_features)
 
 
+def _holds_layer_stack(module: nn.Module) -> bool:
+    return any(isinstance(m, nn.ModuleList) for m in module.modules())
+
+
 def readout_modules(model: nn.Module) -> list[nn.Module]:
     """The output heads: `get_output_embeddings()` (tied or not) and each matmul layer outside the base model whose
     output width is no other such layer's input width, i.e. one that feeds no further head layer (a classifier, a
     next-sentence or multiple-choice head beside the LM head; a head's inner `dense`, h → h before an h → labels
-    layer, is not one). Where that finds none outside the base model, the last matmul layer there."""
+    layer, is not one). Where that finds none outside the base model, the last matmul layer there.
+
+    A model that is its own base model (a bare `BertModel`, `T5ForQuestionAnswering`, CLIP's classifier) has as
+    body its children that hold a stack of layers (an nn.ModuleList); of the layers outside them only those that
+    change the width count (`qa_outputs`, `classifier`; not `BertModel`'s h → h pooler)."""
     get_output = getattr(model, "get_output_embeddings", None)
     output_embeddings = get_output() if callable(get_output) else None
     heads = [output_embeddings] if output_embeddings is not None else []
     base = getattr(model, "base_model", model)
-    if base is model:
-        return heads
-    inside = {id(m) for m in base.modules()}
+    bodies = [base] if base is not model else [c for c in model.children() if _holds_layer_stack(c)]
+    inside = {id(m) for body in bodies for m in body.modules()}
     outside = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in inside]
     widths = {id(m): _matmul_widths(m) for m in outside}
+    if base is model:
+        outside = [m for m in outside if widths[id(m)][0] != widths[id(m)][1]]
     final = [m for m in outside if all(widths[id(m)][1] != widths[id(o)][0] for o in outside if o is not m)]
     heads += [m for m in final or outside[-1:] if m is not output_embeddings]
     return heads

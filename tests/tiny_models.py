@@ -14,6 +14,7 @@ from transformers import (
     BertConfig,
     BertForPreTraining,
     BertForSequenceClassification,
+    BertModel,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     ElectraConfig,
@@ -27,6 +28,8 @@ from transformers import (
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaForSequenceClassification,
+    T5Config,
+    T5ForQuestionAnswering,
 )
 
 VOCAB = 101
@@ -182,6 +185,20 @@ HEADS_CASES = [
         ),
         output_heads=frozenset({"classifier.out_proj"}),
         inner=frozenset({"classifier.dense"}),
+    ),
+    HeadsCase(  # its own base model: the body is the encoder and decoder stacks, the head `qa_outputs` (h → 2)
+        "t5-question-answering",
+        lambda: T5ForQuestionAnswering(
+            T5Config(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, dropout_rate=0.0)
+        ),
+        output_heads=frozenset({"qa_outputs"}),
+        inner=frozenset(),
+    ),
+    HeadsCase(  # a bare base model: its h → h pooler is no output head
+        "bert-base-model",
+        lambda: BertModel(BertConfig(**_BERT_SMALL)),
+        output_heads=frozenset(),
+        inner=frozenset({"pooler.dense"}),
     ),
     HeadsCase(  # generator head: dense h → embedding_size, then the tied LM head
         "electra-mlm",
