@@ -4,7 +4,8 @@ A converted weight is W = s·Ŵ with the Parameter Ŵ trainable and s a fixed fp
 gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one role:
 
     embedding       the weight of an nn.Embedding (a tied input/output matrix is one Parameter,
-                    named after the embedding, and takes this role)
+                    named after the embedding, and takes this role), and a table added to the
+                    activations (ViT's `cls_token` (1, 1, h), `position_embeddings` (1, n, h))
     readout         an output head: `get_output_embeddings()` if untied, and each matmul layer
                     outside the base model that feeds no other one there (`classifier`, `score`,
                     `qa_outputs`, a next-sentence or multiple-choice head beside the LM head, …)
@@ -120,6 +121,12 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
+def _is_added_embedding(module: nn.Module, param: torch.Tensor) -> bool:
+    """A module's own ≥3-D parameter with a leading broadcast dimension, added to the activations: ViT's
+    `cls_token` (1, 1, h) and `position_embeddings` (1, n, h). Not a weight that multiplies: fan-in is no measure."""
+    return param.dim() >= 3 and param.shape[0] == 1 and not isinstance(module, (Conv1D, nn.modules.conv._ConvNd))
+
+
 def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
     if param.dim() < 2:
         return 0
@@ -216,7 +223,7 @@ def describe_parameters(
                 "scale by the weight's fan-in or width: it needs a ≥2-D weight. Use `norm` or `bias` (lr η)."
             )
         if role is None:
-            if id(param) in embedding_weights:  # also a tied output head
+            if id(param) in embedding_weights or _is_added_embedding(module, param):  # also a tied output head
                 role = "embedding"
             elif id(param) in readout_weights:
                 role = "readout"

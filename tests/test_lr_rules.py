@@ -280,3 +280,18 @@ def test_decay_follows_trainer():
     for rule in ("equivalent", "umup"):
         for group in _groups(model, rule):
             assert (group["weight_decay"] > 0) == (group["role"] in ("embedding", "hidden_weight", "readout"))
+
+
+def test_tables_added_to_the_activations_take_the_embedding_role():
+    """ViT's `cls_token` (1, 1, h) and `position_embeddings` (1, n, h) are added, not multiplied: u-μP gives them
+    η·h^-½ as an embedding, not η·(n·h)^-½ from a fan-in."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    config = ViTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    model = unit_scale(ViTForImageClassification(config))
+    roles = parameter_roles(model)
+    assert roles["vit.embeddings.cls_token"] == roles["vit.embeddings.position_embeddings"] == "embedding"
+    assert roles["vit.embeddings.patch_embeddings.projection.weight"] == "hidden_weight"  # a Conv2d multiplies
+    by_param = {id(p): group for group in _groups(model, "umup") for p in group["params"]}
+    assert by_param[id(model.vit.embeddings.position_embeddings)]["lr"] == pytest.approx(LR * 32**-0.5)
