@@ -141,6 +141,20 @@ def test_recipe_trains_on_tiny_stand_in(recipe, tmp_path, capsys):
         assert block["forward_format"] is None and block["backward_format"] is None, block
 
 
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.stem.endswith("_fp8")], ids=lambda p: p.stem)
+def test_fp8_recipe_baseline_evaluates_the_untrained_model_in_full_precision(recipe, tmp_path, capsys):
+    """Before training the FP8 scales are a = c = 1 (calibration runs when training starts): the baseline is the
+    pretrained model's own function, the same numbers as the recipe run without FP8."""
+    overrides = [*stand_in_overrides(tmp_path, load_recipe(recipe).model.task, max_steps=1), "--scale_plot", "null"]
+    assert main(["train", str(recipe), *overrides]) == 0
+    assert "(baseline) in full precision" in capsys.readouterr().out
+    with_fp8 = json.loads((tmp_path / "out" / "recipe_results.json").read_text())["before"]
+    overrides[overrides.index("--output_dir") + 1] = str(tmp_path / "without")
+    assert main(["train", str(recipe), *overrides, "--fp8", "false"]) == 0
+    without = json.loads((tmp_path / "without" / "recipe_results.json").read_text())["before"]
+    assert with_fp8["eval_loss"] == without["eval_loss"]
+
+
 # --------------------------------------------------------------------------- parsing and bad recipes
 
 

@@ -12,6 +12,7 @@ fields' help metadata by `HfArgumentParser`; flags given on the command line ove
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import time
@@ -118,6 +119,8 @@ def run_recipe(recipe) -> dict[str, Any]:
     """Train and evaluate one parsed recipe; returns {"before", "after", "train", "scale_plot", "seconds"}."""
     from transformers import set_seed
 
+    from ..checkpoint import operand_scales
+    from ..precision import full_precision
     from ..tasks import add_perplexity, setup_task
     from ..trainer import UnitScaleTrainer
 
@@ -140,8 +143,12 @@ def run_recipe(recipe) -> dict[str, Any]:
     say = print if trainer.is_world_process_zero() else (lambda *a, **k: None)  # one copy of each line
     before = None
     if evaluate and recipe.data.baseline_eval:
-        say(f"Evaluating the untrained model on {len(setup.eval_dataset)} examples (baseline)…")
-        before = trainer.evaluate()
+        # FP8 scales are calibrated when training starts; with a = c = 1 the GEMMs would be naive FP8 casts
+        uncalibrated = training.fp8 and not operand_scales(trainer.model)
+        note = " in full precision (FP8 scales are calibrated when training starts)" if uncalibrated else ""
+        say(f"Evaluating the untrained model on {len(setup.eval_dataset)} examples (baseline){note}…")
+        with full_precision(trainer.model) if uncalibrated else contextlib.nullcontext():
+            before = trainer.evaluate()
         if causal:
             add_perplexity(before)
     say(
