@@ -6,12 +6,15 @@ mixer, `self.decoder.weight` in MobileBERT's LM head, `self.out_proj.weight` in 
 would get Ŵ, off by 1/s, and the model would silently compute another function. Such layers stay
 unconverted, and so does any layer tied to one of them.
 
-The check reads the source of every module class in the model (transformers' model code, torch.nn's
+The check parses the source of every module class in the model (transformers' model code, torch.nn's
 modules, user classes; not the methods that build weights: `__init__`, `_init_weights`, `resize_*`, …)
-and collects the attribute chains `self.a.b.p` in which `a.b` is a submodule and `p` one of its weights
-(≥2-D parameters: biases and norm gains are not rescaled), used for its value (not only for `.dtype`,
-`.shape`, `isinstance` or `is None`). Code that reaches a weight another way (`getattr`, indexing a
-`ModuleList`, a module passed to a function) is not seen.
+and collects the reads `self.a.b.p` (or `x.p` after `x = self.a.b`) in which `a.b` is a submodule and
+`p` one of its weights (≥2-D parameters: biases and norm gains are not rescaled), used for its value
+(not only for `.dtype`, `.shape`, `isinstance` or `is None`). A read inside `if <condition>:` whose
+condition uses only the module's own attributes and constants (BLOOM's `if self.pretraining_tp > 1 and
+self.slow_but_exact:`) counts only where the condition holds for that module. Code that reaches a weight
+another way (`getattr`, indexing a `ModuleList`, a module passed to a function) is not seen, nor are
+classes whose source cannot be read (defined in `exec`), which are named in a warning.
 """
 
 from __future__ import annotations
@@ -19,16 +22,43 @@ from __future__ import annotations
 import ast
 import functools
 import inspect
-import textwrap
+import operator
+import sys
+from dataclasses import dataclass
 
 from torch import nn
+from transformers.utils import logging
 
 __all__ = ["modules_read_directly"]
+
+logger = logging.get_logger(__name__)
 
 # attributes of a tensor that describe it without reading its values
 _METADATA = frozenset(
     {"dtype", "device", "shape", "ndim", "size", "dim", "numel", "nelement", "requires_grad", "is_meta", "layout"}
 )
+# methods that build or rebuild weights rather than compute with them
+_WEIGHT_BUILDERS = ("__init__", "_init", "init_", "_tie", "tie_", "resize", "reset_parameters", "_reset_parameters")
+_COMPARISONS = {
+    ast.Eq: operator.eq,
+    ast.NotEq: operator.ne,
+    ast.Lt: operator.lt,
+    ast.LtE: operator.le,
+    ast.Gt: operator.gt,
+    ast.GtE: operator.ge,
+    ast.Is: operator.is_,
+    ast.IsNot: operator.is_not,
+}
+_UNKNOWN = object()
+
+
+@dataclass(frozen=True)
+class _Read:
+    """`self.<chain>` loaded for its value, under the `if` conditions around it (each with whether the read is in
+    its body (True) or its `else` (False))."""
+
+    chain: tuple[str, ...]
+    guards: tuple[tuple[ast.expr, bool], ...]
 
 
 def _scanned(cls: type) -> bool:
@@ -38,17 +68,31 @@ def _scanned(cls: type) -> bool:
         return module.startswith("transformers.models.")
     if module.startswith("torch."):
         return module.startswith("torch.nn.modules.") and module != "torch.nn.modules.module"
-    return not module.startswith(("hf_unitscale", "builtins"))
+    return not module.startswith("hf_unitscale")
 
 
-def _rebuilds_weights(function: ast.FunctionDef | ast.AsyncFunctionDef) -> bool:
-    """Methods that build or rebuild weights rather than compute with them (`__init__`, `_init_weights`,
-    `reset_parameters`, `tie_weights`, `resize_position_embeddings`)."""
-    name = function.name
-    return "init" in name or "tie" in name or name.startswith("resize") or name == "reset_parameters"
+@functools.cache
+def _class_definitions(module_name: str) -> dict[str, ast.ClassDef]:
+    """{qualified name: ClassDef} of a Python module's source, parsed once per module."""
+    try:
+        tree = ast.parse(inspect.getsource(sys.modules[module_name]))
+    except (KeyError, OSError, TypeError, SyntaxError):
+        return {}
+    found: dict[str, ast.ClassDef] = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                found[prefix + child.name] = child
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, f"{prefix}{child.name}.<locals>.")
+
+    visit(tree, "")
+    return found
 
 
-def _inspected_only(function: ast.FunctionDef | ast.AsyncFunctionDef) -> set[int]:
+def _inspected_only(function: ast.AST) -> set[int]:
     """ids of the expressions `function` only inspects: `isinstance(x, …)`, `x is None`, `x.dtype`, `x.shape`, …"""
     nodes = list(ast.walk(function))
     inspected = {id(n.value) for n in nodes if isinstance(n, ast.Attribute) and n.attr in _METADATA}
@@ -60,30 +104,107 @@ def _inspected_only(function: ast.FunctionDef | ast.AsyncFunctionDef) -> set[int
     return inspected
 
 
+def _self_aliases(function: ast.AST) -> dict[str, tuple[str, ...]]:
+    """Local names bound to an attribute chain of self in `function` (`emb = self.embeddings.word`)."""
+    aliases = {}
+    for node in ast.walk(function):
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            chain = _chain(node.value, {})
+            if chain:
+                aliases[node.targets[0].id] = chain
+    return aliases
+
+
+def _chain(node: ast.AST, aliases: dict[str, tuple[str, ...]]) -> tuple[str, ...] | None:
+    """("a", "b", "p") for `self.a.b.p` (or `x.p` with x an alias of `self.a.b`); None for anything else."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or not names:
+        return None
+    root = () if node.id == "self" else aliases.get(node.id)
+    return None if root is None else root + tuple(reversed(names))
+
+
 @functools.cache
-def _self_attribute_reads(cls: type) -> tuple[tuple[str, ...], ...]:
-    """Attribute chains `self.x.y…` that `cls`'s own methods load for their value, as ("x", "y", …)."""
-    try:
-        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    except (OSError, TypeError, SyntaxError):
-        return ()
-    chains = set()
-    for function in ast.walk(tree):
-        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)) or _rebuilds_weights(function):
+def _class_reads(cls: type) -> tuple[_Read, ...] | None:
+    """The reads of `cls`'s own methods, or None if its source cannot be read."""
+    definition = _class_definitions(cls.__module__).get(cls.__qualname__)
+    if definition is None:
+        return None
+    reads = []
+    for function in definition.body:
+        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
             continue
-        inspected = _inspected_only(function)
-        for node in ast.walk(function):
-            if not isinstance(node, ast.Attribute) or not isinstance(node.ctx, ast.Load):
-                continue
-            if node.attr in _METADATA or id(node) in inspected:
-                continue
-            chain, value = [node.attr], node.value
-            while isinstance(value, ast.Attribute):
-                chain.append(value.attr)
-                value = value.value
-            if isinstance(value, ast.Name) and value.id == "self" and len(chain) > 1:
-                chains.add(tuple(reversed(chain)))
-    return tuple(sorted(chains))
+        if function.name == "__init__" or function.name.startswith(_WEIGHT_BUILDERS):
+            continue
+        inspected, aliases = _inspected_only(function), _self_aliases(function)
+        reads.extend(_walk_reads(function, (), inspected, aliases))
+    return tuple(reads)
+
+
+def _walk_reads(node: ast.AST, guards: tuple, inspected: set[int], aliases: dict) -> list[_Read]:
+    """Reads under `node`, each with the `if` conditions that enclose it."""
+    if isinstance(node, ast.If):
+        found = _walk_reads(node.test, guards, inspected, aliases)
+        for child in node.body:
+            found += _walk_reads(child, (*guards, (node.test, True)), inspected, aliases)
+        for child in node.orelse:
+            found += _walk_reads(child, (*guards, (node.test, False)), inspected, aliases)
+        return found
+    found = []
+    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
+        if node.attr not in _METADATA and id(node) not in inspected:
+            chain = _chain(node, aliases)
+            if chain and len(chain) > 1:
+                found.append(_Read(chain, guards))
+    for child in ast.iter_child_nodes(node):
+        found += _walk_reads(child, guards, inspected, aliases)
+    return found
+
+
+def _evaluate(expression: ast.expr, module: nn.Module):
+    """The value of a condition built from `self.<attribute>` (not `self.training`, which changes), constants,
+    comparisons, `and`, `or`, `not`, for `module`; `_UNKNOWN` if it uses anything else (an argument, a call)."""
+    if isinstance(expression, ast.Constant):
+        return expression.value
+    if isinstance(expression, ast.Attribute):
+        chain = _chain(expression, {})
+        if not chain or chain[0] == "training":  # train/eval mode changes after conversion
+            return _UNKNOWN
+        value = module
+        for name in chain:
+            value = getattr(value, name, _UNKNOWN)
+            if value is _UNKNOWN:
+                return _UNKNOWN
+        return value
+    if isinstance(expression, ast.UnaryOp) and isinstance(expression.op, ast.Not):
+        value = _evaluate(expression.operand, module)
+        return _UNKNOWN if value is _UNKNOWN else not value
+    if isinstance(expression, ast.BoolOp):  # one known false operand decides `and`, one known true `or`
+        values = [_evaluate(v, module) for v in expression.values]
+        known = [bool(v) for v in values if v is not _UNKNOWN]
+        deciding = isinstance(expression.op, ast.Or)
+        if deciding in known:
+            return deciding
+        return _UNKNOWN if len(known) < len(values) else not deciding
+    if isinstance(expression, ast.Compare) and all(type(op) in _COMPARISONS for op in expression.ops):
+        operands = [_evaluate(v, module) for v in (expression.left, *expression.comparators)]
+        if _UNKNOWN in operands:
+            return _UNKNOWN
+        pairs = zip(operands, operands[1:], strict=False)
+        return all(_COMPARISONS[type(op)](a, b) for op, (a, b) in zip(expression.ops, pairs, strict=True))
+    return _UNKNOWN
+
+
+def _may_run(read: _Read, module: nn.Module) -> bool:
+    """False only where an enclosing condition is known, for `module`, to skip the read."""
+    for test, in_body in read.guards:
+        value = _evaluate(test, module)
+        if value is not _UNKNOWN and bool(value) != in_body:
+            return False
+    return True
 
 
 def _parameter_read(module: nn.Module, chain: tuple[str, ...]) -> tuple[nn.Module, int] | None:
@@ -105,16 +226,30 @@ def modules_read_directly(model: nn.Module) -> dict[int, str]:
     module sharing a parameter with one of those."""
     reasons: dict[int, str] = {}
     read: list[nn.Module] = []
+    unreadable = set()
     for reader_name, reader in model.named_modules():
+        if not reader._modules:
+            continue  # reads of a child's weight need a child
         for cls in type(reader).__mro__:
-            if cls is nn.Module or not _scanned(cls):
+            if cls is nn.Module or not issubclass(cls, nn.Module) or not _scanned(cls):
                 continue
-            for chain in _self_attribute_reads(cls):
-                found = _parameter_read(reader, chain)
-                if found is not None and id(found[0]) not in reasons:
-                    where = f"`{reader_name}`" if reader_name else "the model"
-                    reasons[id(found[0])] = f"{cls.__name__} ({where}) reads `self.{'.'.join(chain[: found[1] + 1])}`"
-                    read.append(found[0])
+            reads = _class_reads(cls)
+            if reads is None:
+                unreadable.add(cls.__qualname__)
+                continue
+            for item in reads:
+                found = _parameter_read(reader, item.chain)
+                if found is None or id(found[0]) in reasons or not _may_run(item, reader):
+                    continue
+                where = f"`{reader_name}`" if reader_name else "the model"
+                reasons[id(found[0])] = f"{cls.__name__} ({where}) reads `self.{'.'.join(item.chain[: found[1] + 1])}`"
+                read.append(found[0])
+    if unreadable:
+        logger.warning(
+            f"Could not read the source of {sorted(unreadable)} to check whether it reads a layer's weight directly "
+            "(defined in `exec` or an interactive session?); if its code reads `self.<layer>.weight`, exclude that "
+            "layer (`UnitScaleConfig.exclude_modules`)."
+        )
     names = {id(m): name for name, m in model.named_modules()}
     read_weights = {id(p): names[id(m)] for m in read for p in m.parameters() if p.dim() >= 2}
     for module in model.modules():

@@ -267,21 +267,28 @@ def test_torch_attention_modules_keep_their_function(grad):
 
 
 class ReadsWeights(nn.Module):
-    """Reads one child's weight for its value and only inspects the other's."""
+    """Reads one child's weight for its value (through a local name), and the other's only to inspect it or on
+    a path its own attribute switches off."""
 
     def __init__(self):
         super().__init__()
         self.proj, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
+        self.exact_path = False
 
     def forward(self, x):
         if isinstance(self.out.weight, torch.Tensor) and self.out.weight is not None:
             x = x.to(self.out.weight.dtype)
-        return self.out(x @ self.proj.weight.T)
+        if self.exact_path and x.shape[-1] > 0:
+            return x @ self.out.weight.T
+        proj = self.proj
+        return self.out(x @ proj.weight.T)
 
 
 def _direct_read_models() -> dict[str, tuple[nn.Module, dict]]:
     """Models whose code reads a submodule's weight directly, with inputs that take that path."""
     from transformers import (
+        BloomConfig,
+        BloomForCausalLM,
         CLIPVisionConfig,
         CLIPVisionModel,
         DebertaConfig,
@@ -316,6 +323,10 @@ def _direct_read_models() -> dict[str, tuple[nn.Module, dict]]:
             MambaForCausalLM(MambaConfig(vocab_size=64, hidden_size=32, state_size=8, num_hidden_layers=1)),
             ids,
         ),
+        "bloom-off-path": (  # reads self.dense.weight only `if self.pretraining_tp > 1 and self.slow_but_exact`
+            BloomForCausalLM(BloomConfig(vocab_size=64, hidden_size=32, n_layer=1, n_head=4)),
+            ids,
+        ),
         "t5-inspects-only": (  # T5DenseActDense reads self.wo.weight only for isinstance and .dtype
             T5EncoderModel(T5Config(vocab_size=64, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4)),
             ids,
@@ -343,6 +354,7 @@ LEFT_UNCONVERTED = {
     "mamba": {"backbone.layers.0.mixer." + n for n in ("conv1d", "x_proj", "dt_proj", "out_proj")},
     "clip-interpolate": {"embeddings.position_embedding"},
     "t5-inspects-only": set(),
+    "bloom-off-path": set(),
 }
 
 
