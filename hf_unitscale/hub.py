@@ -26,6 +26,7 @@ from huggingface_hub.errors import EntryNotFoundError
 from safetensors import SafetensorError
 from transformers import AutoConfig, CompressedTensorsConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
+from transformers.models.auto.auto_factory import _get_model_class
 from transformers.utils import logging
 
 from . import __version__
@@ -369,10 +370,9 @@ def _concrete_class(cls: type, config: PretrainedConfig) -> type[PreTrainedModel
     """`cls` itself, or the class an Auto class (`AutoModelForSequenceClassification`) picks for `config`."""
     if issubclass(cls, PreTrainedModel):
         return cls
-    try:
-        return cls._model_mapping[type(config)]
-    except KeyError:
-        raise ValueError(f"{cls.__name__} has no model class for a {type(config).__name__}.") from None
+    if type(config) not in cls._model_mapping:
+        raise ValueError(f"{cls.__name__} has no model class for a {type(config).__name__}.")
+    return _get_model_class(config, cls._model_mapping)  # the mapping may hold several; transformers' choice
 
 
 def from_pretrained(
@@ -417,6 +417,7 @@ def from_pretrained(
         unit_scale_config = UnitScaleConfig.from_dict(options) if options else UnitScaleConfig()
     cls = _model_class(config, model_class)
     saved_class = (getattr(config, "architectures", None) or [None])[0]
+    generation_config = None
     if checkpoint_format == "unit-scaled" and saved_class and _concrete_class(cls, config).__name__ != saved_class:
         # another class than the one saved (its base model, another head): load Ŵ, s, a, c exactly as saved,
         # then W = s·Ŵ into `cls` as transformers loads across classes (base-model prefix, new heads initialized)
@@ -426,6 +427,7 @@ def from_pretrained(
             **{k: kwargs[k] for k in (*_HUB_KWARGS, "dtype", "torch_dtype") if k in kwargs},
         )
         stored_scales, kwargs["state_dict"] = operand_scales(saved), merged_state_dict(saved)
+        generation_config = saved.generation_config if saved.can_generate() else None
         pretrained_model_name_or_path, cls, checkpoint_format = None, _concrete_class(cls, config), "merged"
         del saved
     if checkpoint_format != "unit-scaled":
@@ -444,10 +446,14 @@ def from_pretrained(
             ) from err
         if checkpoint_format == "compressed-tensors":
             _drop_quantization(model)
+        if generation_config is not None and model.can_generate():
+            model.generation_config = generation_config  # a model built from a state dict reads no files
         if is_unit_scaled(model):
             return model
         unit_scale(model, unit_scale_config)
-        set_operand_scales(model, _as_named_in(model, stored_scales))
+        set_operand_scales(
+            model, _as_named_in(model, stored_scales, across_classes=saved_class != type(model).__name__)
+        )
         return model
     unused = sorted(set(kwargs) - {*_HUB_KWARGS, "dtype", "torch_dtype", "attn_implementation"})
     if unused:
@@ -485,22 +491,24 @@ def from_pretrained(
     return model.eval()
 
 
-def _as_named_in(model: PreTrainedModel, scales: dict[str, list[float]]) -> dict[str, list[float]]:
+def _as_named_in(
+    model: PreTrainedModel, scales: dict[str, list[float]], *, across_classes: bool
+) -> dict[str, list[float]]:
     """Operand scales saved from a base model (`encoder.…`) or from a model with a head (`bert.encoder.…`), by
     `model`'s layer names: transformers loads weights across the `base_model_prefix`, so they follow. Loading
-    into the base model drops the scales of head layers, as transformers drops their weights."""
+    into another class drops the scales of layers it lacks (another head's), as transformers drops their
+    weights; into the saved class, an unknown name stays, for `set_operand_scales` to refuse."""
     prefix, layers = model.base_model_prefix, set(matmul_layers(model))
-    if not prefix:
-        return scales
     renamed = {}
     for name, value in scales.items():
-        if name not in layers and f"{prefix}.{name}" in layers:
-            name = f"{prefix}.{name}"
-        elif name not in layers and model.base_model is model:
-            if not name.startswith(f"{prefix}."):
-                logger.info(f"Not restoring the operand scales of `{name}`: a head layer this base model lacks.")
-                continue
-            name = name.removeprefix(f"{prefix}.")
+        if prefix and name not in layers:
+            if f"{prefix}.{name}" in layers:
+                name = f"{prefix}.{name}"
+            elif name.removeprefix(f"{prefix}.") in layers:
+                name = name.removeprefix(f"{prefix}.")
+        if name not in layers and across_classes:
+            logger.info(f"Not restoring the operand scales of `{name}`: {type(model).__name__} has no such layer.")
+            continue
         renamed[name] = value
     return renamed
 

@@ -165,7 +165,7 @@ def test_a_checkpoint_loads_into_another_head_class_as_in_transformers(checkpoin
     it loads into a classifier with a new head, `num_labels` and `id2label` reaching the config as in
     transformers, the body's a, c following the `bert.` prefix; the classifier's checkpoint loads into the base
     model, its head's a, c dropped with its weights."""
-    from transformers import AutoModel, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForSequenceClassification, AutoModelForTokenClassification
 
     classifier = _converted(CASES_BY_ID["bert"])
     classifier.bert.save_pretrained(tmp_path / "base", checkpoint_format=checkpoint_format)
@@ -191,6 +191,37 @@ def test_a_checkpoint_loads_into_another_head_class_as_in_transformers(checkpoin
     assert operand_scales(base) == {n.removeprefix("bert."): v for n, v in body_scales.items()}
     with torch.no_grad():
         torch.testing.assert_close(base(**batch)[0], classifier.bert(**batch)[0], rtol=1e-5, atol=1e-6)
+    # another head class, without a pooler: the pooler's scales are dropped with its weights; its `classifier`
+    # (same name and shape) gets the saved one's weights from transformers, and so its a, c
+    tagger = hf_unitscale.from_pretrained(tmp_path / "classifier", model_class=AutoModelForTokenClassification)
+    expected = {n: v for n, v in operand_scales(classifier).items() if ".pooler." not in n}
+    assert operand_scales(tagger) == expected and "classifier" in expected
+
+
+def test_a_unit_scaled_checkpoint_loads_through_an_auto_class_mapping_several_classes(tmp_path):
+    """AutoModelForImageClassification maps a DeiT config to two classes; transformers picks the saved one."""
+    from transformers import AutoModelForImageClassification, DeiTConfig, DeiTForImageClassification
+
+    torch.manual_seed(0)
+    config = DeiTConfig(image_size=16, patch_size=4, hidden_size=32, num_hidden_layers=1, num_attention_heads=4)
+    model = hf_unitscale.unit_scale(DeiTForImageClassification(config).eval())
+    model.save_pretrained(tmp_path, checkpoint_format="unit-scaled")
+    loaded = hf_unitscale.from_pretrained(tmp_path, model_class=AutoModelForImageClassification)
+    assert type(loaded) is DeiTForImageClassification
+    pixels = torch.randn(1, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixels).logits, model(pixel_values=pixels).logits)
+
+
+def test_a_unit_scaled_checkpoint_loaded_into_another_class_keeps_its_generation_config(tmp_path):
+    model = hf_unitscale.unit_scale(
+        transformers.GPT2DoubleHeadsModel(transformers.GPT2Config(n_embd=32, n_layer=1, n_head=4, vocab_size=64))
+    )
+    model.generation_config.max_new_tokens, model.generation_config.top_k = 7, 5
+    model.generation_config.do_sample = True
+    model.save_pretrained(tmp_path, checkpoint_format="unit-scaled")
+    loaded = hf_unitscale.from_pretrained(tmp_path, model_class=transformers.GPT2LMHeadModel)
+    assert (loaded.generation_config.max_new_tokens, loaded.generation_config.top_k) == (7, 5)
 
 
 @pytest.mark.parametrize("case", [CASES_BY_ID["bert"], CASES_BY_ID["llama-tied"]], ids=lambda c: c.id)
