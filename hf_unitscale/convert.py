@@ -66,8 +66,9 @@ def readout_modules(model: nn.Module) -> list[nn.Module]:
     layer, is not one). Where that finds none outside the base model, the last matmul layer there.
 
     A model that is its own base model (a bare `BertModel`, `T5ForQuestionAnswering`, CLIP's classifier) has as
-    body its children that hold a stack of layers (an nn.ModuleList); of the layers outside them only those that
-    change the width count (`qa_outputs`, `classifier`; not `BertModel`'s h → h pooler)."""
+    body its children that hold a stack of layers (an nn.ModuleList); of the layers outside them only those
+    registered after the body that change the width count (`qa_outputs`, `classifier`; not `BertModel`'s h → h
+    pooler, nor `ElectraModel`'s `embeddings_project`, an input projection)."""
     get_output = getattr(model, "get_output_embeddings", None)
     output_embeddings = get_output() if callable(get_output) else None
     heads = [output_embeddings] if output_embeddings is not None else []
@@ -76,8 +77,10 @@ def readout_modules(model: nn.Module) -> list[nn.Module]:
     inside = {id(m) for body in bodies for m in body.modules()}
     outside = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in inside]
     widths = {id(m): _matmul_widths(m) for m in outside}
-    if base is model:
-        outside = [m for m in outside if widths[id(m)][0] != widths[id(m)][1]]
+    if base is model:  # after the body (not an input projection) and changing the width (not a pooler)
+        order = {id(m): index for index, m in enumerate(model.modules())}
+        body_end = max((order[i] for i in inside if i in order), default=-1)
+        outside = [m for m in outside if order[id(m)] > body_end and widths[id(m)][0] != widths[id(m)][1]]
     final = [m for m in outside if all(widths[id(m)][1] != widths[id(o)][0] for o in outside if o is not m)]
     heads += [m for m in final or outside[-1:] if m is not output_embeddings]
     return heads
