@@ -375,7 +375,10 @@ class UnitScaleTrainer(Trainer):
         """Trainer's mid-training push of the output folder, which mirrors the latest checkpoint: with its
         unit-scaled weights too (Trainer copies only model.safetensors/pytorch_model.bin), and none of another
         format left in the repo."""
-        if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END:
+        push = getattr(self, "push_in_progress", None)
+        skipped = push is not None and not push.is_done() and not self.args.hub_always_push  # as Trainer decides
+        if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END and not skipped:
+            # the running upload may still read the output folder's files: touch them only for a push that happens
             mirror_weight_files(checkpoint_folder, self.args.output_dir)
             delete_other_format_weights(
                 self.hub_model_id, "unit-scaled", token=self.args.hub_token, revision=self.args.hub_revision

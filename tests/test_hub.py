@@ -240,3 +240,44 @@ def test_trainer_pushes_during_training_carry_weights_and_leave_one_format(local
     plain = BertForSequenceClassification.from_pretrained("user/run")
     torch.testing.assert_close(_logits(plain, batch), _logits(trainer.model, batch), rtol=1e-5, atol=1e-6)
     assert 'from_pretrained("user/run")' in _card("user/run")
+
+
+def test_a_save_during_a_running_upload_leaves_the_output_folder_and_the_hub_alone(local_hub, tmp_path):
+    """Trainer skips a mid-training push while the previous upload still runs (`hub_always_push=False`): the
+    output folder that upload may be reading keeps its files, and the Hub gets no commit."""
+    from concurrent.futures import Future
+
+    from transformers.utils.hub import PushInProgress
+
+    from hf_unitscale.arguments import UnitScaleTrainingArguments
+
+    case = CASES_BY_ID["bert"]
+    rows = [{"input_ids": row, "labels": i % 2} for i, row in enumerate(case.batch(4, seed=2)["input_ids"])]
+    args = UnitScaleTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=2,
+        save_strategy="steps",
+        save_steps=2,
+        per_device_train_batch_size=2,
+        push_to_hub=True,
+        hub_model_id="user/busy",
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = hf_unitscale.trainer.UnitScaleTrainer(model=case.model(), args=args, train_dataset=rows)
+    trainer.train()
+    trainer._finish_current_push()
+    pushed = (tmp_path / "run" / UNIT_SCALED_WEIGHTS_NAME).read_bytes()
+    commits = local_hub.commits("user/busy")
+    with torch.no_grad():
+        trainer.model.classifier.weight.add_(1.0)
+    newer = tmp_path / "run" / "checkpoint-3"
+    hf_unitscale.save_pretrained(trainer.model, newer, checkpoint_format="unit-scaled")
+    running = Future()
+    trainer.push_in_progress = PushInProgress([running])
+    try:
+        trainer._push_from_checkpoint(str(newer))
+    finally:
+        running.set_result(None)
+    assert (tmp_path / "run" / UNIT_SCALED_WEIGHTS_NAME).read_bytes() == pushed
+    assert local_hub.commits("user/busy") == commits
