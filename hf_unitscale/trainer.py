@@ -390,8 +390,8 @@ class UnitScaleTrainer(Trainer):
         format (mid-training pushes are unit-scaled; a stale model.safetensors would load in plain transformers)."""
         if self.is_world_process_zero():
             token = kwargs.get("token") or self.args.hub_token
-            if self.hub_model_id is None:
-                self.init_hf_repo(token=token)
+            if self.hub_model_id is None:  # as Trainer.push_to_hub would, to know the repo before it uploads
+                self.init_hf_repo(token=token, **{k: kwargs[k] for k in ("private",) if k in kwargs})
             self._finish_current_push()
             revision = kwargs.get("revision") or self.args.hub_revision
             delete_other_format_weights(self.hub_model_id, self._save_format(), token=token, revision=revision)
