@@ -200,16 +200,10 @@ def test_trainer_push_to_hub_card(local_hub, tmp_path):
     torch.testing.assert_close(_logits(loaded, batch), _logits(trainer.model, batch), rtol=0, atol=0)
 
 
-def test_trainer_pushes_during_training_carry_weights_and_leave_one_format(local_hub, tmp_path):
-    """`hub_strategy="every_save"`: each mid-training commit holds the checkpoint's unit-scaled weights (Trainer
-    copies only model.safetensors) and no stale merged weights of an earlier push; the final merged push deletes
-    the unit-scaled file, so plain transformers loads the trained model. The card names the namespaced repo."""
-    from transformers import BertForSequenceClassification
-
+def _trainer_pushing_every_save(tmp_path, hub_model_id: str):
+    """A UnitScaleTrainer of the tiny BERT classifier that saves (and pushes) once, at its last step 2."""
     from hf_unitscale.arguments import UnitScaleTrainingArguments
 
-    earlier, batch = _converted("bert")
-    earlier.push_to_hub("user/run")  # merged: model.safetensors of another model
     case = CASES_BY_ID["bert"]
     rows = [{"input_ids": row, "labels": i % 2} for i, row in enumerate(case.batch(8, seed=2)["input_ids"])]
     args = UnitScaleTrainingArguments(
@@ -220,11 +214,22 @@ def test_trainer_pushes_during_training_carry_weights_and_leave_one_format(local
         per_device_train_batch_size=2,
         learning_rate=1e-2,
         push_to_hub=True,
-        hub_model_id="run",  # the namespace comes from the token's user
+        hub_model_id=hub_model_id,
         report_to=[],
         use_cpu=True,
     )
-    trainer = hf_unitscale.trainer.UnitScaleTrainer(model=case.model(seed=1), args=args, train_dataset=rows)
+    return hf_unitscale.trainer.UnitScaleTrainer(model=case.model(seed=1), args=args, train_dataset=rows)
+
+
+def test_trainer_pushes_during_training_carry_weights_and_leave_one_format(local_hub, tmp_path):
+    """`hub_strategy="every_save"`: each mid-training commit holds the checkpoint's unit-scaled weights (Trainer
+    copies only model.safetensors) and no stale merged weights of an earlier push; the final merged push deletes
+    the unit-scaled file, so plain transformers loads the trained model. The card names the namespaced repo."""
+    from transformers import BertForSequenceClassification
+
+    earlier, batch = _converted("bert")
+    earlier.push_to_hub("user/run")  # merged: model.safetensors of another model
+    trainer = _trainer_pushing_every_save(tmp_path, "run")  # the namespace comes from the token's user
     trainer.train()
     trainer.push_to_hub()
 
@@ -249,22 +254,7 @@ def test_a_save_during_a_running_upload_leaves_the_output_folder_and_the_hub_alo
 
     from transformers.utils.hub import PushInProgress
 
-    from hf_unitscale.arguments import UnitScaleTrainingArguments
-
-    case = CASES_BY_ID["bert"]
-    rows = [{"input_ids": row, "labels": i % 2} for i, row in enumerate(case.batch(4, seed=2)["input_ids"])]
-    args = UnitScaleTrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=2,
-        save_strategy="steps",
-        save_steps=2,
-        per_device_train_batch_size=2,
-        push_to_hub=True,
-        hub_model_id="user/busy",
-        report_to=[],
-        use_cpu=True,
-    )
-    trainer = hf_unitscale.trainer.UnitScaleTrainer(model=case.model(), args=args, train_dataset=rows)
+    trainer = _trainer_pushing_every_save(tmp_path, "user/busy")
     trainer.train()
     trainer._finish_current_push()
     pushed = (tmp_path / "run" / UNIT_SCALED_WEIGHTS_NAME).read_bytes()
