@@ -131,24 +131,26 @@ def _check_scaled_mm_runs_on(device: torch.device) -> None:
 
 
 def _gemm(a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, out_dtype: torch.dtype, backend: str) -> torch.Tensor:
-    """scale · (a @ b) for a (M × K), b (K × N), possibly in a low-precision dtype; result in `out_dtype`.
+    """scale · (a @ b) for a (M × K), b (K × N), possibly in a low-precision dtype; result in `out_dtype`, rounded
+    once (autocast is off inside: it would round the simulated fp32 product to bf16 before the scale).
 
     `scaled_mm` zero-pads K and N to multiples of SCALED_MM_ALIGNMENT (zeros add nothing to a dot product; the
     padded columns are cut off): CUDA's FP8 GEMM refuses other shapes, and K of the weight-gradient GEMM is the
     token count, which no batch shape guarantees.
     """
-    if backend == "scaled_mm":
-        _check_scaled_mm_runs_on(a.device)
-        n = b.shape[1]
-        a = _pad_to_alignment(a, 1).contiguous()  # row-major
-        b = _pad_to_alignment(_pad_to_alignment(b, 0), 1).t().contiguous().t()  # column-major
-        # scales are fp32 scalars applied to the fp32 accumulator
-        one = torch.ones((), dtype=torch.float32, device=a.device)
-        out = torch._scaled_mm(a, b, scale.float(), one, out_dtype=out_dtype)
-        return out if out.shape[1] == n else out[:, :n]
-    # as `_scaled_mm`: an fp32 GEMM (exact products of FP8 values, fp32 accumulation), the fp32 scale applied to it,
-    # one rounding to `out_dtype`
-    return (_at_least_fp32(a) @ _at_least_fp32(b) * scale).to(out_dtype)
+    with torch.autocast(a.device.type, enabled=False):
+        if backend == "scaled_mm":
+            _check_scaled_mm_runs_on(a.device)
+            n = b.shape[1]
+            a = _pad_to_alignment(a, 1).contiguous()  # row-major
+            b = _pad_to_alignment(_pad_to_alignment(b, 0), 1).t().contiguous().t()  # column-major
+            # scales are fp32 scalars applied to the fp32 accumulator
+            one = torch.ones((), dtype=torch.float32, device=a.device)
+            out = torch._scaled_mm(a, b, scale.float(), one, out_dtype=out_dtype)
+            return out if out.shape[1] == n else out[:, :n]
+        # as `_scaled_mm`: an fp32 GEMM (exact products of FP8 values, fp32 accumulation), the fp32 scale applied
+        # to it, one rounding to `out_dtype`
+        return (_at_least_fp32(a) @ _at_least_fp32(b) * scale).to(out_dtype)
 
 
 class _ScaledMatmul(torch.autograd.Function):

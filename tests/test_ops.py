@@ -103,13 +103,25 @@ def test_16_bit_operands_meet_the_same_fp32_scales():
         assert _rel(got.float(), want) < 2**-8, f"{name}: {_rel(got.float(), want):.2e} from the fp32 run"
 
 
-def test_fp8_under_autocast_computes_and_returns_the_autocast_dtype():
-    x, w_hat, bias, s, a, c, _ = _operands()
+@pytest.mark.parametrize("backend", ["simulate", "scaled_mm"])
+def test_fp8_under_autocast_computes_and_returns_the_autocast_dtype(backend):
+    """Under bf16 autocast the GEMMs still accumulate in fp32 and round once to bf16: the same result as bf16
+    inputs without autocast (autocast inside the GEMM rounded the simulated product to bf16 first)."""
+    if backend == "scaled_mm" and not scaled_mm_runs_on(torch.device("cpu")):
+        pytest.skip("torch._scaled_mm has no CPU kernel in this torch")
+    x, w_hat, bias, s, a, c, grad_out = _operands(tokens=(16, 32), in_features=64, out_features=48)
+    precision = MatmulPrecision(E4M3, E5M2, backend)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = scaled_linear(x.requires_grad_(), w_hat, bias, s, a, c, MatmulPrecision(E4M3, E5M2))
+        y, grad_x, grad_w, _ = _run(
+            lambda x, w, b: scaled_linear(x, w, b, s, a, c, precision), x, w_hat, bias, grad_out
+        )
     assert y.dtype == torch.bfloat16  # as F.linear there: not promoted back to fp32 by the input or the bias
-    y.sum().backward()
-    assert x.grad.dtype == torch.float32
+    assert grad_x.dtype == torch.float32
+    bf16_x = x.bfloat16()
+    want = _run(lambda x, w, b: scaled_linear(x, w, b, s, a, c, precision), bf16_x, w_hat, bias, grad_out.bfloat16())
+    assert torch.equal(y, want[0])
+    torch.testing.assert_close(grad_x, want[1].float(), rtol=0, atol=0)
+    torch.testing.assert_close(grad_w, want[2], rtol=0, atol=0)
 
 
 def test_unscaled_gradients_flush_to_zero_in_e5m2():
