@@ -150,6 +150,21 @@ def _warn_about_headroom(table: Mapping[str, Mapping[str, float]], layers: Mappi
         )
 
 
+def _check_loss(loss: torch.Tensor, index: int) -> None:
+    """A loss that cannot give gradients would leave every c as it was (1 on a first calibration): refuse it."""
+    if not loss.requires_grad:
+        raise ValueError(
+            f"The loss of calibration batch {index} does not require grad, so no output gradient can be measured. "
+            "Is `calibrate` running under `torch.inference_mode()`? Call it outside."
+        )
+    if not torch.isfinite(loss.detach()).all():
+        raise ValueError(
+            f"The loss of calibration batch {index} is {loss.detach().float().item()}: its gradients would make every "
+            "scale non-finite. Check that batch (labels, inputs), or calibrate the model in fp32 if it overflows in "
+            "fp16."
+        )
+
+
 def calibrate(
     model: nn.Module,
     batches: Iterable[Mapping[str, Any]],
@@ -205,8 +220,9 @@ def calibrate(
         gradient (unused by the loss) keeps its previous `c`, and likewise `a`.
 
     Raises:
-        ValueError: `model` has no converted matmul layer, `batches` is empty, or a measured
-            scale is not finite and positive.
+        ValueError: `model` has no converted matmul layer, `batches` is empty or one batch, a batch's loss
+            is not finite or does not require grad (`torch.inference_mode`), or a measured scale is not
+            finite and positive.
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"`num_batches` should be a positive integer or None, got {num_batches}.")
@@ -222,6 +238,8 @@ def calibrate(
         raise ValueError(
             f"{type(model).__name__} has no converted matmul layer to calibrate; call `unit_scale(model)` first."
         )
+    if isinstance(batches, Mapping):
+        raise ValueError("`batches` is one batch (a dict of inputs); pass an iterable of batches, e.g. `[batch]`.")
     loss_fn = loss_fn or default_loss
     was_training = {m: m.training for m in model.modules()}
     iterator = iter(batches) if num_batches is None else islice(batches, num_batches)
@@ -247,7 +265,9 @@ def calibrate(
                 inputs = model_inputs(model, batch)
                 outputs = hooks.forward(model, inputs)
                 used_proxy |= loss_fn is default_loss and getattr(outputs, "loss", None) is None
-                hooks.backward(loss_fn(outputs, inputs) * loss_scale)
+                loss = loss_fn(outputs, inputs) * loss_scale
+                _check_loss(loss, n_batches)
+                hooks.backward(loss)
                 n_batches += 1
                 n_tokens += _count_tokens(inputs)
                 del outputs

@@ -365,6 +365,15 @@ def test_calibrate_errors_are_clear():
         calibrate(unit_scale(case.model()), [], progress=False)
     with pytest.raises(ValueError, match="num_batches"):
         calibrate(unit_scale(case.model()), [_labelled_batch(case)], num_batches=0, progress=False)
+    with pytest.raises(ValueError, match="one batch"):
+        calibrate(unit_scale(case.model()), _labelled_batch(case), progress=False)
+    # a loss that gives no gradients would leave every c at 1 (E5M2 then flushes most gradients): refused
+    model = unit_scale(case.model())
+    with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
+        calibrate(model, [_labelled_batch(case)], progress=False)
+    factors = iter([1.0, float("nan")])  # the second batch's loss is not finite (as an fp16 overflow makes it)
+    with pytest.raises(ValueError, match="loss of calibration batch 1 is nan"):
+        calibrate(model, [_labelled_batch(case)] * 2, loss_fn=lambda out, _: out.loss * next(factors), progress=False)
 
 
 # --------------------------------------------------------------------------- precision and counters
