@@ -19,6 +19,7 @@ continues the uninterrupted run's trajectory.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
 from typing import Any
@@ -30,6 +31,7 @@ from transformers.utils import logging
 from .calibrate import calibrate
 from .checkpoint import operand_scales
 from .convert import matmul_layers
+from .operand_stats import is_causal_lm, model_inputs
 from .precision import cast_statistics, summarize_casts, track_casts
 
 __all__ = ["RecalibrationCallback"]
@@ -41,6 +43,28 @@ Batches = Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]
 
 def _detached(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def _as_trained(
+    model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], accumulation: int
+) -> tuple[Iterable[Mapping[str, Any]], float]:
+    """Calibration batches and loss factor that give the gradients `Trainer.training_step` gives with
+    `accumulation` steps. The Trainer divides the loss by `accumulation` unless the model takes `**kwargs`;
+    then it passes `num_items_in_batch`, the label tokens of the accumulated micro-batches (≈ accumulation ×
+    this batch's), and leaves the loss as it is: a causal LM normalizes by it (≈ 1/accumulation of its mean), a
+    head that ignores it (BERT's classifiers) trains on its plain mean."""
+    forward = inspect.signature(model.forward).parameters.values()
+    accepts = getattr(model, "accepts_loss_kwargs", any(p.kind == inspect.Parameter.VAR_KEYWORD for p in forward))
+    if accumulation == 1 or not accepts:
+        return batches, 1.0 / accumulation
+    shift = 1 if is_causal_lm(model) else 0  # a causal LM's loss predicts labels[1:]
+    labelled = [model_inputs(model, batch) for batch in batches]
+    if not all("labels" in inputs for inputs in labelled):
+        return labelled, 1.0 / accumulation  # no loss of the model's own to normalize
+    return [
+        {**inputs, "num_items_in_batch": accumulation * int((inputs["labels"][..., shift:] != -100).sum())}
+        for inputs in labelled
+    ], 1.0
 
 
 class RecalibrationCallback(TrainerCallback):
@@ -115,12 +139,13 @@ class RecalibrationCallback(TrainerCallback):
     def recalibrate(self, model, args=None, state=None, train_dataloader=None) -> dict[str, dict[str, float]]:
         """Calibrate `model` now; returns calibrate's per-layer table and records it in `history`."""
         accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
+        batches, loss_scale = _as_trained(model, self._calibration_batches(train_dataloader), accumulation)
         table = calibrate(
             model,
-            self._calibration_batches(train_dataloader),
+            batches,
             num_batches=self.num_batches,
             loss_fn=self.loss_fn,
-            loss_scale=1.0 / accumulation,  # the Trainer divides the loss by the accumulation steps
+            loss_scale=loss_scale,
             headroom=self.headroom,
             grad_underflow_budget=self.grad_underflow_budget,
             input_rounding_search=self.input_rounding_search,

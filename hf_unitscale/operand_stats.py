@@ -38,6 +38,7 @@ __all__ = [
     "RmsAccumulator",
     "RoundingErrorAccumulator",
     "default_loss",
+    "is_causal_lm",
     "model_inputs",
 ]
 
@@ -254,7 +255,8 @@ class OperandRmsHooks:
             acc.end_batch()
 
 
-def _is_causal_lm(model: nn.Module) -> bool:
+def is_causal_lm(model: nn.Module) -> bool:
+    """Whether `model` is the causal-LM class of its model type (its loss predicts labels[1:] from tokens[:-1])."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     model_type = getattr(getattr(model, "config", None), "model_type", None)
@@ -268,7 +270,7 @@ def model_inputs(model: nn.Module, batch: Mapping[str, Any]) -> dict[str, Any]:
     (`input_ids`, padding masked to -100), so its loss is the one training differentiates."""
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     inputs = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-    if "labels" not in inputs and "input_ids" in inputs and _is_causal_lm(model):
+    if "labels" not in inputs and "input_ids" in inputs and is_causal_lm(model):
         labels = inputs["input_ids"].clone()
         if "attention_mask" in inputs:
             labels = labels.masked_fill(inputs["attention_mask"] == 0, -100)

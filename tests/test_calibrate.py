@@ -489,6 +489,26 @@ def _trainer_run(callback_kwargs, max_steps, loss_growth=1.0, lr=1e-3):
     return trainer, callback
 
 
+@pytest.mark.parametrize(("case_id", "factor"), [("bert", 1.0), ("llama-untied", 0.25)])
+def test_recalibration_with_gradient_accumulation_measures_the_gradients_training_makes(case_id, factor):
+    """With 4 accumulation steps Trainer passes a `**kwargs` model `num_items_in_batch` and does not divide its
+    loss: Llama's loss normalizes by the accumulated tokens (c × 1/4), BERT's classifier ignores it and trains on
+    its mean loss (c × 1). Dividing every loss by 4 set BERT's c 4× too small."""
+    from types import SimpleNamespace
+
+    case = CASES_BY_ID[case_id]
+    batches = [_labelled_batch(case, seed=seed) for seed in (1, 2)]
+    scales = {}
+    for accumulation in (1, 4):
+        model = unit_scale(case.model())
+        RecalibrationCallback(batches=batches, num_batches=2).recalibrate(
+            model, SimpleNamespace(gradient_accumulation_steps=accumulation)
+        )
+        scales[accumulation] = {name: float(layer.grad_scale) for name, layer in matmul_layers(model).items()}
+    for name, c in scales[4].items():
+        assert c == pytest.approx(factor * scales[1][name], rel=1e-5), name
+
+
 def test_recalibration_keeps_gradients_from_saturating():
     """Gradients growing 4× per step: with scales measured once, g/c passes E5M2's max (57344) and
     saturates; recalibrating every step keeps saturation at zero. The fractions land in the logs."""
