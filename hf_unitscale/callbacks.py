@@ -71,8 +71,8 @@ class RecalibrationCallback(TrainerCallback):
     """Calibrate at train begin, recalibrate every `every` steps, log cast counters.
 
     Args:
-        batches: calibration batches (re-iterable or zero-argument callable); None = the Trainer's
-            train dataloader (first `num_batches`, drawn once).
+        batches: calibration batches (an iterable, the first `num_batches` drawn once, or a zero-argument
+            callable, called at every calibration); None = the Trainer's train dataloader (drawn once).
         every: recalibrate after every `every` optimizer steps; 0 or None = never.
         num_batches: batches per calibration.
         calibrate_at_start: calibrate in `on_train_begin` (off when the model was calibrated already; a resumed
@@ -123,17 +123,21 @@ class RecalibrationCallback(TrainerCallback):
     # ------------------------------------------------------------------ batches and calibration
 
     def _calibration_batches(self, train_dataloader: Iterable | None) -> Iterable[Mapping[str, Any]]:
+        """The first `num_batches` of the source, drawn once (a callable `batches`: at every call) under a forked
+        RNG, so a shuffled DataLoader neither shifts the training data order nor changes what is measured."""
+        if self._cached is not None and not callable(self.batches):
+            return self._cached
         if self.batches is not None:
             source = self.batches() if callable(self.batches) else self.batches
-            return islice(source, self.num_batches)
-        if self._cached is None:
-            if train_dataloader is None:
-                raise ValueError(
-                    "RecalibrationCallback has no batches: pass `batches=` or use it in a Trainer, "
-                    "which hands its `train_dataloader` to callbacks."
-                )
-            with torch.random.fork_rng(devices=[]):  # drawing must not shift the training data order
-                self._cached = [_detached(b) for b in islice(iter(train_dataloader), self.num_batches)]
+        elif train_dataloader is not None:
+            source = train_dataloader
+        else:
+            raise ValueError(
+                "RecalibrationCallback has no batches: pass `batches=` or use it in a Trainer, "
+                "which hands its `train_dataloader` to callbacks."
+            )
+        with torch.random.fork_rng(devices=[]):
+            self._cached = [_detached(b) for b in islice(iter(source), self.num_batches)]
         return self._cached
 
     def recalibrate(self, model, args=None, state=None, train_dataloader=None) -> dict[str, dict[str, float]]:

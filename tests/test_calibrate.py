@@ -509,6 +509,29 @@ def test_recalibration_with_gradient_accumulation_measures_the_gradients_trainin
         assert c == pytest.approx(factor * scales[1][name], rel=1e-5), name
 
 
+def test_recalibration_batches_from_an_iterable_are_drawn_once_without_touching_the_rng():
+    """A generator or a shuffled DataLoader as `batches`: every recalibration measures the same first batches, and
+    drawing them leaves the global RNG (the training data order) where it was."""
+    from torch.utils.data import DataLoader
+
+    case = CASES_BY_ID["bert"]
+    rows = [{k: v[i] for k, v in _labelled_batch(case, seed=seed).items()} for seed in (1, 2) for i in range(3)]
+    for batches in (
+        (b for b in [_labelled_batch(case, seed=1), _labelled_batch(case, seed=2)]),
+        DataLoader(rows, 3, shuffle=True),
+    ):
+        model = unit_scale(case.model())
+        callback = RecalibrationCallback(batches=batches, num_batches=2)
+        torch.manual_seed(0)
+        first = callback.recalibrate(model)
+        drawn_after = torch.rand(1)
+        torch.manual_seed(0)
+        torch.rand(1)  # what training draws meanwhile does not matter: the batches were drawn once
+        assert callback.recalibrate(model) == first
+        torch.manual_seed(0)
+        assert torch.equal(torch.rand(1), drawn_after)  # the first draw consumed nothing of the global RNG
+
+
 def test_recalibration_keeps_gradients_from_saturating():
     """Gradients growing 4× per step: with scales measured once, g/c passes E5M2's max (57344) and
     saturates; recalibrating every step keeps saturation at zero. The fractions land in the logs."""
