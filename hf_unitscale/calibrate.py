@@ -238,6 +238,21 @@ def calibrate(
         raise ValueError(
             f"{type(model).__name__} has no converted matmul layer to calibrate; call `unit_scale(model)` first."
         )
+    format_options = [
+        name
+        for name, used in (
+            ("headroom", headroom is not None),
+            ("grad_underflow_budget", grad_underflow_budget is not None),
+            ("input_rounding_search", input_rounding_search),
+        )
+        if used
+    ]
+    if format_options and all(layer.precision is None for layer in layers.values()):
+        logger.warning(
+            f"Calibrating with {', '.join(format_options)} before any layer has formats: they assume E4M3 inputs and "
+            "E5M2 gradients. Call `set_precision` first if the model will run other formats (E4M3 gradients "
+            "saturate at 448, not 57344)."
+        )
     if isinstance(batches, Mapping):
         raise ValueError("`batches` is one batch (a dict of inputs); pass an iterable of batches, e.g. `[batch]`.")
     loss_fn = loss_fn or default_loss

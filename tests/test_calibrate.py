@@ -206,6 +206,21 @@ def test_calibrate_reports_operand_peaks_and_warns_once_when_one_nears_the_forma
     assert caplog.text.count("peak within 2x") == 1
 
 
+def test_format_dependent_options_before_set_precision_say_which_formats_they_assume(caplog):
+    """`headroom` and the budget size a and c for the formats the layers will run: calibrated before
+    `set_precision`, they assume E4M3/E5M2, and a later E4M3-gradient run would saturate; say so."""
+    case = CASES_BY_ID["bert"]
+    logging.getLogger("hf_unitscale").propagate = True
+    for set_first in (False, True):
+        model = unit_scale(case.model())
+        if set_first:
+            set_precision(model, "e4m3", "e4m3")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+            calibrate(model, [_labelled_batch(case)], headroom=2, progress=False)
+        assert ("before any layer has formats" in caplog.text) is not set_first
+
+
 def test_headroom_raises_only_the_scales_of_operands_near_their_format_max(caplog):
     model, batches, name, _ = _llama_with_a_massive_activation()
     set_precision(model, "e4m3", "e5m2")
