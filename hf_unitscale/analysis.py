@@ -184,8 +184,9 @@ def scale_report(
             converted with the default `UnitScaleConfig` if it is plain).
         batches: dicts of model inputs, with `labels` for the real training gradients (without,
             gradients come from the proxy loss sum(logits²)/2/rows, right up to an O(1) factor).
-        calibrate: also calibrate the copy's matmul layers (a, c) and measure x/a and g/c.
-        calibration_batches: the batches to calibrate on (default: `batches`).
+        calibrate: also measure x/a and g/c: with the model's own a, c where it has calibrated ones (a model
+            trained in FP8, a checkpoint's), else after calibrating the copy's matmul layers.
+        calibration_batches: the batches to calibrate an uncalibrated copy on (default: `batches`).
 
     Returns:
         a `ScaleReport`; `format_scale_table` and `plot_scale_report` show it.
@@ -204,9 +205,11 @@ def scale_report(
         rows.append(LayerScales(row_name, kind, *_weight_stats(module, weight_name), input_rms, grad_rms, flushed))
     if calibrate:
         from .calibrate import calibrate as run_calibration
+        from .checkpoint import operand_scales
 
-        calibration_batches = batches if calibration_batches is None else list(calibration_batches)
-        run_calibration(model, calibration_batches, progress=False)
+        if not operand_scales(model):  # the model's own a, c when it has calibrated ones (FP8-trained, a checkpoint)
+            calibration_batches = batches if calibration_batches is None else list(calibration_batches)
+            run_calibration(model, calibration_batches, progress=False)
         after = _measure(model, batches, divide_by_scales=True)
         for row, (_, module_name, _, module, _) in zip(rows, _weight_rows(model), strict=True):
             if isinstance(module, UnitScaledMatmulMixin):

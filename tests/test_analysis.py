@@ -115,6 +115,23 @@ def test_already_converted_model_is_left_alone():
     assert all(torch.equal(b, scales[n]) for n, b in model.named_buffers())
 
 
+def test_a_calibrated_model_is_reported_with_its_own_scales():
+    """A model trained in FP8 (or loaded from a checkpoint) has its a, c: the report shows x/a and g/c as those
+    scales make them, not as a fresh default calibration would."""
+    from hf_unitscale.checkpoint import set_operand_scales
+    from hf_unitscale.convert import matmul_layers
+
+    case = CASES_BY_ID["bert"]
+    model = unit_scale(case.model())
+    layers = matmul_layers(model)  # scales no default calibration gives, as a checkpoint would restore them
+    set_operand_scales(model, {name: [0.5 + i / 7, 1e-5 * (i + 1)] for i, name in enumerate(layers)})
+    report = scale_report(model, _batches(case, n=1))
+    rows = {row.name: row for row in report.layers if row.name in layers}
+    assert set(rows) == set(layers)
+    for name, layer in layers.items():
+        assert (rows[name].input_scale, rows[name].grad_scale) == (float(layer.input_scale), float(layer.grad_scale))
+
+
 def test_calibration_rescues_gradients_from_e5m2_underflow():
     """Tiny BERT's attention gradients flush to zero in E5M2 without c and survive with it."""
     report = scale_report(CASES_BY_ID["bert"].model(), _batches(CASES_BY_ID["bert"]))

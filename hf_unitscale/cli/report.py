@@ -5,7 +5,8 @@ snippets for encoders, Jane Austen for causal LMs), cycled when more rows are ne
 (e.g. a bare test model), seeded random token ids. Labels make the loss the model's real training
 loss: the real sentiment labels (or random ones) for a classifier, the inputs themselves for a
 (causal or masked) LM. The first `--num-batches` batches are measured; the next `--num-batches`
-calibrate a, c, so x/a and g/c are measured on data the scales were not fitted to.
+calibrate a, c, so x/a and g/c are measured on data the scales were not fitted to. A checkpoint with
+calibrated a, c (trained in FP8) is measured with its own.
 """
 
 from __future__ import annotations
@@ -25,8 +26,8 @@ def report_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
         "report",
         help="per-layer scale table and PNG plot (W, Ŵ, x, g, x/a, g/c vs the FP8 ranges)",
         description="Measure, per unit-scaled layer, rms(W) and rms(Ŵ), and with hooks on real batches the RMS of "
-        "layer inputs x and output gradients g (non-zero elements), then calibrate a, c and measure the FP8 operands "
-        "x/a and g/c. Prints a table and writes a log-scale PNG with the E4M3/E5M2 ranges shaded.",
+        "layer inputs x and output gradients g (non-zero elements), then calibrate a, c (a checkpoint's own when it "
+        "has calibrated ones) and measure the FP8 operands x/a and g/c. Prints a table and writes a log-scale PNG with the E4M3/E5M2 ranges shaded.",
     )
     parser.add_argument("model", help="model folder, Hub id, or embedded:minilm / embedded:smollm2")
     parser.add_argument("--output", "-o", default="scales.png", help="PNG to write (default: %(default)s)")
