@@ -83,14 +83,10 @@ def _load_raw(data_args: DataArguments, task: str, seed: int):
     import datasets
 
     if data_args.train_file or data_args.eval_file:
-        files = {k: v for k, v in (("train", data_args.train_file), ("eval", data_args.eval_file)) if v}
-        suffix = next(iter(files.values())).rsplit(".", 1)[-1]
-        builder = {"jsonl": "json", "json": "json", "csv": "csv", "txt": "text", "tsv": "csv"}.get(suffix)
-        if builder is None:
-            raise ValueError(f"`train_file`/`eval_file` should be .csv, .json, .jsonl or .txt, got {suffix!r}.")
-        kwargs = {"delimiter": "\t"} if suffix == "tsv" else {}
-        raw = datasets.load_dataset(builder, data_files=files, **kwargs)
-        train, evaluation = raw.get("train"), raw.get("eval")
+        train, evaluation = (
+            _load_file(path, key) if path else None
+            for key, path in (("train_file", data_args.train_file), ("eval_file", data_args.eval_file))
+        )
     elif data_args.dataset_name:
         train = datasets.load_dataset(
             data_args.dataset_name, data_args.dataset_config_name, split=data_args.train_split
@@ -121,6 +117,18 @@ def _load_raw(data_args: DataArguments, task: str, seed: int):
     if evaluation is not None and data_args.max_eval_samples is not None:
         evaluation = evaluation.select(range(min(data_args.max_eval_samples, len(evaluation))))
     return train, evaluation
+
+
+def _load_file(path: str, key: str):
+    """A .csv/.tsv/.json/.jsonl/.txt file as a `datasets.Dataset`, read by its own suffix."""
+    import datasets
+
+    suffix = path.rsplit(".", 1)[-1]
+    builder = {"jsonl": "json", "json": "json", "csv": "csv", "txt": "text", "tsv": "csv"}.get(suffix)
+    if builder is None:
+        raise ValueError(f"`{key}` should be .csv, .tsv, .json, .jsonl or .txt, got {path!r}.")
+    kwargs = {"delimiter": "\t"} if suffix == "tsv" else {}
+    return datasets.load_dataset(builder, data_files={"train": path}, split="train", **kwargs)
 
 
 def _label_names(train, column: str) -> list[str] | None:
@@ -260,6 +268,13 @@ def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: in
                 label_to_id = {v: i for i, v in enumerate(values)}
                 names = [str(v) for v in values]
         num_labels = model_args.num_labels or (len(names) if names else int(max(train_raw[data_args.label_column])) + 1)
+        known = set(label_to_id) if label_to_id else set(range(num_labels))
+        unseen = sorted(set(eval_raw[data_args.label_column]) - known, key=str) if eval_raw is not None else []
+        if unseen:
+            raise ValueError(
+                f"The evaluation data has label(s) {unseen[:5]} in `label_column` {data_args.label_column!r} that the "
+                f"training data lacks (its labels: {sorted(known, key=str)[:10]}); a classifier has no class for them."
+            )
         extra = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
         model = _load_model(path, config, AutoModelForSequenceClassification, num_labels=num_labels, **extra)
         if tokenizer.pad_token is None:

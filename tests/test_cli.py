@@ -11,6 +11,7 @@ import re
 import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -255,6 +256,7 @@ def _fail_fetch():
         ("train_missing_text_column", "no column 'review' (`text_column`)"),
         ("report_missing_text_file", "--text-file"),
         ("merge_into_its_own_folder", "is the model folder itself"),
+        ("train_unseen_eval_label", "the training data lacks"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, capsys, monkeypatch):
@@ -268,6 +270,11 @@ def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, c
     elif case == "train_missing_text_column":
         recipe = _small_recipe(tmp_path)
         argv = ["train", str(recipe), *stand_in_overrides(tmp_path, "text-classification"), "--text_column", "review"]
+    elif case == "train_unseen_eval_label":
+        overrides = stand_in_overrides(tmp_path, "text-classification")
+        eval_file = Path(overrides[overrides.index("--eval_file") + 1])
+        eval_file.write_text(eval_file.read_text().replace('"label": 1', '"label": 2', 1))
+        argv = ["train", str(_small_recipe(tmp_path)), *overrides]
     elif case == "merge_into_its_own_folder":
         source = save_tiny_model("bert", tmp_path / "plain")
         argv = ["merge", str(source), str(tmp_path / "." / "plain")]

@@ -141,6 +141,20 @@ def test_recipe_trains_on_tiny_stand_in(recipe, tmp_path, capsys):
         assert block["forward_format"] is None and block["backward_format"] is None, block
 
 
+def test_train_and_eval_files_are_each_read_by_their_own_format(tmp_path):
+    """A .csv training file beside a .jsonl evaluation file (each parsed with its own suffix's reader)."""
+    overrides = stand_in_overrides(tmp_path, "text-classification", max_steps=1)
+    train_file = Path(overrides[overrides.index("--train_file") + 1])
+    rows = [json.loads(line) for line in train_file.read_text().splitlines()]
+    csv_file = train_file.with_suffix(".csv")
+    csv_file.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
+    overrides[overrides.index("--train_file") + 1] = str(csv_file)
+    recipe = next(r for r in RECIPES if r.stem == "text_classification")
+    assert main(["train", str(recipe), *overrides, "--scale_plot", "null", "--baseline_eval", "false"]) == 0
+    results = json.loads((tmp_path / "out" / "recipe_results.json").read_text())
+    assert results["train"]["train_loss"] > 0 and 0 <= results["after"]["eval_accuracy"] <= 1
+
+
 @pytest.mark.parametrize("recipe", [r for r in RECIPES if r.stem.endswith("_fp8")], ids=lambda p: p.stem)
 def test_fp8_recipe_baseline_evaluates_the_untrained_model_in_full_precision(recipe, tmp_path, capsys):
     """Before training the FP8 scales are a = c = 1 (calibration runs when training starts): the baseline is the
