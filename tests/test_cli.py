@@ -325,6 +325,12 @@ def test_report_cycles_the_sentiment_snippets(monkeypatch):
     assert labels == [1, 0, 1, 1, 0, 1, 1]
 
 
+def test_a_mistyped_recipe_key_is_an_error_not_a_prefix(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", str(_small_recipe(tmp_path)), "--lr_rul", "umup"])
+    assert exit_info.value.code == 2 and "--lr_rul" in capsys.readouterr().err
+
+
 def test_null_on_the_command_line_is_none(tmp_path):
     from hf_unitscale.cli import build_parser
     from hf_unitscale.cli.train import _overrides

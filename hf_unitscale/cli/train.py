@@ -83,6 +83,7 @@ def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
         "gives an optional key the value None, as in YAML.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
+        allow_abbrev=False,  # a mistyped key (`--lr_rul`) is an error, not a prefix of `--lr_rule`
     )
     parser.add_argument("recipe", nargs="?", default=None, help="the YAML recipe file")
     parser.set_defaults(func=train_command)
