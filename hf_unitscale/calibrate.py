@@ -8,7 +8,10 @@ have unit RMS when
 each measured over non-zero elements only: padding zeroes whole gradient rows (about half of
 all elements in a padded batch, ~87% in a BERT classifier's last layer) and ReLU zeroes inputs;
 zeros are exact in every format, and a plain RMS would be diluted by them and depend on how
-much padding a batch has. Over several batches the mean squares are averaged and then rooted
+much padding a batch has. Padded positions' inputs are not zero (embeddings and attention
+outputs run on them too) and count in a, as the casts see them: a batch padded much longer than
+training's moves a, so calibrate on batches padded as training's are. Over several batches the
+mean squares are averaged and then rooted
 (a = sqrt(mean_b ms_b(x))), so one outlier batch does not dominate as a max would; the max is
 recorded too (peaks max|x|/a, max|g|/c: the headroom left below the format's max, which
 `headroom=h` enforces by raising a scale to h·max|x|/M where needed). Under
