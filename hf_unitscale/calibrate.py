@@ -16,7 +16,8 @@ mean squares are averaged and then rooted
 recorded too (peaks max|x|/a, max|g|/c: the headroom left below the format's max, which
 `headroom=h` enforces by raising a scale to h·max|x|/M where needed). Under
 torch.distributed the per-batch mean squares are averaged over ranks, the peaks maxed and the
-exponent histograms summed, so every rank holds the same scales.
+exponent histograms summed, so every rank holds the same scales. `calibrate` is then a collective:
+every rank calls it, also one whose share of the batches is empty (it takes the other ranks' scales).
 
 Unit RMS leaves an operand's small elements where its distribution puts them: a cast flushes
 |g/c| < m/2 (m the format's smallest subnormal, E5M2 2^-16), and output gradients are heavy-tailed
@@ -223,9 +224,9 @@ def calibrate(
         gradient (unused by the loss) keeps its previous `c`, and likewise `a`.
 
     Raises:
-        ValueError: `model` has no converted matmul layer, `batches` is empty or one batch, a batch's loss
-            is not finite or does not require grad (`torch.inference_mode`), or a measured scale is not
-            finite and positive.
+        ValueError: `model` has no converted matmul layer, `batches` is empty (on every rank) or one batch,
+            a batch's loss is not finite or does not require grad (`torch.inference_mode`), or a measured
+            scale is not finite and positive.
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"`num_batches` should be a positive integer or None, got {num_batches}.")
@@ -292,6 +293,11 @@ def calibrate(
     finally:
         for module, training in was_training.items():
             module.training = training
+    # every rank reaches the collectives, also one whose share of the batches is empty
+    n_batches, n_tokens = (
+        int(n) for n in all_reduce_across_processes(torch.tensor([n_batches, n_tokens], dtype=torch.float64))
+    )
+    _all_reduce_statistics(hooks.accumulators())
     if n_batches == 0:
         raise ValueError("`batches` yielded no batch; calibration needs at least one.")
     if used_proxy:
@@ -299,7 +305,6 @@ def calibrate(
             "Calibrating without a loss (no `labels`): output-gradient scales c come from the proxy "
             "sum(logits²)/2/rows. Pass batches with `labels` or a `loss_fn` for the real training gradients."
         )
-    _all_reduce_statistics(hooks.accumulators())
 
     table: dict[str, dict[str, float]] = {}
     unmeasured, over_budget = [], []

@@ -11,7 +11,8 @@ Eight launches, started together so their start-up (imports) overlaps on the 2 c
   tied and untied, sharded with `fully_shard`, 10 steps each; its single-process reference is
   computed here, in this process, by the script's own `train_case`;
 - `tests/distributed/calibrate_ranks.py` under `torchrun --nproc_per_node 2`: `calibrate` with a
-  different batch on each rank, against single-process calibrations of each batch;
+  different batch on each rank, against single-process calibrations of each batch, and with no batch
+  on one rank or on both;
 - `ddp_train.py --fp8` (10 steps, calibrated at the start, recalibrated at step 5) under DDP, under
   Accelerate's FSDP2 path and in one process.
 
@@ -349,6 +350,20 @@ def test_calibration_pools_every_ranks_batch_and_leaves_ranks_equal(launches):
     for name, row in searched[0].items():
         for scale in ("input_scale", "grad_scale"):
             assert row[scale] == pytest.approx(both[name][scale], rel=1e-6), (name, scale)
+
+
+def test_calibration_with_a_rank_without_batches_takes_the_others(launches):
+    """A rank whose share of the calibration batches is empty still joins the collectives: every rank ends with
+    the scales of the batches that exist, and with none anywhere every rank raises (no rank hangs in gloo)."""
+    result = _result(launches["calibrate"])
+    first, second = result["uneven_tables"]
+    assert first == second
+    alone = hf_unitscale.calibrate(calibrate_ranks.model(), [calibrate_ranks.batch(0)], progress=False)
+    for name, row in first.items():
+        for scale in ("input_scale", "grad_scale"):
+            assert row[scale] == pytest.approx(alone[name][scale], rel=1e-6), (name, scale)
+    assert result["uneven_record"]["num_batches"] == 1
+    assert "yielded no batch" in result["none_error"]
 
 
 # ---- FP8 training under DDP and FSDP2 ----

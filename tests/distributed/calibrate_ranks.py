@@ -3,8 +3,9 @@
     torchrun --standalone --nproc_per_node 2 tests/distributed/calibrate_ranks.py --out DIR
 
 Every rank builds the same unit-scaled tiny Llama (same seed) and calibrates it on its own batch
-(`batch(rank)`), plainly and with `SEARCH_OPTIONS`. Rank 0 writes `DIR/result.json`: each rank's
-calibration tables and the world size. The test compares them with single-process calibrations: the
+(`batch(rank)`), plainly and with `SEARCH_OPTIONS`; then with rank 0's batch on rank 0 only, and with no
+batch anywhere. Rank 0 writes `DIR/result.json`: each rank's calibration tables, rank 0's calibration record
+and error, and the world size. The test compares them with single-process calibrations: the
 pooled RMS is sqrt(mean over ranks' batches of their mean squares), the peak the max over ranks, and
 the budgeted and searched scales those of one process calibrating on every rank's batch (exponent histograms
 and cast errors summed).
@@ -54,6 +55,17 @@ def main() -> None:
         table = calibrate(model(), [batch(rank)], progress=False, **options)
         result[key] = [None] * world
         dist.all_gather_object(result[key], table)
+    # uneven shares: only rank 0 has a batch, then no rank has one
+    calibrated = model()
+    result["uneven_tables"] = [None] * world
+    table = calibrate(calibrated, [batch(0)] if rank == 0 else [], progress=False)
+    dist.all_gather_object(result["uneven_tables"], table)
+    result["uneven_record"] = calibrated.config.unit_scaling["calibration"]
+    try:
+        calibrate(model(), [], progress=False)
+        result["none_error"] = None
+    except ValueError as error:
+        result["none_error"] = str(error)
     if rank == 0:
         args.out.mkdir(parents=True, exist_ok=True)
         (args.out / "result.json").write_text(json.dumps(result))
