@@ -116,6 +116,17 @@ def test_recipe_parses(recipe):
     assert lines and not nested, nested
 
 
+@pytest.mark.parametrize("recipe", [r for r in RECIPES if r.stem.startswith("causal_lm")], ids=lambda p: p.stem)
+def test_causal_lm_recipe_evaluates_every_novel(recipe):
+    """The embedded Austen test split lists each novel's last paragraphs in turn: the recipe's evaluation rows
+    (the first `max_eval_samples`) must reach all six novels, not the first two or three."""
+    from hf_unitscale.tasks import _load_raw
+
+    parsed = load_recipe(recipe)
+    _, evaluation = _load_raw(parsed.data, parsed.model.task, parsed.training.seed)
+    assert len(set(evaluation["book"])) == 6, sorted(set(evaluation["book"]))
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_trains_on_tiny_stand_in(recipe, tmp_path, capsys):
     task = load_recipe(recipe).model.task
