@@ -36,6 +36,12 @@ from transformers import (
 VOCAB = 101
 
 
+def _seeded(build: Callable[[], PreTrainedModel], seed: int) -> PreTrainedModel:
+    """`build()` under `torch.manual_seed(seed)`, in eval mode: the same weights on every call."""
+    torch.manual_seed(seed)
+    return build().eval()
+
+
 @dataclass(frozen=True)
 class TinyCase:
     id: str
@@ -43,8 +49,7 @@ class TinyCase:
     tied: bool
 
     def model(self, seed: int = 0) -> PreTrainedModel:
-        torch.manual_seed(seed)
-        return self.build().eval()
+        return _seeded(self.build, seed)
 
     def batch(self, batch_size: int = 2, seq_len: int = 12, seed: int = 1) -> dict[str, torch.Tensor]:
         generator = torch.Generator().manual_seed(seed)
@@ -158,8 +163,7 @@ class HeadsCase:
     tied: frozenset[str] = frozenset()
 
     def model(self, seed: int = 0) -> PreTrainedModel:
-        torch.manual_seed(seed)
-        return self.build().eval()
+        return _seeded(self.build, seed)
 
 
 _BERT_SMALL = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, **_COMMON)
