@@ -124,6 +124,19 @@ def save_pretrained(
             f"save_pretrained() got argument(s) {sorted(kwargs)} that the {checkpoint_format} format does not use; "
             "it takes `max_shard_size` and the arguments of this function."
         )
+    # every tensor is built (and every storage option checked) before an earlier save's weights are deleted
+    if checkpoint_format == "merged":
+        tensors = merged_state_dict(model, state_dict)
+    elif is_main_process and checkpoint_format == "unit-scaled":
+        if embedding_dtype is None:
+            embedding_dtype = "int8" if weight_dtype == "e4m3" else weight_dtype
+        tensors = unit_scaled_state_dict(model, state_dict, weight_dtype, embedding_dtype)
+        extra_config = {}
+        block = _checkpoint_block(model, "unit-scaled", weight_dtype=weight_dtype, embedding_dtype=embedding_dtype)
+    elif is_main_process:
+        tensors, quantization_config = compressed_tensors_checkpoint(model, state_dict)
+        extra_config = {"quantization_config": quantization_config}
+        block = _checkpoint_block(model, checkpoint_format, weight_dtype="e4m3", operand_scales=operand_scales(model))
     if is_main_process:
         _remove_stale_weights(save_directory, checkpoint_format)
     config = model.config
@@ -132,28 +145,12 @@ def save_pretrained(
         setattr(config, CONFIG_KEY, _checkpoint_block(model, "merged", operand_scales=operand_scales(model)))
         try:
             type(model).save_pretrained(
-                model,
-                save_directory,
-                state_dict=merged_state_dict(model, state_dict),
-                is_main_process=is_main_process,
-                **kwargs,
+                model, save_directory, state_dict=tensors, is_main_process=is_main_process, **kwargs
             )
         finally:
             setattr(config, CONFIG_KEY, original_block)
     elif is_main_process:
         os.makedirs(save_directory, exist_ok=True)
-        if checkpoint_format == "unit-scaled":
-            if embedding_dtype is None:
-                embedding_dtype = "int8" if weight_dtype == "e4m3" else weight_dtype
-            tensors = unit_scaled_state_dict(model, state_dict, weight_dtype, embedding_dtype)
-            extra_config = {}
-            block = _checkpoint_block(model, "unit-scaled", weight_dtype=weight_dtype, embedding_dtype=embedding_dtype)
-        else:
-            tensors, quantization_config = compressed_tensors_checkpoint(model, state_dict)
-            extra_config = {"quantization_config": quantization_config}
-            block = _checkpoint_block(
-                model, checkpoint_format, weight_dtype="e4m3", operand_scales=operand_scales(model)
-            )
         _write_config(model, save_directory, block, extra_config)
         write_unit_scaled_weights(tensors, save_directory, checkpoint_format, max_shard_size)
         logger.info(f"Saved {checkpoint_format} checkpoint ({weight_dtype} Ŵ) to {save_directory}.")

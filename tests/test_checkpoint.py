@@ -474,6 +474,19 @@ def test_saving_another_format_into_a_folder_removes_stale_weights(tmp_path):
     assert all((tmp_path / name).read_bytes() == b"kept" for name in others)
 
 
+@pytest.mark.parametrize("bad_option", [{"weight_dtype": "float16"}, {"embedding_dtype": "int4"}])
+def test_a_save_refused_for_a_bad_storage_option_leaves_the_earlier_checkpoint(bad_option, tmp_path):
+    case = CASES_BY_ID["llama-tied"]
+    model = _converted(case)
+    model.save_pretrained(tmp_path, checkpoint_format="unit-scaled")
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    with pytest.raises(ValueError, match=next(iter(bad_option))):
+        model.save_pretrained(tmp_path, checkpoint_format="unit-scaled", **bad_option)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    reloaded = hf_unitscale.from_pretrained(tmp_path)
+    torch.testing.assert_close(_outputs(reloaded, case.batch()), _outputs(model, case.batch()), rtol=0, atol=0)
+
+
 # ---- sharding: past `max_shard_size` the weights are split as transformers splits them ----
 
 
