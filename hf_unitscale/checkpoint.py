@@ -133,7 +133,11 @@ def unit_scaled_state_dict(
     for name, tensor in state_dict.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if key in seen or name in aliases:
-            continue  # the alias of a tied tensor: restored by tying on load
+            if tensor.numel() != 1:
+                continue  # the alias of a tied tensor: restored by tying on load
+            # a scale that `tie_weights` made one tensor under two modules (transformers 5 ties every key its tied
+            # weight's name prefixes, so `decoder.weight_scale` too): stored under each name, as the loader reads it
+            tensor = tensor.clone()
         seen.add(key)
         dtype = (embedding_dtype or weight_dtype) if name in embeddings else weight_dtype
         if name in converted and dtype == "int8":

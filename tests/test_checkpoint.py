@@ -20,7 +20,7 @@ from hf_unitscale.formats import get_format
 from hf_unitscale.modules import UnitScaledMatmulMixin
 from hf_unitscale.precision import set_precision
 
-from tiny_models import CASES_BY_ID, TINY_CASES
+from tiny_models import CASES_BY_ID, HEADS_CASES, TINY_CASES
 
 logger = logging.getLogger(__name__)
 
@@ -485,6 +485,25 @@ def test_a_save_refused_for_a_bad_storage_option_leaves_the_earlier_checkpoint(b
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
     reloaded = hf_unitscale.from_pretrained(tmp_path)
     torch.testing.assert_close(_outputs(reloaded, case.batch()), _outputs(model, case.batch()), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("case_id", ["bert-pretraining", "t5-question-answering", "electra-mlm"])
+def test_a_resized_model_with_tied_scales_round_trips(case_id, tmp_path):
+    """`resize_token_embeddings` re-ties: transformers 5 then ties every key its tied weight's name prefixes
+    (BERT's `decoder.weight_scale` becomes the embedding's s) and T5 puts one embedding module under three
+    names. Each shared scale is one tensor under several names; the checkpoint must carry every name."""
+    case = next(c for c in HEADS_CASES if c.id == case_id)
+    model = hf_unitscale.unit_scale(case.model())
+    model.resize_token_embeddings(model.config.vocab_size + 5)
+    model.save_pretrained(tmp_path, checkpoint_format="unit-scaled")
+    reloaded = hf_unitscale.from_pretrained(tmp_path)
+    batch = CASES_BY_ID["llama-tied"].batch()
+    if "t5" in case_id:
+        batch["decoder_input_ids"] = batch["input_ids"][:, :4]
+    with torch.no_grad():
+        expected, actual = model(**batch), reloaded(**batch)
+    first = next(k for k in ("prediction_logits", "start_logits", "logits") if k in expected)
+    torch.testing.assert_close(actual[first], expected[first], rtol=0, atol=0)
 
 
 # ---- sharding: past `max_shard_size` the weights are split as transformers splits them ----
