@@ -180,8 +180,9 @@ def model_card_section(
     """The unit-scaling section of the card, between its markers."""
     config = model.config
     block = dict(getattr(config, CONFIG_KEY, None) or {})
-    # under FSDP2 the class is `FSDP<Model>`; config.json strips the prefix the same way (hub._write_config)
-    architecture = (getattr(config, "architectures", None) or [type(model).__name__.removeprefix("FSDP")])[0]
+    # the class being saved, as config.json names it (a model loaded into another head class still has the
+    # checkpoint's `architectures` in memory); under FSDP2 the class is `FSDP<Model>` (hub._write_config)
+    architecture = type(model).__name__.removeprefix("FSDP")
     repo_id = repo_id or "path/to/this/checkpoint"
     dtype = {"merged": "the model dtype", "compressed-tensors": "e4m3"}.get(
         checkpoint_format, weight_dtype or "float32"

@@ -20,7 +20,7 @@ from hf_unitscale.formats import get_format
 from hf_unitscale.modules import UnitScaledMatmulMixin
 from hf_unitscale.precision import set_precision
 
-from tiny_models import CASES_BY_ID, HEADS_CASES, TINY_CASES
+from tiny_models import _BERT_SMALL, CASES_BY_ID, HEADS_CASES, TINY_CASES
 
 logger = logging.getLogger(__name__)
 
@@ -348,6 +348,20 @@ def test_model_card_states_what_it_must(checkpoint_format, tmp_path):
     if checkpoint_format != "unit-scaled":
         assert 'LlamaForCausalLM.from_pretrained("user/tiny-llama")' in card
     assert "s = rms(W), so rms(Ŵ) = 1" in card
+
+
+@pytest.mark.parametrize("checkpoint_format", ["unit-scaled", "compressed-tensors", "merged"])
+def test_model_card_names_the_class_saved_not_the_one_loaded_from(checkpoint_format, tmp_path):
+    transformers.BertModel(transformers.BertConfig(**_BERT_SMALL)).save_pretrained(tmp_path / "base")
+    model = hf_unitscale.from_pretrained(
+        tmp_path / "base", model_class=transformers.BertForSequenceClassification, num_labels=3
+    )
+    model.save_pretrained(tmp_path / "out", checkpoint_format=checkpoint_format, repo_id="user/tiny-bert")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == [
+        "BertForSequenceClassification"
+    ]
+    assert "BertForSequenceClassification" in card and "BertModel" not in card, card
 
 
 def test_model_card_says_when_scales_are_powers_of_two(tmp_path):
