@@ -32,7 +32,7 @@ from huggingface_hub import split_torch_state_dict_into_shards
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
-from transformers.utils import cached_file
+from transformers.utils import cached_file, logging
 from transformers.utils.hub import get_checkpoint_shard_files
 
 from .config import CONFIG_KEY
@@ -59,6 +59,8 @@ __all__ = [
     "unit_scaled_state_dict",
 ]
 
+logger = logging.get_logger(__name__)
+
 UNIT_SCALED_WEIGHTS_NAME = "unit_scaled_model.safetensors"
 UNIT_SCALED_INDEX_NAME = "unit_scaled_model.safetensors.index.json"
 DEFAULT_MAX_SHARD_SIZE = "50GB"  # transformers' default for save_pretrained
@@ -68,6 +70,7 @@ WEIGHT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "e4m3": t
 # storage of embedding tables: the same, or int8 rows with an fp32 scale per row (`<weight>_row_scale`)
 EMBEDDING_DTYPES = {**WEIGHT_DTYPES, "int8": torch.int8}
 ROW_SCALE_SUFFIX = "_row_scale"
+E4M3_MAX = get_format("e4m3").max
 
 
 def _converted_weight_names(model: nn.Module) -> dict[str, str]:
@@ -130,6 +133,7 @@ def unit_scaled_state_dict(
     aliases = _parameter_aliases(model)
     seen: set[tuple] = set()
     out = {}
+    clipped: list[str] = []
     for name, tensor in state_dict.items():
         key = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tensor.dtype)
         if key in seen or name in aliases:
@@ -143,10 +147,19 @@ def unit_scaled_state_dict(
         if name in converted and dtype == "int8":
             tensor, out[name + ROW_SCALE_SUFFIX] = _int8_rows(tensor)
         elif name in converted and dtype == "e4m3":
+            peak = float(tensor.detach().abs().max())
+            if peak > E4M3_MAX:
+                clipped.append(f"{name} (max |Ŵ| {peak:.4g})")
             tensor = cast_to_format(tensor.float(), get_format("e4m3"))
         elif name in converted:
             tensor = tensor.to(WEIGHT_DTYPES[dtype])
         out[name] = tensor.detach().contiguous()
+    if clipped:
+        logger.warning(
+            f"E4M3 storage saturates at ±{E4M3_MAX:g}: the entries of {len(clipped)} tensor(s) beyond it are stored "
+            f"as ±{E4M3_MAX:g}, which changes the model: {', '.join(clipped[:8])}. Store them in bfloat16 "
+            "(`weight_dtype='bfloat16'`), or use the compressed-tensors format, whose scale adapts per tensor."
+        )
     return out
 
 
@@ -189,7 +202,7 @@ def compressed_tensors_checkpoint(
 
     The format dequantizes W = weight·weight_scale, which for a unit-scaled layer is e4m3(Ŵ)·s: Ŵ
     has unit RMS, so its largest entries (a few units) sit far below E4M3's 448 and the cast only
-    rounds. Every `nn.Linear` that is not quantized (excluded, or tied to another module) is listed
+    rounds; a tensor whose peak passes 448 is stored as e4m3(Ŵ/h) with scale s·h, h = max|Ŵ|/448. Every `nn.Linear` that is not quantized (excluded, or tied to another module) is listed
     in `ignore`, so the loader expects no scale for it.
     """
     source = dict(model.state_dict() if state_dict is None else state_dict)
@@ -205,8 +218,11 @@ def compressed_tensors_checkpoint(
         if name not in converted or weight_name in tied:
             ignore.append(name)
             continue
-        tensors[weight_name] = cast_to_format(source[weight_name].float(), get_format("e4m3"))
-        tensors[weight_name + SCALE_SUFFIX] = source[weight_name + SCALE_SUFFIX].float().reshape(1)
+        weight = source[weight_name].float()
+        # Ŵ's entries beyond E4M3's max (a few units at unit RMS, so rarely) move into the stored scale
+        headroom = max(1.0, float(weight.abs().max()) / E4M3_MAX)
+        tensors[weight_name] = cast_to_format(weight / headroom, get_format("e4m3"))
+        tensors[weight_name + SCALE_SUFFIX] = source[weight_name + SCALE_SUFFIX].float().reshape(1) * headroom
     for alias in aliases:
         tensors.pop(alias, None)  # tied: restored by tying on load, stored once
     quantization_config = {

@@ -520,6 +520,26 @@ def test_a_resized_model_with_tied_scales_round_trips(case_id, tmp_path):
     torch.testing.assert_close(actual[first], expected[first], rtol=0, atol=0)
 
 
+def test_e4m3_storage_of_an_entry_beyond_448_warns_or_moves_into_the_scale(tmp_path, caplog):
+    """Unit RMS puts Ŵ's entries far below E4M3's 448, but not always: the unit-scaled format then names the
+    tensor it clips; compressed-tensors moves the excess into its per-tensor scale and clips nothing."""
+    case = CASES_BY_ID["llama-untied"]
+    model = hf_unitscale.unit_scale(case.model())
+    layer = model.model.layers[0].mlp.down_proj
+    with torch.no_grad():
+        layer.weight[0, 0] = 1000.0
+    big = float(layer.weight[0, 0] * layer.weight_scale)
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        model.save_pretrained(tmp_path / "unit", checkpoint_format="unit-scaled", weight_dtype="e4m3")
+    assert "model.layers.0.mlp.down_proj.weight (max |Ŵ| 1000)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        model.save_pretrained(tmp_path / "ct", checkpoint_format="compressed-tensors")
+    assert "saturates" not in caplog.text
+    reloaded = hf_unitscale.from_pretrained(tmp_path / "ct").model.layers[0].mlp.down_proj
+    assert float(reloaded.weight[0, 0] * reloaded.weight_scale) == pytest.approx(big, rel=1e-6)
+
+
 # ---- sharding: past `max_shard_size` the weights are split as transformers splits them ----
 
 
