@@ -39,6 +39,7 @@ from .config import CONFIG_KEY
 from .convert import matmul_layers, unit_scaled_modules
 from .formats import cast_to_format, get_format
 from .modules import SCALE_SUFFIX, UnitScaledMatmulMixin
+from .ops import apply_scale
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -100,7 +101,7 @@ def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | No
         weight = state_dict[weight_name]
         key = (weight.untyped_storage().data_ptr(), weight.storage_offset(), tuple(weight.shape))
         if key not in merged_by_storage:
-            merged_by_storage[key] = (weight.float() * scale.float()).to(weight.dtype)
+            merged_by_storage[key] = apply_scale(weight, scale)
         state_dict[weight_name] = merged_by_storage[key]
     for name in _operand_scale_names(model):
         state_dict.pop(name, None)
@@ -202,8 +203,9 @@ def compressed_tensors_checkpoint(
 
     The format dequantizes W = weight·weight_scale, which for a unit-scaled layer is e4m3(Ŵ)·s: Ŵ
     has unit RMS, so its largest entries (a few units) sit far below E4M3's 448 and the cast only
-    rounds; a tensor whose peak passes 448 is stored as e4m3(Ŵ/h) with scale s·h, h = max|Ŵ|/448. Every `nn.Linear` that is not quantized (excluded, or tied to another module) is listed
-    in `ignore`, so the loader expects no scale for it.
+    rounds; a tensor whose peak passes 448 is stored as e4m3(Ŵ/h) with scale s·h, h = max|Ŵ|/448.
+    Every `nn.Linear` that is not quantized (excluded, or tied to another module) is listed in
+    `ignore`, so the loader expects no scale for it.
     """
     source = dict(model.state_dict() if state_dict is None else state_dict)
     tensors = merged_state_dict(model, source)

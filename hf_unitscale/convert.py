@@ -33,6 +33,7 @@ from .modules import (
     UnitScaledModuleMixin,
     generic_unit_scaled_class,
 )
+from .ops import apply_scale
 from .resize import resize_token_embeddings
 
 __all__ = [
@@ -257,7 +258,7 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
                     rounded_by_dtype += power_of_two and config.power_of_two_scales is None
                     scale = _weight_scale(param, qualified, power_of_two)
                     if param.device.type != "meta":
-                        param.div_(scale.to(device=param.device, dtype=torch.float32).to(param.dtype))
+                        param.copy_(apply_scale(param, scale.to(param.device), divide=True))
                 scale_of_param[id(param)] = scale
             scale = scale_of_param[id(param)].to(param.device if param.device.type != "meta" else "cpu")
             module.register_buffer(weight_name + SCALE_SUFFIX, scale.clone())
@@ -305,8 +306,7 @@ def merge_unit_scale(model: nn.Module) -> nn.Module:
             if id(param) not in merged:
                 if not torch.isfinite(param).all():
                     raise ValueError(f"Cannot merge `{name}.{weight_name}`: Ŵ has non-finite values.")
-                # s·Ŵ in fp32, rounded once, as `merged_state_dict` writes it (a 16-bit s would bias the whole tensor)
-                param.copy_((param.float() * scale.to(param.device)).to(param.dtype))
+                param.copy_(apply_scale(param, scale.to(param.device)))  # as `merged_state_dict` writes it
                 merged.add(id(param))
             delattr(module, weight_name + SCALE_SUFFIX)
         for buffer in ("input_scale", "grad_scale"):

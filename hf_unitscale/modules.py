@@ -19,7 +19,7 @@ from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 from transformers.pytorch_utils import Conv1D
 
-from .ops import MatmulPrecision, OperandCounters, scaled_embedding, scaled_linear
+from .ops import MatmulPrecision, OperandCounters, apply_scale, scaled_embedding, scaled_linear
 
 __all__ = [
     "SCALE_SUFFIX",
@@ -119,7 +119,7 @@ class _GenericUnitScaled(UnitScaledModuleMixin):
     converted weight replaced by s·Ŵ (one weight-sized multiply per call)."""
 
     def forward(self, *args, **kwargs):
-        scaled = {name: getattr(self, name) * self.scale_of(name) for name in self.unit_scaled_weights}
+        scaled = {name: apply_scale(getattr(self, name), self.scale_of(name)) for name in self.unit_scaled_weights}
         with _reparametrize_module(self, scaled):
             return super().forward(*args, **kwargs)
 

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .formats import CastCounter, LowPrecisionFormat, cast_to_format
 
-__all__ = ["MatmulPrecision", "OperandCounters", "rms", "scaled_embedding", "scaled_linear"]
+__all__ = ["MatmulPrecision", "OperandCounters", "apply_scale", "rms", "scaled_embedding", "scaled_linear"]
 
 BACKENDS = ("simulate", "scaled_mm")
 # torch._scaled_mm on CUDA needs the inner dimension K and the output width N of its GEMMs to be multiples of 16
@@ -77,6 +77,15 @@ def rms(x: torch.Tensor, *, nonzero_only: bool = False) -> torch.Tensor:
         count = (x != 0).sum()
         return (x.square().sum() / count.clamp(min=1)).sqrt()
     return x.square().mean().sqrt()
+
+
+def apply_scale(t: torch.Tensor, scale: torch.Tensor, *, divide: bool = False) -> torch.Tensor:
+    """t·s (t/s with `divide`) in t's dtype, computed in fp32 for a 16-bit t and rounded once: s rounded to
+    bf16 would scale a whole tensor, or a whole layer's outputs, by one wrong factor (up to 2^-9)."""
+    op = torch.div if divide else torch.mul
+    if t.dtype in (torch.float16, torch.bfloat16):
+        return op(t.float(), scale.float()).to(t.dtype)
+    return op(t, scale.to(t.dtype))
 
 
 def _cast(x: torch.Tensor, fmt: LowPrecisionFormat | None, counter: CastCounter | None) -> torch.Tensor:
@@ -198,11 +207,11 @@ def scaled_linear(
     matter; otherwise the three GEMMs of the module docstring with casts to `precision`'s formats.
     """
     if precision is None:
-        scale = weight_scale.to(x.dtype)
         out_features, in_features = weight.shape
         if in_features < out_features:
-            return F.linear(x * scale, weight, bias)
-        return F.linear(x, weight, None if bias is None else bias / scale) * scale
+            return F.linear(apply_scale(x, weight_scale), weight, bias)
+        unscaled_bias = None if bias is None else apply_scale(bias, weight_scale, divide=True)
+        return apply_scale(F.linear(x, weight, unscaled_bias), weight_scale)
     if torch.is_autocast_enabled(x.device.type):  # as F.linear under autocast: compute and return in its dtype
         x = x.to(torch.get_autocast_dtype(x.device.type))
     out = _ScaledMatmul.apply(
@@ -214,4 +223,4 @@ def scaled_linear(
 
 def scaled_embedding(ids: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, **kwargs) -> torch.Tensor:
     """y = s · Ŵ[ids]; kwargs are those of F.embedding (padding_idx, max_norm, …)."""
-    return F.embedding(ids, weight, **kwargs) * weight_scale.to(weight.dtype)
+    return apply_scale(F.embedding(ids, weight, **kwargs), weight_scale)

@@ -14,6 +14,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from .modules import UnitScaledModuleMixin
+from .ops import apply_scale
 
 __all__ = ["resize_token_embeddings"]
 
@@ -46,5 +47,5 @@ def resize_token_embeddings(
         resized = {id(m.weight): m for m in (embeddings, new_head) if isinstance(m, UnitScaledModuleMixin)}
         with torch.no_grad():
             for module in resized.values():
-                module.weight[old_rows:] /= module.scale_of("weight").to(module.weight.dtype)
+                module.weight[old_rows:] = apply_scale(module.weight[old_rows:], module.scale_of("weight"), divide=True)
     return embeddings

@@ -1,5 +1,6 @@
 """unit_scale / merge_unit_scale: the converted model computes the same function (hf_unitscale/convert.py)."""
 
+import copy
 import logging
 import math
 import re
@@ -130,10 +131,37 @@ def test_16bit_weights_convert_and_merge_bit_exactly(case, dtype):
     for name, tensor in original.items():
         assert torch.equal(model.state_dict()[name], tensor), f"{name} changed"
 
+    # s = rms(W): Ŵ = W/s and s·Ŵ are each computed in fp32 and rounded once, so a weight moves by at most one ulp
+    # and no tensor by a common factor (dividing by a 16-bit s would scale a whole tensor by bf16(s)/s)
     rms_scaled = case.model().to(dtype)
     merge_unit_scale(unit_scale(rms_scaled, UnitScaleConfig(power_of_two_scales=False)))
-    changed = sum(int((rms_scaled.state_dict()[k] != v).sum()) for k, v in original.items())
+    changed = 0
+    for name, tensor in original.items():
+        merged = rms_scaled.state_dict()[name]
+        changed += int((merged != tensor).sum())
+        one_ulp = torch.finfo(dtype).eps * tensor.float().abs()
+        assert ((merged.float() - tensor.float()).abs() <= one_ulp).all(), name
+        if tensor.float().norm() > 0:
+            assert abs(merged.float().norm() / tensor.float().norm() - 1) < 1e-3, name
     assert changed > 0.01 * sum(v.numel() for v in original.values() if v.is_floating_point())
+
+
+def test_a_model_converted_in_fp32_and_cast_to_16_bits_multiplies_s_in_fp32():
+    """After `.to(bfloat16)` s stays fp32 and the forward multiplies by it in fp32, rounding once: s rounded to bf16
+    would scale each layer's output by bf16(s)/s (here 1 − 1.0e-3), the same factor for every output. Measured
+    gain − 1 of the linear layer: +4.7e-5 (the plain layer cast to bf16: −4.4e-6; s rounded to bf16: −9.1e-4)."""
+    torch.manual_seed(0)
+    layers = {"linear": nn.Linear(512, 512, bias=False), "embedding": nn.Embedding(1000, 256)}
+    inputs = {"linear": torch.randn(4096, 512), "embedding": torch.randint(0, 1000, (4096,))}
+    for name, layer in layers.items():
+        with torch.no_grad():
+            layer.weight.mul_(0.000947 / layer.weight.square().mean().sqrt())  # s = 0.000947
+        reference = layer(inputs[name]).double()
+        converted = unit_scale(copy.deepcopy(layer)).to(torch.bfloat16)
+        x = inputs[name].bfloat16() if name == "linear" else inputs[name]
+        output = converted(x).double()
+        gain = float((output * reference).sum() / reference.square().sum())  # least-squares output/reference
+        assert abs(gain - 1) < 2e-4, (name, gain)
 
 
 def test_fp32_weights_keep_s_equal_to_their_rms_unless_asked():
