@@ -35,7 +35,6 @@ What it changes, and where:
 
 from __future__ import annotations
 
-import inspect
 import math
 from typing import Any
 
@@ -206,10 +205,10 @@ class UnitScaleTrainer(Trainer):
                 )
             optimizer_kwargs = dict(optimizer_kwargs)
             # as in Trainer: `learning_rate` and `adam_epsilon` go only to optimizers built from `optim`; these
-            # kwargs fall back to the class's own defaults
-            for name, parameter in inspect.signature(optimizer_cls).parameters.items():
-                if name in ("lr", "eps") and parameter.default is not inspect.Parameter.empty:
-                    optimizer_kwargs.setdefault(name, parameter.default)
+            # kwargs fall back to the class's own defaults, read from an instance (a subclass may take **kwargs)
+            probe = optimizer_cls([nn.Parameter(torch.zeros(1))], **optimizer_kwargs)
+            for name in ("lr", "eps"):
+                optimizer_kwargs.setdefault(name, probe.defaults[name])
         else:
             optim = getattr(self.args.optim, "value", self.args.optim)
             if optim not in ADAMW_OPTIMIZERS:
@@ -246,6 +245,27 @@ class UnitScaleTrainer(Trainer):
             + summarize_param_groups(groups)
         )
         return self.optimizer
+
+    def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
+        """Trainer's scheduler, once the optimizer is final: first refuse groups that give a converted Ŵ a plain lr."""
+        self._check_optimizer_groups(self.optimizer if optimizer is None else optimizer)
+        return super().create_scheduler(num_training_steps, optimizer)
+
+    def _check_optimizer_groups(self, optimizer: torch.optim.Optimizer) -> None:
+        """Raise if a group not built by `build_param_groups` (a subclass's `create_optimizer`) holds a converted Ŵ:
+        its lr η would move W = s·Ŵ by s·η, its eps and weight decay would be off by the same factor."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        scales = weight_scales(model)
+        names = {id(p): name for name, p in model.named_parameters()}
+        for index, group in enumerate(optimizer.param_groups):
+            converted = [names.get(id(p), "?") for p in group["params"] if id(p) in scales]
+            if converted and "base_lr" not in group:
+                raise ValueError(
+                    f"Optimizer group {index} holds {len(converted)} unit-scaled weight(s) (`{converted[0]}`, …) but "
+                    "was not built by `hf_unitscale.build_param_groups`: a plain group's lr applies to Ŵ = W/s, so "
+                    "W = s·Ŵ would move by s·lr instead of lr. Let UnitScaleTrainer.create_optimizer build the "
+                    "groups (per-parameter factors: `lr_multipliers`), or build them with `build_param_groups`."
+                )
 
     # ---- gradient clipping in plain-gradient space ----
 

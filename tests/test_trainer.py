@@ -14,7 +14,14 @@ import torch
 import yaml
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
-from hf_unitscale import UnitScaleConfig, is_unit_scaled, merge_unit_scale, set_precision, unit_scale
+from hf_unitscale import (
+    UnitScaleConfig,
+    build_param_groups,
+    is_unit_scaled,
+    merge_unit_scale,
+    set_precision,
+    unit_scale,
+)
 from hf_unitscale.arguments import UnitScaleTrainingArguments
 from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME
 from hf_unitscale.trainer import UnitScaleTrainer, _check_arguments
@@ -338,6 +345,36 @@ def test_refusals(tmp_path):
         _check_arguments(deepspeed_args)
 
 
+def test_a_subclass_optimizer_with_plain_groups_is_refused_before_training(tmp_path):
+    """A `create_optimizer` override (e.g. a head at 10× lr) builds groups that give Ŵ a plain lr: W would move by
+    s·lr. train() refuses them before the first step; groups from `build_param_groups` pass."""
+
+    class HeadAtTenTimes(UnitScaleTrainer):
+        def create_optimizer(self, model=None):
+            head = [p for n, p in self.model.named_parameters() if n.startswith("classifier")]
+            body = [p for n, p in self.model.named_parameters() if not n.startswith("classifier")]
+            lr = self.args.learning_rate
+            self.optimizer = torch.optim.AdamW([{"params": body}, {"params": head, "lr": 10 * lr}], lr=lr)
+            return self.optimizer
+
+    case = CASES_BY_ID["bert"]
+    trainer = HeadAtTenTimes(model=case.model(), args=_args(tmp_path, max_steps=2), train_dataset=_dataset("bert"))
+    with pytest.raises(ValueError, match=r"Optimizer group 0 holds \d+ unit-scaled weight.*`bert\.embeddings"):
+        trainer.train()
+    assert trainer.state.global_step == 0
+
+    class HeadAtTenTimesScaled(UnitScaleTrainer):
+        def create_optimizer(self, model=None):
+            groups = build_param_groups(
+                self.model, lr=self.args.learning_rate, eps=1e-8, weight_decay=0.0, lr_multipliers={"^classifier": 10}
+            )
+            self.optimizer = torch.optim.AdamW(groups, lr=self.args.learning_rate)
+            return self.optimizer
+
+    args = _args(tmp_path, max_steps=2)
+    HeadAtTenTimesScaled(model=case.model(), args=args, train_dataset=_dataset("bert")).train()
+
+
 def test_model_init_and_optimizer_kwargs_reproduce_plain_trainer_on_every_train(tmp_path):
     """`optimizer_cls_and_kwargs` as Trainer reads it (the class's default lr and eps, the groups' weight decay from
     `args.weight_decay`), and `model_init` rebuilding the model on each `train()`: clipping must follow it."""
@@ -364,6 +401,26 @@ def test_model_init_and_optimizer_kwargs_reproduce_plain_trainer_on_every_train(
         our_lrs = [log["learning_rate"] for log in _train_logs(ours)]
         assert our_lrs == pytest.approx([log["learning_rate"] for log in _train_logs(plain)], rel=1e-9), f"run {run}"
         assert max(our_lrs) == pytest.approx(1e-3)  # AdamW's default, not args.learning_rate
+
+
+class KwargsAdamW(torch.optim.AdamW):
+    """An AdamW subclass whose signature hides AdamW's defaults behind **kwargs."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+
+
+def test_optimizer_kwargs_of_a_kwargs_subclass_take_the_class_defaults(tmp_path):
+    """Trainer gives an `optimizer_cls_and_kwargs` class its own default lr and eps (AdamW's 1e-3, 1e-8), not
+    `learning_rate`/`adam_epsilon`: so must the groups, whose lr·s and eps/s are what W sees."""
+    args = _args(tmp_path, learning_rate=3e-3, adam_epsilon=1e-3)
+    trainer = UnitScaleTrainer(model=CASES_BY_ID["bert"].model(), args=args, optimizer_cls_and_kwargs=(KwargsAdamW, {}))
+    trainer.create_optimizer()
+    scaled = [g for g in trainer.optimizer.param_groups if "weight_scale" in g]
+    assert scaled and isinstance(trainer.optimizer, KwargsAdamW)
+    for group in scaled:
+        assert group["lr"] * group["weight_scale"] == pytest.approx(1e-3, rel=1e-6), group["name"]
+        assert group["eps"] / group["weight_scale"] == pytest.approx(1e-8, rel=1e-6), group["name"]
 
 
 def test_converts_model_init_and_accepts_converted_models(tmp_path):
