@@ -110,6 +110,11 @@ def save_pretrained(
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
     weight_dtype = _check_weight_dtype(checkpoint_format, weight_dtype)
+    if checkpoint_format != "merged" and not is_unit_scaled(model):
+        raise ValueError(
+            f"{type(model).__name__} is not unit-scaled, so it has no Ŵ and s to write in the {checkpoint_format} "
+            "format: call `hf_unitscale.unit_scale(model)` first, or save it with `checkpoint_format='merged'`."
+        )
     if embedding_dtype is not None and checkpoint_format != "unit-scaled":
         raise ValueError(f"`embedding_dtype` applies to the unit-scaled format only, got {checkpoint_format!r}.")
     push = kwargs.pop("push_to_hub", False)

@@ -540,6 +540,17 @@ def test_e4m3_storage_of_an_entry_beyond_448_warns_or_moves_into_the_scale(tmp_p
     assert float(reloaded.weight[0, 0] * reloaded.weight_scale) == pytest.approx(big, rel=1e-6)
 
 
+@pytest.mark.parametrize("checkpoint_format", ["unit-scaled", "compressed-tensors"])
+def test_a_model_that_is_not_unit_scaled_is_refused_by_the_scaled_formats(checkpoint_format, tmp_path):
+    """Its weights are W, not Ŵ: written as Ŵ with s = 1 missing, no loader could read them back."""
+    model = CASES_BY_ID["llama-tied"].model()
+    with pytest.raises(ValueError, match="is not unit-scaled.*unit_scale\\(model\\)"):
+        hf_unitscale.save_pretrained(model, tmp_path, checkpoint_format=checkpoint_format)
+    assert not any(tmp_path.iterdir())
+    hf_unitscale.save_pretrained(model, tmp_path)  # merged: a plain checkpoint
+    assert (tmp_path / "model.safetensors").exists()
+
+
 # ---- sharding: past `max_shard_size` the weights are split as transformers splits them ----
 
 
