@@ -87,18 +87,21 @@ def apply_precision(model: nn.Module, config: UnitScaleConfig) -> list[str]:
 def set_precision(
     model: nn.Module,
     forward_format: str | None = "e4m3",
-    backward_format: str | None = "e5m2",
+    backward_format: str | None = "auto",
     backend: str = "simulate",
     *,
     full_precision_modules: list[str] | None = None,
 ) -> MatmulPrecision | None:
     """Run the converted matmul layers' GEMMs with these operand formats (None, None: full precision).
 
-    Formats are names from `formats.FORMATS` ("e4m3", "e5m2", "bf16"); backend is "simulate" or
-    "scaled_mm". `full_precision_modules` (regexes over module names) keep the full-precision path;
+    Formats are names from `formats.FORMATS` ("e4m3", "e5m2", "bf16"); `backward_format="auto"` is "e5m2" with
+    a forward format and None without one, so `set_precision(model, None)` is full precision. Backend is
+    "simulate" or "scaled_mm". `full_precision_modules` (regexes over module names) keep the full-precision path;
     None keeps the output heads, [] casts every layer. Returns the `MatmulPrecision` set and updates
     `model.config.unit_scaling`.
     """
+    if backward_format == "auto":
+        backward_format = None if forward_format is None else "e5m2"
     block = getattr(getattr(model, "config", None), CONFIG_KEY, None)
     options = {
         "forward_format": forward_format,

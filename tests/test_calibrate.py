@@ -413,6 +413,10 @@ def test_set_precision_and_cast_counters():
     assert summary["fp8/grad_output_underflow_fraction"] > 0.05
     assert set_precision(model, None, None) is None
     assert all(m.precision is None for m in matmul_layers(model).values())
+    set_precision(model, "e4m3")  # the backward format follows: E5M2 with an FP8 forward, none without one
+    assert {m.precision.backward.name for m in matmul_layers(model).values() if m.precision} == {"e5m2"}
+    assert set_precision(model, None) is None
+    assert all(m.precision is None for m in matmul_layers(model).values())
     with pytest.raises(ValueError, match="e3m4"):
         set_precision(model, "e3m4")
     track_casts(model, enabled=False)
