@@ -154,6 +154,21 @@ def _warn_about_headroom(table: Mapping[str, Mapping[str, float]], layers: Mappi
         )
 
 
+def _check_batch(batch: Any, index: int) -> None:
+    """Each batch is a dict of model inputs, tensors where the model takes tensors (lists: untensorized tokens)."""
+    if not isinstance(batch, Mapping):
+        raise ValueError(
+            f"Calibration batch {index} is a {type(batch).__name__}; each batch is a dict of model inputs, e.g. "
+            "`tokenizer(texts, padding=True, return_tensors='pt')` with `labels`, or a Trainer's DataLoader batch."
+        )
+    listed = [key for key, value in batch.items() if isinstance(value, list)]
+    if listed:
+        raise ValueError(
+            f"Calibration batch {index}: {listed} hold Python lists, not tensors; tokenize with "
+            "`return_tensors='pt'` (and `padding=True`), or collate them with a DataCollator."
+        )
+
+
 def _check_loss(loss: torch.Tensor, index: int) -> None:
     """A loss that cannot give gradients would leave every c as it was (1 on a first calibration): refuse it."""
     if not loss.requires_grad:
@@ -281,6 +296,7 @@ def calibrate(
         hooks = OperandRmsHooks(layers, grad_accumulator=grad_accumulator, input_accumulators=searched)
         with hooks, full_precision(model), torch.enable_grad():
             for batch in bar:
+                _check_batch(batch, n_batches)
                 inputs = model_inputs(model, batch)
                 outputs = hooks.forward(model, inputs)
                 used_proxy |= loss_fn is default_loss and getattr(outputs, "loss", None) is None

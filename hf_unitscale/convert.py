@@ -212,7 +212,7 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
 
     Args:
         model: a transformers `PreTrainedModel` or any `nn.Module`.
-        config: conversion options; defaults to `UnitScaleConfig()`. Stored on
+        config: conversion options (a `UnitScaleConfig` or its dict); defaults to `UnitScaleConfig()`. Stored on
             `model.config.unit_scaling` when the model has a transformers config.
 
     Returns:
@@ -221,8 +221,16 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
         `input_scale` and `grad_scale`.
 
     Raises:
+        TypeError: `model` is not an `nn.Module` (a name or path: load the model first).
         ValueError: a weight is not finite (named), or nothing in `model` can be converted.
     """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"`unit_scale` converts a loaded model (an nn.Module), got {type(model).__name__} {model!r:.80}; load it "
+            "first (`AutoModel.from_pretrained(...)`), or use `hf_unitscale.from_pretrained(path)`, which converts."
+        )
+    if isinstance(config, dict):  # as stored in config.json's `unit_scaling` block
+        config = UnitScaleConfig.from_dict(config)
     config = config if config is not None else UnitScaleConfig()
     if is_unit_scaled(model):
         logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing.")

@@ -356,7 +356,14 @@ def detach_checkpoint_methods(model: PreTrainedModel) -> None:
         model.model_tags = [t for t in model.model_tags if t not in MODEL_CARD_TAGS] or None
 
 
-def _model_class(config: PretrainedConfig, model_class: type[PreTrainedModel] | None) -> type[PreTrainedModel]:
+def _model_class(config: PretrainedConfig, model_class: type[PreTrainedModel] | str | None) -> type[PreTrainedModel]:
+    if isinstance(model_class, str):  # a class name, as the CLI's --model-class takes it
+        if not isinstance(getattr(transformers, model_class, None), type):
+            raise ValueError(
+                f"`model_class={model_class!r}` names no transformers class; pass a class (e.g. "
+                "`transformers.AutoModelForSequenceClassification`) or the name of one."
+            )
+        return getattr(transformers, model_class)
     if model_class is not None:
         return model_class
     architectures = getattr(config, "architectures", None) or []
@@ -380,7 +387,7 @@ def _concrete_class(cls: type, config: PretrainedConfig) -> type[PreTrainedModel
 def from_pretrained(
     pretrained_model_name_or_path: str | os.PathLike,
     *,
-    model_class: type[PreTrainedModel] | None = None,
+    model_class: type[PreTrainedModel] | str | None = None,
     unit_scale_config: UnitScaleConfig | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
@@ -397,13 +404,18 @@ def from_pretrained(
     first, then its W = s·Ŵ.
 
     Args:
-        model_class: the transformers class or Auto class to load with; defaults to the class
+        pretrained_model_name_or_path: a Hub repo id, a local folder, or `embedded:minilm` / `embedded:smollm2`.
+        model_class: the transformers class or Auto class (or its name) to load with; defaults to the class
             named in `config.architectures`.
         kwargs: as in transformers, those naming config attributes (`num_labels`, `id2label`, …) update the
             config; the rest go to `from_pretrained` of that class (`dtype`, `token`, `revision`, …). A
             unit-scaled checkpoint is built from its config instead, in the dtype it was saved in unless `dtype`
             says otherwise; it takes `dtype`, `attn_implementation` and the Hub arguments, and names any other.
     """
+    if str(pretrained_model_name_or_path).startswith("embedded:"):  # as the CLI and recipes take them
+        from .tasks import resolve_model_path  # tasks imports this module
+
+        pretrained_model_name_or_path = resolve_model_path(str(pretrained_model_name_or_path))
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     config = kwargs.pop("config", None)
     if config is None:

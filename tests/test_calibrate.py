@@ -382,6 +382,11 @@ def test_calibrate_errors_are_clear():
         calibrate(unit_scale(case.model()), [_labelled_batch(case)], num_batches=0, progress=False)
     with pytest.raises(ValueError, match="one batch"):
         calibrate(unit_scale(case.model()), _labelled_batch(case), progress=False)
+    with pytest.raises(ValueError, match="batch 0 is a Tensor; each batch is a dict"):
+        calibrate(unit_scale(case.model()), [_labelled_batch(case)["input_ids"]], progress=False)
+    untensorized = {k: v.tolist() for k, v in _labelled_batch(case).items()}  # tokenized without return_tensors
+    with pytest.raises(ValueError, match=r"batch 0: \['input_ids', .*return_tensors='pt'"):
+        calibrate(unit_scale(case.model()), [untensorized], progress=False)
     # a loss that gives no gradients would leave every c at 1 (E5M2 then flushes most gradients): refused
     model = unit_scale(case.model())
     with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):

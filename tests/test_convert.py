@@ -225,6 +225,16 @@ def test_bad_config_options_are_named(options, message):
         UnitScaleConfig.from_dict(options)
 
 
+def test_unit_scale_takes_a_config_dict_and_refuses_what_is_not_a_model():
+    as_dict = unit_scale(CASES_BY_ID["bert"].model(), {"exclude_modules": ["classifier"]})  # config.json's block
+    assert type(as_dict.classifier) is nn.Linear and as_dict.config.unit_scaling["exclude_modules"] == ["classifier"]
+    with pytest.raises(ValueError, match="Unknown UnitScaleConfig option"):
+        unit_scale(CASES_BY_ID["bert"].model(), {"exclude_module": ["classifier"]})
+    for not_a_model in ("bert-base-uncased", None):
+        with pytest.raises(TypeError, match="converts a loaded model.*load it first"):
+            unit_scale(not_a_model)
+
+
 def test_exclude_modules_leaves_them_plain():
     model = unit_scale(CASES_BY_ID["bert"].model(), UnitScaleConfig(exclude_modules=[r"classifier", r".*\.query"]))
     assert type(model.classifier) is nn.Linear

@@ -123,6 +123,20 @@ def test_minilm_loads_as_bert() -> None:
     assert sims[0, 1] > sims[0, 2] + 0.2  # a real sentence encoder, not random weights
 
 
+def test_hf_unitscale_from_pretrained_takes_embedded_names_and_class_names() -> None:
+    """`embedded:minilm` and `--model-class` names, as the CLI and recipes take them, work in the Python API."""
+    _require("minilm")
+    import hf_unitscale
+
+    model = hf_unitscale.from_pretrained(
+        "embedded:minilm", model_class="AutoModelForSequenceClassification", num_labels=3
+    )
+    assert type(model).__name__ == "BertForSequenceClassification" and hf_unitscale.is_unit_scaled(model)
+    assert model.config.num_labels == 3
+    with pytest.raises(ValueError, match="`model_class='AutoModelForSequenceClasification'` names no transformers"):
+        hf_unitscale.from_pretrained("embedded:minilm", model_class="AutoModelForSequenceClasification")
+
+
 @pytest.mark.slow
 def test_smollm2_loads_tied_and_knows_paris() -> None:
     _require("smollm2")
