@@ -307,7 +307,9 @@ def load_unit_scaled_state_dict(
         target = expected[name]
         if tensor.shape != target.shape:
             raise ValueError(
-                f"{source}: `{name}` has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}."
+                f"{source}: `{name}` has shape {tuple(tensor.shape)}, the model expects {tuple(target.shape)}. "
+                "For a new head size (`num_labels=…`), pass `ignore_mismatched_sizes=True` to initialize it anew, as "
+                "in transformers."
             )
         if name in converted.values() and not (torch.isfinite(tensor).all() and tensor > 0):
             raise ValueError(f"{source}: scale `{name}` = {tensor.item()} is not a positive finite number.")

@@ -432,9 +432,11 @@ def from_pretrained(
     cls = _model_class(config, model_class)
     saved_class = (getattr(config, "architectures", None) or [None])[0]
     generation_config = None
-    if checkpoint_format == "unit-scaled" and saved_class and _concrete_class(cls, config).__name__ != saved_class:
-        # another class than the one saved (its base model, another head): load Ŵ, s, a, c exactly as saved,
-        # then W = s·Ŵ into `cls` as transformers loads across classes (base-model prefix, new heads initialized)
+    another_class = saved_class and _concrete_class(cls, config).__name__ != saved_class
+    if checkpoint_format == "unit-scaled" and saved_class and (another_class or kwargs.get("ignore_mismatched_sizes")):
+        # another class than the one saved (its base model, another head), or heads of another size: load Ŵ, s, a, c
+        # exactly as saved, then W = s·Ŵ into `cls` as transformers loads across classes and sizes (base-model
+        # prefix, new or resized heads initialized)
         saved = from_pretrained(
             pretrained_model_name_or_path,
             model_class=getattr(transformers, saved_class),

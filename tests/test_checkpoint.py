@@ -160,6 +160,21 @@ def test_plain_transformers_loads_merged_and_compressed_tensors_without_hf_units
 
 
 @pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled"])
+def test_a_classifier_checkpoint_loads_with_another_number_of_labels(checkpoint_format, tmp_path):
+    """As in transformers: a head of another size is an error that names `ignore_mismatched_sizes`, and with it the
+    head is drawn anew while the body loads as saved (a Trainer checkpoint is unit-scaled)."""
+    classifier = _converted(CASES_BY_ID["bert"])
+    classifier.save_pretrained(tmp_path, checkpoint_format=checkpoint_format)
+    with pytest.raises((ValueError, RuntimeError), match="ignore_mismatched_sizes"):
+        hf_unitscale.from_pretrained(tmp_path, num_labels=3)
+    loaded = hf_unitscale.from_pretrained(tmp_path, num_labels=3, ignore_mismatched_sizes=True)
+    assert loaded.classifier.out_features == 3 and loaded.config.num_labels == 3
+    batch = CASES_BY_ID["bert"].batch()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.bert(**batch)[0], classifier.bert(**batch)[0], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled"])
 def test_a_checkpoint_loads_into_another_head_class_as_in_transformers(checkpoint_format, tmp_path):
     """The base model of a converted classifier saves W (merged) or Ŵ, s (not Ŵ as W) under its own layer names;
     it loads into a classifier with a new head, `num_labels` and `id2label` reaching the config as in
