@@ -71,6 +71,14 @@ ADAMW_OPTIMIZERS = (
     "paged_adamw_32bit",
     "paged_adamw_8bit",
 )
+# AdamW with 8- or 4-bit moments, quantized per block against its absmax
+_QUANTIZED_STATE_OPTIMIZERS = (
+    "adamw_torch_4bit",
+    "adamw_torch_8bit",
+    "adamw_bnb_8bit",
+    "adamw_8bit",
+    "paged_adamw_8bit",
+)
 # schedulers that set absolute per-group lrs instead of multiplying each group's initial lr
 _ABSOLUTE_LR_SCHEDULERS = ("greedy",)
 
@@ -218,6 +226,13 @@ class UnitScaleTrainer(Trainer):
                 )
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             optimizer_kwargs = dict(optimizer_kwargs)
+            if optim in _QUANTIZED_STATE_OPTIMIZERS:
+                logger.warning(
+                    f"`optim={optim!r}` quantizes Adam's moments per block, with a floor under each block's absmax "
+                    "(torchao: 1e-12). Ŵ's gradients are s·g_W, so its second moment s²·v_W meets that floor 1/s² "
+                    "sooner than plain training's, and bitsandbytes' 32-bit states for embeddings (which Trainer "
+                    "registers) are not set up here: the run follows plain AdamW approximately, not step for step."
+                )
         for key in ("params", "model", "optimizer_dict"):
             if key in optimizer_kwargs:
                 raise ValueError(f"UnitScaleTrainer cannot use an optimizer that brings its own `{key}`.")

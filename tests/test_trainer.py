@@ -403,6 +403,17 @@ def test_model_init_and_optimizer_kwargs_reproduce_plain_trainer_on_every_train(
         assert max(our_lrs) == pytest.approx(1e-3)  # AdamW's default, not args.learning_rate
 
 
+def test_an_optimizer_with_quantized_moments_is_said_to_follow_plain_adamw_only_approximately(tmp_path, caplog):
+    trainer = UnitScaleTrainer(model=CASES_BY_ID["bert"].model(), args=_args(tmp_path, optim="adamw_torch_8bit"))
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        trainer.create_optimizer()
+    assert "`optim='adamw_torch_8bit'` quantizes Adam's moments" in caplog.text and "approximately" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        UnitScaleTrainer(model=CASES_BY_ID["bert"].model(), args=_args(tmp_path)).create_optimizer()
+    assert "quantizes" not in caplog.text
+
+
 class KwargsAdamW(torch.optim.AdamW):
     """An AdamW subclass whose signature hides AdamW's defaults behind **kwargs."""
 
