@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from types import MethodType
 
 import torch
@@ -206,6 +207,24 @@ def _conversion_plan(model: nn.Module, config: UnitScaleConfig) -> list[tuple[st
     return plan
 
 
+def check_no_peft_adapters(model: nn.Module) -> None:
+    """Refuse a model with PEFT adapter layers (LoRA, …): peft merges ΔW into the stored weight, which holds
+    Ŵ = W/s after conversion, so the merged model would compute W + s·ΔW; converting the adapters' own matrices
+    would change what peft saves."""
+    if "peft" not in sys.modules:  # no adapter layer exists without peft imported
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapters = [name for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    if adapters:
+        raise ValueError(
+            f"{type(model).__name__} has PEFT adapter layers (`{adapters[0]}`, {len(adapters)} in all), which "
+            "hf_unitscale does not support: peft would merge ΔW into Ŵ = W/s (the merged model computes W + s·ΔW). "
+            "Merge them first (`model = model.merge_and_unload()`) and unit-scale the result, or train the adapters "
+            "with a plain `Trainer`."
+        )
+
+
 @torch.no_grad()
 def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Module:
     """Rewrite every supported weight W of `model` as s·Ŵ, in place, keeping the model's function.
@@ -222,13 +241,14 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
 
     Raises:
         TypeError: `model` is not an `nn.Module` (a name or path: load the model first).
-        ValueError: a weight is not finite (named), or nothing in `model` can be converted.
+        ValueError: a weight is not finite (named), nothing in `model` can be converted, or it has PEFT adapters.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"`unit_scale` converts a loaded model (an nn.Module), got {type(model).__name__} {model!r:.80}; load it "
             "first (`AutoModel.from_pretrained(...)`), or use `hf_unitscale.from_pretrained(path)`, which converts."
         )
+    check_no_peft_adapters(model)
     if isinstance(config, dict):  # as stored in config.json's `unit_scaling` block
         config = UnitScaleConfig.from_dict(config)
     config = config if config is not None else UnitScaleConfig()

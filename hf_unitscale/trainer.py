@@ -47,7 +47,7 @@ from transformers.utils import logging
 from .arguments import UnitScaleTrainingArguments, deepspeed_optimizer_error, unit_scale_options
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_checkpoint_into
 from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import is_unit_scaled, matmul_layers, unit_scale, weight_scales
+from .convert import check_no_peft_adapters, is_unit_scaled, matmul_layers, unit_scale, weight_scales
 from .formats import FP8_FORMAT_PAIRS
 from .hub import delete_other_format_weights, mirror_weight_files, save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
@@ -150,6 +150,7 @@ class UnitScaleTrainer(Trainer):
     # ---- conversion ----
 
     def _prepare_unit_scaled(self, model: nn.Module, options: dict[str, Any]) -> nn.Module:
+        check_no_peft_adapters(model)  # also on a model converted before `get_peft_model`
         if not is_unit_scaled(model):
             unit_scale(model, self.unit_scale_config)
         config = getattr(model, "config", None)

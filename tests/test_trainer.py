@@ -414,6 +414,25 @@ def test_an_optimizer_with_quantized_moments_is_said_to_follow_plain_adamw_only_
     assert "quantizes" not in caplog.text
 
 
+def test_peft_adapters_are_refused_in_either_order(tmp_path):
+    """peft merges ΔW into the stored weight, Ŵ = W/s after conversion: LoRA on a converted model (or a LoRA model
+    converted) would merge into W + s·ΔW. Both orders are refused, naming an adapter layer."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = LoraConfig(r=4, target_modules=["q_proj", "v_proj"])
+    adapted = get_peft_model(CASES_BY_ID["llama-untied"].model(), lora)
+    with pytest.raises(ValueError, match=r"has PEFT adapter layers \(`.*q_proj`.*merge_and_unload"):
+        unit_scale(adapted)
+    assert not is_unit_scaled(adapted)
+    with pytest.raises(ValueError, match="PEFT adapter layers"):
+        UnitScaleTrainer(model=adapted, args=_args(tmp_path))
+    adapted_after = get_peft_model(unit_scale(CASES_BY_ID["llama-untied"].model()), lora)
+    with pytest.raises(ValueError, match="PEFT adapter layers"):
+        UnitScaleTrainer(model=adapted_after, args=_args(tmp_path))
+    merged = adapted.merge_and_unload()  # the way out the message gives
+    assert is_unit_scaled(unit_scale(merged))
+
+
 class KwargsAdamW(torch.optim.AdamW):
     """An AdamW subclass whose signature hides AdamW's defaults behind **kwargs."""
 
