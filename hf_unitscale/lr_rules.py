@@ -132,6 +132,10 @@ def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
         return 0
     if isinstance(module, Conv1D):  # weight stored (in, out)
         return int(param.shape[0])
+    if param.dim() >= 3 and not isinstance(module, nn.modules.conv._ConvNd):
+        # stacked experts of a transformers MoE layer: one (out, in) matrix per expert, or (in, out) where the
+        # layer says `is_transposed` (`use_experts_implementation`, GPT-OSS); fan-in is one expert's
+        return int(param.shape[-2] if getattr(module, "is_transposed", False) else param.shape[-1])
     # Linear (out, in), Conv (out, in/groups, *kernel), LSTM (4h, in); from the shape, as torch 2.6's DTensor
     # (an FSDP2-sharded parameter) has no sharding rule for indexing
     return math.prod(param.shape[1:])
