@@ -14,7 +14,8 @@ gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one
     hidden_weight   any other ≥2-D parameter
 
 A parameter that fits none of these (a 1-D `layer_scale`, a 0-D temperature) is an error naming
-it: pass `role_overrides={regex: role}` rather than have it guessed.
+it under `umup` and `mup`: pass `role_overrides={regex: role}` rather than have it guessed. Under
+`equivalent`, where an unconverted parameter gets η, ε and Trainer's decay whatever its role, it joins `bias`.
 
 Rules (η = learning rate, ε = Adam eps, wd = weight decay, per tensor with scale s):
 
@@ -185,12 +186,15 @@ def describe_parameters(
     *,
     role_overrides: Mapping[str, Role] | None = None,
     decay_parameter_names: Iterable[str] | None = None,
+    unassigned_role: Role | None = None,
 ) -> list[ParamInfo]:
     """Role, scale, fan-in, block membership and decay of every trainable parameter of `model`.
 
     Args:
         role_overrides: {regex over parameter names (re.fullmatch): role}; the first matching
             pattern wins over the automatic role.
+        unassigned_role: the role of a <2-D parameter that fits none (a 0-D temperature, a layer scale, attention
+            sinks); None: an error.
         decay_parameter_names: the names plain Trainer decays; defaults to
             `Trainer.get_decay_parameter_names(model)`.
 
@@ -237,6 +241,9 @@ def describe_parameters(
                 role = "bias"
             elif param.dim() >= 2:
                 role = "hidden_weight"
+            elif unassigned_role is not None:
+                role = unassigned_role
+                logger.info(f"`{name}` (shape {tuple(param.shape)}) fits no learning-rate role: taking `{role}`.")
             else:
                 raise ValueError(
                     f"Parameter `{name}` (shape {tuple(param.shape)}, in {type(module).__name__}) has no learning-rate "
@@ -328,12 +335,19 @@ def build_param_groups(
 
     Raises:
         ValueError: an unknown rule, `mup` without `mup_base_width`, `umup` depth scaling on a
-            model with no repeated blocks, a bad multiplier, or a parameter with no role.
+            model with no repeated blocks, a bad multiplier, or (under `umup`, `mup`) a parameter with no role;
+            under `equivalent`, where the role changes nothing, such a parameter joins the `bias` role.
     """
     if lr_rule not in LR_RULES:
         raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {lr_rule!r}.")
     multipliers = _check_multipliers(lr_multipliers)
-    infos = describe_parameters(model, role_overrides=role_overrides, decay_parameter_names=decay_parameter_names)
+    infos = describe_parameters(
+        model,
+        role_overrides=role_overrides,
+        decay_parameter_names=decay_parameter_names,
+        # under `equivalent` an unconverted parameter gets η, ε and Trainer's decay whatever its role
+        unassigned_role="bias" if lr_rule == "equivalent" else None,
+    )
     for pattern in multipliers:
         _check_pattern_matches("lr_multipliers", pattern, [info.name for info in infos], re.search)
     for option, value, rule in (

@@ -100,6 +100,12 @@ def test_unassigned_parameter_is_an_error_until_overridden():
     assert roles["bert.encoder.layer.0.layer_scale"] == "norm"
     with pytest.raises(ValueError, match="role_overrides"):
         parameter_roles(model, role_overrides={"x": "gain"})
+    # the rules that scale by role refuse to guess; under `equivalent` the role changes nothing: lr η, eps ε
+    for rule in ("umup", "mup"):
+        with pytest.raises(ValueError, match="no learning-rate role"):
+            _groups(model, rule, mup_base_width=16 if rule == "mup" else None)
+    group = next(g for g in _groups(model) if any(p is model.bert.encoder.layer[0].layer_scale for p in g["params"]))
+    assert group["role"] == "bias" and group["lr"] == LR and group["eps"] == EPS
 
 
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
