@@ -213,11 +213,6 @@ class UnitScaleTrainer(Trainer):
                     f"`optimizer_cls_and_kwargs` gives {optimizer_cls!r}."
                 )
             optimizer_kwargs = dict(optimizer_kwargs)
-            # as in Trainer: `learning_rate` and `adam_epsilon` go only to optimizers built from `optim`; these
-            # kwargs fall back to the class's own defaults, read from an instance (a subclass may take **kwargs)
-            probe = optimizer_cls([nn.Parameter(torch.zeros(1))], **optimizer_kwargs)
-            for name in ("lr", "eps"):
-                optimizer_kwargs.setdefault(name, probe.defaults[name])
         else:
             optim = getattr(self.args.optim, "value", self.args.optim)
             if optim not in ADAMW_OPTIMIZERS:
@@ -231,12 +226,24 @@ class UnitScaleTrainer(Trainer):
                 logger.warning(
                     f"`optim={optim!r}` quantizes Adam's moments per block, with a floor under each block's absmax "
                     "(torchao: 1e-12). Ŵ's gradients are s·g_W, so its second moment s²·v_W meets that floor 1/s² "
-                    "sooner than plain training's, and bitsandbytes' 32-bit states for embeddings (which Trainer "
-                    "registers) are not set up here: the run follows plain AdamW approximately, not step for step."
+                    "sooner than plain training's"
+                    + (
+                        ", and the 32-bit embedding states Trainer registers for bitsandbytes are not set up here"
+                        if not optim.startswith("adamw_torch")  # bitsandbytes
+                        else ""
+                    )
+                    + ": the run follows plain AdamW approximately, not step for step."
                 )
         for key in ("params", "model", "optimizer_dict"):
             if key in optimizer_kwargs:
                 raise ValueError(f"UnitScaleTrainer cannot use an optimizer that brings its own `{key}`.")
+        if self.optimizer_cls_and_kwargs is not None:
+            # as in Trainer: `learning_rate` and `adam_epsilon` go only to optimizers built from `optim`; these
+            # kwargs fall back to the class's own defaults, read from an instance (a subclass may take **kwargs)
+            device = next(opt_model.parameters()).device
+            probe = optimizer_cls([nn.Parameter(torch.zeros(1, device=device))], **optimizer_kwargs)
+            for name in ("lr", "eps"):
+                optimizer_kwargs.setdefault(name, probe.defaults[name])
         lr = optimizer_kwargs.get("lr", self.args.learning_rate)
         eps = optimizer_kwargs.get("eps", self.args.adam_epsilon)
         weight_decay = self.args.weight_decay  # as Trainer's groups: a `weight_decay` in optimizer_kwargs is overridden

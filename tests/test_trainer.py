@@ -331,6 +331,11 @@ def test_refusals(tmp_path):
     trainer = UnitScaleTrainer(model=case.model(), args=_args(tmp_path, optim="sgd"))
     with pytest.raises(ValueError, match="`optim='sgd'` is not supported"):
         trainer.create_optimizer()
+    for key in ("params", "model"):
+        optimizer = (torch.optim.AdamW, {key: []})
+        trainer = UnitScaleTrainer(model=case.model(), args=_args(tmp_path), optimizer_cls_and_kwargs=optimizer)
+        with pytest.raises(ValueError, match=f"brings its own `{key}`"):
+            trainer.create_optimizer()
     for scheduler, kwargs in (("greedy", None), ("reduce_lr_on_plateau", {"min_lr": 1e-6})):
         args = _args(tmp_path, lr_scheduler_type=scheduler, lr_scheduler_kwargs=kwargs, eval_strategy="steps")
         with pytest.raises(ValueError, match="absolute lr bounds"):
