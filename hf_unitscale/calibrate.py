@@ -155,13 +155,15 @@ def _warn_about_headroom(table: Mapping[str, Mapping[str, float]], layers: Mappi
 
 
 def _check_batch(batch: Any, index: int) -> None:
-    """Each batch is a dict of model inputs, tensors where the model takes tensors (lists: untensorized tokens)."""
+    """Each batch is a dict of model inputs; token ids, masks and labels as lists were tokenized without tensors
+    (other keys may hold anything the model takes)."""
     if not isinstance(batch, Mapping):
         raise ValueError(
             f"Calibration batch {index} is a {type(batch).__name__}; each batch is a dict of model inputs, e.g. "
             "`tokenizer(texts, padding=True, return_tensors='pt')` with `labels`, or a Trainer's DataLoader batch."
         )
-    listed = [key for key, value in batch.items() if isinstance(value, list)]
+    tensor_keys = [key for key in batch if key in ("labels", "pixel_values") or key.endswith(("_ids", "_mask"))]
+    listed = [key for key in tensor_keys if isinstance(batch[key], list)]
     if listed:
         raise ValueError(
             f"Calibration batch {index}: {listed} hold Python lists, not tensors; tokenize with "

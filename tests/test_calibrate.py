@@ -387,6 +387,8 @@ def test_calibrate_errors_are_clear():
     untensorized = {k: v.tolist() for k, v in _labelled_batch(case).items()}  # tokenized without return_tensors
     with pytest.raises(ValueError, match=r"batch 0: \['input_ids', .*return_tensors='pt'"):
         calibrate(unit_scale(case.model()), [untensorized], progress=False)
+    llama = CASES_BY_ID["llama-untied"]  # a `**kwargs` model: a list of metadata beside the tensors is no error
+    calibrate(unit_scale(llama.model()), [{**_labelled_batch(llama), "doc_id": ["a", "b"]}], progress=False)
     # a loss that gives no gradients would leave every c at 1 (E5M2 then flushes most gradients): refused
     model = unit_scale(case.model())
     with torch.inference_mode(), pytest.raises(ValueError, match="inference_mode"):
