@@ -38,7 +38,7 @@ from transformers.utils.hub import get_checkpoint_shard_files
 from .config import CONFIG_KEY
 from .convert import matmul_layers, unit_scaled_modules
 from .formats import cast_to_format, get_format
-from .modules import SCALE_SUFFIX, UnitScaledMatmulMixin
+from .modules import SCALE_SUFFIX, UnitScaledMatmulMixin, UnitScaledModuleMixin
 from .ops import apply_scale
 
 __all__ = [
@@ -74,17 +74,27 @@ ROW_SCALE_SUFFIX = "_row_scale"
 E4M3_MAX = get_format("e4m3").max
 
 
+def _module_names(model: nn.Module, kind: type) -> list[tuple[str, nn.Module]]:
+    """Every state-dict name of each `kind` module: a module under several names (T5's one embedding as `shared`
+    and both stacks' `embed_tokens` after a resize) has its tensors under each of them."""
+    return [(name, m) for name, m in model.named_modules(remove_duplicate=False) if isinstance(m, kind)]
+
+
 def _converted_weight_names(model: nn.Module) -> dict[str, str]:
     """{state-dict name of each converted weight Ŵ: name of its scale s}."""
     return {
         f"{name}.{weight}" if name else weight: f"{name}.{weight}{SCALE_SUFFIX}" if name else weight + SCALE_SUFFIX
-        for name, module in unit_scaled_modules(model).items()
+        for name, module in _module_names(model, UnitScaledModuleMixin)
         for weight in module.unit_scaled_weights
     }
 
 
 def _operand_scale_names(model: nn.Module) -> list[str]:
-    return [f"{name}.{buffer}" for name in matmul_layers(model) for buffer in ("input_scale", "grad_scale")]
+    return [
+        f"{name}.{buffer}"
+        for name, _ in _module_names(model, UnitScaledMatmulMixin)
+        for buffer in ("input_scale", "grad_scale")
+    ]
 
 
 def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
