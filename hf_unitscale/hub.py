@@ -28,6 +28,7 @@ from transformers import AutoConfig, CompressedTensorsConfig, GenerationConfig, 
 from transformers.initialization import no_init_weights
 from transformers.models.auto.auto_factory import _get_model_class
 from transformers.utils import logging
+from transformers.utils.hub import convert_file_size_to_int
 
 from . import __version__
 from .checkpoint import (
@@ -122,6 +123,10 @@ def save_pretrained(
     if push:
         repo_id = repo_id or str(save_directory).rstrip("/").split("/")[-1]
     max_shard_size = kwargs.pop("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
+    try:  # before anything is written or deleted
+        convert_file_size_to_int(max_shard_size)
+    except ValueError as err:
+        raise ValueError(f"`max_shard_size={max_shard_size!r}`: {err}") from err
     if checkpoint_format == "merged":
         kwargs["max_shard_size"] = max_shard_size
     elif kwargs:
