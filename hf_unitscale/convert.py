@@ -143,9 +143,14 @@ def _uses_power_of_two(weight: torch.Tensor, config: UnitScaleConfig) -> bool:
     return weight.is_floating_point() and torch.finfo(weight.dtype).bits < 32
 
 
+def is_bias_name(leaf: str) -> bool:
+    """A bias by its parameter name: `bias`, or a stacked one such as GPT-OSS's per-expert `gate_up_proj_bias`."""
+    return leaf == "bias" or leaf.endswith("_bias")
+
+
 def _other_weights(module: nn.Module) -> tuple[str, ...]:
-    """Names of a module's own ≥2-D parameters: the weights the generic path rescales."""
-    return tuple(name for name, p in module.named_parameters(recurse=False) if p.dim() >= 2)
+    """Names of a module's own ≥2-D parameters other than biases: the weights the generic path rescales."""
+    return tuple(name for name, p in module.named_parameters(recurse=False) if p.dim() >= 2 and not is_bias_name(name))
 
 
 def _excluded_names(model: nn.Module, config: UnitScaleConfig) -> set[str]:

@@ -10,7 +10,7 @@ gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one
                     outside the base model that feeds no other one there (`classifier`, `score`,
                     `qa_outputs`, a next-sentence or multiple-choice head beside the LM head, …)
     norm            the 1-D weight (gain) of a normalization layer (LayerNorm, RMSNorm, …)
-    bias            any other 1-D parameter named `bias`
+    bias            any other 1-D parameter named `bias`, and a stacked one (`*_bias`, one row per expert)
     hidden_weight   any other ≥2-D parameter
 
 A parameter that fits none of these (a 1-D `layer_scale`, a 0-D temperature) is an error naming
@@ -64,7 +64,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .convert import readout_modules, weight_scales
+from .convert import is_bias_name, readout_modules, weight_scales
 
 __all__ = [
     "LR_RULES",
@@ -128,6 +128,10 @@ def _is_added_embedding(module: nn.Module, param: torch.Tensor) -> bool:
     return param.dim() >= 3 and param.shape[0] == 1 and not isinstance(module, (Conv1D, nn.modules.conv._ConvNd))
 
 
+# transformers MoE layers that store each expert (in, out) without `use_experts_implementation`'s `is_transposed`
+_IN_OUT_EXPERTS = ("Llama4TextExperts",)
+
+
 def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
     if param.dim() < 2:
         return 0
@@ -135,8 +139,11 @@ def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
         return int(param.shape[0])
     if param.dim() >= 3 and not isinstance(module, nn.modules.conv._ConvNd):
         # stacked experts of a transformers MoE layer: one (out, in) matrix per expert, or (in, out) where the
-        # layer says `is_transposed` (`use_experts_implementation`, GPT-OSS); fan-in is one expert's
-        return int(param.shape[-2] if getattr(module, "is_transposed", False) else param.shape[-1])
+        # layer says `is_transposed` (`use_experts_implementation`: GPT-OSS, Aria) or multiplies with torch.bmm
+        # (Llama 4); fan-in is one expert's
+        original_class = getattr(module, "base_class", type(module))  # the class before conversion
+        transposed = getattr(module, "is_transposed", original_class.__name__ in _IN_OUT_EXPERTS)
+        return int(param.shape[-2] if transposed else param.shape[-1])
     # Linear (out, in), Conv (out, in/groups, *kernel), LSTM (4h, in); from the shape, as torch 2.6's DTensor
     # (an FSDP2-sharded parameter) has no sharding rule for indexing
     return math.prod(param.shape[1:])
@@ -237,7 +244,7 @@ def describe_parameters(
                 role = "readout"
             elif param.dim() == 1 and leaf == "weight" and _is_norm(module):
                 role = "norm"
-            elif param.dim() == 1 and leaf == "bias":
+            elif is_bias_name(leaf) and param.dim() <= 2:  # 2-D: one bias per expert
                 role = "bias"
             elif param.dim() >= 2:
                 role = "hidden_weight"

@@ -303,25 +303,33 @@ def test_tables_added_to_the_activations_take_the_embedding_role():
     assert by_param[id(model.vit.embeddings.position_embeddings)]["lr"] == pytest.approx(LR * 32**-0.5)
 
 
-@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss"])
+@pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "llama4_text"])
 def test_stacked_expert_weights_take_one_experts_fan_in(model_type):
     """transformers' MoE layers stack one matrix per expert: (E, out, in), or (E, in, out) where the layer says
-    `is_transposed` (GPT-OSS). u-μP's fan-in is one expert's `in` (hidden 32 for gate_up, intermediate 48 for down),
-    not the product of the trailing dimensions."""
+    `is_transposed` (GPT-OSS) or multiplies with torch.bmm (Llama 4). u-μP's fan-in is one expert's `in` (hidden 32
+    for gate_up, intermediate 48 for down), not the product of the trailing dimensions; GPT-OSS's per-expert biases
+    (E, out) are biases, left unconverted."""
     import transformers
 
     config_class, model_class = {
         "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM),
         "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM),
+        "llama4_text": (transformers.Llama4TextConfig, transformers.Llama4ForCausalLM),
     }[model_type]
     config = config_class(
-        vocab_size=101, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2, max_position_embeddings=64,
+        vocab_size=101, hidden_size=32, intermediate_size=48, intermediate_size_mlp=48, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, num_local_experts=4, num_experts_per_tok=2,
+        max_position_embeddings=64,
     )  # fmt: skip
     torch.manual_seed(0)
     model = unit_scale(model_class(config))
-    experts = model.model.layers[0].mlp.experts
-    assert getattr(experts, "is_transposed", False) == (model_type == "gpt_oss")
+    experts = (
+        model.model.layers[0].feed_forward.experts if model_type == "llama4_text" else model.model.layers[0].mlp.experts
+    )
+    if model_type == "gpt_oss":
+        roles = parameter_roles(model, role_overrides={r".*\.sinks": "bias"})
+        assert roles["model.layers.0.mlp.experts.gate_up_proj_bias"] == "bias"
+        assert "gate_up_proj_bias" not in experts.unit_scaled_weights
     # GPT-OSS's per-head attention-sink logits are a vector of their own: named here
     groups = _groups(model, "umup", role_overrides={r".*\.sinks": "bias"} if model_type == "gpt_oss" else None)
     by_param = {id(p): group for group in groups for p in group["params"]}
