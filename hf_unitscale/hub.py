@@ -423,11 +423,13 @@ def from_pretrained(
         pretrained_model_name_or_path = resolve_model_path(str(pretrained_model_name_or_path))
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     config = kwargs.pop("config", None)
+    config_changed = config is not None  # a config of the caller's, or one the kwargs update: sizes may differ
     if config is None:
         config = AutoConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         # as in transformers: arguments naming config attributes (num_labels, id2label, …) update the config
         for key in [k for k in kwargs if k not in _LOADING_KWARGS and hasattr(config, k)]:
             setattr(config, key, kwargs.pop(key))
+            config_changed = True
     checkpoint_format = read_checkpoint_format(config.to_dict())
     block = dict(getattr(config, CONFIG_KEY, None) or {})
     stored_scales = block.get("operand_scales") or {}
@@ -438,7 +440,10 @@ def from_pretrained(
     saved_class = (getattr(config, "architectures", None) or [None])[0]
     generation_config = None
     another_class = saved_class and _concrete_class(cls, config).__name__ != saved_class
-    if checkpoint_format == "unit-scaled" and saved_class and (another_class or kwargs.get("ignore_mismatched_sizes")):
+    resized = config_changed and kwargs.get("ignore_mismatched_sizes")
+    if checkpoint_format == "unit-scaled" and not resized:
+        kwargs.pop("ignore_mismatched_sizes", None)  # the saved class and config: every size matches
+    if checkpoint_format == "unit-scaled" and saved_class and (another_class or resized):
         # another class than the one saved (its base model, another head), or heads of another size: load Ŵ, s, a, c
         # exactly as saved, then W = s·Ŵ into `cls` as transformers loads across classes and sizes (base-model
         # prefix, new or resized heads initialized)

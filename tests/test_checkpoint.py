@@ -164,6 +164,8 @@ def test_a_classifier_checkpoint_loads_with_another_number_of_labels(checkpoint_
     """As in transformers: a head of another size is an error that names `ignore_mismatched_sizes`, and with it the
     head is drawn anew while the body loads as saved (a Trainer checkpoint is unit-scaled)."""
     classifier = _converted(CASES_BY_ID["bert"])
+    with torch.no_grad():  # as after training: rms(Ŵ) ≠ 1, so measuring s again would change it
+        classifier.bert.encoder.layer[0].attention.self.query.weight.mul_(1.5)
     classifier.save_pretrained(tmp_path, checkpoint_format=checkpoint_format)
     with pytest.raises((ValueError, RuntimeError), match="ignore_mismatched_sizes"):
         hf_unitscale.from_pretrained(tmp_path, num_labels=3)
@@ -172,6 +174,9 @@ def test_a_classifier_checkpoint_loads_with_another_number_of_labels(checkpoint_
     batch = CASES_BY_ID["bert"].batch()
     with torch.no_grad():
         torch.testing.assert_close(loaded.bert(**batch)[0], classifier.bert(**batch)[0], rtol=1e-5, atol=1e-6)
+    if checkpoint_format == "unit-scaled":  # nothing resized: Ŵ and s load exactly as saved, not re-measured
+        same = hf_unitscale.from_pretrained(tmp_path, ignore_mismatched_sizes=True)
+        assert all(torch.equal(t, classifier.state_dict()[k]) for k, t in same.state_dict().items())
 
 
 @pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled"])
