@@ -121,7 +121,7 @@ def _weight_scale(weight: torch.Tensor, name: str, power_of_two: bool) -> torch.
     # one pass: fp32 norms of rows (short sums, accurate), then their norm in fp64; a single fp32
     # reduction over a 28M-element embedding drifts by ~1e-3. nan/inf anywhere makes s non-finite.
     rows = w.reshape(w.shape[0], -1) if w.dim() > 1 else w.reshape(1, -1)
-    row_norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32)
+    row_norms = torch.linalg.vector_norm(rows, dim=1, dtype=torch.promote_types(w.dtype, torch.float32))
     scale = (torch.linalg.vector_norm(row_norms.double()) / math.sqrt(w.numel())).float()
     if not torch.isfinite(scale):
         bad = int((~torch.isfinite(w)).sum())

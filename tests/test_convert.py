@@ -146,6 +146,15 @@ def test_16bit_weights_convert_and_merge_bit_exactly(case, dtype):
     assert changed > 0.01 * sum(v.numel() for v in original.values() if v.is_floating_point())
 
 
+def test_fp64_weights_convert_and_keep_the_function():
+    case = CASES_BY_ID["llama-untied"]
+    plain = case.model().double()
+    converted = unit_scale(case.model().double())
+    with torch.no_grad():
+        expected, actual = plain(**case.batch()).logits, converted(**case.batch()).logits
+    torch.testing.assert_close(actual, expected, rtol=1e-12, atol=1e-12)
+
+
 def test_a_model_converted_in_fp32_and_cast_to_16_bits_multiplies_s_in_fp32():
     """After `.to(bfloat16)` s stays fp32 and the forward multiplies by it in fp32, rounding once: s rounded to bf16
     would scale each layer's output by bf16(s)/s (here 1 − 1.0e-3), the same factor for every output. Measured
