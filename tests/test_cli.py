@@ -169,6 +169,24 @@ def test_report_writes_png_and_table_matching_the_plot_data(case_id, tokenizer, 
     assert all(0.3 < row["scaled_input_rms"] < 3 and 0.3 < row["scaled_grad_rms"] < 3 for row in matmuls)
 
 
+@pytest.mark.parametrize("model_class", ["T5ForConditionalGeneration", "T5Model"])
+def test_report_runs_on_encoder_decoder_models(model_class, tmp_path, capsys):
+    """A seq2seq LM gets its input text as labels (the decoder inputs follow from them); a bare T5Model, which has
+    no loss, gets the text as decoder inputs too and the proxy loss."""
+    import transformers
+
+    config = transformers.T5Config(
+        vocab_size=101, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4, decoder_start_token_id=0, pad_token_id=0
+    )
+    getattr(transformers, model_class)(config).save_pretrained(tmp_path / "t5")
+    out = tmp_path / "t5.json"
+    assert main(["report", str(tmp_path / "t5"), "-o", str(tmp_path / "t5.png"), "--json", str(out)]) == 0
+    layers = json.loads(out.read_text())["layers"]
+    decoder = [row for row in layers if row["name"].startswith("decoder.") and row["kind"] == "matmul"]
+    assert decoder and all(row["grad_rms"] > 0 for row in decoder)
+    assert ("proxy loss" in capsys.readouterr().out) == (model_class == "T5Model")
+
+
 def test_report_with_a_new_head_repeats(tmp_path, capsys):
     # AutoModelForSequenceClassification on a causal LM's checkpoint initializes a `score` head: `--seed` seeds it
     source = save_tiny_model("llama-untied", tmp_path / "plain", tokenizer=False)

@@ -4,7 +4,7 @@ Batches: with a tokenizer, real text — `--text-file` lines, else the embedded 
 snippets for encoders, Jane Austen for causal LMs), cycled when more rows are needed; without one
 (e.g. a bare test model), seeded random token ids. Labels make the loss the model's real training
 loss: the real sentiment labels (or random ones) for a classifier, the inputs themselves for a
-(causal or masked) LM. The first `--num-batches` batches are measured; the next `--num-batches`
+(causal, masked or sequence-to-sequence) LM; a bare encoder-decoder's decoder reads the input text too. The first `--num-batches` batches are measured; the next `--num-batches`
 calibrate a, c, so x/a and g/c are measured on data the scales were not fitted to. A checkpoint with
 calibrated a, c (trained in FP8) is measured with its own.
 """
@@ -81,8 +81,8 @@ def _label_kind(model) -> str | None:
     name = type(model).__name__
     if name.endswith("ForSequenceClassification"):
         return "class"
-    if name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM")):
-        return "tokens"
+    if name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")):
+        return "tokens"  # a seq2seq LM's labels: the input text again (its decoder inputs are derived from them)
     return None
 
 
@@ -134,6 +134,8 @@ def report_batches(model, model_path: str, args: argparse.Namespace) -> list[dic
                 batch["labels"] = torch.randint(0, num_labels, (len(batch["input_ids"]),), generator=generator)
         elif kind == "tokens":
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        if getattr(model.config, "is_encoder_decoder", False) and "labels" not in batch:
+            batch["decoder_input_ids"] = batch["input_ids"]  # a bare encoder-decoder: the decoder reads the text too
         batches.append(batch)
     return batches
 
