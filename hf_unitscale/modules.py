@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
 from transformers.pytorch_utils import Conv1D
+from transformers.utils import logging
 
 from .ops import MatmulPrecision, OperandCounters, apply_scale, scaled_embedding, scaled_linear
 
@@ -30,6 +31,8 @@ __all__ = [
     "UnitScaledModuleMixin",
     "generic_unit_scaled_class",
 ]
+
+logger = logging.get_logger(__name__)
 
 SCALE_SUFFIX = "_scale"
 
@@ -66,8 +69,23 @@ class UnitScaledMatmulMixin(UnitScaledModuleMixin):
     grad_scale: torch.Tensor
     precision: MatmulPrecision | None = None
     cast_counters: OperandCounters | None = None
+    _scales_checked = False  # set at the layer's first low-precision GEMM
+
+    def _warn_if_uncalibrated(self) -> None:
+        """Once per layer, at its first FP8 GEMM: a = c = 1 means no calibration has run (a pretrained model's output
+        gradients, RMS ~1e-6–1e-4, then mostly flush to zero in E5M2); one warning per process."""
+        self._scales_checked = True
+        fp8 = any(f is not None and f.is_fp8 for f in (self.precision.forward, self.precision.backward))
+        if fp8 and float(self.input_scale) == 1.0 and float(self.grad_scale) == 1.0:
+            logger.warning_once(
+                "FP8 GEMMs run with uncalibrated static scales (a = c = 1), so most output gradients flush to zero "
+                "in E5M2. Call `hf_unitscale.calibrate(model, batches)` first (`UnitScaleTrainer` with `fp8=True` "
+                "calibrates at train begin)."
+            )
 
     def _scaled_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        if self.precision is not None and not self._scales_checked and not torch.compiler.is_compiling():
+            self._warn_if_uncalibrated()
         return scaled_linear(
             x,
             weight,

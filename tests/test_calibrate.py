@@ -401,6 +401,34 @@ def test_calibrate_errors_are_clear():
 # --------------------------------------------------------------------------- precision and counters
 
 
+def test_fp8_before_any_calibration_warns_once_at_the_first_forward(caplog):
+    """a = c = 1 flushes most gradients: the first FP8 GEMM of an uncalibrated model says so, once per process
+    (`warning_once`, whose cache is cleared before each case); a model calibrated after `set_precision` (as
+    `UnitScaleTrainer` does at train begin) and `bf16` GEMMs do not."""
+    case = CASES_BY_ID["llama-untied"]
+    message = "uncalibrated static scales"
+    for formats in (("e4m3", "e5m2"), ("bf16", "bf16")):
+        model = unit_scale(case.model())
+        set_precision(model, *formats)
+        if formats[0] == "e4m3":
+            calibrate(model, [_labelled_batch(case)], progress=False)
+        logging.Logger.warning_once.cache_clear()
+        with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+            model(**_labelled_batch(case))
+        assert message not in caplog.text, formats
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):  # FP8 set, then calibrated by the callback
+        _trainer_run({"every": 0, "num_batches": 2}, max_steps=2)
+    assert message not in caplog.text
+    model = unit_scale(case.model())
+    set_precision(model, "e4m3")
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        for _ in range(2):
+            model(**_labelled_batch(case))
+    assert caplog.text.count(message) == 1
+
+
 def test_set_precision_and_cast_counters():
     case = CASES_BY_ID["distilbert"]
     model = unit_scale(case.model())
