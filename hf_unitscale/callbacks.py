@@ -182,8 +182,9 @@ class RecalibrationCallback(TrainerCallback):
             self.recalibrate(model, args, state, train_dataloader)
 
     def on_log(self, args, state, control, logs=None, model=None, **kwargs):
-        """Add the fractions counted since the last log to `logs` (and to the entry in `state.log_history`)."""
-        if not self.log_casts or logs is None or model is None or not matmul_layers(model):
+        """Add the fractions counted since the last log to a training log (one with `loss`) and to its entry in
+        `state.log_history`; evaluation logs are `evaluate()`'s results, where they would read as metrics."""
+        if not self.log_casts or not logs or "loss" not in logs or model is None or not matmul_layers(model):
             return
         entries = self.cast_log_entries(model)
         if not entries:  # nothing was cast since the last log (e.g. the end-of-training summary)

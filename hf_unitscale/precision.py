@@ -36,6 +36,7 @@ __all__ = [
     "OPERANDS",
     "apply_precision",
     "cast_statistics",
+    "casts_uncounted",
     "full_precision",
     "full_precision_names",
     "set_precision",
@@ -179,6 +180,21 @@ def summarize_casts(statistics: dict[str, dict[str, dict[str, float]]], prefix: 
         summary[f"{prefix}{operand}_max_layer_underflow_fraction"] = max(r["underflow_fraction"] for r in rows)
         summary[f"{prefix}{operand}_max_layer_saturated_fraction"] = max(r["saturated_fraction"] for r in rows)
     return summary
+
+
+@contextlib.contextmanager
+def casts_uncounted(model: nn.Module) -> Iterator[None]:
+    """Inside the block the cast counters of `model` count nothing (evaluation's casts stay out of the training
+    logs); every layer's counter, with what it had counted, is back afterwards."""
+    layers = list(matmul_layers(model).values())
+    saved = [(layer, layer.cast_counters) for layer in layers]
+    try:
+        for layer in layers:
+            layer.cast_counters = None
+        yield
+    finally:
+        for layer, counters in saved:
+            layer.cast_counters = counters
 
 
 @contextlib.contextmanager

@@ -36,6 +36,7 @@ What it changes, and where:
 from __future__ import annotations
 
 import math
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -51,7 +52,7 @@ from .convert import check_no_peft_adapters, is_unit_scaled, matmul_layers, unit
 from .formats import FP8_FORMAT_PAIRS
 from .hub import delete_other_format_weights, mirror_weight_files, save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
-from .precision import full_precision, set_precision
+from .precision import casts_uncounted, full_precision, set_precision
 
 __all__ = ["UnitScaleTrainer", "UnitScaleTrainingArguments"]
 
@@ -193,10 +194,13 @@ class UnitScaleTrainer(Trainer):
         self.callback_handler.callbacks.insert(1, callback)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
-        """Trainer's loop (evaluate, predict); with `fp8_eval=False`, inside `precision.full_precision`."""
-        if self.unit_scale_options["fp8_eval"]:
-            return super().evaluation_loop(*args, **kwargs)
-        with full_precision(self.accelerator.unwrap_model(self.model, keep_torch_compile=False)):
+        """Trainer's loop (evaluate, predict), its casts left out of the training logs' fractions; with
+        `fp8_eval=False`, inside `precision.full_precision`."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+        with (
+            casts_uncounted(model),
+            full_precision(model) if not self.unit_scale_options["fp8_eval"] else nullcontext(),
+        ):
             return super().evaluation_loop(*args, **kwargs)
 
     # ---- optimizer ----
