@@ -248,6 +248,16 @@ class UnitScaleTrainer(Trainer):
             probe = optimizer_cls([nn.Parameter(torch.zeros(1, device=device))], **optimizer_kwargs)
             for name in ("lr", "eps"):
                 optimizer_kwargs.setdefault(name, probe.defaults[name])
+        scales = weight_scales(opt_model)
+        half = [n for n, p in opt_model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
+        half = [n for n, p in opt_model.named_parameters() if n in half and id(p) in scales]
+        if half:
+            raise ValueError(
+                f"The model's trainable unit-scaled weights are fp16 (`{half[0]}`, …; `fp16_full_eval` leaves them so "
+                "after an evaluate()). Adam keeps its moments in the weights' dtype, and Ŵ's second moment s²·v_W "
+                "underflows fp16 where plain training's does not. Train fp32 weights (with `fp16=True` or "
+                "`bf16=True` mixed precision) or bf16 weights."
+            )
         lr = optimizer_kwargs.get("lr", self.args.learning_rate)
         eps = optimizer_kwargs.get("eps", self.args.adam_epsilon)
         weight_decay = self.args.weight_decay  # as Trainer's groups: a `weight_decay` in optimizer_kwargs is overridden

@@ -438,6 +438,15 @@ def test_peft_adapters_are_refused_in_either_order(tmp_path):
     assert is_unit_scaled(unit_scale(merged))
 
 
+def test_fp16_weights_are_refused_with_the_way_out(tmp_path):
+    """Adam's moments follow the weights' dtype: Ŵ's second moment s²·v_W underflows fp16 (a reviewer's tiny BERT
+    went to nan at step 4 where plain Trainer trained). `fp16_full_eval` leaves a model in fp16 after evaluate()."""
+    trainer = UnitScaleTrainer(model=CASES_BY_ID["bert"].model().half(), args=_args(tmp_path))
+    with pytest.raises(ValueError, match=r"unit-scaled weights are fp16 .*Train fp32 weights"):
+        trainer.create_optimizer()
+    UnitScaleTrainer(model=CASES_BY_ID["bert"].model().bfloat16(), args=_args(tmp_path)).create_optimizer()
+
+
 class KwargsAdamW(torch.optim.AdamW):
     """An AdamW subclass whose signature hides AdamW's defaults behind **kwargs."""
 
