@@ -192,6 +192,7 @@ def calibrate(
     *,
     num_batches: int | None = None,
     loss_fn: LossFn | None = None,
+    compute_loss: Callable[[nn.Module, Mapping[str, Any]], torch.Tensor] | None = None,
     loss_scale: float = 1.0,
     headroom: float | None = None,
     grad_underflow_budget: float | None = None,
@@ -223,6 +224,8 @@ def calibrate(
         batches: dicts of model inputs (with `labels` for real gradients), e.g. a DataLoader.
         num_batches: use only the first `num_batches` of `batches` (default: all of them).
         loss_fn: `loss_fn(outputs, batch) -> scalar`; default the model's loss, see module docstring.
+        compute_loss: `compute_loss(model, batch) -> scalar`, running the forward itself (a Trainer's
+            `compute_loss`: custom losses, `label_names`, label smoothing); replaces the model call and `loss_fn`.
         loss_scale: multiplies the loss before differentiating (1/gradient-accumulation steps
             to match a Trainer's backward).
         headroom: keep every calibrated peak at least this factor (≥ 1) below its format's max;
@@ -274,6 +277,10 @@ def calibrate(
             "E5M2 gradients. Call `set_precision` first if the model will run other formats (E4M3 gradients "
             "saturate at 448, not 57344)."
         )
+    if loss_fn is not None and compute_loss is not None:
+        raise ValueError(
+            "Pass `loss_fn` (a loss of the model's outputs) or `compute_loss` (forward and loss), not both."
+        )
     if isinstance(batches, Mapping):
         raise ValueError("`batches` is one batch (a dict of inputs); pass an iterable of batches, e.g. `[batch]`.")
     loss_fn = loss_fn or default_loss
@@ -300,14 +307,17 @@ def calibrate(
             for batch in bar:
                 _check_batch(batch, n_batches)
                 inputs = model_inputs(model, batch)
-                outputs = hooks.forward(model, inputs)
-                used_proxy |= loss_fn is default_loss and getattr(outputs, "loss", None) is None
-                loss = loss_fn(outputs, inputs) * loss_scale
+                if compute_loss is not None:
+                    loss = hooks.record(lambda: compute_loss(model, inputs)) * loss_scale  # noqa: B023 - run now
+                else:
+                    outputs = hooks.forward(model, inputs)
+                    used_proxy |= loss_fn is default_loss and getattr(outputs, "loss", None) is None
+                    loss = loss_fn(outputs, inputs) * loss_scale
+                    del outputs
                 _check_loss(loss, n_batches)
                 hooks.backward(loss)
                 n_batches += 1
                 n_tokens += _count_tokens(inputs)
-                del outputs
     finally:
         for module, training in was_training.items():
             module.training = training
@@ -373,7 +383,9 @@ def calibrate(
         )
     _warn_about_headroom(table, layers)
     loss_name = "model loss" if not used_proxy else "proxy sum(logits^2)/2/rows"
-    if loss_fn is not default_loss:
+    if compute_loss is not None:
+        loss_name = "compute_loss"
+    elif loss_fn is not default_loss:
         loss_name = "loss_fn"
     record = {
         "num_batches": n_batches,

@@ -80,7 +80,10 @@ class RecalibrationCallback(TrainerCallback):
         log_casts: attach cast counters to every matmul layer and add their fractions to each log.
         log_prefix: prefix of the log keys (`fp8/grad_output_saturated_fraction`, …).
         loss_fn: `loss_fn(outputs, batch)` for calibration when training does not use the model's own
-            loss (a custom `compute_loss`); default: the model's loss, see `calibrate`.
+            loss; default: the model's loss, see `calibrate`.
+        compute_loss: `compute_loss(model, batch)`, forward and loss (`calibrate`'s): `UnitScaleTrainer` passes its
+            own `compute_loss` when the loss is not the model's (an override, `compute_loss_func`, label smoothing,
+            other `label_names`).
         headroom: `calibrate`'s `headroom`: keep every operand's peak this factor below its format's max.
         grad_underflow_budget: `calibrate`'s `grad_underflow_budget`: lower gradient scales where unit RMS flushes
             more than this fraction of a layer's output-gradient elements to zero.
@@ -98,6 +101,7 @@ class RecalibrationCallback(TrainerCallback):
         log_casts: bool = True,
         log_prefix: str = "fp8/",
         loss_fn: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
+        compute_loss: Callable[[Any, Mapping[str, Any]], torch.Tensor] | None = None,
         headroom: float | None = None,
         grad_underflow_budget: float | None = None,
         input_rounding_search: bool = False,
@@ -113,6 +117,7 @@ class RecalibrationCallback(TrainerCallback):
         self.log_casts = log_casts
         self.log_prefix = log_prefix
         self.loss_fn = loss_fn
+        self.compute_loss = compute_loss
         self.headroom = headroom
         self.grad_underflow_budget = grad_underflow_budget
         self.input_rounding_search = input_rounding_search
@@ -149,6 +154,7 @@ class RecalibrationCallback(TrainerCallback):
             batches,
             num_batches=self.num_batches,
             loss_fn=self.loss_fn,
+            compute_loss=self.compute_loss,
             loss_scale=loss_scale,
             headroom=self.headroom,
             grad_underflow_budget=self.grad_underflow_budget,

@@ -235,10 +235,14 @@ class OperandRmsHooks:
 
     def forward(self, model: nn.Module, inputs: Mapping[str, Any]) -> Any:
         """`model(**inputs)`, recording every layer's input and keeping its output for `backward`."""
+        return self.record(lambda: model(**inputs))
+
+    def record(self, run: Callable[[], Any]) -> Any:
+        """`run()` (a forward, or a forward and its loss), recording as `forward` does."""
         self._outputs.clear()
         self._recording = True
         try:
-            return model(**inputs)
+            return run()
         finally:
             self._recording = False
 

@@ -183,6 +183,7 @@ class UnitScaleTrainer(Trainer):
 
         options = self.unit_scale_options
         callback = RecalibrationCallback(
+            compute_loss=self._calibration_loss if self._loss_is_not_the_models() else None,
             every=options["recalibrate_every"],
             num_batches=options["calibration_batches"],
             headroom=options["calibration_headroom"],
@@ -192,6 +193,22 @@ class UnitScaleTrainer(Trainer):
         # first after DefaultFlowCallback: its `on_log` adds the fp8/ fractions before reporting integrations, the
         # printer and the user's callbacks read the logs
         self.callback_handler.callbacks.insert(1, callback)
+
+    def _loss_is_not_the_models(self) -> bool:
+        """Whether training differentiates another loss than the model's own output `loss`."""
+        return (
+            type(self).compute_loss is not Trainer.compute_loss
+            or self.compute_loss_func is not None
+            or self.label_smoother is not None
+            or (self.label_names or ["labels"]) != ["labels"]
+        )
+
+    def _calibration_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
+        """The loss `training_step` differentiates (before its division by the accumulation steps, which
+        calibration's `loss_scale` applies)."""
+        inputs = dict(inputs)
+        num_items_in_batch = inputs.pop("num_items_in_batch", None)
+        return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         """Trainer's loop (evaluate, predict), its casts left out of the training logs' fractions; with

@@ -597,6 +597,33 @@ def test_fp8_false_turns_off_the_low_precision_gemms_a_model_came_with(tmp_path,
     assert "but `fp8` is False" in caplog.text
 
 
+def test_fp8_calibration_differentiates_the_trainers_own_loss(tmp_path):
+    """A `compute_loss` override reading `label_names=["target"]` trains the model's cross-entropy: calibration must
+    measure c on that loss (the trainer's `compute_loss`), not on a proxy for the missing `labels` (~100× off)."""
+    import torch.nn.functional as F
+
+    class TargetLossTrainer(UnitScaleTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            target = inputs.pop("target")
+            outputs = model(**inputs)
+            loss = F.cross_entropy(outputs.logits, target)
+            return (loss, outputs) if return_outputs else loss
+
+    data = _dataset("bert")
+    options = dict(cls=UnitScaleTrainingArguments, max_steps=1, fp8=True, calibration_batches=2)
+    scales = []
+    for trainer_class, dataset, extra in (
+        (UnitScaleTrainer, data, {}),
+        (TargetLossTrainer, data.rename_column("labels", "target"), {"label_names": ["target"]}),
+    ):
+        args = _args(tmp_path / trainer_class.__name__, **options, **extra)
+        trainer = trainer_class(model=CASES_BY_ID["bert"].model(), args=args, train_dataset=dataset)
+        trainer.train()
+        scales.append({n: float(b) for n, b in trainer.model.named_buffers() if n.endswith("grad_scale")})
+    assert trainer.model.config.unit_scaling["calibration"]["loss"] == "compute_loss"
+    assert scales[1] == pytest.approx(scales[0], rel=1e-6)
+
+
 def test_fp8_eval_false_evaluates_what_the_merged_export_computes(tmp_path):
     from hf_unitscale.convert import matmul_layers
     from hf_unitscale.precision import full_precision
