@@ -60,6 +60,10 @@ class ModelArguments:
         default=None,
         metadata={"help": "Number of classes for text classification; default: from the training labels."},
     )
+    ignore_mismatched_sizes: bool = field(
+        default=False,
+        metadata={"help": "Draw a new classifier head when the checkpoint's has another number of labels."},
+    )
 
 
 @dataclass

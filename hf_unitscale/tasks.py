@@ -16,6 +16,7 @@ sentiment snippets (`embedded.load_sentiment`) or Jane Austen's novels (`embedde
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -106,10 +107,16 @@ def _load_raw(data_args: DataArguments, task: str, seed: int):
             continue
         needed = [data_args.text_column] + ([data_args.label_column] if task == "text-classification" else [])
         for column in needed:
+            key = "text_column" if column == data_args.text_column else "label_column"
             if column not in ds.column_names:
-                key = "text_column" if column == data_args.text_column else "label_column"
                 raise ValueError(
                     f"The {name} data has no column {column!r} (`{key}`); its columns are {ds.column_names}."
+                )
+            missing = next((row for row, value in enumerate(ds[column]) if value is None), None)
+            if missing is not None:
+                raise ValueError(
+                    f"Row {missing} of the {name} data has no value in column {column!r} (`{key}`); drop or fill "
+                    "the rows with missing values."
                 )
     train = train.shuffle(seed=seed)
     if data_args.max_train_samples is not None:
@@ -189,7 +196,8 @@ def _classification_metrics(names: list[str], num_labels: int) -> Callable:
         predictions = np.argmax(logits, axis=-1)
         out = {}
         for name, metric in metrics.items():
-            kwargs = {"average": "binary" if num_labels == 2 else "macro"} if name == "f1" else {}
+            is_f1 = getattr(metric, "name", name) == "f1"  # also when given by path
+            kwargs = {"average": "binary" if num_labels == 2 else "macro"} if is_f1 else {}
             out.update(metric.compute(predictions=predictions, references=labels, **kwargs))
         return out
 
@@ -240,6 +248,32 @@ def _load_model(path: str, config: Any, auto_class: type, **kwargs: Any):
     return auto_class.from_pretrained(path, **kwargs)
 
 
+def _pretrained_label_ids(config: Any, values: list) -> dict | None:
+    """{label: id} from a fine-tuned classifier's `label2id` when it names exactly the data's labels (its head's rows
+    keep their classes, as run_glue keeps them); None for transformers' placeholder names (LABEL_0, …)."""
+    label2id = getattr(config, "label2id", None) or {}
+    if set(label2id) != {str(v) for v in values} or all(k.startswith("LABEL_") for k in label2id):
+        return None
+    return {v: int(label2id[str(v)]) for v in values}
+
+
+def _is_classifier(config: Any) -> bool:
+    return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
+
+
+def _within_positions(data_args: DataArguments, config: Any, tokenizer: Any) -> DataArguments:
+    """`data_args` with `max_seq_length` at most the model's position limit, as run_clm/run_glue clamp it."""
+    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions")]
+    limits.append(tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None)  # 1e30: no limit
+    limit = min((n for n in limits if n), default=None)
+    if limit is None or data_args.max_seq_length <= limit:
+        return data_args
+    logger.warning(
+        f"`max_seq_length` {data_args.max_seq_length} is more than the model takes ({limit} positions); using {limit}."
+    )
+    return dataclasses.replace(data_args, max_seq_length=limit)
+
+
 def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: int = 42) -> TaskSetup:
     """Load the model, tokenizer and data of a recipe and wire collator and metrics for its task."""
     from transformers import (
@@ -257,6 +291,7 @@ def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: in
     if task not in TASKS:
         raise ValueError(f"`task` should be one of {TASKS}, got {task!r}.")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or path))
+    data_args = _within_positions(data_args, config, tokenizer)
     train_raw, eval_raw = _load_raw(data_args, task, seed)
 
     if task == "text-classification":
@@ -265,9 +300,20 @@ def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: in
         if names is None:
             values = sorted(set(train_raw[data_args.label_column]))
             if not all(isinstance(v, (int, np.integer)) for v in values) or values != list(range(len(values))):
-                label_to_id = {v: i for i, v in enumerate(values)}
-                names = [str(v) for v in values]
-        num_labels = model_args.num_labels or (len(names) if names else int(max(train_raw[data_args.label_column])) + 1)
+                label_to_id = _pretrained_label_ids(config, values) or {v: i for i, v in enumerate(values)}
+                names = [str(v) for v in sorted(label_to_id, key=label_to_id.get)]
+        data_labels = len(names) if names else int(max(train_raw[data_args.label_column])) + 1
+        if model_args.num_labels and names and model_args.num_labels != len(names):
+            raise ValueError(
+                f"`num_labels` is {model_args.num_labels}, but `label_column` {data_args.label_column!r} has "
+                f"{len(names)} labels: {names[:10]}."
+            )
+        num_labels = model_args.num_labels or data_labels
+        if _is_classifier(config) and config.num_labels != num_labels and not model_args.ignore_mismatched_sizes:
+            raise ValueError(
+                f"The checkpoint's classifier has {config.num_labels} labels and the data {num_labels}: pass "
+                "`ignore_mismatched_sizes: true` to draw a new head, or check `label_column`."
+            )
         known = set(label_to_id) if label_to_id else set(range(num_labels))
         unseen = sorted(set(eval_raw[data_args.label_column]) - known, key=str) if eval_raw is not None else []
         if unseen:
@@ -276,7 +322,13 @@ def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: in
                 f"training data lacks (its labels: {sorted(known, key=str)[:10]}); a classifier has no class for them."
             )
         extra = {"id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}} if names else {}
+        if model_args.ignore_mismatched_sizes:
+            extra["ignore_mismatched_sizes"] = True
         model = _load_model(path, config, AutoModelForSequenceClassification, num_labels=num_labels, **extra)
+        # its loss is a mean over the batch that ignores `num_items_in_batch`: without this, Trainer's
+        # `average_tokens_across_devices` multiplies it by the number of processes (a DDP run's losses and
+        # gradients N× a single process's), and gradient accumulation would not divide it
+        model.accepts_loss_kwargs = False
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         if model.config.pad_token_id is None:
@@ -291,10 +343,12 @@ def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: in
             tokenizer.pad_token = tokenizer.eos_token
         train = _tokenize_causal_lm(train_raw, tokenizer, data_args)
         evaluation = _tokenize_causal_lm(eval_raw, tokenizer, data_args)
-        if len(train) == 0:
-            raise ValueError(
-                f"The training text is shorter than one block of `max_seq_length` = {data_args.max_seq_length} tokens."
-            )
+        for name, blocks in (("training", train), ("evaluation", evaluation)):
+            if blocks is not None and len(blocks) == 0:
+                raise ValueError(
+                    f"The {name} text is shorter than one block of `max_seq_length` = {data_args.max_seq_length} "
+                    "tokens."
+                )
         collator = default_data_collator
         compute, preprocess = _causal_lm_metrics(data_args.metrics)
     return TaskSetup(task, model, tokenizer, train, evaluation, collator, compute, preprocess)

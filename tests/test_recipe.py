@@ -7,6 +7,7 @@ Also holds the tiny stand-ins the CLI tests share: a model folder from the table
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from pathlib import Path
@@ -308,3 +309,67 @@ def test_unknown_metric_names_the_shipped_ones(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "'acuracy'" in err and "Traceback" not in err
     assert load_recipe(path, {"metrics": ["f1"]}).data.metrics == ["f1"]
+
+
+# --------------------------------------------------------------------------- data and labels, as run_glue/run_clm
+
+
+def _rows_file(path: Path, rows: list[dict]) -> str:
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def _classifier_with_labels(folder: Path, id2label: dict[int, str]) -> Path:
+    """The tiny BERT as a fine-tuned classifier whose head's rows mean `id2label`."""
+    model = CASES_BY_ID["bert"].model()
+    model.config.id2label, model.config.label2id = id2label, {v: k for k, v in id2label.items()}
+    model.config.num_labels = len(id2label)
+    model.save_pretrained(folder)
+    tiny_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def test_classification_data_follows_the_checkpoint_and_names_what_is_wrong(tmp_path):
+    from hf_unitscale.tasks import setup_task
+
+    source = _classifier_with_labels(tmp_path / "clf", {0: "positive", 1: "negative"})
+    rows = [{"text": f"w{i} w{i + 1}", "label": "positive" if i < 2 else "negative"} for i in range(8)]
+    data = DataArguments(train_file=_rows_file(tmp_path / "train.jsonl", rows), max_seq_length=16)
+    setup = setup_task(ModelArguments(model_name_or_path=str(source)), data)
+    # the head's row 0 is "positive": the data's labels follow it, not their sorted order
+    assert setup.model.config.id2label == {0: "positive", 1: "negative"}
+    assert sorted(setup.train_dataset["labels"]) == [0, 0] + [1] * 6  # 2 "positive" rows, 6 "negative"
+    # a classification loss is a batch mean: no scaling by `num_items_in_batch` or the number of processes
+    assert setup.model.accepts_loss_kwargs is False
+    three = _rows_file(tmp_path / "three.jsonl", rows + [{"text": "w1", "label": "neutral"}])
+    with pytest.raises(ValueError, match="classifier has 2 labels and the data 3.*ignore_mismatched_sizes"):
+        setup_task(ModelArguments(model_name_or_path=str(source)), DataArguments(train_file=three))
+    setup = setup_task(
+        ModelArguments(model_name_or_path=str(source), ignore_mismatched_sizes=True), DataArguments(train_file=three)
+    )
+    assert setup.model.config.num_labels == 3
+    with pytest.raises(ValueError, match="`num_labels` is 3, but `label_column` 'label' has 2 labels"):
+        setup_task(ModelArguments(model_name_or_path=str(source), num_labels=3), data)
+    missing = _rows_file(tmp_path / "missing.jsonl", rows[:3] + [{"text": "w1", "label": None}])
+    with pytest.raises(ValueError, match="Row 3 of the training data has no value in column 'label'"):
+        setup_task(ModelArguments(model_name_or_path=str(source)), DataArguments(train_file=missing))
+
+
+def test_causal_lm_blocks_fit_the_model_and_a_short_eval_text_is_an_error(tmp_path, caplog):
+    from hf_unitscale.tasks import setup_task
+
+    source = save_tiny_model("gpt2", tmp_path / "gpt2")  # n_positions = 64
+    text = [{"text": " ".join(f"w{i % 50}" for i in range(j, j + 40))} for j in range(20)]
+    train = _rows_file(tmp_path / "train.jsonl", text)
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        setup = setup_task(
+            ModelArguments(model_name_or_path=str(source)), DataArguments(train_file=train, max_seq_length=128)
+        )
+    assert "`max_seq_length` 128 is more than the model takes (64 positions)" in caplog.text
+    assert {len(ids) for ids in setup.train_dataset["input_ids"]} == {64}
+    short = _rows_file(tmp_path / "short.jsonl", [{"text": "w1 w2"}])
+    with pytest.raises(ValueError, match="evaluation text is shorter than one block"):
+        setup_task(
+            ModelArguments(model_name_or_path=str(source)),
+            DataArguments(train_file=train, eval_file=short, max_seq_length=32),
+        )
