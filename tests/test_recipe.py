@@ -12,6 +12,7 @@ import random
 import re
 from pathlib import Path
 
+import numpy
 import pytest
 import yaml
 
@@ -270,6 +271,21 @@ def test_shipped_metrics_load_offline_and_match_sklearn(average):
     assert f1 == pytest.approx(f1_score(references, predictions, average=average))
     accuracy = load_metric("accuracy").compute(predictions=predictions, references=references)["accuracy"]
     assert accuracy == pytest.approx(accuracy_score(references, predictions))
+
+
+def test_f1_given_by_name_or_path_averages_over_classes_alike():
+    from types import SimpleNamespace
+
+    from sklearn.metrics import f1_score
+
+    from hf_unitscale.metrics import metric_path
+    from hf_unitscale.tasks import _classification_metrics
+
+    references = [0, 1, 2, 2, 1, 0, 2]
+    logits = numpy.eye(3)[[0, 2, 2, 1, 1, 0, 2]]
+    for name in ("f1", str(metric_path("f1"))):
+        scores = _classification_metrics([name], 3)(SimpleNamespace(predictions=logits, label_ids=references))
+        assert scores["f1"] == pytest.approx(f1_score(references, logits.argmax(-1), average="macro")), name
 
 
 def test_unknown_shipped_metric_name_is_passed_to_evaluate():
