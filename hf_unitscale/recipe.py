@@ -252,6 +252,8 @@ def _coerce(value: Any, action: argparse.Action, key: str, where: str) -> Any:
         values = value if isinstance(value, list) else [value]
         return [_coerce_one(v, action, key, where) for v in values]
     if isinstance(value, list) and action.nargs != "+":
+        if list in {typing.get_origin(t) for t in typing.get_args(_field_types().get(key))}:
+            return [_coerce_one(v, action, key, where) for v in value]  # `report_to: [tensorboard, wandb]`
         raise RecipeError(f"{where}`{key}` should be {_describe(action)}, got the list {value!r}.")
     return _coerce_one(value, action, key, where)
 

@@ -196,11 +196,15 @@ GOOD = {"model_name_or_path": "some/model", "output_dir": "out", "max_steps": 3,
 
 def test_values_are_typed_and_yaml_exponents_are_floats(tmp_path):
     path = tmp_path / "r.yaml"
-    path.write_text("model_name_or_path: m\noutput_dir: o\nlearning_rate: 5e-5\nfp8: true\nmetrics: [accuracy]\n")
+    path.write_text(
+        "model_name_or_path: m\noutput_dir: o\nlearning_rate: 5e-5\nfp8: true\nmetrics: [accuracy]\n"
+        "report_to: [tensorboard]\n"
+    )
     recipe = load_recipe(path)
     assert isinstance(recipe.model, ModelArguments) and isinstance(recipe.data, DataArguments)
     assert recipe.training.learning_rate == 5e-5  # YAML 1.1 reads 5e-5 as a string
     assert recipe.training.fp8 is True and recipe.data.metrics == ["accuracy"]
+    assert recipe.training.report_to == ["tensorboard"]  # a field typed `str | list[str]` takes a list
 
 
 def test_overrides_replace_recipe_values(tmp_path):
