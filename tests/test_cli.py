@@ -344,9 +344,17 @@ def test_report_cycles_the_sentiment_snippets(monkeypatch):
 
 
 def test_a_mistyped_recipe_key_is_an_error_not_a_prefix(tmp_path, capsys):
+    """One line each, exit status 2: an unknown flag with the closest key (not taken as a prefix of it), and a
+    value of the wrong type (without argparse's usage of every recipe key)."""
+    recipe = str(_small_recipe(tmp_path))
+    assert main(["train", recipe, "--lr_rul", "umup"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--lr_rul (did you mean --lr_rule?)" in err, err
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", str(_small_recipe(tmp_path)), "--lr_rul", "umup"])
-    assert exit_info.value.code == 2 and "--lr_rul" in capsys.readouterr().err
+        main(["train", recipe, "--max_steps", "five"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--max_steps/--max-steps: invalid int value: 'five'" in err, err
 
 
 def test_null_on_the_command_line_is_none(tmp_path):

@@ -12,6 +12,7 @@ Each module exports `X_command_parser(subparsers)`, which adds the subcommand an
 from __future__ import annotations
 
 import argparse
+import difflib
 import os
 import sys
 
@@ -54,10 +55,26 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _unrecognized(parser: argparse.ArgumentParser, program: str, command: str | None, unknown: list[str]) -> str:
+    """'unrecognized arguments' with the command's closest flag for each mistyped one."""
+    subparsers = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    options = [o for action in subparsers.choices[command]._actions for o in action.option_strings] if command else []
+    hints = [
+        f"{flag} (did you mean {close[0]}?)" if (close := difflib.get_close_matches(flag, options, n=1)) else flag
+        for flag in unknown
+        if flag.startswith("--")
+    ]
+    return f"unrecognized arguments: {' '.join(hints or unknown)}; `{program} --help` lists them all"
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `hf-unitscale`; returns the exit status (0 on success)."""
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        program = " ".join(filter(None, ["hf-unitscale", args.command]))
+        print(f"{program}: error: {_unrecognized(parser, program, args.command, unknown)}", file=sys.stderr)
+        return 2
     if getattr(args, "func", None) is None:
         parser.print_help()
         return 1

@@ -87,6 +87,11 @@ def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     )
     parser.add_argument("recipe", nargs="?", default=None, help="the YAML recipe file")
     parser.set_defaults(func=train_command)
+
+    def one_line_error(message: str) -> None:  # argparse's own prints the usage of every recipe key first
+        parser.exit(2, f"hf-unitscale train: error: {message}; `hf-unitscale train --help` lists every key\n")
+
+    parser.error = one_line_error
     return parser
 
 
