@@ -266,8 +266,8 @@ class UnitScaleTrainer(Trainer):
             for name in ("lr", "eps"):
                 optimizer_kwargs.setdefault(name, probe.defaults[name])
         scales = weight_scales(opt_model)
-        half = [n for n, p in opt_model.named_parameters() if p.requires_grad and p.dtype == torch.float16]
-        half = [n for n, p in opt_model.named_parameters() if n in half and id(p) in scales]
+        trainable = opt_model.named_parameters()
+        half = [n for n, p in trainable if p.requires_grad and p.dtype == torch.float16 and id(p) in scales]
         if half:
             raise ValueError(
                 f"The model's trainable unit-scaled weights are fp16 (`{half[0]}`, …; `fp16_full_eval` leaves them so "
