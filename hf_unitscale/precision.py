@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -183,33 +184,30 @@ def summarize_casts(statistics: dict[str, dict[str, dict[str, float]]], prefix: 
 
 
 @contextlib.contextmanager
-def casts_uncounted(model: nn.Module) -> Iterator[None]:
+def _matmul_attribute_set(model: nn.Module, name: str, value: Any) -> Iterator[None]:
+    """Inside the block every converted matmul layer of `model` has `name` = `value`; each layer's own setting (an
+    instance attribute, or the class default) is back afterwards."""
+    layers = list(matmul_layers(model).values())
+    saved = [(layer, name in layer.__dict__, layer.__dict__.get(name)) for layer in layers]
+    try:
+        for layer in layers:
+            setattr(layer, name, value)
+        yield
+    finally:
+        for layer, present, before in saved:
+            if present:
+                setattr(layer, name, before)
+            else:
+                layer.__dict__.pop(name, None)
+
+
+def casts_uncounted(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Inside the block the cast counters of `model` count nothing (evaluation's casts stay out of the training
     logs); every layer's counter, with what it had counted, is back afterwards."""
-    layers = list(matmul_layers(model).values())
-    saved = [(layer, layer.cast_counters) for layer in layers]
-    try:
-        for layer in layers:
-            layer.cast_counters = None
-        yield
-    finally:
-        for layer, counters in saved:
-            layer.cast_counters = counters
+    return _matmul_attribute_set(model, "cast_counters", None)
 
 
-@contextlib.contextmanager
-def full_precision(model: nn.Module) -> Iterator[None]:
+def full_precision(model: nn.Module) -> contextlib.AbstractContextManager[None]:
     """Inside the block every converted matmul of `model` runs its full-precision path (`precision=None`);
     each layer's own setting (an instance attribute or the class default) is restored afterwards."""
-    layers = list(matmul_layers(model).values())
-    saved = [(layer, "precision" in layer.__dict__, layer.__dict__.get("precision")) for layer in layers]
-    try:
-        for layer in layers:
-            layer.precision = None
-        yield
-    finally:
-        for layer, present, precision in saved:
-            if present:
-                layer.precision = precision
-            else:
-                layer.__dict__.pop("precision", None)
+    return _matmul_attribute_set(model, "precision", None)
