@@ -151,8 +151,9 @@ class UnitScaleTrainer(Trainer):
     # ---- conversion ----
 
     def _prepare_unit_scaled(self, model: nn.Module, options: dict[str, Any]) -> nn.Module:
-        check_no_peft_adapters(model)  # also on a model converted before `get_peft_model`
-        if not is_unit_scaled(model):
+        if is_unit_scaled(model):
+            check_no_peft_adapters(model)  # converted before `get_peft_model`; unit_scale checks the other order
+        else:
             unit_scale(model, self.unit_scale_config)
         config = getattr(model, "config", None)
         block = getattr(config, CONFIG_KEY, None) if config is not None else None
