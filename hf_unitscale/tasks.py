@@ -55,7 +55,7 @@ def infer_task(config: Any) -> str:
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "causal-lm"
-    if any(a.endswith("ForSequenceClassification") for a in architectures):
+    if _is_classifier(config):
         return "text-classification"
     if getattr(config, "is_decoder", False) or config.model_type in ("gpt2", "llama", "mistral", "qwen2", "gemma"):
         return "causal-lm"
