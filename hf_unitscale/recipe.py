@@ -168,6 +168,13 @@ def optional_keys() -> frozenset[str]:
     return frozenset(key for key, kind in _field_types().items() if type(None) in _type_members(kind))
 
 
+def list_valued_keys() -> frozenset[str]:
+    """Recipe keys whose field type admits a list (`report_to: str | list[str] | None`)."""
+    return frozenset(
+        key for key, kind in _field_types().items() if list in {typing.get_origin(t) for t in _type_members(kind)}
+    )
+
+
 @dataclass
 class Recipe:
     model: ModelArguments
@@ -252,7 +259,7 @@ def _coerce(value: Any, action: argparse.Action, key: str, where: str) -> Any:
         values = value if isinstance(value, list) else [value]
         return [_coerce_one(v, action, key, where) for v in values]
     if isinstance(value, list) and action.nargs != "+":
-        if list in {typing.get_origin(t) for t in typing.get_args(_field_types().get(key))}:
+        if key in list_valued_keys():
             return [_coerce_one(v, action, key, where) for v in value]  # `report_to: [tensorboard, wandb]`
         raise RecipeError(f"{where}`{key}` should be {_describe(action)}, got the list {value!r}.")
     return _coerce_one(value, action, key, where)

@@ -375,6 +375,18 @@ def test_null_on_the_command_line_is_none(tmp_path):
     assert build_parser().parse_args(["train", "--output_dir", "none", "--text_column", "null"]).text_column == "null"
 
 
+def test_list_valued_keys_take_several_values_on_the_command_line(tmp_path):
+    from hf_unitscale.cli import build_parser
+    from hf_unitscale.cli.train import _overrides
+    from hf_unitscale.recipe import load_recipe
+
+    recipe = _small_recipe(tmp_path)
+    for values in (["tensorboard", "wandb"], ["tensorboard"]):  # `report_to: str | list[str] | None`
+        args = build_parser().parse_args(["train", str(recipe), "--report_to", *values, "--max_steps", "2"])
+        parsed = load_recipe(args.recipe, _overrides(args))
+        assert parsed.training.report_to == values and parsed.training.max_steps == 2
+
+
 @pytest.mark.parametrize("flags", [["--metrics", "accuracy", "f1"], ["--fp8"]])
 def test_flags_before_the_recipe_path_say_to_put_it_first(flags, tmp_path, capsys):
     recipe = _small_recipe(tmp_path)

@@ -55,9 +55,10 @@ def _flag_type(action: argparse.Action, nullable: bool):
 def _override_parser() -> argparse.ArgumentParser:
     """The recipe's flags, with no defaults and nothing required: only what the user types is returned.
 
-    An optional key also takes `null` (or `none`) for None, as in YAML.
+    An optional key also takes `null` (or `none`) for None, as in YAML, and a `str | list[str]` key takes
+    one value or several.
     """
-    from ..recipe import optional_keys, recipe_parser
+    from ..recipe import list_valued_keys, optional_keys, recipe_parser
 
     parser = recipe_parser(add_help=False)
     nullable = optional_keys() - set(_NONE_IS_A_VALUE)
@@ -66,6 +67,8 @@ def _override_parser() -> argparse.ArgumentParser:
         action.required = False
         if not action.option_strings or isinstance(action, argparse._StoreFalseAction):
             continue
+        if action.dest in list_valued_keys() and action.nargs is None:
+            action.nargs = "+"  # `str | list[str]` fields: `--report_to tensorboard wandb`, as in a recipe
         action.type = _flag_type(action, action.dest in nullable)
         if action.choices is not None and action.dest in nullable:
             action.choices = _NullableChoices(action.choices)
