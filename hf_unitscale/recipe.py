@@ -79,11 +79,18 @@ class DataArguments:
     )
     dataset_config_name: str | None = field(default=None, metadata={"help": "Configuration of `dataset_name`."})
     train_file: str | None = field(
-        default=None, metadata={"help": "A local .csv/.json/.jsonl/.txt training file (instead of `dataset_name`)."}
+        default=None,
+        metadata={
+            "help": "A local .csv/.tsv/.json/.jsonl/.txt training file, optionally .gz/.bz2/.xz (instead of "
+            "`dataset_name`)."
+        },
     )
     eval_file: str | None = field(default=None, metadata={"help": "A local evaluation file, same format."})
     train_split: str = field(default="train", metadata={"help": "Split of `dataset_name` to train on."})
-    eval_split: str = field(default="test", metadata={"help": "Split of `dataset_name` to evaluate on."})
+    eval_split: str | None = field(
+        default="test",
+        metadata={"help": "Split of `dataset_name` to evaluate on; null for no evaluation (also of embedded data)."},
+    )
     text_column: str = field(default="text", metadata={"help": "Column holding the input text."})
     label_column: str = field(
         default="label", metadata={"help": "Column holding the class label (text classification)."}

@@ -36,6 +36,7 @@ logger = logging.get_logger(__name__)
 
 EMBEDDED_PREFIX = "embedded:"
 EMBEDDED_MODELS = ("minilm", "smollm2")
+COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")  # decompressed by `datasets` on load
 
 
 def resolve_model_path(name_or_path: str) -> str:
@@ -92,14 +93,16 @@ def _load_raw(data_args: DataArguments, task: str, seed: int):
         train = datasets.load_dataset(
             data_args.dataset_name, data_args.dataset_config_name, split=data_args.train_split
         )
-        evaluation = datasets.load_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, split=data_args.eval_split
-        )
+        evaluation = None
+        if data_args.eval_split is not None:
+            evaluation = datasets.load_dataset(
+                data_args.dataset_name, data_args.dataset_config_name, split=data_args.eval_split
+            )
     else:
         from . import embedded
 
         load = embedded.load_sentiment if task == "text-classification" else embedded.load_austen
-        train, evaluation = load("train"), load("test")
+        train, evaluation = load("train"), None if data_args.eval_split is None else load("test")
     if train is None:
         raise ValueError("No training data: set `dataset_name`, `train_file`, or neither (embedded data).")
     for name, ds in (("training", train), ("evaluation", evaluation)):
@@ -127,13 +130,20 @@ def _load_raw(data_args: DataArguments, task: str, seed: int):
 
 
 def _load_file(path: str, key: str):
-    """A .csv/.tsv/.json/.jsonl/.txt file as a `datasets.Dataset`, read by its own suffix."""
+    """A .csv/.tsv/.json/.jsonl/.txt file, or one compressed (`.jsonl.gz`, `.csv.bz2`, `.txt.xz`), as a
+    `datasets.Dataset`, read by its own suffix."""
     import datasets
 
-    suffix = path.rsplit(".", 1)[-1]
+    name = path.lower()
+    for compression in COMPRESSED_SUFFIXES:
+        name = name.removesuffix(compression)
+    suffix = name.rsplit(".", 1)[-1]
     builder = {"jsonl": "json", "json": "json", "csv": "csv", "txt": "text", "tsv": "csv"}.get(suffix)
     if builder is None:
-        raise ValueError(f"`{key}` should be .csv, .tsv, .json, .jsonl or .txt, got {path!r}.")
+        raise ValueError(
+            f"`{key}` should be .csv, .tsv, .json, .jsonl or .txt (optionally {', '.join(COMPRESSED_SUFFIXES)}), "
+            f"got {path!r}."
+        )
     kwargs = {"delimiter": "\t"} if suffix == "tsv" else {}
     return datasets.load_dataset(builder, data_files={"train": path}, split="train", **kwargs)
 

@@ -6,6 +6,7 @@ Also holds the tiny stand-ins the CLI tests share: a model folder from the table
 
 from __future__ import annotations
 
+import gzip
 import json
 import logging
 import random
@@ -155,13 +156,17 @@ def test_recipe_trains_on_tiny_stand_in(recipe, tmp_path, capsys):
 
 
 def test_train_and_eval_files_are_each_read_by_their_own_format(tmp_path):
-    """A .csv training file beside a .jsonl evaluation file (each parsed with its own suffix's reader)."""
+    """A .csv training file beside a gzipped .jsonl evaluation file (each parsed with its own suffix's reader)."""
     overrides = stand_in_overrides(tmp_path, "text-classification", max_steps=1)
     train_file = Path(overrides[overrides.index("--train_file") + 1])
     rows = [json.loads(line) for line in train_file.read_text().splitlines()]
     csv_file = train_file.with_suffix(".csv")
     csv_file.write_text("text,label\n" + "".join(f"{r['text']},{r['label']}\n" for r in rows))
     overrides[overrides.index("--train_file") + 1] = str(csv_file)
+    eval_file = Path(overrides[overrides.index("--eval_file") + 1])
+    gzipped = eval_file.with_name(eval_file.name + ".gz")
+    gzipped.write_bytes(gzip.compress(eval_file.read_bytes()))
+    overrides[overrides.index("--eval_file") + 1] = str(gzipped)
     recipe = next(r for r in RECIPES if r.stem == "text_classification")
     assert main(["train", str(recipe), *overrides, "--scale_plot", "null", "--baseline_eval", "false"]) == 0
     results = json.loads((tmp_path / "out" / "recipe_results.json").read_text())
@@ -337,6 +342,22 @@ def test_unknown_metric_names_the_shipped_ones(tmp_path, capsys):
 def _rows_file(path: Path, rows: list[dict]) -> str:
     path.write_text("\n".join(json.dumps(row) for row in rows) + "\n", encoding="utf-8")
     return str(path)
+
+
+def test_eval_split_null_means_no_evaluation(tmp_path):
+    """`eval_split: null` drops the evaluation set of a `dataset_name` (a local dataset folder here) and of the
+    embedded data."""
+    from hf_unitscale.tasks import _load_raw
+
+    folder = tmp_path / "dataset"
+    folder.mkdir()
+    for split in ("train", "test"):
+        _rows_file(folder / f"{split}.jsonl", [{"text": f"{split} {i}", "label": i % 2} for i in range(4)])
+    _, evaluation = _load_raw(DataArguments(dataset_name=str(folder)), "text-classification", seed=0)
+    assert evaluation["text"][0].startswith("test")
+    for data in (DataArguments(dataset_name=str(folder), eval_split=None), DataArguments(eval_split=None)):
+        train, evaluation = _load_raw(data, "text-classification", seed=0)
+        assert evaluation is None and len(train) > 0
 
 
 def _classifier_with_labels(folder: Path, id2label: dict[int, str]) -> Path:
