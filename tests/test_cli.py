@@ -232,6 +232,10 @@ def test_train_five_step_recipe(tmp_path, capsys):
     results = json.loads((tmp_path / "out" / "recipe_results.json").read_text())
     assert results["train"]["train_loss"] > 0
     assert results["after"]["epoch"] > 0
+    # run_glue's files beside the model: metrics and the trainer state with its log history
+    assert json.loads((tmp_path / "out" / "eval_results.json").read_text()) == results["after"]
+    assert json.loads((tmp_path / "out" / "train_results.json").read_text()) == results["train"]
+    assert json.loads((tmp_path / "out" / "trainer_state.json").read_text())["global_step"] == 5
     # the final model is a plain (merged) checkpoint any transformers install loads
     assert json.loads((tmp_path / "out" / "config.json").read_text())["unit_scaling"]["checkpoint_format"] == "merged"
     assert is_unit_scaled(hf_unitscale.from_pretrained(tmp_path / "out"))

@@ -1,8 +1,8 @@
 """`hf-unitscale train RECIPE.yaml`: fine-tune with `UnitScaleTrainer` from a recipe.
 
     recipe (flat YAML) + command-line overrides → ModelArguments, DataArguments, UnitScaleTrainingArguments
-    → evaluate the untrained model (baseline) → train (progress bar) → evaluate → save the model
-    → per-layer scale table and PNG (`analysis.py`) in `output_dir`
+    → evaluate the untrained model (baseline) → train (progress bar) → evaluate → save the model, metrics and
+    trainer state → per-layer scale table and PNG (`analysis.py`) in `output_dir`
 
 Every recipe key is also a flag (`--max_steps 5` or `--max-steps 5`), built from the dataclass
 fields' help metadata by `HfArgumentParser`; flags given on the command line override the recipe, and
@@ -172,6 +172,11 @@ def run_recipe(recipe) -> dict[str, Any]:
         say(metrics_table(before, after))
     output_dir = Path(training.output_dir)
     trainer.save_model(str(output_dir))  # in `save_format`: merged (plain W = s·Ŵ) or unit-scaled (Ŵ, s, a, c)
+    # as run_glue/run_clm: train_results.json, eval_results.json, all_results.json and trainer_state.json
+    trainer.save_metrics("train", train_output.metrics)
+    if after:
+        trainer.save_metrics("eval", after)
+    trainer.save_state()
     plot_path = None
     if recipe.data.scale_plot:
         # every rank measures: calibration averages its statistics over ranks (a collective)
