@@ -52,15 +52,27 @@ def resolve_model_path(name_or_path: str) -> str:
 
 
 def infer_task(config: Any) -> str:
-    """The recipe task a transformers config's architecture implies (default text classification for encoders)."""
+    """The recipe task a transformers config's architecture implies.
+
+    A causal-LM or classifier head decides; a bare model (`Qwen2Model`) is causal LM when its type is a
+    decoder-only one: it has a causal-LM class and no masked-LM class (BERT has both) and no encoder.
+    """
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
     architectures = getattr(config, "architectures", None) or []
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "causal-lm"
     if _is_classifier(config):
         return "text-classification"
-    if getattr(config, "is_decoder", False) or config.model_type in ("gpt2", "llama", "mistral", "qwen2", "gemma"):
-        return "causal-lm"
-    return "text-classification"
+    decoder_only = (
+        config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+        and config.model_type not in MODEL_FOR_MASKED_LM_MAPPING_NAMES
+        and not getattr(config, "is_encoder_decoder", False)
+    )
+    return "causal-lm" if decoder_only or getattr(config, "is_decoder", False) else "text-classification"
 
 
 @dataclass

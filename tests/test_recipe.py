@@ -414,3 +414,22 @@ def test_causal_lm_blocks_fit_the_model_and_a_short_eval_text_is_an_error(tmp_pa
             ModelArguments(model_name_or_path=str(source)),
             DataArguments(train_file=train, eval_file=short, max_seq_length=32),
         )
+
+
+def test_task_is_inferred_from_the_head_or_the_model_type():
+    import transformers
+
+    from hf_unitscale.tasks import infer_task
+
+    cases = [
+        (transformers.BertConfig(architectures=["BertModel"]), "text-classification"),  # MiniLM
+        (transformers.BertConfig(is_decoder=True), "causal-lm"),
+        (transformers.GPT2Config(architectures=["GPT2ForSequenceClassification"]), "text-classification"),
+        (transformers.LlamaConfig(architectures=["LlamaForCausalLM"]), "causal-lm"),
+        (transformers.Qwen2Config(architectures=["Qwen2Model"]), "causal-lm"),  # a bare decoder-only model
+        (transformers.Phi3Config(), "causal-lm"),
+        (transformers.GPTNeoXConfig(), "causal-lm"),
+        (transformers.MarianConfig(), "text-classification"),  # encoder-decoder: no causal-LM recipe for it
+    ]
+    for config, task in cases:
+        assert infer_task(config) == task, (type(config).__name__, config.architectures)
