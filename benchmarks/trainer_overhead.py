@@ -1,15 +1,17 @@
 """Training-step throughput and peak memory of `UnitScaleTrainer` vs `transformers.Trainer`.
 
 Same model (the real all-MiniLM-L6-v2 with a 2-label head), same data (VADER movie-review
-snippets), fp32 on CPU, AdamW with clipping and a linear schedule. Throughput: both trainers in
+snippets), fp32 (or bf16 autocast) on CPU, AdamW with clipping and a linear schedule. Throughput: both trainers in
 one process, interleaved repeats (plain, unit-scaled, plain, …), each repeat a fresh trainer
 timing its optimizer steps after the first; the ratio is of the medians. Peak memory: each
 trainer in its own subprocess (peak RSS is a process-wide high-water mark), plus the bytes held
 by parameters, optimizer state and buffers after training (gradients are freed each step).
 
     python benchmarks/trainer_overhead.py [--repeats 5] [--steps 6] [--batch-size 16] [--seq-len 64] [--threads N] \
-        [--torch-compile] [--out DIR]
+        [--torch-compile] [--bf16] [--out DIR]
 
+`--bf16` trains both under `TrainingArguments(bf16=True)` (autocast, fp32 weights): the converted layers then
+multiply their 16-bit outputs by the fp32 s in fp32 and round once (`ops.apply_scale`), the cost this measures.
 `--torch-compile` runs both trainers with `TrainingArguments(torch_compile=True)` (inductor). The first
 step of each repeat, which compiles, is dropped as in eager runs.
 
@@ -64,7 +66,7 @@ def _dataset(batch_size: int, steps: int, seq_len: int):
     ).rename_column("label", "labels")
 
 
-def _trainer(kind: str, data, steps: int, batch_size: int, output_dir: str, torch_compile: bool):
+def _trainer(kind: str, data, steps: int, batch_size: int, output_dir: str, torch_compile: bool, bf16: bool):
     torch.manual_seed(0)
     model = BertForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     args = TrainingArguments(
@@ -83,6 +85,7 @@ def _trainer(kind: str, data, steps: int, batch_size: int, output_dir: str, torc
         save_strategy="no",
         seed=0,
         torch_compile=torch_compile,
+        bf16=bf16,
     )
     timer = StepTimer()
     trainer = TRAINERS[kind](model=model, args=args, train_dataset=data, callbacks=[timer])
@@ -98,18 +101,18 @@ def _state_bytes(trainer) -> int:
     return total
 
 
-def memory_run(kind: str, steps: int, batch_size: int, seq_len: int, torch_compile: bool) -> dict:
+def memory_run(kind: str, steps: int, batch_size: int, seq_len: int, torch_compile: bool, bf16: bool) -> dict:
     """Train in this process; report peak RSS and the bytes of the training state."""
     data = _dataset(batch_size, steps, seq_len)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer, _ = _trainer(kind, data, steps, batch_size, tmp, torch_compile)
+        trainer, _ = _trainer(kind, data, steps, batch_size, tmp, torch_compile, bf16)
         trainer.train()
         state = _state_bytes(trainer)
     peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_rss_mib": peak_kib / 1024, "state_mib": state / 2**20}
 
 
-def throughput(repeats: int, steps: int, batch_size: int, seq_len: int, torch_compile: bool) -> dict:
+def throughput(repeats: int, steps: int, batch_size: int, seq_len: int, torch_compile: bool, bf16: bool) -> dict:
     data = _dataset(batch_size, steps, seq_len)
     per_kind: dict[str, list[float]] = {kind: [] for kind in TRAINERS}
     losses: dict[str, list[float]] = {kind: [] for kind in TRAINERS}
@@ -117,7 +120,7 @@ def throughput(repeats: int, steps: int, batch_size: int, seq_len: int, torch_co
         for _ in range(repeats):
             for kind in TRAINERS:  # interleaved: drifts in machine load hit both alike
                 torch._dynamo.reset()  # each repeat compiles afresh, as a new run would
-                trainer, timer = _trainer(kind, data, steps, batch_size, tmp, torch_compile)
+                trainer, timer = _trainer(kind, data, steps, batch_size, tmp, torch_compile, bf16)
                 trainer.train()
                 per_kind[kind].extend(timer.times[1:])  # the first step pays one-off setup
                 losses[kind].append(trainer.state.log_history[-2]["loss"])
@@ -139,16 +142,18 @@ def main(argv=None) -> None:
     parser.add_argument("--seq-len", "--seq_len", type=int, default=64)
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     parser.add_argument("--torch-compile", "--torch_compile", action="store_true", help="torch_compile=True")
+    parser.add_argument("--bf16", action="store_true", help="bf16=True (autocast; weights stay fp32)")
     parser.add_argument("--memory-only", "--memory_only", choices=sorted(TRAINERS), help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for trainer_overhead.{json,md}")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.memory_only:
-        print(json.dumps(memory_run(args.memory_only, args.steps, args.batch_size, args.seq_len, args.torch_compile)))
+        memory = memory_run(args.memory_only, args.steps, args.batch_size, args.seq_len, args.torch_compile, args.bf16)
+        print(json.dumps(memory))
         return
 
-    speed = throughput(args.repeats, args.steps, args.batch_size, args.seq_len, args.torch_compile)
+    speed = throughput(args.repeats, args.steps, args.batch_size, args.seq_len, args.torch_compile, args.bf16)
     memory = {}
     for kind in TRAINERS:
         command = [sys.executable, __file__, "--memory-only", kind, "--steps", str(args.steps)]
@@ -161,10 +166,13 @@ def main(argv=None) -> None:
             str(args.threads),
         ]
         command += ["--torch-compile"] if args.torch_compile else []
+        command += ["--bf16"] if args.bf16 else []
         output = subprocess.run(command, check=True, capture_output=True, text=True).stdout
         memory[kind] = json.loads(output.strip().splitlines()[-1])
     result = {
-        "model": "all-MiniLM-L6-v2 + 2-label head (BertForSequenceClassification), fp32, CPU"
+        "model": "all-MiniLM-L6-v2 + 2-label head (BertForSequenceClassification), "
+        + ("bf16 autocast (fp32 weights)" if args.bf16 else "fp32")
+        + ", CPU"
         + (", torch.compile (inductor)" if args.torch_compile else ", eager"),
         # the folder only when not the default, so the written command reruns into the same place
         "settings": {k: v for k, v in vars(args).items() if k != "out"}
@@ -209,7 +217,8 @@ def _markdown(r: dict) -> str:
             "",
             f"Command: `python benchmarks/trainer_overhead.py --repeats {s['repeats']} --steps {s['steps']} "
             f"--batch-size {s['batch_size']} --seq-len {s['seq_len']} --threads {s['threads']}"
-            f"{' --torch-compile' if s['torch_compile'] else ''}{' --out ' + s['out'] if 'out' in s else ''}` "
+            f"{' --torch-compile' if s['torch_compile'] else ''}{' --bf16' if s.get('bf16') else ''}"
+            f"{' --out ' + s['out'] if 'out' in s else ''}` "
             "(results: `trainer_overhead.json` beside this file).",
             "",
         ]
