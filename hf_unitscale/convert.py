@@ -202,6 +202,13 @@ def _conversion_plan(model: nn.Module, config: UnitScaleConfig) -> list[tuple[st
         elif base in EMBEDDING_CLASSES and module.max_norm is None:
             plan.append((name, module, EMBEDDING_CLASSES[base], ("weight",)))
         elif config.convert_other_modules and (weights := _other_weights(module)):
+            if not name:  # the model itself: its class, forward signature and other methods must stay its own
+                logger.warning(
+                    f"{type(module).__name__}'s own weight(s) {', '.join(f'`{w}`' for w in weights)} stay unconverted: "
+                    "the generic path would replace the model's class, which Trainer (forward's signature), "
+                    "`config.architectures` and methods other than `forward` that read them rely on."
+                )
+                continue
             plan.append((name, module, generic_unit_scaled_class(base), weights))
     if left:
         logger.warning(

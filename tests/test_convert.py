@@ -427,6 +427,47 @@ def test_a_layer_whose_weight_other_code_reads_stays_unconverted_and_is_named(ca
         assert f"`{name}` (" in caplog.text
 
 
+def test_the_model_itself_keeps_its_class_when_it_owns_a_weight(tmp_path, caplog):
+    """BLIP-2's model owns `query_tokens` (1, n, h): the generic path would replace the model's class (Trainer then
+    read a `forward(*args, **kwargs)` and dropped every column; checkpoints named `UnitScaledBlip2…`)."""
+    import inspect
+
+    import transformers
+
+    import hf_unitscale
+
+    vocab = 99
+    config = transformers.Blip2Config(
+        vision_config=dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=64,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                            intermediate_size=64, encoder_hidden_size=32, max_position_embeddings=64),
+        text_config=dict(model_type="opt", vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                         ffn_dim=64, word_embed_proj_dim=32, max_position_embeddings=64, pad_token_id=1, bos_token_id=2,
+                         eos_token_id=2),
+        num_query_tokens=4, image_token_index=vocab - 1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.Blip2ForConditionalGeneration(config).eval()
+    ids = torch.randint(4, vocab - 2, (2, 10))
+    ids[:, :4] = vocab - 1  # the image tokens the query outputs replace
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32), "input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    signature = inspect.signature(model.forward)
+    with torch.no_grad():
+        expected = model(**inputs).logits
+        with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+            unit_scale(model)
+        assert_same_function(expected, model(**inputs).logits)
+    assert type(model) is transformers.Blip2ForConditionalGeneration
+    assert inspect.signature(model.forward) == signature
+    assert "`query_tokens` stay unconverted" in caplog.text
+    assert "vision_model.encoder.layers.0.mlp.fc1" in unit_scaled_modules(model)
+    model.save_pretrained(tmp_path, checkpoint_format="unit-scaled")
+    reloaded = hf_unitscale.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        assert_same_function(expected, reloaded(**inputs).logits)
+
+
 @pytest.mark.parametrize("mean_resizing", [True, False], ids=["mean-resizing", "init-weights"])
 @pytest.mark.parametrize("case_id", ["gpt2", "llama-untied"])
 def test_resized_vocabulary_keeps_the_function_and_draws_new_rows_for_w(case_id, mean_resizing):
