@@ -4,13 +4,21 @@ A converted weight is W = s·Ŵ with the Parameter Ŵ trainable and s a fixed fp
 gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one role:
 
     embedding       the weight of an nn.Embedding (a tied input/output matrix is one Parameter,
-                    named after the embedding, and takes this role), and a table added to the
-                    activations (ViT's `cls_token` (1, 1, h), `position_embeddings` (1, n, h))
+                    named after the embedding, and takes this role), a table added to the
+                    activations (ViT's `cls_token` (1, 1, h), `position_embeddings` (1, n, h), CLIP's
+                    1-D `class_embedding`), and an input layer, whose fan-in is a size of the raw
+                    input fixed by the config, not the width (μP's input weights): a conv reading
+                    `num_channels` / `num_mel_bins` / `input_feat_per_channel` channels or one
+                    (patch embeddings, Whisper's `conv1`, wav2vec2's first conv), a Linear reading
+                    `embedding_size` ≠ `hidden_size` (ALBERT's, ELECTRA's embedding projections)
     readout         an output head: `get_output_embeddings()` if untied, and each matmul layer
                     outside the base model that feeds no other one there (`classifier`, `score`,
                     `qa_outputs`, a next-sentence or multiple-choice head beside the LM head, …)
-    norm            the 1-D weight (gain) of a normalization layer (LayerNorm, RMSNorm, …)
-    bias            any other 1-D parameter named `bias`, and a stacked one (`*_bias`, one row per expert)
+    norm            the 1-D weight (gain) of a normalization layer (LayerNorm, RMSNorm, …), and
+                    weight_norm's g (a parametrization original that broadcasts against the weight)
+    bias            any other 1-D parameter named `bias`, a stacked one (`*_bias`, one row per expert),
+                    and a relative-position bias table added to attention scores (T5's
+                    `relative_attention_bias`, Swin's `relative_position_bias_table`)
     hidden_weight   any other ≥2-D parameter
 
 A parameter that fits none of these (a 1-D `layer_scale`, a 0-D temperature) is an error naming
@@ -24,6 +32,7 @@ Rules (η = learning rate, ε = Adam eps, wd = weight decay, per tensor with sca
                  everything else η                       ε       wd
     umup         hidden_weight   η · fan_in^-½           ε       wd
                  embedding       η · d_model^-½          ε       wd
+                 (d_model: the width it writes, its fan-out)
                  readout, norm,  η                       ε       wd
                  bias
                  (depth scaling: every tensor inside the L repeated blocks also × L^-½)
@@ -61,6 +70,7 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrize
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
@@ -112,6 +122,7 @@ class ParamInfo:
     scale: float  # s of a converted weight, 1.0 for anything not converted
     converted: bool
     fan_in: int  # inputs per output of a matmul-like weight; 0 for 1-D parameters
+    fan_out: int  # outputs per input: the width an embedding or input layer writes
     residual: bool  # inside one of the model's repeated blocks
     decay: bool  # plain Trainer applies weight decay to it
 
@@ -122,14 +133,85 @@ def _is_norm(module: nn.Module) -> bool:
     return "norm" in type(module).__name__.lower()
 
 
-def _is_added_embedding(module: nn.Module, param: torch.Tensor) -> bool:
-    """A module's own ≥3-D parameter with a leading broadcast dimension, added to the activations: ViT's
-    `cls_token` (1, 1, h) and `position_embeddings` (1, n, h). Not a weight that multiplies: fan-in is no measure."""
+def _is_added_embedding(module: nn.Module, leaf: str, param: torch.Tensor) -> bool:
+    """A module's own parameter added to the activations: ViT's `cls_token` (1, 1, h) and `position_embeddings`
+    (1, n, h), ≥3-D with a leading broadcast dimension; CLIP's `class_embedding` (h,), 1-D and named so. Not a
+    weight that multiplies: fan-in is no measure."""
+    if param.dim() == 1:
+        return "embed" in leaf
     return param.dim() >= 3 and param.shape[0] == 1 and not isinstance(module, (Conv1D, nn.modules.conv._ConvNd))
+
+
+# config keys holding the channels of a model's raw input (pixels, mel bins, speech features): fixed whatever the width
+_INPUT_CHANNEL_KEYS = ("num_channels", "num_mel_bins", "input_feat_per_channel")
+# parameters added to attention scores, one value per (relative position, head): biases, whatever their shape
+_ATTENTION_BIAS_TABLE = re.compile(r"relative_(attention|position)_bias")
+
+
+def _input_sizes(config: Any) -> tuple[set[int], set[int]]:
+    """(input channels of a conv, input features of a Linear) that a config fixes independently of the width:
+    `_INPUT_CHANNEL_KEYS` and 1 (raw audio); `embedding_size` where it differs from `hidden_size` (ALBERT,
+    ELECTRA), in the config and its sub-configs."""
+    channels, features = {1}, set()
+    pending = [config.to_dict()] if config is not None and hasattr(config, "to_dict") else []
+    while pending:
+        values = pending.pop()
+        pending += [v for v in values.values() if isinstance(v, dict)]
+        channels |= {values[k] for k in _INPUT_CHANNEL_KEYS if isinstance(values.get(k), int)}
+        embedding_size = values.get("embedding_size")
+        if isinstance(embedding_size, int) and embedding_size != values.get("hidden_size", embedding_size):
+            features.add(embedding_size)
+    return channels, features
+
+
+def _input_layer_weights(model: nn.Module) -> set[int]:
+    """ids of the weights of input layers: a conv whose input channels, or a Linear whose input features, are sizes
+    of the raw input that the config fixes (`_input_sizes`). μP calls them input weights: fan-in finite, fan-out
+    the width."""
+    channels, features = _input_sizes(getattr(model, "config", None))
+    weights = set()
+    for module in model.modules():
+        conv = isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 and module.in_channels in channels
+        if conv or (isinstance(module, nn.Linear) and module.in_features in features):
+            weights.add(id(module._parameters.get("weight")))  # not a parametrized weight's computed tensor
+    return weights
+
+
+def _owners(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    """{id(parameter): (module that computes with it, the name it has there)}. torch.nn.utils.parametrize keeps a
+    weight's originals (weight_norm's g and v) in a ParametrizationList: they belong to the parametrized module,
+    under the weight's name."""
+    owner: dict[int, tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, originals in module.parametrizations.items():
+                for param in originals.parameters(recurse=False):
+                    owner.setdefault(id(param), (module, tensor_name))
+        for leaf, param in module.named_parameters(recurse=False):
+            owner.setdefault(id(param), (module, leaf))
+    return owner
+
+
+def _is_parametrization_gain(module: nn.Module, leaf: str, param: torch.Tensor) -> bool:
+    """weight_norm's g: an original of a parametrized weight that broadcasts against a larger one (v)."""
+    if not parametrize.is_parametrized(module, leaf):
+        return False
+    largest = max(module.parametrizations[leaf].parameters(recurse=False), key=torch.numel)
+    broadcasts = param.dim() == largest.dim() and all(
+        a in (1, b) for a, b in zip(param.shape, largest.shape, strict=True)
+    )
+    return broadcasts and param.numel() < largest.numel()
 
 
 # transformers MoE layers that store each expert (in, out) without `use_experts_implementation`'s `is_transposed`
 _IN_OUT_EXPERTS = ("Llama4TextExperts",)
+
+
+def _fan_out(module: nn.Module, param: torch.Tensor) -> int:
+    """Outputs per input: a Linear's or conv's rows; the last dimension of anything else (an embedding table, an
+    added table, Conv1D's (in, out) weight)."""
+    rows_are_outputs = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and param.dim() >= 2
+    return int(param.shape[0] if rows_are_outputs else param.shape[-1])
 
 
 def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
@@ -221,10 +303,8 @@ def describe_parameters(
     blocks = _block_prefixes(model, _num_layers(model))
 
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    owner: dict[int, tuple[nn.Module, str]] = {}
-    for module in model.modules():
-        for leaf, param in module.named_parameters(recurse=False):
-            owner.setdefault(id(param), (module, leaf))
+    embedding_weights |= _input_layer_weights(model)
+    owner = _owners(model)
 
     infos = []
     for name, param in model.named_parameters():
@@ -238,11 +318,15 @@ def describe_parameters(
                 "scale by the weight's fan-in or width: it needs a ≥2-D weight. Use `norm` or `bias` (lr η)."
             )
         if role is None:
-            if id(param) in embedding_weights or _is_added_embedding(module, param):  # also a tied output head
-                role = "embedding"
+            if _ATTENTION_BIAS_TABLE.search(name):
+                role = "bias"
+            elif id(param) in embedding_weights or _is_added_embedding(module, leaf, param):
+                role = "embedding"  # an embedding tied to the output head too
             elif id(param) in readout_weights:
                 role = "readout"
-            elif param.dim() == 1 and leaf == "weight" and _is_norm(module):
+            elif (param.dim() == 1 and leaf == "weight" and _is_norm(module)) or _is_parametrization_gain(
+                module, leaf, param
+            ):
                 role = "norm"
             elif is_bias_name(leaf) and param.dim() <= 2:  # 2-D: one bias per expert
                 role = "bias"
@@ -265,6 +349,7 @@ def describe_parameters(
                 scale=scales.get(id(param), 1.0),
                 converted=id(param) in scales,
                 fan_in=_fan_in(module, param),
+                fan_out=_fan_out(module, param),
                 residual=name.startswith(blocks),
                 decay=name in decay,
             )
@@ -301,7 +386,7 @@ def _rule_settings(
             lr = lr * info.fan_in**-0.5
             tags.append(f"fan_in={info.fan_in}")
         elif info.role == "embedding":
-            d_model = int(info.param.shape[-1])
+            d_model = info.fan_out
             lr = lr * d_model**-0.5
             tags.append(f"d_model={d_model}")
         if depth_scaling and info.residual:

@@ -19,7 +19,7 @@ from hf_unitscale.lr_rules import (
     summarize_param_groups,
 )
 
-from tiny_models import CASES_BY_ID, HEADS_CASES, TINY_CASES
+from tiny_models import CASES_BY_ID, HEADS_CASES, TINY_CASES, VOCAB
 
 LR, EPS, WD = 1e-3, 1e-8, 0.01
 
@@ -298,9 +298,63 @@ def test_tables_added_to_the_activations_take_the_embedding_role():
     model = unit_scale(ViTForImageClassification(config))
     roles = parameter_roles(model)
     assert roles["vit.embeddings.cls_token"] == roles["vit.embeddings.position_embeddings"] == "embedding"
-    assert roles["vit.embeddings.patch_embeddings.projection.weight"] == "hidden_weight"  # a Conv2d multiplies
     by_param = {id(p): group for group in _groups(model, "umup") for p in group["params"]}
     assert by_param[id(model.vit.embeddings.position_embeddings)]["lr"] == pytest.approx(LR * 32**-0.5)
+
+
+def _tiny(config_class, model_class, **sizes):
+    torch.manual_seed(0)
+    return unit_scale(model_class(config_class(**sizes)))
+
+
+def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
+    """μP's input weights (fan-in a size of the raw input, fan-out the width) are vector-like: η under `mup`,
+    η·fan_out^-½ under `umup`, as an embedding. weight_norm's g is a gain (η), its v a conv with fan-in in/groups·k.
+    Relative-position bias tables are added to attention scores: biases (η)."""
+    import transformers as t
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    vit = _tiny(t.ViTConfig, t.ViTForImageClassification, image_size=16, patch_size=4, **small)
+    whisper = _tiny(
+        t.WhisperConfig, t.WhisperForConditionalGeneration, vocab_size=VOCAB, d_model=32, num_mel_bins=8,
+        encoder_layers=1, decoder_layers=1, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=37, decoder_ffn_dim=37, max_source_positions=16, max_target_positions=16, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2, decoder_start_token_id=1,
+    )  # fmt: skip
+    wav2vec2 = _tiny(
+        t.Wav2Vec2Config, t.Wav2Vec2ForCTC, vocab_size=VOCAB, conv_dim=(16, 16), conv_stride=(5, 2),
+        conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, **small,
+    )  # fmt: skip
+    albert = _tiny(t.AlbertConfig, t.AlbertForMaskedLM, vocab_size=VOCAB, embedding_size=16, **small)
+    swin = _tiny(t.SwinConfig, t.SwinForImageClassification, image_size=16, patch_size=4, embed_dim=16,
+                 depths=[1], num_heads=[2], window_size=2)  # fmt: skip
+    t5 = _tiny(t.T5Config, t.T5ForConditionalGeneration, vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37,
+               num_layers=1, num_heads=4)  # fmt: skip
+    clip = _tiny(t.CLIPVisionConfig, t.CLIPVisionModel, image_size=16, patch_size=4, **small)
+    pos_conv = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight"
+    expected = {  # model, parameter: (role, lr / η under umup, under mup with base width 16: width_mult 2)
+        (vit, "vit.embeddings.patch_embeddings.projection.weight"): ("embedding", 32**-0.5, 1.0),
+        (whisper, "model.encoder.conv1.weight"): ("embedding", 32**-0.5, 1.0),  # reads num_mel_bins channels
+        (whisper, "model.encoder.conv2.weight"): ("hidden_weight", 96**-0.5, 0.5),  # reads the width
+        (wav2vec2, "wav2vec2.feature_extractor.conv_layers.0.conv.weight"): ("embedding", 16**-0.5, 1.0),  # 1 channel
+        (wav2vec2, f"{pos_conv}.original0"): ("norm", 1.0, 1.0),  # g (1, 1, k)
+        (wav2vec2, f"{pos_conv}.original1"): ("hidden_weight", (8 * 16) ** -0.5, 0.5),  # v (h, h/groups, k)
+        (albert, "albert.encoder.embedding_hidden_mapping_in.weight"): ("embedding", 32**-0.5, 1.0),
+        (swin, "swin.encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table"): (
+            "bias",
+            1.0,
+            1.0,
+        ),
+        (t5, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"): ("bias", 1.0, 1.0),
+        (clip, "embeddings.class_embedding"): ("embedding", 32**-0.5, 1.0),  # (h,), added
+    }
+    for (model, name), (role, umup, mup) in expected.items():
+        assert parameter_roles(model)[name] == role, name
+        param = dict(model.named_parameters())[name]
+        for rule, factor in (("umup", umup), ("mup", mup)):
+            groups = _groups(model, rule, mup_base_width=16) if rule == "mup" else _groups(model, rule)
+            (lr,) = [g["lr"] for g in groups if any(p is param for p in g["params"])]
+            assert lr == pytest.approx(LR * factor), (name, rule)
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "llama4_text"])

@@ -199,11 +199,12 @@ HEADS_CASES = [
         output_heads=frozenset({"qa_outputs"}),
         inner=frozenset(),
     ),
-    HeadsCase(  # a bare base model with an input projection (embedding_size → h) before its layers: no head
+    HeadsCase(  # a bare base model with an input projection (embedding_size → h, an input layer) before its
+        # layers: no head
         "electra-base-model",
         lambda: ElectraModel(ElectraConfig(embedding_size=16, **_BERT_SMALL)),
         output_heads=frozenset(),
-        inner=frozenset({"embeddings_project"}),
+        inner=frozenset(),
     ),
     HeadsCase(  # a bare base model: its h → h pooler is no output head
         "bert-base-model",
