@@ -122,6 +122,7 @@ def save_pretrained(
     upload_kwargs = {k: kwargs.pop(k) for k in _UPLOAD_KWARGS if k in kwargs}
     if push:
         repo_id = repo_id or str(save_directory).rstrip("/").split("/")[-1]
+        stamps_before = _file_stamps(save_directory)
     max_shard_size = kwargs.pop("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
     try:  # before anything is written or deleted
         convert_file_size_to_int(max_shard_size)
@@ -175,8 +176,16 @@ def save_pretrained(
             base_model=base_model,
             tags=tags,
         )
-    if push and is_main_process:
-        _upload(save_directory, repo_id, **upload_kwargs)
+    if push and is_main_process:  # what this save wrote, as transformers uploads: not the folder's other files
+        written = [name for name, stamp in _file_stamps(save_directory).items() if stamps_before.get(name) != stamp]
+        _upload(save_directory, repo_id, allow_patterns=written, **upload_kwargs)
+
+
+def _file_stamps(folder: str | os.PathLike) -> dict[str, tuple[int, int]]:
+    """{file name: (mtime in ns, size)} of the files directly in `folder` (none if it does not exist)."""
+    folder = Path(folder)
+    files = [path for path in folder.iterdir() if path.is_file()] if folder.is_dir() else []
+    return {path.name: (path.stat().st_mtime_ns, path.stat().st_size) for path in files}
 
 
 def _remove_stale_weights(save_directory: str | os.PathLike, checkpoint_format: str) -> None:
@@ -275,7 +284,10 @@ def _upload(
     token: bool | str | None = None,
     revision: str | None = None,
     create_pr: bool = False,
+    allow_patterns: list[str] | None = None,
 ) -> CommitInfo:
+    """Upload `folder` (only `allow_patterns` of it, if given) in one commit that also deletes the repo's weight
+    files of any format it does not upload."""
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     if revision is not None and not create_pr:
@@ -287,6 +299,7 @@ def _upload(
         commit_description=commit_description,
         revision=revision,
         create_pr=create_pr,
+        allow_patterns=allow_patterns,
         delete_patterns=_WEIGHT_PATTERNS,
     )
 

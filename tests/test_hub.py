@@ -159,6 +159,19 @@ def test_save_pretrained_push_to_hub_flag(local_hub, tmp_path):
     )
 
 
+def test_save_pretrained_push_uploads_only_what_the_save_wrote(local_hub, tmp_path):
+    """As transformers: other files in the folder (notes, data, a Trainer checkpoint) stay local."""
+    model, _ = _converted("distilbert")
+    folder = tmp_path / "out"
+    (folder / "checkpoint-500").mkdir(parents=True)
+    (folder / "checkpoint-500" / "optimizer.pt").write_bytes(b"state")
+    (folder / "private_notes.txt").write_text("not for the Hub")
+    model.save_pretrained(folder, push_to_hub=True, repo_id="user/distil")  # merged, then unit-scaled on top
+    model.save_pretrained(folder, checkpoint_format="unit-scaled", push_to_hub=True, repo_id="user/distil")
+    files = set(local_hub.repo_files("user/distil"))
+    assert files == {".gitattributes", "README.md", "config.json", UNIT_SCALED_WEIGHTS_NAME}, files
+
+
 def test_merged_back_model_pushes_as_plain_transformers(local_hub):
     model, batch = _converted("bert")
     hf_unitscale.merge_unit_scale(model)
