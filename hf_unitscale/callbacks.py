@@ -81,9 +81,10 @@ class RecalibrationCallback(TrainerCallback):
         log_prefix: prefix of the log keys (`fp8/grad_output_saturated_fraction`, …).
         loss_fn: `loss_fn(outputs, batch)` for calibration when training does not use the model's own
             loss; default: the model's loss, see `calibrate`.
-        compute_loss: `compute_loss(model, batch)`, forward and loss (`calibrate`'s): `UnitScaleTrainer` passes its
-            own `compute_loss` when the loss is not the model's (an override, `compute_loss_func`, label smoothing,
-            other `label_names`).
+        compute_loss: `compute_loss(model, batch)`, forward and the loss training backpropagates for `batch`,
+            gradient accumulation's scaling included (`calibrate`'s, with `loss_scale` 1): `UnitScaleTrainer` passes
+            its `training_step`'s loss (its `compute_loss`, `num_items_in_batch`, ÷ accumulation as Trainer does).
+            Default: the model's own loss, scaled for accumulation as Trainer scales it.
         headroom: `calibrate`'s `headroom`: keep every operand's peak this factor below its format's max.
         grad_underflow_budget: `calibrate`'s `grad_underflow_budget`: lower gradient scales where unit RMS flushes
             more than this fraction of a layer's output-gradient elements to zero.
@@ -147,8 +148,10 @@ class RecalibrationCallback(TrainerCallback):
 
     def recalibrate(self, model, args=None, state=None, train_dataloader=None) -> dict[str, dict[str, float]]:
         """Calibrate `model` now; returns calibrate's per-layer table and records it in `history`."""
-        accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
-        batches, loss_scale = _as_trained(model, self._calibration_batches(train_dataloader), accumulation)
+        batches, loss_scale = self._calibration_batches(train_dataloader), 1.0
+        if self.compute_loss is None:  # the model's own loss, scaled here as Trainer scales it
+            accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
+            batches, loss_scale = _as_trained(model, batches, accumulation)
         table = calibrate(
             model,
             batches,

@@ -52,6 +52,7 @@ from .convert import check_no_peft_adapters, is_unit_scaled, matmul_layers, unit
 from .formats import FP8_FORMAT_PAIRS
 from .hub import delete_other_format_weights, mirror_weight_files, save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
+from .operand_stats import is_causal_lm
 from .precision import casts_uncounted, full_precision, set_precision
 
 __all__ = ["UnitScaleTrainer", "UnitScaleTrainingArguments"]
@@ -184,7 +185,7 @@ class UnitScaleTrainer(Trainer):
 
         options = self.unit_scale_options
         callback = RecalibrationCallback(
-            compute_loss=self._calibration_loss if self._loss_is_not_the_models() else None,
+            compute_loss=self._calibration_loss,
             every=options["recalibrate_every"],
             num_batches=options["calibration_batches"],
             headroom=options["calibration_headroom"],
@@ -195,21 +196,32 @@ class UnitScaleTrainer(Trainer):
         # printer and the user's callbacks read the logs
         self.callback_handler.callbacks.insert(1, callback)
 
-    def _loss_is_not_the_models(self) -> bool:
-        """Whether training differentiates another loss than the model's own output `loss`."""
-        return (
-            type(self).compute_loss is not Trainer.compute_loss
-            or self.compute_loss_func is not None
-            or self.label_smoother is not None
-            or (self.label_names or ["labels"]) != ["labels"]
-        )
-
     def _calibration_loss(self, model: nn.Module, inputs: dict[str, Any]) -> torch.Tensor:
-        """The loss `training_step` differentiates (before its division by the accumulation steps, which
-        calibration's `loss_scale` applies)."""
-        inputs = dict(inputs)
-        num_items_in_batch = inputs.pop("num_items_in_batch", None)
-        return self.compute_loss(model, inputs, num_items_in_batch=num_items_in_batch)
+        """The loss whose gradient `training_step` backpropagates for `inputs` as one of a step's
+        `gradient_accumulation_steps` micro-batches on every process, so that c = rms(g) is what training meets.
+
+        As Trainer: `num_items_in_batch` (the label tokens of the step's micro-batches on all processes, here
+        this batch's × accumulation × processes) goes to a model that takes loss kwargs or to `compute_loss_func`;
+        `compute_loss` (an override, label smoothing, `label_names`; it multiplies by the processes when it
+        averages tokens across devices); then ÷ accumulation unless the loss is scaled for it already
+        (`loss_is_scaled_for_ga`, default: `num_items_in_batch` was used).
+        """
+        accumulation = self.args.gradient_accumulation_steps
+        num_items = None
+        if "labels" in inputs and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
+            labels = inputs.get("shift_labels")
+            if labels is None:
+                shifts = getattr(self, "_loss_shifts_labels", None)
+                shifts = is_causal_lm(self.accelerator.unwrap_model(model)) if shifts is None else shifts
+                labels = inputs["labels"][..., 1:] if shifts else inputs["labels"]
+            num_items = accumulation * int(labels.ne(-100).sum())
+            if self.args.average_tokens_across_devices and self.args.world_size > 1:
+                num_items *= self.args.world_size
+        loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
+        scaled = getattr(self, "loss_is_scaled_for_ga", None)
+        if scaled is None:
+            scaled = (self.model_accepts_loss_kwargs and num_items is not None) or self.compute_loss_func is not None
+        return loss if scaled else loss / accumulation
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         """Trainer's loop (evaluate, predict), its casts left out of the training logs' fractions; with

@@ -382,6 +382,11 @@ def test_fp8_training_matches_single_process(launches, run):
     assert result["parameter_types"] == (["DTensor"] if sharded else ["Parameter"]), result["parameter_types"]
     _assert_losses_match(result["grad_norms"][:1], single["grad_norms"][:1], f"{run}: first gradient norm")
     _assert_losses_match(result["losses"], single["losses"], f"{run}: FP8 losses", rtol=1e-3)
+    # c is what training's gradients meet on each rank: calibration counts `num_items_in_batch` over the
+    # processes and scales the loss by them as Trainer's `compute_loss` does
+    for name, ratio in {**result["first_step_grad_to_scale"], **single["first_step_grad_to_scale"]}.items():
+        assert 0.7 < ratio < 1.4, (run, name, ratio)
+    assert len(result["first_step_grad_to_scale"]) == len(single["first_step_grad_to_scale"]) > 0
 
 
 @pytest.mark.parametrize("run", ["ddp_fp8", "trainer_fsdp2_fp8"])

@@ -624,6 +624,69 @@ def test_fp8_calibration_differentiates_the_trainers_own_loss(tmp_path):
     assert scales[1] == pytest.approx(scales[0], rel=1e-6)
 
 
+class _MeanLossTrainer(UnitScaleTrainer):
+    """A `compute_loss` override returning a per-batch mean, flagged as transformers' docstring asks: Trainer divides
+    it by the accumulation steps."""
+
+    loss_is_scaled_for_ga = False
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        return (outputs.loss, outputs) if return_outputs else outputs.loss
+
+
+@pytest.mark.parametrize("loss_setup", ["model", "override_mean", "compute_loss_func"])
+def test_fp8_grad_scale_is_the_rms_of_the_gradient_training_backpropagates(tmp_path, loss_setup):
+    """With 4 accumulation steps, c = rms(g) of the output gradients the first training micro-batch backpropagates
+    (the batch calibration measured), however the loss is scaled: a causal LM's by `num_items_in_batch`, a flagged
+    mean override's by Trainer's ÷ 4, a `compute_loss_func` mean's not at all (was 4× and ¼× off)."""
+    import torch.nn.functional as F
+
+    from hf_unitscale.convert import matmul_layers
+
+    model = CASES_BY_ID["gpt2"].model()
+    trainer_class, extra = UnitScaleTrainer, {}
+    if loss_setup == "override_mean":
+        trainer_class = _MeanLossTrainer
+    elif loss_setup == "compute_loss_func":
+        model.accepts_loss_kwargs = False
+
+        def mean_loss(outputs, labels, num_items_in_batch=None):
+            logits, targets = outputs.logits[:, :-1], labels[:, 1:]
+            return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), ignore_index=-100)
+
+        extra["compute_loss_func"] = mean_loss
+    seen: dict[str, torch.Tensor] = {}
+
+    class FirstMicroBatchGradients(TrainerCallback):
+        def on_step_begin(self, args, state, control, model=None, **kwargs):
+            if state.global_step > 0:
+                return
+            for name, layer in matmul_layers(model).items():
+                layer.register_full_backward_hook(self.record(name))
+
+        @staticmethod
+        def record(name):
+            def hook(module, grad_input, grad_output):
+                seen.setdefault(name, grad_output[0].detach())
+
+            return hook
+
+    args = _args(
+        tmp_path, cls=UnitScaleTrainingArguments, max_steps=1, fp8=True, calibration_batches=1,
+        gradient_accumulation_steps=4, fp8_full_precision_modules=[],
+    )  # fmt: skip
+    trainer = trainer_class(
+        model=model, args=args, train_dataset=_dataset("gpt2"), callbacks=[FirstMicroBatchGradients()], **extra
+    )
+    trainer.train()
+    assert set(seen) == set(matmul_layers(trainer.model))
+    for name, layer in matmul_layers(trainer.model).items():
+        nonzero = seen[name][seen[name] != 0]
+        ratio = float(nonzero.square().mean().sqrt()) / float(layer.grad_scale)
+        assert 0.7 < ratio < 1.4, (name, ratio)
+
+
 def test_fp8_eval_false_evaluates_what_the_merged_export_computes(tmp_path):
     from hf_unitscale.convert import matmul_layers
     from hf_unitscale.precision import full_precision

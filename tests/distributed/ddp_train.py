@@ -13,7 +13,8 @@ same rows whatever the number of processes: rank r of a 2-process run gets the r
 Every row is full length, so each process's mean loss weighs the same number of tokens.
 
 With `--fp8` the trainer runs FP8 matmuls (`fp8=True`): calibrated on 2 batches at the start and
-again every 5 steps, the casts' saturation/underflow fractions in every log.
+again every 5 steps, the casts' saturation/underflow fractions in every log; rank 0 records rms(g)/c of every
+layer in the first micro-batch.
 
 With `--accelerate-fsdp2` the trainer gets `fsdp="full_shard"` with `fsdp_version: 2`, and
 Accelerate is made to take its FSDP2 path on CPU (see `force_accelerate_fsdp2_on_cpu`).
@@ -41,7 +42,10 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests/, for tiny_models
 
+from transformers import TrainerCallback  # noqa: E402
+
 from hf_unitscale.arguments import UnitScaleTrainingArguments  # noqa: E402
+from hf_unitscale.convert import matmul_layers  # noqa: E402
 from hf_unitscale.distributed import check_buffers_in_sync  # noqa: E402
 from hf_unitscale.lr_rules import check_param_groups  # noqa: E402
 from hf_unitscale.trainer import UnitScaleTrainer  # noqa: E402
@@ -91,6 +95,27 @@ def force_accelerate_fsdp2_on_cpu() -> None:
     AcceleratorState.__init__ = init
 
 
+class FirstStepGradientScales(TrainerCallback):
+    """rms(g)/c of every matmul layer's output gradient in the first micro-batch training backpropagates (non-zero
+    elements, this rank): c was calibrated on that batch, so the ratios are ≈ 1 when calibration scaled the loss as
+    training does."""
+
+    def __init__(self) -> None:
+        self.ratios: dict[str, float] = {}
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        if state.global_step == 0:
+            for name, layer in matmul_layers(model).items():
+                layer.register_full_backward_hook(self._record(name, layer))
+
+    def _record(self, name, layer):
+        def hook(module, grad_input, grad_output):
+            nonzero = grad_output[0][grad_output[0] != 0]
+            self.ratios.setdefault(name, float(nonzero.square().mean().sqrt()) / float(layer.grad_scale))
+
+        return hook
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True)
@@ -137,8 +162,12 @@ def main() -> None:
     )
     global_batch = args.per_device_batch * training_args.world_size
     dataset = FixedTokens(rows=args.steps * global_batch)
+    gradient_scales = FirstStepGradientScales()
     trainer = UnitScaleTrainer(
-        model=CASES_BY_ID[args.case].model(seed=0).train(), args=training_args, train_dataset=dataset
+        model=CASES_BY_ID[args.case].model(seed=0).train(),
+        args=training_args,
+        train_dataset=dataset,
+        callbacks=[gradient_scales] if args.fp8 else None,
     )
     start = time.perf_counter()
     trainer.train()
@@ -180,6 +209,7 @@ def main() -> None:
             "losses": [entry["loss"] for entry in history],
             "grad_norms": [entry.get("grad_norm") for entry in history],
             "cast_fractions": [{k: v for k, v in entry.items() if k.startswith("fp8/")} for entry in history],
+            "first_step_grad_to_scale": gradient_scales.ratios,
             "train_seconds": seconds,
         }
         if resumed_history is not None:
