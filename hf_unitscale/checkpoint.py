@@ -475,7 +475,9 @@ def read_unit_scaled_weights(
 
 
 def load_checkpoint_into(model: nn.Module, checkpoint_dir: str | os.PathLike) -> None:
-    """Load a unit-scaled checkpoint folder (one weights file or shards) into an already converted model, in place."""
+    """Load a unit-scaled checkpoint folder (one weights file or shards) into an already converted model, in place,
+    with the record of how its a, c were calibrated (`unit_scaling.calibration`: the saved config and model card
+    describe it)."""
     checkpoint_dir = Path(checkpoint_dir)
     config = (
         json.loads((checkpoint_dir / "config.json").read_text()) if (checkpoint_dir / "config.json").exists() else {}
@@ -487,6 +489,9 @@ def load_checkpoint_into(model: nn.Module, checkpoint_dir: str | os.PathLike) ->
         weight_dtype=read_weight_dtype(config),
         embedding_dtype=read_embedding_dtype(config),
     )
+    block = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if isinstance(block, dict) and "calibration" in config.get(CONFIG_KEY, {}):
+        block["calibration"] = config[CONFIG_KEY]["calibration"]
 
 
 def has_unit_scaled_weights(checkpoint_dir: str | os.PathLike) -> bool:

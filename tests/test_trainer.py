@@ -205,6 +205,10 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path, fp8):
 
     uninterrupted.create_model_card()
     assert "umup" in (tmp_path / "run" / "README.md").read_text()
+    if fp8:  # the record of how the checkpoint's a, c were calibrated comes with them (saved configs, cards)
+        fresh = trainer(tmp_path / "fresh")
+        fresh._load_from_checkpoint(str(checkpoint))
+        assert fresh.model.config.unit_scaling["calibration"] == config["calibration"] is not None
 
     resumed = trainer(tmp_path / "resumed")
     resumed.train(resume_from_checkpoint=str(checkpoint))
