@@ -11,8 +11,9 @@ reporting integrations (`report_to`), the printer and later callbacks get the fr
 
 Batches come from `batches` (a re-iterable such as a list or DataLoader, or a zero-argument
 callable returning an iterable), else from the `train_dataloader` the Trainer passes to callbacks:
-then the first `num_batches` are drawn once, under a forked RNG so the training data order is
-unchanged, and reused for every recalibration (the same batches measure how the *model* changed).
+then the first `num_batches` are drawn once, in a pass of their own under a forked RNG so the training data
+order and RNG stream are unchanged (a one-pass IterableDataset, one shared iterator, would lose them to training),
+and reused for every recalibration (the same batches measure how the *model* changed).
 A run resumed from a checkpoint with calibrated scales keeps them (no calibration at train begin), so it
 continues the uninterrupted run's trajectory.
 """
@@ -144,6 +145,11 @@ class RecalibrationCallback(TrainerCallback):
             )
         with torch.random.fork_rng(devices=[]):
             self._cached = [_detached(b) for b in islice(iter(source), self.num_batches)]
+        loader = getattr(source, "base_dataloader", source)  # under Accelerate's DataLoaderShard
+        if getattr(loader, "persistent_workers", False):
+            # training's `iter()` would reuse this iterator, whose workers' base seed was drawn under the forked RNG:
+            # the global RNG (dropout) would run one draw behind an uncalibrated run's. Let training draw its own.
+            loader._iterator = None
         return self._cached
 
     def recalibrate(self, model, args=None, state=None, train_dataloader=None) -> dict[str, dict[str, float]]:

@@ -628,6 +628,32 @@ def test_fp8_calibration_differentiates_the_trainers_own_loss(tmp_path):
     assert scales[1] == pytest.approx(scales[0], rel=1e-6)
 
 
+def test_fp8_calibration_leaves_training_rng_alone_with_persistent_workers(tmp_path):
+    """Calibration draws its batches from the training DataLoader under a forked RNG. With persistent workers,
+    training then reused that iterator without drawing its workers' base seed, so every dropout mask differed from
+    an uncalibrated run's."""
+    states = {}
+
+    class RngAtEachStep(TrainerCallback):
+        def __init__(self, key):
+            self.key = key
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            states.setdefault(self.key, []).append(torch.random.get_rng_state())
+
+    for fp8 in (False, True):
+        args = _args(
+            tmp_path / str(fp8), cls=UnitScaleTrainingArguments, max_steps=3, fp8=fp8, calibration_batches=2,
+            dataloader_num_workers=1, dataloader_persistent_workers=True,
+        )  # fmt: skip
+        trainer = UnitScaleTrainer(
+            model=CASES_BY_ID["bert"].model(), args=args, train_dataset=_dataset("bert"), callbacks=[RngAtEachStep(fp8)]
+        )
+        trainer.train()
+    assert len(states[True]) == 3
+    assert all(torch.equal(a, b) for a, b in zip(states[False], states[True], strict=True))
+
+
 class _MeanLossTrainer(UnitScaleTrainer):
     """A `compute_loss` override returning a per-batch mean, flagged as transformers' docstring asks: Trainer divides
     it by the accumulation steps."""
