@@ -18,6 +18,7 @@ from transformers import TrainingArguments
 
 from .formats import FP8_FORMAT_PAIRS
 from .lr_rules import LR_RULES
+from .ops import BACKENDS
 
 __all__ = ["UnitScaleTrainingArguments", "deepspeed_optimizer_error", "unit_scale_options"]
 
@@ -71,6 +72,14 @@ class UnitScaleTrainingArguments(TrainingArguments):
         metadata={
             "help": "With `fp8`, regular expressions over module names (re.fullmatch) of matmul layers kept in full "
             "precision. Default: the output heads (LM head, classifier, …). An empty list casts every layer."
+        },
+    )
+    fp8_backend: str | None = field(
+        default=None,
+        metadata={
+            "help": "With `fp8`, the GEMM backend: 'simulate' (cast to FP8 and back, fp32 matmul; every device) or "
+            "'scaled_mm' (`torch._scaled_mm`: FP8 tensor cores on GPUs of compute capability 8.9+; CPU in recent "
+            "torch). None: the model's own (`unit_scaling.backend`, default 'simulate')."
         },
     )
     fp8_eval: bool = field(
@@ -143,6 +152,8 @@ class UnitScaleTrainingArguments(TrainingArguments):
         self.fp8_format = self.fp8_format.upper()
         if self.fp8_format not in FP8_FORMAT_PAIRS:
             raise ValueError(f"`fp8_format` must be one of {sorted(FP8_FORMAT_PAIRS)}, got {self.fp8_format!r}.")
+        if self.fp8_backend is not None and self.fp8_backend not in BACKENDS:
+            raise ValueError(f"`fp8_backend` must be one of {BACKENDS} or None, got {self.fp8_backend!r}.")
         if self.calibration_batches < 1:
             raise ValueError(f"`calibration_batches` should be a positive integer, got {self.calibration_batches}.")
         if self.save_format not in ("merged", "unit-scaled"):
@@ -223,6 +234,7 @@ _OPTION_FIELDS = (
     "fp8",
     "fp8_format",
     "fp8_full_precision_modules",
+    "fp8_backend",
     "fp8_eval",
     "calibration_batches",
     "recalibrate_every",

@@ -416,6 +416,9 @@ def from_pretrained(
       restores the calibrated a, c of the `unit_scaling` block.
     - plain checkpoint (no block): loads it and converts with `unit_scale_config` or the defaults.
 
+    The GEMM precision the block records (FP8 formats, backend, `full_precision_modules`) is set again: a model
+    saved training in FP8 loads running in FP8 (`set_precision(model, None)` for full precision).
+
     Into another class than the one saved (`model_class=AutoModelForSequenceClassification, num_labels=3` on a
     base model's checkpoint, or the reverse), W loads as transformers loads it across classes (base-model
     prefix, new heads initialized) and a, c follow their layers; a unit-scaled checkpoint is loaded as saved

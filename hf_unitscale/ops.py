@@ -56,6 +56,10 @@ class MatmulPrecision:
         if self.backend == "scaled_mm" and not all(f is not None and f.is_fp8 for f in (self.forward, self.backward)):
             raise ValueError("The `scaled_mm` backend needs FP8 formats for both forward and backward operands.")
 
+    def __str__(self) -> str:
+        forward, backward = (f.name if f is not None else "full" for f in (self.forward, self.backward))
+        return f"{forward} forward, {backward} backward ({self.backend})"
+
 
 @dataclass
 class OperandCounters:

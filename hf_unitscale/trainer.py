@@ -161,9 +161,21 @@ class UnitScaleTrainer(Trainer):
         if isinstance(block, dict):
             block["lr_rule"] = options["lr_rule"]
         if options["fp8"]:
-            backend = block.get("backend", "simulate") if isinstance(block, dict) else "simulate"
+            backend = options["fp8_backend"] or (block.get("backend", "simulate") if isinstance(block, dict) else None)
+            before = {name: layer.precision for name, layer in matmul_layers(model).items()}
             formats = FP8_FORMAT_PAIRS[options["fp8_format"]]
-            set_precision(model, *formats, backend, full_precision_modules=options["fp8_full_precision_modules"])
+            set_precision(
+                model, *formats, backend or "simulate", full_precision_modules=options["fp8_full_precision_modules"]
+            )
+            after = {name: layer.precision for name, layer in matmul_layers(model).items()}
+            changed = [name for name, precision in after.items() if before[name] not in (None, precision)]
+            if changed:  # set by hand (`set_precision`) or restored from a checkpoint: the arguments decide
+                first = changed[0]
+                logger.warning(
+                    f"`fp8=True` set the GEMM precision of {len(changed)} matmul layers that had another one (e.g. "
+                    f"`{first}`: {before[first]} → {after[first] or 'full precision'}) from the arguments "
+                    "`fp8_format`, `fp8_full_precision_modules` and `fp8_backend`; pass your settings there."
+                )
         elif cast := [name for name, layer in matmul_layers(model).items() if layer.precision is not None]:
             # set by hand or restored from a checkpoint's `unit_scaling` block; without fp8=True nothing calibrates
             logger.warning(

@@ -586,6 +586,24 @@ def test_fp8_calibrates_and_trains(tmp_path):
     assert every_layer.config.unit_scaling["backward_format"] == "e4m3"  # saved with the model
 
 
+def test_fp8_arguments_choose_the_backend_and_say_what_they_change(tmp_path, caplog):
+    """`fp8_backend` reaches every cast layer; precision set by hand before the trainer (here every layer cast,
+    classifier included) is replaced by the arguments' with a warning naming a layer, not silently."""
+    from hf_unitscale.convert import matmul_layers
+
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    set_precision(model, "e4m3", "e5m2", "scaled_mm", full_precision_modules=[])
+    args = _args(tmp_path, cls=UnitScaleTrainingArguments, fp8=True, fp8_backend="scaled_mm")
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        trainer = UnitScaleTrainer(model=model, args=args)
+    layers = matmul_layers(trainer.model)
+    assert layers["classifier"].precision is None  # the default `fp8_full_precision_modules`: output heads
+    assert {layer.precision.backend for name, layer in layers.items() if name != "classifier"} == {"scaled_mm"}
+    assert "set the GEMM precision of 1 matmul layers that had another one (e.g. `classifier`" in caplog.text
+    with pytest.raises(ValueError, match="`fp8_backend` must be one of"):
+        _args(tmp_path, cls=UnitScaleTrainingArguments, fp8=True, fp8_backend="cuda")
+
+
 def test_fp8_false_turns_off_the_low_precision_gemms_a_model_came_with(tmp_path, caplog):
     """A model with FP8 on (by hand, or restored from a checkpoint's `unit_scaling` block) would otherwise train
     with uncalibrated a = c = 1 under `fp8=False`: the trainer says so and trains it in full precision."""
