@@ -116,6 +116,12 @@ def save_pretrained(
             f"{type(model).__name__} is not unit-scaled, so it has no Ŵ and s to write in the {checkpoint_format} "
             "format: call `hf_unitscale.unit_scale(model)` first, or save it with `checkpoint_format='merged'`."
         )
+    if state_dict is None and any(type(p).__name__ == "DTensor" for p in model.parameters()):
+        raise ValueError(
+            f"{type(model).__name__} is sharded (FSDP2: its parameters are DTensors), so no rank holds its full "
+            "weights: call `hf_unitscale.distributed.save_full_checkpoint(model, save_directory, ...)` on every rank "
+            "(it gathers them and writes from rank 0), or pass a gathered `state_dict`."
+        )
     if embedding_dtype is not None and checkpoint_format != "unit-scaled":
         raise ValueError(f"`embedding_dtype` applies to the unit-scaled format only, got {checkpoint_format!r}.")
     push = kwargs.pop("push_to_hub", False)

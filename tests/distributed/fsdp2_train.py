@@ -184,6 +184,11 @@ def run_distributed(case_id: str, out: Path, mesh) -> None:
     case_dir = out / case_id
     for fmt in ("merged", "unit-scaled"):
         save_full_checkpoint(model, case_dir / fmt, checkpoint_format=fmt, state_dict=full)
+    try:  # the sharded model's own save_pretrained names the collective that gathers it (was a storage error)
+        model.save_pretrained(case_dir / "direct")
+        raise AssertionError("save_pretrained of a sharded model wrote something")
+    except ValueError as err:
+        assert "save_full_checkpoint" in str(err), err
     if rank == 0:
         save_file(
             {k: v.contiguous() for k, v in full.items() if not _is_alias(k, full)}, case_dir / "gathered.safetensors"
