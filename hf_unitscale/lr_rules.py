@@ -303,7 +303,7 @@ def describe_parameters(
     blocks = _block_prefixes(model, _num_layers(model))
 
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-    embedding_weights |= _input_layer_weights(model)
+    embedding_weights |= _input_layer_weights(model) - readout_weights  # an untied head reading embedding_size
     owner = _owners(model)
 
     infos = []

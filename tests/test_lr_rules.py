@@ -325,7 +325,9 @@ def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
         t.Wav2Vec2Config, t.Wav2Vec2ForCTC, vocab_size=VOCAB, conv_dim=(16, 16), conv_stride=(5, 2),
         conv_kernel=(10, 3), num_conv_pos_embeddings=16, num_conv_pos_embedding_groups=4, **small,
     )  # fmt: skip
-    albert = _tiny(t.AlbertConfig, t.AlbertForMaskedLM, vocab_size=VOCAB, embedding_size=16, **small)
+    albert = _tiny(
+        t.AlbertConfig, t.AlbertForMaskedLM, vocab_size=VOCAB, embedding_size=16, tie_word_embeddings=False, **small
+    )
     swin = _tiny(t.SwinConfig, t.SwinForImageClassification, image_size=16, patch_size=4, embed_dim=16,
                  depths=[1], num_heads=[2], window_size=2)  # fmt: skip
     t5 = _tiny(t.T5Config, t.T5ForConditionalGeneration, vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37,
@@ -340,6 +342,7 @@ def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
         (wav2vec2, f"{pos_conv}.original0"): ("norm", 1.0, 1.0),  # g (1, 1, k)
         (wav2vec2, f"{pos_conv}.original1"): ("hidden_weight", (8 * 16) ** -0.5, 0.5),  # v (h, h/groups, k)
         (albert, "albert.encoder.embedding_hidden_mapping_in.weight"): ("embedding", 32**-0.5, 1.0),
+        (albert, "predictions.decoder.weight"): ("readout", 1.0, 0.5),  # untied, reading embedding_size: a head
         (swin, "swin.encoder.layers.0.blocks.0.attention.relative_position_bias.relative_position_bias_table"): (
             "bias",
             1.0,
