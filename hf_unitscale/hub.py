@@ -194,19 +194,20 @@ def _file_stamps(folder: str | os.PathLike) -> dict[str, tuple[int, int]]:
     return {path.name: (path.stat().st_mtime_ns, path.stat().st_size) for path in files}
 
 
+def weight_files(folder: str | os.PathLike) -> list[Path]:
+    """The top-level model weight files of every format (one file, shards, index) in `folder`, by name."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return []
+    return sorted({path for pattern in _WEIGHT_PATTERNS for path in folder.glob(pattern) if path.is_file()})
+
+
 def _remove_stale_weights(save_directory: str | os.PathLike, checkpoint_format: str) -> None:
     """Delete weight files a save in another format left in `save_directory`: a stale model.safetensors next to
     a unit-scaled checkpoint would be loaded by plain transformers as if it were this model."""
-    folder = Path(save_directory)
-    if not folder.is_dir():
-        return
-    for pattern in _WEIGHT_PATTERNS:
-        for path in folder.glob(pattern):
-            if path.is_file():
-                logger.info(
-                    f"Removing {path}, left by an earlier save, before saving a {checkpoint_format} checkpoint."
-                )
-                path.unlink()
+    for path in weight_files(save_directory):
+        logger.info(f"Removing {path}, left by an earlier save, before saving a {checkpoint_format} checkpoint.")
+        path.unlink()
 
 
 def mirror_weight_files(source: str | os.PathLike, target: str | os.PathLike) -> None:

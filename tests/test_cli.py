@@ -123,6 +123,41 @@ def test_convert_with_model_class(tmp_path):
     assert isinstance(hf_unitscale.from_pretrained(tmp_path / "o", model_class=AutoModel), torch.nn.Module)
 
 
+def _weight_names(folder: Path) -> list[str]:
+    """Names of the weight files (of any format: one file, shards, index) in `folder`."""
+    return sorted(p.name for p in folder.iterdir() if p.name.endswith((".safetensors", ".bin", ".index.json")))
+
+
+STALE_WEIGHTS = {
+    "merged": ["model.safetensors"],
+    "bin": ["pytorch_model.bin"],
+    "shards": ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "model.safetensors.index.json"],
+    "unit-scaled": ["unit_scaled_model.safetensors"],
+}
+
+
+@pytest.mark.parametrize("command", ["convert", "merge"])
+@pytest.mark.parametrize("stale", list(STALE_WEIGHTS))
+def test_an_output_dir_holding_weights_needs_overwrite(command, stale, tmp_path, capsys):
+    """Another checkpoint's weights in output_dir are not deleted silently: one-line error, and with --overwrite
+    they are replaced by the new checkpoint's, whatever their format."""
+    source = save_tiny_model("bert", tmp_path / "plain")
+    out = tmp_path / "out"
+    out.mkdir()
+    for name in STALE_WEIGHTS[stale]:
+        (out / name).write_text("another checkpoint")
+    capsys.readouterr()
+    assert main([command, str(source), str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith(f"hf-unitscale {command}: error: output_dir "), err
+    assert "--overwrite" in err and all(name in err for name in STALE_WEIGHTS[stale]), err
+    assert all((out / name).read_text() == "another checkpoint" for name in STALE_WEIGHTS[stale])
+    assert main([command, str(source), str(out), "--overwrite"]) == 0
+    written = "unit_scaled_model.safetensors" if command == "convert" else "model.safetensors"
+    assert _weight_names(out) == [written]
+    assert hf_unitscale.from_pretrained(out) is not None
+
+
 # --------------------------------------------------------------------------- report
 
 _ROW = re.compile(r"^(\S+)\s+((?:\S+\s+){11}\S+)\s*$")

@@ -1,7 +1,8 @@
 """The `hf-unitscale` command: one small module per subcommand (accelerate / huggingface_hub style).
 
     hf-unitscale convert MODEL OUTPUT_DIR [--format unit-scaled|merged] [--weight-dtype float32|bfloat16|e4m3]
-    hf-unitscale merge UNIT_SCALED_DIR OUTPUT_DIR
+                         [--overwrite]
+    hf-unitscale merge UNIT_SCALED_DIR OUTPUT_DIR [--overwrite]
     hf-unitscale report MODEL [--output scales.png] [--json scales.json]
     hf-unitscale train RECIPE.yaml [--any_recipe_key VALUE ...]
 

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .utils import CommandError, add_model_class_argument, check_output_is_another_folder, copy_tokenizer, load_model
+from .utils import (
+    CommandError,
+    add_model_class_argument,
+    add_overwrite_argument,
+    check_output_dir,
+    copy_tokenizer,
+    load_model,
+)
 
 
 def convert_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -36,6 +43,7 @@ def convert_command_parser(subparsers: argparse._SubParsersAction) -> argparse.A
         default="float32",
         help="storage dtype of Ŵ in the unit-scaled format (default: %(default)s)",
     )
+    add_overwrite_argument(parser)
     add_model_class_argument(parser)
     parser.set_defaults(func=convert_command)
     return parser
@@ -49,7 +57,7 @@ def convert_command(args: argparse.Namespace) -> int:
         raise CommandError(
             "`--weight-dtype` applies to `--format unit-scaled` only; merged weights keep the model dtype."
         )
-    check_output_is_another_folder(args.model, args.output_dir)
+    check_output_dir(args.model, args.output_dir, args.overwrite)
     model = load_model(args.model, args.model_class)
     save_pretrained(model, args.output_dir, checkpoint_format=args.checkpoint_format, weight_dtype=args.weight_dtype)
     tokenizer = copy_tokenizer(args.model, args.output_dir)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .utils import add_model_class_argument, check_output_is_another_folder, copy_tokenizer, load_model
+from .utils import add_model_class_argument, add_overwrite_argument, check_output_dir, copy_tokenizer, load_model
 
 
 def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -17,6 +17,7 @@ def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
     )
     parser.add_argument("model", help="unit-scaled checkpoint folder or Hub id")
     parser.add_argument("output_dir", help="folder to write the plain checkpoint to")
+    add_overwrite_argument(parser)
     add_model_class_argument(parser)
     parser.set_defaults(func=merge_command)
     return parser
@@ -24,10 +25,12 @@ def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 def merge_command(args: argparse.Namespace) -> int:
     from ..convert import merge_unit_scale
+    from ..hub import _remove_stale_weights
 
-    check_output_is_another_folder(args.model, args.output_dir)
+    check_output_dir(args.model, args.output_dir, args.overwrite)
     model = load_model(args.model, args.model_class)
     merge_unit_scale(model)
+    _remove_stale_weights(args.output_dir, "merged")  # transformers' own save replaces only its own shards
     model.save_pretrained(args.output_dir)
     tokenizer = copy_tokenizer(args.model, args.output_dir)
     print(

@@ -32,14 +32,33 @@ def check_local_path(name_or_path: str, what: str) -> None:
         )
 
 
-def check_output_is_another_folder(name_or_path: str, output_dir: str) -> None:
-    """Refuse writing into the folder the model is read from: it would replace the source checkpoint, and files
-    of its format the new one does not write (its model card, its tokenizer) would stay beside it."""
+def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
+    """The `--overwrite` flag, whose value `args.overwrite` goes to `check_output_dir`."""
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the model weights (of any format) already in output_dir instead of refusing to",
+    )
+
+
+def check_output_dir(name_or_path: str, output_dir: str, overwrite: bool) -> None:
+    """Refuse writing into the folder the model is read from (it would replace the source checkpoint, and files
+    of its format the new one does not write would stay beside it), and, unless `overwrite`, into a folder that
+    holds another checkpoint's weights, which the save would delete."""
+    from ..hub import weight_files
+
     source = Path(name_or_path).expanduser()
     if source.is_dir() and source.resolve() == Path(output_dir).expanduser().resolve():
         raise CommandError(
             f"output_dir {output_dir!r} is the model folder itself; write to another folder (the source stays as "
             "it is)."
+        )
+    names = [path.name for path in weight_files(Path(output_dir).expanduser())]
+    if names and not overwrite:
+        listed = ", ".join(names[:3]) + (f", … ({len(names)} files)" if len(names) > 3 else "")
+        raise CommandError(
+            f"output_dir {output_dir!r} already holds model weights ({listed}); pass --overwrite to replace them, "
+            "or write to another folder."
         )
 
 
