@@ -8,7 +8,8 @@ without `hf_unitscale`. The YAML metadata carries the tags `unit-scaling` and `h
 
 The section lives between two HTML-comment markers, so it can be refreshed inside a card someone
 else wrote (a user's README, `Trainer.create_model_card`'s training summary) without touching the
-rest: `update_model_card(model, folder, ...)` merges, it never clobbers.
+rest: `update_model_card(model, folder, ...)` merges, it never clobbers, and `remove_model_card_section(folder)`
+takes the section out again when the folder gets a plain (merged back) checkpoint.
 """
 
 from __future__ import annotations
@@ -29,7 +30,13 @@ from .config import CONFIG_KEY
 from .convert import unit_scaled_modules, weight_scales
 from .modules import UnitScaledMatmulMixin
 
-__all__ = ["MODEL_CARD_TAGS", "model_card_section", "render_model_card", "update_model_card"]
+__all__ = [
+    "MODEL_CARD_TAGS",
+    "model_card_section",
+    "remove_model_card_section",
+    "render_model_card",
+    "update_model_card",
+]
 
 MODEL_CARD_TAGS = ("unit-scaling", "hf_unitscale")
 BEGIN = "<!-- hf_unitscale:begin -->"
@@ -260,13 +267,39 @@ def render_model_card(
     else:
         card = ModelCard(existing, ignore_metadata_errors=True)
         data, body = card.data, card.text
-        if BEGIN in body and END in body:
-            start, stop = body.index(BEGIN), body.index(END) + len(END)
-            body = body[:start] + section + body[stop:]
+        if (span := _section_span(body)) is not None:
+            body = body[: span[0]] + section + body[span[1] :]
         else:
             body = f"{body.rstrip()}\n\n{section}\n"  # after the other card's title and text
     data = _card_data(model, data, base_model, repo_id, list(tags or []))
-    return f"---\n{data.to_yaml()}\n---\n\n{body.lstrip()}"
+    return _card_text(data, body)
+
+
+def _section_span(body: str) -> tuple[int, int] | None:
+    """(start, stop) of the unit-scaling section in a card's text, markers included; None if it has none."""
+    if BEGIN in body and END in body:
+        return body.index(BEGIN), body.index(END) + len(END)
+    return None
+
+
+def _card_text(data: ModelCardData, body: str) -> str:
+    metadata = data.to_yaml()
+    return f"---\n{metadata}\n---\n\n{body.lstrip()}" if metadata else body.lstrip()
+
+
+def remove_model_card_section(save_directory: str | os.PathLike) -> None:
+    """Drop the unit-scaling section and tags from `save_directory/README.md`, if there is one, keeping the rest:
+    for a folder that now holds a plain transformers checkpoint (`hf-unitscale merge`), which the card should
+    not describe as unit-scaled."""
+    path = Path(save_directory) / "README.md"
+    if not path.exists():
+        return
+    card = ModelCard(path.read_text(encoding="utf-8"), ignore_metadata_errors=True)
+    body = card.text
+    if (span := _section_span(body)) is not None:
+        body = f"{body[: span[0]].rstrip()}\n\n{body[span[1] :].lstrip()}".strip() + "\n"
+    card.data.tags = [tag for tag in card.data.tags or [] if tag not in MODEL_CARD_TAGS] or None
+    path.write_text(_card_text(card.data, body), encoding="utf-8")
 
 
 def update_model_card(model: nn.Module, save_directory: str | os.PathLike, **card_options: Any) -> Path:

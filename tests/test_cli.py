@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from huggingface_hub import ModelCard
 from test_recipe import RECIPES_DIR, save_tiny_model, stand_in_overrides
 from transformers import AutoConfig, AutoModel
 
@@ -156,6 +157,18 @@ def test_an_output_dir_holding_weights_needs_overwrite(command, stale, tmp_path,
     written = "unit_scaled_model.safetensors" if command == "convert" else "model.safetensors"
     assert _weight_names(out) == [written]
     assert hf_unitscale.from_pretrained(out) is not None
+
+
+def test_merge_over_a_converted_folder_leaves_no_unit_scaled_trace(tmp_path):
+    """merge --overwrite into an earlier convert's output: no unit-scaled weights and no card describing them."""
+    source = save_tiny_model("bert", tmp_path / "plain")
+    for folder in ("unit-scaled", "out"):
+        assert main(["convert", str(source), str(tmp_path / folder)]) == 0
+    assert main(["merge", str(tmp_path / "unit-scaled"), str(tmp_path / "out"), "--overwrite"]) == 0
+    assert _weight_names(tmp_path / "out") == ["model.safetensors"]
+    card = ModelCard.load(tmp_path / "out" / "README.md")
+    assert "unit-scal" not in card.text.lower() and "hf_unitscale" not in card.text, card.text
+    assert not card.data.tags and card.data.library_name == "transformers"
 
 
 # --------------------------------------------------------------------------- report

@@ -26,12 +26,14 @@ def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 def merge_command(args: argparse.Namespace) -> int:
     from ..convert import merge_unit_scale
     from ..hub import _remove_stale_weights
+    from ..model_card import remove_model_card_section
 
     check_output_dir(args.model, args.output_dir, args.overwrite)
     model = load_model(args.model, args.model_class)
     merge_unit_scale(model)
     _remove_stale_weights(args.output_dir, "merged")  # transformers' own save replaces only its own shards
     model.save_pretrained(args.output_dir)
+    remove_model_card_section(args.output_dir)  # a card an earlier convert left there says "unit-scaled"
     tokenizer = copy_tokenizer(args.model, args.output_dir)
     print(
         f"Merged {type(model).__name__} → {args.output_dir} [plain transformers checkpoint{', with tokenizer' if tokenizer else ''}]"
