@@ -171,6 +171,28 @@ def test_merge_over_a_converted_folder_leaves_no_unit_scaled_trace(tmp_path):
     assert not card.data.tags and card.data.library_name == "transformers"
 
 
+@pytest.mark.parametrize("command", ["convert", "merge"])
+def test_the_source_folders_other_files_and_card_metadata_carry_over(command, tmp_path):
+    """A sentence-transformers folder's modules.json, 1_Pooling/ and card (license, datasets) are part of the
+    model: they are copied; the source's other weights (another format, an ONNX export) and hidden files are not."""
+    source = save_tiny_model("bert", tmp_path / "plain")
+    (source / "README.md").write_text("---\nlicense: apache-2.0\ndatasets:\n- snli\n---\n\n# Tiny\n\nNotes.\n")
+    (source / "modules.json").write_text("[]")
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text("{}")
+    for name in ("pytorch_model.bin", "onnx/model.onnx", ".cache/huggingface/download/x"):
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text("not ours")
+    out = tmp_path / "out"
+    assert main([command, str(source), str(out)]) == 0
+    assert (out / "modules.json").read_text() == "[]" and (out / "1_Pooling" / "config.json").read_text() == "{}"
+    assert not any((out / name).exists() for name in ("pytorch_model.bin", "onnx", ".cache"))
+    card = ModelCard.load(out / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.datasets == ["snli"] and "Notes." in card.text
+    assert ("## Unit scaling" in card.text) == (command == "convert")
+    assert hf_unitscale.from_pretrained(out) is not None
+
+
 # --------------------------------------------------------------------------- report
 
 _ROW = re.compile(r"^(\S+)\s+((?:\S+\s+){11}\S+)\s*$")

@@ -9,6 +9,7 @@ from .utils import (
     add_model_class_argument,
     add_overwrite_argument,
     check_output_dir,
+    copy_source_files,
     copy_tokenizer,
     load_model,
 )
@@ -59,6 +60,7 @@ def convert_command(args: argparse.Namespace) -> int:
         )
     check_output_dir(args.model, args.output_dir, args.overwrite)
     model = load_model(args.model, args.model_class)
+    copy_source_files(args.model, args.output_dir)
     save_pretrained(model, args.output_dir, checkpoint_format=args.checkpoint_format, weight_dtype=args.weight_dtype)
     tokenizer = copy_tokenizer(args.model, args.output_dir)
     print(

@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .utils import add_model_class_argument, add_overwrite_argument, check_output_dir, copy_tokenizer, load_model
+from .utils import (
+    add_model_class_argument,
+    add_overwrite_argument,
+    check_output_dir,
+    copy_source_files,
+    copy_tokenizer,
+    load_model,
+)
 
 
 def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -31,9 +38,10 @@ def merge_command(args: argparse.Namespace) -> int:
     check_output_dir(args.model, args.output_dir, args.overwrite)
     model = load_model(args.model, args.model_class)
     merge_unit_scale(model)
+    copy_source_files(args.model, args.output_dir)
     _remove_stale_weights(args.output_dir, "merged")  # transformers' own save replaces only its own shards
     model.save_pretrained(args.output_dir)
-    remove_model_card_section(args.output_dir)  # a card an earlier convert left there says "unit-scaled"
+    remove_model_card_section(args.output_dir)  # the source's card, or an earlier convert's, says "unit-scaled"
     tokenizer = copy_tokenizer(args.model, args.output_dir)
     print(
         f"Merged {type(model).__name__} → {args.output_dir} [plain transformers checkpoint{', with tokenizer' if tokenizer else ''}]"

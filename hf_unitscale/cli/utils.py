@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +85,39 @@ def load_model(name_or_path: str, model_class: str | None = None) -> Any:
         return from_pretrained(resolve_model_path(name_or_path), model_class=cls)
     except OSError as err:
         raise CommandError(f"could not load {name_or_path!r}: {err}") from err
+
+
+# weights beside a folder's checkpoint (`hub.weight_files`): other frameworks' and exports'. Copied next to the
+# converted checkpoint they would be the source model's, loadable as if they were the converted one.
+OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot", "*.onnx", "onnx", "openvino", "*.gguf")
+
+
+def copy_source_files(name_or_path: str, output_dir: str) -> None:
+    """Copy the files and subfolders of a model folder that the save does not write (README.md, modules.json,
+    1_Pooling/, …) to `output_dir`, so that the output is the whole source converted; before the save, which
+    writes config.json and the weights and merges its card into the source's README. Never copied: the source's
+    weights (`hub.weight_files`, `OTHER_WEIGHTS`), config.json, hidden entries (`.git`, `.cache`) and
+    `output_dir` itself. A Hub id cannot be listed offline: only its config, weights and tokenizer carry over."""
+    from ..hub import weight_files
+    from ..tasks import resolve_model_path
+
+    source, out = Path(resolve_model_path(name_or_path)).expanduser(), Path(output_dir).expanduser()
+    if not source.is_dir():
+        return
+    skipped = {path.name for path in weight_files(source)} | {"config.json"}
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted(source.iterdir()):
+        if (
+            path.name in skipped
+            or path.name.startswith(".")
+            or any(fnmatch.fnmatchcase(path.name, pattern) for pattern in OTHER_WEIGHTS)
+            or out.resolve().is_relative_to(path.resolve())
+        ):
+            continue
+        if path.is_dir():
+            shutil.copytree(path, out / path.name, dirs_exist_ok=True)
+        else:
+            shutil.copy2(path, out / path.name)
 
 
 TOKENIZER_FILES = (
