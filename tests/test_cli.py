@@ -193,6 +193,21 @@ def test_the_source_folders_other_files_and_card_metadata_carry_over(command, tm
     assert hf_unitscale.from_pretrained(out) is not None
 
 
+@pytest.mark.parametrize("command", ["convert", "merge", "report"])
+def test_a_broken_tokenizer_is_an_error_not_a_missing_one(command, tmp_path, capsys):
+    """A truncated tokenizer.json is named in a one-line error, before anything is written; not skipped silently."""
+    source = save_tiny_model("bert", tmp_path / "plain")
+    with open(source / "tokenizer.json", "r+") as file:
+        file.truncate(100)
+    capsys.readouterr()
+    out = tmp_path / "out"
+    assert main([command, str(source), *(["-o", str(out / "a.png")] if command == "report" else [str(out)])]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]  # after the weights' loading bar
+    assert err.startswith(f"hf-unitscale {command}: error: the tokenizer of {str(source)!r} does not load"), err
+    assert "(JSONDecodeError: Expecting value" in err
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- report
 
 _ROW = re.compile(r"^(\S+)\s+((?:\S+\s+){11}\S+)\s*$")

@@ -10,8 +10,8 @@ from .utils import (
     add_overwrite_argument,
     check_output_dir,
     copy_source_files,
-    copy_tokenizer,
     load_model,
+    load_tokenizer,
 )
 
 
@@ -60,13 +60,15 @@ def convert_command(args: argparse.Namespace) -> int:
         )
     check_output_dir(args.model, args.output_dir, args.overwrite)
     model = load_model(args.model, args.model_class)
+    tokenizer = load_tokenizer(args.model)  # before anything is written: broken tokenizer files are an error
     copy_source_files(args.model, args.output_dir)
     save_pretrained(model, args.output_dir, checkpoint_format=args.checkpoint_format, weight_dtype=args.weight_dtype)
-    tokenizer = copy_tokenizer(args.model, args.output_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output_dir)
     print(
         f"Converted {type(model).__name__} ({len(unit_scaled_modules(model))} unit-scaled modules) → "
         f"{args.output_dir} [{args.checkpoint_format}"
         f"{', Ŵ in ' + args.weight_dtype if args.checkpoint_format == 'unit-scaled' else ''}"
-        f"{', with tokenizer' if tokenizer else ''}]"
+        f"{', with tokenizer' if tokenizer is not None else ''}]"
     )
     return 0

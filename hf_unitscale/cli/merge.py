@@ -9,8 +9,8 @@ from .utils import (
     add_overwrite_argument,
     check_output_dir,
     copy_source_files,
-    copy_tokenizer,
     load_model,
+    load_tokenizer,
 )
 
 
@@ -37,13 +37,14 @@ def merge_command(args: argparse.Namespace) -> int:
 
     check_output_dir(args.model, args.output_dir, args.overwrite)
     model = load_model(args.model, args.model_class)
+    tokenizer = load_tokenizer(args.model)  # before anything is written: broken tokenizer files are an error
     merge_unit_scale(model)
     copy_source_files(args.model, args.output_dir)
     _remove_stale_weights(args.output_dir, "merged")  # transformers' own save replaces only its own shards
     model.save_pretrained(args.output_dir)
     remove_model_card_section(args.output_dir)  # the source's card, or an earlier convert's, says "unit-scaled"
-    tokenizer = copy_tokenizer(args.model, args.output_dir)
-    print(
-        f"Merged {type(model).__name__} → {args.output_dir} [plain transformers checkpoint{', with tokenizer' if tokenizer else ''}]"
-    )
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output_dir)
+    with_tokenizer = ", with tokenizer" if tokenizer is not None else ""
+    print(f"Merged {type(model).__name__} → {args.output_dir} [plain transformers checkpoint{with_tokenizer}]")
     return 0

@@ -131,10 +131,11 @@ TOKENIZER_FILES = (
 
 
 def load_tokenizer(name_or_path: str) -> Any | None:
-    """The tokenizer saved with a model, or None when there is none.
+    """The tokenizer saved with a model, or None when it has no tokenizer files.
 
     Checks for tokenizer files first: transformers 5 otherwise builds an empty tokenizer (special
-    tokens only) from a bare config, which would silently map every word to [UNK].
+    tokens only) from a bare config, which would silently map every word to [UNK]. Tokenizer files that
+    do not load (a truncated tokenizer.json) are an error, not a missing tokenizer.
     """
     from transformers import AutoTokenizer
     from transformers.utils import cached_file
@@ -142,22 +143,18 @@ def load_tokenizer(name_or_path: str) -> Any | None:
     from ..tasks import resolve_model_path
 
     path = resolve_model_path(name_or_path)
-    try:
-        found = any(
-            cached_file(
-                path, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
-            )
-            for name in TOKENIZER_FILES
+    found = any(
+        cached_file(
+            path, name, _raise_exceptions_for_missing_entries=False, _raise_exceptions_for_connection_errors=False
         )
-        return AutoTokenizer.from_pretrained(path) if found else None
-    except (OSError, ValueError, KeyError, TypeError):
+        for name in TOKENIZER_FILES
+    )
+    if not found:
         return None
-
-
-def copy_tokenizer(source: str, destination: str) -> bool:
-    """Save the tokenizer of `source` (if it has one) into `destination`."""
-    tokenizer = load_tokenizer(source)
-    if tokenizer is None:
-        return False
-    tokenizer.save_pretrained(destination)
-    return True
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as err:  # json, tokenizers (a bare Exception), sentencepiece, transformers: all say "broken"
+        raise CommandError(
+            f"the tokenizer of {name_or_path!r} does not load ({type(err).__name__}: {err}); repair its tokenizer "
+            "files, or remove them to go on without a tokenizer."
+        ) from err
