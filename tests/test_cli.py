@@ -305,6 +305,17 @@ def test_report_plot_values_equal_the_table(tmp_path, capsys, monkeypatch):
     assert series["rms(W)"] == pytest.approx([row["weight_rms"] for row in data["layers"]], rel=1e-6)
 
 
+def test_report_without_a_tokenizer_refuses_a_text_file_and_says_it_measures_random_ids(tmp_path, capsys):
+    source = save_tiny_model("llama-tied", tmp_path / "plain", tokenizer=False)
+    (tmp_path / "text.txt").write_text("It is a truth universally acknowledged.\n")
+    argv = ["report", str(source), "-o", str(tmp_path / "a.png"), "--max-length", "8", "--batch-size", "2"]
+    assert main([*argv, "--text-file", str(tmp_path / "text.txt")]) == 2
+    err = capsys.readouterr().err.splitlines()[-1]
+    assert err.startswith("hf-unitscale report: error: --text-file needs a tokenizer") and str(source) in err, err
+    assert main(argv) == 0
+    assert f"{source} has no tokenizer: measuring on random token ids" in capsys.readouterr().out
+
+
 # --------------------------------------------------------------------------- train
 
 

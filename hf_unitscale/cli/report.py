@@ -2,7 +2,8 @@
 
 Batches: with a tokenizer, real text — `--text-file` lines, else the embedded data (movie-review
 snippets for encoders, Jane Austen for causal LMs), cycled when more rows are needed; without one
-(e.g. a bare test model), seeded random token ids. Labels make the loss the model's real training
+(e.g. a bare test model), seeded random token ids, which the output says (`--text-file` is then an
+error: there is nothing to read it with). Labels make the loss the model's real training
 loss: the real sentiment labels (or random ones) for a classifier, the inputs themselves for a
 (causal, masked or sequence-to-sequence) LM; a bare encoder-decoder's decoder reads the input text too. The first `--num-batches` batches are measured; the next `--num-batches`
 calibrate a, c, so x/a and g/c are measured on data the scales were not fitted to. A checkpoint with
@@ -103,12 +104,12 @@ def _texts(args: argparse.Namespace, causal: bool, count: int) -> tuple[list[str
     return [texts[i] for i in rows], [labels[i] for i in rows]
 
 
-def report_batches(model, model_path: str, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
-    """2 × `num_batches` batches with labels for `model` (see module docstring)."""
+def report_batches(model, tokenizer, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
+    """2 × `num_batches` batches with labels for `model`, random token ids if `tokenizer` is None (see module
+    docstring)."""
     count = 2 * args.num_batches * args.batch_size
     kind = _label_kind(model)
     generator = torch.Generator().manual_seed(args.seed)
-    tokenizer = load_tokenizer(model_path)
     real_labels = None
     if tokenizer is not None:
         causal = kind == "tokens" and not type(model).__name__.endswith("ForMaskedLM")
@@ -150,7 +151,15 @@ def report_command(args: argparse.Namespace) -> int:
     # a head the checkpoint lacks (a classifier on a bare encoder) is initialized from torch's global RNG
     transformers.set_seed(args.seed)
     model = load_model(args.model, args.model_class)
-    batches = report_batches(model, args.model, args)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None and args.text_file:
+        raise CommandError(
+            f"--text-file needs a tokenizer, and {args.model!r} has no tokenizer files; save the model's tokenizer "
+            "into it, or leave out --text-file to measure on random token ids."
+        )
+    if tokenizer is None:
+        print(f"{args.model} has no tokenizer: measuring on random token ids (seeded by --seed), not on text.")
+    batches = report_batches(model, tokenizer, args)
     measure, calibration = batches[: args.num_batches], batches[args.num_batches :]
     if _label_kind(model) is None:
         print(f"{type(model).__name__} has no loss head: gradients come from the proxy loss sum(logits²)/2/rows.")
