@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
-from test_recipe import RECIPES_DIR, save_tiny_model, stand_in_overrides
+from test_recipe import RECIPES_DIR, save_tiny_model, stand_in_overrides, tiny_tokenizer
 from transformers import AutoConfig, AutoModel
 
 import hf_unitscale
@@ -314,6 +314,41 @@ def test_report_without_a_tokenizer_refuses_a_text_file_and_says_it_measures_ran
     assert err.startswith("hf-unitscale report: error: --text-file needs a tokenizer") and str(source) in err, err
     assert main(argv) == 0
     assert f"{source} has no tokenizer: measuring on random token ids" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("num_labels, problem_type", [(1, None), (3, "regression"), (4, "multi_label_classification")])
+def test_report_labels_fit_the_classifiers_problem_type(num_labels, problem_type, tmp_path, monkeypatch):
+    """Regression heads (one label, or `problem_type="regression"`) get float targets, multi-label heads a float
+    0/1 matrix: from the real labels (the embedded sentiment ones here) and from random ones."""
+    import argparse
+
+    import datasets
+    import transformers
+
+    from hf_unitscale.cli.report import report_batches
+
+    config = transformers.BertConfig(
+        vocab_size=101, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
+    )
+    config.num_labels, config.problem_type = num_labels, problem_type
+    transformers.BertForSequenceClassification(config).save_pretrained(tmp_path / "bert")
+    argv = ["report", str(tmp_path / "bert"), "-o", str(tmp_path / "a.png"), "--max-length", "8", "--batch-size", "4"]
+    assert main(argv) == 0  # random token ids and labels
+    data = datasets.Dataset.from_dict({"text": ["w1 w2", "w3 w4"], "label": [1, 0]})
+    monkeypatch.setattr(hf_unitscale.embedded, "load_sentiment", lambda split: data)
+    model = hf_unitscale.from_pretrained(tmp_path / "bert")
+    args = argparse.Namespace(num_batches=1, batch_size=4, max_length=8, seed=0, text_file=None)
+    real = torch.tensor([1, 0] * 4)
+    for tokenizer in (None, tiny_tokenizer()):
+        labels = torch.cat([batch["labels"] for batch in report_batches(model, tokenizer, args)])
+        assert labels.dtype == torch.float32 and labels.shape == ((8,) if num_labels == 1 else (8, num_labels))
+        if problem_type == "multi_label_classification":
+            assert set(labels.unique().tolist()) <= {0.0, 1.0} and (labels.sum(1) == 1).all()
+            assert tokenizer is None or labels.argmax(1).equal(real)
+        elif tokenizer is None:
+            assert labels.std() > 0.5
+        else:
+            assert labels.equal(real.float() if num_labels == 1 else real[:, None].float().repeat(1, num_labels))
 
 
 # --------------------------------------------------------------------------- train

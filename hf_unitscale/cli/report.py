@@ -4,7 +4,8 @@ Batches: with a tokenizer, real text — `--text-file` lines, else the embedded 
 snippets for encoders, Jane Austen for causal LMs), cycled when more rows are needed; without one
 (e.g. a bare test model), seeded random token ids, which the output says (`--text-file` is then an
 error: there is nothing to read it with). Labels make the loss the model's real training
-loss: the real sentiment labels (or random ones) for a classifier, the inputs themselves for a
+loss: the real sentiment labels (or random ones) for a classifier, shaped for its problem type (class ids,
+a 0/1 matrix for a multi-label head, float targets for regression), the inputs themselves for a
 (causal, masked or sequence-to-sequence) LM; a bare encoder-decoder's decoder reads the input text too. The first `--num-batches` batches are measured; the next `--num-batches`
 calibrate a, c, so x/a and g/c are measured on data the scales were not fitted to. A checkpoint with
 calibrated a, c (trained in FP8) is measured with its own.
@@ -104,6 +105,25 @@ def _texts(args: argparse.Namespace, causal: bool, count: int) -> tuple[list[str
     return [texts[i] for i in rows], [labels[i] for i in rows]
 
 
+def _class_labels(config, real: list[int] | None, rows: int, generator: torch.Generator) -> torch.Tensor:
+    """Labels for a sequence classifier's loss, as transformers picks it: class ids (single-label), a float 0/1
+    matrix (multi-label), float targets (regression, the default for one label); from the real labels if given."""
+    num_labels = config.num_labels
+    problem = config.problem_type or ("regression" if num_labels == 1 else "single_label_classification")
+    if problem == "regression":  # the real labels as targets of every output, else standard normal ones
+        if real is None:
+            return torch.randn((rows,) if num_labels == 1 else (rows, num_labels), generator=generator)
+        targets = torch.tensor(real, dtype=torch.float)
+        return targets if num_labels == 1 else targets[:, None].repeat(1, num_labels)
+    if real is not None:
+        classes = torch.tensor(real) % num_labels
+    else:
+        classes = torch.randint(0, num_labels, (rows,), generator=generator)
+    if problem == "multi_label_classification":  # each row's class as its one positive label
+        return torch.nn.functional.one_hot(classes, num_labels).float()
+    return classes
+
+
 def report_batches(model, tokenizer, args: argparse.Namespace) -> list[dict[str, torch.Tensor]]:
     """2 × `num_batches` batches with labels for `model`, random token ids if `tokenizer` is None (see module
     docstring)."""
@@ -128,11 +148,8 @@ def report_batches(model, tokenizer, args: argparse.Namespace) -> list[dict[str,
         rows = slice(start, start + args.batch_size)
         batch = {"input_ids": input_ids[rows], "attention_mask": attention_mask[rows]}
         if kind == "class":
-            num_labels = model.config.num_labels
-            if real_labels is not None:
-                batch["labels"] = torch.tensor(real_labels[rows]) % num_labels
-            else:
-                batch["labels"] = torch.randint(0, num_labels, (len(batch["input_ids"]),), generator=generator)
+            real = real_labels[rows] if real_labels is not None else None
+            batch["labels"] = _class_labels(model.config, real, len(batch["input_ids"]), generator)
         elif kind == "tokens":
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
         if getattr(model.config, "is_encoder_decoder", False) and "labels" not in batch:
