@@ -283,11 +283,18 @@ def _is_classifier(config: Any) -> bool:
     return any(a.endswith("ForSequenceClassification") for a in getattr(config, "architectures", None) or [])
 
 
+def position_limit(config: Any, tokenizer: Any = None) -> int | None:
+    """The most tokens per example a model takes: the smaller of its position table (`max_position_embeddings`,
+    GPT-2's `n_positions`) and the tokenizer's `model_max_length`; None when neither sets one."""
+    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions")]
+    if tokenizer is not None and tokenizer.model_max_length < 1e9:  # 1e30: no limit
+        limits.append(tokenizer.model_max_length)
+    return min((n for n in limits if n), default=None)
+
+
 def _within_positions(data_args: DataArguments, config: Any, tokenizer: Any) -> DataArguments:
     """`data_args` with `max_seq_length` at most the model's position limit, as run_clm/run_glue clamp it."""
-    limits = [getattr(config, key, None) for key in ("max_position_embeddings", "n_positions")]
-    limits.append(tokenizer.model_max_length if tokenizer.model_max_length < 1e9 else None)  # 1e30: no limit
-    limit = min((n for n in limits if n), default=None)
+    limit = position_limit(config, tokenizer)
     if limit is None or data_args.max_seq_length <= limit:
         return data_args
     logger.warning(

@@ -7,6 +7,7 @@ the installed console script.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import subprocess
@@ -349,6 +350,19 @@ def test_report_labels_fit_the_classifiers_problem_type(num_labels, problem_type
             assert labels.std() > 0.5
         else:
             assert labels.equal(real.float() if num_labels == 1 else real[:, None].float().repeat(1, num_labels))
+
+
+@pytest.mark.parametrize("tokenizer", [False, True])
+def test_report_clamps_max_length_to_the_models_positions(tokenizer, tmp_path, capsys, caplog):
+    """GPT-2's position table has n_positions rows: a longer --max-length is clamped with a warning, as `train`
+    clamps max_seq_length, instead of an IndexError."""
+    source = save_tiny_model("gpt2", tmp_path / "gpt2", tokenizer=tokenizer)  # n_positions = 64
+    if tokenizer:
+        (tmp_path / "text.txt").write_text(" ".join(f"w{i % 50}" for i in range(200)))
+    argv = ["report", str(source), "-o", str(tmp_path / "a.png"), "--max-length", "100", "--batch-size", "2"]
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        assert main(argv + (["--text-file", str(tmp_path / "text.txt")] if tokenizer else [])) == 0
+    assert "--max-length 100 is more than the model takes (64 positions); using 64." in caplog.text
 
 
 # --------------------------------------------------------------------------- train

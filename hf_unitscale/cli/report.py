@@ -19,8 +19,11 @@ from pathlib import Path
 
 import torch
 import transformers
+from transformers.utils import logging
 
 from .utils import CommandError, add_model_class_argument, load_model, load_tokenizer
+
+logger = logging.get_logger(__name__)
 
 
 def report_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -160,6 +163,7 @@ def report_batches(model, tokenizer, args: argparse.Namespace) -> list[dict[str,
 
 def report_command(args: argparse.Namespace) -> int:
     from ..analysis import format_scale_table, plot_scale_report, scale_report
+    from ..tasks import position_limit
 
     if args.num_batches < 1 or args.batch_size < 1 or args.max_length < 2:
         raise CommandError("--num-batches and --batch-size should be ≥ 1 and --max-length ≥ 2.")
@@ -174,6 +178,12 @@ def report_command(args: argparse.Namespace) -> int:
             f"--text-file needs a tokenizer, and {args.model!r} has no tokenizer files; save the model's tokenizer "
             "into it, or leave out --text-file to measure on random token ids."
         )
+    limit = position_limit(model.config, tokenizer)
+    if limit is not None and args.max_length > limit:  # as `train` clamps `max_seq_length`
+        logger.warning(
+            f"--max-length {args.max_length} is more than the model takes ({limit} positions); using {limit}."
+        )
+        args.max_length = limit
     if tokenizer is None:
         print(f"{args.model} has no tokenizer: measuring on random token ids (seeded by --seed), not on text.")
     batches = report_batches(model, tokenizer, args)
