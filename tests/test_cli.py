@@ -365,6 +365,20 @@ def test_report_clamps_max_length_to_the_models_positions(tokenizer, tmp_path, c
     assert "--max-length 100 is more than the model takes (64 positions); using 64." in caplog.text
 
 
+def test_report_names_the_png_it_writes_and_refuses_a_json_folder_before_measuring(tmp_path, capsys):
+    source = save_tiny_model("llama-tied", tmp_path / "plain", tokenizer=False)
+    argv = ["report", str(source), "--max-length", "8", "--batch-size", "2"]
+    (tmp_path / "folder").mkdir()
+    capsys.readouterr()
+    assert main([*argv, "-o", str(tmp_path / "a.png"), "--json", str(tmp_path / "folder")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"hf-unitscale report: error: --json {tmp_path / 'folder'} is a folder"), err
+    assert not (tmp_path / "a.png").exists()  # checked first: nothing measured or written
+    assert main([*argv, "-o", str(tmp_path / "plotnoext")]) == 0
+    assert f"Wrote {tmp_path / 'plotnoext.png'}\n" in capsys.readouterr().out
+    assert (tmp_path / "plotnoext.png").read_bytes()[:4] == b"\x89PNG"
+
+
 # --------------------------------------------------------------------------- train
 
 

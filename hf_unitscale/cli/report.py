@@ -35,7 +35,12 @@ def report_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
         "has calibrated ones) and measure the FP8 operands x/a and g/c. Prints a table and writes a log-scale PNG with the E4M3/E5M2 ranges shaded.",
     )
     parser.add_argument("model", help="model folder, Hub id, or embedded:minilm / embedded:smollm2")
-    parser.add_argument("--output", "-o", default="scales.png", help="PNG to write (default: %(default)s)")
+    parser.add_argument(
+        "--output",
+        "-o",
+        default="scales.png",
+        help="PNG to write; .png is added to a name without a suffix (default: %(default)s)",
+    )
     parser.add_argument("--json", dest="json_path", default=None, help="also write the table as JSON to this file")
     add_model_class_argument(parser)
     parser.add_argument(
@@ -169,6 +174,12 @@ def report_command(args: argparse.Namespace) -> int:
         raise CommandError("--num-batches and --batch-size should be ≥ 1 and --max-length ≥ 2.")
     if args.text_file and not Path(args.text_file).is_file():
         raise CommandError(f"--text-file {args.text_file} does not exist; give a text file, one example per line.")
+    for flag, path, example in (("--output", args.output, "scales.png"), ("--json", args.json_path, "scales.json")):
+        if path is not None and Path(path).is_dir():  # before measuring, not after the PNG is written
+            raise CommandError(f"{flag} {path} is a folder; give a file to write, e.g. {Path(path) / example}.")
+    output = Path(args.output)
+    if not output.suffix:  # matplotlib would add its default format's, and we would name the file without it
+        output = output.with_name(f"{output.name}.png")
     # a head the checkpoint lacks (a classifier on a bare encoder) is initialized from torch's global RNG
     transformers.set_seed(args.seed)
     model = load_model(args.model, args.model_class)
@@ -192,8 +203,8 @@ def report_command(args: argparse.Namespace) -> int:
         print(f"{type(model).__name__} has no loss head: gradients come from the proxy loss sum(logits²)/2/rows.")
     report = scale_report(model, measure, calibrate=args.calibrate, calibration_batches=calibration)
     print(format_scale_table(report))
-    plot_scale_report(report, args.output, title=f"{args.model}: tensor scales against the FP8 ranges")
-    print(f"Wrote {args.output}")
+    plot_scale_report(report, output, title=f"{args.model}: tensor scales against the FP8 ranges")
+    print(f"Wrote {output}")
     if args.json_path:
         Path(args.json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json_path).write_text(json.dumps(report.to_dict(), indent=1), encoding="utf-8")
