@@ -90,13 +90,16 @@ def load_model(name_or_path: str, model_class: str | None = None) -> Any:
 # weights beside a folder's checkpoint (`hub.weight_files`): other frameworks' and exports'. Copied next to the
 # converted checkpoint they would be the source model's, loadable as if they were the converted one.
 OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot", "*.onnx", "onnx", "openvino", "*.gguf")
+# a Trainer output folder's run state: checkpoints of other steps, event logs; not part of the model
+RUN_STATE = ("checkpoint-*", "runs", "trainer_state.json", "training_args.bin")
 
 
 def copy_source_files(name_or_path: str, output_dir: str) -> None:
     """Copy the files and subfolders of a model folder that the save does not write (README.md, modules.json,
     1_Pooling/, …) to `output_dir`, so that the output is the whole source converted; before the save, which
     writes config.json and the weights and merges its card into the source's README. Never copied: the source's
-    weights (`hub.weight_files`, `OTHER_WEIGHTS`), config.json, hidden entries (`.git`, `.cache`) and
+    weights (`hub.weight_files`, `OTHER_WEIGHTS`), a Trainer's run state (`RUN_STATE`: `checkpoint-*`, `runs`, …),
+    config.json, hidden entries (`.git`, `.cache`) and
     `output_dir` itself. A Hub id cannot be listed offline: only its config, weights and tokenizer carry over."""
     from ..hub import weight_files
     from ..tasks import resolve_model_path
@@ -110,7 +113,7 @@ def copy_source_files(name_or_path: str, output_dir: str) -> None:
         if (
             path.name in skipped
             or path.name.startswith(".")
-            or any(fnmatch.fnmatchcase(path.name, pattern) for pattern in OTHER_WEIGHTS)
+            or any(fnmatch.fnmatchcase(path.name, pattern) for pattern in OTHER_WEIGHTS + RUN_STATE)
             or out.resolve().is_relative_to(path.resolve())
         ):
             continue
