@@ -118,6 +118,22 @@ def test_merge_gives_a_plain_checkpoint(case_id, tmp_path):
     _close(_logits(plain, case_id), _logits(CASES_BY_ID[case_id].model(), case_id))
 
 
+def test_merge_of_a_checkpoint_that_stores_w_copies_it_bit_for_bit(tmp_path):
+    """A plain or merged checkpoint already stores W: merge writes it unchanged (re-converting and merging back
+    moved ~1 in 7 fp32 weights by one ulp) and drops the `unit_scaling` block."""
+    from safetensors.torch import load_file
+
+    plain = save_tiny_model("bert", tmp_path / "plain")
+    assert main(["convert", str(plain), str(tmp_path / "merged"), "--format", "merged"]) == 0
+    for source in (plain, tmp_path / "merged"):
+        out = tmp_path / f"out-{source.name}"
+        assert main(["merge", str(source), str(out)]) == 0
+        expected, written = load_file(source / "model.safetensors"), load_file(out / "model.safetensors")
+        assert written.keys() == expected.keys()
+        assert all(torch.equal(written[name], tensor) for name, tensor in expected.items())
+        assert "unit_scaling" not in json.loads((out / "config.json").read_text())
+
+
 def test_convert_with_model_class(tmp_path):
     source = save_tiny_model("bert", tmp_path / "plain")
     assert main(["convert", str(source), str(tmp_path / "o"), "--model-class", "AutoModel"]) == 0
