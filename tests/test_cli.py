@@ -369,6 +369,19 @@ def test_report_labels_fit_the_classifiers_problem_type(num_labels, problem_type
             assert labels.equal(real.float() if num_labels == 1 else real[:, None].float().repeat(1, num_labels))
 
 
+def test_report_gives_a_token_classifier_per_token_labels(tmp_path, capsys):
+    """A token classifier trains on one class per token (padding ignored): its own loss, not the proxy one."""
+    import transformers
+
+    config = transformers.BertConfig(
+        vocab_size=101, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37, num_labels=5
+    )
+    transformers.BertForTokenClassification(config).save_pretrained(tmp_path / "bert")
+    argv = ["report", str(tmp_path / "bert"), "-o", str(tmp_path / "a.png"), "--max-length", "8", "--batch-size", "4"]
+    assert main(argv) == 0
+    assert "proxy loss" not in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("tokenizer", [False, True])
 def test_report_clamps_max_length_to_the_models_positions(tokenizer, tmp_path, capsys, caplog):
     """GPT-2's position table has n_positions rows: a longer --max-length is clamped with a warning, as `train`

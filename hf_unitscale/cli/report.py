@@ -93,6 +93,8 @@ def _label_kind(model) -> str | None:
         return "class"
     if name.endswith(("ForCausalLM", "LMHeadModel", "ForMaskedLM", "ForConditionalGeneration")):
         return "tokens"  # a seq2seq LM's labels: the input text again (its decoder inputs are derived from them)
+    if name.endswith("ForTokenClassification"):
+        return "token_class"
     return None
 
 
@@ -160,6 +162,9 @@ def report_batches(model, tokenizer, args: argparse.Namespace) -> list[dict[str,
             batch["labels"] = _class_labels(model.config, real, len(batch["input_ids"]), generator)
         elif kind == "tokens":
             batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+        elif kind == "token_class":  # one class per token (a stand-in: no tagged text is shipped), padding ignored
+            classes = torch.randint(0, model.config.num_labels, batch["input_ids"].shape, generator=generator)
+            batch["labels"] = classes.masked_fill(batch["attention_mask"] == 0, -100)
         if getattr(model.config, "is_encoder_decoder", False) and "labels" not in batch:
             batch["decoder_input_ids"] = batch["input_ids"]  # a bare encoder-decoder: the decoder reads the text too
         batches.append(batch)
