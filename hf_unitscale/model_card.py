@@ -126,8 +126,37 @@ def _calibration_text(block: dict, model: nn.Module) -> str:
         return "Not calibrated: every operand scale a, c is 1."
     details = ", ".join(f"{k}: `{v}`" for k, v in (calibration or {}).items()) or "no details recorded"
     return (
-        f"Calibrated ({details}); {calibrated} of {len(matmuls)} matmul layers carry measured scales "
-        "a = rms(input) and c = rms(output gradient), so every low-precision operand has unit RMS."
+        f"Calibrated ({details}); {calibrated} of {len(matmuls)} matmul layers carry {_calibration_rule(calibration)}."
+    )
+
+
+def _calibration_rule(record: dict | None) -> str:
+    """What `calibrate` made a and c, from the options it recorded: unit RMS is claimed only where none moved them."""
+    if not record:
+        return "operand scales a, c other than 1 (how they were set is not recorded)"
+    if record.get("input_rounding_search"):
+        rule = "scales a within a factor √2 of rms(input), where the forward cast errs least,"
+    else:
+        rule = "scales a = rms(input)"
+    rule += " and c = rms(output gradient) over the non-zero elements of the calibration batches"
+    moved = []
+    if record.get("grad_underflow_budget") is not None:
+        moved.append(
+            f"c lowered where needed so that at most a fraction {record['grad_underflow_budget']} of a layer's "
+            "non-zero output-gradient elements flush to zero, never so far that the gradient's peak saturates"
+        )
+    if record.get("headroom") is not None:
+        moved.append(
+            f"a, c raised where needed to keep each operand's peak at least {record['headroom']}x below its "
+            "format's max"
+        )
+    if not moved:
+        if record.get("input_rounding_search"):
+            return rule + ", so each low-precision operand's RMS on them was within a factor √2 of 1"
+        return rule + ", so each low-precision operand had unit RMS on them"
+    return (
+        f"{rule}, then {'; '.join(moved)}. Where a scale moved, its operand's RMS is not 1: above 1 where c was "
+        "lowered, below 1 where a scale was raised"
     )
 
 

@@ -370,6 +370,27 @@ def test_model_card_states_what_it_must(checkpoint_format, tmp_path):
     assert "s = rms(W), so rms(Ŵ) = 1" in card
 
 
+def test_model_card_states_what_calibration_made_the_operand_scales(tmp_path):
+    """Unit RMS is claimed only for a = rms(x), c = rms(g); a budget and headroom move them, and the card says how."""
+    case = CASES_BY_ID["llama-untied"]
+    model = _converted(case, calibrated=False)
+    batch = case.batch()
+    batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+
+    def calibration_line(**options):
+        table = hf_unitscale.calibrate(model, [batch], progress=False, **options)
+        model.save_pretrained(tmp_path, checkpoint_format="unit-scaled")
+        card = (tmp_path / "README.md").read_text()
+        return next(line for line in card.splitlines() if "**Calibration:**" in line), table
+
+    budgeted, table = calibration_line(headroom=4, grad_underflow_budget=1e-4)
+    assert any(row["grad_scale"] < row["grad_rms"] / 2 for row in table.values())  # c is far from rms(g) here
+    assert "unit RMS" not in budgeted and "its operand's RMS is not 1: above 1 where c was lowered" in budgeted
+    assert "c lowered where needed so that at most a fraction 0.0001" in budgeted and "at least 4x below" in budgeted
+    plain, _ = calibration_line()
+    assert "a = rms(input) and c = rms(output gradient)" in plain and "had unit RMS on them" in plain
+
+
 @pytest.mark.parametrize("checkpoint_format", ["unit-scaled", "compressed-tensors", "merged"])
 def test_model_card_names_the_class_saved_not_the_one_loaded_from(checkpoint_format, tmp_path):
     transformers.BertModel(transformers.BertConfig(**_BERT_SMALL)).save_pretrained(tmp_path / "base")
