@@ -22,6 +22,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+import torch
 from huggingface_hub import ModelCard, ModelCardData
 from torch import nn
 
@@ -205,6 +206,37 @@ def _scale_text(model: nn.Module) -> str:
     return "s = rms(W), so rms(Ŵ) = 1 at conversion"
 
 
+# the dtypes of Ŵ each storage dtype holds exactly; e4m3 and int8 rows round any float Ŵ
+_EXACT_STORAGE = {"float32": (torch.float32, torch.bfloat16, torch.float16), "bfloat16": (torch.bfloat16,)}
+
+
+def _storage_rounds(model: nn.Module, weight_dtype: str, embedding_dtype: str | None) -> bool:
+    """Whether the unit-scaled format with these dtypes rounds some Ŵ of `model` (embedding tables are stored as
+    `embedding_dtype`)."""
+    for module in unit_scaled_modules(model).values():
+        storage = (embedding_dtype or weight_dtype) if isinstance(module, nn.Embedding) else weight_dtype
+        exact = _EXACT_STORAGE.get(storage, ())
+        if any(getattr(module, weight).dtype not in exact for weight in module.unit_scaled_weights):
+            return True
+    return False
+
+
+def _function_text(model: nn.Module, checkpoint_format: str, weight_dtype: str, embedding_dtype: str | None) -> str:
+    """Whether loading the checkpoint gives the converted model's function back, or that its storage rounds Ŵ (no
+    figure: what the rounding costs depends on the model and the data)."""
+    if checkpoint_format == "compressed-tensors":
+        stored = "Ŵ of its linear layers rounded to e4m3"
+    elif checkpoint_format == "unit-scaled" and _storage_rounds(model, weight_dtype, embedding_dtype):
+        stored = "Ŵ rounded to its storage dtype (below)"
+    else:
+        return "The model computes the same function as before conversion."
+    return (
+        f"The converted model computes the same function as before conversion, but this checkpoint stores {stored}, "
+        "so the model loaded from it computes an approximation of that function, not the same one: measure the "
+        "change on your data before relying on it."
+    )
+
+
 def model_card_section(
     model: nn.Module,
     *,
@@ -239,7 +271,7 @@ def model_card_section(
             f"This `{architecture}` is **unit-scaled** with `hf_unitscale`: every "
             f"converted weight is stored as W = s·Ŵ with {_scale_text(model)}, and its matmuls run as "
             "y = (s·a)·(q(x/a) @ q(Ŵ)ᵀ) + b with static operand scales a (input) and c (output gradient). "
-            "The model computes the same function as before conversion.",
+            + _function_text(model, checkpoint_format, weight_dtype or "float32", embedding_dtype),
             "",
             f"- **Checkpoint format:** `{checkpoint_format}` — {_FORMAT_TEXT[checkpoint_format]}",
             f"- **Weight dtype (Ŵ):** {dtype}",

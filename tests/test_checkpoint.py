@@ -405,6 +405,31 @@ def test_model_card_names_the_class_saved_not_the_one_loaded_from(checkpoint_for
     assert "BertForSequenceClassification" in card and "BertModel" not in card, card
 
 
+@pytest.mark.parametrize(
+    ("model_dtype", "checkpoint_format", "weight_dtype", "exact"),
+    [
+        (torch.float32, "unit-scaled", "float32", True),
+        (torch.bfloat16, "unit-scaled", "bfloat16", True),
+        (torch.float32, "unit-scaled", "bfloat16", False),
+        (torch.float32, "unit-scaled", "e4m3", False),
+        (torch.float32, "compressed-tensors", None, False),
+    ],
+)
+def test_model_card_claims_the_same_function_only_for_exact_storage(
+    model_dtype, checkpoint_format, weight_dtype, exact, tmp_path
+):
+    """Storage that rounds Ŵ is named instead of "the same function"; where the card claims it, the reload has
+    every weight and scale of the model (a bf16 model's logits still move: transformers rebuilds RoPE's inv_freq
+    in fp32, as in a plain round trip)."""
+    model = hf_unitscale.unit_scale(CASES_BY_ID["llama-tied"].model().to(model_dtype))
+    model.save_pretrained(tmp_path, checkpoint_format=checkpoint_format, weight_dtype=weight_dtype)
+    card = (tmp_path / "README.md").read_text()
+    saved, loaded = model.state_dict(), hf_unitscale.from_pretrained(tmp_path).state_dict()
+    assert all(torch.equal(loaded[name], tensor) for name, tensor in saved.items() if "rotary" not in name) == exact
+    assert ("The model computes the same function as before conversion." in card) == exact
+    assert ("an approximation of that function, not the same one" in card) == (not exact)
+
+
 def test_model_card_says_when_scales_are_powers_of_two(tmp_path):
     model = hf_unitscale.unit_scale(CASES_BY_ID["bert"].model().to(torch.bfloat16))
     model.save_pretrained(tmp_path)
