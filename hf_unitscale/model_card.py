@@ -14,6 +14,7 @@ takes the section out again when the folder gets a plain (merged back) checkpoin
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -24,12 +25,15 @@ from typing import Any
 
 import torch
 from huggingface_hub import ModelCard, ModelCardData
+from safetensors import safe_open
 from torch import nn
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME
-from .config import CONFIG_KEY
-from .convert import unit_scaled_modules, weight_scales
+from .config import CONFIG_KEY, UnitScaleConfig
+from .convert import _uses_power_of_two, _weight_scale, unit_scaled_modules, weight_scales
 from .modules import UnitScaledMatmulMixin
+from .ops import apply_scale
 
 __all__ = [
     "MODEL_CARD_TAGS",
@@ -73,8 +77,9 @@ def _base_model(config) -> str | None:
     return name if re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) else None
 
 
-def _scale_rows(model: nn.Module) -> list[tuple[str, str, float, float | None, float | None]]:
-    """(layer, kind, s, a, c) for every converted weight; a, c are None for embeddings and generic layers."""
+def _scale_rows(model: nn.Module, scales: dict[int, float]) -> list[tuple[str, str, float, float | None, float | None]]:
+    """(layer, kind, s, a, c) for every converted weight, s from `scales` ({id(Ŵ): s}); a, c are None for embeddings
+    and generic layers."""
     rows = []
     for name, module in unit_scaled_modules(model).items():
         matmul = isinstance(module, UnitScaledMatmulMixin)
@@ -82,8 +87,46 @@ def _scale_rows(model: nn.Module) -> list[tuple[str, str, float, float | None, f
             label = name if weight == "weight" else f"{name}.{weight}"
             a = float(module.input_scale) if matmul else None
             c = float(module.grad_scale) if matmul else None
-            rows.append((label, type(module).base_class.__name__, float(module.scale_of(weight)), a, c))
+            rows.append((label, type(module).base_class.__name__, scales[id(getattr(module, weight))], a, c))
     return rows
+
+
+def _merged_weight_files(folder: str | os.PathLike | None) -> list[Path]:
+    """The merged checkpoint's weight files in `folder`: model.safetensors or the shards its index names."""
+    if folder is None or not Path(folder).is_dir():
+        return []
+    index = Path(folder) / SAFE_WEIGHTS_INDEX_NAME
+    names = (
+        sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() else [SAFE_WEIGHTS_NAME]
+    )
+    return [Path(folder) / name for name in names if (Path(folder) / name).is_file()]
+
+
+def _loaded_scales(model: nn.Module, block: dict, folder: str | os.PathLike | None) -> dict[int, float]:
+    """{id(Ŵ): s} that `hf_unitscale.from_pretrained` measures from the merged checkpoint in `folder`: `unit_scale`'s
+    rule on each stored W, s = rms(W) or its power of two, which after training differs from the s Ŵ was trained
+    with. A weight not found there (no folder) is measured on W = s·Ŵ in memory, what a save would store."""
+    config = UnitScaleConfig(power_of_two_scales=block.get("power_of_two_scales"))
+
+    def measure(name: str, weight: torch.Tensor) -> float:
+        return float(_weight_scale(weight, name, _uses_power_of_two(weight, config)))
+
+    params = dict(model.named_parameters(remove_duplicate=False))
+    converted = weight_scales(model)
+    scales = {}
+    for path in _merged_weight_files(folder):
+        with safe_open(path, framework="pt") as weights:
+            for name in weights.keys():
+                param = params.get(name)
+                if param is not None and id(param) in converted and id(param) not in scales:
+                    scales[id(param)] = measure(name, weights.get_tensor(name))
+    for module in unit_scaled_modules(model).values():
+        for weight_name in module.unit_scaled_weights:
+            weight = getattr(module, weight_name)
+            if id(weight) not in scales:
+                merged = apply_scale(weight.detach(), module.scale_of(weight_name).to(weight.device))
+                scales[id(weight)] = measure(weight_name, merged)
+    return scales
 
 
 def _fmt(x: float | None) -> str:
@@ -98,8 +141,8 @@ def _range(values: list[float | None]) -> str:
     return _fmt(lo) if lo == hi else f"{_fmt(lo)} … {_fmt(hi)} (median {_fmt(statistics.median(values))})"
 
 
-def _scale_table(model: nn.Module) -> str:
-    rows = _scale_rows(model)
+def _scale_table(model: nn.Module, scales: dict[int, float]) -> str:
+    rows = _scale_rows(model, scales)
     if len(rows) <= MAX_LAYER_ROWS:
         lines = ["| layer | type | s | a (input) | c (output grad) |", "|---|---|---|---|---|"]
         lines += [f"| `{n}` | {k} | {_fmt(s)} | {_fmt(a)} | {_fmt(c)} |" for n, k, s, a, c in rows]
@@ -198,9 +241,8 @@ def _load_code(architecture: str, repo_id: str, checkpoint_format: str) -> str:
     return f"With `hf_unitscale` (any format):\n\n{with_package}\n\nWithout `hf_unitscale`: {without}"
 
 
-def _scale_text(model: nn.Module) -> str:
+def _scale_text(scales: list[float]) -> str:
     """How s was chosen: rms(W), or a power of two (math.frexp's mantissa of 2^k is ½) for an exact conversion."""
-    scales = weight_scales(model).values()
     if scales and all(math.frexp(scale)[0] == 0.5 for scale in scales):
         return "s a power of two, so Ŵ = W/s is exact, and rms(Ŵ) within a factor √2 of 1 at conversion"
     return "s = rms(W), so rms(Ŵ) = 1 at conversion"
@@ -244,10 +286,20 @@ def model_card_section(
     weight_dtype: str | None = None,
     embedding_dtype: str | None = None,
     repo_id: str | None = None,
+    folder: str | os.PathLike | None = None,
 ) -> str:
-    """The unit-scaling section of the card, between its markers."""
+    """The unit-scaling section of the card, between its markers; a merged card lists the s a loader measures from
+    the weights saved in `folder` (`_loaded_scales`)."""
     config = model.config
     block = dict(getattr(config, CONFIG_KEY, None) or {})
+    if checkpoint_format == "merged":
+        scales = _loaded_scales(model, block, folder)
+        scales_note = (
+            "s is what `hf_unitscale.from_pretrained` measures from the merged W stored here, as `unit_scale` does "
+            "(the s Ŵ had before saving is not stored, only W = s·Ŵ); a, c are restored from `config.json`.\n\n"
+        )
+    else:
+        scales, scales_note = weight_scales(model), ""
     # the class being saved, as config.json names it (a model loaded into another head class still has the
     # checkpoint's `architectures` in memory); under FSDP2 the class is `FSDP<Model>` (hub._write_config)
     architecture = type(model).__name__.removeprefix("FSDP")
@@ -269,7 +321,7 @@ def model_card_section(
             "## Unit scaling",
             "",
             f"This `{architecture}` is **unit-scaled** with `hf_unitscale`: every "
-            f"converted weight is stored as W = s·Ŵ with {_scale_text(model)}, and its matmuls run as "
+            f"converted weight is stored as W = s·Ŵ with {_scale_text(list(scales.values()))}, and its matmuls run as "
             "y = (s·a)·(q(x/a) @ q(Ŵ)ᵀ) + b with static operand scales a (input) and c (output gradient). "
             + _function_text(model, checkpoint_format, weight_dtype or "float32", embedding_dtype),
             "",
@@ -281,7 +333,7 @@ def model_card_section(
             "",
             "### Per-layer scales",
             "",
-            _scale_table(model),
+            scales_note + _scale_table(model, scales),
             "",
             "### How to load",
             "",
@@ -315,11 +367,11 @@ def render_model_card(
     base_model: str | None = None,
     tags: list[str] | None = None,
     existing: str | None = None,
-    **storage: str | None,
+    **storage: Any,
 ) -> str:
     """README.md text: `existing` (a card's text) with its metadata completed and its unit-scaling section
-    replaced or appended; a new card when `existing` is None. `storage`: `weight_dtype`, `embedding_dtype`
-    of `model_card_section`."""
+    replaced or appended; a new card when `existing` is None. `storage`: `weight_dtype`, `embedding_dtype`,
+    `folder` of `model_card_section`."""
     section = model_card_section(model, checkpoint_format=checkpoint_format, repo_id=repo_id, **storage)
     if existing is None or not existing.strip():
         data = None
@@ -371,5 +423,7 @@ def update_model_card(model: nn.Module, save_directory: str | os.PathLike, **car
     """
     path = Path(save_directory) / "README.md"
     existing = path.read_text(encoding="utf-8") if path.exists() else None
-    path.write_text(render_model_card(model, existing=existing, **card_options), encoding="utf-8")
+    path.write_text(
+        render_model_card(model, existing=existing, folder=save_directory, **card_options), encoding="utf-8"
+    )
     return path

@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import re
 import subprocess
 import sys
 import textwrap
@@ -428,6 +429,25 @@ def test_model_card_claims_the_same_function_only_for_exact_storage(
     assert all(torch.equal(loaded[name], tensor) for name, tensor in saved.items() if "rotary" not in name) == exact
     assert ("The model computes the same function as before conversion." in card) == exact
     assert ("an approximation of that function, not the same one" in card) == (not exact)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_card_lists_the_scales_a_loader_measures(dtype, tmp_path):
+    """Training moves rms(Ŵ) off 1; the merged file holds only W = s·Ŵ and a loader measures s anew (rms(W), a power
+    of two for bf16): the card lists that s, read from the saved shards (GPT-2's tied head is stored once)."""
+    model = _converted(CASES_BY_ID["gpt2"]).to(dtype)
+    with torch.no_grad():
+        for i, layer in enumerate(hf_unitscale.unit_scaled_modules(model).values()):
+            layer.weight.mul_(1 + i / 3)  # as training moves Ŵ
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    card = (tmp_path / "README.md").read_text()
+    rows = dict(re.findall(r"^\| `([^`]+)` \| \w+ \| ([^|]+) \|", card, flags=re.M))
+    loaded = hf_unitscale.unit_scaled_modules(hf_unitscale.from_pretrained(tmp_path))
+    assert rows.keys() == loaded.keys()
+    for name, layer in loaded.items():
+        assert float(rows[name]) == pytest.approx(float(layer.weight_scale), rel=1e-3), name
+    assert "measures from the merged W stored here" in card
 
 
 def test_model_card_says_when_scales_are_powers_of_two(tmp_path):
