@@ -52,6 +52,7 @@ from .convert import check_no_peft_adapters, is_unit_scaled, matmul_layers, unit
 from .formats import FP8_FORMAT_PAIRS
 from .hub import delete_other_format_weights, mirror_weight_files, save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
+from .model_card import update_model_card
 from .operand_stats import is_causal_lm
 from .precision import casts_uncounted, full_precision, set_precision
 
@@ -472,13 +473,19 @@ class UnitScaleTrainer(Trainer):
 
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer's mid-training push of the output folder, which mirrors the latest checkpoint: with its
-        unit-scaled weights too (Trainer copies only model.safetensors/pytorch_model.bin), and none of another
-        format left in the repo."""
+        unit-scaled weights too (Trainer copies only model.safetensors/pytorch_model.bin) and a card that describes
+        them (Trainer copies none: an earlier merged push's card would stay), and none of another format left in
+        the repo."""
         push = getattr(self, "push_in_progress", None)
         skipped = push is not None and not push.is_done() and not self.args.hub_always_push  # as Trainer decides
         if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END and not skipped:
             # the running upload may still read the output folder's files: touch them only for a push that happens
             mirror_weight_files(checkpoint_folder, self.args.output_dir)
+            model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+            if isinstance(model, PreTrainedModel) and is_unit_scaled(model):  # as `_save` wrote the checkpoint
+                update_model_card(
+                    model, self.args.output_dir, checkpoint_format="unit-scaled", repo_id=self.hub_model_id
+                )
             delete_other_format_weights(
                 self.hub_model_id, "unit-scaled", token=self.args.hub_token, revision=self.args.hub_revision
             )
@@ -501,8 +508,6 @@ class UnitScaleTrainer(Trainer):
         super().create_model_card(*args, **kwargs)
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
         if self.is_world_process_zero() and is_unit_scaled(model):
-            from .model_card import update_model_card
-
             repo_id = self.hub_model_id or self.args.hub_model_id  # with its namespace once the repo exists
             update_model_card(model, self.args.output_dir, checkpoint_format=self._save_format(), repo_id=repo_id)
 

@@ -236,8 +236,9 @@ def _trainer_pushing_every_save(tmp_path, hub_model_id: str):
 
 def test_trainer_pushes_during_training_carry_weights_and_leave_one_format(local_hub, tmp_path):
     """`hub_strategy="every_save"`: each mid-training commit holds the checkpoint's unit-scaled weights (Trainer
-    copies only model.safetensors) and no stale merged weights of an earlier push; the final merged push deletes
-    the unit-scaled file, so plain transformers loads the trained model. The card names the namespaced repo."""
+    copies only model.safetensors) with a card that describes them, and no stale merged weights or card of an
+    earlier push; the final merged push deletes the unit-scaled file, so plain transformers loads the trained
+    model. The card names the namespaced repo."""
     from transformers import BertForSequenceClassification
 
     earlier, batch = _converted("bert")
@@ -252,6 +253,9 @@ def test_trainer_pushes_during_training_carry_weights_and_leave_one_format(local
     step_2 = hf_unitscale.from_pretrained(str(tmp_path / "run" / "checkpoint-2"))
     pushed_2 = hf_unitscale.from_pretrained("user/run", revision=during[0])
     torch.testing.assert_close(_logits(pushed_2, batch), _logits(step_2, batch), rtol=0, atol=0)
+    card_2 = local_hub.read_file("user/run", "README.md", revision=during[0]).decode()
+    assert "`unit-scaled` —" in card_2 and 'hf_unitscale.from_pretrained("user/run")' in card_2
+    assert "BertForSequenceClassification.from_pretrained" not in card_2  # the merged card's plain-load snippet
 
     final = local_hub.repo_files("user/run")
     assert "model.safetensors" in final and UNIT_SCALED_WEIGHTS_NAME not in final
