@@ -10,7 +10,6 @@ Loading never goes through a path that could silently drop the scales — see `c
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import shutil
 import tempfile
@@ -220,27 +219,23 @@ def mirror_weight_files(source: str | os.PathLike, target: str | os.PathLike) ->
             shutil.copy(path, Path(target) / path.name)
 
 
-def delete_other_format_weights(
-    repo_id: str, checkpoint_format: str, *, token: bool | str | None = None, revision: str | None = None
-) -> None:
-    """Delete from a Hub repo the weight files that a `checkpoint_format` push does not write (a merged push's
-    model.safetensors before a unit-scaled push, and the reverse): plain transformers would load a stale
-    model.safetensors as the model. For uploads that cannot pass `delete_patterns` themselves (Trainer's)."""
-    own = "unit_scaled_model" if checkpoint_format == "unit-scaled" else "model"
-    others = [p for p in _WEIGHT_PATTERNS if not p.startswith(f"{own}.") and not p.startswith(f"{own}-")]
-    api = HfApi(token=token)
-    if not api.repo_exists(repo_id):
-        return
-    files = api.list_repo_files(repo_id, revision=revision)
-    stale = [name for name in files if any(fnmatch.fnmatchcase(name, pattern) for pattern in others)]
-    if stale:
-        logger.info(f"Deleting {stale} from {repo_id}: weights of another checkpoint format than {checkpoint_format}.")
-        api.delete_files(
-            repo_id,
-            stale,
-            revision=revision,
-            commit_message=f"Remove weights of another format than {checkpoint_format}",
-        )
+class WeightReplacingApi:
+    """`api`, whose `upload_folder` of `folder` to the repo's root also deletes the repo's weight files that it does
+    not upload (`delete_patterns`), as `push_to_hub` does: for Trainer's uploads, which delete nothing. The commit that
+    brings one format's weights then removes another's, so no commit holds a config without its weights or a stale
+    model.safetensors that plain transformers would load as the model."""
+
+    def __init__(self, api: HfApi, folder: str | os.PathLike) -> None:
+        self._api, self._folder = api, os.path.abspath(folder)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._api, name)
+
+    def upload_folder(self, *args: Any, **kwargs: Any) -> Any:
+        folder = kwargs.get("folder_path")
+        if folder is not None and not kwargs.get("path_in_repo") and os.path.abspath(folder) == self._folder:
+            kwargs["delete_patterns"] = _WEIGHT_PATTERNS
+        return self._api.upload_folder(*args, **kwargs)  # the same client: its queue keeps Trainer's commits in order
 
 
 def _check_weight_dtype(checkpoint_format: str, weight_dtype: str | None) -> str | None:

@@ -36,10 +36,12 @@ What it changes, and where:
 from __future__ import annotations
 
 import math
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
+import transformers.trainer as transformers_trainer
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import HubStrategy
@@ -50,7 +52,7 @@ from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_
 from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import check_no_peft_adapters, is_unit_scaled, matmul_layers, unit_scale, weight_scales
 from .formats import FP8_FORMAT_PAIRS
-from .hub import delete_other_format_weights, mirror_weight_files, save_pretrained
+from .hub import WeightReplacingApi, mirror_weight_files, save_pretrained
 from .lr_rules import Role, build_param_groups, summarize_param_groups
 from .model_card import update_model_card
 from .operand_stats import is_causal_lm
@@ -471,11 +473,25 @@ class UnitScaleTrainer(Trainer):
 
     # ---- Hub: Trainer's uploads carry the checkpoint's weights and leave no other format's behind ----
 
+    @contextmanager
+    def _uploads_replacing_weights(self) -> Iterator[None]:
+        """For the length of a Trainer push, its upload of the output folder (through `transformers.trainer.hf_api()`,
+        whose commits delete nothing) also deletes the repo's weight files of another format, in the same commit
+        (`hub.WeightReplacingApi`): a separate delete commit would leave the repo's head without weights until the
+        upload lands, and for good if it fails. Other callers of `hf_api()` meanwhile get the same client, changed
+        only for uploads of this folder."""
+        shared = transformers_trainer.hf_api
+        transformers_trainer.hf_api = lambda: WeightReplacingApi(shared(), self.args.output_dir)
+        try:
+            yield
+        finally:
+            transformers_trainer.hf_api = shared
+
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer's mid-training push of the output folder, which mirrors the latest checkpoint: with its
         unit-scaled weights too (Trainer copies only model.safetensors/pytorch_model.bin) and a card that describes
-        them (Trainer copies none: an earlier merged push's card would stay), and none of another format left in
-        the repo."""
+        them (Trainer copies none: an earlier merged push's card would stay), in a commit that deletes the repo's
+        weights of another format."""
         push = getattr(self, "push_in_progress", None)
         skipped = push is not None and not push.is_done() and not self.args.hub_always_push  # as Trainer decides
         if self.is_world_process_zero() and self.args.hub_strategy != HubStrategy.END and not skipped:
@@ -486,22 +502,17 @@ class UnitScaleTrainer(Trainer):
                 update_model_card(
                     model, self.args.output_dir, checkpoint_format="unit-scaled", repo_id=self.hub_model_id
                 )
-            delete_other_format_weights(
-                self.hub_model_id, "unit-scaled", token=self.args.hub_token, revision=self.args.hub_revision
-            )
-        super()._push_from_checkpoint(checkpoint_folder)
+        with self._uploads_replacing_weights():
+            super()._push_from_checkpoint(checkpoint_folder)
 
     def push_to_hub(self, *args: Any, **kwargs: Any):
-        """Trainer's `push_to_hub` of the `save_format` checkpoint, after deleting the repo's weight files of another
-        format (mid-training pushes are unit-scaled; a stale model.safetensors would load in plain transformers)."""
+        """Trainer's `push_to_hub` of the `save_format` checkpoint, in a commit that deletes the repo's weight files of
+        another format (mid-training pushes are unit-scaled; a stale model.safetensors would load in plain
+        transformers)."""
         if self.is_world_process_zero():
-            token = kwargs.get("token") or self.args.hub_token
-            if self.hub_model_id is None:  # as Trainer.push_to_hub would, to know the repo before it uploads
-                self.init_hf_repo(token=token, **{k: kwargs[k] for k in ("private",) if k in kwargs})
-            self._finish_current_push()
-            revision = kwargs.get("revision") or self.args.hub_revision
-            delete_other_format_weights(self.hub_model_id, self._save_format(), token=token, revision=revision)
-        return super().push_to_hub(*args, **kwargs)
+            self._finish_current_push()  # `save_model` rewrites the output folder that upload may still read
+        with self._uploads_replacing_weights():
+            return super().push_to_hub(*args, **kwargs)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Trainer's card (training summary), merged with the unit-scaling section (format, scales, lr rule)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -238,7 +239,7 @@ def test_trainer_pushes_during_training_carry_weights_and_leave_one_format(local
     """`hub_strategy="every_save"`: each mid-training commit holds the checkpoint's unit-scaled weights (Trainer
     copies only model.safetensors) with a card that describes them, and no stale merged weights or card of an
     earlier push; the final merged push deletes the unit-scaled file, so plain transformers loads the trained
-    model. The card names the namespaced repo."""
+    model. Every commit loads: the deletions are part of the uploads. The card names the namespaced repo."""
     from transformers import BertForSequenceClassification
 
     earlier, batch = _converted("bert")
@@ -256,6 +257,14 @@ def test_trainer_pushes_during_training_carry_weights_and_leave_one_format(local
     card_2 = local_hub.read_file("user/run", "README.md", revision=during[0]).decode()
     assert "`unit-scaled` —" in card_2 and 'hf_unitscale.from_pretrained("user/run")' in card_2
     assert "BertForSequenceClassification.from_pretrained" not in card_2  # the merged card's plain-load snippet
+
+    for commit in local_hub.commits("user/run")[:-1]:  # all but the repo's initial commit (.gitattributes)
+        config = json.loads(local_hub.read_file("user/run", "config.json", revision=commit))
+        checkpoint_format = config["unit_scaling"]["checkpoint_format"]
+        weights = UNIT_SCALED_WEIGHTS_NAME if checkpoint_format == "unit-scaled" else "model.safetensors"
+        assert {name for name in files[commit] if name.endswith(".safetensors")} == {weights}, files[commit]
+        assert f"`{checkpoint_format}` —" in local_hub.read_file("user/run", "README.md", revision=commit).decode()
+        hf_unitscale.from_pretrained("user/run", revision=commit)
 
     final = local_hub.repo_files("user/run")
     assert "model.safetensors" in final and UNIT_SCALED_WEIGHTS_NAME not in final
