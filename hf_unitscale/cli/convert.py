@@ -9,9 +9,8 @@ from .utils import (
     add_model_class_argument,
     add_overwrite_argument,
     check_output_dir,
-    copy_source_files,
     load_model,
-    load_tokenizer,
+    write_model_folder,
 )
 
 
@@ -60,11 +59,12 @@ def convert_command(args: argparse.Namespace) -> int:
         )
     check_output_dir(args.model, args.output_dir, args.overwrite)
     model = load_model(args.model, args.model_class)
-    tokenizer = load_tokenizer(args.model)  # before anything is written: broken tokenizer files are an error
-    copy_source_files(args.model, args.output_dir)
-    save_pretrained(model, args.output_dir, checkpoint_format=args.checkpoint_format, weight_dtype=args.weight_dtype)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.output_dir)
+    tokenizer = write_model_folder(
+        args,
+        lambda: save_pretrained(
+            model, args.output_dir, checkpoint_format=args.checkpoint_format, weight_dtype=args.weight_dtype
+        ),
+    )
     print(
         f"Converted {type(model).__name__} ({len(unit_scaled_modules(model))} unit-scaled modules) → "
         f"{args.output_dir} [{args.checkpoint_format}"

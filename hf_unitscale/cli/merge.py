@@ -4,14 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .utils import (
-    add_model_class_argument,
-    add_overwrite_argument,
-    check_output_dir,
-    copy_source_files,
-    load_model,
-    load_tokenizer,
-)
+from .utils import add_model_class_argument, add_overwrite_argument, check_output_dir, load_model, write_model_folder
 
 
 def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -40,13 +33,13 @@ def merge_command(args: argparse.Namespace) -> int:
     if model is None:
         model = load_model(args.model, args.model_class)
         merge_unit_scale(model)
-    tokenizer = load_tokenizer(args.model)  # before anything is written: broken tokenizer files are an error
-    copy_source_files(args.model, args.output_dir)
-    _remove_stale_weights(args.output_dir, "merged")  # transformers' own save replaces only its own shards
-    model.save_pretrained(args.output_dir)
-    remove_model_card_section(args.output_dir)  # the source's card, or an earlier convert's, says "unit-scaled"
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.output_dir)
+
+    def save() -> None:
+        _remove_stale_weights(args.output_dir, "merged")  # transformers' own save replaces only its own shards
+        model.save_pretrained(args.output_dir)
+        remove_model_card_section(args.output_dir)  # the source's card, or an earlier convert's, says "unit-scaled"
+
+    tokenizer = write_model_folder(args, save)
     with_tokenizer = ", with tokenizer" if tokenizer is not None else ""
     print(f"Merged {type(model).__name__} → {args.output_dir} [plain transformers checkpoint{with_tokenizer}]")
     return 0

@@ -87,6 +87,18 @@ def load_model(name_or_path: str, model_class: str | None = None) -> Any:
         raise CommandError(f"could not load {name_or_path!r}: {err}") from err
 
 
+def write_model_folder(args: argparse.Namespace, save: Any) -> Any:
+    """Fill `args.output_dir` from the model `args.model`: its folder's other files (`copy_source_files`), then
+    `save()` (config, weights, card), then its tokenizer, loaded first so that broken tokenizer files are an error
+    before anything is written. Returns the tokenizer, or None if the source has none."""
+    tokenizer = load_tokenizer(args.model)
+    copy_source_files(args.model, args.output_dir)
+    save()
+    if tokenizer is not None:
+        tokenizer.save_pretrained(args.output_dir)
+    return tokenizer
+
+
 # weights beside a folder's checkpoint (`hub.weight_files`): other frameworks' and exports'. Copied next to the
 # converted checkpoint they would be the source model's, loadable as if they were the converted one.
 OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot", "*.onnx", "onnx", "openvino", "*.gguf")
