@@ -9,8 +9,9 @@ gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one
                     1-D `class_embedding`), and an input layer, whose fan-in is a size of the raw
                     input fixed by the config, not the width (μP's input weights): a conv reading
                     `num_channels` / `num_mel_bins` / `input_feat_per_channel` channels or one
-                    (patch embeddings, Whisper's `conv1`, wav2vec2's first conv), a Linear reading
-                    `embedding_size` ≠ `hidden_size` (ALBERT's, ELECTRA's embedding projections)
+                    (patch embeddings, Whisper's `conv1`, wav2vec2's first conv), a Linear named
+                    `*embed*` reading `embedding_size` ≠ `hidden_size` (ALBERT's, ELECTRA's
+                    embedding projections)
     readout         an output head: `get_output_embeddings()` if untied, and each matmul layer
                     outside the base model that feeds no other one there (`classifier`, `score`,
                     `qa_outputs`, a next-sentence or multiple-choice head beside the LM head, …)
@@ -165,14 +166,16 @@ def _input_sizes(config: Any) -> tuple[set[int], set[int]]:
 
 
 def _input_layer_weights(model: nn.Module) -> set[int]:
-    """ids of the weights of input layers: a conv whose input channels, or a Linear whose input features, are sizes
-    of the raw input that the config fixes (`_input_sizes`). μP calls them input weights: fan-in finite, fan-out
-    the width."""
+    """ids of the weights of input layers: a conv whose input channels are a size of the raw input that the config
+    fixes, or an embedding projection (a Linear named `*embed*`) reading `embedding_size` (`_input_sizes`). μP calls
+    them input weights: fan-in finite, fan-out the width. A hidden Linear that happens to read `embedding_size`
+    features (MobileBERT's bottlenecks) is no input layer."""
     channels, features = _input_sizes(getattr(model, "config", None))
     weights = set()
-    for module in model.modules():
+    for name, module in model.named_modules():
         conv = isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1 and module.in_channels in channels
-        if conv or (isinstance(module, nn.Linear) and module.in_features in features):
+        projection = isinstance(module, nn.Linear) and module.in_features in features and "embed" in name
+        if conv or projection:
             weights.add(id(module._parameters.get("weight")))  # not a parametrized weight's computed tensor
     return weights
 

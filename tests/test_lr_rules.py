@@ -333,6 +333,10 @@ def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
     t5 = _tiny(t.T5Config, t.T5ForConditionalGeneration, vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37,
                num_layers=1, num_heads=4)  # fmt: skip
     clip = _tiny(t.CLIPVisionConfig, t.CLIPVisionModel, image_size=16, patch_size=4, **small)
+    mobilebert = _tiny(
+        t.MobileBertConfig, t.MobileBertModel, vocab_size=VOCAB, embedding_size=16, true_hidden_size=16,
+        intra_bottleneck_size=16, num_feedforward_networks=1, **{**small, "intermediate_size": 16},
+    )  # fmt: skip
     pos_conv = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight"
     expected = {  # model, parameter: (role, lr / η under umup, under mup with base width 16: width_mult 2)
         (vit, "vit.embeddings.patch_embeddings.projection.weight"): ("embedding", 32**-0.5, 1.0),
@@ -350,6 +354,8 @@ def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
         ),
         (t5, "encoder.block.0.layer.0.SelfAttention.relative_attention_bias.weight"): ("bias", 1.0, 1.0),
         (clip, "embeddings.class_embedding"): ("embedding", 32**-0.5, 1.0),  # (h,), added
+        # a hidden matrix reading as many features as embedding_size (16, the bottleneck's width): no input layer
+        (mobilebert, "encoder.layer.0.attention.self.query.weight"): ("hidden_weight", 16**-0.5, 0.5),
     }
     for (model, name), (role, umup, mup) in expected.items():
         assert parameter_roles(model)[name] == role, name
