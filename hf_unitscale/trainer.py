@@ -225,13 +225,22 @@ class UnitScaleTrainer(Trainer):
         num_items = None
         if "labels" in inputs and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
             labels = inputs.get("shift_labels")
-            if labels is None:
-                shifts = getattr(self, "_loss_shifts_labels", None)
-                shifts = is_causal_lm(self.accelerator.unwrap_model(model)) if shifts is None else shifts
-                labels = inputs["labels"][..., 1:] if shifts else inputs["labels"]
-            num_items = accumulation * int(labels.ne(-100).sum())
+            try:  # as Trainer: labels that are no tensor (DETR's list of dicts) count nothing
+                if labels is None:
+                    shifts = getattr(self, "_loss_shifts_labels", None)
+                    shifts = is_causal_lm(self.accelerator.unwrap_model(model)) if shifts is None else shifts
+                    labels = inputs["labels"][..., 1:] if shifts else inputs["labels"]
+                num_items = accumulation * labels.ne(-100).sum()
+            except (TypeError, AttributeError):
+                pass
+        if num_items is not None:
             if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                num_items *= self.args.world_size
+                num_items = num_items * self.args.world_size
+            # processes that share one batch (tensor, context, sequence parallel) count it once, as Trainer does
+            shared = 1
+            for size in ("get_tp_size", "get_cp_size", "get_sp_size"):
+                shared *= getattr(self, size, lambda: 1)()
+            num_items = num_items / shared if shared > 1 else num_items
         loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:

@@ -735,6 +735,27 @@ def test_fp8_grad_scale_is_the_rms_of_the_gradient_training_backpropagates(tmp_p
         assert 0.7 < ratio < 1.4, (name, ratio)
 
 
+def test_fp8_calibration_loss_counts_no_items_in_labels_that_are_no_tensor(tmp_path):
+    """Labels of another kind (DETR's list of dicts) give no `num_items_in_batch`, as Trainer counts them: calibration
+    used to fail at train begin with "'list' object has no attribute 'ne'"."""
+    import torch.nn.functional as F
+
+    seen = []
+
+    class ListLabelsTrainer(UnitScaleTrainer):
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            seen.append(num_items_in_batch)
+            inputs = dict(inputs)
+            targets = torch.tensor([target["class"] for target in inputs.pop("labels")])
+            return F.cross_entropy(model(**inputs).logits, targets)
+
+    args = _args(tmp_path, cls=UnitScaleTrainingArguments, max_steps=1, fp8=True, gradient_accumulation_steps=2)
+    trainer = ListLabelsTrainer(model=CASES_BY_ID["bert"].model(), args=args)
+    ids = torch.randint(3, VOCAB, (2, 8))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": [{"class": 0}, {"class": 1}]}
+    assert torch.isfinite(trainer._calibration_loss(trainer.model, batch)) and seen == [None]
+
+
 def test_fp8_eval_false_evaluates_what_the_merged_export_computes(tmp_path):
     from hf_unitscale.convert import matmul_layers
     from hf_unitscale.precision import full_precision
