@@ -36,12 +36,10 @@ What it changes, and where:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from typing import Any
 
 import torch
-import transformers.trainer as transformers_trainer
 from torch import nn
 from transformers import PreTrainedModel, Trainer
 from transformers.trainer_utils import HubStrategy
@@ -52,7 +50,7 @@ from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_
 from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import check_no_peft_adapters, is_unit_scaled, matmul_layers, unit_scale, weight_scales
 from .formats import FP8_FORMAT_PAIRS
-from .hub import WeightReplacingApi, mirror_weight_files, save_pretrained
+from .hub import mirror_weight_files, save_pretrained, trainer_uploads_replacing_weights
 from .lr_rules import Role, build_param_groups, summarize_param_groups
 from .model_card import update_model_card
 from .operand_stats import is_causal_lm
@@ -482,20 +480,6 @@ class UnitScaleTrainer(Trainer):
 
     # ---- Hub: Trainer's uploads carry the checkpoint's weights and leave no other format's behind ----
 
-    @contextmanager
-    def _uploads_replacing_weights(self) -> Iterator[None]:
-        """For the length of a Trainer push, its upload of the output folder (through `transformers.trainer.hf_api()`,
-        whose commits delete nothing) also deletes the repo's weight files of another format, in the same commit
-        (`hub.WeightReplacingApi`): a separate delete commit would leave the repo's head without weights until the
-        upload lands, and for good if it fails. Other callers of `hf_api()` meanwhile get the same client, changed
-        only for uploads of this folder."""
-        shared = transformers_trainer.hf_api
-        transformers_trainer.hf_api = lambda: WeightReplacingApi(shared(), self.args.output_dir)
-        try:
-            yield
-        finally:
-            transformers_trainer.hf_api = shared
-
     def _push_from_checkpoint(self, checkpoint_folder: str) -> None:
         """Trainer's mid-training push of the output folder, which mirrors the latest checkpoint: with its
         unit-scaled weights too (Trainer copies only model.safetensors/pytorch_model.bin) and a card that describes
@@ -511,7 +495,7 @@ class UnitScaleTrainer(Trainer):
                 update_model_card(
                     model, self.args.output_dir, checkpoint_format="unit-scaled", repo_id=self.hub_model_id
                 )
-        with self._uploads_replacing_weights():
+        with trainer_uploads_replacing_weights(self.args.output_dir):
             super()._push_from_checkpoint(checkpoint_folder)
 
     def push_to_hub(self, *args: Any, **kwargs: Any):
@@ -520,7 +504,7 @@ class UnitScaleTrainer(Trainer):
         transformers)."""
         if self.is_world_process_zero():
             self._finish_current_push()  # `save_model` rewrites the output folder that upload may still read
-        with self._uploads_replacing_weights():
+        with trainer_uploads_replacing_weights(self.args.output_dir):
             return super().push_to_hub(*args, **kwargs)
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:

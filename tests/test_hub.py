@@ -297,3 +297,22 @@ def test_a_save_during_a_running_upload_leaves_the_output_folder_and_the_hub_alo
         running.set_result(None)
     assert (tmp_path / "run" / UNIT_SCALED_WEIGHTS_NAME).read_bytes() == pushed
     assert local_hub.commits("user/busy") == commits
+
+
+def test_overlapping_trainer_pushes_leave_transformers_hf_api_as_it_was(tmp_path):
+    """Trainers pushing in threads may end their pushes in any order: while any runs, Trainer's uploads of each running
+    push's folder delete the other format's weights; when the last ends, `transformers.trainer.hf_api` is its own
+    again (restoring what one push saw at its start left another's stand-in in place)."""
+    import transformers.trainer as transformers_trainer
+
+    from hf_unitscale.hub import trainer_uploads_replacing_weights
+
+    original = transformers_trainer.hf_api
+    first, second = (trainer_uploads_replacing_weights(tmp_path / name) for name in ("a", "b"))
+    first.__enter__()
+    second.__enter__()
+    assert transformers_trainer.hf_api()._folders == {str(tmp_path / "a"), str(tmp_path / "b")}
+    first.__exit__(None, None, None)  # the push that started first ends first
+    assert transformers_trainer.hf_api()._folders == {str(tmp_path / "b")}
+    second.__exit__(None, None, None)
+    assert transformers_trainer.hf_api is original
