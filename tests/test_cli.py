@@ -197,8 +197,11 @@ def test_the_source_folders_other_files_and_card_metadata_carry_over(command, tm
     (source / "modules.json").write_text("[]")
     (source / "1_Pooling").mkdir()
     (source / "1_Pooling" / "config.json").write_text("{}")
-    skipped = ("pytorch_model.bin", "onnx/model.onnx", ".cache/huggingface/download/x", "checkpoint-500/optimizer.pt")
-    for name in skipped:  # other weights, hidden files, a Trainer run's other checkpoints
+    skipped = (
+        *("pytorch_model.bin", "consolidated.safetensors", "original/consolidated.00.pth", "onnx/model.onnx"),
+        *(".cache/huggingface/download/x", "checkpoint-500/optimizer.pt"),
+    )
+    for name in skipped:  # other weights and exports, hidden files, a Trainer run's other checkpoints
         (source / name).parent.mkdir(parents=True, exist_ok=True)
         (source / name).write_text("not ours")
     out = tmp_path / "out"

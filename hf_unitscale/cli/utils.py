@@ -99,9 +99,14 @@ def write_model_folder(args: argparse.Namespace, save: Any) -> Any:
     return tokenizer
 
 
-# weights beside a folder's checkpoint (`hub.weight_files`): other frameworks' and exports'. Copied next to the
-# converted checkpoint they would be the source model's, loadable as if they were the converted one.
-OTHER_WEIGHTS = ("tf_model.h5", "flax_model.msgpack", "rust_model.ot", "*.onnx", "onnx", "openvino", "*.gguf")
+# weights beside a folder's checkpoint (`hub.weight_files`) in its top level: other frameworks', exports, Mistral's
+# `consolidated.safetensors`, adapters. Copied next to the converted checkpoint they would be the source model's,
+# loadable as if they were the converted one (and gigabytes). Subfolders' files are the model's (sentence-transformers'
+# `2_Dense/model.safetensors`).
+OTHER_WEIGHTS = (
+    *("*.safetensors", "*.bin", "*.pt", "*.pth", "*.ckpt", "*.h5", "*.msgpack", "*.ot", "*.onnx", "*.gguf"),
+    *("onnx", "openvino", "original"),  # exports; Llama's `original/consolidated.00.pth`
+)
 # a Trainer output folder's run state: checkpoints of other steps, event logs; not part of the model
 RUN_STATE = ("checkpoint-*", "runs", "trainer_state.json", "training_args.bin")
 
