@@ -194,7 +194,7 @@ def _file_stamps(folder: str | os.PathLike) -> dict[str, tuple[int, int]]:
     """{file name: (mtime in ns, size)} of the files directly in `folder` (none if it does not exist)."""
     folder = Path(folder)
     files = [path for path in folder.iterdir() if path.is_file()] if folder.is_dir() else []
-    return {path.name: (path.stat().st_mtime_ns, path.stat().st_size) for path in files}
+    return {path.name: (stat.st_mtime_ns, stat.st_size) for path in files for stat in [path.stat()]}
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:
