@@ -162,12 +162,12 @@ class UnitScaleTrainer(Trainer):
         if isinstance(block, dict):
             block["lr_rule"] = options["lr_rule"]
         if options["fp8"]:
-            backend = options["fp8_backend"] or (block.get("backend", "simulate") if isinstance(block, dict) else None)
+            backend = (
+                options["fp8_backend"] or (block.get("backend") if isinstance(block, dict) else None) or "simulate"
+            )
             before = {name: layer.precision for name, layer in matmul_layers(model).items()}
             formats = FP8_FORMAT_PAIRS[options["fp8_format"]]
-            set_precision(
-                model, *formats, backend or "simulate", full_precision_modules=options["fp8_full_precision_modules"]
-            )
+            set_precision(model, *formats, backend, full_precision_modules=options["fp8_full_precision_modules"])
             after = {name: layer.precision for name, layer in matmul_layers(model).items()}
             changed = [name for name, precision in after.items() if before[name] not in (None, precision)]
             if changed:  # set by hand (`set_precision`) or restored from a checkpoint: the arguments decide
