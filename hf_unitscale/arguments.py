@@ -1,4 +1,5 @@
-"""`UnitScaleTrainingArguments`: `TrainingArguments` plus the unit-scaling options.
+"""`UnitScaleTrainingArguments`: `TrainingArguments` plus the unit-scaling options;
+`UnitScaleSeq2SeqTrainingArguments`: the same on `Seq2SeqTrainingArguments`.
 
 Every field carries its help text, so `HfArgumentParser` builds the command-line flags and reads
 JSON and YAML files. `lr_multipliers` is a mapping, which argparse cannot type: like
@@ -14,13 +15,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from transformers import TrainingArguments
+from transformers import Seq2SeqTrainingArguments, TrainingArguments
 
 from .formats import FP8_FORMAT_PAIRS
 from .lr_rules import LR_RULES
 from .ops import BACKENDS
 
-__all__ = ["UnitScaleTrainingArguments", "deepspeed_optimizer_error", "unit_scale_options"]
+__all__ = [
+    "UnitScaleSeq2SeqTrainingArguments",
+    "UnitScaleTrainingArguments",
+    "deepspeed_optimizer_error",
+    "unit_scale_options",
+]
 
 
 @dataclass
@@ -180,6 +186,16 @@ class UnitScaleTrainingArguments(TrainingArguments):
         if error:
             raise ValueError(error)
         super().__post_init__()
+
+
+@dataclass
+class UnitScaleSeq2SeqTrainingArguments(UnitScaleTrainingArguments, Seq2SeqTrainingArguments):
+    """`Seq2SeqTrainingArguments` (`predict_with_generate`, `generation_max_length`, `generation_num_beams`,
+    `generation_config`, …) with the options of `UnitScaleTrainingArguments`, for `UnitScaleSeq2SeqTrainer`.
+
+    The fields of both; validation runs `UnitScaleTrainingArguments.__post_init__`, then `TrainingArguments`'s;
+    `to_dict` is `Seq2SeqTrainingArguments`' (a `GenerationConfig` becomes a dict).
+    """
 
 
 def _check_lr_multipliers(values: Any) -> dict[str, float]:

@@ -31,6 +31,9 @@ What it changes, and where:
   (`callbacks.RecalibrationCallback`), with `calibration_headroom` below the formats' max and at most
   `calibration_grad_underflow_budget` of each output gradient flushed to zero. `evaluation_loop` runs every GEMM in
   full precision when `fp8_eval=False`.
+
+`UnitScaleSeq2SeqTrainer` is `UnitScaleTrainer` before `Seq2SeqTrainer` in one class: Seq2SeqTrainer overrides only
+`evaluate`, `predict` and `prediction_step` (generation), which UnitScaleTrainer leaves alone, so the two compose.
 """
 
 from __future__ import annotations
@@ -41,11 +44,16 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel, Trainer
+from transformers import PreTrainedModel, Seq2SeqTrainer, Seq2SeqTrainingArguments, Trainer
 from transformers.trainer_utils import HubStrategy
 from transformers.utils import logging
 
-from .arguments import UnitScaleTrainingArguments, deepspeed_optimizer_error, unit_scale_options
+from .arguments import (
+    UnitScaleSeq2SeqTrainingArguments,
+    UnitScaleTrainingArguments,
+    deepspeed_optimizer_error,
+    unit_scale_options,
+)
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_checkpoint_into
 from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import check_no_peft_adapters, is_unit_scaled, matmul_layers, unit_scale, weight_scales
@@ -56,7 +64,12 @@ from .model_card import update_model_card
 from .operand_stats import is_causal_lm
 from .precision import casts_uncounted, full_precision, set_precision
 
-__all__ = ["UnitScaleTrainer", "UnitScaleTrainingArguments"]
+__all__ = [
+    "UnitScaleSeq2SeqTrainer",
+    "UnitScaleSeq2SeqTrainingArguments",
+    "UnitScaleTrainer",
+    "UnitScaleTrainingArguments",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -549,3 +562,34 @@ class UnitScaleTrainer(Trainer):
             super()._load_best_model()
         else:
             logger.info(f"Loaded best model from {checkpoint} (score: {self.state.best_metric}).")
+
+
+class UnitScaleSeq2SeqTrainer(UnitScaleTrainer, Seq2SeqTrainer):
+    """A `Seq2SeqTrainer` that trains a unit-scaled model as `UnitScaleTrainer` does.
+
+    UnitScaleTrainer's conversion, optimizer groups, plain-space clipping, FP8 and checkpoints, with Seq2SeqTrainer's
+    generation: `evaluate` and `predict` call `model.generate` when `predict_with_generate` (with
+    `generation_max_length`, `generation_num_beams` or their `gen_kwargs`), inside UnitScaleTrainer's
+    `evaluation_loop` (FP8 GEMMs unless `fp8_eval=False`), and `args.generation_config` becomes the model's, which
+    checkpoints and `save_model` write in either format.
+
+    Takes Seq2SeqTrainer's arguments, UnitScaleTrainer's `unit_scale_config` and `role_overrides`, and Trainer's
+    `optimizer_cls_and_kwargs` (which transformers' Seq2SeqTrainer does not take). `args` is a
+    `UnitScaleSeq2SeqTrainingArguments`, or a plain `Seq2SeqTrainingArguments` (rule `equivalent`).
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel | nn.Module | None = None,
+        args: Seq2SeqTrainingArguments | None = None,
+        *trainer_args: Any,
+        optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]] | None = None,
+        **trainer_kwargs: Any,
+    ) -> None:
+        if not isinstance(args, Seq2SeqTrainingArguments):
+            raise TypeError(
+                "UnitScaleSeq2SeqTrainer needs `args` of a `Seq2SeqTrainingArguments` class (its generation settings): "
+                f"`UnitScaleSeq2SeqTrainingArguments` for the unit-scaling options too; got {type(args).__name__}."
+            )
+        super().__init__(model, args, *trainer_args, **trainer_kwargs)
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs  # as Trainer.__init__ stores it

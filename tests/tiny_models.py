@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import torch
 from transformers import (
+    BartConfig,
+    BartForConditionalGeneration,
     BertConfig,
     BertForPreTraining,
     BertForSequenceClassification,
@@ -30,6 +32,7 @@ from transformers import (
     RobertaForMaskedLM,
     RobertaForSequenceClassification,
     T5Config,
+    T5ForConditionalGeneration,
     T5ForQuestionAnswering,
 )
 
@@ -148,6 +151,53 @@ TINY_CASES = [
 ]
 
 CASES_BY_ID = {case.id: case for case in TINY_CASES}
+
+# encoder-decoder LMs for Seq2SeqTrainer (labels are the decoder's targets; token ids 3.. are free for data)
+SEQ2SEQ_CASES = {
+    "t5": TinyCase(
+        "t5",
+        lambda: T5ForConditionalGeneration(
+            T5Config(
+                vocab_size=VOCAB,
+                d_model=32,
+                d_kv=8,
+                d_ff=37,
+                num_layers=2,
+                num_heads=4,
+                dropout_rate=0.0,
+                pad_token_id=0,
+                eos_token_id=1,
+                decoder_start_token_id=0,
+            )
+        ),
+        tied=True,
+    ),
+    "bart": TinyCase(
+        "bart",
+        lambda: BartForConditionalGeneration(
+            BartConfig(
+                vocab_size=VOCAB,
+                d_model=32,
+                encoder_layers=2,
+                decoder_layers=2,
+                encoder_attention_heads=4,
+                decoder_attention_heads=4,
+                encoder_ffn_dim=37,
+                decoder_ffn_dim=37,
+                max_position_embeddings=64,
+                dropout=0.0,
+                attention_dropout=0.0,
+                activation_dropout=0.0,
+                init_std=0.1,  # not 0.02: what it generates after 30 steps then depends on the input
+                bos_token_id=0,
+                pad_token_id=1,
+                eos_token_id=2,
+                decoder_start_token_id=2,
+            )
+        ),
+        tied=True,
+    ),
+}
 
 
 @dataclass(frozen=True)
