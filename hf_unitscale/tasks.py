@@ -56,13 +56,23 @@ def infer_task(config: Any) -> str:
 
     A causal-LM or classifier head decides; a bare model (`Qwen2Model`) is causal LM when its type is a
     decoder-only one: it has a causal-LM class and no masked-LM class (BERT has both) and no encoder.
+
+    Raises:
+        ValueError: the head is a seq2seq LM (`T5ForConditionalGeneration`), which no recipe task trains.
     """
     from transformers.models.auto.modeling_auto import (
         MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
         MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+        MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
     )
 
     architectures = getattr(config, "architectures", None) or []
+    if seq2seq := set(architectures) & set(MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES.values()):
+        raise ValueError(
+            f"The model is a seq2seq LM ({', '.join(sorted(seq2seq))}); recipes train {' and '.join(TASKS)}. Set "
+            "`task: text-classification` to fine-tune a new classification head on it, or fine-tune it as a seq2seq "
+            "LM in Python with `UnitScaleSeq2SeqTrainer`."
+        )
     if any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
         return "causal-lm"
     if _is_classifier(config):

@@ -433,3 +433,6 @@ def test_task_is_inferred_from_the_head_or_the_model_type():
     ]
     for config, task in cases:
         assert infer_task(config) == task, (type(config).__name__, config.architectures)
+    t5 = transformers.T5Config(architectures=["T5ForConditionalGeneration"])  # its generation head would be dropped
+    with pytest.raises(ValueError, match=r"seq2seq LM \(T5ForConditionalGeneration\).*`task: text-classification`"):
+        infer_task(t5)
