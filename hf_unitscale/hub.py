@@ -190,11 +190,19 @@ def save_pretrained(
         _upload(save_directory, repo_id, allow_patterns=written, **upload_kwargs)
 
 
-def _file_stamps(folder: str | os.PathLike) -> dict[str, tuple[int, int]]:
-    """{file name: (mtime in ns, size)} of the files directly in `folder` (none if it does not exist)."""
-    folder = Path(folder)
-    files = [path for path in folder.iterdir() if path.is_file()] if folder.is_dir() else []
-    return {path.name: (stat.st_mtime_ns, stat.st_size) for path in files for stat in [path.stat()]}
+def _file_stamps(folder: str | os.PathLike, *, recursive: bool = False) -> dict[str, tuple[int, int]]:
+    """{path relative to `folder`, '/'-separated: (mtime in ns, size)} of the files directly in `folder`, and with
+    `recursive` of those in its subfolders too, hidden ones (`.git`, `.cache`) excepted; none if it does not exist."""
+    stamps = {}
+    for root, subfolders, names in os.walk(folder):
+        subfolders[:] = [name for name in subfolders if not name.startswith(".")] if recursive else []
+        for path in (Path(root, name) for name in names):
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # a broken link
+                continue
+            stamps[path.relative_to(folder).as_posix()] = (stat.st_mtime_ns, stat.st_size)
+    return stamps
 
 
 def weight_files(folder: str | os.PathLike) -> list[Path]:

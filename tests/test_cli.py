@@ -176,6 +176,37 @@ def test_an_output_dir_holding_weights_needs_overwrite(command, stale, tmp_path,
     assert hf_unitscale.from_pretrained(out) is not None
 
 
+@pytest.mark.parametrize("command", ["convert", "merge"])
+def test_overwrite_removes_the_files_of_the_earlier_write_and_keeps_the_users(command, tmp_path, caplog):
+    """A BERT sentence-transformers folder converted into `out`, then a Llama written over it with --overwrite: none
+    of BERT's files stay (its special_tokens_map.json would give the Llama tokenizer BERT's [MASK]; its modules.json
+    would make sentence-transformers build BERT's pipeline); a file no write recorded stays, named in a warning."""
+    from transformers import AutoTokenizer
+
+    bert = save_tiny_model("bert", tmp_path / "bert")
+    (bert / "special_tokens_map.json").write_text(json.dumps({"mask_token": "[MASK]"}))
+    (bert / "modules.json").write_text("[]")
+    (bert / "1_Pooling").mkdir()
+    (bert / "1_Pooling" / "config.json").write_text("{}")
+    llama = save_tiny_model("llama-tied", tmp_path / "llama")
+    out = tmp_path / "out"
+    assert main(["convert", str(bert), str(out)]) == 0
+    assert AutoTokenizer.from_pretrained(out).mask_token == "[MASK]"
+    (out / "unit_scaled_model.safetensors").unlink()  # no weights left: the recorded files still need --overwrite
+    assert main([command, str(llama), str(out)]) == 2
+    (out / "notes.txt").write_text("mine")
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        assert main([command, str(llama), str(out), "--overwrite"]) == 0
+    assert not any((out / name).exists() for name in ("special_tokens_map.json", "modules.json", "1_Pooling"))
+    assert AutoTokenizer.from_pretrained(out).mask_token is None
+    assert (out / "notes.txt").read_text() == "mine"
+    assert "removed the files an earlier convert or merge wrote" in caplog.text and "modules.json" in caplog.text
+    assert "keeps files that this write did not write" in caplog.text and "notes.txt" in caplog.text
+    card = out / "README.md"  # convert's card of the Llama; merge writes none for a source without one
+    assert "Bert" not in (card.read_text() if card.exists() else ""), "the earlier card was merged into the new one"
+    assert type(hf_unitscale.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+
+
 def test_merge_over_a_converted_folder_leaves_no_unit_scaled_trace(tmp_path):
     """merge --overwrite into an earlier convert's output: no unit-scaled weights and no card describing them."""
     source = save_tiny_model("bert", tmp_path / "plain")

@@ -8,6 +8,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from .output_record import record_written_files, recorded_files, remove_recorded_files
+
 
 class CommandError(Exception):
     """A user error a subcommand reports in one line (no traceback)."""
@@ -39,14 +41,17 @@ def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--overwrite",
         action="store_true",
-        help="replace the model weights (of any format) already in output_dir instead of refusing to",
+        help="replace the model already in output_dir instead of refusing to: its weights (of any format) and the "
+        "files an earlier convert or merge recorded writing there (tokenizer, card, its source's files); other files "
+        "stay, named in a warning",
     )
 
 
 def check_output_dir(name_or_path: str, output_dir: str, overwrite: bool) -> None:
     """Refuse writing into the folder the model is read from (it would replace the source checkpoint, and files
     of its format the new one does not write would stay beside it), and, unless `overwrite`, into a folder that
-    holds another checkpoint's weights, which the save would delete."""
+    holds another checkpoint's weights or an earlier convert's or merge's files (`output_record`), which the write
+    would delete."""
     from ..hub import weight_files
 
     source = Path(name_or_path).expanduser()
@@ -55,12 +60,13 @@ def check_output_dir(name_or_path: str, output_dir: str, overwrite: bool) -> Non
             f"output_dir {output_dir!r} is the model folder itself; write to another folder (the source stays as "
             "it is)."
         )
-    names = [path.name for path in weight_files(Path(output_dir).expanduser())]
+    weights = [path.name for path in weight_files(Path(output_dir).expanduser())]
+    names = weights + [name for name in recorded_files(output_dir) if name not in weights]
     if names and not overwrite:
         listed = ", ".join(names[:3]) + (f", … ({len(names)} files)" if len(names) > 3 else "")
         raise CommandError(
-            f"output_dir {output_dir!r} already holds model weights ({listed}); pass --overwrite to replace them, "
-            "or write to another folder."
+            f"output_dir {output_dir!r} already holds a model ({listed}); pass --overwrite to replace it, or write "
+            "to another folder."
         )
 
 
@@ -88,14 +94,21 @@ def load_model(name_or_path: str, model_class: str | None = None) -> Any:
 
 
 def write_model_folder(args: argparse.Namespace, save: Any) -> Any:
-    """Fill `args.output_dir` from the model `args.model`: its folder's other files (`copy_source_files`), then
-    `save()` (config, weights, card), then its tokenizer, loaded first so that broken tokenizer files are an error
-    before anything is written. Returns the tokenizer, or None if the source has none."""
+    """Fill `args.output_dir` from the model `args.model`: remove the files an earlier convert or merge recorded
+    writing there (`check_output_dir` has refused them without --overwrite), copy the source folder's other files
+    (`copy_source_files`), `save()` (config, weights, card), save its tokenizer, and record the files written
+    (`output_record`). The tokenizer is loaded first, so that broken tokenizer files are an error before anything
+    is written or removed. Returns the tokenizer, or None if the source has none."""
+    from ..hub import _file_stamps
+
     tokenizer = load_tokenizer(args.model)
-    copy_source_files(args.model, args.output_dir)
+    remove_recorded_files(args.output_dir)
+    stamps_before = _file_stamps(Path(args.output_dir).expanduser(), recursive=True)
+    copied = copy_source_files(args.model, args.output_dir)
     save()
     if tokenizer is not None:
         tokenizer.save_pretrained(args.output_dir)
+    record_written_files(args.output_dir, stamps_before, copied, source=args.model)
     return tokenizer
 
 
@@ -111,19 +124,26 @@ OTHER_WEIGHTS = (
 RUN_STATE = ("checkpoint-*", "runs", "trainer_state.json", "training_args.bin")
 
 
-def copy_source_files(name_or_path: str, output_dir: str) -> None:
+def copy_source_files(name_or_path: str, output_dir: str) -> list[str]:
     """Copy the files and subfolders of a model folder that the save does not write (README.md, modules.json,
     1_Pooling/, …) to `output_dir`, so that the output is the whole source converted; before the save, which
     writes config.json and the weights and merges its card into the source's README. Never copied: the source's
     weights (`hub.weight_files`, `OTHER_WEIGHTS`), a Trainer's run state (`RUN_STATE`: `checkpoint-*`, `runs`, …),
     config.json, hidden entries (`.git`, `.cache`) and
-    `output_dir` itself. A Hub id cannot be listed offline: only its config, weights and tokenizer carry over."""
+    `output_dir` itself. A Hub id cannot be listed offline: only its config, weights and tokenizer carry over.
+    Returns the files copied, relative to `output_dir` ('/'-separated)."""
     from ..hub import weight_files
     from ..tasks import resolve_model_path
 
     source, out = Path(resolve_model_path(name_or_path)).expanduser(), Path(output_dir).expanduser()
+    copied = []
+
+    def copy(src: Any, dst: str | Path) -> None:  # a file, or one in a subfolder (copytree)
+        shutil.copy2(src, dst)
+        copied.append(Path(dst).relative_to(out).as_posix())
+
     if not source.is_dir():
-        return
+        return copied
     skipped = {path.name for path in weight_files(source)} | {"config.json"}
     out.mkdir(parents=True, exist_ok=True)
     for path in sorted(source.iterdir()):
@@ -135,9 +155,10 @@ def copy_source_files(name_or_path: str, output_dir: str) -> None:
         ):
             continue
         if path.is_dir():
-            shutil.copytree(path, out / path.name, dirs_exist_ok=True)
+            shutil.copytree(path, out / path.name, copy_function=copy, dirs_exist_ok=True)
         else:
-            shutil.copy2(path, out / path.name)
+            copy(path, out / path.name)
+    return copied
 
 
 TOKENIZER_FILES = (

@@ -1,0 +1,86 @@
+"""The record of the files `convert` and `merge` wrote into their output folder, so that `--overwrite` removes them.
+
+An output folder holds one model: its config, weights, card, tokenizer and the source folder's other files (a
+sentence-transformers folder's `modules.json`, `1_Pooling/`). Writing another model over it must not leave the
+earlier one's files beside the new ones: another tokenizer's `vocab.txt` or `special_tokens_map.json` loads with the
+new tokenizer (AutoTokenizer reads every file it knows, so SmolLM2's would get BERT's `[UNK]`, `[SEP]`, ... as special
+tokens it does not have), an earlier source's `modules.json` makes sentence-transformers assemble another pipeline,
+and the earlier card would be merged into the new one. Only the write that put them there knows which files those
+are, so each write lists them in `RECORD_NAME` (hidden, like `.cache/`: never copied from a source folder), and
+the next write removes exactly those first. Files no record names (a user's own, or those of a folder written by
+hand or by an older version) stay, and a warning names them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from pathlib import Path, PurePosixPath
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+RECORD_NAME = ".hf_unitscale-output.json"
+
+
+def _listed(names: list[str], shown: int = 8) -> str:
+    return ", ".join(names[:shown]) + (f", … ({len(names)} files)" if len(names) > shown else "")
+
+
+def recorded_files(output_dir: str | Path) -> list[str]:
+    """The files, relative to `output_dir`, that the last convert/merge into it recorded writing and that are still
+    there. A record that does not parse names none (with a warning): nothing is removed on its word."""
+    out = Path(output_dir).expanduser()
+    record = out / RECORD_NAME
+    if not record.is_file():
+        return []
+    try:
+        names = json.loads(record.read_text(encoding="utf-8"))["files"]
+        if not all(isinstance(name, str) for name in names):
+            raise TypeError(f"`files` should list file names, got {names!r}")
+    except (ValueError, KeyError, TypeError) as err:
+        logger.warning(f"Ignoring {record}, which does not parse ({type(err).__name__}: {err}).")
+        return []
+    # only files inside the folder: a record edited to name `../x` or `/x` does not reach out of it
+    inside = [name for name in names if (out / name).resolve().is_relative_to(out.resolve())]
+    return sorted(name for name in inside if (out / name).is_file())
+
+
+def remove_recorded_files(output_dir: str | Path) -> None:
+    """Delete the files the last convert/merge into `output_dir` recorded, the subfolders that leaves empty, and the
+    record; the log names them."""
+    out = Path(output_dir).expanduser()
+    names = recorded_files(out)
+    for name in names:
+        path = out / name
+        path.unlink()
+        for folder in path.parents:  # the subfolders this leaves empty
+            if folder == out or any(folder.iterdir()):
+                break
+            folder.rmdir()
+    (out / RECORD_NAME).unlink(missing_ok=True)
+    if names:
+        logger.warning(f"--overwrite: removed the files an earlier convert or merge wrote to {out}: {_listed(names)}")
+
+
+def record_written_files(
+    output_dir: str | Path, stamps_before: dict[str, tuple[int, int]], copied: Iterable[str], source: str
+) -> None:
+    """Record in `output_dir` the files of this write: those `copied` from the source folder and those whose stamp
+    (`hub._file_stamps(..., recursive=True)`) differs from `stamps_before`. Warn about the files, other than hidden
+    ones, that were there before and that this write left as they were."""
+    from ..hub import _file_stamps
+
+    out = Path(output_dir).expanduser()
+    stamps = _file_stamps(out, recursive=True)
+    written = set(copied) | {name for name, stamp in stamps.items() if stamps_before.get(name) != stamp}
+    kept = sorted(name for name in stamps if name not in written and not PurePosixPath(name).name.startswith("."))
+    if kept:
+        logger.warning(
+            f"{out} keeps files that this write did not write and no earlier convert or merge recorded: "
+            f"{_listed(kept)}. Remove any that belong to the model this one replaces (another tokenizer's files load "
+            "with the new tokenizer)."
+        )
+    record = {"source": source, "files": sorted(written)}
+    (out / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
