@@ -429,6 +429,26 @@ def test_report_clamps_max_length_to_the_models_positions(tokenizer, tmp_path, c
     assert "--max-length 100 is more than the model takes (64 positions); using 64." in caplog.text
 
 
+@pytest.mark.parametrize("case_id, short", [("llama-tied", "w1 w2"), ("bert", "w1")])
+def test_report_warns_when_most_text_is_too_short_for_attention_gradients(case_id, short, tmp_path, caplog):
+    """In a causal LM's 2-token text (a first token attends to itself alone, the last has no label) and in any
+    model's 1-token text, attention query and key gradients are zero in exact arithmetic: c would be calibrated on
+    fp32 rounding residue (tiny Llama's q_proj: c = 9e-12, against 8e-6 on 12 tokens) or not at all. The report
+    says so, naming the text; not for a text long enough."""
+    source = save_tiny_model(case_id, tmp_path / "model")
+    text_file = tmp_path / "text.txt"
+    argv = ["report", str(source), "-o", str(tmp_path / "a.png"), "--batch-size", "2", "--text-file", str(text_file)]
+    need = 3 if case_id == "llama-tied" else 2
+    for text, warned in ((short, True), (" ".join(f"w{i}" for i in range(12)), False)):
+        text_file.write_text(f"{text}\n")
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+            assert main(argv) == 0
+        named = f"--text-file {text_file}: most tokens measured are in texts of fewer than {need} tokens ({text!r}:"
+        remedy = f"Measure on texts of at least {need} tokens."
+        assert (named in caplog.text and remedy in caplog.text) == warned, caplog.text
+
+
 def test_report_names_the_png_it_writes_and_refuses_a_json_folder_before_measuring(tmp_path, capsys):
     source = save_tiny_model("llama-tied", tmp_path / "plain", tokenizer=False)
     argv = ["report", str(source), "--max-length", "8", "--batch-size", "2"]

@@ -8,7 +8,8 @@ loss: the real sentiment labels (or random ones) for a classifier, shaped for it
 a 0/1 matrix for a multi-label head, float targets for regression), the inputs themselves for a
 (causal, masked or sequence-to-sequence) LM; a bare encoder-decoder's decoder reads the input text too. The first `--num-batches` batches are measured; the next `--num-batches`
 calibrate a, c, so x/a and g/c are measured on data the scales were not fitted to. A checkpoint with
-calibrated a, c (trained in FP8) is measured with its own.
+calibrated a, c (trained in FP8) is measured with its own. Texts too short for attention gradients (one token;
+two for a causal LM) get a warning that names them (`_warn_about_short_texts`).
 """
 
 from __future__ import annotations
@@ -171,6 +172,49 @@ def report_batches(model, tokenizer, args: argparse.Namespace) -> list[dict[str,
     return batches
 
 
+def _min_text_tokens(model) -> int:
+    """The tokens a text needs for its attention queries and keys to get a gradient that is not zero in exact
+    arithmetic: a token attending to itself alone (a one-token text's, a causal model's first) has softmax ≡ 1, so
+    ∂L/∂q = 0 there and no key gradient comes from it, and a causal LM's last token has no label (labels shift by
+    one). 3 for a causal LM trained on its own text, 2 for any other model."""
+    shifted = _label_kind(model) == "tokens" and not type(model).__name__.endswith("ForMaskedLM")
+    return 3 if shifted and not getattr(model.config, "is_encoder_decoder", False) else 2
+
+
+def _warn_about_short_texts(model, tokenizer, batches: list[dict[str, torch.Tensor]], args) -> None:
+    """Warn, naming the texts, when most tokens of `batches` are in texts shorter than `_min_text_tokens`: the
+    attention query and key gradients measured on them are fp32 rounding residue of zero (SmolLM2 on a 2-token text:
+    rms 1e-12 to 3e-9; its query layers' 6e-5 to 6e-4 on a 13-token one), and calibration would fit c to it,
+    silently. With at least half of the tokens in long enough texts, the residue (elements without energy) lowers c
+    by less than a factor 2, the band FP8 tolerates."""
+    need = _min_text_tokens(model)
+    texts = [
+        (ids[mask.bool()], int(mask.sum()))
+        for batch in batches
+        for ids, mask in zip(batch["input_ids"], batch["attention_mask"], strict=True)
+    ]
+    short = [(ids, length) for ids, length in texts if length < need]
+    if 2 * sum(length for _, length in short) <= sum(length for _, length in texts):
+        return
+    if tokenizer is None:
+        named = f"random token ids, --max-length {args.max_length}"
+    else:
+        decoded = dict.fromkeys((tokenizer.decode(ids, skip_special_tokens=True), length) for ids, length in short)
+        named = ", ".join(f"{text!r}: {length} token{'s' * (length != 1)}" for text, length in list(decoded)[:3])
+    source = f"--text-file {args.text_file}" if args.text_file else "the embedded text"
+    cut = f" (--max-length {args.max_length} cuts every text shorter)" if args.max_length < need else ""
+    if need == 3:
+        why = "a causal LM's first token attends to itself alone and its last has no label"
+    else:
+        why = "a one-token text attends to itself alone"
+    logger.warning(
+        f"{source}: most tokens measured are in texts of fewer than {need} tokens ({named}). There {why}, so the "
+        "attention query and key gradients are zero in exact arithmetic: their rms(g) is fp32 rounding residue, and "
+        f"c calibrated on it orders of magnitude too small (or not measured). Measure on texts of at least {need} "
+        f"tokens{cut}."
+    )
+
+
 def report_command(args: argparse.Namespace) -> int:
     from ..analysis import format_scale_table, plot_scale_report, scale_report
     from ..tasks import position_limit
@@ -203,6 +247,7 @@ def report_command(args: argparse.Namespace) -> int:
     if tokenizer is None:
         print(f"{args.model} has no tokenizer: measuring on random token ids (seeded by --seed), not on text.")
     batches = report_batches(model, tokenizer, args)
+    _warn_about_short_texts(model, tokenizer, batches, args)
     measure, calibration = batches[: args.num_batches], batches[args.num_batches :]
     if _label_kind(model) is None:
         print(f"{type(model).__name__} has no loss head: gradients come from the proxy loss sum(logits²)/2/rows.")
