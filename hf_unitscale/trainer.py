@@ -464,25 +464,18 @@ class UnitScaleTrainer(Trainer):
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
-        checkpoint_format = self._save_format()
-        if not (isinstance(model, PreTrainedModel) and is_unit_scaled(model)) or checkpoint_format == "merged":
-            return super()._save(output_dir, state_dict)  # a converted model's save_pretrained writes merged
-        # Trainer._save calls model.save_pretrained(output_dir, state_dict=..., is_main_process=...);
-        # route it to the unit-scaled format for the length of the call.
+        if not (isinstance(model, PreTrainedModel) and is_unit_scaled(model)):
+            return super()._save(output_dir, state_dict)
+        # Trainer._save calls model.save_pretrained(output_dir, state_dict=..., is_main_process=...); route it to
+        # this save's format, and to no card when `push_to_hub` writes one next, for the length of the call.
+        options = {"checkpoint_format": self._save_format(), "model_card": not getattr(self, "_card_follows", False)}
         had_attribute = "save_pretrained" in model.__dict__
         previous = model.__dict__.get("save_pretrained")
 
-        def save_unit_scaled(save_directory, state_dict=None, is_main_process=True, **kwargs):
-            save_pretrained(
-                model,
-                save_directory,
-                checkpoint_format="unit-scaled",
-                state_dict=state_dict,
-                is_main_process=is_main_process,
-                **kwargs,
-            )
+        def save_routed(save_directory, **kwargs):
+            save_pretrained(model, save_directory, **options, **kwargs)
 
-        model.save_pretrained = save_unit_scaled
+        model.save_pretrained = save_routed
         try:
             super()._save(output_dir, state_dict)
         finally:
@@ -514,11 +507,16 @@ class UnitScaleTrainer(Trainer):
     def push_to_hub(self, *args: Any, **kwargs: Any):
         """Trainer's `push_to_hub` of the `save_format` checkpoint, in a commit that deletes the repo's weight files of
         another format (mid-training pushes are unit-scaled; a stale model.safetensors would load in plain
-        transformers)."""
+        transformers). Its `save_model` writes no card: `create_model_card` writes one over it next, and a merged
+        card reads the saved weights back (`model_card._loaded_scales`), once this way."""
         if self.is_world_process_zero():
             self._finish_current_push()  # `save_model` rewrites the output folder that upload may still read
-        with trainer_uploads_replacing_weights(self.args.output_dir):
-            return super().push_to_hub(*args, **kwargs)
+        self._card_follows = True
+        try:
+            with trainer_uploads_replacing_weights(self.args.output_dir):
+                return super().push_to_hub(*args, **kwargs)
+        finally:
+            self._card_follows = False
 
     def create_model_card(self, *args: Any, **kwargs: Any) -> None:
         """Trainer's card (training summary), merged with the unit-scaling section (format, scales, lr rule)."""

@@ -214,6 +214,41 @@ def test_trainer_push_to_hub_card(local_hub, tmp_path):
     torch.testing.assert_close(_logits(loaded, batch), _logits(trainer.model, batch), rtol=0, atol=0)
 
 
+def test_trainer_push_reads_the_merged_weights_back_once(local_hub, tmp_path, monkeypatch):
+    """The merged card lists the s a loader measures from the saved weights, read back from the file. Trainer's
+    push saves the model, then writes its card over the save's: one read of model.safetensors, not one per card.
+    The pushed card still lists the measured s."""
+    from hf_unitscale import model_card
+    from hf_unitscale.arguments import UnitScaleTrainingArguments
+
+    model, _ = _converted("llama-untied")
+    rows = [{"input_ids": row, "labels": row} for row in CASES_BY_ID["llama-untied"].batch(4)["input_ids"]]
+    args = UnitScaleTrainingArguments(
+        output_dir=str(tmp_path / "run"),
+        max_steps=1,
+        per_device_train_batch_size=2,
+        report_to=[],
+        hub_model_id="user/merged",
+        save_strategy="no",
+        use_cpu=True,
+    )
+    trainer = hf_unitscale.trainer.UnitScaleTrainer(model=model, args=args, train_dataset=rows)
+    trainer.train()
+    opened = []
+
+    def counting_safe_open(path, *args, **kwargs):
+        opened.append(Path(path).name)
+        return safe_open(path, *args, **kwargs)
+
+    safe_open = model_card.safe_open
+    monkeypatch.setattr(model_card, "safe_open", counting_safe_open)
+    trainer.push_to_hub()
+    assert opened == ["model.safetensors"]
+    card = _card("user/merged")
+    assert "`merged` —" in card and "s is what `hf_unitscale.from_pretrained` measures from the merged W" in card
+    assert card.count("<!-- hf_unitscale:begin -->") == 1 and "Training hyperparameters" in card
+
+
 def _trainer_pushing_every_save(tmp_path, hub_model_id: str):
     """A UnitScaleTrainer of the tiny BERT classifier that saves (and pushes) once, at its last step 2."""
     from hf_unitscale.arguments import UnitScaleTrainingArguments
