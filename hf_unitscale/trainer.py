@@ -161,6 +161,7 @@ class UnitScaleTrainer(Trainer):
         if self.unit_scale_options["fp8"]:
             self._add_recalibration()
         self._clip_cache: tuple[nn.Module, list[nn.Parameter], dict[int, float]] | None = None
+        self._card_follows = False  # True while `push_to_hub` saves: the card it writes next replaces the save's
         self._group_lrs: list[float] | None = None
 
     # ---- conversion ----
@@ -468,7 +469,7 @@ class UnitScaleTrainer(Trainer):
             return super()._save(output_dir, state_dict)
         # Trainer._save calls model.save_pretrained(output_dir, state_dict=..., is_main_process=...); route it to
         # this save's format, and to no card when `push_to_hub` writes one next, for the length of the call.
-        options = {"checkpoint_format": self._save_format(), "model_card": not getattr(self, "_card_follows", False)}
+        options = {"checkpoint_format": self._save_format(), "model_card": not self._card_follows}
         had_attribute = "save_pretrained" in model.__dict__
         previous = model.__dict__.get("save_pretrained")
 

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 from huggingface_hub import ModelCard
+from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from test_recipe import RECIPES_DIR, save_tiny_model, stand_in_overrides, tiny_tokenizer
 from transformers import AutoConfig, AutoModel
 
@@ -205,6 +206,9 @@ def test_overwrite_removes_the_files_of_the_earlier_write_and_keeps_the_users(co
     card = out / "README.md"  # convert's card of the Llama; merge writes none for a source without one
     assert "Bert" not in (card.read_text() if card.exists() else ""), "the earlier card was merged into the new one"
     assert type(hf_unitscale.from_pretrained(out)).__name__ == "LlamaForCausalLM"
+    uploaded = {path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file()}
+    uploaded = set(filter_repo_objects(uploaded, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
+    assert "notes.txt" in uploaded and not any("hf_unitscale-output" in name for name in uploaded), uploaded
 
 
 def test_merge_over_a_converted_folder_leaves_no_unit_scaled_trace(tmp_path):
@@ -238,7 +242,8 @@ def test_the_source_folders_other_files_and_card_metadata_carry_over(command, tm
     out = tmp_path / "out"
     assert main([command, str(source), str(out)]) == 0
     assert (out / "modules.json").read_text() == "[]" and (out / "1_Pooling" / "config.json").read_text() == "{}"
-    assert not any((out / name.split("/")[0]).exists() for name in skipped)
+    assert not any((out / name.split("/")[0]).exists() for name in skipped if not name.startswith("."))
+    assert not (out / ".cache/huggingface/download").exists()  # `.cache/huggingface/` holds convert's own record
     card = ModelCard.load(out / "README.md")
     assert card.data.license == "apache-2.0" and card.data.datasets == ["snli"] and "Notes." in card.text
     assert ("## Unit scaling" in card.text) == (command == "convert")

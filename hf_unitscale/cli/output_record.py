@@ -6,8 +6,9 @@ earlier one's files beside the new ones: another tokenizer's `vocab.txt` or `spe
 new tokenizer (AutoTokenizer reads every file it knows, so SmolLM2's would get BERT's `[UNK]`, `[SEP]`, ... as special
 tokens it does not have), an earlier source's `modules.json` makes sentence-transformers assemble another pipeline,
 and the earlier card would be merged into the new one. Only the write that put them there knows which files those
-are, so each write lists them in `RECORD_NAME` (hidden, like `.cache/`: never copied from a source folder), and
-the next write removes exactly those first. Files no record names (a user's own, or those of a folder written by
+are, so each write lists them in `RECORD_NAME`, and the next write removes exactly those first. The record sits in
+`.cache/huggingface/`, where huggingface_hub keeps its own local metadata: `upload_folder` and `hf upload` skip it,
+and `convert`/`merge` never copy hidden folders from a source. Files no record names (a user's own, or those of a folder written by
 hand or by an older version) stay, and a warning names them.
 """
 
@@ -21,7 +22,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-RECORD_NAME = ".hf_unitscale-output.json"
+RECORD_NAME = ".cache/huggingface/hf_unitscale-output.json"
 
 
 def _listed(names: list[str], shown: int = 8) -> str:
@@ -83,4 +84,5 @@ def record_written_files(
             "with the new tokenizer)."
         )
     record = {"source": source, "files": sorted(written)}
+    (out / RECORD_NAME).parent.mkdir(parents=True, exist_ok=True)
     (out / RECORD_NAME).write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
