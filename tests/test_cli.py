@@ -406,6 +406,10 @@ def test_report_labels_fit_the_classifiers_problem_type(num_labels, problem_type
             assert labels.std() > 0.5
         else:
             assert labels.equal(real.float() if num_labels == 1 else real[:, None].float().repeat(1, num_labels))
+    for max_length, padded in ((8, 2), (3, 0)):  # random ids: every other row's last quarter is padding
+        short = argparse.Namespace(**{**vars(args), "max_length": max_length})
+        masks = torch.cat([batch["attention_mask"] for batch in report_batches(model, None, short)])
+        assert masks[1::2].all() and (masks[::2].sum(1) == max_length - padded).all(), masks
 
 
 def test_report_gives_a_token_classifier_per_token_labels(tmp_path, capsys):

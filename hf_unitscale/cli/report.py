@@ -153,7 +153,7 @@ def report_batches(model, tokenizer, args: argparse.Namespace) -> list[dict[str,
         vocab = model.config.vocab_size
         input_ids = torch.randint(3, vocab, (count, args.max_length), generator=generator)
         attention_mask = torch.ones_like(input_ids)
-        attention_mask[::2, -(args.max_length // 4) :] = 0  # some padding, as real batches have
+        attention_mask[::2, args.max_length - args.max_length // 4 :] = 0  # the last quarter padded, as real batches
     batches = []
     for start in range(0, count, args.batch_size):
         rows = slice(start, start + args.batch_size)
