@@ -13,7 +13,8 @@ Batches come from `batches` (a re-iterable such as a list or DataLoader, or a ze
 callable returning an iterable), else from the `train_dataloader` the Trainer passes to callbacks:
 then the first `num_batches` are drawn once, in a pass of their own under a forked RNG so the training data
 order and RNG stream are unchanged (a one-pass IterableDataset, one shared iterator, would lose them to training),
-and reused for every recalibration (the same batches measure how the *model* changed).
+and reused for every recalibration of the run (the same batches measure how the *model* changed). Each training
+run draws them afresh from its own DataLoader: a retry of `auto_find_batch_size` calibrates on its smaller batches.
 A run resumed from a checkpoint with calibrated scales keeps them (no calibration at train begin), so it
 continues the uninterrupted run's trajectory.
 """
@@ -73,7 +74,7 @@ class RecalibrationCallback(TrainerCallback):
 
     Args:
         batches: calibration batches (an iterable, the first `num_batches` drawn once, or a zero-argument
-            callable, called at every calibration); None = the Trainer's train dataloader (drawn once).
+            callable, called at every calibration); None = the Trainer's train dataloader (drawn once per `train()`).
         every: recalibrate after every `every` optimizer steps; 0 or None = never.
         num_batches: batches per calibration.
         calibrate_at_start: calibrate in `on_train_begin` (off when the model was calibrated already; a resumed
@@ -178,6 +179,8 @@ class RecalibrationCallback(TrainerCallback):
     # ------------------------------------------------------------------ Trainer events
 
     def on_train_begin(self, args, state, control, model=None, train_dataloader=None, **kwargs):
+        if self.batches is None:  # this run's DataLoader (an `auto_find_batch_size` retry's batches are smaller)
+            self._cached = None
         if model is None or not matmul_layers(model):
             logger.warning("RecalibrationCallback: the model has no converted matmul layer; nothing to do.")
             return

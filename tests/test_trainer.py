@@ -672,6 +672,30 @@ def test_fp8_calibration_leaves_training_rng_alone_with_persistent_workers(tmp_p
     assert all(torch.equal(a, b) for a, b in zip(states[False], states[True], strict=True))
 
 
+def test_fp8_calibration_draws_the_batches_of_the_batch_size_auto_find_batch_size_retries_at(tmp_path):
+    """`auto_find_batch_size` runs training again at a smaller batch size after an out-of-memory error (simulated for
+    any forward of more than 4 rows, calibration's too, as real memory would). Calibration kept the first attempt's
+    batches: every retry ran out of memory in calibration ("No executable batch size found"), and where only training
+    ran out, c was measured on batches of the old size (8 rows for training's 4: c ~2× too small)."""
+    forwards = []
+
+    class OutOfMemoryAbove4Rows(UnitScaleTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            forwards.append(("training" if model.training else "calibration", inputs["input_ids"].shape[0]))
+            if inputs["input_ids"].shape[0] > 4:
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory")  # what accelerate retries on
+            return super().compute_loss(model, inputs, *args, **kwargs)
+
+    args = _args(
+        tmp_path, cls=UnitScaleTrainingArguments, max_steps=1, fp8=True, calibration_batches=2,
+        auto_find_batch_size=True, per_device_train_batch_size=5,
+    )  # fmt: skip
+    trainer = OutOfMemoryAbove4Rows(model=CASES_BY_ID["bert"].model(), args=args, train_dataset=_dataset("bert"))
+    trainer.train()
+    assert trainer.state.train_batch_size == 4
+    assert forwards[0] == ("calibration", 5) and forwards[-3:] == [("calibration", 4)] * 2 + [("training", 4)], forwards
+
+
 class _MeanLossTrainer(UnitScaleTrainer):
     """A `compute_loss` override returning a per-batch mean, flagged as transformers' docstring asks: Trainer divides
     it by the accumulation steps."""
