@@ -422,7 +422,8 @@ class UnitScaleTrainer(Trainer):
         reference = next((g for g in groups if g.get("base_lr")), None)
         if reference is None:
             return super()._get_learning_rate()
-        return float(self.optimizer.defaults["lr"] * reference["lr"] / reference["base_lr"])  # η·f(t)
+        # η·f(t) = lr / r with r = base_lr/η (1/s under `equivalent`): with power-of-two scales exactly plain's lr
+        return float(reference["lr"] / (reference["base_lr"] / self.optimizer.defaults["lr"]))
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "learning_rate" in logs and self.optimizer is not None:

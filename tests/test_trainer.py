@@ -91,9 +91,8 @@ def _assert_same_trajectory(plain, ours, max_grad_norm, rtol=RTOL):
 
 def _assert_bit_identical_run(plain, ours, max_grad_norm):
     plain_logs, our_logs = _train_logs(plain), _train_logs(ours)
-    assert [(log["loss"], log["grad_norm"]) for log in our_logs] == [
-        (log["loss"], log["grad_norm"]) for log in plain_logs
-    ]
+    keys = ("loss", "grad_norm", "learning_rate")
+    assert [[log[k] for k in keys] for log in our_logs] == [[log[k] for k in keys] for log in plain_logs]
     clipped = sum(log["grad_norm"] > max_grad_norm for log in plain_logs)
     assert clipped >= len(plain_logs) // 2, f"clipping triggered on only {clipped}/{len(plain_logs)} steps"
     merged = merge_unit_scale(ours.model).state_dict()
@@ -126,8 +125,9 @@ def test_equivalent_rule_reproduces_plain_trainer(case_id, tmp_path):
 @pytest.mark.parametrize("case_id", ["gpt2", "bert", "llama-untied"])
 def test_power_of_two_scales_reproduce_plain_trainer_bit_for_bit(case_id, dtype, tmp_path):
     """With s = 2^k every product by s, 1/s, s² (forward, backward, Adam's moments, eps·s, lr/s, clipping) is
-    exact, so the equivalent rule is plain AdamW to the last bit, not to rounding (RTOL above). bf16 weights
-    get power-of-two scales by default; their gradient norms are bf16, as in torch's clip_grad_norm_."""
+    exact, so the equivalent rule is plain AdamW to the last bit, not to rounding (RTOL above), and the logged
+    `learning_rate` η·f = lr·s is plain's (η·lr/(η/s) was off in the last bits). bf16 weights get power-of-two
+    scales by default; their gradient norms are bf16, as in torch's clip_grad_norm_."""
     case = CASES_BY_ID[case_id]
     data = _dataset(case_id)
     plain = Trainer(model=case.model().to(dtype), args=_args(tmp_path / "plain"), train_dataset=data)
