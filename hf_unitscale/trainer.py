@@ -10,8 +10,9 @@ What it changes, and where:
   (the class's own lr and eps defaults where the kwargs give none; decay always `args.weight_decay`).
   The optimizer's `defaults["lr"]` stays η, so schedules that divide by it (`min_lr` of
   `cosine_with_min_lr`, `lr_end` of `polynomial`) give every group its own lr times the plain
-  schedule factor; schedules that set absolute per-group lrs (`reduce_lr_on_plateau` with a
-  `min_lr`, `greedy`) are refused.
+  schedule factor; `greedy`, which sets absolute per-group lrs, is refused.
+* `create_scheduler`: `reduce_lr_on_plateau` is `plateau.SharedFactorReduceLROnPlateau`, whose `eps` and `min_lr`
+  apply to the schedule's lr η·f (torch's to each group's own lr η/s).
 * `_clip_grad_norm` / `_get_grad_norm`: the norm is measured on plain gradients,
   ‖g‖² = Σ ‖g_Ŵ/s‖² + Σ ‖g_other‖², and every gradient is multiplied by the same factor
   min(1, max_grad_norm / (‖g‖ + 1e-6)) as `torch.nn.utils.clip_grad_norm_` would on the plain
@@ -62,6 +63,7 @@ from .hub import mirror_weight_files, save_pretrained, trainer_uploads_replacing
 from .lr_rules import Role, build_param_groups, summarize_param_groups
 from .model_card import update_model_card
 from .operand_stats import is_causal_lm
+from .plateau import SharedFactorReduceLROnPlateau
 from .precision import casts_uncounted, full_precision, set_precision
 
 __all__ = [
@@ -109,15 +111,17 @@ def _check_arguments(args) -> None:
             "DeepSpeed clips gradients inside its engine, on the unit-scaled gradients g_Ŵ = s·g_W, which is not "
             "plain clipping. Set `max_grad_norm=0` with DeepSpeed, or train with DDP/FSDP2."
         )
-    scheduler = getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
-    kwargs = args.lr_scheduler_kwargs if isinstance(args.lr_scheduler_kwargs, dict) else {}
-    if scheduler in _ABSOLUTE_LR_SCHEDULERS or (scheduler == "reduce_lr_on_plateau" and kwargs.get("min_lr")):
+    scheduler = _scheduler_name(args)
+    if scheduler in _ABSOLUTE_LR_SCHEDULERS:
         raise ValueError(
-            f"`lr_scheduler_type={scheduler!r}` with these kwargs sets the same absolute lr bounds on every parameter "
-            "group, but UnitScaleTrainer's groups have different lrs (η/s per weight). Use a schedule that multiplies "
-            "each group's lr (linear, cosine, cosine_with_min_lr, warmup_stable_decay, reduce_lr_on_plateau without "
-            "`min_lr`, …)."
+            f"`lr_scheduler_type={scheduler!r}` sets the same absolute lr bounds on every parameter group, but "
+            "UnitScaleTrainer's groups have different lrs (η/s per weight). Use a schedule that multiplies each "
+            "group's lr (linear, cosine, cosine_with_min_lr, warmup_stable_decay, reduce_lr_on_plateau, …)."
         )
+
+
+def _scheduler_name(args) -> str:
+    return getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
 
 
 class UnitScaleTrainer(Trainer):
@@ -350,8 +354,15 @@ class UnitScaleTrainer(Trainer):
         return self.optimizer
 
     def create_scheduler(self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None):
-        """Trainer's scheduler, once the optimizer is final: first refuse groups that give a converted Ŵ a plain lr."""
-        self._check_optimizer_groups(self.optimizer if optimizer is None else optimizer)
+        """Trainer's scheduler, once the optimizer is final: first refuse groups that give a converted Ŵ a plain lr.
+        `reduce_lr_on_plateau` decides and bounds its reductions on the schedule's lr η·f, as plain Trainer's does,
+        not on each group's lr η/s (`plateau.SharedFactorReduceLROnPlateau`)."""
+        optimizer = self.optimizer if optimizer is None else optimizer
+        self._check_optimizer_groups(optimizer)
+        if self.lr_scheduler is None and _scheduler_name(self.args) == "reduce_lr_on_plateau":
+            kwargs = self.args.lr_scheduler_kwargs or {}
+            self.lr_scheduler = SharedFactorReduceLROnPlateau(optimizer, **kwargs)
+            self._created_lr_scheduler = True  # as Trainer's: a later train() builds a new one
         return super().create_scheduler(num_training_steps, optimizer)
 
     def _check_optimizer_groups(self, optimizer: torch.optim.Optimizer) -> None:

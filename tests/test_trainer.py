@@ -325,6 +325,54 @@ def test_schedules_dividing_by_the_base_lr_stay_per_group(tmp_path):
             assert group["lr"] * group["weight_scale"] == pytest.approx(1e-3 * end_factor, rel=1e-6)
 
 
+@pytest.mark.parametrize("min_lr", [None, 3e-9], ids=["eps", "min_lr"])
+def test_reduce_lr_on_plateau_stops_reducing_where_plain_trainer_does(min_lr, tmp_path):
+    """torch's ReduceLROnPlateau decides each group on its own lr: it skips a reduction when old - new ≤ eps (1e-8,
+    absolute) and bounds the lr by `min_lr`. Groups of converted weights hold η/s, so they kept being reduced after
+    plain Trainer's η·f had stopped (13 of the tiny GPT-2's 29 tensors differed), and `min_lr` was refused. Decided
+    and bounded on η·f, power-of-two scales give plain Trainer's run bit for bit."""
+    case = CASES_BY_ID["gpt2"]
+    kwargs = {"factor": 0.1, "patience": 0, "threshold": 0.5}  # every evaluation after the first is a plateau
+    if min_lr is not None:
+        kwargs["min_lr"] = min_lr
+    settings = dict(
+        max_steps=8, learning_rate=2e-5, warmup_steps=0, lr_scheduler_type="reduce_lr_on_plateau",
+        lr_scheduler_kwargs=kwargs, eval_strategy="steps", eval_steps=1,
+    )  # fmt: skip
+    data = dict(train_dataset=_dataset("gpt2"), eval_dataset=_dataset("gpt2", rows=8))
+    plain = Trainer(model=case.model(), args=_args(tmp_path / "plain", **settings), **data)
+    plain.train()
+    converted = unit_scale(case.model(), UnitScaleConfig(power_of_two_scales=True))
+    ours = UnitScaleTrainer(model=converted, args=_args(tmp_path / "ours", **settings), **data)
+    ours.train()
+    lrs = [log["learning_rate"] for log in _train_logs(plain)]
+    assert lrs[-3] == lrs[-1] == (min_lr or pytest.approx(2e-9)), lrs  # plain's reductions stopped (eps or min_lr)
+    _assert_bit_identical_run(plain, ours, max_grad_norm=0.5)
+
+
+@pytest.mark.parametrize("rule", ["equivalent", "umup"])
+def test_reduce_lr_on_plateau_min_lr_bounds_the_schedule_lr_every_group_follows(rule, tmp_path):
+    """`min_lr` bounds η·f, as `cosine_with_min_lr`'s does: every group ends at its own lr × min_lr/η."""
+    bert, data = CASES_BY_ID["bert"], _dataset("bert", rows=8)
+    plateau = dict(cls=UnitScaleTrainingArguments, lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps")
+    kwargs = {"factor": 0.5, "patience": 0, "min_lr": 1e-4}
+    args = _args(
+        tmp_path, **plateau, lr_scheduler_kwargs=kwargs, lr_rule=rule, learning_rate=1e-3,
+        lr_multipliers={"classifier": 10.0},
+    )  # fmt: skip
+    trainer = UnitScaleTrainer(model=bert.model(), args=args, eval_dataset=data)
+    trainer.create_optimizer_and_scheduler(num_training_steps=10)
+    for _ in range(8):  # the same metric: 7 plateaus, ×0.5 until η·f = 1e-4
+        trainer.lr_scheduler.step(1.0)
+    assert trainer._get_learning_rate() == pytest.approx(1e-4, rel=1e-12)
+    for group in trainer.optimizer.param_groups:
+        assert group["lr"] == pytest.approx(group["base_lr"] * 0.1, rel=1e-12), group["name"]
+    args = _args(tmp_path, **plateau, lr_scheduler_kwargs={"min_lr": [0.0, 1e-5]})
+    trainer = UnitScaleTrainer(model=bert.model(), args=args, eval_dataset=data)
+    with pytest.raises(ValueError, match=r"`min_lr` of `reduce_lr_on_plateau` should be one number.*got a list of 2"):
+        trainer.create_optimizer_and_scheduler(num_training_steps=10)
+
+
 def test_refusals(tmp_path):
     case = CASES_BY_ID["bert"]
     with pytest.raises(ValueError, match="DeepSpeed config defines its own `optimizer`"):
@@ -340,10 +388,9 @@ def test_refusals(tmp_path):
         trainer = UnitScaleTrainer(model=case.model(), args=_args(tmp_path), optimizer_cls_and_kwargs=optimizer)
         with pytest.raises(ValueError, match=f"brings its own `{key}`"):
             trainer.create_optimizer()
-    for scheduler, kwargs in (("greedy", None), ("reduce_lr_on_plateau", {"min_lr": 1e-6})):
-        args = _args(tmp_path, lr_scheduler_type=scheduler, lr_scheduler_kwargs=kwargs, eval_strategy="steps")
-        with pytest.raises(ValueError, match="absolute lr bounds"):
-            UnitScaleTrainer(model=case.model(), args=args)
+    args = _args(tmp_path, lr_scheduler_type="greedy", eval_strategy="steps")
+    with pytest.raises(ValueError, match="absolute lr bounds"):
+        UnitScaleTrainer(model=case.model(), args=args)
     with pytest.raises(ValueError, match="mup_base_width"):
         _args(tmp_path, cls=UnitScaleTrainingArguments, lr_rule="mup")
     # DeepSpeed clips inside its engine, on g_Ŵ: checked before any DeepSpeed import (not installed here)
