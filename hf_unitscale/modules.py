@@ -14,6 +14,8 @@ and a forward that calls the math in `ops.py`. `precision` (a `MatmulPrecision` 
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.nn.utils.stateless import _reparametrize_module
@@ -69,23 +71,40 @@ class UnitScaledMatmulMixin(UnitScaledModuleMixin):
     grad_scale: torch.Tensor
     precision: MatmulPrecision | None = None
     cast_counters: OperandCounters | None = None
-    _scales_checked = False  # set at the layer's first low-precision GEMM
+    _scales_checked: tuple[bool, ...] = ()  # with a backward or not: checked at the layer's first such GEMM
 
-    def _warn_if_uncalibrated(self) -> None:
-        """Once per layer, at its first FP8 GEMM: a = c = 1 means no calibration has run (a pretrained model's output
-        gradients, RMS ~1e-6–1e-4, then mostly flush to zero in E5M2); one warning per process."""
-        self._scales_checked = True
-        fp8 = any(f is not None and f.is_fp8 for f in (self.precision.forward, self.precision.backward))
-        if fp8 and float(self.input_scale) == 1.0 and float(self.grad_scale) == 1.0:
+    def _warn_if_uncalibrated(self, backward: bool) -> None:
+        """Once per layer at its first low-precision GEMM, forward-only (evaluate, predict) and with a backward:
+        a = c = 1 means no calibration has run. Then inputs far from unit RMS saturate or flush in E4M3, and in a
+        backward most of a pretrained model's output gradients (RMS ~1e-6–1e-4) flush to zero in E5M2. One warning
+        per process and consequence."""
+        self._scales_checked = (*self._scales_checked, backward)
+        if float(self.input_scale) != 1.0 or float(self.grad_scale) != 1.0:
+            return
+        consequences = []
+        forward, gradient = self.precision.forward, self.precision.backward
+        if forward is not None and forward.is_fp8:
+            flushed = math.log2(forward.smallest_subnormal / 2)
+            consequences.append(
+                f"inputs are cast to {forward.name.upper()} as they are, so where a layer's inputs are far from unit "
+                f"RMS they saturate beyond ±{forward.max:g} or flush to zero below 2^{flushed:g}"
+            )
+        if backward and gradient is not None and gradient.is_fp8:
+            consequences.append(
+                "most output gradients (RMS ~1e-6–1e-4 in a pretrained model) flush to zero in " + gradient.name.upper()
+            )
+        if consequences:
             logger.warning_once(
-                "FP8 GEMMs run with uncalibrated static scales (a = c = 1), so most output gradients flush to zero "
-                "in E5M2. Call `hf_unitscale.calibrate(model, batches)` first (`UnitScaleTrainer` with `fp8=True` "
-                "calibrates at train begin)."
+                f"FP8 GEMMs run with uncalibrated static scales (a = c = 1): {'; '.join(consequences)}. Call "
+                "`hf_unitscale.calibrate(model, batches)` first (`UnitScaleTrainer` with `fp8=True` calibrates at "
+                "train begin)."
             )
 
     def _scaled_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.precision is not None and not self._scales_checked and not torch.compiler.is_compiling():
-            self._warn_if_uncalibrated()
+        if self.precision is not None and not torch.compiler.is_compiling():
+            backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
+            if backward not in self._scales_checked:
+                self._warn_if_uncalibrated(backward)
         return scaled_linear(
             x,
             weight,

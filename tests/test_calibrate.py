@@ -429,6 +429,29 @@ def test_fp8_before_any_calibration_warns_once_at_the_first_forward(caplog):
     assert caplog.text.count(message) == 1
 
 
+def test_fp8_uncalibrated_warning_names_the_casts_of_a_forward_only_pass(caplog):
+    """`evaluate()`/`predict()` before any calibration run forward GEMMs only: the warning names their E4M3 input cast
+    at a = 1, not the output gradients no backward computes (it said "most output gradients flush to zero in E5M2").
+    The first GEMMs with a backward add the gradients to the same message, once."""
+    case = CASES_BY_ID["llama-untied"]
+    model = unit_scale(case.model())
+    set_precision(model, "e4m3", "e5m2")
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        with torch.no_grad():  # as Trainer's prediction_step
+            model(**_labelled_batch(case))
+            model(**_labelled_batch(case))
+        forward_only = caplog.text
+        caplog.clear()
+        for _ in range(2):
+            model(**_labelled_batch(case)).loss.backward()
+    inputs = "inputs are cast to E4M3 as they are, so where a layer's inputs are far from unit RMS they saturate beyond"
+    assert forward_only.count("uncalibrated static scales") == 1 and inputs in forward_only, forward_only
+    assert "gradient" not in forward_only, forward_only
+    assert caplog.text.count("uncalibrated static scales") == 1 and inputs in caplog.text, caplog.text
+    assert "most output gradients (RMS ~1e-6–1e-4 in a pretrained model) flush to zero in E5M2" in caplog.text
+
+
 def test_set_precision_and_cast_counters():
     case = CASES_BY_ID["distilbert"]
     model = unit_scale(case.model())
