@@ -63,10 +63,11 @@ FP8_FORMAT_PAIRS: dict[str, tuple[str, str]] = {"HYBRID": ("e4m3", "e5m2"), "E4M
 
 
 def get_format(name: str) -> LowPrecisionFormat:
-    """The format called `name`, or a ValueError listing the known ones."""
+    """The format called `name` in any case ("e4m3", "E4M3", as `fp8_format` takes), or a ValueError listing the
+    known ones."""
     try:
-        return FORMATS[name]
-    except KeyError:
+        return FORMATS[name.lower()]
+    except (KeyError, AttributeError):
         raise ValueError(f"Unknown low-precision format {name!r}; choose one of {sorted(FORMATS)}.") from None
 
 

@@ -29,7 +29,7 @@ from transformers.utils import logging
 from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import matmul_layers, readout_modules
 from .distributed import all_reduce_across_processes
-from .formats import CastCounter
+from .formats import CastCounter, get_format
 from .modules import UnitScaledMatmulMixin
 from .ops import MatmulPrecision, OperandCounters
 
@@ -96,14 +96,18 @@ def set_precision(
 ) -> MatmulPrecision | None:
     """Run the converted matmul layers' GEMMs with these operand formats (None, None: full precision).
 
-    Formats are names from `formats.FORMATS` ("e4m3", "e5m2", "bf16"); `backward_format="auto"` is "e5m2" with
-    a forward format and None without one, so `set_precision(model, None)` is full precision. Backend is
+    Formats are names from `formats.FORMATS` in any case ("e4m3", "E5M2", "bf16"); `backward_format="auto"` is
+    "e5m2" with a forward format and None without one, so `set_precision(model, None)` is full precision. Backend is
     "simulate" or "scaled_mm". `full_precision_modules` (regexes over module names) keep the full-precision path;
     None keeps the output heads, [] casts every layer. Returns the `MatmulPrecision` set and updates
     `model.config.unit_scaling`.
     """
     if backward_format == "auto":
         backward_format = None if forward_format is None else "e5m2"
+    # the saved block names formats as `FORMATS` does, whatever case they were given in
+    forward_format, backward_format = (
+        None if name is None else get_format(name).name for name in (forward_format, backward_format)
+    )
     block = getattr(getattr(model, "config", None), CONFIG_KEY, None)
     options = {
         "forward_format": forward_format,

@@ -475,6 +475,11 @@ def test_set_precision_and_cast_counters():
     assert {m.precision.backward.name for m in matmul_layers(model).values() if m.precision} == {"e5m2"}
     assert set_precision(model, None) is None
     assert all(m.precision is None for m in matmul_layers(model).values())
+    assert set_precision(model, "E4M3", "E5M2") == precision  # any case, as `fp8_format`; saved as FORMATS names it
+    assert (model.config.unit_scaling["forward_format"], model.config.unit_scaling["backward_format"]) == (
+        "e4m3",
+        "e5m2",
+    )
     with pytest.raises(ValueError, match="e3m4"):
         set_precision(model, "e3m4")
     track_casts(model, enabled=False)

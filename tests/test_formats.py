@@ -18,6 +18,13 @@ def test_cast_saturates_instead_of_overflowing(name):
     assert counter.as_dict()["saturated_fraction"] == pytest.approx(0.5)
 
 
+def test_format_names_are_case_insensitive_as_fp8_format_is():
+    assert get_format("E4M3") is get_format("e4m3") is FORMATS["e4m3"]
+    assert get_format("BF16") is FORMATS["bf16"]
+    with pytest.raises(ValueError, match="Unknown low-precision format 'E3M4'"):
+        get_format("E3M4")
+
+
 def test_bf16_format_casts_fp16_values():
     # bf16's max (3.4e38) is no fp16 number: clamping an fp16 tensor to it raised
     x = torch.tensor([1.0, -65504.0, 3.0e-5], dtype=torch.float16)
