@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
+from transformers.utils import logging
 
 from .formats import FP8_FORMAT_PAIRS
 from .lr_rules import LR_RULES
@@ -27,6 +28,8 @@ __all__ = [
     "deepspeed_optimizer_error",
     "unit_scale_options",
 ]
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -175,6 +178,8 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`calibration_grad_underflow_budget` should be a fraction in [0, 1) or None, got {budget}."
             )
+        if not self.fp8:
+            _warn_about_ignored_fp8_options(self)
         if self.fp8 and self.fp16:
             raise ValueError(
                 "`fp8=True` with `fp16=True`: fp16's GradScaler multiplies the loss by up to 2^16 after calibration "
@@ -196,6 +201,17 @@ class UnitScaleSeq2SeqTrainingArguments(UnitScaleTrainingArguments, Seq2SeqTrain
     The fields of both; validation runs `UnitScaleTrainingArguments.__post_init__`, then `TrainingArguments`'s;
     `to_dict` is `Seq2SeqTrainingArguments`' (a `GenerationConfig` becomes a dict).
     """
+
+
+def _warn_about_ignored_fp8_options(args: UnitScaleTrainingArguments) -> None:
+    """Name the FP8 options set away from their defaults that `fp8=False` ignores (a forgotten `fp8=True`)."""
+    fields = UnitScaleTrainingArguments.__dataclass_fields__
+    ignored = [f"{name}={getattr(args, name)!r}" for name in _FP8_FIELDS if getattr(args, name) != fields[name].default]
+    if ignored:
+        logger.warning(
+            f"`fp8=False` ignores the FP8 option(s) {', '.join(ignored)}: training runs in full precision. "
+            "Pass `fp8=True` to train with FP8 matmuls, or drop these options."
+        )
 
 
 def _check_lr_multipliers(values: Any) -> dict[str, float]:
@@ -242,12 +258,8 @@ def unit_scale_options(args: TrainingArguments) -> dict[str, Any]:
     return {name: getattr(args, name, default) for name, default in defaults.items()}
 
 
-_OPTION_FIELDS = (
-    "lr_rule",
-    "mup_base_width",
-    "umup_depth_scaling",
-    "lr_multipliers",
-    "fp8",
+# the options only `fp8=True` reads
+_FP8_FIELDS = (
     "fp8_format",
     "fp8_full_precision_modules",
     "fp8_backend",
@@ -257,5 +269,13 @@ _OPTION_FIELDS = (
     "calibration_headroom",
     "calibration_grad_underflow_budget",
     "calibration_input_rounding_search",
+)
+_OPTION_FIELDS = (
+    "lr_rule",
+    "mup_base_width",
+    "umup_depth_scaling",
+    "lr_multipliers",
+    "fp8",
+    *_FP8_FIELDS,
     "save_format",
 )

@@ -592,6 +592,22 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
     assert UnitScaleTrainingArguments(output_dir=str(tmp_path), fp8_format="e4m3", use_cpu=True).fp8_format == "E4M3"
 
 
+def test_fp8_options_without_fp8_are_named_in_a_warning(tmp_path, caplog):
+    """Options only `fp8=True` reads, given with `fp8=False` (a forgotten `fp8=True`), are named; defaults are not."""
+    options = dict(calibration_headroom=2.0, recalibrate_every=10, fp8_full_precision_modules=[], fp8_eval=False)
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, **options)
+    assert "`fp8=False` ignores the FP8 option(s) " in caplog.text
+    for name, value in options.items():
+        assert f"{name}={value!r}" in caplog.text
+    assert "calibration_batches" not in caplog.text and "fp8_format" not in caplog.text
+    for fp8 in (False, True):  # nothing set, or FP8 on: nothing to say
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+            UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fp8=fp8, **(options if fp8 else {}))
+        assert "ignores the FP8 option" not in caplog.text
+
+
 def test_fp8_calibrates_and_trains(tmp_path):
     from hf_unitscale.convert import matmul_layers
 
