@@ -244,12 +244,16 @@ def calibrate(
         gradient (unused by the loss) keeps its previous `c`, and likewise `a`.
 
     Raises:
-        ValueError: `model` has no converted matmul layer, `batches` is empty (on every rank) or one batch,
-            a batch's loss is not finite or does not require grad (`torch.inference_mode`), or a measured
-            scale is not finite and positive.
+        ValueError: an option out of its range, `model` has no converted matmul layer, `batches` is empty (on
+            every rank) or one batch, a batch's loss is not finite or does not require grad
+            (`torch.inference_mode`), or a measured scale is not finite and positive.
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"`num_batches` should be a positive integer or None, got {num_batches}.")
+    if not (math.isfinite(loss_scale) and loss_scale > 0):  # c = rms(loss_scale·g): 0 measures no gradient at all
+        raise ValueError(
+            f"`loss_scale` should be a finite factor > 0 (1/gradient-accumulation steps), got {loss_scale}."
+        )
     if headroom is not None and not headroom >= 1:
         raise ValueError(f"`headroom` should be a factor >= 1 (peaks at most max/headroom) or None, got {headroom}.")
     if grad_underflow_budget is not None and not 0 <= grad_underflow_budget < 1:

@@ -134,9 +134,11 @@ def save_pretrained(
         stamps_before = _file_stamps(save_directory)
     max_shard_size = kwargs.pop("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
     try:  # before anything is written or deleted
-        convert_file_size_to_int(max_shard_size)
+        shard_bytes = convert_file_size_to_int(max_shard_size)
     except ValueError as err:
         raise ValueError(f"`max_shard_size={max_shard_size!r}`: {err}") from err
+    if shard_bytes <= 0:  # would write one file per tensor
+        raise ValueError(f"`max_shard_size` should be a positive size such as '5GB' or 10**9, got {max_shard_size!r}.")
     if checkpoint_format == "merged":
         kwargs["max_shard_size"] = max_shard_size
     elif kwargs:

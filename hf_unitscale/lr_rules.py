@@ -64,6 +64,7 @@ trainable parameter exactly once.
 from __future__ import annotations
 
 import math
+import numbers
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -429,12 +430,19 @@ def build_param_groups(
         converted). Checked by `check_param_groups`.
 
     Raises:
-        ValueError: an unknown rule, `mup` without `mup_base_width`, `umup` depth scaling on a
-            model with no repeated blocks, a bad multiplier, or (under `umup`, `mup`) a parameter with no role;
-            under `equivalent`, where the role changes nothing, such a parameter joins the `bias` role.
+        ValueError: an unknown rule, a negative or non-finite `lr`, `eps` or `weight_decay`, `mup` without
+            `mup_base_width`, `umup` depth scaling on a model with no repeated blocks, a bad multiplier, or (under
+            `umup`, `mup`) a parameter with no role; under `equivalent`, where the role changes nothing, such a
+            parameter joins the `bias` role.
     """
     if lr_rule not in LR_RULES:
         raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {lr_rule!r}.")
+    for option, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
+        number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
+        if not (math.isfinite(number) and number >= 0):
+            raise ValueError(
+                f"`{option}` should be a finite number >= 0, as torch.optim.AdamW takes it; got {value!r}."
+            )
     multipliers = _check_multipliers(lr_multipliers)
     infos = describe_parameters(
         model,

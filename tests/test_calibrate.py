@@ -380,6 +380,9 @@ def test_calibrate_errors_are_clear():
         calibrate(unit_scale(case.model()), [], progress=False)
     with pytest.raises(ValueError, match="num_batches"):
         calibrate(unit_scale(case.model()), [_labelled_batch(case)], num_batches=0, progress=False)
+    for loss_scale in (0.0, -0.25, float("inf")):  # 0 measures no gradient and kept every c, blaming unused layers
+        with pytest.raises(ValueError, match=rf"`loss_scale` should be a finite factor > 0.*got {loss_scale}"):
+            calibrate(unit_scale(case.model()), [_labelled_batch(case)], loss_scale=loss_scale, progress=False)
     with pytest.raises(ValueError, match="one batch"):
         calibrate(unit_scale(case.model()), _labelled_batch(case), progress=False)
     with pytest.raises(ValueError, match="batch 0 is a Tensor; each batch is a dict"):

@@ -575,7 +575,14 @@ def test_saving_another_format_into_a_folder_removes_stale_weights(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "bad_option", [{"weight_dtype": "float16"}, {"embedding_dtype": "int4"}, {"max_shard_size": "12XB"}]
+    "bad_option",
+    [
+        {"weight_dtype": "float16"},
+        {"embedding_dtype": "int4"},
+        {"max_shard_size": "12XB"},
+        {"max_shard_size": 0},  # would write one file per tensor
+        {"max_shard_size": -1},
+    ],
 )
 def test_a_save_refused_for_a_bad_storage_option_leaves_the_earlier_checkpoint(bad_option, tmp_path):
     case = CASES_BY_ID["llama-tied"]

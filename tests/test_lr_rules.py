@@ -280,6 +280,16 @@ def test_user_multipliers_apply_last_and_multiply():
         _groups(model, lr_multipliers={"x": -1.0})
 
 
+@pytest.mark.parametrize("option", ["lr", "eps", "weight_decay"])
+@pytest.mark.parametrize("value", [-1.0, float("nan"), "1e-3"])
+def test_negative_or_non_numeric_optimizer_settings_are_refused(option, value):
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    settings = {"lr": LR, "eps": EPS, "weight_decay": WD, option: value}
+    with pytest.raises(ValueError, match=rf"`{option}` should be a finite number >= 0"):
+        build_param_groups(model, **settings)
+    assert build_param_groups(model, **{**settings, option: 0.0})  # zero is a valid setting (a frozen lr, no decay)
+
+
 def test_decay_follows_trainer():
     """Biases and norm gains are never decayed, as in `Trainer.get_decay_parameter_names`."""
     model = unit_scale(CASES_BY_ID["llama-untied"].model())
