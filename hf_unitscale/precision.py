@@ -143,9 +143,10 @@ def cast_statistics(
 ) -> dict[str, dict[str, dict[str, float]]]:
     """`{layer: {operand: CastCounter.as_dict()}}` for every layer with counters; `reset` zeroes them after.
 
-    Each process counts the casts of its own share of the batch. `all_processes=True` sums the counts of
-    every process first, so a data-parallel run reports the casts of its global batch, as one process
-    would; it is a collective (every rank must call it) and a no-op outside torch.distributed.
+    Without counters (no `track_casts(model)` first) it returns `{}` and warns once. Each process counts the
+    casts of its own share of the batch. `all_processes=True` sums the counts of every process first, so a
+    data-parallel run reports the casts of its global batch, as one process would; it is a collective (every
+    rank must call it) and a no-op outside torch.distributed.
     """
     counters = {
         (name, operand): getattr(layer.cast_counters, operand)
@@ -153,6 +154,11 @@ def cast_statistics(
         if layer.cast_counters is not None
         for operand in OPERANDS
     }
+    if not counters:
+        logger.warning_once(
+            f"cast_statistics: no matmul layer of {type(model).__name__} counts its casts, so there is nothing to "
+            "report. Call `track_casts(model)` before the forward and backward passes to count."
+        )
     counts = [counter.counts for counter in counters.values()]
     if all_processes and counts:
         counts = all_reduce_across_processes(torch.stack([c.cpu() for c in counts])).unbind()
