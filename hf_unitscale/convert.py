@@ -333,7 +333,19 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
 
 @torch.no_grad()
 def merge_unit_scale(model: nn.Module) -> nn.Module:
-    """Undo `unit_scale` in place: W = s·Ŵ, original module classes, scale buffers removed."""
+    """Undo `unit_scale` in place: W = s·Ŵ, original module classes, scale buffers removed.
+
+    Args:
+        model: a model converted by `unit_scale`; an unconverted one is returned unchanged, with a warning.
+
+    Returns:
+        `model` itself, a plain transformers model again: its `unit_scaling` config block (formats, a, c, the
+        calibration record) is removed, and transformers' own `save_pretrained`, `push_to_hub` and
+        `resize_token_embeddings` replace the ones `unit_scale` attached.
+
+    Raises:
+        ValueError: a Ŵ holds non-finite values (the error names it); the model is then left partly merged.
+    """
     converted = unit_scaled_modules(model)
     if not converted:
         logger.warning(f"{type(model).__name__} is not unit-scaled; `merge_unit_scale` does nothing.")

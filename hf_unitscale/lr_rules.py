@@ -423,6 +423,24 @@ def build_param_groups(
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups of `model` under `lr_rule` (see the module docstring for the table).
 
+    Args:
+        model: the model to train, usually converted by `unit_scale` (under `equivalent`, an unconverted model
+            gets plain AdamW groups).
+        lr_rule: `"equivalent"`, `"umup"` or `"mup"`.
+        lr, eps, weight_decay: AdamW's η, ε and decoupled weight decay (each ≥ 0), which the rule scales per
+            tensor.
+        mup_base_width: under `mup`, the hidden size `lr` was tuned at: width_mult = hidden_size / mup_base_width.
+            Required there; another rule ignores it with a warning.
+        umup_depth_scaling: under `umup`, also multiply the lr of every tensor inside the L repeated blocks by
+            L^-½ (not for encoder-decoder models); another rule ignores it with a warning.
+        lr_multipliers: {regex over parameter names: factor ≥ 0}, applied last to the lr only; `re.search`, and
+            every matching pattern multiplies. A pattern that matches no trainable parameter is an error.
+        role_overrides: {regex over parameter names: role}, `re.fullmatch`; the first matching pattern replaces
+            the automatic role (needed under `umup` and `mup` for a parameter that fits none). A pattern that
+            matches no trainable parameter is an error.
+        decay_parameter_names: the parameter names that get weight decay; default
+            `Trainer.get_decay_parameter_names(model)` (no decay on biases and norm weights).
+
     Returns:
         A list of torch param-group dicts with keys `params`, `lr`, `eps`, `weight_decay` and, for
         logging, `name`, `role`, `base_lr` (the lr at creation, so a schedule's factor is
@@ -431,9 +449,9 @@ def build_param_groups(
 
     Raises:
         ValueError: an unknown rule, a negative or non-finite `lr`, `eps` or `weight_decay`, `mup` without
-            `mup_base_width`, `umup` depth scaling on a model with no repeated blocks, a bad multiplier, or (under
-            `umup`, `mup`) a parameter with no role; under `equivalent`, where the role changes nothing, such a
-            parameter joins the `bias` role.
+            `mup_base_width`, `umup` depth scaling on a model with no repeated blocks, a bad multiplier, a
+            multiplier or override pattern that matches nothing, or (under `umup`, `mup`) a parameter with no
+            role; under `equivalent`, where the role changes nothing, such a parameter joins the `bias` role.
     """
     if lr_rule not in LR_RULES:
         raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {lr_rule!r}.")

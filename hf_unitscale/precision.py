@@ -96,11 +96,24 @@ def set_precision(
 ) -> MatmulPrecision | None:
     """Run the converted matmul layers' GEMMs with these operand formats (None, None: full precision).
 
-    Formats are names from `formats.FORMATS` in any case ("e4m3", "E5M2", "bf16"); `backward_format="auto"` is
-    "e5m2" with a forward format and None without one, so `set_precision(model, None)` is full precision. Backend is
-    "simulate" or "scaled_mm". `full_precision_modules` (regexes over module names) keep the full-precision path;
-    None keeps the output heads, [] casts every layer. Returns the `MatmulPrecision` set and updates
-    `model.config.unit_scaling`.
+    Args:
+        model: a model converted by `unit_scale`.
+        forward_format: the format of the forward operands x/a and Ŵ: a name from `formats.FORMATS` in any case
+            ("e4m3", "E5M2", "bf16"), or None for full precision.
+        backward_format: the format of the output gradient g/c; "auto" is "e5m2" with a forward format and None
+            without one, so `set_precision(model, None)` is full precision.
+        backend: "simulate" (cast and back, fp32 matmul) or "scaled_mm" (`torch._scaled_mm`; FP8 formats for both
+            operands).
+        full_precision_modules: regexes over module names (re.fullmatch) of layers that keep the full-precision
+            path; None keeps the output heads, [] casts every layer.
+
+    Returns:
+        The `MatmulPrecision` set (None for full precision). `model.config.unit_scaling` records the settings,
+        so the model saves and loads with them.
+
+    Raises:
+        ValueError: `model` has no converted matmul layer, an unknown format or backend, "scaled_mm" without FP8
+            formats, or a `full_precision_modules` pattern that matches no layer.
     """
     if backward_format == "auto":
         backward_format = None if forward_format is None else "e5m2"
