@@ -21,8 +21,9 @@ every rank calls it, also one whose share of the batches is empty (it takes the 
 
 Unit RMS leaves an operand's small elements where its distribution puts them: a cast flushes
 |g/c| < m/2 (m the format's smallest subnormal, E5M2 2^-16), and output gradients are heavy-tailed
-below their RMS (MiniLM's attention query gradients flush 1.4% of their non-zero elements at
-c = rms(g)). `grad_underflow_budget=f` lowers c from the RMS to the largest power-of-two step at which
+below their RMS (at c = rms(g), MiniLM's layer-0 attention query flushes 1.4% of its non-zero gradient elements
+on the 8 test snippets `hf-unitscale report` measures, 2.3% on tests/test_calibrate.py's held-out batch).
+`grad_underflow_budget=f` lowers c from the RMS to the largest power-of-two step at which
 at most a fraction f of the gradient's non-zero calibration elements flush, but never below
 max(1, headroom)·max|g|/M: the budget yields to saturation, with a warning naming the layers it
 cannot fit. Where unit RMS already meets the budget, c moves by less than 2x. Input scales are not

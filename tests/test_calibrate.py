@@ -760,8 +760,9 @@ def test_minilm_static_fp8_matches_fp32_and_naive_fp8_does_not(minilm):
     assert e4m3_casts["fp8/grad_output_underflow_fraction"] > 0.01, e4m3_casts
     assert e4m3_casts["fp8/grad_output_saturated_fraction"] == 0, e4m3_casts
     assert ours_r["saturated"] == 0, table("ours")
-    # Output-gradient underflow at unit scale: pooled ~0.2%, worst layer 0's query (~2.4%), whose flushed
-    # elements sit below 2^-17·rms(g) ((token, head) slices where the softmax is nearly one-hot).
+    # Output-gradient underflow at unit scale: pooled ~0.2%, worst layer 0's query (2.3%; 1.7% on the calibration
+    # batches themselves), whose flushed elements sit below 2^-17·rms(g) ((token, head) slices where the softmax is
+    # nearly one-hot).
     assert ours_r["g_pooled"] < 5e-3, table("ours")
     assert max(ours_r["g_underflow"].values()) < 0.05, table("ours")
     # `grad_underflow_budget` lowers c where it must (up to ~2^9 here): every layer flushes < 0.1% of its gradient
