@@ -10,9 +10,20 @@ from typing import Any
 from .formats import FORMATS, get_format
 from .ops import BACKENDS, MatmulPrecision
 
-__all__ = ["UnitScaleConfig"]
+__all__ = ["UnitScaleConfig", "as_unit_scale_config"]
 
 CONFIG_KEY = "unit_scaling"
+_NULL = type(None)
+# the types each scalar option takes
+_SCALAR_TYPES: dict[str, tuple[type, ...]] = {
+    "convert_other_modules": (bool,),
+    "power_of_two_scales": (bool, _NULL),
+    "forward_format": (str, _NULL),
+    "backward_format": (str, _NULL),
+    "backend": (str,),
+    "calibration": (dict, _NULL),
+    "lr_rule": (str, _NULL),
+}
 
 
 @dataclass
@@ -31,7 +42,8 @@ class UnitScaleConfig:
         metadata={
             "help": "Regular expressions over module names (re.fullmatch) of modules to leave unconverted, with "
             "everything inside them (`bert.pooler` excludes `bert.pooler.dense`). A pattern matching no module is an "
-            "error. A weight tied across the boundary (an excluded `lm_head` tied to a converted embedding) is too."
+            "error. A weight tied across the boundary (an excluded `lm_head` tied to a converted embedding) is too. "
+            "null: none, as []."
         },
     )
     convert_other_modules: bool = field(
@@ -79,16 +91,33 @@ class UnitScaleConfig:
     )
 
     def __post_init__(self) -> None:
+        # a wrong type must not pass as truthy ("no" would convert other modules) or fail later, far from here
+        for option, types in _SCALAR_TYPES.items():
+            value = getattr(self, option)
+            if not isinstance(value, types):
+                names = " or ".join("None" if t is _NULL else t.__name__ for t in types)
+                raise TypeError(f"`{option}` must be {names}, got {type(value).__name__} {value!r}.")
         for name in ("forward_format", "backward_format"):
             value = getattr(self, name)
             if value is not None:
                 get_format(value)
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
+        if self.exclude_modules is None:
+            self.exclude_modules = []
         for option in ("exclude_modules", "full_precision_modules"):
-            if isinstance(getattr(self, option), str):  # one regex, as peft's `target_modules` takes it
-                setattr(self, option, [getattr(self, option)])
-            for pattern in getattr(self, option) or ():
+            patterns = getattr(self, option)
+            if isinstance(patterns, str):  # one regex, as peft's `target_modules` takes it
+                patterns = [patterns]
+            if patterns is not None:
+                if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) for p in patterns):
+                    raise TypeError(
+                        f"`{option}` must be a list of regular expressions over module names (str), got "
+                        f"{type(patterns).__name__} {patterns!r}."
+                    )
+                patterns = list(patterns)
+            setattr(self, option, patterns)
+            for pattern in patterns or ():
                 try:
                     re.compile(pattern)
                 except re.error as err:
@@ -117,3 +146,16 @@ class UnitScaleConfig:
         if unknown:
             raise ValueError(f"Unknown UnitScaleConfig option(s) {unknown}; valid options are {sorted(known)}.")
         return cls(**values)
+
+
+def as_unit_scale_config(value: UnitScaleConfig | dict[str, Any] | None, argument: str) -> UnitScaleConfig | None:
+    """`value` as a `UnitScaleConfig`: itself, built from its dict (as config.json's block stores it), or None; an
+    error naming `argument` for anything else (a model name or path is not a config)."""
+    if value is None or isinstance(value, UnitScaleConfig):
+        return value
+    if isinstance(value, dict):
+        return UnitScaleConfig.from_dict(value)
+    raise TypeError(
+        f"`{argument}` must be a UnitScaleConfig or its dict (config.json's `{CONFIG_KEY}` block), got "
+        f"{type(value).__name__} {value!r:.80}."
+    )

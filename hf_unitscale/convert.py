@@ -24,7 +24,7 @@ from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .config import CONFIG_KEY, UnitScaleConfig
+from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
 from .direct_reads import modules_read_directly
 from .modules import (
     EMBEDDING_CLASSES,
@@ -252,7 +252,8 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
         `input_scale` and `grad_scale`.
 
     Raises:
-        TypeError: `model` is not an `nn.Module` (a name or path: load the model first).
+        TypeError: `model` is not an `nn.Module` (a name or path: load the model first), or `config` is neither a
+            `UnitScaleConfig` nor a dict.
         ValueError: a weight is not finite (named), nothing in `model` can be converted, or it has PEFT adapters.
     """
     if not isinstance(model, nn.Module):
@@ -261,9 +262,7 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
             "first (`AutoModel.from_pretrained(...)`), or use `hf_unitscale.from_pretrained(path)`, which converts."
         )
     check_no_peft_adapters(model)
-    if isinstance(config, dict):  # as stored in config.json's `unit_scaling` block
-        config = UnitScaleConfig.from_dict(config)
-    config = config if config is not None else UnitScaleConfig()
+    config = as_unit_scale_config(config, "config") or UnitScaleConfig()
     if is_unit_scaled(model):
         logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing.")
         return model

@@ -234,6 +234,22 @@ def test_bad_config_options_are_named(options, message):
         UnitScaleConfig.from_dict(options)
 
 
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        ({"convert_other_modules": "no"}, r"`convert_other_modules` must be bool, got str 'no'"),
+        ({"power_of_two_scales": "false"}, r"`power_of_two_scales` must be bool or None, got str 'false'"),
+        ({"forward_format": 8}, r"`forward_format` must be str or None, got int 8"),
+        ({"exclude_modules": ["classifier", 3]}, r"`exclude_modules` must be a list of regular expressions"),
+        ({"full_precision_modules": {"classifier": True}}, r"`full_precision_modules` must be a list .*got dict"),
+    ],
+)
+def test_options_of_the_wrong_type_are_named(options, message):
+    """A string is truthy: "no" would convert other modules and "false" round every s to a power of two."""
+    with pytest.raises(TypeError, match=message):
+        UnitScaleConfig(**options)
+
+
 def test_unit_scale_takes_a_config_dict_and_refuses_what_is_not_a_model():
     as_dict = unit_scale(CASES_BY_ID["bert"].model(), {"exclude_modules": ["classifier"]})  # config.json's block
     assert type(as_dict.classifier) is nn.Linear and as_dict.config.unit_scaling["exclude_modules"] == ["classifier"]
@@ -242,6 +258,10 @@ def test_unit_scale_takes_a_config_dict_and_refuses_what_is_not_a_model():
     for not_a_model in ("bert-base-uncased", None):
         with pytest.raises(TypeError, match="converts a loaded model.*load it first"):
             unit_scale(not_a_model)
+    with pytest.raises(TypeError, match=r"`config` must be a UnitScaleConfig or its dict .*got str 'bert-config'"):
+        unit_scale(CASES_BY_ID["bert"].model(), "bert-config")
+    no_exclusion = unit_scale(CASES_BY_ID["bert"].model(), UnitScaleConfig(exclude_modules=None))
+    assert no_exclusion.config.unit_scaling["exclude_modules"] == [] and is_unit_scaled(no_exclusion.classifier)
 
 
 def test_exclude_modules_leaves_them_plain():
