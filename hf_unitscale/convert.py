@@ -115,8 +115,6 @@ def weight_scales(model: nn.Module) -> dict[int, float]:
 def _weight_scale(weight: torch.Tensor, name: str, power_of_two: bool) -> torch.Tensor:
     """s = rms(W) = ‖W‖₂ / √n as an fp32 scalar, or with `power_of_two` 2^round(log₂ rms(W)); 1 for an all-zero W;
     an error naming the tensor if W is not finite."""
-    if weight.device.type == "meta":
-        return torch.ones((), dtype=torch.float32)
     w = weight.detach()
     # one pass: fp32 norms of rows (short sums, accurate), then their norm in fp64; a single fp32
     # reduction over a 28M-element embedding drifts by ~1e-3. nan/inf anywhere makes s non-finite.
@@ -184,6 +182,19 @@ def _check_ties_stay_inside(model: nn.Module, plan: list[tuple[str, nn.Module, t
                     "s·Ŵ: both read one Parameter, so one of them would compute with Ŵ. Convert both or neither "
                     "(adjust `exclude_modules`)."
                 )
+
+
+def _check_weights_have_values(model: nn.Module, plan: list[tuple[str, nn.Module, type, tuple[str, ...]]]) -> None:
+    """Refuse weights on the meta device (a model built under `init_empty_weights`): s = rms(W) needs W's values,
+    and s = 1 with Ŵ = W, filled in later, would leave the model unit-scaled in name only."""
+    empty = [f"{name}.{w}" if name else w for name, m, _, weights in plan for w in weights if getattr(m, w).is_meta]
+    if empty:
+        raise ValueError(
+            f"Cannot unit-scale {type(model).__name__}: {len(empty)} weight(s) are on the meta device (e.g. "
+            f"`{empty[0]}`; a model built under `init_empty_weights`), and s = rms(W) needs their values. Load the "
+            "weights first (`from_pretrained`, or `load_state_dict(state_dict, assign=True)`), or load and convert "
+            "in one step with `hf_unitscale.from_pretrained(path)`."
+        )
 
 
 def _conversion_plan(model: nn.Module, config: UnitScaleConfig) -> list[tuple[str, nn.Module, type, tuple[str, ...]]]:
@@ -254,7 +265,8 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
     Raises:
         TypeError: `model` is not an `nn.Module` (a name or path: load the model first), or `config` is neither a
             `UnitScaleConfig` nor a dict.
-        ValueError: a weight is not finite (named), nothing in `model` can be converted, or it has PEFT adapters.
+        ValueError: a weight is not finite or on the meta device (named), nothing in `model` can be converted, or it
+            has PEFT adapters.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -278,6 +290,8 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
             f"Found nothing to unit-scale in {type(model).__name__}: no nn.Linear, Conv1D or nn.Embedding, and no "
             "other module with ≥2-D weights (or all were excluded by `exclude_modules` / `convert_other_modules`)."
         )
+    if measure:
+        _check_weights_have_values(model, plan)
     matmul_names = [name for name, _, unit_class, _ in plan if issubclass(unit_class, UnitScaledMatmulMixin)]
     if config.precision is not None and config.full_precision_modules:
         from .precision import full_precision_names  # precision imports this module
@@ -296,8 +310,7 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.
                     power_of_two = _uses_power_of_two(param, config)
                     rounded_by_dtype += power_of_two and config.power_of_two_scales is None
                     scale = _weight_scale(param, qualified, power_of_two)
-                    if param.device.type != "meta":
-                        param.copy_(apply_scale(param, scale.to(param.device), divide=True))
+                    param.copy_(apply_scale(param, scale.to(param.device), divide=True))
                 scale_of_param[id(param)] = scale
             scale = scale_of_param[id(param)].to(param.device if param.device.type != "meta" else "cpu")
             module.register_buffer(weight_name + SCALE_SUFFIX, scale.clone())

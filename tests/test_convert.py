@@ -7,6 +7,7 @@ import re
 
 import pytest
 import torch
+from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
@@ -201,6 +202,20 @@ def test_non_finite_weight_is_named():
         model.bert.encoder.layer[1].intermediate.dense.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.1\.intermediate\.dense\.weight.*non-finite"):
         unit_scale(model)
+
+
+def test_weights_on_the_meta_device_are_named():
+    """s = rms(W) needs W: on the meta device (`init_empty_weights`) every s would be 1, unit-scaled in name only."""
+    plain = CASES_BY_ID["bert"].model()
+    with init_empty_weights():
+        model = type(plain)(plain.config)
+    with pytest.raises(
+        ValueError,
+        match=r"on the meta device \(e\.g\. `bert\.embeddings\.word_embeddings\.weight`.*"
+        r"hf_unitscale\.from_pretrained",
+    ):
+        unit_scale(model)
+    assert not is_unit_scaled(model)
 
 
 def test_all_zero_weight_keeps_unit_scale():
