@@ -13,6 +13,7 @@ converted (GPT-2's `lm_head` and `wte`) is divided once; its second layer gets i
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import sys
@@ -38,6 +39,7 @@ from .ops import apply_scale
 from .resize import resize_token_embeddings
 
 __all__ = [
+    "check_converted_with",
     "is_unit_scaled",
     "matmul_layers",
     "merge_unit_scale",
@@ -265,8 +267,9 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
     Raises:
         TypeError: `model` is not an `nn.Module` (a name or path: load the model first), or `config` is neither a
             `UnitScaleConfig` nor a dict.
-        ValueError: a weight is not finite or on the meta device (named), nothing in `model` can be converted, or it
-            has PEFT adapters.
+        ValueError: a weight is not finite or on the meta device (named), nothing in `model` can be converted, it
+            has PEFT adapters, or it is already unit-scaled with other options than `config` (named; without
+            `config`, converting again only warns).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(
@@ -274,11 +277,38 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
             "first (`AutoModel.from_pretrained(...)`), or use `hf_unitscale.from_pretrained(path)`, which converts."
         )
     check_no_peft_adapters(model)
-    config = as_unit_scale_config(config, "config") or UnitScaleConfig()
+    config = as_unit_scale_config(config, "config")
     if is_unit_scaled(model):
+        if config is not None:
+            check_converted_with(model, config, "config")
         logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing.")
         return model
-    return _convert(model, config, measure=True)
+    return _convert(model, config or UnitScaleConfig(), measure=True)
+
+
+def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: str) -> None:
+    """Refuse `config` (passed as `argument`) for a model already unit-scaled with other options than its
+    `config.unit_scaling` block records: a converted model cannot take them, and dropping them silently would
+    train or save another model than the one asked for. `calibration` and `lr_rule` are records, not options."""
+    block = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    fix = f"Undo the conversion first (`merge_unit_scale(model)`) to convert with `{argument}`, or drop `{argument}`."
+    if not isinstance(block, dict):
+        raise ValueError(
+            f"{type(model).__name__} is already unit-scaled and records no conversion options (it has no "
+            f"`config.{CONFIG_KEY}`), so `{argument}` can neither be applied nor checked against them. {fix}"
+        )
+    options = [f.name for f in dataclasses.fields(UnitScaleConfig) if f.name not in ("calibration", "lr_rule")]
+    recorded = UnitScaleConfig.from_dict({k: v for k, v in block.items() if k in options})
+    differing = [
+        f"`{option}`: {getattr(recorded, option)!r} in the model, {getattr(config, option)!r} in `{argument}`"
+        for option in options
+        if getattr(recorded, option) != getattr(config, option)
+    ]
+    if differing:
+        raise ValueError(
+            f"{type(model).__name__} is already unit-scaled with other options than `{argument}` "
+            f"({'; '.join(differing)}), which a converted model cannot take. {fix}"
+        )
 
 
 def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.Module:

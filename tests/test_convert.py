@@ -196,6 +196,21 @@ def test_converting_twice_is_a_noop_with_a_warning(caplog):
     assert all(torch.equal(m.weight_scale, scales[n]) for n, m in unit_scaled_modules(model).items())
 
 
+def test_converting_again_with_other_options_is_an_error():
+    """A converted model cannot take other options: saying only "does nothing" would drop them unnoticed."""
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    with pytest.raises(
+        ValueError,
+        match=r"already unit-scaled with other options than `config` \(`exclude_modules`: \[\] in the model, "
+        r"\['classifier'\] in `config`\).*`merge_unit_scale\(model\)`",
+    ):
+        unit_scale(model, UnitScaleConfig(exclude_modules=["classifier"]))
+    assert unit_scale(model, {"exclude_modules": []}) is model  # the options it has: nothing to do
+    bare = unit_scale(nn.Sequential(nn.Linear(4, 4)))
+    with pytest.raises(ValueError, match=r"records no conversion options .*drop `config`"):
+        unit_scale(bare, UnitScaleConfig())
+
+
 def test_non_finite_weight_is_named():
     model = CASES_BY_ID["bert"].model()
     with torch.no_grad():
