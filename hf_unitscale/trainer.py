@@ -56,8 +56,15 @@ from .arguments import (
     unit_scale_options,
 )
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_checkpoint_into
-from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import check_no_peft_adapters, is_unit_scaled, matmul_layers, unit_scale, weight_scales
+from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
+from .convert import (
+    check_converted_with,
+    check_no_peft_adapters,
+    is_unit_scaled,
+    matmul_layers,
+    unit_scale,
+    weight_scales,
+)
 from .formats import FP8_FORMAT_PAIRS
 from .hub import mirror_weight_files, save_pretrained, trainer_uploads_replacing_weights
 from .lr_rules import Role, build_param_groups, summarize_param_groups
@@ -133,7 +140,8 @@ class UnitScaleTrainer(Trainer):
 
     Args:
         unit_scale_config: conversion options used when `model` (or `model_init`'s result) is
-            not yet unit-scaled.
+            not yet unit-scaled; for a model already unit-scaled, an error unless they are the options its
+            `config.unit_scaling` records (`merge_unit_scale` it first to convert with others).
         role_overrides: {regex over parameter names: role} for parameters the automatic roles
             do not cover (see `lr_rules.describe_parameters`).
     """
@@ -171,10 +179,13 @@ class UnitScaleTrainer(Trainer):
     # ---- conversion ----
 
     def _prepare_unit_scaled(self, model: nn.Module, options: dict[str, Any]) -> nn.Module:
+        config = as_unit_scale_config(self.unit_scale_config, "unit_scale_config")
         if is_unit_scaled(model):
             check_no_peft_adapters(model)  # converted before `get_peft_model`; unit_scale checks the other order
+            if config is not None:  # options it was not converted with would be dropped
+                check_converted_with(model, config, "unit_scale_config")
         else:
-            unit_scale(model, self.unit_scale_config)
+            unit_scale(model, config)
         config = getattr(model, "config", None)
         block = getattr(config, CONFIG_KEY, None) if config is not None else None
         if isinstance(block, dict):

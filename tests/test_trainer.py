@@ -531,6 +531,23 @@ def test_converts_model_init_and_accepts_converted_models(tmp_path):
     assert all(torch.equal(b, scales[n]) for n, b in trainer.model.named_buffers() if n in scales)
 
 
+def test_a_converted_model_takes_only_the_unit_scale_config_it_was_converted_with(tmp_path):
+    """Another `unit_scale_config` cannot apply to a converted model: dropping it would train another model."""
+    case, excluded = CASES_BY_ID["bert"], UnitScaleConfig(exclude_modules=["classifier"])
+    trainer = UnitScaleTrainer(
+        model=unit_scale(case.model(), excluded), args=_args(tmp_path), unit_scale_config=excluded
+    )
+    assert type(trainer.model.classifier) is torch.nn.Linear
+    message = r"other options than `unit_scale_config` \(`exclude_modules`: \[\] in the model, \['classifier'\] in"
+    with pytest.raises(ValueError, match=message + r".*merge_unit_scale"):
+        UnitScaleTrainer(model=unit_scale(case.model()), args=_args(tmp_path), unit_scale_config=excluded)
+    with pytest.raises(ValueError, match=message):
+        UnitScaleTrainer(model_init=lambda: unit_scale(case.model()), args=_args(tmp_path), unit_scale_config=excluded)
+    merged = merge_unit_scale(unit_scale(case.model()))
+    trainer = UnitScaleTrainer(model=merged, args=_args(tmp_path), unit_scale_config=excluded)
+    assert type(trainer.model.classifier) is torch.nn.Linear and is_unit_scaled(trainer.model)
+
+
 def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
     values = {
         "output_dir": str(tmp_path),
