@@ -92,7 +92,8 @@ def save_pretrained(
     tags: list[str] | None = None,
     **kwargs: Any,
 ) -> None:
-    """Save a unit-scaled model, with its model card.
+    """Save a unit-scaled model, with its model card. A model that is not unit-scaled is saved as transformers saves
+    it (merged format only, with a warning): no `unit_scaling` block, no model card.
 
     Args:
         checkpoint_format: `"merged"` (default) writes a plain transformers checkpoint W = s·Ŵ;
@@ -112,10 +113,17 @@ def save_pretrained(
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
     weight_dtype = _check_weight_dtype(checkpoint_format, weight_dtype)
-    if checkpoint_format != "merged" and not is_unit_scaled(model):
+    converted = is_unit_scaled(model)
+    if checkpoint_format != "merged" and not converted:
         raise ValueError(
             f"{type(model).__name__} is not unit-scaled, so it has no Ŵ and s to write in the {checkpoint_format} "
             "format: call `hf_unitscale.unit_scale(model)` first, or save it with `checkpoint_format='merged'`."
+        )
+    if not converted and is_main_process:
+        logger.warning(
+            f"{type(model).__name__} is not unit-scaled: saving it as transformers would, a plain checkpoint with no "
+            f"`{CONFIG_KEY}` block or model card of ours. Call `hf_unitscale.unit_scale(model)` first to save it "
+            "unit-scaled."
         )
     if state_dict is None and any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise ValueError(
@@ -162,19 +170,21 @@ def save_pretrained(
     config = model.config
     original_block = getattr(config, CONFIG_KEY, None)
     if checkpoint_format == "merged":
-        setattr(config, CONFIG_KEY, _checkpoint_block(model, "merged", operand_scales=operand_scales(model)))
+        if converted:  # an unconverted model's config is saved as it is: nothing of ours to record
+            setattr(config, CONFIG_KEY, _checkpoint_block(model, "merged", operand_scales=operand_scales(model)))
         try:
             type(model).save_pretrained(
                 model, save_directory, state_dict=tensors, is_main_process=is_main_process, **kwargs
             )
         finally:
-            setattr(config, CONFIG_KEY, original_block)
+            if converted:
+                setattr(config, CONFIG_KEY, original_block)
     elif is_main_process:
         os.makedirs(save_directory, exist_ok=True)
         _write_config(model, save_directory, block, extra_config)
         write_unit_scaled_weights(tensors, save_directory, checkpoint_format, max_shard_size)
         logger.info(f"Saved {checkpoint_format} checkpoint ({weight_dtype} Ŵ) to {save_directory}.")
-    if model_card and is_main_process:
+    if model_card and is_main_process and converted:
         update_model_card(
             model,
             save_directory,

@@ -676,8 +676,25 @@ def test_a_model_that_is_not_unit_scaled_is_refused_by_the_scaled_formats(checkp
     with pytest.raises(ValueError, match="is not unit-scaled.*unit_scale\\(model\\)"):
         hf_unitscale.save_pretrained(model, tmp_path, checkpoint_format=checkpoint_format)
     assert not any(tmp_path.iterdir())
-    hf_unitscale.save_pretrained(model, tmp_path)  # merged: a plain checkpoint
-    assert (tmp_path / "model.safetensors").exists()
+
+
+def test_a_model_that_is_not_unit_scaled_saves_merged_as_transformers_would(tmp_path, caplog):
+    """A plain checkpoint, with a warning: no `unit_scaling` block and no card calling it unit-scaled (it had an
+    empty scale table and backend None)."""
+    model = CASES_BY_ID["llama-tied"].model()
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        hf_unitscale.save_pretrained(model, tmp_path / "ours")
+    assert "LlamaForCausalLM is not unit-scaled: saving it as transformers would" in caplog.text
+    model.save_pretrained(tmp_path / "transformers")
+    assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(
+        p.name for p in (tmp_path / "transformers").iterdir()
+    )
+    assert not (tmp_path / "ours" / "README.md").exists()
+    configs = [json.loads((tmp_path / name / "config.json").read_text()) for name in ("ours", "transformers")]
+    assert configs[0] == configs[1] and "unit_scaling" not in configs[0]
+    assert not hasattr(model.config, "unit_scaling")
+    ours, theirs = (load_file(tmp_path / name / "model.safetensors") for name in ("ours", "transformers"))
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
 # ---- sharding: past `max_shard_size` the weights are split as transformers splits them ----
