@@ -530,6 +530,7 @@ def _fail_fetch():
         ("train_missing_text_column", "no column 'review' (`text_column`)"),
         ("report_missing_text_file", "--text-file"),
         ("merge_into_its_own_folder", "is the model folder itself"),
+        ("merge_missing_model", "no such file or folder"),
         ("train_unseen_eval_label", "the training data lacks"),
     ],
 )
@@ -549,6 +550,8 @@ def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, c
         eval_file = Path(overrides[overrides.index("--eval_file") + 1])
         eval_file.write_text(eval_file.read_text().replace('"label": 1', '"label": 2', 1))
         argv = ["train", str(_small_recipe(tmp_path)), *overrides]
+    elif case == "merge_missing_model":
+        argv = ["merge", str(tmp_path / "nonexistent"), str(tmp_path / "o")]
     elif case == "merge_into_its_own_folder":
         source = save_tiny_model("bert", tmp_path / "plain")
         argv = ["merge", str(source), str(tmp_path / "." / "plain")]

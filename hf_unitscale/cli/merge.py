@@ -4,7 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from .utils import add_model_class_argument, add_overwrite_argument, check_output_dir, load_model, write_model_folder
+from .utils import (
+    add_model_class_argument,
+    add_overwrite_argument,
+    check_local_path,
+    check_output_dir,
+    load_model,
+    write_model_folder,
+)
 
 
 def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -28,6 +35,7 @@ def merge_command(args: argparse.Namespace) -> int:
     from ..hub import _remove_stale_weights
     from ..model_card import remove_model_card_section
 
+    check_local_path(args.model, "model")  # before the config read below takes a missing folder for a Hub id
     check_output_dir(args.model, args.output_dir, args.overwrite)
     model = _stored_weights_model(args.model, args.model_class)
     if model is None:
