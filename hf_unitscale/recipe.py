@@ -103,9 +103,12 @@ class DataArguments:
         },
     )
     max_train_samples: int | None = field(
-        default=None, metadata={"help": "Use only the first N training rows (after shuffling with `seed`)."}
+        default=None,
+        metadata={"help": "Use only the first N ≥ 1 training rows (after shuffling with `seed`); null: every row."},
     )
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N evaluation rows."})
+    max_eval_samples: int | None = field(
+        default=None, metadata={"help": "Use only the first N ≥ 1 evaluation rows; null: every row."}
+    )
     metrics: list[str] = field(
         default_factory=lambda: ["accuracy", "f1"],
         metadata={
@@ -348,6 +351,12 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict[str, Any]
         raise RecipeError(
             f"Recipe {source or ''}: `max_seq_length` should be at least 2, got {data_args.max_seq_length}."
         )
+    for key, hint in (("max_train_samples", ""), ("max_eval_samples", "; `eval_split: null` skips evaluation")):
+        count = getattr(data_args, key)
+        if count is not None and count < 1:
+            raise RecipeError(
+                f"Recipe {source or ''}: `{key}` should be at least 1, or null for every row, got {count}{hint}."
+            )
     if data_args.scale_plot_batches < 1:
         raise RecipeError(
             f"Recipe {source or ''}: `scale_plot_batches` should be at least 1, got {data_args.scale_plot_batches}; "

@@ -326,6 +326,17 @@ def test_scale_plot_batches_must_be_positive(tmp_path, capsys):
     assert main(["train", str(path)]) == 2
 
 
+@pytest.mark.parametrize("key", ["max_train_samples", "max_eval_samples"])
+@pytest.mark.parametrize("count", [0, -5])
+def test_sample_counts_must_be_positive_or_null(key, count, tmp_path):
+    """0 would train on an empty set (a misleading Trainer error) or silently skip evaluation."""
+    path = _write(tmp_path, {**GOOD, key: count})
+    with pytest.raises(RecipeError, match=f"`{key}` should be at least 1, or null for every row, got {count}"):
+        load_recipe(path)
+    assert main(["train", str(path)]) == 2
+    assert getattr(load_recipe(path, {key: None}).data, key) is None
+
+
 def test_unknown_metric_names_the_shipped_ones(tmp_path, capsys):
     path = _write(tmp_path, {**GOOD, "metrics": ["accuracy", "acuracy"]})
     with pytest.raises(RecipeError, match=r"`metrics`.*\['accuracy', 'f1'\].*'acuracy'.*Did you mean `accuracy`"):
