@@ -109,9 +109,17 @@ def save_pretrained(
         kwargs: passed to `PreTrainedModel.save_pretrained` for the merged format; the other formats take
             `max_shard_size` (default "50GB", as transformers: larger checkpoints are split into shards with an
             index). `push_to_hub=True` pushes the saved folder with `push_to_hub` semantics (`repo_id`, `token`, …).
+
+    Raises:
+        NotADirectoryError: `save_directory` is an existing file (nothing is written).
     """
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
+    if os.path.isfile(save_directory):
+        raise NotADirectoryError(
+            f"`save_directory` {str(save_directory)!r} is a file: a checkpoint is a folder (config, weights, card). "
+            "Give a folder path; a missing folder is created."
+        )
     weight_dtype = _check_weight_dtype(checkpoint_format, weight_dtype)
     converted = is_unit_scaled(model)
     if checkpoint_format != "merged" and not converted:

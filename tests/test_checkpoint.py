@@ -697,6 +697,16 @@ def test_a_model_that_is_not_unit_scaled_saves_merged_as_transformers_would(tmp_
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
 
+@pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled", "compressed-tensors"])
+def test_saving_to_a_file_path_names_the_path(checkpoint_format, tmp_path):
+    """Not transformers' logged 'should be a directory' followed by a raw NotADirectoryError / FileExistsError."""
+    path = tmp_path / "a_file"
+    path.write_text("kept")
+    with pytest.raises(NotADirectoryError, match=f"`save_directory` '{re.escape(str(path))}' is a file"):
+        _converted(CASES_BY_ID["bert"]).save_pretrained(path, checkpoint_format=checkpoint_format)
+    assert path.read_text() == "kept"
+
+
 # ---- sharding: past `max_shard_size` the weights are split as transformers splits them ----
 
 

@@ -531,6 +531,9 @@ def _fail_fetch():
         ("report_missing_text_file", "--text-file"),
         ("merge_into_its_own_folder", "is the model folder itself"),
         ("merge_missing_model", "no such file or folder"),
+        ("convert_into_a_file", "is a file; give a folder path"),
+        ("merge_into_a_file", "is a file; give a folder path"),
+        ("train_into_a_file", "is a file; give a folder path"),
         ("train_unseen_eval_label", "the training data lacks"),
     ],
 )
@@ -550,6 +553,13 @@ def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, c
         eval_file = Path(overrides[overrides.index("--eval_file") + 1])
         eval_file.write_text(eval_file.read_text().replace('"label": 1', '"label": 2', 1))
         argv = ["train", str(_small_recipe(tmp_path)), *overrides]
+    elif case.endswith("_into_a_file"):
+        (tmp_path / "a_file").write_text("kept")
+        if case == "train_into_a_file":
+            argv = ["train", str(_small_recipe(tmp_path)), *stand_in_overrides(tmp_path, "text-classification")]
+            argv[argv.index("--output_dir") + 1] = str(tmp_path / "a_file")
+        else:
+            argv = [case.split("_")[0], str(save_tiny_model("bert", tmp_path / "plain")), str(tmp_path / "a_file")]
     elif case == "merge_missing_model":
         argv = ["merge", str(tmp_path / "nonexistent"), str(tmp_path / "o")]
     elif case == "merge_into_its_own_folder":

@@ -36,6 +36,12 @@ def check_local_path(name_or_path: str, what: str) -> None:
         )
 
 
+def check_not_a_file(path: str, what: str) -> None:
+    """Refuse a folder path to be written that is an existing file, before anything is loaded or trained."""
+    if Path(path).expanduser().is_file():
+        raise CommandError(f"{what} {path!r} is a file; give a folder path (a missing folder is created).")
+
+
 def add_overwrite_argument(parser: argparse.ArgumentParser) -> None:
     """The `--overwrite` flag, whose value `args.overwrite` goes to `check_output_dir`."""
     parser.add_argument(
@@ -51,9 +57,10 @@ def check_output_dir(name_or_path: str, output_dir: str, overwrite: bool) -> Non
     """Refuse writing into the folder the model is read from (it would replace the source checkpoint, and files
     of its format the new one does not write would stay beside it), and, unless `overwrite`, into a folder that
     holds another checkpoint's weights or an earlier convert's or merge's files (`output_record`), which the write
-    would delete."""
+    would delete; and a path that is a file."""
     from ..hub import weight_files
 
+    check_not_a_file(output_dir, "output_dir")
     source = Path(name_or_path).expanduser()
     if source.is_dir() and source.resolve() == Path(output_dir).expanduser().resolve():
         raise CommandError(
