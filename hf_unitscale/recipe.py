@@ -54,7 +54,11 @@ class ModelArguments:
         metadata={"help": "`text-classification` or `causal-lm`; default: from the model's architecture."},
     )
     tokenizer_name: str | None = field(
-        default=None, metadata={"help": "Tokenizer folder or Hub id, if not the model's own."}
+        default=None,
+        metadata={
+            "help": "Tokenizer folder or Hub id, if not the model's own; more tokens than the model's `vocab_size` "
+            "is an error."
+        },
     )
     num_labels: int | None = field(
         default=None,

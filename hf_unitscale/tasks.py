@@ -313,6 +313,34 @@ def _within_positions(data_args: DataArguments, config: Any, tokenizer: Any) -> 
     return dataclasses.replace(data_args, max_seq_length=limit)
 
 
+def _check_vocabulary(tokenizer: Any, config: Any, model_args: ModelArguments) -> None:
+    """The tokenizer's ids must index the model's embedding: a tokenizer with more tokens than `vocab_size` is an
+    error (its ids past the table fail deep in torch, or train one row for many tokens); another model's tokenizer
+    with fewer tokens warns (its ids name other tokens than the model learned). A model's own tokenizer may have
+    fewer tokens: tables are often padded to a multiple of 64 or 128."""
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    rows, tokens = getattr(text_config, "vocab_size", None), len(tokenizer)
+    if not rows or tokens == rows:
+        return
+    other = model_args.tokenizer_name is not None and resolve_model_path(model_args.tokenizer_name) != (
+        resolve_model_path(model_args.model_name_or_path)
+    )
+    source = (
+        f"The tokenizer `tokenizer_name` {model_args.tokenizer_name!r}"
+        if other
+        else f"The tokenizer of {model_args.model_name_or_path!r}"
+    )
+    sizes = f"{source} has {tokens} tokens and the model's embedding {rows} rows (`vocab_size`)"
+    if tokens > rows:
+        fix = "Drop `tokenizer_name` to use the model's own" if other else "Give the model's own as `tokenizer_name`"
+        raise ValueError(f"{sizes}: token ids from {rows} on have no row. {fix} tokenizer.")
+    if other:
+        logger.warning(
+            f"{sizes}: unless it is the model's own vocabulary, its ids name other tokens than the model learned. "
+            "Drop `tokenizer_name` to use the model's own tokenizer."
+        )
+
+
 def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: int = 42) -> TaskSetup:
     """Load the model, tokenizer and data of a recipe and wire collator and metrics for its task."""
     from transformers import (
@@ -330,6 +358,7 @@ def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: in
     if task not in TASKS:
         raise ValueError(f"`task` should be one of {TASKS}, got {task!r}.")
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(model_args.tokenizer_name or path))
+    _check_vocabulary(tokenizer, config, model_args)
     data_args = _within_positions(data_args, config, tokenizer)
     train_raw, eval_raw = _load_raw(data_args, task, seed)
 

@@ -33,12 +33,13 @@ STAND_IN = {"text-classification": "bert", "causal-lm": "llama-tied"}
 # --------------------------------------------------------------------------- tiny stand-ins (shared with test_cli)
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer whose ids cover exactly the tiny models' vocabulary."""
+def tiny_tokenizer(vocab_size: int = VOCAB):
+    """A word-level tokenizer whose ids cover exactly the tiny models' vocabulary (or `vocab_size` tokens)."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL + WORDS)}
+    words = [f"w{i}" for i in range(vocab_size - len(SPECIAL))]
+    vocab = {token: i for i, token in enumerate(SPECIAL + words)}
     backend = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(
@@ -405,6 +406,31 @@ def test_classification_data_follows_the_checkpoint_and_names_what_is_wrong(tmp_
     missing = _rows_file(tmp_path / "missing.jsonl", rows[:3] + [{"text": "w1", "label": None}])
     with pytest.raises(ValueError, match="Row 3 of the training data has no value in column 'label'"):
         setup_task(ModelArguments(model_name_or_path=str(source)), DataArguments(train_file=missing))
+
+
+def test_a_tokenizer_must_fit_the_models_vocabulary(tmp_path, caplog):
+    """More tokens than embedding rows: an error before any data is read (not an IndexError in the first step);
+    another model's tokenizer with fewer tokens: a warning (its ids mean other tokens); the model's own: silence."""
+    from hf_unitscale.tasks import setup_task
+
+    source = save_tiny_model("bert", tmp_path / "bert")
+    train_file, _ = write_tiny_data(tmp_path / "data", "text-classification", n_train=8)
+    data = DataArguments(train_file=str(train_file), eval_split=None, max_seq_length=16)
+    larger, smaller = tmp_path / "larger", tmp_path / "smaller"
+    tiny_tokenizer(VOCAB + 4).save_pretrained(larger)
+    tiny_tokenizer(VOCAB - 10).save_pretrained(smaller)
+    expected = f"`tokenizer_name` '{larger}' has 105 tokens and the model's embedding 101 rows (`vocab_size`): token "
+    with pytest.raises(ValueError, match=re.escape(expected + "ids from 101 on have no row. Drop `tokenizer_name`")):
+        setup_task(ModelArguments(model_name_or_path=str(source), tokenizer_name=str(larger)), data)
+    for tokenizer_name, warned in ((str(smaller), True), (str(source), False), (None, False)):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+            setup_task(ModelArguments(model_name_or_path=str(source), tokenizer_name=tokenizer_name), data)
+        warning = "has 91 tokens and the model's embedding 101 rows"
+        assert (warning in caplog.text) == warned, (tokenizer_name, caplog.text)
+    tiny_tokenizer(VOCAB + 4).save_pretrained(source)  # the model's own tokenizer is the larger one
+    with pytest.raises(ValueError, match="The tokenizer of .* has 105 tokens.*Give the model's own as `tokenizer_n"):
+        setup_task(ModelArguments(model_name_or_path=str(source)), data)
 
 
 def test_causal_lm_blocks_fit_the_model_and_a_short_eval_text_is_an_error(tmp_path, caplog):
