@@ -2,8 +2,8 @@
 `UnitScaleSeq2SeqTrainingArguments`: the same on `Seq2SeqTrainingArguments`.
 
 Every field carries its help text, so `HfArgumentParser` builds the command-line flags and reads
-JSON and YAML files. `lr_multipliers` is a mapping, which argparse cannot type: like
-`lr_scheduler_kwargs` it takes a JSON string on the command line
+JSON and YAML files. `lr_multipliers` and `role_overrides` are mappings, which argparse cannot type: like
+`lr_scheduler_kwargs` they take a JSON string on the command line
 (`--lr_multipliers '{"classifier": 10}'`) and a plain mapping in JSON/YAML files.
 """
 
@@ -19,7 +19,7 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
 
 from .formats import FP8_FORMAT_PAIRS
-from .lr_rules import LR_RULES
+from .lr_rules import LR_RULES, ROLES, check_role_overrides
 from .ops import BACKENDS
 
 __all__ = [
@@ -36,7 +36,7 @@ logger = logging.get_logger(__name__)
 class UnitScaleTrainingArguments(TrainingArguments):
     """`TrainingArguments` with the learning-rate rule and FP8 options of `UnitScaleTrainer`."""
 
-    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "lr_multipliers"]
+    _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "lr_multipliers", "role_overrides"]
 
     lr_rule: Literal["equivalent", "umup", "mup"] = field(
         default="equivalent",
@@ -62,6 +62,14 @@ class UnitScaleTrainingArguments(TrainingArguments):
         metadata={
             "help": "Learning-rate multipliers applied last, as {regex over parameter names: factor} "
             "(re.search; every matching pattern multiplies). A JSON string on the command line: '{\"classifier\": 10}'."
+        },
+    )
+    role_overrides: dict | str | None = field(
+        default=None,
+        metadata={
+            "help": f"Learning-rate roles for parameters the automatic roles miss or misjudge, as {{regex over "
+            f"parameter names: role}} with roles {', '.join(ROLES)} (re.fullmatch: a pattern matches whole names; the "
+            'first matching pattern wins). A JSON string on the command line: \'{"logit_scale": "norm"}\'.'
         },
     )
     fp8: bool = field(
@@ -141,17 +149,12 @@ class UnitScaleTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
-        if isinstance(self.lr_multipliers, str):
-            text = self.lr_multipliers.strip()
-            try:
-                self.lr_multipliers = json.loads(text) if text else None
-            except json.JSONDecodeError as err:
-                raise ValueError(
-                    f"`lr_multipliers` must be a JSON object of regex → factor, e.g. '{{\"classifier\": 10}}'; "
-                    f"could not parse {self.lr_multipliers!r}: {err}."
-                ) from None
+        self.lr_multipliers = _from_json("lr_multipliers", self.lr_multipliers, "factor", '{"classifier": 10}')
         if self.lr_multipliers is not None:
             self.lr_multipliers = _check_lr_multipliers(self.lr_multipliers)
+        self.role_overrides = _from_json("role_overrides", self.role_overrides, "role", '{"logit_scale": "norm"}')
+        if self.role_overrides is not None:
+            self.role_overrides = check_role_overrides(self.role_overrides)
         if self.lr_rule not in LR_RULES:
             raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {self.lr_rule!r}.")
         if self.lr_rule == "mup" and (self.mup_base_width is None or self.mup_base_width <= 0):
@@ -212,6 +215,19 @@ def _warn_about_ignored_fp8_options(args: UnitScaleTrainingArguments) -> None:
             f"`fp8=False` ignores the FP8 option(s) {', '.join(ignored)}: training runs in full precision. "
             "Pass `fp8=True` to train with FP8 matmuls, or drop these options."
         )
+
+
+def _from_json(name: str, value: Any, meaning: str, example: str) -> Any:
+    """A mapping field's value: a JSON string (the command line) parsed, "" as None, anything else as it is."""
+    if not isinstance(value, str):
+        return value
+    text = value.strip()
+    try:
+        return json.loads(text) if text else None
+    except json.JSONDecodeError as err:
+        raise ValueError(
+            f"`{name}` must be a JSON object of regex → {meaning}, e.g. '{example}'; could not parse {value!r}: {err}."
+        ) from None
 
 
 def _check_lr_multipliers(values: Any) -> dict[str, float]:
@@ -275,6 +291,7 @@ _OPTION_FIELDS = (
     "mup_base_width",
     "umup_depth_scaling",
     "lr_multipliers",
+    "role_overrides",
     "fp8",
     *_FP8_FIELDS,
     "save_format",

@@ -23,7 +23,8 @@ gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one
     hidden_weight   any other ≥2-D parameter
 
 A parameter that fits none of these (a 1-D `layer_scale`, a 0-D temperature) is an error naming
-it under `umup` and `mup`: pass `role_overrides={regex: role}` rather than have it guessed. Under
+it under `umup` and `mup`: pass `role_overrides={regex: role}` (`re.fullmatch` over parameter names; the first
+matching pattern wins) rather than have it guessed. Under
 `equivalent`, where an unconverted parameter gets η, ε and Trainer's decay whatever its role, it joins `bias`.
 
 Rules (η = learning rate, ε = Adam eps, wd = weight decay, per tensor with scale s):
@@ -86,6 +87,7 @@ __all__ = [
     "Role",
     "build_param_groups",
     "check_param_groups",
+    "check_role_overrides",
     "describe_parameters",
     "parameter_roles",
     "summarize_param_groups",
@@ -110,8 +112,23 @@ def _check_pattern_matches(option: str, pattern: str, names: list[str], match) -
     except re.error as err:
         raise ValueError(f"`{option}` key {pattern!r} is not a regular expression: {err}.") from None
     if not matched:
-        example = f" (e.g. {names[-1]!r})" if names else ""
-        raise ValueError(f"`{option}` key {pattern!r} matches no trainable parameter name{example}.")
+        how = "re.fullmatch: it must match a whole name" if match is re.fullmatch else "re.search: anywhere in a name"
+        example = f", e.g. {names[-1]!r}" if names else ""
+        raise ValueError(f"`{option}` key {pattern!r} matches no trainable parameter name ({how}{example}).")
+
+
+def check_role_overrides(role_overrides: Any) -> dict[str, Role]:
+    """`role_overrides` as a dict, checked: a mapping of regular expressions to roles (one of `ROLES`)."""
+    if not isinstance(role_overrides, Mapping):
+        raise ValueError(f"`role_overrides` must be a mapping regex → role, got {type(role_overrides).__name__}.")
+    for pattern, role in role_overrides.items():
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as err:
+            raise ValueError(f"`role_overrides` key {pattern!r} is not a regular expression: {err}.") from None
+        if role not in ROLES:
+            raise ValueError(f"`role_overrides[{pattern!r}]` must be one of {ROLES}, got {role!r}.")
+    return dict(role_overrides)
 
 
 @dataclass(frozen=True)
@@ -295,11 +312,9 @@ def describe_parameters(
         ValueError: a parameter fits no role (named, with its shape and module), or an override
             names an unknown role.
     """
-    overrides = dict(role_overrides or {})
+    overrides = check_role_overrides(role_overrides or {})
     trainable = [name for name, param in model.named_parameters() if param.requires_grad]
-    for pattern, role in overrides.items():
-        if role not in ROLES:
-            raise ValueError(f"`role_overrides[{pattern!r}]` must be one of {ROLES}, got {role!r}.")
+    for pattern in overrides:
         _check_pattern_matches("role_overrides", pattern, trainable, re.fullmatch)
     decay = set(_default_decay_names(model) if decay_parameter_names is None else decay_parameter_names)
     scales = weight_scales(model)
@@ -343,7 +358,8 @@ def describe_parameters(
                 raise ValueError(
                     f"Parameter `{name}` (shape {tuple(param.shape)}, in {type(module).__name__}) has no learning-rate "
                     f"role: it is neither an embedding, the readout, a norm gain, a bias nor a ≥2-D weight. Name its "
-                    f"role with `role_overrides={{{re.escape(name)!r}: <one of {ROLES}>}}`."
+                    f"role with `role_overrides={{{re.escape(name)!r}: <one of {ROLES}>}}` (a key of recipes and "
+                    "UnitScaleTrainingArguments; an argument of build_param_groups)."
                 )
         infos.append(
             ParamInfo(

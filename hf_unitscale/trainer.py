@@ -135,15 +135,16 @@ class UnitScaleTrainer(Trainer):
     """A `Trainer` that trains a unit-scaled model with per-group learning-rate rules.
 
     Takes every `Trainer` argument unchanged; `args` may be a `UnitScaleTrainingArguments` (for
-    `lr_rule`, `mup_base_width`, `umup_depth_scaling`, `lr_multipliers`, FP8 options) or a plain
+    `lr_rule`, `mup_base_width`, `umup_depth_scaling`, `lr_multipliers`, `role_overrides`, FP8 options) or a plain
     `TrainingArguments` (rule `equivalent`: the plain-AdamW trajectory).
 
     Args:
         unit_scale_config: conversion options used when `model` (or `model_init`'s result) is
             not yet unit-scaled; for a model already unit-scaled, an error unless they are the options its
             `config.unit_scaling` records (`merge_unit_scale` it first to convert with others).
-        role_overrides: {regex over parameter names: role} for parameters the automatic roles
-            do not cover (see `lr_rules.describe_parameters`).
+        role_overrides: {regex over parameter names (re.fullmatch): role} for parameters the automatic roles
+            do not cover (see `lr_rules.describe_parameters`); for plain `TrainingArguments`, or instead of
+            `UnitScaleTrainingArguments.role_overrides` (giving both is an error).
     """
 
     def __init__(
@@ -156,10 +157,15 @@ class UnitScaleTrainer(Trainer):
         **trainer_kwargs: Any,
     ) -> None:
         self.unit_scale_config = unit_scale_config
-        self.role_overrides = role_overrides
         if args is not None:
             _check_arguments(args)
         options = unit_scale_options(args) if args is not None else unit_scale_options(object())
+        if role_overrides is not None and options["role_overrides"] is not None:
+            raise ValueError(
+                "`role_overrides` is given twice: as a UnitScaleTrainer argument and in `args.role_overrides`; give "
+                "it in one place."
+            )
+        self.role_overrides = options["role_overrides"] if role_overrides is None else role_overrides
         if model is not None:
             self._prepare_unit_scaled(model, options)
         super().__init__(model, args, *trainer_args, **trainer_kwargs)

@@ -308,7 +308,8 @@ def test_unknown_shipped_metric_name_is_passed_to_evaluate():
 def test_dict_typed_training_arguments_take_a_mapping(tmp_path):
     from hf_unitscale.recipe import mapping_keys
 
-    assert {"lr_scheduler_kwargs", "lr_multipliers", "fsdp_config", "accelerator_config", "deepspeed"} <= mapping_keys()
+    dict_keys = {"lr_scheduler_kwargs", "lr_multipliers", "role_overrides", "fsdp_config", "accelerator_config"}
+    assert dict_keys | {"deepspeed"} <= mapping_keys()
     assert "gradient_checkpointing_kwargs" in mapping_keys() and "max_steps" not in mapping_keys()
     values = {
         **GOOD,

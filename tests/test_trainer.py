@@ -555,6 +555,7 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
         "lr_rule": "umup",
         "umup_depth_scaling": True,
         "lr_multipliers": {r"^classifier\.": 10.0, r"\.bias$": 0.5},
+        "role_overrides": {r"classifier\.bias": "norm"},
         "fp8": True,
         "fp8_format": "E4M3",
         "calibration_batches": 2,
@@ -587,6 +588,8 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
             "64",
             "--lr_multipliers",
             json.dumps({"classifier": 10}),
+            "--role_overrides",
+            json.dumps({r"classifier\.bias": "norm"}),
             "--use_cpu",
             "--report_to",
             "none",
@@ -594,10 +597,14 @@ def test_arguments_parse_from_yaml_json_and_command_line(tmp_path):
     )
     assert from_cli.lr_rule == "mup" and from_cli.mup_base_width == 64
     assert from_cli.lr_multipliers == {"classifier": 10.0}
+    assert from_cli.role_overrides == {r"classifier\.bias": "norm"}
     with pytest.raises(SystemExit):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--lr_rule", "sgd"])
     with pytest.raises(ValueError, match="JSON object"):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), lr_multipliers="classifier=10", use_cpu=True)
+    for bad in ({"x": "gain"}, {"(": "norm"}, '{"x": norm}', ["x"]):
+        with pytest.raises(ValueError, match="`role_overrides"):
+            UnitScaleTrainingArguments(output_dir=str(tmp_path), role_overrides=bad, use_cpu=True)
     with pytest.raises(ValueError, match="calibration_headroom"):
         UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_headroom=0.5, use_cpu=True)
     with pytest.raises(ValueError, match=r"`fp8=True` with `fp16=True`.*Use `bf16=True`"):
@@ -623,6 +630,26 @@ def test_fp8_options_without_fp8_are_named_in_a_warning(tmp_path, caplog):
         with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
             UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fp8=fp8, **(options if fp8 else {}))
         assert "ignores the FP8 option" not in caplog.text
+
+
+def test_role_overrides_come_from_the_arguments_or_the_trainer(tmp_path):
+    """A recipe or command line reaches `role_overrides` through the arguments; Python code may pass it to the
+    trainer instead, never both."""
+    case = CASES_BY_ID["bert"]
+    overrides = {r"classifier\.bias": "norm"}
+
+    def role_of_classifier_bias(trainer) -> str:
+        bias = trainer.model.classifier.bias
+        return next(g["role"] for g in trainer.create_optimizer().param_groups if any(p is bias for p in g["params"]))
+
+    args = _args(tmp_path, cls=UnitScaleTrainingArguments, lr_rule="umup", role_overrides=overrides)
+    assert role_of_classifier_bias(UnitScaleTrainer(model=case.model(), args=args)) == "norm"
+    plain_args = _args(tmp_path, cls=UnitScaleTrainingArguments, lr_rule="umup")
+    assert role_of_classifier_bias(UnitScaleTrainer(model=case.model(), args=plain_args)) == "bias"
+    trainer = UnitScaleTrainer(model=case.model(), args=plain_args, role_overrides=overrides)
+    assert role_of_classifier_bias(trainer) == "norm"
+    with pytest.raises(ValueError, match="`role_overrides` is given twice"):
+        UnitScaleTrainer(model=case.model(), args=args, role_overrides=overrides)
 
 
 def test_fp8_calibrates_and_trains(tmp_path):
