@@ -86,6 +86,7 @@ __all__ = [
     "ParamInfo",
     "Role",
     "build_param_groups",
+    "check_lr_options",
     "check_param_groups",
     "check_role_overrides",
     "describe_parameters",
@@ -424,6 +425,60 @@ def _rule_settings(
     raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {rule!r}.")
 
 
+def check_lr_options(
+    model: nn.Module,
+    *,
+    lr_rule: str = "equivalent",
+    mup_base_width: int | None = None,
+    umup_depth_scaling: bool = False,
+    lr_multipliers: Mapping[str, float] | None = None,
+    role_overrides: Mapping[str, Role] | None = None,
+    decay_parameter_names: Iterable[str] | None = None,
+) -> list[ParamInfo]:
+    """Check the options of `build_param_groups` against `model` without building groups, so a trainer can refuse
+    them before it evaluates or trains; returns every trainable parameter's `ParamInfo` under them.
+
+    Args:
+        model, lr_rule, mup_base_width, umup_depth_scaling, lr_multipliers, role_overrides, decay_parameter_names:
+            as `build_param_groups` takes them.
+
+    Raises:
+        ValueError: an unknown rule, `mup` without `mup_base_width` or a model width, `umup` depth scaling on a
+            model with no (or two) stacks of repeated blocks, a bad multiplier or role, a `lr_multipliers` or
+            `role_overrides` pattern that matches no trainable parameter, or (under `umup`, `mup`) a parameter with
+            no role; under `equivalent`, where the role changes nothing, such a parameter joins the `bias` role.
+    """
+    if lr_rule not in LR_RULES:
+        raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {lr_rule!r}.")
+    multipliers = _check_multipliers(lr_multipliers)
+    infos = describe_parameters(
+        model,
+        role_overrides=role_overrides,
+        decay_parameter_names=decay_parameter_names,
+        # under `equivalent` an unconverted parameter gets η, ε and Trainer's decay whatever its role
+        unassigned_role="bias" if lr_rule == "equivalent" else None,
+    )
+    for pattern in multipliers:
+        _check_pattern_matches("lr_multipliers", pattern, [info.name for info in infos], re.search)
+    if lr_rule == "mup":
+        if not mup_base_width or mup_base_width <= 0:
+            raise ValueError(f"`lr_rule='mup'` needs a positive `mup_base_width`, got {mup_base_width!r}.")
+        _hidden_size(model)
+    if lr_rule == "umup" and umup_depth_scaling:
+        if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+            raise ValueError(
+                f"`umup_depth_scaling=True` scales by the depth L of one stack of blocks; {type(model).__name__} has "
+                "an encoder and a decoder stack. Train it without depth scaling."
+            )
+        depth = _num_layers(model)
+        if not (depth and _block_prefixes(model, depth)):
+            raise ValueError(
+                f"`umup_depth_scaling=True` needs the model's repeated blocks: found no ModuleList of "
+                f"`config.num_hidden_layers` ({depth}) blocks in {type(model).__name__}."
+            )
+    return infos
+
+
 def build_param_groups(
     model: nn.Module,
     *,
@@ -464,29 +519,25 @@ def build_param_groups(
         converted). Checked by `check_param_groups`.
 
     Raises:
-        ValueError: an unknown rule, a negative or non-finite `lr`, `eps` or `weight_decay`, `mup` without
-            `mup_base_width`, `umup` depth scaling on a model with no repeated blocks, a bad multiplier, a
-            multiplier or override pattern that matches nothing, or (under `umup`, `mup`) a parameter with no
-            role; under `equivalent`, where the role changes nothing, such a parameter joins the `bias` role.
+        ValueError: a negative or non-finite `lr`, `eps` or `weight_decay`, or options that do not fit the model
+            (`check_lr_options` lists them).
     """
-    if lr_rule not in LR_RULES:
-        raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {lr_rule!r}.")
     for option, value in (("lr", lr), ("eps", eps), ("weight_decay", weight_decay)):
         number = value if isinstance(value, numbers.Real) and not isinstance(value, bool) else math.nan
         if not (math.isfinite(number) and number >= 0):
             raise ValueError(
                 f"`{option}` should be a finite number >= 0, as torch.optim.AdamW takes it; got {value!r}."
             )
-    multipliers = _check_multipliers(lr_multipliers)
-    infos = describe_parameters(
+    infos = check_lr_options(
         model,
+        lr_rule=lr_rule,
+        mup_base_width=mup_base_width,
+        umup_depth_scaling=umup_depth_scaling,
+        lr_multipliers=lr_multipliers,
         role_overrides=role_overrides,
         decay_parameter_names=decay_parameter_names,
-        # under `equivalent` an unconverted parameter gets η, ε and Trainer's decay whatever its role
-        unassigned_role="bias" if lr_rule == "equivalent" else None,
     )
-    for pattern in multipliers:
-        _check_pattern_matches("lr_multipliers", pattern, [info.name for info in infos], re.search)
+    multipliers = _check_multipliers(lr_multipliers)
     for option, value, rule in (
         ("mup_base_width", mup_base_width, "mup"),
         ("umup_depth_scaling", umup_depth_scaling, "umup"),
@@ -495,23 +546,9 @@ def build_param_groups(
             logger.warning(
                 f"`{option}={value!r}` applies to `lr_rule='{rule}'` only; `lr_rule='{lr_rule}'` ignores it."
             )
-    width_mult = 1.0
-    if lr_rule == "mup":
-        if not mup_base_width or mup_base_width <= 0:
-            raise ValueError(f"`lr_rule='mup'` needs a positive `mup_base_width`, got {mup_base_width!r}.")
-        width_mult = _hidden_size(model) / mup_base_width
+    width_mult = _hidden_size(model) / mup_base_width if lr_rule == "mup" else 1.0
     depth = _num_layers(model)
     depth_scaling = lr_rule == "umup" and umup_depth_scaling
-    if depth_scaling and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        raise ValueError(
-            f"`umup_depth_scaling=True` scales by the depth L of one stack of blocks; {type(model).__name__} has an "
-            "encoder and a decoder stack. Train it without depth scaling."
-        )
-    if depth_scaling and not (depth and _block_prefixes(model, depth)):
-        raise ValueError(
-            f"`umup_depth_scaling=True` needs the model's repeated blocks: found no ModuleList of "
-            f"`config.num_hidden_layers` ({depth}) blocks in {type(model).__name__}."
-        )
 
     groups: dict[str, dict[str, Any]] = {}
     for info in infos:

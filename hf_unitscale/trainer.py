@@ -5,7 +5,9 @@ What it changes, and where:
 * `__init__` / `call_model_init`: converts an unconverted model with `unit_scale` and records
   the lr rule in `model.config.unit_scaling["lr_rule"]`.
 * `create_optimizer`: the named per-group learning rates of `lr_rules.build_param_groups`
-  (AdamW-family optimizers only: they take per-group lr, eps and decoupled weight_decay). η, ε and the
+  (AdamW-family optimizers only: they take per-group lr, eps and decoupled weight_decay), whose options
+  `__init__` has checked against the model (`lr_rules.check_lr_options`: a pattern that matches no parameter or
+  a parameter with no role is an error before any evaluation or training). η, ε and the
   decay are read as Trainer reads them: from `optim` and the arguments, or from `optimizer_cls_and_kwargs`
   (the class's own lr and eps defaults where the kwargs give none; decay always `args.weight_decay`).
   The optimizer's `defaults["lr"]` stays η, so schedules that divide by it (`min_lr` of
@@ -67,7 +69,7 @@ from .convert import (
 )
 from .formats import FP8_FORMAT_PAIRS
 from .hub import mirror_weight_files, save_pretrained, trainer_uploads_replacing_weights
-from .lr_rules import Role, build_param_groups, summarize_param_groups
+from .lr_rules import Role, build_param_groups, check_lr_options, summarize_param_groups
 from .model_card import update_model_card
 from .operand_stats import is_causal_lm
 from .plateau import SharedFactorReduceLROnPlateau
@@ -176,6 +178,8 @@ class UnitScaleTrainer(Trainer):
                 "an optimizer passed in `optimizers=(optimizer, scheduler)` would train Ŵ with the wrong learning "
                 "rates. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})` instead, or use plain `Trainer`."
             )
+        if self.model is not None:  # an lr option that does not fit the model: an error now, not at the first step
+            self._check_lr_options(self.model)
         if self.unit_scale_options["fp8"]:
             self._add_recalibration()
         self._clip_cache: tuple[nn.Module, list[nn.Parameter], dict[int, float]] | None = None
@@ -291,6 +295,19 @@ class UnitScaleTrainer(Trainer):
             return super().evaluation_loop(*args, **kwargs)
 
     # ---- optimizer ----
+
+    def _check_lr_options(self, model: nn.Module) -> None:
+        """Raise what `create_optimizer` would about `lr_rule`, its options, `lr_multipliers` and `role_overrides`
+        (`lr_rules.check_lr_options`), before a baseline evaluation or the first training step."""
+        options = self.unit_scale_options
+        check_lr_options(
+            model,
+            lr_rule=options["lr_rule"],
+            mup_base_width=options["mup_base_width"],
+            umup_depth_scaling=options["umup_depth_scaling"],
+            lr_multipliers=options["lr_multipliers"],
+            role_overrides=self.role_overrides,
+        )
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         opt_model = self.model if model is None else model

@@ -574,6 +574,15 @@ def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, c
     assert err.splitlines()[-1].startswith(f"hf-unitscale {argv[0]}: error: ")
 
 
+def test_a_pattern_typo_stops_train_before_the_baseline_evaluation(tmp_path, capsys):
+    recipe = RECIPES_DIR / "text_classification.yaml"
+    overrides = stand_in_overrides(tmp_path, "text-classification")
+    assert main(["train", str(recipe), *overrides, "--lr_multipliers", '{"clasifier": 10}']) == 2
+    captured = capsys.readouterr()
+    assert "`lr_multipliers` key 'clasifier' matches no trainable parameter name" in captured.err
+    assert "Evaluating" not in captured.out and "Training" not in captured.out
+
+
 def test_a_generic_error_says_how_to_see_its_traceback(tmp_path, capsys, monkeypatch):
     """A ValueError/OSError may be a user error or a bug deeper down: one line with a hint, and the traceback with
     HF_UNITSCALE_TRACEBACK=1. The library's own user errors carry no hint."""

@@ -652,6 +652,29 @@ def test_role_overrides_come_from_the_arguments_or_the_trainer(tmp_path):
         UnitScaleTrainer(model=case.model(), args=args, role_overrides=overrides)
 
 
+def test_lr_options_that_do_not_fit_the_model_are_errors_when_the_trainer_is_built(tmp_path):
+    """Not when the optimizer is built at the first step, after a recipe's baseline evaluation has run."""
+    case = CASES_BY_ID["bert"]
+    for options, error in (
+        ({"lr_multipliers": {"clasifier": 10.0}}, r"`lr_multipliers` key 'clasifier' matches no trainable parameter"),
+        ({"role_overrides": {"pooler": "readout"}}, r"`role_overrides` key 'pooler' matches no trainable parameter"),
+        ({"lr_rule": "umup", "umup_depth_scaling": True}, r"`umup_depth_scaling=True` needs the model's repeated"),
+    ):
+        args = _args(tmp_path, cls=UnitScaleTrainingArguments, **options)
+        model = case.model()
+        if "umup_depth_scaling" in options:
+            model.config.num_hidden_layers = 3  # no ModuleList of 3 blocks
+        with pytest.raises(ValueError, match=error):
+            UnitScaleTrainer(model=model, args=args)
+    args = _args(tmp_path, cls=UnitScaleTrainingArguments, lr_multipliers={"clasifier": 10.0})
+    with pytest.raises(ValueError, match="'clasifier' matches no trainable parameter"):
+        UnitScaleTrainer(model_init=lambda: case.model(), args=args)
+    model = case.model()
+    model.bert.encoder.layer[0].layer_scale = torch.nn.Parameter(torch.ones(32))
+    with pytest.raises(ValueError, match=r"`bert\.encoder\.layer\.0\.layer_scale`.*no learning-rate role"):
+        UnitScaleTrainer(model=model, args=_args(tmp_path, cls=UnitScaleTrainingArguments, lr_rule="umup"))
+
+
 def test_fp8_calibrates_and_trains(tmp_path):
     from hf_unitscale.convert import matmul_layers
 
