@@ -13,8 +13,6 @@ from .ops import BACKENDS, MatmulPrecision
 __all__ = ["UnitScaleConfig", "as_unit_scale_config"]
 
 CONFIG_KEY = "unit_scaling"
-# keys of a saved checkpoint's block that describe the checkpoint rather than conversion options
-CHECKPOINT_KEYS = ("checkpoint_format", "weight_dtype", "embedding_dtype", "operand_scales", "hf_unitscale_version")
 _NULL = type(None)
 # the types each scalar option takes
 _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
@@ -139,11 +137,6 @@ class UnitScaleConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    @classmethod
-    def from_block(cls, block: dict[str, Any] | None) -> UnitScaleConfig:
-        """The conversion options a `unit_scaling` block records (`CHECKPOINT_KEYS` left out); defaults for none."""
-        return cls.from_dict({k: v for k, v in (block or {}).items() if k not in CHECKPOINT_KEYS})
 
     @classmethod
     def from_dict(cls, values: dict[str, Any]) -> UnitScaleConfig:

@@ -256,15 +256,13 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
 
     Args:
         model: a transformers `PreTrainedModel` or any `nn.Module`.
-        config: conversion options (a `UnitScaleConfig` or its dict); defaults to those `model.config.unit_scaling`
-            records (a checkpoint hf_unitscale saved, loaded with plain transformers), else `UnitScaleConfig()`.
-            Stored on `model.config.unit_scaling` when the model has a transformers config.
+        config: conversion options (a `UnitScaleConfig` or its dict); defaults to `UnitScaleConfig()`. Stored on
+            `model.config.unit_scaling` when the model has a transformers config.
 
     Returns:
         `model`, converted. Ŵ stays trainable under each weight's original name; s, and the
         static operand scales a, c of matmul layers, are fp32 buffers `<weight>_scale`,
-        `input_scale` and `grad_scale`. A model loaded from a merged checkpoint converts as
-        `hf_unitscale.from_pretrained` converts it: the a, c and the GEMM precision its block records are set.
+        `input_scale` and `grad_scale`.
 
     Raises:
         TypeError: `model` is not an `nn.Module` (a name or path: load the model first), or `config` is neither a
@@ -285,14 +283,7 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
             check_converted_with(model, config, "config")
         logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing.")
         return model
-    # a checkpoint hf_unitscale saved (merged), loaded by plain transformers: convert as `from_pretrained` does
-    saved = dict(getattr(getattr(model, "config", None), CONFIG_KEY, None) or {})
-    _convert(model, config or UnitScaleConfig.from_block(saved), measure=True)
-    if saved.get("operand_scales"):
-        from .hub import restore_operand_scales  # hub imports this module
-
-        restore_operand_scales(model, saved["operand_scales"])
-    return model
+    return _convert(model, config or UnitScaleConfig(), measure=True)
 
 
 def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: str) -> None:

@@ -53,10 +53,12 @@ from .config import CONFIG_KEY, UnitScaleConfig
 from .convert import _convert, is_unit_scaled, matmul_layers, unit_scale
 from .model_card import MODEL_CARD_TAGS, update_model_card
 
-__all__ = ["attach_checkpoint_methods", "from_pretrained", "push_to_hub", "restore_operand_scales", "save_pretrained"]
+__all__ = ["attach_checkpoint_methods", "from_pretrained", "push_to_hub", "save_pretrained"]
 
 logger = logging.get_logger(__name__)
 
+# keys of the config block that describe a saved checkpoint rather than conversion options
+_CHECKPOINT_KEYS = ("checkpoint_format", "weight_dtype", "embedding_dtype", "operand_scales", "hf_unitscale_version")
 _UPLOAD_KWARGS = ("commit_message", "commit_description", "private", "token", "revision", "create_pr")
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "token", "revision", "subfolder")
 _LOADING_KWARGS = (*_HUB_KWARGS, "dtype", "torch_dtype", "attn_implementation", "quantization_config", "device_map")
@@ -511,9 +513,11 @@ def from_pretrained(
             setattr(config, key, kwargs.pop(key))
             config_changed = True
     checkpoint_format = read_checkpoint_format(config.to_dict())
+    block = dict(getattr(config, CONFIG_KEY, None) or {})
+    stored_scales = block.get("operand_scales") or {}
+    options = {k: v for k, v in block.items() if k not in _CHECKPOINT_KEYS}
     if unit_scale_config is None:
-        unit_scale_config = UnitScaleConfig.from_block(getattr(config, CONFIG_KEY, None))
-    saved_scales = None  # a, c of a unit-scaled checkpoint loaded into another class
+        unit_scale_config = UnitScaleConfig.from_dict(options) if options else UnitScaleConfig()
     cls = _model_class(config, model_class)
     saved_class = (getattr(config, "architectures", None) or [None])[0]
     generation_config = None
@@ -530,7 +534,7 @@ def from_pretrained(
             model_class=getattr(transformers, saved_class),
             **{k: kwargs[k] for k in (*_HUB_KWARGS, "dtype", "torch_dtype") if k in kwargs},
         )
-        saved_scales, kwargs["state_dict"] = operand_scales(saved), merged_state_dict(saved)
+        stored_scales, kwargs["state_dict"] = operand_scales(saved), merged_state_dict(saved)
         generation_config = saved.generation_config if saved.can_generate() else None
         pretrained_model_name_or_path, cls, checkpoint_format = None, _concrete_class(cls, config), "merged"
         del saved
@@ -554,9 +558,10 @@ def from_pretrained(
             model.generation_config = generation_config  # a model built from a state dict reads no files
         if is_unit_scaled(model):
             return model
-        unit_scale(model, unit_scale_config)  # restores the a, c that the config's block records
-        if saved_scales:
-            restore_operand_scales(model, saved_scales)
+        unit_scale(model, unit_scale_config)
+        set_operand_scales(
+            model, _as_named_in(model, stored_scales, across_classes=saved_class != type(model).__name__)
+        )
         return model
     unused = sorted(set(kwargs) - {*_HUB_KWARGS, "dtype", "torch_dtype", "attn_implementation"})
     if unused:
@@ -592,13 +597,6 @@ def from_pretrained(
         except OSError:  # no generation_config.json: the one derived from config.json stays
             pass
     return model.eval()
-
-
-def restore_operand_scales(model: PreTrainedModel, scales: dict[str, list[float]]) -> None:
-    """Set the a, c of a checkpoint saved from the class `model.config.architectures` names (`operand_scales`
-    output), by `model`'s layer names (`_as_named_in`)."""
-    saved_class = (getattr(model.config, "architectures", None) or [None])[0]
-    set_operand_scales(model, _as_named_in(model, scales, across_classes=saved_class != type(model).__name__))
 
 
 def _as_named_in(

@@ -17,7 +17,6 @@ from safetensors.torch import load_file, save_file
 
 import hf_unitscale
 from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales, set_operand_scales
-from hf_unitscale.convert import matmul_layers
 from hf_unitscale.formats import get_format
 from hf_unitscale.modules import UnitScaledMatmulMixin
 from hf_unitscale.precision import set_precision
@@ -37,9 +36,9 @@ FORMATS = [  # (checkpoint_format, weight_dtype, embedding_dtype)
 ]
 
 
-def _converted(case, calibrated: bool = True, config=None):
+def _converted(case, calibrated: bool = True):
     """A converted tiny model; with `calibrated`, distinct a, c per matmul layer (identity casts: same function)."""
-    model = hf_unitscale.unit_scale(case.model(), config)
+    model = hf_unitscale.unit_scale(case.model())
     if calibrated:
         layers = [n for n, m in hf_unitscale.unit_scaled_modules(model).items() if isinstance(m, UnitScaledMatmulMixin)]
         set_operand_scales(model, {name: [0.5 + i / 7, 1e-5 * (i + 1)] for i, name in enumerate(layers)})
@@ -218,30 +217,6 @@ def test_a_checkpoint_loads_into_another_head_class_as_in_transformers(checkpoin
     tagger = hf_unitscale.from_pretrained(tmp_path / "classifier", model_class=AutoModelForTokenClassification)
     expected = {n: v for n, v in operand_scales(classifier).items() if ".pooler." not in n}
     assert operand_scales(tagger) == expected and "classifier" in expected
-
-
-@pytest.mark.parametrize("auto_class", ["AutoModelForSequenceClassification", "AutoModel"])
-def test_unit_scale_on_a_merged_checkpoint_loaded_by_plain_transformers_converts_as_from_pretrained(
-    auto_class, tmp_path
-):
-    """Its `unit_scaling` block records the options, a, c and the FP8 precision: `unit_scale` must not replace them
-    with defaults and a = c = 1 (into the base model, a, c follow the `bert.` prefix as in `from_pretrained`)."""
-    model = _converted(CASES_BY_ID["bert"], config=hf_unitscale.UnitScaleConfig(power_of_two_scales=True))
-    set_precision(model, "e4m3")
-    model.save_pretrained(tmp_path)
-    auto_class = getattr(transformers, auto_class)
-    reference = hf_unitscale.from_pretrained(tmp_path, model_class=auto_class)
-    plain = hf_unitscale.unit_scale(auto_class.from_pretrained(tmp_path))
-    assert operand_scales(reference) and operand_scales(plain) == operand_scales(reference)
-    layers = matmul_layers(reference)
-    assert any(layer.precision is not None for layer in layers.values())
-    assert {n: m.precision for n, m in matmul_layers(plain).items()} == {n: m.precision for n, m in layers.items()}
-    assert plain.config.unit_scaling == reference.config.unit_scaling
-    assert (
-        plain.config.unit_scaling["power_of_two_scales"] is True
-        and "checkpoint_format" not in plain.config.unit_scaling
-    )
-    assert all(torch.equal(t, reference.state_dict()[k]) for k, t in plain.state_dict().items())
 
 
 def test_a_unit_scaled_checkpoint_loads_through_an_auto_class_mapping_several_classes(tmp_path):
