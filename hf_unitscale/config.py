@@ -97,10 +97,10 @@ class UnitScaleConfig:
             if not isinstance(value, types):
                 names = " or ".join("None" if t is _NULL else t.__name__ for t in types)
                 raise TypeError(f"`{option}` must be {names}, got {type(value).__name__} {value!r}.")
-        for name in ("forward_format", "backward_format"):
+        for name in ("forward_format", "backward_format"):  # stored as `formats.FORMATS` names them ("E4M3": "e4m3")
             value = getattr(self, name)
             if value is not None:
-                get_format(value)
+                setattr(self, name, get_format(value).name)
         if self.backend not in BACKENDS:
             raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
         if self.exclude_modules is None:

@@ -13,7 +13,6 @@ converted (GPT-2's `lm_head` and `wte`) is divided once; its second layer gets i
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 import sys
@@ -283,13 +282,34 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
             check_converted_with(model, config, "config")
         logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing.")
         return model
+    _warn_about_a_saved_block(model)
     return _convert(model, config or UnitScaleConfig(), measure=True)
 
 
+def _warn_about_a_saved_block(model: nn.Module) -> None:
+    """A merged checkpoint loaded by plain transformers keeps its `unit_scaling` block, with the a, c and FP8
+    formats it was saved with. Converting keeps the model's function (a = c = 1, full precision) and replaces the
+    block; the recorded values may not fit these weights (trained on since, or a config copied onto others), so
+    they are not applied, and this says so."""
+    block = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+    if not isinstance(block, dict):
+        return
+    recorded = [f"a, c of {len(block['operand_scales'])} layers"] if block.get("operand_scales") else []
+    recorded += [f"{key} {block[key]!r}" for key in ("forward_format", "backward_format") if block.get(key)]
+    if recorded:
+        logger.warning(
+            f"`{type(model).__name__}.config.{CONFIG_KEY}` records {', '.join(recorded)} of a checkpoint saved by "
+            "hf_unitscale. `unit_scale` converts afresh (a = c = 1, full precision) and does not apply them: they may "
+            "not fit these weights. To load the checkpoint with them, use `hf_unitscale.from_pretrained(path)`."
+        )
+
+
 def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: str) -> None:
-    """Refuse `config` (passed as `argument`) for a model already unit-scaled with other options than its
-    `config.unit_scaling` block records: a converted model cannot take them, and dropping them silently would
-    train or save another model than the one asked for. `calibration` and `lr_rule` are records, not options."""
+    """Refuse `config` (passed as `argument`) for a model already unit-scaled with other conversion options than its
+    `config.unit_scaling` block records (`exclude_modules`, `convert_other_modules`, `power_of_two_scales`): a
+    converted model cannot take them, and dropping them silently would train or save another model than the one
+    asked for. The GEMM precision is not a conversion option: `set_precision` (or `fp8=True`) sets it on a converted
+    model, so its fields are not compared."""
     block = getattr(getattr(model, "config", None), CONFIG_KEY, None)
     fix = f"Undo the conversion first (`merge_unit_scale(model)`) to convert with `{argument}`, or drop `{argument}`."
     if not isinstance(block, dict):
@@ -297,7 +317,7 @@ def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: st
             f"{type(model).__name__} is already unit-scaled and records no conversion options (it has no "
             f"`config.{CONFIG_KEY}`), so `{argument}` can neither be applied nor checked against them. {fix}"
         )
-    options = [f.name for f in dataclasses.fields(UnitScaleConfig) if f.name not in ("calibration", "lr_rule")]
+    options = ("exclude_modules", "convert_other_modules", "power_of_two_scales")
     recorded = UnitScaleConfig.from_dict({k: v for k, v in block.items() if k in options})
     differing = [
         f"`{option}`: {getattr(recorded, option)!r} in the model, {getattr(config, option)!r} in `{argument}`"
@@ -311,6 +331,7 @@ def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: st
         )
 
 
+@torch.no_grad()
 def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.Module:
     """Swap the layers of `model`; with `measure=False` (loading a unit-scaled checkpoint) leave the
     weights alone and set s = 1, to be overwritten by the checkpoint's Ŵ and s."""

@@ -50,7 +50,7 @@ from .checkpoint import (
     write_unit_scaled_weights,
 )
 from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import _convert, is_unit_scaled, matmul_layers, unit_scale
+from .convert import _convert, is_unit_scaled, matmul_layers
 from .model_card import MODEL_CARD_TAGS, update_model_card
 
 __all__ = ["attach_checkpoint_methods", "from_pretrained", "push_to_hub", "save_pretrained"]
@@ -558,7 +558,7 @@ def from_pretrained(
             model.generation_config = generation_config  # a model built from a state dict reads no files
         if is_unit_scaled(model):
             return model
-        unit_scale(model, unit_scale_config)
+        _convert(model, unit_scale_config, measure=True)  # with the block's a, c, set next (`unit_scale` would warn)
         set_operand_scales(
             model, _as_named_in(model, stored_scales, across_classes=saved_class != type(model).__name__)
         )

@@ -142,8 +142,9 @@ class UnitScaleTrainer(Trainer):
 
     Args:
         unit_scale_config: conversion options used when `model` (or `model_init`'s result) is
-            not yet unit-scaled; for a model already unit-scaled, an error unless they are the options its
-            `config.unit_scaling` records (`merge_unit_scale` it first to convert with others).
+            not yet unit-scaled; for a model already unit-scaled, an error unless its `config.unit_scaling` records
+            the same conversion options (`merge_unit_scale` it first to convert with others; the GEMM precision
+            follows `fp8`, not this config).
         role_overrides: {regex over parameter names (re.fullmatch): role} for parameters the automatic roles
             do not cover (see `lr_rules.describe_parameters`); for plain `TrainingArguments`, or instead of
             `UnitScaleTrainingArguments.role_overrides` (giving both is an error).

@@ -742,3 +742,30 @@ def test_unit_scaled_load_keeps_dtype_attention_and_generation_config(tmp_path):
         TypeError, match=r"\['device_map'\] that a unit-scaled checkpoint does not take.*\.to\(device\)"
     ):
         hf_unitscale.from_pretrained(tmp_path, device_map="cpu")
+
+
+def test_unit_scale_of_a_merged_fp8_checkpoint_loaded_by_plain_transformers_keeps_its_function(tmp_path, caplog):
+    """Plain transformers keeps the checkpoint's `unit_scaling` block (a, c, formats). They may not fit the weights
+    it now holds (trained on, or a config copied onto others), so `unit_scale` converts afresh, computes the loaded
+    model's function, and says what it did not apply; `hf_unitscale.from_pretrained` applies them."""
+    case = CASES_BY_ID["llama-untied"]
+    model = _converted(case)
+    set_precision(model, "e4m3", "e5m2")
+    model.save_pretrained(tmp_path)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert plain.config.unit_scaling["operand_scales"]  # what the block records
+    expected = _outputs(plain, case.batch())
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        converted = hf_unitscale.unit_scale(plain)
+    assert "records a, c of 15 layers, forward_format 'e4m3', backward_format 'e5m2'" in caplog.text
+    assert "hf_unitscale.from_pretrained(path)" in caplog.text
+    layers = [m for m in hf_unitscale.unit_scaled_modules(converted).values() if isinstance(m, UnitScaledMatmulMixin)]
+    assert all(m.precision is None and float(m.input_scale) == 1 and float(m.grad_scale) == 1 for m in layers)
+    torch.testing.assert_close(_outputs(converted, case.batch()), expected, rtol=1e-5, atol=1e-6)
+    loaded = hf_unitscale.from_pretrained(tmp_path)  # the checkpoint's own a, c and formats
+    assert operand_scales(loaded) == operand_scales(model) and all(
+        m.precision is not None
+        for n, m in hf_unitscale.unit_scaled_modules(loaded).items()
+        if "lm_head" not in n
+        if isinstance(m, UnitScaledMatmulMixin)
+    )

@@ -14,6 +14,7 @@ from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 from hf_unitscale import UnitScaleConfig, is_unit_scaled, merge_unit_scale, unit_scale, unit_scaled_modules
 from hf_unitscale.convert import weight_scales
 from hf_unitscale.modules import UnitScaledEmbedding, UnitScaledMatmulMixin
+from hf_unitscale.precision import set_precision
 
 from tiny_models import CASES_BY_ID, TINY_CASES
 
@@ -206,6 +207,9 @@ def test_converting_again_with_other_options_is_an_error():
     ):
         unit_scale(model, UnitScaleConfig(exclude_modules=["classifier"]))
     assert unit_scale(model, {"exclude_modules": []}) is model  # the options it has: nothing to do
+    set_precision(model, "e4m3", "e5m2")  # the GEMM precision is set on a converted model, not by converting
+    assert unit_scale(model, UnitScaleConfig()) is model
+    assert UnitScaleConfig(forward_format="E4M3").forward_format == "e4m3"  # stored as `set_precision` stores it
     bare = unit_scale(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match=r"records no conversion options .*drop `config`"):
         unit_scale(bare, UnitScaleConfig())
