@@ -147,7 +147,7 @@ def save_pretrained(
     upload_kwargs = {k: kwargs.pop(k) for k in _UPLOAD_KWARGS if k in kwargs}
     if push:
         repo_id = repo_id or str(save_directory).rstrip("/").split("/")[-1]
-        stamps_before = _file_stamps(save_directory)
+        stamps_before = file_stamps(save_directory)
     max_shard_size = kwargs.pop("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
     try:  # before anything is written or deleted
         shard_bytes = convert_file_size_to_int(max_shard_size)
@@ -206,11 +206,11 @@ def save_pretrained(
             tags=tags,
         )
     if push and is_main_process:  # what this save wrote, as transformers uploads: not the folder's other files
-        written = [name for name, stamp in _file_stamps(save_directory).items() if stamps_before.get(name) != stamp]
+        written = [name for name, stamp in file_stamps(save_directory).items() if stamps_before.get(name) != stamp]
         _upload(save_directory, repo_id, allow_patterns=written, **upload_kwargs)
 
 
-def _file_stamps(folder: str | os.PathLike, *, recursive: bool = False) -> dict[str, tuple[int, int]]:
+def file_stamps(folder: str | os.PathLike, *, recursive: bool = False) -> dict[str, tuple[int, int]]:
     """{path relative to `folder`, '/'-separated: (mtime in ns, size)} of the files directly in `folder`, and with
     `recursive` of those in its subfolders too, hidden ones (`.git`, `.cache`) excepted; none if it does not exist."""
     stamps = {}

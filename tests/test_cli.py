@@ -201,7 +201,7 @@ def test_overwrite_removes_the_files_of_the_earlier_write_and_keeps_the_users(co
     assert not any((out / name).exists() for name in ("special_tokens_map.json", "modules.json", "1_Pooling"))
     assert AutoTokenizer.from_pretrained(out).mask_token is None
     assert (out / "notes.txt").read_text() == "mine"
-    assert "removed the files an earlier convert or merge wrote" in caplog.text and "modules.json" in caplog.text
+    assert "replaced the files an earlier convert or merge wrote" in caplog.text and "modules.json" in caplog.text
     assert "keeps files that this write did not write" in caplog.text and "notes.txt" in caplog.text
     card = out / "README.md"  # convert's card of the Llama; merge writes none for a source without one
     assert "Bert" not in (card.read_text() if card.exists() else ""), "the earlier card was merged into the new one"
@@ -209,6 +209,30 @@ def test_overwrite_removes_the_files_of_the_earlier_write_and_keeps_the_users(co
     uploaded = {path.relative_to(out).as_posix() for path in out.rglob("*") if path.is_file()}
     uploaded = set(filter_repo_objects(uploaded, ignore_patterns=DEFAULT_IGNORE_PATTERNS))
     assert "notes.txt" in uploaded and not any("hf_unitscale-output" in name for name in uploaded), uploaded
+
+
+def test_a_failed_overwrite_leaves_the_earlier_model(tmp_path, monkeypatch):
+    """--overwrite moves the earlier write's files aside until the new one is saved: a save that fails (a full
+    disk) puts them back, so the folder still holds a whole model, not the remains of two."""
+    from hf_unitscale import hub
+
+    bert, llama, out = (
+        save_tiny_model("bert", tmp_path / "bert"),
+        save_tiny_model("llama-tied", tmp_path / "llama"),
+        tmp_path / "out",
+    )
+    assert main(["convert", str(bert), str(out)]) == 0
+    before = {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+
+    def full_disk(model, save_directory, **kwargs):
+        (Path(save_directory) / "config.json").write_text("{}")  # part of the new model written, then the disk fills
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(hub, "save_pretrained", full_disk)
+    assert main(["convert", str(llama), str(out), "--overwrite"]) == 2  # "error: [Errno 28] No space left on device"
+    after = {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*") if path.is_file()}
+    assert {name: after.get(name) for name in before} == before
+    assert type(hf_unitscale.from_pretrained(out)).__name__ == "BertForSequenceClassification"
 
 
 def test_merge_over_a_converted_folder_leaves_no_unit_scaled_trace(tmp_path):

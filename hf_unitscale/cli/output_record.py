@@ -6,16 +6,19 @@ earlier one's files beside the new ones: another tokenizer's `vocab.txt` or `spe
 new tokenizer (AutoTokenizer reads every file it knows, so SmolLM2's would get BERT's `[UNK]`, `[SEP]`, ... as special
 tokens it does not have), an earlier source's `modules.json` makes sentence-transformers assemble another pipeline,
 and the earlier card would be merged into the new one. Only the write that put them there knows which files those
-are, so each write lists them in `RECORD_NAME`, and the next write removes exactly those first. The record sits in
-`.cache/huggingface/`, where huggingface_hub keeps its own local metadata: `upload_folder` and `hf upload` skip it,
-and `convert`/`merge` never copy hidden folders from a source. Files no record names (a user's own, or those of a folder written by
-hand or by an older version) stay, and a warning names them.
+are, so each write lists them in `RECORD_NAME`, and the next write moves exactly those aside while it runs, deleting
+them when it succeeds and putting them back when it fails. The record sits in `.cache/huggingface/`, where
+huggingface_hub keeps its own local metadata: `upload_folder` and `hf upload` skip it, and `convert`/`merge` never
+copy hidden folders from a source. Files no record names (a user's own, or those of a folder written by hand or by
+an older version) stay, and a warning names them.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+import shutil
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
 
 from transformers.utils import logging
@@ -23,6 +26,7 @@ from transformers.utils import logging
 logger = logging.get_logger(__name__)
 
 RECORD_NAME = ".cache/huggingface/hf_unitscale-output.json"
+ASIDE_NAME = ".cache/huggingface/hf_unitscale-replaced"  # the earlier write's files while a new one runs
 
 
 def _listed(names: list[str], shown: int = 8) -> str:
@@ -48,33 +52,48 @@ def recorded_files(output_dir: str | Path) -> list[str]:
     return sorted(name for name in inside if (out / name).is_file())
 
 
-def remove_recorded_files(output_dir: str | Path) -> None:
-    """Delete the files the last convert/merge into `output_dir` recorded, the subfolders that leaves empty, and the
-    record; the log names them."""
-    out = Path(output_dir).expanduser()
-    names = recorded_files(out)
+def _move(names: Iterable[str], source: Path, target: Path) -> None:
+    """Move the files `names` from `source` to `target` (same relative paths), dropping the subfolders of `source`
+    that this leaves empty."""
     for name in names:
-        path = out / name
-        path.unlink()
-        for folder in path.parents:  # the subfolders this leaves empty
-            if folder == out or any(folder.iterdir()):
+        path = source / name
+        (target / name).parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target / name)
+        for folder in path.parents:
+            if folder == source or any(folder.iterdir()):
                 break
             folder.rmdir()
-    (out / RECORD_NAME).unlink(missing_ok=True)
+
+
+@contextmanager
+def replacing_recorded_files(output_dir: str | Path) -> Iterator[None]:
+    """For the length of a write into `output_dir`: the files the last convert/merge recorded are moved aside
+    (`ASIDE_NAME`), so the new write neither reads them (the earlier card) nor leaves them; deleted when the write
+    succeeds, the log naming them, and put back when it fails, so a failed write leaves the earlier model."""
+    out = Path(output_dir).expanduser()
+    names, aside = recorded_files(out), out / ASIDE_NAME
+    shutil.rmtree(aside, ignore_errors=True)  # left by a process killed mid-write
+    _move(names, out, aside)
+    try:
+        yield
+    except BaseException:
+        _move([name for name in names if (aside / name).is_file()], aside, out)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
     if names:
-        logger.warning(f"--overwrite: removed the files an earlier convert or merge wrote to {out}: {_listed(names)}")
+        logger.warning(f"--overwrite: replaced the files an earlier convert or merge wrote to {out}: {_listed(names)}")
 
 
 def record_written_files(
     output_dir: str | Path, stamps_before: dict[str, tuple[int, int]], copied: Iterable[str], source: str
 ) -> None:
     """Record in `output_dir` the files of this write: those `copied` from the source folder and those whose stamp
-    (`hub._file_stamps(..., recursive=True)`) differs from `stamps_before`. Warn about the files, other than hidden
+    (`hub.file_stamps(..., recursive=True)`) differs from `stamps_before`. Warn about the files, other than hidden
     ones, that were there before and that this write left as they were."""
-    from ..hub import _file_stamps
+    from ..hub import file_stamps
 
     out = Path(output_dir).expanduser()
-    stamps = _file_stamps(out, recursive=True)
+    stamps = file_stamps(out, recursive=True)
     written = set(copied) | {name for name, stamp in stamps.items() if stamps_before.get(name) != stamp}
     kept = sorted(name for name in stamps if name not in written and not PurePosixPath(name).name.startswith("."))
     if kept:

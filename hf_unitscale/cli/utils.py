@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .output_record import record_written_files, recorded_files, remove_recorded_files
+from .output_record import record_written_files, recorded_files, replacing_recorded_files
 
 
 class CommandError(Exception):
@@ -101,20 +101,21 @@ def load_model(name_or_path: str, model_class: str | None = None) -> Any:
 
 
 def write_model_folder(args: argparse.Namespace, save: Any) -> Any:
-    """Fill `args.output_dir` from the model `args.model`: remove the files an earlier convert or merge recorded
-    writing there (`check_output_dir` has refused them without --overwrite), copy the source folder's other files
-    (`copy_source_files`), `save()` (config, weights, card), save its tokenizer, and record the files written
-    (`output_record`). The tokenizer is loaded first, so that broken tokenizer files are an error before anything
-    is written or removed. Returns the tokenizer, or None if the source has none."""
-    from ..hub import _file_stamps
+    """Fill `args.output_dir` from the model `args.model`: copy the source folder's other files
+    (`copy_source_files`), `save()` (config, weights, card), save its tokenizer and record the files written, with
+    the files an earlier convert or merge recorded there moved aside until this write succeeds
+    (`output_record`; `check_output_dir` has refused them without --overwrite). The tokenizer is loaded first, so
+    that broken tokenizer files are an error before anything is written or moved. Returns the tokenizer, or None
+    if the source has none."""
+    from ..hub import file_stamps
 
     tokenizer = load_tokenizer(args.model)
-    remove_recorded_files(args.output_dir)
-    stamps_before = _file_stamps(Path(args.output_dir).expanduser(), recursive=True)
-    copied = copy_source_files(args.model, args.output_dir)
-    save()
-    if tokenizer is not None:
-        tokenizer.save_pretrained(args.output_dir)
+    with replacing_recorded_files(args.output_dir):
+        stamps_before = file_stamps(Path(args.output_dir).expanduser(), recursive=True)
+        copied = copy_source_files(args.model, args.output_dir)
+        save()
+        if tokenizer is not None:
+            tokenizer.save_pretrained(args.output_dir)
     record_written_files(args.output_dir, stamps_before, copied, source=args.model)
     return tokenizer
 
