@@ -212,8 +212,8 @@ def _warn_about_ignored_fp8_options(args: UnitScaleTrainingArguments) -> None:
     ignored = [f"{name}={getattr(args, name)!r}" for name in _FP8_FIELDS if getattr(args, name) != fields[name].default]
     if ignored:
         logger.warning(
-            f"`fp8=False` ignores the FP8 option(s) {', '.join(ignored)}: training runs in full precision. "
-            "Pass `fp8=True` to train with FP8 matmuls, or drop these options."
+            f"`fp8=False` ignores the FP8 option(s) {', '.join(ignored)}: training runs in full precision. They take "
+            "effect with `fp8=True`."
         )
 
 

@@ -131,9 +131,8 @@ def save_pretrained(
         )
     if not converted and is_main_process:
         logger.warning(
-            f"{type(model).__name__} is not unit-scaled: saving it as transformers would, a plain checkpoint with no "
-            f"`{CONFIG_KEY}` block or model card of ours. Call `hf_unitscale.unit_scale(model)` first to save it "
-            "unit-scaled."
+            f"{type(model).__name__} is not unit-scaled: saving it as transformers would (its config as it is, no "
+            "model card of ours). Call `hf_unitscale.unit_scale(model)` first to save it unit-scaled."
         )
     if state_dict is None and any(type(p).__name__ == "DTensor" for p in model.parameters()):
         raise ValueError(
