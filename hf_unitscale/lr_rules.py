@@ -231,7 +231,9 @@ _IN_OUT_EXPERTS = ("Llama4TextExperts",)
 
 def _fan_out(module: nn.Module, param: torch.Tensor) -> int:
     """Outputs per input: a Linear's or conv's rows; the last dimension of anything else (an embedding table, an
-    added table, Conv1D's (in, out) weight)."""
+    added table, Conv1D's (in, out) weight); 1 for a 0-D scalar."""
+    if param.dim() == 0:
+        return 1
     rows_are_outputs = isinstance(module, (nn.Linear, nn.modules.conv._ConvNd)) and param.dim() >= 2
     return int(param.shape[0] if rows_are_outputs else param.shape[-1])
 

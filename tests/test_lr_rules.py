@@ -108,6 +108,10 @@ def test_unassigned_parameter_is_an_error_until_overridden():
             _groups(model, rule, mup_base_width=16 if rule == "mup" else None)
     group = next(g for g in _groups(model) if any(p is model.bert.encoder.layer[0].layer_scale for p in g["params"]))
     assert group["role"] == "bias" and group["lr"] == LR and group["eps"] == EPS
+    # a 0-D parameter (CLIP's `logit_scale`) has no last dimension to read a fan-out from
+    model.bert.encoder.layer[0].layer_scale = nn.Parameter(torch.tensor(1.0))
+    group = next(g for g in _groups(model) if any(p is model.bert.encoder.layer[0].layer_scale for p in g["params"]))
+    assert group["lr"] == LR and group["eps"] == EPS
 
 
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
