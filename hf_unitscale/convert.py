@@ -50,6 +50,10 @@ __all__ = [
 
 logger = logging.get_logger(__name__)
 
+# torch's recurrent layers (nn.RNN, nn.LSTM, nn.GRU) name their biases bias_ih_l<k> and bias_hh_l<k>, plus
+# `_reverse` for the backward direction
+_RECURRENT_BIAS = re.compile(r"bias_(ih|hh)_l\d+(_reverse)?")
+
 
 def _matmul_widths(layer: nn.Module) -> tuple[int, int]:
     """(input width, output width) of an nn.Linear (weight out × in) or a GPT-2 Conv1D (weight in × out)."""
@@ -143,8 +147,9 @@ def _uses_power_of_two(weight: torch.Tensor, config: UnitScaleConfig) -> bool:
 
 
 def is_bias_name(leaf: str) -> bool:
-    """A bias by its parameter name: `bias`, or a stacked one such as GPT-OSS's per-expert `gate_up_proj_bias`."""
-    return leaf == "bias" or leaf.endswith("_bias")
+    """A bias by its parameter name: `bias`, a stacked one such as GPT-OSS's per-expert `gate_up_proj_bias`, or a
+    recurrent layer's (`nn.LSTM`'s `bias_ih_l0`, `bias_hh_l1_reverse`)."""
+    return leaf == "bias" or leaf.endswith("_bias") or _RECURRENT_BIAS.fullmatch(leaf) is not None
 
 
 def _other_weights(module: nn.Module) -> tuple[str, ...]:

@@ -18,8 +18,9 @@ gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one
     norm            the 1-D weight (gain) of a normalization layer (LayerNorm, RMSNorm, …), and
                     weight_norm's g (a parametrization original that broadcasts against the weight)
     bias            any other 1-D parameter named `bias`, a stacked one (`*_bias`, one row per expert),
-                    and a relative-position bias table added to attention scores (T5's
-                    `relative_attention_bias`, Swin's `relative_position_bias_table`)
+                    a recurrent layer's (`bias_ih_l<k>`, `bias_hh_l<k>`), and a relative-position bias
+                    table added to attention scores (T5's `relative_attention_bias`, Swin's
+                    `relative_position_bias_table`)
     hidden_weight   any other ≥2-D parameter
 
 A parameter that fits none of these (a 1-D `layer_scale`, a 0-D temperature) is an error naming

@@ -328,7 +328,7 @@ def _tiny(config_class, model_class, **sizes):
 def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
     """μP's input weights (fan-in a size of the raw input, fan-out the width) are vector-like: η under `mup`,
     η·fan_out^-½ under `umup`, as an embedding. weight_norm's g is a gain (η), its v a conv with fan-in in/groups·k.
-    Relative-position bias tables are added to attention scores: biases (η)."""
+    Relative-position bias tables are added to attention scores: biases (η), as an LSTM's biases are."""
     import transformers as t
 
     small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
@@ -355,6 +355,10 @@ def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
         t.MobileBertConfig, t.MobileBertModel, vocab_size=VOCAB, embedding_size=16, true_hidden_size=16,
         intra_bottleneck_size=16, num_feedforward_networks=1, **{**small, "intermediate_size": 16},
     )  # fmt: skip
+    encodec = _tiny(
+        t.EncodecConfig, t.EncodecModel, hidden_size=16, num_filters=4, num_residual_layers=1, upsampling_ratios=[2, 2],
+        codebook_size=16, num_lstm_layers=1,
+    )  # fmt: skip
     pos_conv = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight"
     expected = {  # model, parameter: (role, lr / η under umup, under mup with base width 16: width_mult 2)
         (vit, "vit.embeddings.patch_embeddings.projection.weight"): ("embedding", 32**-0.5, 1.0),
@@ -374,6 +378,7 @@ def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
         (clip, "embeddings.class_embedding"): ("embedding", 32**-0.5, 1.0),  # (h,), added
         # a hidden matrix reading as many features as embedding_size (16, the bottleneck's width): no input layer
         (mobilebert, "encoder.layer.0.attention.self.query.weight"): ("hidden_weight", 16**-0.5, 0.5),
+        (encodec, "encoder.layers.7.lstm.bias_ih_l0"): ("bias", 1.0, 1.0),
     }
     for (model, name), (role, umup, mup) in expected.items():
         assert parameter_roles(model)[name] == role, name
