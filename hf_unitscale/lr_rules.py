@@ -5,26 +5,40 @@ gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one
 
     embedding       the weight of an nn.Embedding (a tied input/output matrix is one Parameter,
                     named after the embedding, and takes this role), a table added to the
-                    activations (ViT's `cls_token` (1, 1, h), `position_embeddings` (1, n, h), CLIP's
-                    1-D `class_embedding`), and an input layer, whose fan-in is a size of the raw
-                    input fixed by the config, not the width (μP's input weights): a conv reading
-                    `num_channels` / `num_mel_bins` / `input_feat_per_channel` channels or one
-                    (patch embeddings, Whisper's `conv1`, wav2vec2's first conv), a Linear named
-                    `*embed*` reading `embedding_size` ≠ `hidden_size` (ALBERT's, ELECTRA's
-                    embedding projections)
+                    activations (ViT's `cls_token` (1, 1, h), `position_embeddings` (1, n, h)), a 1-D
+                    vector named `*embed*` that stands in for one (CLIP's `class_embedding`, wav2vec2's
+                    `masked_spec_embed`, which replaces masked frames; d_model = h, its length), and an
+                    input layer, whose fan-in is a size of the raw input fixed by the config, not the
+                    width (μP's input weights): a conv reading `num_channels` / `num_mel_bins` /
+                    `input_feat_per_channel` channels or one (patch embeddings, Whisper's `conv1`,
+                    wav2vec2's first conv), a Linear named `*embed*` reading `embedding_size` ≠
+                    `hidden_size` (ALBERT's, ELECTRA's embedding projections)
     readout         an output head: `get_output_embeddings()` if untied, and each matmul layer
                     outside the base model that feeds no other one there (`classifier`, `score`,
                     `qa_outputs`, a next-sentence or multiple-choice head beside the LM head, …)
-    norm            the 1-D weight (gain) of a normalization layer (LayerNorm, RMSNorm, …), and
+    norm            a gain: the 1-D weight of a normalization layer (LayerNorm, RMSNorm, …),
                     weight_norm's g (a parametrization original that broadcasts against the weight)
     bias            any other 1-D parameter named `bias`, a stacked one (`*_bias`, one row per expert),
                     a recurrent layer's (`bias_ih_l<k>`, `bias_hh_l<k>`), and a relative-position bias
                     table added to attention scores (T5's `relative_attention_bias`, Swin's
                     `relative_position_bias_table`)
     hidden_weight   any other ≥2-D parameter
+    norm            of the <2-D parameters left, a gain too: a 1-D vector that its module's code
+                    multiplies an activation by (`self.p * x`, found in the source by `gains.py`: a
+                    layer scale, ConvNeXt's `layer_scale_parameter`, BEiT's `lambda_1`, DINOv2's
+                    `lambda1`), and a single-element parameter (CLIP's 0-D `logit_scale`, SigLIP's (1,)
+                    one, a tanh gate)
 
-A parameter that fits none of these (a 1-D `layer_scale`, a 0-D temperature) is an error naming
-it under `umup` and `mup`: pass `role_overrides={regex: role}` (`re.fullmatch` over parameter names; the first
+The entries are tried in this order, so the second `norm` entry takes only what none above took: no
+parameter changes role for being multiplied somewhere too. Gains and scalars get η under both width rules, as
+norm gains and biases do. μP sorts a parameter by how many of its dimensions grow with the width: a gain (c,)
+is vector-like, a temperature scalar-like, and under Adam both train with a width-independent lr. u-μP scales
+the lr of a matmul weight, whose outputs each sum fan-in products, and of an embedding; a gain or a scalar
+multiplies each activation by one value of its own, with no sum over a fan-in: η, as a norm gain.
+
+A <2-D parameter that fits none of these is an error naming it under `umup` and `mup` (GPT-OSS's attention
+`sinks`, Mamba-2's `A_log` and `D`, which kernels read, Gemma 3n's `per_dim_scale`, used under a softplus,
+LLaVA-NeXT's `image_newline`): pass `role_overrides={regex: role}` (`re.fullmatch` over parameter names; the first
 matching pattern wins) rather than have it guessed. Under
 `equivalent`, where an unconverted parameter gets η, ε and Trainer's decay whatever its role, it joins `bias`.
 
@@ -79,6 +93,7 @@ from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
 from .convert import is_bias_name, readout_modules, weight_scales
+from .gains import multiplies_activation
 
 __all__ = [
     "LR_RULES",
@@ -307,8 +322,8 @@ def describe_parameters(
     Args:
         role_overrides: {regex over parameter names (re.fullmatch): role}; the first matching
             pattern wins over the automatic role.
-        unassigned_role: the role of a <2-D parameter that fits none (a 0-D temperature, a layer scale, attention
-            sinks); None: an error.
+        unassigned_role: the role of a <2-D parameter that fits none (attention sinks, Mamba-2's `A_log`, a vector
+            used under a softplus); None: an error.
         decay_parameter_names: the names plain Trainer decays; defaults to
             `Trainer.get_decay_parameter_names(model)`.
 
@@ -355,6 +370,8 @@ def describe_parameters(
                 role = "bias"
             elif param.dim() >= 2:
                 role = "hidden_weight"
+            elif (param.dim() == 1 and multiplies_activation(module, leaf)) or param.numel() == 1:
+                role = "norm"  # a gain (a layer scale), or scalar-like (a temperature, a gate)
             elif unassigned_role is not None:
                 role = unassigned_role
                 logger.info(f"`{name}` (shape {tuple(param.shape)}) fits no learning-rate role: taking `{role}`.")

@@ -328,6 +328,7 @@ def _tiny(config_class, model_class, **sizes):
 def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
     """μP's input weights (fan-in a size of the raw input, fan-out the width) are vector-like: η under `mup`,
     η·fan_out^-½ under `umup`, as an embedding. weight_norm's g is a gain (η), its v a conv with fan-in in/groups·k.
+    Layer scales, which the code multiplies activations by, are gains too, and so are single-element temperatures.
     Relative-position bias tables are added to attention scores: biases (η), as an LSTM's biases are."""
     import transformers as t
 
@@ -355,12 +356,20 @@ def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
         t.MobileBertConfig, t.MobileBertModel, vocab_size=VOCAB, embedding_size=16, true_hidden_size=16,
         intra_bottleneck_size=16, num_feedforward_networks=1, **{**small, "intermediate_size": 16},
     )  # fmt: skip
+    beit = _tiny(t.BeitConfig, t.BeitModel, image_size=16, patch_size=4, **small)
+    dinov2 = _tiny(t.Dinov2Config, t.Dinov2Model, image_size=16, patch_size=4, **small)
+    convnext = _tiny(t.ConvNextConfig, t.ConvNextModel, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+    towers = dict(text_config=dict(vocab_size=VOCAB, **small), vision_config=dict(image_size=16, patch_size=4, **small))
+    clip_pair = _tiny(t.CLIPConfig, t.CLIPModel, projection_dim=16, **towers)
+    siglip = _tiny(t.SiglipConfig, t.SiglipModel, **towers)
     encodec = _tiny(
         t.EncodecConfig, t.EncodecModel, hidden_size=16, num_filters=4, num_residual_layers=1, upsampling_ratios=[2, 2],
         codebook_size=16, num_lstm_layers=1,
     )  # fmt: skip
     pos_conv = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight"
-    expected = {  # model, parameter: (role, lr / η under umup, under mup with base width 16: width_mult 2)
+    # model, parameter: (role, lr / η under umup, under mup with base width 16: width_mult 2; None: ConvNeXt has no
+    # `config.hidden_size`, which mup refuses)
+    expected = {
         (vit, "vit.embeddings.patch_embeddings.projection.weight"): ("embedding", 32**-0.5, 1.0),
         (whisper, "model.encoder.conv1.weight"): ("embedding", 32**-0.5, 1.0),  # reads num_mel_bins channels
         (whisper, "model.encoder.conv2.weight"): ("hidden_weight", 96**-0.5, 0.5),  # reads the width
@@ -379,11 +388,21 @@ def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
         # a hidden matrix reading as many features as embedding_size (16, the bottleneck's width): no input layer
         (mobilebert, "encoder.layer.0.attention.self.query.weight"): ("hidden_weight", 16**-0.5, 0.5),
         (encodec, "encoder.layers.7.lstm.bias_ih_l0"): ("bias", 1.0, 1.0),
+        (wav2vec2, "wav2vec2.masked_spec_embed"): ("embedding", 32**-0.5, 1.0),  # (h,), replaces masked frames
+        # layer scales γ ⊙ x: gains
+        (beit, "layers.0.lambda_1"): ("norm", 1.0, 1.0),
+        (dinov2, "encoder.layer.0.layer_scale1.lambda1"): ("norm", 1.0, 1.0),
+        (convnext, "encoder.stages.1.layers.0.layer_scale_parameter"): ("norm", 1.0, None),
+        (clip_pair, "logit_scale"): ("norm", 1.0, 1.0),  # 0-D, scalar-like
+        (siglip, "logit_scale"): ("norm", 1.0, 1.0),  # (1,)
+        (siglip, "logit_bias"): ("bias", 1.0, 1.0),
     }
     for (model, name), (role, umup, mup) in expected.items():
         assert parameter_roles(model)[name] == role, name
         param = dict(model.named_parameters())[name]
         for rule, factor in (("umup", umup), ("mup", mup)):
+            if factor is None:
+                continue
             groups = _groups(model, rule, mup_base_width=16) if rule == "mup" else _groups(model, rule)
             (lr,) = [g["lr"] for g in groups if any(p is param for p in g["params"])]
             assert lr == pytest.approx(LR * factor), (name, rule)
