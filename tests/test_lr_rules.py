@@ -114,6 +114,31 @@ def test_unassigned_parameter_is_an_error_until_overridden():
     assert group["lr"] == LR and group["eps"] == EPS
 
 
+class _Vectors(nn.Module):
+    """1-D parameters used the ways `gains.py` tells apart: only `gain` multiplies an activation."""
+
+    def __init__(self, width: int = 8):
+        super().__init__()
+        self.gain, self.query, self.temperature, self.left, self.right = (
+            nn.Parameter(torch.ones(width)) for _ in range(5)
+        )
+
+    def forward(self, x):
+        x = x * self.gain[None, :].to(x.dtype)  # γ ⊙ x: a layer scale
+        scores = (x * self.query).sum(-1)  # a dot product: a weight with a fan-in
+        mix = self.left * self.right  # two parameters, no activation (DiffLlama's λ)
+        return scores[:, None] * mix + x * self.temperature.exp()  # under a function first
+
+
+def test_only_a_vector_the_code_multiplies_an_activation_by_is_a_gain():
+    model = _Vectors()
+    roles = parameter_roles(model, role_overrides={"query|temperature|left|right": "bias"})
+    assert roles["gain"] == "norm"
+    for name in ("query", "temperature", "left", "right"):
+        with pytest.raises(ValueError, match=rf"`{name}` \(shape \(8,\), in _Vectors\) has no learning-rate role"):
+            parameter_roles(model, role_overrides={f"(?!{name}$).*": "bias"})
+
+
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
 def test_equivalent_table(case):
     model = unit_scale(case.model())
