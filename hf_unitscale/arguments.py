@@ -69,7 +69,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
         metadata={
             "help": f"Learning-rate roles for parameters the automatic roles miss or misjudge, as {{regex over "
             f"parameter names: role}} with roles {', '.join(ROLES)} (re.fullmatch: a pattern matches whole names; the "
-            'first matching pattern wins). A JSON string on the command line: \'{"logit_scale": "norm"}\'.'
+            'first matching pattern wins). A JSON string on the command line: \'{".*sinks": "bias"}\'.'
         },
     )
     fp8: bool = field(
@@ -152,7 +152,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
         self.lr_multipliers = _from_json("lr_multipliers", self.lr_multipliers, "factor", '{"classifier": 10}')
         if self.lr_multipliers is not None:
             self.lr_multipliers = _check_lr_multipliers(self.lr_multipliers)
-        self.role_overrides = _from_json("role_overrides", self.role_overrides, "role", '{"logit_scale": "norm"}')
+        self.role_overrides = _from_json("role_overrides", self.role_overrides, "role", '{".*sinks": "bias"}')
         if self.role_overrides is not None:
             self.role_overrides = check_role_overrides(self.role_overrides)
         if self.lr_rule not in LR_RULES:
