@@ -49,8 +49,8 @@ from .checkpoint import (
     unit_scaled_state_dict,
     write_unit_scaled_weights,
 )
-from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import _convert, is_unit_scaled, matmul_layers
+from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
+from .convert import _convert, check_no_peft_adapters, is_unit_scaled, matmul_layers
 from .model_card import MODEL_CARD_TAGS, update_model_card
 
 __all__ = ["attach_checkpoint_methods", "from_pretrained", "push_to_hub", "save_pretrained"]
@@ -471,7 +471,7 @@ def from_pretrained(
     pretrained_model_name_or_path: str | os.PathLike,
     *,
     model_class: type[PreTrainedModel] | str | None = None,
-    unit_scale_config: UnitScaleConfig | None = None,
+    unit_scale_config: UnitScaleConfig | dict[str, Any] | None = None,
     **kwargs: Any,
 ) -> PreTrainedModel:
     """Load a unit-scaled model from a Hub repo id or a local folder, whatever its format.
@@ -515,6 +515,7 @@ def from_pretrained(
     block = dict(getattr(config, CONFIG_KEY, None) or {})
     stored_scales = block.get("operand_scales") or {}
     options = {k: v for k, v in block.items() if k not in _CHECKPOINT_KEYS}
+    unit_scale_config = as_unit_scale_config(unit_scale_config, "unit_scale_config")
     if unit_scale_config is None:
         unit_scale_config = UnitScaleConfig.from_dict(options) if options else UnitScaleConfig()
     cls = _model_class(config, model_class)
@@ -557,7 +558,9 @@ def from_pretrained(
             model.generation_config = generation_config  # a model built from a state dict reads no files
         if is_unit_scaled(model):
             return model
-        _convert(model, unit_scale_config, measure=True)  # with the block's a, c, set next (`unit_scale` would warn)
+        # `unit_scale` without its warning about the block's a, c, which are set next
+        check_no_peft_adapters(model)  # an adapter folder beside the weights, which transformers loads
+        _convert(model, unit_scale_config, measure=True)
         set_operand_scales(
             model, _as_named_in(model, stored_scales, across_classes=saved_class != type(model).__name__)
         )

@@ -14,6 +14,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser, Trainer, TrainerCallback, TrainingArguments
 
+import hf_unitscale
 from hf_unitscale import (
     UnitScaleConfig,
     build_param_groups,
@@ -487,6 +488,13 @@ def test_peft_adapters_are_refused_in_either_order(tmp_path):
         UnitScaleTrainer(model=adapted_after, args=_args(tmp_path))
     merged = adapted.merge_and_unload()  # the way out the message gives
     assert is_unit_scaled(unit_scale(merged))
+    folder = tmp_path / "with-adapter"  # an adapter beside the weights: transformers' from_pretrained loads it
+    base = CASES_BY_ID["llama-untied"].model()
+    base.save_pretrained(folder)
+    base.config.name_or_path = str(folder)
+    get_peft_model(base, lora).save_pretrained(folder)
+    with pytest.raises(ValueError, match="PEFT adapter layers"):
+        hf_unitscale.from_pretrained(folder)
 
 
 def test_fp16_weights_are_refused_with_the_way_out(tmp_path):
