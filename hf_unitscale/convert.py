@@ -50,6 +50,8 @@ __all__ = [
 
 logger = logging.get_logger(__name__)
 
+# the GEMM precision options of `UnitScaleConfig`
+_FORMAT_OPTIONS = ("forward_format", "backward_format")
 # torch's recurrent layers (nn.RNN, nn.LSTM, nn.GRU) name their biases bias_ih_l<k> and bias_hh_l<k>, plus
 # `_reverse` for the backward direction
 _RECURRENT_BIAS = re.compile(r"bias_(ih|hh)_l\d+(_reverse)?")
@@ -285,27 +287,34 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
     if is_unit_scaled(model):
         if config is not None:
             check_converted_with(model, config, "config")
-        logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing.")
+        formats = [option for option in _FORMAT_OPTIONS if getattr(config, option, None) is not None]
+        precision = f" (its {' and '.join(formats)} too: `set_precision` sets a converted model's)" if formats else ""
+        logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing{precision}.")
         return model
-    _warn_about_a_saved_block(model)
-    return _convert(model, config or UnitScaleConfig(), measure=True)
+    config = config or UnitScaleConfig()
+    _warn_about_a_saved_block(model, config)
+    return _convert(model, config, measure=True)
 
 
-def _warn_about_a_saved_block(model: nn.Module) -> None:
-    """A merged checkpoint loaded by plain transformers keeps its `unit_scaling` block, with the a, c and FP8
-    formats it was saved with. Converting keeps the model's function (a = c = 1, full precision) and replaces the
-    block; the recorded values may not fit these weights (trained on since, or a config copied onto others), so
-    they are not applied, and this says so."""
+def _warn_about_a_saved_block(model: nn.Module, config: UnitScaleConfig) -> None:
+    """A merged checkpoint loaded by plain transformers keeps its `unit_scaling` block: the conversion options, a, c
+    and FP8 formats it was saved with. Converting with `config` keeps the model's function (a = c = 1, full
+    precision unless `config` sets formats) and replaces the block; the recorded values may not fit these weights
+    (trained on since, or a config copied onto others), so they are not applied, and this names those that differ."""
     block = getattr(getattr(model, "config", None), CONFIG_KEY, None)
     if not isinstance(block, dict):
         return
     recorded = [f"a, c of {len(block['operand_scales'])} layers"] if block.get("operand_scales") else []
-    recorded += [f"{key} {block[key]!r}" for key in ("forward_format", "backward_format") if block.get(key)]
+    recorded += [
+        f"{option} {block[option]!r} (converting with {getattr(config, option)!r})"
+        for option in ("exclude_modules", "convert_other_modules", "power_of_two_scales", *_FORMAT_OPTIONS)
+        if option in block and block[option] != getattr(config, option)
+    ]
     if recorded:
         logger.warning(
             f"`{type(model).__name__}.config.{CONFIG_KEY}` records {', '.join(recorded)} of a checkpoint saved by "
-            "hf_unitscale. `unit_scale` converts afresh (a = c = 1, full precision) and does not apply them: they may "
-            "not fit these weights. To load the checkpoint with them, use `hf_unitscale.from_pretrained(path)`."
+            "hf_unitscale. `unit_scale` converts with its `config` (a = c = 1) and does not apply them: they may not "
+            "fit these weights. To load the checkpoint with them, use `hf_unitscale.from_pretrained(path)`."
         )
 
 

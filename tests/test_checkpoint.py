@@ -757,11 +757,19 @@ def test_unit_scale_of_a_merged_fp8_checkpoint_loaded_by_plain_transformers_keep
     expected = _outputs(plain, case.batch())
     with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
         converted = hf_unitscale.unit_scale(plain)
-    assert "records a, c of 15 layers, forward_format 'e4m3', backward_format 'e5m2'" in caplog.text
+    assert "records a, c of 15 layers, forward_format 'e4m3' (converting with None), backward_format 'e5m2'" in (
+        caplog.text
+    )
     assert "hf_unitscale.from_pretrained(path)" in caplog.text
     layers = [m for m in hf_unitscale.unit_scaled_modules(converted).values() if isinstance(m, UnitScaledMatmulMixin)]
     assert all(m.precision is None and float(m.input_scale) == 1 and float(m.grad_scale) == 1 for m in layers)
     torch.testing.assert_close(_outputs(converted, case.batch()), expected, rtol=1e-5, atol=1e-6)
+    caplog.clear()
+    excluded = hf_unitscale.unit_scale(CASES_BY_ID["bert"].model(), {"exclude_modules": ["classifier"]})
+    excluded.save_pretrained(tmp_path / "bert")
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        hf_unitscale.unit_scale(transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "bert"))
+    assert "records exclude_modules ['classifier'] (converting with [])" in caplog.text
     loaded = hf_unitscale.from_pretrained(tmp_path)  # the checkpoint's own a, c and formats
     assert operand_scales(loaded) == operand_scales(model) and all(
         m.precision is not None
@@ -769,3 +777,10 @@ def test_unit_scale_of_a_merged_fp8_checkpoint_loaded_by_plain_transformers_keep
         if "lm_head" not in n
         if isinstance(m, UnitScaledMatmulMixin)
     )
+
+
+def test_from_pretrained_takes_unit_scale_config_as_a_dict(tmp_path):
+    """As `unit_scale` does: config.json's block is a dict, and so is a recipe's."""
+    CASES_BY_ID["bert"].model().save_pretrained(tmp_path)  # a plain checkpoint
+    loaded = hf_unitscale.from_pretrained(tmp_path, unit_scale_config={"exclude_modules": ["classifier"]})
+    assert type(loaded.classifier) is torch.nn.Linear and hf_unitscale.is_unit_scaled(loaded)

@@ -197,7 +197,7 @@ def test_converting_twice_is_a_noop_with_a_warning(caplog):
     assert all(torch.equal(m.weight_scale, scales[n]) for n, m in unit_scaled_modules(model).items())
 
 
-def test_converting_again_with_other_options_is_an_error():
+def test_converting_again_with_other_options_is_an_error(caplog):
     """A converted model cannot take other options: saying only "does nothing" would drop them unnoticed."""
     model = unit_scale(CASES_BY_ID["bert"].model())
     with pytest.raises(
@@ -209,6 +209,9 @@ def test_converting_again_with_other_options_is_an_error():
     assert unit_scale(model, {"exclude_modules": []}) is model  # the options it has: nothing to do
     set_precision(model, "e4m3", "e5m2")  # the GEMM precision is set on a converted model, not by converting
     assert unit_scale(model, UnitScaleConfig()) is model
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        unit_scale(model, UnitScaleConfig(forward_format="e4m3"))
+    assert "does nothing (its forward_format too: `set_precision` sets a converted model's)" in caplog.text
     assert UnitScaleConfig(forward_format="E4M3").forward_format == "e4m3"  # stored as `set_precision` stores it
     bare = unit_scale(nn.Sequential(nn.Linear(4, 4)))
     with pytest.raises(ValueError, match=r"records no conversion options .*drop `config`"):
