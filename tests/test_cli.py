@@ -213,7 +213,8 @@ def test_overwrite_removes_the_files_of_the_earlier_write_and_keeps_the_users(co
 
 def test_a_failed_overwrite_leaves_the_earlier_model(tmp_path, monkeypatch):
     """--overwrite moves the earlier write's files aside until the new one is saved: a save that fails (a full
-    disk) puts them back, so the folder still holds a whole model, not the remains of two."""
+    disk) deletes what it wrote and puts them back, so the folder holds the earlier model, not the remains of two. A
+    write killed mid-way leaves them aside, and the next write refuses the folder rather than delete them."""
     from hf_unitscale import hub
 
     bert, llama, out = (
@@ -231,8 +232,15 @@ def test_a_failed_overwrite_leaves_the_earlier_model(tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "save_pretrained", full_disk)
     assert main(["convert", str(llama), str(out), "--overwrite"]) == 2  # "error: [Errno 28] No space left on device"
     after = {path.relative_to(out).as_posix(): path.read_bytes() for path in out.rglob("*") if path.is_file()}
-    assert {name: after.get(name) for name in before} == before
+    assert after == before  # the earlier model, and nothing of the new one (its copied files, tokenizer, config)
     assert type(hf_unitscale.from_pretrained(out)).__name__ == "BertForSequenceClassification"
+    monkeypatch.undo()
+    aside = out / ".cache/huggingface/hf_unitscale-replaced"  # a write killed mid-way (no exception to undo it)
+    (aside / "config.json").parent.mkdir(parents=True)
+    (out / "config.json").replace(aside / "config.json")
+    for overwrite in ([], ["--overwrite"]):
+        assert main(["convert", str(llama), str(out), *overwrite]) == 2  # "... was interrupted: ... in <aside>"
+    assert (aside / "config.json").is_file()
 
 
 def test_merge_over_a_converted_folder_leaves_no_unit_scaled_trace(tmp_path):

@@ -52,32 +52,68 @@ def recorded_files(output_dir: str | Path) -> list[str]:
     return sorted(name for name in inside if (out / name).is_file())
 
 
-def _move(names: Iterable[str], source: Path, target: Path) -> None:
+def _move(names: Iterable[str], source: Path, target: Path) -> list[str]:
     """Move the files `names` from `source` to `target` (same relative paths), dropping the subfolders of `source`
-    that this leaves empty."""
+    that this leaves empty; best effort: returns the names that could not be moved."""
+    failed = []
     for name in names:
         path = source / name
-        (target / name).parent.mkdir(parents=True, exist_ok=True)
-        path.replace(target / name)
+        try:
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            path.replace(target / name)
+        except OSError:
+            failed.append(name)
+            continue
         for folder in path.parents:
             if folder == source or any(folder.iterdir()):
                 break
             folder.rmdir()
+    return failed
+
+
+def check_no_interrupted_write(output_dir: str | Path) -> None:
+    """Refuse a folder whose last convert/merge was killed mid-write (no exception to put the earlier model back):
+    its earlier model's files are still in `ASIDE_NAME`, and a new write must not delete them unseen."""
+    aside = Path(output_dir).expanduser() / ASIDE_NAME
+    if aside.is_dir() and any(path.is_file() for path in aside.rglob("*")):
+        raise ValueError(
+            f"A convert or merge into {Path(output_dir).expanduser()} was interrupted: the files of the model it was "
+            f"replacing are in {aside}. Move back those you want to keep, then delete that folder."
+        )
 
 
 @contextmanager
-def replacing_recorded_files(output_dir: str | Path) -> Iterator[None]:
+def replacing_recorded_files(output_dir: str | Path) -> Iterator[dict[str, tuple[int, int]]]:
     """For the length of a write into `output_dir`: the files the last convert/merge recorded are moved aside
-    (`ASIDE_NAME`), so the new write neither reads them (the earlier card) nor leaves them; deleted when the write
-    succeeds, the log naming them, and put back when it fails, so a failed write leaves the earlier model."""
+    (`ASIDE_NAME`), so the new write neither reads them (the earlier card) nor leaves them. When the write succeeds
+    they are deleted, the log naming them. When it fails, the files it created are deleted and the earlier ones put
+    back, so the folder holds the earlier model and nothing of the new one. Yields the folder's file stamps
+    (`hub.file_stamps(..., recursive=True)`) once the earlier files are aside."""
+    from ..hub import file_stamps
+
     out = Path(output_dir).expanduser()
+    check_no_interrupted_write(out)
     names, aside = recorded_files(out), out / ASIDE_NAME
-    shutil.rmtree(aside, ignore_errors=True)  # left by a process killed mid-write
-    _move(names, out, aside)
+    stuck = _move(names, out, aside)
+    stamps = file_stamps(out, recursive=True)
     try:
-        yield
+        if stuck:
+            raise OSError(f"could not move {_listed(stuck)} aside in {out} to replace them")
+        yield stamps
     except BaseException:
-        _move([name for name in names if (aside / name).is_file()], aside, out)
+        created = [name for name in file_stamps(out, recursive=True) if name not in stamps]
+        for name in created:
+            (out / name).unlink(missing_ok=True)
+        changed = [name for name, stamp in file_stamps(out, recursive=True).items() if stamps.get(name) != stamp]
+        left = _move([name for name in names if (aside / name).is_file()], aside, out)
+        if not left:
+            shutil.rmtree(aside, ignore_errors=True)
+        if changed or left:
+            logger.error(
+                f"The failed write into {out} could not restore everything: "
+                + (f"it rewrote {_listed(changed)}; " if changed else "")
+                + (f"the earlier model's {_listed(left)} are still in {aside}" if left else "")
+            )
         raise
     shutil.rmtree(aside, ignore_errors=True)
     if names:

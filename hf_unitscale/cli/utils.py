@@ -8,7 +8,12 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .output_record import record_written_files, recorded_files, replacing_recorded_files
+from .output_record import (
+    check_no_interrupted_write,
+    record_written_files,
+    recorded_files,
+    replacing_recorded_files,
+)
 
 
 class CommandError(Exception):
@@ -57,10 +62,11 @@ def check_output_dir(name_or_path: str, output_dir: str, overwrite: bool) -> Non
     """Refuse writing into the folder the model is read from (it would replace the source checkpoint, and files
     of its format the new one does not write would stay beside it), and, unless `overwrite`, into a folder that
     holds another checkpoint's weights or an earlier convert's or merge's files (`output_record`), which the write
-    would delete; and a path that is a file."""
+    would delete; a folder whose last write was interrupted; and a path that is a file."""
     from ..hub import weight_files
 
     check_not_a_file(output_dir, "output_dir")
+    check_no_interrupted_write(output_dir)
     source = Path(name_or_path).expanduser()
     if source.is_dir() and source.resolve() == Path(output_dir).expanduser().resolve():
         raise CommandError(
@@ -107,11 +113,8 @@ def write_model_folder(args: argparse.Namespace, save: Any) -> Any:
     (`output_record`; `check_output_dir` has refused them without --overwrite). The tokenizer is loaded first, so
     that broken tokenizer files are an error before anything is written or moved. Returns the tokenizer, or None
     if the source has none."""
-    from ..hub import file_stamps
-
     tokenizer = load_tokenizer(args.model)
-    with replacing_recorded_files(args.output_dir):
-        stamps_before = file_stamps(Path(args.output_dir).expanduser(), recursive=True)
+    with replacing_recorded_files(args.output_dir) as stamps_before:
         copied = copy_source_files(args.model, args.output_dir)
         save()
         if tokenizer is not None:
