@@ -183,7 +183,8 @@ def test_merged_back_model_pushes_as_plain_transformers(local_hub):
     torch.testing.assert_close(_logits(plain, batch), _logits(model, batch), rtol=0, atol=0)
 
 
-def test_trainer_push_to_hub_card(local_hub, tmp_path):
+def _trained_llama(tmp_path, hub_model_id: str, **options):
+    """A UnitScaleTrainer that trained the tiny Llama one step without saving, and a batch for its logits."""
     from hf_unitscale.arguments import UnitScaleTrainingArguments
 
     model, batch = _converted("llama-untied")
@@ -191,17 +192,21 @@ def test_trainer_push_to_hub_card(local_hub, tmp_path):
     model.config.unit_scaling["lr_rule"] = None  # the trainer records its own
     args = UnitScaleTrainingArguments(
         output_dir=str(tmp_path / "run"),
-        lr_rule="umup",
-        save_format="unit-scaled",
         max_steps=1,
         per_device_train_batch_size=2,
         report_to=[],
-        hub_model_id="user/trained",
+        hub_model_id=hub_model_id,
         save_strategy="no",
         use_cpu=True,
+        **options,
     )
     trainer = hf_unitscale.trainer.UnitScaleTrainer(model=model, args=args, train_dataset=rows)
     trainer.train()
+    return trainer, batch
+
+
+def test_trainer_push_to_hub_card(local_hub, tmp_path):
+    trainer, batch = _trained_llama(tmp_path, "user/trained", lr_rule="umup", save_format="unit-scaled")
     trainer.push_to_hub()
     assert UNIT_SCALED_WEIGHTS_NAME in local_hub.repo_files("user/trained")
     card = _card("user/trained")
@@ -219,21 +224,8 @@ def test_trainer_push_reads_the_merged_weights_back_once(local_hub, tmp_path, mo
     push saves the model, then writes its card over the save's: one read of model.safetensors, not one per card.
     The pushed card still lists the measured s."""
     from hf_unitscale import model_card
-    from hf_unitscale.arguments import UnitScaleTrainingArguments
 
-    model, _ = _converted("llama-untied")
-    rows = [{"input_ids": row, "labels": row} for row in CASES_BY_ID["llama-untied"].batch(4)["input_ids"]]
-    args = UnitScaleTrainingArguments(
-        output_dir=str(tmp_path / "run"),
-        max_steps=1,
-        per_device_train_batch_size=2,
-        report_to=[],
-        hub_model_id="user/merged",
-        save_strategy="no",
-        use_cpu=True,
-    )
-    trainer = hf_unitscale.trainer.UnitScaleTrainer(model=model, args=args, train_dataset=rows)
-    trainer.train()
+    trainer, _ = _trained_llama(tmp_path, "user/merged")
     opened = []
 
     def counting_safe_open(path, *args, **kwargs):
