@@ -332,8 +332,13 @@ def _check_vocabulary(tokenizer: Any, config: Any, model_args: ModelArguments) -
     )
     sizes = f"{source} has {tokens} tokens and the model's embedding {rows} rows (`vocab_size`)"
     if tokens > rows:
-        fix = "Drop `tokenizer_name` to use the model's own" if other else "Give the model's own as `tokenizer_name`"
-        raise ValueError(f"{sizes}: token ids from {rows} on have no row. {fix} tokenizer.")
+        fix = (
+            "Drop `tokenizer_name` to use the model's own tokenizer."
+            if other
+            else "Resize the model's embeddings to it (`model.resize_token_embeddings(len(tokenizer))`) and save the "
+            "model, or give a tokenizer that fits as `tokenizer_name`."
+        )
+        raise ValueError(f"{sizes}: token ids from {rows} on have no row. {fix}")
     if other:
         logger.warning(
             f"{sizes}: unless it is the model's own vocabulary, its ids name other tokens than the model learned. "
