@@ -99,6 +99,11 @@ def _label_kind(model) -> str | None:
     return None
 
 
+def _labels_are_its_text(model) -> bool:
+    """An LM trained on its own text shifted by one (causal, or a seq2seq decoder), not a masked LM."""
+    return _label_kind(model) == "tokens" and not type(model).__name__.endswith("ForMaskedLM")
+
+
 def _texts(args: argparse.Namespace, causal: bool, count: int) -> tuple[list[str], list[int] | None]:
     if args.text_file:
         lines = [line.strip() for line in Path(args.text_file).read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -143,8 +148,7 @@ def report_batches(model, tokenizer, args: argparse.Namespace) -> list[dict[str,
     generator = torch.Generator().manual_seed(args.seed)
     real_labels = None
     if tokenizer is not None:
-        causal = kind == "tokens" and not type(model).__name__.endswith("ForMaskedLM")
-        texts, real_labels = _texts(args, causal, count)
+        texts, real_labels = _texts(args, _labels_are_its_text(model), count)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         enc = tokenizer(texts, truncation=True, max_length=args.max_length, padding=True, return_tensors="pt")
@@ -177,8 +181,8 @@ def _min_text_tokens(model) -> int:
     arithmetic: a token attending to itself alone (a one-token text's, a causal model's first) has softmax ≡ 1, so
     ∂L/∂q = 0 there and no key gradient comes from it, and a causal LM's last token has no label (labels shift by
     one). 3 for a causal LM trained on its own text, 2 for any other model."""
-    shifted = _label_kind(model) == "tokens" and not type(model).__name__.endswith("ForMaskedLM")
-    return 3 if shifted and not getattr(model.config, "is_encoder_decoder", False) else 2
+    causal = _labels_are_its_text(model) and not getattr(model.config, "is_encoder_decoder", False)
+    return 3 if causal else 2
 
 
 def _warn_about_short_texts(model, tokenizer, batches: list[dict[str, torch.Tensor]], args) -> None:
