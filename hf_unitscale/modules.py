@@ -101,7 +101,8 @@ class UnitScaledMatmulMixin(UnitScaledModuleMixin):
             )
 
     def _scaled_linear(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        if self.precision is not None and not torch.compiler.is_compiling():
+        # once both kinds of GEMM are checked (len 2), every later call skips this
+        if self.precision is not None and len(self._scales_checked) < 2 and not torch.compiler.is_compiling():
             backward = torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)
             if backward not in self._scales_checked:
                 self._warn_if_uncalibrated(backward)
