@@ -19,7 +19,13 @@ from __future__ import annotations
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 
-__all__ = ["SharedFactorReduceLROnPlateau"]
+__all__ = ["SharedFactorReduceLROnPlateau", "lr_ratio"]
+
+
+def lr_ratio(group: dict, base: float) -> float:
+    """r = base_lr/η, the factor between a group's lr and the schedule lr η·f it follows (1/s under `equivalent`);
+    1 for a group without `base_lr`. L = lr/r is then plain Trainer's lr, bit for bit when r is a power of two."""
+    return group["base_lr"] / base if "base_lr" in group else 1.0
 
 
 class SharedFactorReduceLROnPlateau(ReduceLROnPlateau):
@@ -40,7 +46,7 @@ class SharedFactorReduceLROnPlateau(ReduceLROnPlateau):
         for group in self.optimizer.param_groups:
             if group.get("base_lr", 1.0) == 0:  # η = 0 or an `lr_multipliers` factor of 0: stays 0
                 continue
-            ratio = group["base_lr"] / base if "base_lr" in group else 1.0  # r = base_lr/η: 1/s under `equivalent`
+            ratio = lr_ratio(group, base)
             schedule_lr = float(group["lr"]) / ratio  # L
             reduced = max(schedule_lr * self.factor, min_lr)
             if schedule_lr - reduced > self.eps:

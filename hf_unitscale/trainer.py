@@ -72,7 +72,7 @@ from .hub import mirror_weight_files, save_pretrained, trainer_uploads_replacing
 from .lr_rules import Role, build_param_groups, check_lr_options, summarize_param_groups
 from .model_card import update_model_card
 from .operand_stats import is_causal_lm
-from .plateau import SharedFactorReduceLROnPlateau
+from .plateau import SharedFactorReduceLROnPlateau, lr_ratio
 from .precision import casts_uncounted, full_precision, set_precision
 
 __all__ = [
@@ -468,8 +468,7 @@ class UnitScaleTrainer(Trainer):
         reference = next((g for g in groups if g.get("base_lr")), None)
         if reference is None:
             return super()._get_learning_rate()
-        # η·f(t) = lr / r with r = base_lr/η (1/s under `equivalent`): with power-of-two scales exactly plain's lr
-        return float(reference["lr"] / (reference["base_lr"] / self.optimizer.defaults["lr"]))
+        return float(reference["lr"] / lr_ratio(reference, self.optimizer.defaults["lr"]))  # η·f(t)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "learning_rate" in logs and self.optimizer is not None:
