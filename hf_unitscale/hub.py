@@ -95,7 +95,7 @@ def save_pretrained(
     **kwargs: Any,
 ) -> None:
     """Save a unit-scaled model, with its model card. A model that is not unit-scaled is saved as transformers saves
-    it (merged format only, with a warning): no `unit_scaling` block, no model card.
+    it (merged format only, with a warning): its config as it is, no model card.
 
     Args:
         checkpoint_format: `"merged"` (default) writes a plain transformers checkpoint W = s·Ŵ;
