@@ -55,6 +55,7 @@ Rules (η = learning rate, ε = Adam eps, wd = weight decay, per tensor with sca
                  (depth scaling: every tensor inside the L repeated blocks also × L^-½)
     mup          hidden_weight   η / width_mult          ε       wd
                  (matrix-like)   width_mult = hidden_size / mup_base_width
+                                 (hidden_size: `_hidden_size`; several widths: an error)
                  readout         η / width_mult          ε       wd
                  embedding, norm, bias (vector-like): η
 
@@ -89,6 +90,7 @@ from typing import Any, Literal, get_args
 import torch
 from torch import nn
 from torch.nn.utils import parametrize
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
@@ -291,17 +293,72 @@ def _block_prefixes(model: nn.Module, num_layers: int | None) -> tuple[str, ...]
     )
 
 
+# where a config has no `hidden_size` (transformers' `attribute_map` already reads GPT-2's `n_embd`, BART's `d_model`,
+# DistilBERT's `dim` as one), the attributes that name a width: one, or one per stage. A scalar `embed_dim` is no
+# width (a VQ-GAN's is its codebook's dimension); a list of them is one per stage (CvT). Any other `*hidden_size(s)`
+# (DPT's `fusion_hidden_size`, `neck_hidden_sizes`) is the width of a part of the model too
+_WIDTH_KEYS = ("d_model", "n_embd", "n_embed", "dim", "d_latents")
+_STAGE_WIDTH_KEYS = ("embed_dim", "embed_dims")
+_WIDTH_SUFFIXES = ("hidden_size", "hidden_sizes")
+
+
+def _is_width(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _config_widths(config: PretrainedConfig, prefix: str = "") -> dict[str, int | list[int] | None]:
+    """{attribute path: width} of a config: its `hidden_size` alone where it has one (Swin's, its last stage's, as its
+    config sets it); else the widths its attributes name and, recursively, its sub-configs' (a `backbone_config`,
+    SAM's `mask_decoder_config`). A (sub-)config that names none maps to None: its width is unknown."""
+    width = getattr(config, "hidden_size", None)
+    if _is_width(width):
+        return {f"{prefix}hidden_size": width}
+    widths: dict[str, int | list[int] | None] = {}
+    for key, value in config.to_dict().items():
+        per_stage = key in _STAGE_WIDTH_KEYS or key.endswith(_WIDTH_SUFFIXES)
+        if (key in _WIDTH_KEYS or per_stage) and _is_width(value) and key != "embed_dim":
+            widths[prefix + key] = value
+        elif per_stage and isinstance(value, (list, tuple)) and value and all(_is_width(v) for v in value):
+            widths[prefix + key] = list(value)
+    for key, value in vars(config).items():
+        if isinstance(value, PretrainedConfig):
+            widths |= _config_widths(value, f"{prefix}{key}.")
+    return widths or {prefix.rstrip(".") or "config": None}
+
+
 def _hidden_size(model: nn.Module) -> int:
+    """The width μP's width_mult = width / `mup_base_width` reads: the `hidden_size` of the model's text config
+    (`get_text_config()`: the config itself, or a multimodal model's language model's), else the one width that its
+    attributes and sub-configs name. A model with several (ConvNeXt's per-stage `hidden_sizes`, SAM's vision encoder
+    and mask decoder) or with a part that names none (a vocoder) is an error naming them: which width
+    `mup_base_width` is the base model's value of is the user's to say."""
     config = getattr(model, "config", None)
-    if config is not None and hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    width = getattr(config, "hidden_size", None) if config is not None else None
-    if not width:
+    if not isinstance(config, PretrainedConfig):
         raise ValueError(
-            f"`mup` needs the model width: {type(model).__name__} has no `config.hidden_size`. Use `umup`, or "
-            "give the model a transformers config."
+            f"`mup` needs the model width: {type(model).__name__} has no transformers `config`. Use `umup`, which "
+            "reads each weight's own fan-in, or give the model a transformers config."
         )
-    return int(width)
+    try:
+        config = config.get_text_config()
+    except ValueError:  # several text configs (MusicGen's text encoder and decoder): read them all
+        pass
+    widths = _config_widths(config)
+    distinct = {
+        w for value in widths.values() if value is not None for w in (value if isinstance(value, list) else [value])
+    }
+    if len(distinct) == 1 and None not in widths.values():
+        return distinct.pop()
+    found = "; ".join(
+        f"`{path}` names none" if value is None else f"`{path}` = {value}" for path, value in widths.items()
+    )
+    raise ValueError(
+        f"`mup` scales by one width_mult = hidden_size / `mup_base_width`, and {type(model).__name__}'s config has no "
+        f"`hidden_size` but {'several widths' if len(distinct) > 1 else 'no single width'}: {found} (read from "
+        f"`hidden_size`, {', '.join(f'`{k}`' for k in _WIDTH_KEYS)}, per-stage `embed_dim(s)` and any "
+        "`*hidden_size(s)`). Set `model.config.hidden_size` to the width whose base-model value `mup_base_width` is "
+        "(width_mult is one ratio for all widths that grow by one factor; the config saves it), or use "
+        "`lr_rule='umup'`, which reads each weight's own fan-in."
+    )
 
 
 def _default_decay_names(model: nn.Module) -> set[str]:
@@ -521,6 +578,7 @@ def build_param_groups(
         lr, eps, weight_decay: AdamW's η, ε and decoupled weight decay (each ≥ 0), which the rule scales per
             tensor.
         mup_base_width: under `mup`, the hidden size `lr` was tuned at: width_mult = hidden_size / mup_base_width.
+            hidden_size is the text config's, or the one width the config names (`_hidden_size`).
             Required there; another rule ignores it with a warning.
         umup_depth_scaling: under `umup`, also multiply the lr of every tensor inside the L repeated blocks by
             L^-½ (not for encoder-decoder models); another rule ignores it with a warning.

@@ -249,6 +249,29 @@ def test_mup_table_at_two_widths(case_id):
         _groups(model, "mup")
 
 
+def test_mup_reads_the_one_width_a_config_names_and_refuses_to_pick_one_of_several():
+    """μP's width_mult = width / `mup_base_width` needs one width. ParakeetForCTC's config names none of its own:
+    its encoder's `hidden_size` is the width. ConvNeXt has one per stage (`hidden_sizes`): an error names them
+    until `config.hidden_size` says which one `mup_base_width` is the base model's value of."""
+    import transformers as t
+
+    encoder = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37, num_mel_bins=16)
+    parakeet = _tiny(t.ParakeetCTCConfig, t.ParakeetForCTC, vocab_size=VOCAB, pad_token_id=0, encoder_config=encoder)
+    matrix = parakeet.encoder.layers[0].feed_forward1.linear1.weight
+    (group,) = [g for g in _groups(parakeet, "mup", mup_base_width=16) if any(p is matrix for p in g["params"])]
+    assert group["lr"] == pytest.approx(LR / 2)  # width_mult = 32 / 16
+
+    convnext = _tiny(t.ConvNextConfig, t.ConvNextModel, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+    with pytest.raises(
+        ValueError, match=r"several widths: `hidden_sizes` = \[8, 16\].*Set `model\.config\.hidden_size`"
+    ):
+        _groups(convnext, "mup", mup_base_width=4)
+    convnext.config.hidden_size = 16  # `mup_base_width` is the base model's last-stage width
+    matrix = convnext.encoder.stages[1].layers[0].pwconv1.weight
+    (group,) = [g for g in _groups(convnext, "mup", mup_base_width=4) if any(p is matrix for p in g["params"])]
+    assert group["lr"] == pytest.approx(LR / 4)
+
+
 def test_typos_and_impossible_roles_are_named():
     model = unit_scale(CASES_BY_ID["bert"].model())
     with pytest.raises(
@@ -392,8 +415,8 @@ def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
         codebook_size=16, num_lstm_layers=1,
     )  # fmt: skip
     pos_conv = "wav2vec2.encoder.pos_conv_embed.conv.parametrizations.weight"
-    # model, parameter: (role, lr / η under umup, under mup with base width 16: width_mult 2; None: ConvNeXt has no
-    # `config.hidden_size`, which mup refuses)
+    # model, parameter: (role, lr / η under umup, under mup with base width 16: width_mult 2; None: ConvNeXt names
+    # one width per stage and no `config.hidden_size`, which mup refuses)
     expected = {
         (vit, "vit.embeddings.patch_embeddings.projection.weight"): ("embedding", 32**-0.5, 1.0),
         (whisper, "model.encoder.conv1.weight"): ("embedding", 32**-0.5, 1.0),  # reads num_mel_bins channels
