@@ -52,7 +52,8 @@ Rules (η = learning rate, ε = Adam eps, wd = weight decay, per tensor with sca
                  (d_model: the width it writes, its fan-out)
                  readout, norm,  η                       ε       wd
                  bias
-                 (depth scaling: every tensor inside the L repeated blocks also × L^-½)
+                 (depth scaling: every tensor inside the L repeated blocks also × L^-½; L counts blocks
+                 run, so a layer that ALBERT shares across them gets L^-½ too: below)
     mup          hidden_weight   η / width_mult          ε       wd
                  (matrix-like)   width_mult = hidden_size / mup_base_width
                                  (hidden_size: `_hidden_size`; several widths: an error)
@@ -71,6 +72,16 @@ weight's scale, giving the (untied) readout η/width_mult changes the logits exa
 MuAdam's η does. A readout tied to the input embedding keeps the embedding's η. User multipliers
 (`lr_multipliers={regex: factor}`, `re.search` over parameter names, every matching pattern
 multiplies) are applied last, to the lr only.
+
+Depth scaling with a shared layer (ALBERT: `num_hidden_groups` groups of `inner_group_num` layers, each group run
+num_hidden_layers / num_hidden_groups times; L = num_hidden_layers · inner_group_num blocks). A tensor W used by m of
+the L blocks receives the sum of their gradients, g = Σ_l g_l. Adam's step (η'·m/√v, per element of order η'
+whatever the size of g) does not grow with that sum, so each use of W moves the residual stream as one unshared
+block's tensor with lr η' does, and the m uses together as m such blocks. Unshared, each block gets η·L^-½ so that
+the L blocks' coherent updates add up to a width- and depth-independent change; W's m uses are m of those L shares,
+which η' = η·L^-½ gives them, whatever m is. (Were the g_l uncorrelated, |g| would grow as √m, not m, with Adam's
+step still of order η': the same lr errs on the small side.) ε stays ε: with g up to m times larger, it only weighs
+less against √v.
 
 Groups are deterministic: named `<role>` plus a tag (`hidden_weight:fan_in=37`,
 `hidden_weight:bert.encoder.layer.0.attention.self.query.weight` for one converted tensor under
@@ -273,23 +284,33 @@ def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
     return math.prod(param.shape[1:])
 
 
-def _num_layers(model: nn.Module) -> int | None:
+def _text_config(model: nn.Module) -> Any:
     config = getattr(model, "config", None)
-    if config is None:
-        return None
-    if hasattr(config, "get_text_config"):
-        config = config.get_text_config()
-    return getattr(config, "num_hidden_layers", None)
+    return config.get_text_config() if hasattr(config, "get_text_config") else config
 
 
-def _block_prefixes(model: nn.Module, num_layers: int | None) -> tuple[str, ...]:
-    """Qualified names of the ModuleLists holding the model's `num_hidden_layers` repeated blocks."""
-    if not num_layers:
+def _num_layers(model: nn.Module) -> int | None:
+    """The depth L of u-μP's depth scaling: how many blocks the forward runs, `config.num_hidden_layers`; ALBERT's,
+    whose `num_hidden_groups` groups of `inner_group_num` layers each run num_hidden_layers / num_hidden_groups times,
+    runs num_hidden_layers · inner_group_num layers."""
+    config = _text_config(model)
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers and getattr(config, "num_hidden_groups", None):
+        return layers * config.inner_group_num
+    return layers
+
+
+def _block_prefixes(model: nn.Module) -> tuple[str, ...]:
+    """Qualified names of the ModuleLists holding the model's repeated blocks: `num_hidden_layers` of them, or
+    ALBERT's `num_hidden_groups` shared layer groups."""
+    config = _text_config(model)
+    blocks = getattr(config, "num_hidden_groups", None) or getattr(config, "num_hidden_layers", None)
+    if not blocks:
         return ()
     return tuple(
         name + "."
         for name, module in model.named_modules()
-        if isinstance(module, nn.ModuleList) and len(module) == num_layers and name
+        if isinstance(module, nn.ModuleList) and len(module) == blocks and name
     )
 
 
@@ -395,7 +416,7 @@ def describe_parameters(
     decay = set(_default_decay_names(model) if decay_parameter_names is None else decay_parameter_names)
     scales = weight_scales(model)
     readout_weights = {id(m.weight) for m in readout_modules(model) if hasattr(m, "weight")}
-    blocks = _block_prefixes(model, _num_layers(model))
+    blocks = _block_prefixes(model)
 
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     embedding_weights |= _input_layer_weights(model) - readout_weights  # an untied head reading embedding_size
@@ -548,7 +569,7 @@ def check_lr_options(
                 "an encoder and a decoder stack. Train it without depth scaling."
             )
         depth = _num_layers(model)
-        if not (depth and _block_prefixes(model, depth)):
+        if not (depth and _block_prefixes(model)):
             raise ValueError(
                 f"`umup_depth_scaling=True` needs the model's repeated blocks: found no ModuleList of "
                 f"`config.num_hidden_layers` ({depth}) blocks in {type(model).__name__}."
@@ -581,7 +602,8 @@ def build_param_groups(
             hidden_size is the text config's, or the one width the config names (`_hidden_size`).
             Required there; another rule ignores it with a warning.
         umup_depth_scaling: under `umup`, also multiply the lr of every tensor inside the L repeated blocks by
-            L^-½ (not for encoder-decoder models); another rule ignores it with a warning.
+            L^-½ (L: the blocks run; a layer ALBERT shares gets L^-½ too; not for encoder-decoder models); another
+            rule ignores it with a warning.
         lr_multipliers: {regex over parameter names: factor ≥ 0}, applied last to the lr only; `re.search`, and
             every matching pattern multiplies. A pattern that matches no trainable parameter is an error.
         role_overrides: {regex over parameter names: role}, `re.fullmatch`; the first matching pattern replaces

@@ -322,6 +322,26 @@ def test_depth_scaling_refuses_encoder_decoder_stacks():
         _groups(model, "umup", umup_depth_scaling=True)
 
 
+@pytest.mark.parametrize(("layers", "inner_layers"), [(3, 1), (2, 2)])
+def test_depth_scaling_counts_the_blocks_an_albert_layer_is_shared_by(layers, inner_layers):
+    """ALBERT runs its one layer group `num_hidden_layers` times, each run `inner_group_num` layers: L = layers ·
+    inner_layers blocks. A shared tensor's gradient sums its uses, which Adam's step does not grow with: it takes
+    η·fan_in^-½·L^-½, as the tensor of each block of an unshared stack does; the layers outside the stack do not."""
+    import transformers as t
+
+    albert = _tiny(
+        t.AlbertConfig, t.AlbertForMaskedLM, vocab_size=VOCAB, embedding_size=16, hidden_size=32,
+        num_hidden_layers=layers, inner_group_num=inner_layers, num_attention_heads=4, intermediate_size=37,
+    )  # fmt: skip
+    by_param = {id(p): g for g in _groups(albert, "umup", umup_depth_scaling=True) for p in g["params"]}
+    shared = albert.albert.encoder.albert_layer_groups[0].albert_layers[inner_layers - 1]
+    depth = layers * inner_layers
+    assert by_param[id(shared.attention.query.weight)]["lr"] == pytest.approx(LR * 32**-0.5 * depth**-0.5)
+    assert by_param[id(shared.ffn_output.weight)]["lr"] == pytest.approx(LR * 37**-0.5 * depth**-0.5)
+    mapping_in = albert.albert.encoder.embedding_hidden_mapping_in.weight
+    assert by_param[id(mapping_in)]["lr"] == pytest.approx(LR * 32**-0.5)  # an input layer, outside the blocks
+
+
 def test_user_multipliers_apply_last_and_multiply():
     model = unit_scale(CASES_BY_ID["bert"].model())
     plain = {g["name"]: g for g in _groups(model, "umup")}
