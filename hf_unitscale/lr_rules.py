@@ -285,8 +285,13 @@ def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
 
 
 def _text_config(model: nn.Module) -> Any:
+    """The model's text config (`get_text_config()`: the config itself, or a multimodal model's language model's);
+    the config itself where that is ambiguous (MusicGen's text encoder and decoder), or None."""
     config = getattr(model, "config", None)
-    return config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        return config.get_text_config() if hasattr(config, "get_text_config") else config
+    except ValueError:  # several text configs
+        return config
 
 
 def _num_layers(model: nn.Module) -> int | None:
@@ -349,20 +354,15 @@ def _config_widths(config: PretrainedConfig, prefix: str = "") -> dict[str, int 
 
 def _hidden_size(model: nn.Module) -> int:
     """The width μP's width_mult = width / `mup_base_width` reads: the `hidden_size` of the model's text config
-    (`get_text_config()`: the config itself, or a multimodal model's language model's), else the one width that its
-    attributes and sub-configs name. A model with several (ConvNeXt's per-stage `hidden_sizes`, SAM's vision encoder
-    and mask decoder) or with a part that names none (a vocoder) is an error naming them: which width
-    `mup_base_width` is the base model's value of is the user's to say."""
-    config = getattr(model, "config", None)
+    (`_text_config`), else the one width that its attributes and sub-configs name. A model with several (ConvNeXt's
+    per-stage `hidden_sizes`, SAM's vision encoder and mask decoder) or with a part that names none (a vocoder) is an
+    error naming them: which width `mup_base_width` is the base model's value of is the user's to say."""
+    config = _text_config(model)
     if not isinstance(config, PretrainedConfig):
         raise ValueError(
             f"`mup` needs the model width: {type(model).__name__} has no transformers `config`. Use `umup`, which "
             "reads each weight's own fan-in, or give the model a transformers config."
         )
-    try:
-        config = config.get_text_config()
-    except ValueError:  # several text configs (MusicGen's text encoder and decoder): read them all
-        pass
     widths = _config_widths(config)
     distinct = {
         w for value in widths.values() if value is not None for w in (value if isinstance(value, list) else [value])

@@ -272,6 +272,26 @@ def test_mup_reads_the_one_width_a_config_names_and_refuses_to_pick_one_of_sever
     assert group["lr"] == pytest.approx(LR / 4)
 
 
+def test_a_model_with_two_text_configs_gets_roles_and_mup_names_its_widths():
+    """MusicGen's config has two text configs (its T5 text encoder's, its decoder's), so `get_text_config()` is
+    ambiguous and raises: the roles read the config itself, and `mup` lists the widths of its three parts."""
+    import transformers as t
+
+    config = t.MusicgenConfig(
+        text_encoder=dict(model_type="t5", vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=37, num_layers=1, num_heads=4),
+        audio_encoder=dict(
+            model_type="encodec", hidden_size=16, num_filters=4, num_residual_layers=1, upsampling_ratios=[2, 2],
+            codebook_size=16, num_lstm_layers=1,
+        ),
+        decoder=dict(vocab_size=16, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, ffn_dim=37),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = unit_scale(t.MusicgenForConditionalGeneration(config))
+    assert parameter_roles(model)["text_encoder.shared.weight"] == "embedding"
+    with pytest.raises(ValueError, match=r"`text_encoder\.hidden_size` = 32; `audio_encoder\.hidden_size` = 16"):
+        _groups(model, "mup", mup_base_width=16)
+
+
 def test_typos_and_impossible_roles_are_named():
     model = unit_scale(CASES_BY_ID["bert"].model())
     with pytest.raises(
