@@ -78,7 +78,7 @@ num_hidden_layers / num_hidden_groups times; L = num_hidden_layers · inner_grou
 the L blocks receives the sum of their gradients, g = Σ_l g_l. Adam's step (η'·m/√v, per element of order η'
 whatever the size of g) does not grow with that sum, so each use of W moves the residual stream as one unshared
 block's tensor with lr η' does, and the m uses together as m such blocks. Unshared, each block gets η·L^-½ so that
-the L blocks' coherent updates add up to a width- and depth-independent change; W's m uses are m of those L shares,
+the L blocks' coherent updates add up to a depth-independent change; W's m uses are m of those L shares,
 which η' = η·L^-½ gives them, whatever m is. (Were the g_l uncorrelated, |g| would grow as √m, not m, with Adam's
 step still of order η': the same lr errs on the small side.) ε stays ε: with g up to m times larger, it only weighs
 less against √v.
