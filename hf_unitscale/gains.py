@@ -3,14 +3,21 @@
 A layer scale (ConvNeXt's `layer_scale_parameter`, BEiT's `lambda_1`, DINOv2's `lambda1`) is a vector γ, one
 value per channel, and its module computes γ ⊙ x, as a norm layer applies its gain. No class or name says so,
 the code does: the check parses the source of the module's classes (as `direct_reads` does; not the methods
-that build weights) for a product `self.p * x` or `x * self.p` in which `self.p` is read as it is or only
-reshaped, cast or indexed (`self.p[:, None, None]`, `self.p.unsqueeze(-1)`, `self.p.to(x.dtype)`), and `x` is
-no such read of the module's own attribute. Not a gain: `p` only under a function first (`self.logit_scale.exp()`,
-`softplus(self.per_dim_scale)`), a product of two of the module's own tensors (DiffLlama's
-`self.lambda_q1 * self.lambda_k1`), or a product summed or averaged at once, which is a dot product
-(`(x * self.w).sum(-1)`: a weight with a fan-in). A product alone cannot tell γ ⊙ x from a learned vector
-weighted by an activation (SAM 2's `(1 - w) * self.no_object_pointer`, a stand-in for a pointer): `lr_rules`
-asks only about the 1-D parameters that none of its other rules takes.
+that build weights) for a product of `self.p` and `x`, written `self.p * x`, `x * self.p`, `x *= self.p`,
+`torch.mul(x, self.p)` or `x.mul(self.p)`, in which `self.p` is read as it is or only reshaped, cast or indexed
+(`self.p[:, None, None]`, `self.p.unsqueeze(-1)`, `self.p.to(x.dtype)`), and `x` is no such read of the module's
+own attribute. Not a gain:
+
+- `p` only under a function first (`self.logit_scale.exp()`, `softplus(self.per_dim_scale)`);
+- a product of two of the module's own tensors (DiffLlama's `self.lambda_q1 * self.lambda_k1`);
+- a product summed or averaged at once, which is a dot product, a weight with a fan-in: `(x * self.w).sum(-1)`,
+  and a product inside a summed one, `(x * self.w * 2).sum(-1)`;
+- `self.p` weighted by the complement of a mixing weight, `(1 - w) * self.p`: a value blended into the
+  activations, not a gain on them (SAM 2's `no_object_pointer`, added where no object is).
+
+A product alone cannot tell γ ⊙ x from a learned vector weighted by an activation in other forms (ViT's mask token
+would pass, written `self.mask_token * mask`): `lr_rules` asks only about per-channel vectors that its norm and
+bias rules leave.
 """
 
 from __future__ import annotations
@@ -30,6 +37,8 @@ _LAYOUT_METHODS = frozenset(
      "expand_as", "contiguous"}
 )  # fmt: skip
 _REDUCTIONS = frozenset({"sum", "mean"})
+# a product as a call: `torch.mul(a, b)`, `a.mul(b)`, in place `a.mul_(b)`
+_PRODUCTS = frozenset({"mul", "mul_", "multiply", "multiply_"})
 
 
 def _own_attribute(node: ast.expr) -> str | None:
@@ -46,14 +55,40 @@ def _own_attribute(node: ast.expr) -> str | None:
     return None
 
 
+def _factors(node: ast.AST) -> tuple[ast.expr, ast.expr] | None:
+    """The two factors of a product expression `a * b`, `torch.mul(a, b)`, `a.mul(b)`; None for anything else."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
+        return node.left, node.right
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _PRODUCTS:
+        if isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+            return (node.args[0], node.args[1]) if len(node.args) == 2 else None
+        return (node.func.value, node.args[0]) if len(node.args) == 1 else None
+    return None
+
+
 def _reduced(function: ast.AST) -> set[int]:
-    """ids of the expressions `function` sums or averages: `e.sum(…)`, `torch.sum(e, …)`, `e.mean(…)`."""
-    found = set()
+    """ids of the expressions `function` sums or averages (`e.sum(…)`, `torch.sum(e, …)`, `e.mean(…)`), and of the
+    factors of a summed product: in `(x * self.w * 2).sum()` the product `x * self.w` is summed too."""
+    pending = []
     for node in ast.walk(function):
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _REDUCTIONS:
-            found.add(id(node.func.value))
-            found.update(id(argument) for argument in node.args[:1])
+            pending += [node.func.value, *node.args[:1]]
+    found = set()
+    while pending:
+        node = pending.pop()
+        found.add(id(node))
+        pending += _factors(node) or ()
     return found
+
+
+def _is_complement(node: ast.expr) -> bool:
+    """`1 - w`: the complement of a mixing weight, which weights a value blended in (`x + (1 - w) * self.p`)."""
+    return (
+        isinstance(node, ast.BinOp)
+        and isinstance(node.op, ast.Sub)
+        and isinstance(node.left, ast.Constant)
+        and node.left.value == 1
+    )
 
 
 @functools.cache
@@ -70,10 +105,15 @@ def _class_gains(cls: type) -> frozenset[str]:
             continue
         reduced = _reduced(function)
         for node in ast.walk(function):
-            if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult) and id(node) not in reduced:
-                left, right = _own_attribute(node.left), _own_attribute(node.right)
-                if (left is None) != (right is None):
-                    gains.add(left or right)
+            if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Mult):
+                factors = (node.target, node.value)  # `x *= self.p`
+            else:
+                factors = None if id(node) in reduced else _factors(node)
+            if factors is None:
+                continue
+            left, right = _own_attribute(factors[0]), _own_attribute(factors[1])
+            if (left is None) != (right is None) and not _is_complement(factors[0] if right else factors[1]):
+                gains.add(left or right)
     return frozenset(gains)
 
 

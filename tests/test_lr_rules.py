@@ -115,26 +115,32 @@ def test_unassigned_parameter_is_an_error_until_overridden():
 
 
 class _Vectors(nn.Module):
-    """1-D parameters used the ways `gains.py` tells apart: only `gain` multiplies an activation."""
+    """1-D parameters used the ways `gains.py` tells apart: only the `GAINS` multiply an activation."""
+
+    GAINS = ("gain", "in_place", "called", "method")
+    OTHERS = ("query", "scaled_query", "temperature", "left", "right", "blended")
 
     def __init__(self, width: int = 8):
         super().__init__()
-        self.gain, self.query, self.temperature, self.left, self.right = (
-            nn.Parameter(torch.ones(width)) for _ in range(5)
-        )
+        for name in self.GAINS + self.OTHERS:
+            self.register_parameter(name, nn.Parameter(torch.ones(width)))
 
     def forward(self, x):
         x = x * self.gain[None, :].to(x.dtype)  # γ ⊙ x: a layer scale
-        scores = (x * self.query).sum(-1)  # a dot product: a weight with a fan-in
+        x *= self.in_place  # the same products, written in place and as calls
+        x = torch.mul(x, self.called) + x.mul(self.method)
+        # dot products, a weight with a fan-in: summed at once, or scaled first (a product inside the summed one)
+        scores = (x * self.query).sum(-1) + (x * self.scaled_query * 2).sum(-1)
         mix = self.left * self.right  # two parameters, no activation (DiffLlama's λ)
+        x = x + (1 - scores[:, None]) * self.blended  # a value blended in (SAM 2's `no_object_pointer`)
         return scores[:, None] * mix + x * self.temperature.exp()  # under a function first
 
 
 def test_only_a_vector_the_code_multiplies_an_activation_by_is_a_gain():
     model = _Vectors()
-    roles = parameter_roles(model, role_overrides={"query|temperature|left|right": "bias"})
-    assert roles["gain"] == "norm"
-    for name in ("query", "temperature", "left", "right"):
+    roles = parameter_roles(model, role_overrides={"|".join(_Vectors.OTHERS): "bias"})
+    assert {name: roles[name] for name in _Vectors.GAINS} == dict.fromkeys(_Vectors.GAINS, "norm")
+    for name in _Vectors.OTHERS:
         with pytest.raises(ValueError, match=rf"`{name}` \(shape \(8,\), in _Vectors\) has no learning-rate role"):
             parameter_roles(model, role_overrides={f"(?!{name}$).*": "bias"})
 
