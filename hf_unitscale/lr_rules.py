@@ -1,45 +1,50 @@
 """Parameter roles and per-group learning-rate rules for training a unit-scaled model.
 
 A converted weight is W = s·Ŵ with the Parameter Ŵ trainable and s a fixed fp32 scalar, so the
-gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one role:
+gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one role. A vector below is one value
+per channel: 1-D, or stored in the shape it broadcasts in, one dimension larger than 1 and the others 1
+(SwiftFormer's layer scales (c, 1, 1), ConvNeXt V2's GRN γ and β (1, 1, 1, c), RWKV's `time_mix_key` (1, 1, c)).
 
     embedding       the weight of an nn.Embedding (a tied input/output matrix is one Parameter,
-                    named after the embedding, and takes this role), a table added to the
-                    activations (ViT's `cls_token` (1, 1, h), `position_embeddings` (1, n, h)), a 1-D
-                    vector named `*embed*` that stands in for one (CLIP's `class_embedding`, wav2vec2's
-                    `masked_spec_embed`, which replaces masked frames; d_model = h, its length), and an
-                    input layer, whose fan-in is a size of the raw input fixed by the config, not the
-                    width (μP's input weights): a conv reading `num_channels` / `num_mel_bins` /
-                    `input_feat_per_channel` channels or one (patch embeddings, Whisper's `conv1`,
-                    wav2vec2's first conv), a Linear named `*embed*` reading `embedding_size` ≠
-                    `hidden_size` (ALBERT's, ELECTRA's embedding projections)
+                    named after the embedding, and takes this role), and an input layer, whose fan-in
+                    is a size of the raw input fixed by the config, not the width (μP's input
+                    weights): a conv reading `num_channels` / `num_mel_bins` / `input_feat_per_channel`
+                    channels or one (patch embeddings, Whisper's `conv1`, wav2vec2's first conv), a
+                    Linear named `*embed*` reading `embedding_size` ≠ `hidden_size` (ALBERT's, ELECTRA's
+                    embedding projections)
     readout         an output head: `get_output_embeddings()` if untied, and each matmul layer
                     outside the base model that feeds no other one there (`classifier`, `score`,
                     `qa_outputs`, a next-sentence or multiple-choice head beside the LM head, …)
-    norm            a gain: the 1-D weight of a normalization layer (LayerNorm, RMSNorm, …),
+    norm            a gain: the weight of a normalization layer (LayerNorm, RMSNorm, …) if a vector,
                     weight_norm's g (a parametrization original that broadcasts against the weight)
-    bias            any other 1-D parameter named `bias`, a stacked one (`*_bias`, one row per expert),
-                    a recurrent layer's (`bias_ih_l<k>`, `bias_hh_l<k>`), and a relative-position bias
-                    table added to attention scores (T5's `relative_attention_bias`, Swin's
-                    `relative_position_bias_table`)
+    bias            any other vector or ≤2-D parameter named `bias`, a stacked one (`*_bias`, one row
+                    per expert), a recurrent layer's (`bias_ih_l<k>`, `bias_hh_l<k>`), and (tried
+                    first, by name) a relative-position bias table added to attention scores (T5's
+                    `relative_attention_bias`, Swin's `relative_position_bias_table`)
+    norm            a gain too: any other vector that its module's code multiplies an activation by
+                    (`self.p * x`, found in the source by `gains.py`): a layer scale (ConvNeXt's
+                    `layer_scale_parameter`, BEiT's `lambda_1`, DINOv2's `lambda1`, SwiftFormer's
+                    `layer_scale`), GRN's γ, RWKV's `time_mix_*` (x·μ + shift(x)·(1 - μ))
+    embedding       a table added to the activations (ViT's `cls_token` (1, 1, h),
+                    `position_embeddings` (1, n, h): ≥3-D with a leading 1), and a 1-D vector named
+                    `*embed*` that stands in for one (CLIP's `class_embedding`, wav2vec2's
+                    `masked_spec_embed`, which replaces masked frames; d_model = h, its length)
     hidden_weight   any other ≥2-D parameter
-    norm            of the <2-D parameters left, a gain too: a 1-D vector that its module's code
-                    multiplies an activation by (`self.p * x`, found in the source by `gains.py`: a
-                    layer scale, ConvNeXt's `layer_scale_parameter`, BEiT's `lambda_1`, DINOv2's
-                    `lambda1`), and a single-element parameter (CLIP's 0-D `logit_scale`, SigLIP's (1,)
-                    one, a tanh gate)
+    norm            of the <2-D parameters left, a single-element one (CLIP's 0-D `logit_scale`, SigLIP's
+                    (1,) one, a tanh gate)
 
-The entries are tried in this order, so the second `norm` entry takes only what none above took: no
-parameter changes role for being multiplied somewhere too. Gains and scalars get η under both width rules, as
-norm gains and biases do. μP sorts a parameter by how many of its dimensions grow with the width: a gain (c,)
-is vector-like, a temperature scalar-like, and under Adam both train with a width-independent lr. u-μP scales
-the lr of a matmul weight, whose outputs each sum fan-in products, and of an embedding; a gain or a scalar
-multiplies each activation by one value of its own, with no sum over a fan-in: η, as a norm gain.
+The entries are tried in this order. A vector's code, not its shape, tells a gain from an added table: RWKV's
+`time_mix_key` (1, 1, c) is shaped as ViT's `cls_token` (1, 1, h); a norm weight or a bias stays one whatever
+multiplies it. Gains and scalars get η under both width rules, as norm gains and biases do. μP sorts a parameter
+by how many of its dimensions grow with the width: a gain (c,) is vector-like, a temperature scalar-like, and under
+Adam both train with a width-independent lr. u-μP scales the lr of a matmul weight, whose outputs each sum fan-in
+products, and of an embedding; a gain or a scalar multiplies each activation by one value of its own, with no sum
+over a fan-in: η, as a norm gain.
 
 A <2-D parameter that fits none of these is an error naming it under `umup` and `mup` (GPT-OSS's attention
-`sinks`, Mamba-2's `A_log` and `D`, which kernels read, Gemma 3n's `per_dim_scale`, used under a softplus,
-LLaVA-NeXT's `image_newline`): pass `role_overrides={regex: role}` (`re.fullmatch` over parameter names; the first
-matching pattern wins) rather than have it guessed. Under
+`sinks`, Mamba-2's `A_log` and `D` and RWKV's `time_decay` and `time_first`, which kernels read, Gemma 3n's
+`per_dim_scale`, used under a softplus, LLaVA-NeXT's `image_newline`): pass `role_overrides={regex: role}`
+(`re.fullmatch` over parameter names; the first matching pattern wins) rather than have it guessed. Under
 `equivalent`, where an unconverted parameter gets η, ε and Trainer's decay whatever its role, it joins `bias`.
 
 Rules (η = learning rate, ε = Adam eps, wd = weight decay, per tensor with scale s):
@@ -180,6 +185,12 @@ def _is_norm(module: nn.Module) -> bool:
     if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)):
         return True
     return "norm" in type(module).__name__.lower()
+
+
+def _is_vector(param: torch.Tensor) -> bool:
+    """A per-channel vector: 1-D, or stored in the shape it broadcasts in, one dimension larger than 1 and the others
+    1 (ConvNeXt V2's GRN γ (1, 1, 1, c), SwiftFormer's layer scales (c, 1, 1), RWKV's `time_mix_key` (1, 1, c))."""
+    return param.dim() == 1 or sum(size > 1 for size in param.shape) == 1
 
 
 def _is_added_embedding(module: nn.Module, leaf: str, param: torch.Tensor) -> bool:
@@ -434,22 +445,25 @@ def describe_parameters(
                 "scale by the weight's fan-in or width: it needs a ≥2-D weight. Use `norm` or `bias` (lr η)."
             )
         if role is None:
+            vector = _is_vector(param)
             if _ATTENTION_BIAS_TABLE.search(name):
                 role = "bias"
-            elif id(param) in embedding_weights or _is_added_embedding(module, leaf, param):
+            elif id(param) in embedding_weights:
                 role = "embedding"  # an embedding tied to the output head too
             elif id(param) in readout_weights:
                 role = "readout"
-            elif (param.dim() == 1 and leaf == "weight" and _is_norm(module)) or _is_parametrization_gain(
-                module, leaf, param
-            ):
+            elif (vector and leaf == "weight" and _is_norm(module)) or _is_parametrization_gain(module, leaf, param):
                 role = "norm"
-            elif is_bias_name(leaf) and param.dim() <= 2:  # 2-D: one bias per expert
+            elif is_bias_name(leaf) and (param.dim() <= 2 or vector):  # 2-D: one bias per expert
                 role = "bias"
+            elif vector and multiplies_activation(module, leaf):
+                role = "norm"  # a gain (a layer scale), before the shape of an added table can claim it
+            elif _is_added_embedding(module, leaf, param):
+                role = "embedding"
             elif param.dim() >= 2:
                 role = "hidden_weight"
-            elif (param.dim() == 1 and multiplies_activation(module, leaf)) or param.numel() == 1:
-                role = "norm"  # a gain (a layer scale), or scalar-like (a temperature, a gate)
+            elif param.numel() == 1:
+                role = "norm"  # scalar-like (a temperature, a gate)
             elif unassigned_role is not None:
                 role = unassigned_role
                 logger.info(f"`{name}` (shape {tuple(param.shape)}) fits no learning-rate role: taking `{role}`.")

@@ -502,6 +502,42 @@ def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
             assert lr == pytest.approx(LR * factor), (name, rule)
 
 
+def test_vectors_stored_broadcast_shaped_are_gains_or_biases():
+    """A per-channel vector stored in the shape it broadcasts in is a gain where the code multiplies an activation by
+    it (ConvNeXt V2's GRN γ (1, 1, 1, c), SwiftFormer's layer scales (c, 1, 1), RWKV's `time_mix_*` (1, 1, c), which
+    mix x and its shift), and a bias where named one (GRN's β): η under `umup`, as a 1-D gain or bias, not an
+    embedding's η·c^-½ or a hidden weight's. SwiftFormer's `w_g` (c, 1) stays a hidden weight: `query @ self.w_g`
+    is a matmul. RWKV's `time_decay` and `time_first` (c,) go to the WKV kernel: no role unless overridden."""
+    import transformers as t
+
+    convnextv2 = _tiny(t.ConvNextV2Config, t.ConvNextV2Model, hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)
+    swiftformer = _tiny(t.SwiftFormerConfig, t.SwiftFormerModel, depths=[1, 1, 1, 1], embed_dims=[8, 8, 16, 16])
+    rwkv = _tiny(
+        t.RwkvConfig, t.RwkvModel, vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, attention_hidden_size=32,
+        intermediate_size=37, context_length=16,
+    )  # fmt: skip
+    kernel_inputs = {r"blocks\.\d+\.attention\.time_(decay|first)": "bias"}
+    block = "encoder.network.0.blocks.0"
+    expected = {
+        (convnextv2, "encoder.stages.1.layers.0.grn.weight"): "norm",
+        (convnextv2, "encoder.stages.1.layers.0.grn.bias"): "bias",
+        (swiftformer, f"{block}.layer_scale_1"): "norm",
+        (swiftformer, f"{block}.local_representation.layer_scale"): "norm",
+        (swiftformer, f"{block}.attn.w_g"): "hidden_weight",
+        (rwkv, "blocks.0.attention.time_mix_key"): "norm",
+        (rwkv, "blocks.1.feed_forward.time_mix_receptance"): "norm",
+    }
+    for (model, name), role in expected.items():
+        overrides = kernel_inputs if model is rwkv else None
+        assert parameter_roles(model, role_overrides=overrides)[name] == role, name
+        if role != "hidden_weight":
+            param = dict(model.named_parameters())[name]
+            groups = _groups(model, "umup", role_overrides=overrides)
+            assert [g["lr"] for g in groups if any(p is param for p in g["params"])] == [LR], name
+    with pytest.raises(ValueError, match=r"`blocks\.0\.attention\.time_decay` \(shape \(32,\).* no learning-rate role"):
+        parameter_roles(rwkv)
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "llama4_text"])
 def test_stacked_expert_weights_take_one_experts_fan_in(model_type):
     """transformers' MoE layers stack one matrix per expert: (E, out, in), or (E, in, out) where the layer says
