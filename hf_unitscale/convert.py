@@ -256,7 +256,6 @@ def check_no_peft_adapters(model: nn.Module) -> None:
         )
 
 
-@torch.no_grad()
 def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Module:
     """Rewrite every supported weight W of `model` as s·Ŵ, in place, keeping the model's function.
 
@@ -277,6 +276,15 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
             has PEFT adapters, or it is already unit-scaled with other options than `config` (named; without
             `config`, converting again only warns).
     """
+    return _unit_scale(model, config, warn_about_a_saved_block=True)
+
+
+@torch.no_grad()
+def _unit_scale(
+    model: nn.Module, config: UnitScaleConfig | dict | None, *, warn_about_a_saved_block: bool
+) -> nn.Module:
+    """`unit_scale`, its checks included; `hf_unitscale.from_pretrained` turns off the warning about a saved
+    `unit_scaling` block, whose a, c it sets after converting."""
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"`unit_scale` converts a loaded model (an nn.Module), got {type(model).__name__} {model!r:.80}; load it "
@@ -292,7 +300,8 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
         logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing{precision}.")
         return model
     config = config or UnitScaleConfig()
-    _warn_about_a_saved_block(model, config)
+    if warn_about_a_saved_block:
+        _warn_about_a_saved_block(model, config)
     return _convert(model, config, measure=True)
 
 

@@ -50,7 +50,7 @@ from .checkpoint import (
     write_unit_scaled_weights,
 )
 from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
-from .convert import _convert, check_no_peft_adapters, is_unit_scaled, matmul_layers
+from .convert import _convert, _unit_scale, is_unit_scaled, matmul_layers
 from .model_card import MODEL_CARD_TAGS, update_model_card
 
 __all__ = ["attach_checkpoint_methods", "from_pretrained", "push_to_hub", "save_pretrained"]
@@ -558,9 +558,8 @@ def from_pretrained(
             model.generation_config = generation_config  # a model built from a state dict reads no files
         if is_unit_scaled(model):
             return model
-        # `unit_scale` without its warning about the block's a, c, which are set next
-        check_no_peft_adapters(model)  # an adapter folder beside the weights, which transformers loads
-        _convert(model, unit_scale_config, measure=True)
+        # an adapter folder beside the weights, which transformers loads, is refused; the block's a, c are set next
+        _unit_scale(model, unit_scale_config, warn_about_a_saved_block=False)
         set_operand_scales(
             model, _as_named_in(model, stored_scales, across_classes=saved_class != type(model).__name__)
         )
