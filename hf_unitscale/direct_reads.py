@@ -6,8 +6,8 @@ mixer, `self.decoder.weight` in MobileBERT's LM head, `self.out_proj.weight` in 
 would get Ŵ, off by 1/s, and the model would silently compute another function. Such layers stay
 unconverted, and so does any layer tied to one of them.
 
-The check parses the source of every module class in the model (transformers' model code, torch.nn's
-modules, user classes; not the methods that build weights: `__init__`, `_init_weights`, `resize_*`, …)
+The check parses the source of every module class in the model (`class_source`: transformers' model code,
+torch.nn's modules, user classes; not the methods that build weights: `__init__`, `_init_weights`, `resize_*`, …)
 and collects the reads `self.a.b.p` (or `x.p` after `x = self.a.b`) in which `a.b` is a submodule and
 `p` one of its weights (≥2-D parameters: biases and norm gains are not rescaled), used for its value
 (not only for `.dtype`, `.shape`, `isinstance` or `is None`). A read inside `if <condition>:` whose
@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import ast
 import functools
-import inspect
 import operator
-import sys
 from dataclasses import dataclass
 
 from torch import nn
 from transformers.utils import logging
+
+from .class_source import computing_methods, scanned_classes
 
 __all__ = ["modules_read_directly"]
 
@@ -37,8 +37,6 @@ logger = logging.get_logger(__name__)
 _METADATA = frozenset(
     {"dtype", "device", "shape", "ndim", "size", "dim", "numel", "nelement", "requires_grad", "is_meta", "layout"}
 )
-# methods that build or rebuild weights rather than compute with them
-_WEIGHT_BUILDERS = ("__init__", "_init", "init_", "_tie", "tie_", "resize", "reset_parameters", "_reset_parameters")
 _COMPARISONS = {
     ast.Eq: operator.eq,
     ast.NotEq: operator.ne,
@@ -59,37 +57,6 @@ class _Read:
 
     chain: tuple[str, ...]
     guards: tuple[tuple[ast.expr, bool], ...]
-
-
-def _scanned(cls: type) -> bool:
-    """Model code: transformers' model files, torch.nn's layers, user classes; not the library plumbing."""
-    module = cls.__module__ or ""
-    if module.startswith("transformers."):
-        return module.startswith("transformers.models.")
-    if module.startswith("torch."):
-        return module.startswith("torch.nn.modules.") and module != "torch.nn.modules.module"
-    return not module.startswith("hf_unitscale")
-
-
-@functools.cache
-def _class_definitions(module_name: str) -> dict[str, ast.ClassDef]:
-    """{qualified name: ClassDef} of a Python module's source, parsed once per module."""
-    try:
-        tree = ast.parse(inspect.getsource(sys.modules[module_name]))
-    except (KeyError, OSError, TypeError, SyntaxError):
-        return {}
-    found: dict[str, ast.ClassDef] = {}
-
-    def visit(node: ast.AST, prefix: str) -> None:
-        for child in ast.iter_child_nodes(node):
-            if isinstance(child, ast.ClassDef):
-                found[prefix + child.name] = child
-                visit(child, f"{prefix}{child.name}.")
-            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                visit(child, f"{prefix}{child.name}.<locals>.")
-
-    visit(tree, "")
-    return found
 
 
 def _inspected_only(function: ast.AST) -> set[int]:
@@ -130,15 +97,11 @@ def _chain(node: ast.AST, aliases: dict[str, tuple[str, ...]]) -> tuple[str, ...
 @functools.cache
 def _class_reads(cls: type) -> tuple[_Read, ...] | None:
     """The reads of `cls`'s own methods, or None if its source cannot be read."""
-    definition = _class_definitions(cls.__module__).get(cls.__qualname__)
-    if definition is None:
+    methods = computing_methods(cls)
+    if methods is None:
         return None
     reads = []
-    for function in definition.body:
-        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        if function.name == "__init__" or function.name.startswith(_WEIGHT_BUILDERS):
-            continue
+    for function in methods:
         inspected, aliases = _inspected_only(function), _self_aliases(function)
         reads.extend(_walk_reads(function, (), inspected, aliases))
     return tuple(reads)
@@ -230,9 +193,7 @@ def modules_read_directly(model: nn.Module) -> dict[int, str]:
     for reader_name, reader in model.named_modules():
         if not reader._modules:
             continue  # reads of a child's weight need a child
-        for cls in type(reader).__mro__:
-            if cls is nn.Module or not issubclass(cls, nn.Module) or not _scanned(cls):
-                continue
+        for cls in scanned_classes(reader):
             reads = _class_reads(cls)
             if reads is None:
                 unreadable.add(cls.__qualname__)

@@ -2,9 +2,9 @@
 
 A layer scale (ConvNeXt's `layer_scale_parameter`, BEiT's `lambda_1`, DINOv2's `lambda1`) is a vector γ, one
 value per channel, and its module computes γ ⊙ x, as a norm layer applies its gain. No class or name says so,
-the code does: the check parses the source of the module's classes (as `direct_reads` does; not the methods
-that build weights) for a product of `self.p` and `x`, written `self.p * x`, `x * self.p`, `x *= self.p`,
-`torch.mul(x, self.p)` or `x.mul(self.p)`, in which `self.p` is read as it is or only reshaped, cast or indexed
+the code does: the check parses the source of the module's classes (`class_source`, as `direct_reads` does;
+not the methods that build weights) for a product of `self.p` and `x`, written `self.p * x`, `x * self.p`,
+`x *= self.p`, `torch.mul(x, self.p)` or `x.mul(self.p)`, in which `self.p` is read as it is or only reshaped, cast or indexed
 (`self.p[:, None, None]`, `self.p.unsqueeze(-1)`, `self.p.to(x.dtype)`), and `x` is no such read of the module's
 own attribute. Not a gain:
 
@@ -27,7 +27,7 @@ import functools
 
 from torch import nn
 
-from .direct_reads import _WEIGHT_BUILDERS, _class_definitions, _scanned
+from .class_source import computing_methods, scanned_classes
 
 __all__ = ["multiplies_activation"]
 
@@ -94,15 +94,8 @@ def _is_complement(node: ast.expr) -> bool:
 @functools.cache
 def _class_gains(cls: type) -> frozenset[str]:
     """Names `p` that the methods of `cls` (its own, not inherited) multiply an activation by as `self.p`."""
-    definition = _class_definitions(cls.__module__).get(cls.__qualname__)
-    if definition is None:
-        return frozenset()
     gains = set()
-    for function in definition.body:
-        if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            continue
-        if function.name == "__init__" or function.name.startswith(_WEIGHT_BUILDERS):
-            continue
+    for function in computing_methods(cls) or ():
         reduced = _reduced(function)
         for node in ast.walk(function):
             if isinstance(node, ast.AugAssign) and isinstance(node.op, ast.Mult):
@@ -119,8 +112,4 @@ def _class_gains(cls: type) -> frozenset[str]:
 
 def multiplies_activation(module: nn.Module, name: str) -> bool:
     """Whether the code of `module`'s classes multiplies an activation by its attribute `name` (`self.<name> * x`)."""
-    return any(
-        name in _class_gains(cls)
-        for cls in type(module).__mro__
-        if cls is not nn.Module and issubclass(cls, nn.Module) and _scanned(cls)
-    )
+    return any(name in _class_gains(cls) for cls in scanned_classes(module))

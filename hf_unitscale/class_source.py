@@ -1,0 +1,74 @@
+"""The parsed source of the module classes that `direct_reads` and `gains` read.
+
+Both scan the methods a class defines itself for what they compute with its attributes: which classes are model
+code worth scanning (`scanned_classes`), each Python module's class definitions parsed once
+(`class_definitions`), and those methods without the ones that build or rebuild weights (`computing_methods`,
+skipping the names that start with `WEIGHT_BUILDERS`).
+"""
+
+from __future__ import annotations
+
+import ast
+import functools
+import inspect
+import sys
+from collections.abc import Iterator
+
+from torch import nn
+
+__all__ = ["WEIGHT_BUILDERS", "class_definitions", "computing_methods", "scanned_classes"]
+
+# prefixes of the methods that build or rebuild weights rather than compute with them
+WEIGHT_BUILDERS = ("__init__", "_init", "init_", "_tie", "tie_", "resize", "reset_parameters", "_reset_parameters")
+
+
+def _is_scanned(cls: type) -> bool:
+    """Model code: transformers' model files, torch.nn's layers, user classes; not the library plumbing."""
+    module = cls.__module__ or ""
+    if module.startswith("transformers."):
+        return module.startswith("transformers.models.")
+    if module.startswith("torch."):
+        return module.startswith("torch.nn.modules.") and module != "torch.nn.modules.module"
+    return not module.startswith("hf_unitscale")
+
+
+def scanned_classes(module: nn.Module) -> Iterator[type]:
+    """The classes of `module`'s MRO whose code is model code (see `_is_scanned`), most derived first."""
+    for cls in type(module).__mro__:
+        if cls is not nn.Module and issubclass(cls, nn.Module) and _is_scanned(cls):
+            yield cls
+
+
+@functools.cache
+def class_definitions(module_name: str) -> dict[str, ast.ClassDef]:
+    """{qualified name: ClassDef} of a Python module's source, parsed once per module; {} if it cannot be read."""
+    try:
+        tree = ast.parse(inspect.getsource(sys.modules[module_name]))
+    except (KeyError, OSError, TypeError, SyntaxError):
+        return {}
+    found: dict[str, ast.ClassDef] = {}
+
+    def visit(node: ast.AST, prefix: str) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, ast.ClassDef):
+                found[prefix + child.name] = child
+                visit(child, f"{prefix}{child.name}.")
+            elif isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                visit(child, f"{prefix}{child.name}.<locals>.")
+
+    visit(tree, "")
+    return found
+
+
+def computing_methods(cls: type) -> list[ast.FunctionDef | ast.AsyncFunctionDef] | None:
+    """The methods `cls` defines itself (not inherited ones), but those whose names start with `WEIGHT_BUILDERS`;
+    None if its source cannot be read (a class defined in `exec` or an interactive session)."""
+    definition = class_definitions(cls.__module__).get(cls.__qualname__)
+    if definition is None:
+        return None
+    return [
+        function
+        for function in definition.body
+        if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
+        and not function.name.startswith(WEIGHT_BUILDERS)
+    ]
