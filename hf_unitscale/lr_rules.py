@@ -603,6 +603,7 @@ def build_param_groups(
     lr_multipliers: Mapping[str, float] | None = None,
     role_overrides: Mapping[str, Role] | None = None,
     decay_parameter_names: Iterable[str] | None = None,
+    param_infos: list[ParamInfo] | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups of `model` under `lr_rule` (see the module docstring for the table).
 
@@ -625,6 +626,9 @@ def build_param_groups(
             matches no trainable parameter is an error.
         decay_parameter_names: the parameter names that get weight decay; default
             `Trainer.get_decay_parameter_names(model)` (no decay on biases and norm weights).
+        param_infos: what `check_lr_options` returned for `model` and these options, when the caller has checked
+            them already (`UnitScaleTrainer` does when it is built); None: check them here, and warn about the
+            options of another rule (`warn_about_ignored_options`).
 
     Returns:
         A list of torch param-group dicts with keys `params`, `lr`, `eps`, `weight_decay` and, for
@@ -642,24 +646,19 @@ def build_param_groups(
             raise ValueError(
                 f"`{option}` should be a finite number >= 0, as torch.optim.AdamW takes it; got {value!r}."
             )
-    infos = check_lr_options(
-        model,
-        lr_rule=lr_rule,
-        mup_base_width=mup_base_width,
-        umup_depth_scaling=umup_depth_scaling,
-        lr_multipliers=lr_multipliers,
-        role_overrides=role_overrides,
-        decay_parameter_names=decay_parameter_names,
-    )
-    multipliers = _check_multipliers(lr_multipliers)
-    for option, value, rule in (
-        ("mup_base_width", mup_base_width, "mup"),
-        ("umup_depth_scaling", umup_depth_scaling, "umup"),
-    ):
-        if value and lr_rule != rule:
-            logger.warning(
-                f"`{option}={value!r}` applies to `lr_rule='{rule}'` only; `lr_rule='{lr_rule}'` ignores it."
-            )
+    infos = param_infos
+    if infos is None:
+        infos = check_lr_options(
+            model,
+            lr_rule=lr_rule,
+            mup_base_width=mup_base_width,
+            umup_depth_scaling=umup_depth_scaling,
+            lr_multipliers=lr_multipliers,
+            role_overrides=role_overrides,
+            decay_parameter_names=decay_parameter_names,
+        )
+        warn_about_ignored_options(lr_rule, mup_base_width=mup_base_width, umup_depth_scaling=umup_depth_scaling)
+    multipliers = {pattern: float(value) for pattern, value in (lr_multipliers or {}).items()}  # checked above
     width_mult = _hidden_size(model) / mup_base_width if lr_rule == "mup" else 1.0
     depth = _num_layers(model)
     depth_scaling = lr_rule == "umup" and umup_depth_scaling
@@ -702,6 +701,18 @@ def build_param_groups(
     result = list(groups.values())
     check_param_groups(model, result)
     return result
+
+
+def warn_about_ignored_options(lr_rule: str, *, mup_base_width: int | None, umup_depth_scaling: bool) -> None:
+    """Name the options of another rule than `lr_rule` that are set (`mup_base_width` under `umup`): it ignores them."""
+    for option, value, rule in (
+        ("mup_base_width", mup_base_width, "mup"),
+        ("umup_depth_scaling", umup_depth_scaling, "umup"),
+    ):
+        if value and lr_rule != rule:
+            logger.warning(
+                f"`{option}={value!r}` applies to `lr_rule='{rule}'` only; `lr_rule='{lr_rule}'` ignores it."
+            )
 
 
 def _check_multipliers(lr_multipliers: Mapping[str, float] | None) -> dict[str, float]:

@@ -69,7 +69,7 @@ from .convert import (
 )
 from .formats import FP8_FORMAT_PAIRS
 from .hub import mirror_weight_files, save_pretrained, trainer_uploads_replacing_weights
-from .lr_rules import Role, build_param_groups, check_lr_options, summarize_param_groups
+from .lr_rules import ParamInfo, Role, build_param_groups, check_lr_options, summarize_param_groups
 from .model_card import update_model_card
 from .operand_stats import is_causal_lm
 from .plateau import SharedFactorReduceLROnPlateau, lr_ratio
@@ -160,6 +160,8 @@ class UnitScaleTrainer(Trainer):
         **trainer_kwargs: Any,
     ) -> None:
         self.unit_scale_config = unit_scale_config
+        # (trainable (name, id) pairs, their `ParamInfo`s) of the last `check_lr_options`
+        self._lr_check: tuple[tuple[tuple[str, int], ...], list[ParamInfo]] | None = None
         if args is not None:
             _check_arguments(args)
         options = unit_scale_options(args) if args is not None else unit_scale_options(object())
@@ -180,7 +182,7 @@ class UnitScaleTrainer(Trainer):
                 "rates. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})` instead, or use plain `Trainer`."
             )
         if self.model is not None:  # an lr option that does not fit the model: an error now, not at the first step
-            self._check_lr_options(self.model)
+            self._checked_param_infos(self.model)
         if self.unit_scale_options["fp8"]:
             self._add_recalibration()
         self._clip_cache: tuple[nn.Module, list[nn.Parameter], dict[int, float]] | None = None
@@ -228,6 +230,7 @@ class UnitScaleTrainer(Trainer):
         return model
 
     def call_model_init(self, trial=None) -> nn.Module:
+        self._lr_check = None  # a new model, checked again; the old one's parameters are not kept
         return self._prepare_unit_scaled(super().call_model_init(trial), unit_scale_options(self.args))
 
     # ---- FP8: static operand scales (calibrate.py), kept current by callbacks.RecalibrationCallback ----
@@ -297,18 +300,25 @@ class UnitScaleTrainer(Trainer):
 
     # ---- optimizer ----
 
-    def _check_lr_options(self, model: nn.Module) -> None:
-        """Raise what `create_optimizer` would about `lr_rule`, its options, `lr_multipliers` and `role_overrides`
-        (`lr_rules.check_lr_options`), before a baseline evaluation or the first training step."""
-        options = self.unit_scale_options
-        check_lr_options(
-            model,
-            lr_rule=options["lr_rule"],
-            mup_base_width=options["mup_base_width"],
-            umup_depth_scaling=options["umup_depth_scaling"],
-            lr_multipliers=options["lr_multipliers"],
-            role_overrides=self.role_overrides,
-        )
+    def _checked_param_infos(self, model: nn.Module) -> list[ParamInfo]:
+        """`lr_rules.check_lr_options` for `model` under the trainer's options: raises what `create_optimizer` would
+        about `lr_rule`, its options, `lr_multipliers` and `role_overrides`, before a baseline evaluation or the
+        first training step. Runs once: again only for other trainable parameters (a model from `model_init`, a
+        resized embedding, layers frozen since); the options of another rule are named by the arguments."""
+        trainable = tuple((name, id(param)) for name, param in model.named_parameters() if param.requires_grad)
+        if self._lr_check is None or self._lr_check[0] != trainable:
+            options = self.unit_scale_options
+            infos = check_lr_options(
+                model,
+                lr_rule=options["lr_rule"],
+                mup_base_width=options["mup_base_width"],
+                umup_depth_scaling=options["umup_depth_scaling"],
+                lr_multipliers=options["lr_multipliers"],
+                role_overrides=self.role_overrides,
+                decay_parameter_names=self.get_decay_parameter_names(model),
+            )
+            self._lr_check = (trainable, infos)
+        return self._lr_check[1]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         opt_model = self.model if model is None else model
@@ -377,7 +387,7 @@ class UnitScaleTrainer(Trainer):
             umup_depth_scaling=options["umup_depth_scaling"],
             lr_multipliers=options["lr_multipliers"],
             role_overrides=self.role_overrides,
-            decay_parameter_names=self.get_decay_parameter_names(opt_model),
+            param_infos=self._checked_param_infos(opt_model),
         )
         # defaults["lr"] = η: schedules that divide by it (min_lr, lr_end) get the plain factor
         optimizer_kwargs["lr"] = lr
