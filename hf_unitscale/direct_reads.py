@@ -8,13 +8,14 @@ unconverted, and so does any layer tied to one of them.
 
 The check parses the source of every module class in the model (`class_source`: transformers' model code,
 torch.nn's modules, user classes; not the methods that build weights: `__init__`, `_init_weights`, `resize_*`, …)
-and collects the reads `self.a.b.p` (or `x.p` after `x = self.a.b`) in which `a.b` is a submodule and
-`p` one of its weights (≥2-D parameters: biases and norm gains are not rescaled), used for its value
-(not only for `.dtype`, `.shape`, `isinstance` or `is None`). A read inside `if <condition>:` whose
-condition uses only the module's own attributes and constants (BLOOM's `if self.pretraining_tp > 1 and
-self.slow_but_exact:`) counts only where the condition holds for that module. Code that reaches a weight
-another way (`getattr`, indexing a `ModuleList`, a module passed to a function) is not seen, nor are
-classes whose source cannot be read (defined in `exec`), which are named in a warning.
+and collects the reads `self.a.b.p` (or `x.p` after `x = self.a.b`; any step may be a `getattr(self.a, "b")`
+with a literal name) in which `a.b` is a submodule and `p` one of its weights (≥2-D parameters: biases and norm
+gains are not rescaled), used for its value (not only for `.dtype`, `.shape`, `isinstance` or `is None`). A read
+inside `if <condition>:` whose condition uses only the module's own attributes and constants (BLOOM's
+`if self.pretraining_tp > 1 and self.slow_but_exact:`) counts only where the condition holds for that module.
+Code that reaches a weight another way (`getattr` with a computed name, indexing a `ModuleList`, a module passed
+to a function) is not seen, nor are classes whose source cannot be read (defined in `exec`), which are named in a
+warning.
 """
 
 from __future__ import annotations
@@ -62,7 +63,8 @@ class _Read:
 def _inspected_only(function: ast.AST) -> set[int]:
     """ids of the expressions `function` only inspects: `isinstance(x, …)`, `x is None`, `x.dtype`, `x.shape`, …"""
     nodes = list(ast.walk(function))
-    inspected = {id(n.value) for n in nodes if isinstance(n, ast.Attribute) and n.attr in _METADATA}
+    accesses = [access for n in nodes if (access := _attribute_access(n)) is not None]
+    inspected = {id(target) for target, name in accesses if name in _METADATA}  # `x.dtype`, `getattr(x, "shape")`
     for node in nodes:
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "isinstance":
             inspected.add(id(node.args[0]))
@@ -82,12 +84,30 @@ def _self_aliases(function: ast.AST) -> dict[str, tuple[str, ...]]:
     return aliases
 
 
+def _attribute_access(node: ast.AST) -> tuple[ast.expr, str] | None:
+    """(`x`, "p") for `x.p` and for `getattr(x, "p")` or `getattr(x, "p", default)` (a literal name); else None."""
+    if isinstance(node, ast.Attribute):
+        return node.value, node.attr
+    if (
+        isinstance(node, ast.Call)
+        and isinstance(node.func, ast.Name)
+        and node.func.id == "getattr"
+        and len(node.args) in (2, 3)
+        and not node.keywords
+        and isinstance(node.args[1], ast.Constant)
+        and isinstance(node.args[1].value, str)
+    ):
+        return node.args[0], node.args[1].value
+    return None
+
+
 def _chain(node: ast.AST, aliases: dict[str, tuple[str, ...]]) -> tuple[str, ...] | None:
-    """("a", "b", "p") for `self.a.b.p` (or `x.p` with x an alias of `self.a.b`); None for anything else."""
+    """("a", "b", "p") for `self.a.b.p` (or `x.p` with x an alias of `self.a.b`, or any step as `getattr(…, "b")`);
+    None for anything else."""
     names = []
-    while isinstance(node, ast.Attribute):
-        names.append(node.attr)
-        node = node.value
+    while (access := _attribute_access(node)) is not None:
+        node, name = access
+        names.append(name)
     if not isinstance(node, ast.Name) or not names:
         return None
     root = () if node.id == "self" else aliases.get(node.id)
@@ -117,11 +137,12 @@ def _walk_reads(node: ast.AST, guards: tuple, inspected: set[int], aliases: dict
             found += _walk_reads(child, (*guards, (node.test, False)), inspected, aliases)
         return found
     found = []
-    if isinstance(node, ast.Attribute) and isinstance(node.ctx, ast.Load):
-        if node.attr not in _METADATA and id(node) not in inspected:
-            chain = _chain(node, aliases)
-            if chain and len(chain) > 1:
-                found.append(_Read(chain, guards))
+    access = _attribute_access(node)
+    loaded = not isinstance(node, ast.Attribute) or isinstance(node.ctx, ast.Load)  # a `getattr` call loads
+    if access is not None and loaded and access[1] not in _METADATA and id(node) not in inspected:
+        chain = _chain(node, aliases)
+        if chain and len(chain) > 1:
+            found.append(_Read(chain, guards))
     for child in ast.iter_child_nodes(node):
         found += _walk_reads(child, guards, inspected, aliases)
     return found

@@ -388,6 +388,17 @@ class ReadsWeights(nn.Module):
         return self.out(x @ proj.weight.T)
 
 
+class ReadsWeightByName(nn.Module):
+    """Reads a child's weight for its value with `getattr` and a literal name."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj, self.out = nn.Linear(8, 8), nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.out(x @ getattr(self.proj, "weight").T)  # noqa: B009
+
+
 def _direct_read_models() -> dict[str, tuple[nn.Module, dict]]:
     """Models whose code reads a submodule's weight directly, with inputs that take that path."""
     from transformers import (
@@ -409,6 +420,7 @@ def _direct_read_models() -> dict[str, tuple[nn.Module, dict]]:
     small = dict(vocab_size=64, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
     return {
         "user-module": (ReadsWeights(), {"x": torch.randn(3, 8)}),
+        "user-getattr": (ReadsWeightByName(), {"x": torch.randn(3, 8)}),
         "deberta": (  # DebertaEncoder.get_rel_embedding: self.rel_embeddings.weight; attention: self.in_proj.weight
             DebertaForSequenceClassification(
                 DebertaConfig(**small, hidden_size=32, relative_attention=True, pos_att_type=["p2c", "c2p"])
@@ -453,6 +465,7 @@ def _direct_read_models() -> dict[str, tuple[nn.Module, dict]]:
 
 LEFT_UNCONVERTED = {
     "user-module": {"proj"},
+    "user-getattr": {"proj"},
     "deberta": {"deberta.encoder.rel_embeddings", "deberta.encoder.layer.0.attention.self.in_proj"},
     "mobilebert": {"cls.predictions.decoder", "cls.predictions.dense", "mobilebert.embeddings.word_embeddings"},
     "mamba": {"backbone.layers.0.mixer." + n for n in ("conv1d", "x_proj", "dt_proj", "out_proj")},
