@@ -205,8 +205,11 @@ def _check_weights_have_values(model: nn.Module, plan: list[tuple[str, nn.Module
         )
 
 
-def _conversion_plan(model: nn.Module, config: UnitScaleConfig) -> list[tuple[str, nn.Module, type, tuple[str, ...]]]:
-    """(name, module, unit-scaled class, weight names) for every module to convert."""
+def _conversion_plan(
+    model: nn.Module, config: UnitScaleConfig, *, level: int
+) -> list[tuple[str, nn.Module, type, tuple[str, ...]]]:
+    """(name, module, unit-scaled class, weight names) for every module to convert; the modules that stay unconverted
+    although convertible (their weights read directly, the model's own) are named at logging `level`."""
     excluded, read_directly = _excluded_names(model, config), modules_read_directly(model)
     plan, left = [], []
     for name, module in model.named_modules():
@@ -222,17 +225,19 @@ def _conversion_plan(model: nn.Module, config: UnitScaleConfig) -> list[tuple[st
             plan.append((name, module, EMBEDDING_CLASSES[base], ("weight",)))
         elif config.convert_other_modules and (weights := _other_weights(module)):
             if not name:  # the model itself: its class, forward signature and other methods must stay its own
-                logger.warning(
+                logger.log(
+                    level,
                     f"{type(module).__name__}'s own weight(s) {', '.join(f'`{w}`' for w in weights)} stay unconverted: "
                     "the generic path would replace the model's class, which Trainer (forward's signature), "
-                    "`config.architectures` and methods other than `forward` that read them rely on."
+                    "`config.architectures` and methods other than `forward` that read them rely on.",
                 )
                 continue
             plan.append((name, module, generic_unit_scaled_class(base), weights))
     if left:
-        logger.warning(
+        logger.log(
+            level,
             f"{len(left)} module(s) stay unconverted because other code reads their weights directly, where s would "
-            f"not be applied: {'; '.join(left)}."
+            f"not be applied: {'; '.join(left)}.",
         )
     _check_ties_stay_inside(model, plan)
     return plan
@@ -276,15 +281,14 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
             has PEFT adapters, or it is already unit-scaled with other options than `config` (named; without
             `config`, converting again only warns).
     """
-    return _unit_scale(model, config, warn_about_a_saved_block=True)
+    return _unit_scale(model, config, reloading=False)
 
 
 @torch.no_grad()
-def _unit_scale(
-    model: nn.Module, config: UnitScaleConfig | dict | None, *, warn_about_a_saved_block: bool
-) -> nn.Module:
-    """`unit_scale`, its checks included; `hf_unitscale.from_pretrained` turns off the warning about a saved
-    `unit_scaling` block, whose a, c it sets after converting."""
+def _unit_scale(model: nn.Module, config: UnitScaleConfig | dict | None, *, reloading: bool) -> nn.Module:
+    """`unit_scale`, its checks included. `reloading`: `hf_unitscale.from_pretrained` converts a checkpoint that
+    hf_unitscale saved, whose block's a, c it sets next (no warning about the block), and whose modules that stay
+    unconverted were named when it was first converted (named again at info level, not on every load)."""
     if not isinstance(model, nn.Module):
         raise TypeError(
             f"`unit_scale` converts a loaded model (an nn.Module), got {type(model).__name__} {model!r:.80}; load it "
@@ -300,9 +304,9 @@ def _unit_scale(
         logger.warning(f"{type(model).__name__} is already unit-scaled; `unit_scale` does nothing{precision}.")
         return model
     config = config or UnitScaleConfig()
-    if warn_about_a_saved_block:
+    if not reloading:
         _warn_about_a_saved_block(model, config)
-    return _convert(model, config, measure=True)
+    return _convert(model, config, measure=True, reloading=reloading)
 
 
 def _warn_about_a_saved_block(model: nn.Module, config: UnitScaleConfig) -> None:
@@ -355,10 +359,11 @@ def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: st
 
 
 @torch.no_grad()
-def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool) -> nn.Module:
+def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool, reloading: bool) -> nn.Module:
     """Swap the layers of `model`; with `measure=False` (loading a unit-scaled checkpoint) leave the
-    weights alone and set s = 1, to be overwritten by the checkpoint's Ŵ and s."""
-    plan = _conversion_plan(model, config)
+    weights alone and set s = 1, to be overwritten by the checkpoint's Ŵ and s. `reloading` (a checkpoint
+    hf_unitscale saved): the modules that stay unconverted are named at info level, not as a warning."""
+    plan = _conversion_plan(model, config, level=logging.INFO if reloading else logging.WARNING)
     if not plan:
         raise ValueError(
             f"Found nothing to unit-scale in {type(model).__name__}: no nn.Linear, Conv1D or nn.Embedding, and no "

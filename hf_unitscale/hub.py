@@ -559,7 +559,7 @@ def from_pretrained(
         if is_unit_scaled(model):
             return model
         # an adapter folder beside the weights, which transformers loads, is refused; the block's a, c are set next
-        _unit_scale(model, unit_scale_config, warn_about_a_saved_block=False)
+        _unit_scale(model, unit_scale_config, reloading=checkpoint_format is not None)
         set_operand_scales(
             model, _as_named_in(model, stored_scales, across_classes=saved_class != type(model).__name__)
         )
@@ -584,7 +584,7 @@ def from_pretrained(
         else:  # an Auto class
             model = cls.from_config(config, **build_kwargs)
     model.tie_weights()  # before converting: a tied weight is one Parameter, saved once
-    _convert(model, unit_scale_config, measure=False)
+    _convert(model, unit_scale_config, measure=False, reloading=True)
     load_unit_scaled_state_dict(
         model,
         read_unit_scaled_weights(pretrained_model_name_or_path, **hub_kwargs),

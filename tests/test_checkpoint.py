@@ -787,3 +787,27 @@ def test_from_pretrained_takes_unit_scale_config_as_a_dict(tmp_path):
     CASES_BY_ID["bert"].model().save_pretrained(tmp_path)  # a plain checkpoint
     loaded = hf_unitscale.from_pretrained(tmp_path, unit_scale_config={"exclude_modules": ["classifier"]})
     assert type(loaded.classifier) is torch.nn.Linear and hf_unitscale.is_unit_scaled(loaded)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled"])
+def test_loading_a_saved_checkpoint_does_not_warn_again_about_the_layers_that_stay(tmp_path, caplog, checkpoint_format):
+    """CLIP's vision embeddings read `position_embedding.weight`, so that layer stays W: `unit_scale` warns once.
+    Every load of the checkpoint it saved converts the same way, which the user cannot change: info, not a warning."""
+    text = dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=4)
+    vision = dict(image_size=16, patch_size=4, hidden_size=32, intermediate_size=37, num_hidden_layers=1,
+                  num_attention_heads=4)  # fmt: skip
+    config = transformers.CLIPConfig(
+        text_config={**text, "bos_token_id": 0, "eos_token_id": 2, "pad_token_id": 1},
+        vision_config=vision,
+        projection_dim=16,
+    )
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        model = hf_unitscale.unit_scale(transformers.CLIPModel(config))
+    assert "`vision_model.embeddings.position_embedding` (CLIPVisionEmbeddings" in caplog.text
+    hf_unitscale.save_pretrained(model, tmp_path, checkpoint_format=checkpoint_format)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="hf_unitscale"):
+        loaded = hf_unitscale.from_pretrained(tmp_path)
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    assert "`vision_model.embeddings.position_embedding` (CLIPVisionEmbeddings" in caplog.text  # at info level
+    assert set(hf_unitscale.unit_scaled_modules(loaded)) == set(hf_unitscale.unit_scaled_modules(model))
