@@ -160,8 +160,8 @@ class UnitScaleTrainer(Trainer):
         **trainer_kwargs: Any,
     ) -> None:
         self.unit_scale_config = unit_scale_config
-        # (trainable (name, id) pairs, their `ParamInfo`s) of the last `check_lr_options`
-        self._lr_check: tuple[tuple[tuple[str, int], ...], list[ParamInfo]] | None = None
+        # ((trainable (name, id) pairs, lr options), their `ParamInfo`s) of the last `check_lr_options`
+        self._lr_check: tuple[tuple[tuple[tuple[str, int], ...], dict[str, Any]], list[ParamInfo]] | None = None
         if args is not None:
             _check_arguments(args)
         options = unit_scale_options(args) if args is not None else unit_scale_options(object())
@@ -300,24 +300,23 @@ class UnitScaleTrainer(Trainer):
 
     # ---- optimizer ----
 
+    def _lr_options(self) -> dict[str, Any]:
+        """The options of `lr_rules.check_lr_options` and `build_param_groups` that the trainer's arguments give."""
+        options = self.unit_scale_options
+        names = ("lr_rule", "mup_base_width", "umup_depth_scaling", "lr_multipliers")
+        return {**{name: options[name] for name in names}, "role_overrides": self.role_overrides}
+
     def _checked_param_infos(self, model: nn.Module) -> list[ParamInfo]:
         """`lr_rules.check_lr_options` for `model` under the trainer's options: raises what `create_optimizer` would
         about `lr_rule`, its options, `lr_multipliers` and `role_overrides`, before a baseline evaluation or the
         first training step. Runs once: again only for other trainable parameters (a model from `model_init`, a
-        resized embedding, layers frozen since); the options of another rule are named by the arguments."""
+        resized embedding, layers frozen since) or options; the options of another rule are named by the
+        arguments."""
         trainable = tuple((name, id(param)) for name, param in model.named_parameters() if param.requires_grad)
-        if self._lr_check is None or self._lr_check[0] != trainable:
-            options = self.unit_scale_options
-            infos = check_lr_options(
-                model,
-                lr_rule=options["lr_rule"],
-                mup_base_width=options["mup_base_width"],
-                umup_depth_scaling=options["umup_depth_scaling"],
-                lr_multipliers=options["lr_multipliers"],
-                role_overrides=self.role_overrides,
-                decay_parameter_names=self.get_decay_parameter_names(model),
-            )
-            self._lr_check = (trainable, infos)
+        key = (trainable, self._lr_options())
+        if self._lr_check is None or self._lr_check[0] != key:
+            infos = check_lr_options(model, **key[1], decay_parameter_names=self.get_decay_parameter_names(model))
+            self._lr_check = (key, infos)
         return self._lr_check[1]
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
@@ -376,25 +375,20 @@ class UnitScaleTrainer(Trainer):
         lr = optimizer_kwargs.get("lr", self.args.learning_rate)
         eps = optimizer_kwargs.get("eps", self.args.adam_epsilon)
         weight_decay = self.args.weight_decay  # as Trainer's groups: a `weight_decay` in optimizer_kwargs is overridden
-        options = self.unit_scale_options
         groups = build_param_groups(
             opt_model,
-            lr_rule=options["lr_rule"],
             lr=lr,
             eps=eps,
             weight_decay=weight_decay,
-            mup_base_width=options["mup_base_width"],
-            umup_depth_scaling=options["umup_depth_scaling"],
-            lr_multipliers=options["lr_multipliers"],
-            role_overrides=self.role_overrides,
+            **self._lr_options(),
             param_infos=self._checked_param_infos(opt_model),
         )
         # defaults["lr"] = η: schedules that divide by it (min_lr, lr_end) get the plain factor
         optimizer_kwargs["lr"] = lr
         self.optimizer = optimizer_cls(groups, **optimizer_kwargs)
         logger.info(
-            f"UnitScaleTrainer: lr rule `{options['lr_rule']}`, η = {lr:g}, {len(groups)} parameter groups:\n"
-            + summarize_param_groups(groups)
+            f"UnitScaleTrainer: lr rule `{self.unit_scale_options['lr_rule']}`, η = {lr:g}, {len(groups)} parameter "
+            "groups:\n" + summarize_param_groups(groups)
         )
         return self.optimizer
 
