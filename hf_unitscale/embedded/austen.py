@@ -67,10 +67,7 @@ def _decompress_lazyload_blob(blob: bytes, compressed: int) -> bytes:
 
 def _read_r_lazyload(rdx: Path) -> dict[str, list[str]]:
     """Read every character vector of an R lazy-load database (``.rdx`` index + ``.rdb`` blobs)."""
-    try:
-        import rdata
-    except ImportError as exc:
-        raise FetchError("reading janeaustenr needs the `rdata` package: pip install 'hf_unitscale[embedded]'") from exc
+    import rdata  # the `embedded` extra's, checked before the download (`_Asset.builder_packages`)
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # rdata warns that it assumes the RDS format

