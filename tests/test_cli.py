@@ -638,6 +638,18 @@ def test_a_generic_error_says_how_to_see_its_traceback(tmp_path, capsys, monkeyp
         main(argv)
 
 
+def test_report_whose_embedded_text_cannot_be_fetched_points_to_text_file(tmp_path, capsys, monkeypatch):
+    # a causal LM measures on the Austen text, which needs rdata (and apt-get): without it, --text-file still works
+    source = save_tiny_model("gpt2", tmp_path / "gpt2", tokenizer=True)
+    monkeypatch.setenv("HF_UNITSCALE_CACHE", str(tmp_path / "empty_cache"))
+    monkeypatch.setitem(sys.modules, "rdata", None)  # not installed
+    assert main(["report", str(source), "-o", str(tmp_path / "r.png")]) == 2
+    err = capsys.readouterr().err
+    assert "needs the package(s) `rdata`" in err and "or pass --text-file FILE" in err, err
+    assert err.splitlines()[-1].startswith("hf-unitscale report: error: fetching austen"), err
+    assert not (tmp_path / "empty_cache").exists()  # refused before any download
+
+
 def test_report_cycles_the_sentiment_snippets(monkeypatch):
     # more batches than the embedded test split has rows: cycled, as the Austen text is
     import argparse

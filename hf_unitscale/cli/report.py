@@ -112,10 +112,15 @@ def _texts(args: argparse.Namespace, causal: bool, count: int) -> tuple[list[str
         return [lines[i % len(lines)] for i in range(count)], None
     from .. import embedded
 
+    try:
+        data = embedded.load_austen("test") if causal else embedded.load_sentiment("test")
+    except embedded.FetchError as err:  # e.g. no apt-get or rdata for the Austen text: the user's own text does
+        first_line, newline, rest = str(err).partition("\n")
+        hint = "; or pass --text-file FILE (one text a line) to measure on your own text"
+        raise CommandError(first_line + hint + newline + rest) from err
     if causal:
-        texts = list(embedded.load_austen("test")["text"])
+        texts = list(data["text"])
         return [texts[i % len(texts)] for i in range(count)], None
-    data = embedded.load_sentiment("test")
     texts, labels = list(data["text"]), list(data["label"])
     rows = [i % len(texts) for i in range(count)]  # cycled, as the Austen text is
     return [texts[i] for i in rows], [labels[i] for i in rows]
