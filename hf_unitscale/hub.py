@@ -30,7 +30,7 @@ from safetensors import SafetensorError
 from transformers import AutoConfig, CompressedTensorsConfig, GenerationConfig, PretrainedConfig, PreTrainedModel
 from transformers.initialization import no_init_weights
 from transformers.models.auto.auto_factory import _get_model_class
-from transformers.utils import logging
+from transformers.utils import is_compressed_tensors_available, logging
 from transformers.utils.hub import convert_file_size_to_int
 
 from . import __version__
@@ -512,6 +512,15 @@ def from_pretrained(
             setattr(config, key, kwargs.pop(key))
             config_changed = True
     checkpoint_format = read_checkpoint_format(config.to_dict())
+    quantization = getattr(config, "quantization_config", None) or {}
+    quant_method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    if "compressed-tensors" in (checkpoint_format, quant_method) and not is_compressed_tensors_available():
+        # ours or another's; what transformers raises here names neither the checkpoint's format nor the extra
+        raise ImportError(
+            f"{pretrained_model_name_or_path} is a compressed-tensors checkpoint; reading it needs the "
+            "`compressed-tensors` package, 0.15 or newer as transformers requires: "
+            "pip install 'hf_unitscale[compressed-tensors]'"
+        )
     block = dict(getattr(config, CONFIG_KEY, None) or {})
     stored_scales = block.get("operand_scales") or {}
     options = {k: v for k, v in block.items() if k not in _CHECKPOINT_KEYS}

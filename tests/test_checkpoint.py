@@ -160,6 +160,22 @@ def test_plain_transformers_loads_merged_and_compressed_tensors_without_hf_units
         torch.testing.assert_close(torch.load(folder / "out.pt"), reference, rtol=1e-5, atol=1e-6, msg=str(folder))
 
 
+def test_a_compressed_tensors_checkpoint_without_the_package_names_the_format_and_the_extra(tmp_path):
+    """Saving needs no compressed-tensors; loading does, and says how to install it."""
+    _converted(TINY_CASES[0]).save_pretrained(tmp_path, checkpoint_format="compressed-tensors")
+    script = (
+        "import sys\n"
+        "sys.modules['compressed_tensors'] = None  # not installed\n"
+        "import hf_unitscale\n"
+        f"hf_unitscale.from_pretrained({str(tmp_path)!r})\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("ImportError: ") and f"{tmp_path} is a compressed-tensors checkpoint" in last, last
+    assert "pip install 'hf_unitscale[compressed-tensors]'" in last, last
+
+
 @pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled"])
 def test_a_classifier_checkpoint_loads_with_another_number_of_labels(checkpoint_format, tmp_path):
     """As in transformers: a head of another size is an error that names `ignore_mismatched_sizes`, and with it the
