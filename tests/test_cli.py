@@ -43,9 +43,13 @@ def _close(a, b, rtol=1e-5):
 # --------------------------------------------------------------------------- help
 
 
-def test_help_as_a_real_subprocess():
-    exe = shutil.which("hf-unitscale") or str(__import__("pathlib").Path(sys.executable).with_name("hf-unitscale"))
-    result = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=300)
+@pytest.mark.parametrize("how", ["script", "python -m"])
+def test_help_as_a_real_subprocess(how):
+    if how == "script":
+        command = [shutil.which("hf-unitscale") or str(Path(sys.executable).with_name("hf-unitscale"))]
+    else:  # as `python -m pip` runs pip, where the scripts folder is not on PATH
+        command = [sys.executable, "-m", "hf_unitscale"]
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     for command in ("convert", "merge", "report", "train"):
         assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.M), f"`{command}` not explained:\n{result.stdout}"
