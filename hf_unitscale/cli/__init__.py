@@ -85,9 +85,9 @@ def main(argv: list[str] | None = None) -> int:
     own_user_errors = (CommandError, RecipeError, FetchError)
     try:
         return args.func(args) or 0
-    except (*own_user_errors, ValueError, OSError) as err:
-        # user errors (a bad name, path, column or value; a failed download): the message, no traceback. A
-        # ValueError/OSError may also come from a bug deeper down: say how to see where it was raised.
+    except (*own_user_errors, ValueError, OSError, ImportError) as err:
+        # user errors (a bad name, path, column or value; a failed download; a package the checkpoint needs): the
+        # message, no traceback. These may also come from a bug deeper down: say how to see where it was raised.
         if os.environ.get(TRACEBACK_VARIABLE, "") not in ("", "0"):
             raise
         hint = "" if isinstance(err, own_user_errors) else f" (set {TRACEBACK_VARIABLE}=1 for the traceback)"
