@@ -167,6 +167,19 @@ def test_e4m3_midpoints(tmp_path):
         assert_finite(losses["after"][0], f"{variant} loss after the step")
 
 
+def test_autocast_rounding(tmp_path):
+    results = run_benchmark("autocast_rounding", tmp_path, "--sentences", "4", "--batch-size", "2")
+    assert results["sentences"] == 4
+    assert results["plain_autocast_vs_fp32"]["all"] > 0, "autocast rounded nothing"
+    for scales, pairs in results["converted"].items():
+        for pair, figures in pairs.items():
+            for key, value in figures.items():
+                assert_finite(value, f"{scales} {pair} {key}")
+    # a power-of-two s is exact in bf16: the converted model rounds as the plain one does under autocast
+    power_of_two = next(pairs for scales, pairs in results["converted"].items() if scales.startswith("2^"))
+    assert power_of_two["converted_autocast_vs_plain_autocast"]["all"] == 0.0
+
+
 def test_conversion_overhead(tmp_path):
     results = run_benchmark("conversion_overhead", tmp_path, "--repeats", "1", "--seq-len", "8")
     assert results["conversion_seconds_smollm2_135m"] > 0
