@@ -16,6 +16,7 @@ import copy
 import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def main(argv=None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for conversion_overhead.{json,md}")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
+    command = " ".join(["python benchmarks/conversion_overhead.py", *argv])
     torch.manual_seed(0)
 
     smollm2 = AutoModelForCausalLM.from_pretrained(smollm2_path(), dtype=torch.float32)
@@ -76,6 +79,7 @@ def main(argv=None) -> None:
         compare("SmolLM2-135M", smollm2, 4, args.seq_len, args.repeats),
     ]
     result = {
+        "command": command,
         "conversion_seconds_smollm2_135m": conversion_s,
         "forward_backward": rows,
         "torch": torch.__version__,
@@ -96,7 +100,7 @@ def main(argv=None) -> None:
     ]
     lines.append(
         f"\nfp32, CPU ({torch.get_num_threads()} threads, torch {torch.__version__}), median of {args.repeats} "
-        "interleaved steps."
+        f"interleaved steps.\n\nCommand: `{command}` (batch 4 × {args.seq_len} tokens)."
     )
     (args.out / "conversion_overhead.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

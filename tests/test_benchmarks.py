@@ -182,6 +182,9 @@ def test_autocast_rounding(tmp_path):
 
 def test_conversion_overhead(tmp_path):
     results = run_benchmark("conversion_overhead", tmp_path, "--repeats", "1", "--seq-len", "8")
+    assert results["command"] == "python benchmarks/conversion_overhead.py --repeats 1 --seq-len 8 --out " + str(
+        tmp_path
+    )
     assert results["conversion_seconds_smollm2_135m"] > 0
     assert len(results["forward_backward"]) == 2
     for row in results["forward_backward"]:
