@@ -738,10 +738,10 @@ def test_minilm_static_fp8_matches_fp32_and_naive_fp8_does_not(minilm):
     ours_r, naive_r = results["ours"], results["naive"]
     assert ours_r["logit_cos"] >= 0.99, table("ours")
     # Per-layer weight-gradient cosine: FP8 rounding, not scaling, sets it (on this batch E4M3 forward alone
-    # gives min 0.981, E5M2 backward alone 0.990, both together about 0.97 in layer 1's key; median 0.984).
+    # gives min 0.981, E5M2 backward alone 0.989, both together about 0.97 in layer 1's key; median 0.984).
     # The worst layer is a rounding draw: scaling every a and c by 0.97–1.05 gave 0.9676–0.9715 on a CPU with
-    # AVX-512 (0.9698 unscaled), and a CPU with another GEMM summation order gave 0.972. The issue's 0.97 sits
-    # inside that spread, so the test asserts the bottom of it.
+    # AVX-512 (0.9698 and, in a later run, 0.9687 unscaled), and a CPU with another GEMM summation order gave
+    # 0.972. The issue's 0.97 sits inside that spread, so the test asserts the bottom of it.
     assert min(ours_r["grad_cos"].values()) >= 0.965, table("ours")
     assert sorted(ours_r["grad_cos"].values())[len(ours_r["grad_cos"]) // 2] >= 0.98, table("ours")
     # the E5M2 gradient casts alone (x and Ŵ exact), the casts the static scale c serves: every layer ≥ 0.98
