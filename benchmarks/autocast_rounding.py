@@ -102,6 +102,7 @@ def main(argv=None) -> None:
     parser.add_argument("--sentences", type=int, default=64, help="the first N reviews of the test split")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--out", type=Path, default=RESULTS, help="folder for autocast_rounding.{json,md}")
+    argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
 
     path = minilm_path()
@@ -125,11 +126,12 @@ def main(argv=None) -> None:
             for name, power_of_two in (("rms(W)", False), ("2^round(log2 rms(W))", True))
         },
     }
+    result["command"] = " ".join(["python benchmarks/autocast_rounding.py", *argv])
+    table = markdown(result, result["command"])
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "autocast_rounding.json").write_text(json.dumps(result, indent=2) + "\n")
-    command = "python benchmarks/autocast_rounding.py" + (" " + " ".join(argv) if argv else "")
-    (args.out / "autocast_rounding.md").write_text(markdown(result, command))
-    print(markdown(result, command))
+    (args.out / "autocast_rounding.md").write_text(table)
+    print(table)
 
 
 if __name__ == "__main__":
