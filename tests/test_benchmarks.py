@@ -55,7 +55,7 @@ def fp8_kernel_slowdown() -> float:
 
     torch sends this E4M3 @ E4M3 GEMM to oneDNN on CPUs with AMX-INT8 and runs an fp32 matmul elsewhere. On the
     CPU of an earlier run, training `ours_scaled_mm` took 1.45× as long as fp32; on a Xeon with AMX-BF16/INT8 but
-    no AMX-FP16, oneDNN runs its reference kernel (`ref:any` under ONEDNN_VERBOSE=1), 1000–3300× slower than
+    no AMX-FP16, oneDNN runs its reference kernel (`ref:any` under ONEDNN_VERBOSE=1), 700–3300× slower than
     fp32 at this size on one thread.
     """
     a = torch.randn(256, 256).to(torch.float8_e4m3fn)
