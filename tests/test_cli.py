@@ -418,7 +418,7 @@ def test_report_labels_fit_the_classifiers_problem_type(num_labels, problem_type
     import datasets
     import transformers
 
-    from hf_unitscale.cli.report import report_batches
+    from hf_unitscale.cli.report_batches import report_batches
 
     config = transformers.BertConfig(
         vocab_size=101, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=37
@@ -666,7 +666,7 @@ def test_report_cycles_the_sentiment_snippets(monkeypatch):
 
     import datasets
 
-    from hf_unitscale.cli.report import _texts
+    from hf_unitscale.cli.report_batches import _texts
 
     data = datasets.Dataset.from_dict({"text": ["good", "bad", "fine"], "label": [1, 0, 1]})
     monkeypatch.setattr(hf_unitscale.embedded, "load_sentiment", lambda split: data)

@@ -7,7 +7,9 @@
     hf-unitscale train RECIPE.yaml [--any_recipe_key VALUE ...]
 
 Each module exports `X_command_parser(subparsers)`, which adds the subcommand and binds
-`X_command(args)` with `set_defaults(func=...)`; `main` parses and dispatches.
+`X_command(args)` with `set_defaults(func=...)`; `main` parses and dispatches. The modules import torch and
+transformers inside the command functions only, and `train` builds its recipe flags when it is used
+(`DeferredParentParser`), so that `hf-unitscale --help` and argument errors print at once.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import os
 import sys
 
 from .convert import convert_command_parser
+from .deferred_parser import DeferredParentParser
 from .merge import merge_command_parser
 from .report import report_command_parser
 from .train import train_command_parser
@@ -50,7 +53,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-unitscale", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    subparsers = parser.add_subparsers(title="commands", dest="command", metavar="COMMAND")
+    # the command parsers can defer flags that take long to build (`train`'s recipe keys) until they are used
+    subparsers = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", parser_class=DeferredParentParser
+    )
     for add in (convert_command_parser, merge_command_parser, report_command_parser, train_command_parser):
         add(subparsers)
     return parser

@@ -78,7 +78,7 @@ def _override_parser() -> argparse.ArgumentParser:
 def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "train",
-        parents=[_override_parser()],
+        deferred_parent=_override_parser,  # a DeferredParentParser (see `build_parser`): built when `train` runs
         help="fine-tune with UnitScaleTrainer from a YAML recipe",
         description="Fine-tune with UnitScaleTrainer from a flat YAML recipe (see recipes/). Prints evaluation "
         "metrics before and after training and writes the model and a scale plot to `output_dir`. Every recipe key "

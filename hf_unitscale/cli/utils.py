@@ -8,13 +8,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from .output_record import (
-    check_no_interrupted_write,
-    record_written_files,
-    recorded_files,
-    replacing_recorded_files,
-)
-
 
 class CommandError(Exception):
     """A user error a subcommand reports in one line (no traceback)."""
@@ -64,6 +57,7 @@ def check_output_dir(name_or_path: str, output_dir: str, overwrite: bool) -> Non
     holds another checkpoint's weights or an earlier convert's or merge's files (`output_record`), which the write
     would delete; a folder whose last write was interrupted; and a path that is a file."""
     from ..hub import weight_files
+    from .output_record import check_no_interrupted_write, recorded_files
 
     check_not_a_file(output_dir, "output_dir")
     check_no_interrupted_write(output_dir)
@@ -113,6 +107,8 @@ def write_model_folder(args: argparse.Namespace, save: Any) -> Any:
     (`output_record`; `check_output_dir` has refused them without --overwrite). The tokenizer is loaded first, so
     that broken tokenizer files are an error before anything is written or moved. Returns the tokenizer, or None
     if the source has none."""
+    from .output_record import record_written_files, replacing_recorded_files
+
     tokenizer = load_tokenizer(args.model)
     with replacing_recorded_files(args.output_dir) as stamps_before:
         copied = copy_source_files(args.model, args.output_dir)
