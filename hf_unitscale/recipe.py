@@ -29,10 +29,13 @@ __all__ = [
     "load_recipe",
     "mapping_keys",
     "optional_keys",
+    "packaged_recipes",
     "recipe_parser",
+    "resolve_recipe",
 ]
 
 TASKS = ("text-classification", "causal-lm")
+RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # the recipes shipped in the package
 
 
 class RecipeError(ValueError):
@@ -305,13 +308,31 @@ def check_recipe_values(values: dict[str, Any], *, source: str | None = None) ->
     return {key: _coerce(value, actions[key], key, where) for key, value in values.items()}
 
 
+def packaged_recipes() -> list[str]:
+    """The names of the recipes shipped in the package (`hf_unitscale/recipes/<name>.yaml`)."""
+    return sorted(path.stem for path in RECIPES_DIR.glob("*.yaml"))
+
+
+def resolve_recipe(name_or_path: str | os.PathLike) -> Path:
+    """The recipe file `name_or_path` names: the file itself if it exists, else the packaged recipe of that name
+    (`text_classification` or `text_classification.yaml` → `hf_unitscale/recipes/text_classification.yaml`)."""
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        return path
+    name = Path(name_or_path)
+    if name.parent == Path(".") and name.suffix in ("", ".yaml") and (RECIPES_DIR / f"{name.stem}.yaml").is_file():
+        return RECIPES_DIR / f"{name.stem}.yaml"
+    raise RecipeError(
+        f"Recipe file {str(name_or_path)!r} does not exist, nor is it the name of a packaged recipe; give a YAML "
+        f"file or one of {', '.join(packaged_recipes())} (e.g. `hf-unitscale train text_classification`)."
+    )
+
+
 def read_recipe_file(path: str | os.PathLike) -> dict[str, Any]:
-    """The flat mapping of a YAML (or JSON) recipe file."""
+    """The flat mapping of a YAML (or JSON) recipe file, or of a packaged recipe given by name (`resolve_recipe`)."""
     import yaml
 
-    path = Path(path)
-    if not path.is_file():
-        raise RecipeError(f"Recipe file {str(path)!r} does not exist.")
+    path = resolve_recipe(path)
     with open(path, encoding="utf-8") as f:
         try:
             values = yaml.safe_load(f)
@@ -334,12 +355,14 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: dict[str, Any]
     """Read a recipe file, apply `overrides` (e.g. from the command line), check it and build the arguments.
 
     Args:
-        path: a flat YAML recipe; None to build from `overrides` alone.
+        path: a flat YAML recipe, or the name of a packaged recipe (`packaged_recipes()`); None to build from
+            `overrides` alone.
         overrides: keys that replace the file's, same names and types (strings are converted).
 
     Raises:
         RecipeError: a key is unknown, missing or of the wrong type; the message names it.
     """
+    path = resolve_recipe(path) if path is not None else None
     values = read_recipe_file(path) if path is not None else {}
     values.update(overrides or {})
     source = str(path) if path is not None else None

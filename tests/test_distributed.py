@@ -38,6 +38,7 @@ import torch
 from safetensors.torch import load_file
 
 import hf_unitscale
+from hf_unitscale.recipe import RECIPES_DIR
 
 from tiny_models import CASES_BY_ID
 
@@ -401,7 +402,7 @@ def test_fp8_cast_fractions_count_every_rank(launches, run):
     assert first == expected
 
 
-# ---- the Accelerate configs of recipes/accelerate ----
+# ---- the Accelerate configs of hf_unitscale/recipes/accelerate ----
 
 
 @pytest.mark.parametrize("name", ["ddp", "fsdp2"])
@@ -411,8 +412,8 @@ def test_accelerate_config_is_what_accelerate_launch_reads(name, monkeypatch):
     from accelerate.utils import FullyShardedDataParallelPlugin
     from accelerate.utils.launch import prepare_multi_gpu_env
 
-    config_file = REPO / "recipes" / "accelerate" / f"{name}.yaml"
-    argv = ["--config_file", str(config_file), "-m", "hf_unitscale.cli", "train", "recipes/causal_lm.yaml"]
+    config_file = RECIPES_DIR / "accelerate" / f"{name}.yaml"
+    argv = ["--config_file", str(config_file), "-m", "hf_unitscale.cli", "train", "causal_lm"]
     args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
     env = prepare_multi_gpu_env(args)
     assert args.num_processes == 2 and env["ACCELERATE_MIXED_PRECISION"] == "no"

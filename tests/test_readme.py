@@ -19,7 +19,7 @@ def test_readme_has_the_three_quick_start_commands():
     quick_start = README.read_text().split("## Quick start", 1)[1].split("\n## ", 1)[0]
     commands = re.search(r"```bash\n(.*?)```", quick_start, flags=re.DOTALL).group(1)
     assert "scripts/setup.sh" in commands
-    assert "hf-unitscale train recipes/text_classification.yaml" in commands
+    assert "hf-unitscale train text_classification " in commands
     assert "python -m pytest -q" in commands
     ci = (README.parent / ".ci" / "run").read_text()
     assert "scripts/setup.sh" in ci and "python -m pytest -q" in ci, "CI must run the README's commands"

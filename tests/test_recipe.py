@@ -1,4 +1,4 @@
-"""Recipes: every YAML in recipes/ parses and trains on a tiny stand-in; bad recipes name the bad key.
+"""Recipes: every YAML in hf_unitscale/recipes/ parses and trains on a tiny stand-in; bad recipes name the bad key.
 
 Also holds the tiny stand-ins the CLI tests share: a model folder from the table in
 `tiny_models.py` with a word-level tokenizer over its vocabulary, and tiny JSON-lines data.
@@ -18,11 +18,10 @@ import pytest
 import yaml
 
 from hf_unitscale.cli import main
-from hf_unitscale.recipe import DataArguments, ModelArguments, RecipeError, load_recipe
+from hf_unitscale.recipe import RECIPES_DIR, DataArguments, ModelArguments, RecipeError, load_recipe
 
 from tiny_models import CASES_BY_ID, VOCAB
 
-RECIPES_DIR = Path(__file__).resolve().parents[1] / "recipes"
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 SPECIAL = ["[PAD]", "[UNK]", "[CLS]", "[SEP]"]
 WORDS = [f"w{i}" for i in range(VOCAB - len(SPECIAL))]
@@ -134,7 +133,7 @@ def test_causal_lm_recipe_evaluates_every_novel(recipe):
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.stem)
 def test_recipe_trains_on_tiny_stand_in(recipe, tmp_path, capsys):
     task = load_recipe(recipe).model.task
-    assert main(["train", str(recipe), *stand_in_overrides(tmp_path, task)]) == 0
+    assert main(["train", recipe.stem, *stand_in_overrides(tmp_path, task)]) == 0  # by name, as the README runs it
     out = capsys.readouterr().out
     assert "before training" in out and "after training" in out
     results = json.loads((tmp_path / "out" / "recipe_results.json").read_text())
@@ -259,6 +258,35 @@ def test_sectioned_recipe_is_refused_with_the_section_name(tmp_path):
 def test_missing_recipe_file(tmp_path):
     with pytest.raises(RecipeError, match="does not exist"):
         load_recipe(tmp_path / "nope.yaml")
+
+
+def test_packaged_recipe_by_name(tmp_path, monkeypatch):
+    packaged = str(RECIPES_DIR / "text_classification.yaml")
+    assert load_recipe("text_classification").source == packaged
+    assert load_recipe("text_classification.yaml").source == packaged
+    monkeypatch.chdir(tmp_path)  # a file of that name in the working folder is the user's own recipe
+    (tmp_path / "text_classification.yaml").write_text((RECIPES_DIR / "text_classification.yaml").read_text())
+    assert load_recipe("text_classification.yaml").source == "text_classification.yaml"
+
+
+@pytest.mark.parametrize("name", ["no_such_recipe", "recipes/text_classification.yaml"])
+def test_unknown_recipe_name_lists_the_packaged_recipes(name, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # `recipes/…` was a file of the checkout before the recipes moved into the package
+    assert main(["train", name]) == 2
+    err = capsys.readouterr().err
+    assert f"{name!r} does not exist" in err
+    assert all(recipe.stem in err for recipe in RECIPES), err
+
+
+def test_package_data_ships_every_recipe():
+    """The wheel holds the recipes: every file of `hf_unitscale/recipes` matches pyproject's package data."""
+    tomllib = pytest.importorskip("tomllib")
+    pyproject = tomllib.loads((RECIPES_DIR.parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["hf_unitscale"]
+    shipped = {path for pattern in patterns for path in RECIPES_DIR.parent.glob(pattern)}  # as setuptools globs
+    files = {path for path in RECIPES_DIR.rglob("*") if path.is_file() and "__pycache__" not in path.parts}
+    assert len(files) >= len(RECIPES) + 2, files  # the recipes and the two Accelerate configs
+    assert files <= shipped, sorted(files - shipped)
 
 
 # --------------------------------------------------------------------------- shipped metrics

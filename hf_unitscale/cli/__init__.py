@@ -4,7 +4,7 @@
                          [--overwrite]
     hf-unitscale merge UNIT_SCALED_DIR OUTPUT_DIR [--overwrite]
     hf-unitscale report MODEL [--output scales.png] [--json scales.json]
-    hf-unitscale train RECIPE.yaml [--any_recipe_key VALUE ...]
+    hf-unitscale train RECIPE.yaml|RECIPE_NAME [--any_recipe_key VALUE ...]
 
 Each module exports `X_command_parser(subparsers)`, which adds the subcommand and binds
 `X_command(args)` with `set_defaults(func=...)`; `main` parses and dispatches. The modules import torch and
@@ -41,8 +41,9 @@ commands:
   merge     turn a unit-scaled checkpoint back into a plain transformers checkpoint (W = s·Ŵ)
   report    per-layer scale table (W, Ŵ, inputs x, output gradients g, and x/a, g/c after
             calibration) in the terminal and a log-scale PNG with the E4M3/E5M2 ranges shaded
-  train     fine-tune with UnitScaleTrainer from a YAML recipe (see recipes/); any recipe key can
-            be overridden on the command line, e.g. --max_steps 5 or --max-steps 5
+  train     fine-tune with UnitScaleTrainer from a YAML recipe file or a packaged recipe's name
+            (`hf-unitscale train text_classification`; `hf-unitscale train --help` lists them); any
+            recipe key can be overridden on the command line, e.g. --max_steps 5 or --max-steps 5
 
 Run `hf-unitscale COMMAND --help` for a command's options. Errors print one line (exit status 2);
 HF_UNITSCALE_TRACEBACK=1 raises them with their traceback.

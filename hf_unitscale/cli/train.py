@@ -1,4 +1,4 @@
-"""`hf-unitscale train RECIPE.yaml`: fine-tune with `UnitScaleTrainer` from a recipe.
+"""`hf-unitscale train RECIPE.yaml` (or a packaged recipe's name): fine-tune with `UnitScaleTrainer` from a recipe.
 
     recipe (flat YAML) + command-line overrides → ModelArguments, DataArguments, UnitScaleTrainingArguments
     → evaluate the untrained model (baseline) → train (progress bar) → evaluate → save the model, metrics and
@@ -76,19 +76,27 @@ def _override_parser() -> argparse.ArgumentParser:
 
 
 def train_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from ..recipe import RECIPES_DIR, packaged_recipes
+
     parser = subparsers.add_parser(
         "train",
         deferred_parent=_override_parser,  # a DeferredParentParser (see `build_parser`): built when `train` runs
         help="fine-tune with UnitScaleTrainer from a YAML recipe",
-        description="Fine-tune with UnitScaleTrainer from a flat YAML recipe (see recipes/). Prints evaluation "
-        "metrics before and after training and writes the model and a scale plot to `output_dir`. Every recipe key "
-        "below can also be given as a flag after the recipe path, which overrides the recipe; `null` (or `none`) "
-        "gives an optional key the value None, as in YAML.",
+        description="Fine-tune with UnitScaleTrainer from a flat YAML recipe: a file, or a packaged recipe by name "
+        "(see `recipe` below). Prints evaluation metrics before and after training and writes the model and a scale "
+        "plot to `output_dir`. Every recipe key below can also be given as a flag after the recipe, which overrides "
+        "the recipe; `null` (or `none`) gives an optional key the value None, as in YAML.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         argument_default=argparse.SUPPRESS,
         allow_abbrev=False,  # a mistyped key (`--lr_rul`) is an error, not a prefix of `--lr_rule`
     )
-    parser.add_argument("recipe", nargs="?", default=None, help="the YAML recipe file")
+    parser.add_argument(
+        "recipe",
+        nargs="?",
+        default=None,
+        help=f"a YAML recipe file, or the name of one in {RECIPES_DIR} (copy one out to edit it): "
+        f"{', '.join(packaged_recipes())}",
+    )
     parser.set_defaults(func=train_command)
 
     def one_line_error(message: str) -> None:  # argparse's own prints the usage of every recipe key first
