@@ -71,12 +71,19 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names statically
 
 
 def __getattr__(name: str) -> Any:
-    """Import the submodule that defines the public `name` and cache the name here."""
-    if name not in _SUBMODULE_OF:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f".{_SUBMODULE_OF[name]}", __name__), name)
-    globals()[name] = value
-    return value
+    """Import the submodule that defines the public `name` and cache the name here; or, for the name of a
+    submodule (`hf_unitscale.embedded`, `hf_unitscale.hub`), that submodule, as the eager imports made it."""
+    if name in _SUBMODULE_OF:
+        value = getattr(importlib.import_module(f".{_SUBMODULE_OF[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    if not name.startswith("__"):
+        try:
+            return importlib.import_module(f".{name}", __name__)
+        except ModuleNotFoundError as err:
+            if err.name != f"{__name__}.{name}":  # the submodule exists, and something it imports is missing
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:

@@ -68,3 +68,11 @@ def test_a_submodule_imported_first_does_not_shadow_its_namesake_function():
         "from hf_unitscale import calibrate\n"
         "assert callable(hf_unitscale.calibrate) and calibrate is hf_unitscale.calibrate, hf_unitscale.calibrate\n"
     )
+
+
+def test_submodules_are_attributes_of_the_package():
+    _run(
+        "import hf_unitscale\n"
+        "assert callable(hf_unitscale.embedded.minilm_path) and callable(hf_unitscale.hub.save_pretrained)\n"
+        "assert not hasattr(hf_unitscale, 'no_such_name')\n"
+    )
