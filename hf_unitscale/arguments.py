@@ -19,7 +19,7 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
 
 from .formats import FP8_FORMAT_PAIRS
-from .lr_rules import LR_RULES, ROLES, check_role_overrides, warn_about_ignored_options
+from .lr_rules import LR_RULES, ROLES, check_role_overrides
 from .ops import BACKENDS
 
 __all__ = [
@@ -161,9 +161,6 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(
                 f"`lr_rule='mup'` needs `mup_base_width` (the hidden size the lr was tuned at), got {self.mup_base_width!r}."
             )
-        warn_about_ignored_options(
-            self.lr_rule, mup_base_width=self.mup_base_width, umup_depth_scaling=self.umup_depth_scaling
-        )
         self.fp8_format = self.fp8_format.upper()
         if self.fp8_format not in FP8_FORMAT_PAIRS:
             raise ValueError(f"`fp8_format` must be one of {sorted(FP8_FORMAT_PAIRS)}, got {self.fp8_format!r}.")

@@ -367,12 +367,16 @@ def _hidden_size(model: nn.Module) -> int:
     """The width μP's width_mult = width / `mup_base_width` reads: the `hidden_size` of the model's text config
     (`_text_config`), else the one width that its attributes and sub-configs name. A model with several (ConvNeXt's
     per-stage `hidden_sizes`, SAM's vision encoder and mask decoder) or with a part that names none (a vocoder) is an
-    error naming them: which width `mup_base_width` is the base model's value of is the user's to say."""
+    error naming them: which width `mup_base_width` is the base model's value of is the user's to say. A config that
+    is no transformers one (a custom model's) gives its `hidden_size`."""
     config = _text_config(model)
-    if not isinstance(config, PretrainedConfig):
+    if not isinstance(config, PretrainedConfig):  # a custom model's own config object
+        if _is_width(width := getattr(config, "hidden_size", None)):
+            return width
         raise ValueError(
-            f"`mup` needs the model width: {type(model).__name__} has no transformers `config`. Use `umup`, which "
-            "reads each weight's own fan-in, or give the model a transformers config."
+            f"`mup` needs the model width: {type(model).__name__} has no transformers `config` and no "
+            "`config.hidden_size`. Use `umup`, which reads each weight's own fan-in, or give the model a config "
+            "with `hidden_size`."
         )
     widths = _config_widths(config)
     distinct = {
@@ -603,7 +607,6 @@ def build_param_groups(
     lr_multipliers: Mapping[str, float] | None = None,
     role_overrides: Mapping[str, Role] | None = None,
     decay_parameter_names: Iterable[str] | None = None,
-    param_infos: list[ParamInfo] | None = None,
 ) -> list[dict[str, Any]]:
     """Optimizer parameter groups of `model` under `lr_rule` (see the module docstring for the table).
 
@@ -626,9 +629,6 @@ def build_param_groups(
             matches no trainable parameter is an error.
         decay_parameter_names: the parameter names that get weight decay; default
             `Trainer.get_decay_parameter_names(model)` (no decay on biases and norm weights).
-        param_infos: what `check_lr_options` returned for `model` and these options, when the caller has checked
-            them already (`UnitScaleTrainer` does when it is built); None: check them here, and warn about the
-            options of another rule (`warn_about_ignored_options`).
 
     Returns:
         A list of torch param-group dicts with keys `params`, `lr`, `eps`, `weight_decay` and, for
@@ -646,18 +646,16 @@ def build_param_groups(
             raise ValueError(
                 f"`{option}` should be a finite number >= 0, as torch.optim.AdamW takes it; got {value!r}."
             )
-    infos = param_infos
-    if infos is None:
-        infos = check_lr_options(
-            model,
-            lr_rule=lr_rule,
-            mup_base_width=mup_base_width,
-            umup_depth_scaling=umup_depth_scaling,
-            lr_multipliers=lr_multipliers,
-            role_overrides=role_overrides,
-            decay_parameter_names=decay_parameter_names,
-        )
-        warn_about_ignored_options(lr_rule, mup_base_width=mup_base_width, umup_depth_scaling=umup_depth_scaling)
+    infos = check_lr_options(
+        model,
+        lr_rule=lr_rule,
+        mup_base_width=mup_base_width,
+        umup_depth_scaling=umup_depth_scaling,
+        lr_multipliers=lr_multipliers,
+        role_overrides=role_overrides,
+        decay_parameter_names=decay_parameter_names,
+    )
+    _warn_about_ignored_options(lr_rule, mup_base_width=mup_base_width, umup_depth_scaling=umup_depth_scaling)
     multipliers = {pattern: float(value) for pattern, value in (lr_multipliers or {}).items()}  # checked above
     width_mult = _hidden_size(model) / mup_base_width if lr_rule == "mup" else 1.0
     depth = _num_layers(model)
@@ -703,7 +701,7 @@ def build_param_groups(
     return result
 
 
-def warn_about_ignored_options(lr_rule: str, *, mup_base_width: int | None, umup_depth_scaling: bool) -> None:
+def _warn_about_ignored_options(lr_rule: str, *, mup_base_width: int | None, umup_depth_scaling: bool) -> None:
     """Name the options of another rule than `lr_rule` that are set (`mup_base_width` under `umup`): it ignores them."""
     for option, value, rule in (
         ("mup_base_width", mup_base_width, "mup"),

@@ -69,7 +69,7 @@ from .convert import (
 )
 from .formats import FP8_FORMAT_PAIRS
 from .hub import mirror_weight_files, save_pretrained, trainer_uploads_replacing_weights
-from .lr_rules import ParamInfo, Role, build_param_groups, check_lr_options, summarize_param_groups
+from .lr_rules import Role, build_param_groups, check_lr_options, summarize_param_groups
 from .model_card import update_model_card
 from .operand_stats import is_causal_lm
 from .plateau import SharedFactorReduceLROnPlateau, lr_ratio
@@ -160,8 +160,6 @@ class UnitScaleTrainer(Trainer):
         **trainer_kwargs: Any,
     ) -> None:
         self.unit_scale_config = unit_scale_config
-        # ((trainable (name, id) pairs, lr options), their `ParamInfo`s) of the last `check_lr_options`
-        self._lr_check: tuple[tuple[tuple[tuple[str, int], ...], dict[str, Any]], list[ParamInfo]] | None = None
         if args is not None:
             _check_arguments(args)
         options = unit_scale_options(args) if args is not None else unit_scale_options(object())
@@ -182,7 +180,7 @@ class UnitScaleTrainer(Trainer):
                 "rates. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})` instead, or use plain `Trainer`."
             )
         if self.model is not None:  # an lr option that does not fit the model: an error now, not at the first step
-            self._checked_param_infos(self.model)
+            self._check_lr_options(self.model)
         if self.unit_scale_options["fp8"]:
             self._add_recalibration()
         self._clip_cache: tuple[nn.Module, list[nn.Parameter], dict[int, float]] | None = None
@@ -230,7 +228,6 @@ class UnitScaleTrainer(Trainer):
         return model
 
     def call_model_init(self, trial=None) -> nn.Module:
-        self._lr_check = None  # a new model, checked again; the old one's parameters are not kept
         return self._prepare_unit_scaled(super().call_model_init(trial), unit_scale_options(self.args))
 
     # ---- FP8: static operand scales (calibrate.py), kept current by callbacks.RecalibrationCallback ----
@@ -306,18 +303,12 @@ class UnitScaleTrainer(Trainer):
         names = ("lr_rule", "mup_base_width", "umup_depth_scaling", "lr_multipliers")
         return {**{name: options[name] for name in names}, "role_overrides": self.role_overrides}
 
-    def _checked_param_infos(self, model: nn.Module) -> list[ParamInfo]:
-        """`lr_rules.check_lr_options` for `model` under the trainer's options: raises what `create_optimizer` would
-        about `lr_rule`, its options, `lr_multipliers` and `role_overrides`, before a baseline evaluation or the
-        first training step. Runs once: again only for other trainable parameters (a model from `model_init`, a
-        resized embedding, layers frozen since) or options; the options of another rule are named by the
-        arguments."""
-        trainable = tuple((name, id(param)) for name, param in model.named_parameters() if param.requires_grad)
-        key = (trainable, self._lr_options())
-        if self._lr_check is None or self._lr_check[0] != key:
-            infos = check_lr_options(model, **key[1], decay_parameter_names=self.get_decay_parameter_names(model))
-            self._lr_check = (key, infos)
-        return self._lr_check[1]
+    def _check_lr_options(self, model: nn.Module) -> None:
+        """Raise what `create_optimizer` would about `lr_rule`, its options, `lr_multipliers` and `role_overrides`
+        (`lr_rules.check_lr_options`), before a baseline evaluation or the first training step. `create_optimizer`
+        checks again, on the model and options it then has (layers frozen, scales loaded, a model from
+        `model_init`)."""
+        check_lr_options(model, **self._lr_options(), decay_parameter_names=self.get_decay_parameter_names(model))
 
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         opt_model = self.model if model is None else model
@@ -381,7 +372,7 @@ class UnitScaleTrainer(Trainer):
             eps=eps,
             weight_decay=weight_decay,
             **self._lr_options(),
-            param_infos=self._checked_param_infos(opt_model),
+            decay_parameter_names=self.get_decay_parameter_names(opt_model),
         )
         # defaults["lr"] = η: schedules that divide by it (min_lr, lr_end) get the plain factor
         optimizer_kwargs["lr"] = lr

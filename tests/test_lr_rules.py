@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -276,6 +277,22 @@ def test_mup_reads_the_one_width_a_config_names_and_refuses_to_pick_one_of_sever
     matrix = convnext.encoder.stages[1].layers[0].pwconv1.weight
     (group,) = [g for g in _groups(convnext, "mup", mup_base_width=4) if any(p is matrix for p in g["params"])]
     assert group["lr"] == pytest.approx(LR / 4)
+
+
+def test_mup_reads_a_custom_models_own_config():
+    """A model that is no transformers one, with its own config object, gives `mup` its `config.hidden_size`; with
+    none, the error says what to add."""
+
+    class Net(nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.config = config
+            self.hidden = nn.Linear(64, 64, bias=False)
+
+    matrix_lr = {g["lr"] for g in _groups(Net(SimpleNamespace(hidden_size=64)), "mup", mup_base_width=32)}
+    assert matrix_lr == {LR / 2}
+    with pytest.raises(ValueError, match="no `config.hidden_size`"):
+        _groups(Net(SimpleNamespace()), "mup", mup_base_width=32)
 
 
 def test_a_model_with_two_text_configs_gets_roles_and_mup_names_its_widths():

@@ -25,7 +25,6 @@ from hf_unitscale import (
 )
 from hf_unitscale.arguments import UnitScaleTrainingArguments
 from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME
-from hf_unitscale.lr_rules import check_lr_options
 from hf_unitscale.trainer import UnitScaleTrainer, _check_arguments
 
 from tiny_models import CASES_BY_ID, VOCAB
@@ -684,28 +683,24 @@ def test_lr_options_that_do_not_fit_the_model_are_errors_when_the_trainer_is_bui
         UnitScaleTrainer(model=model, args=_args(tmp_path, cls=UnitScaleTrainingArguments, lr_rule="umup"))
 
 
-def test_lr_options_are_checked_and_named_once(tmp_path, caplog, monkeypatch):
-    """The trainer builds its optimizer from the check it ran when built, and an option of another rule is named
-    once (by the arguments), not again by `create_optimizer`; other trainable parameters are checked again."""
-    checks = []
-
-    def counted(*args, **kwargs):
-        checks.append(type(args[0]).__name__)
-        return check_lr_options(*args, **kwargs)
-
-    for module in ("trainer", "lr_rules"):  # the trainer's own check, and `build_param_groups`'
-        monkeypatch.setattr(f"hf_unitscale.{module}.check_lr_options", counted)
+def test_lr_options_are_named_once_and_checked_on_the_model_the_optimizer_trains(tmp_path, caplog):
+    """An option of another rule is named once, when the optimizer is built, also when set after the arguments;
+    `create_optimizer` checks the model as it then is: a layer frozen since the trainer was built gets no group,
+    and a pattern changed in place since is checked."""
+    args = _args(tmp_path, cls=UnitScaleTrainingArguments, lr_rule="umup", lr_multipliers={"classifier": 2.0})
+    args.mup_base_width = 16
+    trainer = UnitScaleTrainer(model=CASES_BY_ID["bert"].model(), args=args)
     with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
-        args = _args(tmp_path, cls=UnitScaleTrainingArguments, lr_rule="umup", mup_base_width=16)
-        trainer = UnitScaleTrainer(model=CASES_BY_ID["bert"].model(), args=args)
         trainer.create_optimizer()
     assert caplog.text.count("`mup_base_width=16` applies to `lr_rule='mup'` only") == 1
-    assert len(checks) == 1
-    trainer.model.bert.embeddings.word_embeddings.weight.requires_grad_(False)  # frozen since the check
+    frozen = trainer.model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
     trainer.optimizer = None
     groups = trainer.create_optimizer().param_groups
-    assert len(checks) == 2
-    assert not any(p is trainer.model.bert.embeddings.word_embeddings.weight for g in groups for p in g["params"])
+    assert not any(p is frozen for g in groups for p in g["params"])
+    trainer.optimizer = None
+    trainer.unit_scale_options["lr_multipliers"]["no_such_parameter"] = 2.0
+    with pytest.raises(ValueError, match="no_such_parameter"):
+        trainer.create_optimizer()
 
 
 def test_fp8_calibrates_and_trains(tmp_path):
