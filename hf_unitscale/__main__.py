@@ -4,4 +4,5 @@ import sys
 
 from .cli import main
 
-sys.exit(main())
+if __name__ == "__main__":  # not when a documentation tool or `pkgutil.walk_packages` imports it
+    sys.exit(main())

@@ -55,6 +55,13 @@ def test_help_as_a_real_subprocess(how):
         assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.M), f"`{command}` not explained:\n{result.stdout}"
 
 
+def test_importing_the_main_module_runs_nothing():
+    """A documentation tool (`pkgutil.walk_packages`) imports `hf_unitscale.__main__`: the CLI must not run."""
+    import importlib
+
+    importlib.import_module("hf_unitscale.__main__")  # the CLI would exit (SystemExit) with its usage
+
+
 @pytest.mark.parametrize("command", ["convert", "merge", "report", "train"])
 def test_subcommand_help(command, capsys):
     with pytest.raises(SystemExit) as exit_info:
