@@ -12,6 +12,7 @@ own attribute. Not a gain:
 - a product of two of the module's own tensors (DiffLlama's `self.lambda_q1 * self.lambda_k1`);
 - a product summed or averaged at once, which is a dot product, a weight with a fan-in: `(x * self.w).sum(-1)`,
   and a product inside a summed one, `(x * self.w * 2).sum(-1)`;
+- `p` itself updated in place, `self.p *= x` or `self.p.mul_(x)` (a running average);
 - `self.p` weighted by the complement of a mixing weight, `(1 - w) * self.p`: a value blended into the
   activations, not a gain on them (SAM 2's `no_object_pointer`, added where no object is).
 
@@ -66,6 +67,13 @@ def _factors(node: ast.AST) -> tuple[ast.expr, ast.expr] | None:
     return None
 
 
+def _in_place(node: ast.AST) -> bool:
+    """`a *= b` or `a.mul_(b)`: a product written into its first factor."""
+    if isinstance(node, ast.AugAssign):
+        return True
+    return isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr.endswith("_")
+
+
 def _reduced(function: ast.AST) -> set[int]:
     """ids of the expressions `function` sums or averages (`e.sum(…)`, `torch.sum(e, …)`, `e.mean(…)`), and of the
     factors of a summed product: in `(x * self.w * 2).sum()` the product `x * self.w` is summed too."""
@@ -105,6 +113,8 @@ def _class_gains(cls: type) -> frozenset[str]:
             if factors is None:
                 continue
             left, right = _own_attribute(factors[0]), _own_attribute(factors[1])
+            if left is not None and _in_place(node):
+                continue  # `self.p *= x`, `self.p.mul_(x)`: p itself updated (a running average), no gain on x
             if (left is None) != (right is None) and not _is_complement(factors[0] if right else factors[1]):
                 gains.add(left or right)
     return frozenset(gains)

@@ -119,7 +119,7 @@ class _Vectors(nn.Module):
     """1-D parameters used the ways `gains.py` tells apart: only the `GAINS` multiply an activation."""
 
     GAINS = ("gain", "in_place", "called", "method")
-    OTHERS = ("query", "scaled_query", "temperature", "left", "right", "blended")
+    OTHERS = ("query", "scaled_query", "temperature", "left", "right", "blended", "running", "decayed")
 
     def __init__(self, width: int = 8):
         super().__init__()
@@ -135,6 +135,11 @@ class _Vectors(nn.Module):
         mix = self.left * self.right  # two parameters, no activation (DiffLlama's λ)
         x = x + (1 - scores[:, None]) * self.blended  # a value blended in (SAM 2's `no_object_pointer`)
         return scores[:, None] * mix + x * self.temperature.exp()  # under a function first
+
+    @torch.no_grad()
+    def update(self, x):  # a parameter itself updated in place (a running average): no gain on x
+        self.running.mul_(0.9).add_(x.mean(0))
+        self.decayed *= x.mean()
 
 
 def test_only_a_vector_the_code_multiplies_an_activation_by_is_a_gain():
