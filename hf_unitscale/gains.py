@@ -4,9 +4,9 @@ A layer scale (ConvNeXt's `layer_scale_parameter`, BEiT's `lambda_1`, DINOv2's `
 value per channel, and its module computes γ ⊙ x, as a norm layer applies its gain. No class or name says so,
 the code does: the check parses the source of the module's classes (`class_source`, as `direct_reads` does;
 not the methods that build weights) for a product of `self.p` and `x`, written `self.p * x`, `x * self.p`,
-`x *= self.p`, `torch.mul(x, self.p)` or `x.mul(self.p)`, in which `self.p` is read as it is or only reshaped, cast or indexed
-(`self.p[:, None, None]`, `self.p.unsqueeze(-1)`, `self.p.to(x.dtype)`), and `x` is no such read of the module's
-own attribute. Not a gain:
+`x *= self.p`, `torch.mul(x, self.p)` or `x.mul(self.p)`, in which `self.p` is read as it is or only reshaped,
+cast or indexed (`self.p[:, None, None]`, `self.p.unsqueeze(-1)`, `self.p.to(x.dtype)`), and `x` is no such read
+of the module's own attribute. Not a gain:
 
 - `p` only under a function first (`self.logit_scale.exp()`, `softplus(self.per_dim_scale)`);
 - a product of two of the module's own tensors (DiffLlama's `self.lambda_q1 * self.lambda_k1`);

@@ -589,8 +589,9 @@ def check_lr_options(
         depth = _num_layers(model)
         if not (depth and _block_prefixes(model)):
             raise ValueError(
-                f"`umup_depth_scaling=True` needs the model's repeated blocks: found no ModuleList of "
-                f"`config.num_hidden_layers` ({depth}) blocks in {type(model).__name__}."
+                "`umup_depth_scaling=True` needs the model's repeated blocks: found no ModuleList of "
+                f"`config.num_hidden_layers` blocks (ALBERT's: of `num_hidden_groups` groups) in "
+                f"{type(model).__name__}, whose depth L would be {depth}."
             )
     return infos
 
