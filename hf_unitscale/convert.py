@@ -20,6 +20,7 @@ from types import MethodType
 
 import torch
 from torch import nn
+from torch.nn.modules.conv import _ConvNd
 from transformers import PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
@@ -58,21 +59,57 @@ _RECURRENT_BIAS = re.compile(r"bias_(ih|hh)_l\d+(_reverse)?")
 
 
 def _matmul_widths(layer: nn.Module) -> tuple[int, int]:
-    """(input width, output width) of an nn.Linear (weight out × in) or a GPT-2 Conv1D (weight in × out)."""
+    """(input width, output width) of an nn.Linear (weight out × in), a GPT-2 Conv1D (weight in × out) or a
+    convolution (its channels)."""
     if isinstance(layer, Conv1D):
         return int(layer.weight.shape[0]), int(layer.weight.shape[1])
+    if isinstance(layer, _ConvNd):
+        return int(layer.in_channels), int(layer.out_channels)
     return int(layer.in_features), int(layer.out_features)
+
+
+def _is_pointwise_conv(layer: nn.Module) -> bool:
+    """A convolution with kernel size 1, one group, not transposed: at every position the matmul W·x over channels,
+    as an nn.Linear on the channel axis (ParakeetForCTC's `ctc_head`, SegFormer's `classifier`)."""
+    return (
+        isinstance(layer, _ConvNd)
+        and not layer.transposed
+        and layer.groups == 1
+        and all(k == 1 for k in layer.kernel_size)
+    )
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """A normalization layer: torch's LayerNorm, GroupNorm, RMSNorm, BatchNorm/InstanceNorm, or a class named `*Norm*`
+    (transformers' `LlamaRMSNorm`, …)."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)):
+        return True
+    return "norm" in type(module).__name__.lower()
 
 
 def _holds_layer_stack(module: nn.Module) -> bool:
     return any(isinstance(m, nn.ModuleList) for m in module.modules())
 
 
+def _followed_by_norm(model: nn.Module) -> set[int]:
+    """ids of the modules whose next sibling (in registration order) is a normalization layer: the conv of a
+    conv-norm-activation block (MobileNetV2's `conv_1x1`), whose output is normalized, not read out."""
+    return {
+        id(child)
+        for parent in model.modules()
+        for child, following in zip(parent.children(), list(parent.children())[1:], strict=False)
+        if is_norm_layer(following)
+    }
+
+
 def readout_modules(model: nn.Module) -> list[nn.Module]:
     """The output heads: `get_output_embeddings()` (tied or not) and each matmul layer outside the base model whose
-    output width is no other such layer's input width, i.e. one that feeds no further head layer (a classifier, a
+    output width is no other layer's input width there, i.e. one that feeds no further head layer (a classifier, a
     next-sentence or multiple-choice head beside the LM head; a head's inner `dense`, h → h before an h → labels
-    layer, is not one). Where that finds none outside the base model, the last matmul layer there.
+    layer, is not one). A matmul layer is an nn.Linear, a GPT-2 Conv1D, or a pointwise convolution (kernel size 1,
+    one group; fan-in in_channels) whose output no normalization layer follows: ParakeetForCTC's `ctc_head`,
+    SegFormer's `classifier`, DPT's depth head's last conv. A convolution of any kernel is a layer that a matmul
+    layer may feed. Where that finds no matmul layer outside the base model, the last nn.Linear or Conv1D there.
 
     A model that is its own base model (a bare `BertModel`, `T5ForQuestionAnswering`, CLIP's classifier) has as
     body its children that hold a stack of layers (an nn.ModuleList); of the layers outside them only those
@@ -84,14 +121,17 @@ def readout_modules(model: nn.Module) -> list[nn.Module]:
     base = getattr(model, "base_model", model)
     bodies = [base] if base is not model else [c for c in model.children() if _holds_layer_stack(c)]
     inside = {id(m) for body in bodies for m in body.modules()}
-    outside = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D)) and id(m) not in inside]
-    widths = {id(m): _matmul_widths(m) for m in outside}
-    if base is model:  # after the body (not an input projection) and changing the width (not a pooler)
+    outside = [m for m in model.modules() if isinstance(m, (nn.Linear, Conv1D, _ConvNd)) and id(m) not in inside]
+    if base is model:  # after the body (not an input projection), changing the width (not a pooler)
         order = {id(m): index for index, m in enumerate(model.modules())}
         body_end = max((order[i] for i in inside if i in order), default=-1)
-        outside = [m for m in outside if order[id(m)] > body_end and widths[id(m)][0] != widths[id(m)][1]]
-    final = [m for m in outside if all(widths[id(m)][1] != widths[id(o)][0] for o in outside if o is not m)]
-    heads += [m for m in final or outside[-1:] if m is not output_embeddings]
+        outside = [m for m in outside if order[id(m)] > body_end and _matmul_widths(m)[0] != _matmul_widths(m)[1]]
+    widths = {id(m): _matmul_widths(m) for m in outside}
+    normalized = _followed_by_norm(model)
+    linears = [m for m in outside if not isinstance(m, _ConvNd)]
+    matmuls = [m for m in outside if not isinstance(m, _ConvNd) or (_is_pointwise_conv(m) and id(m) not in normalized)]
+    final = [m for m in matmuls if all(widths[id(m)][1] != widths[id(o)][0] for o in outside if o is not m)]
+    heads += [m for m in final or linears[-1:] if m is not output_embeddings]
     return heads
 
 

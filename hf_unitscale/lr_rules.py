@@ -14,7 +14,8 @@ per channel: 1-D, or stored in the shape it broadcasts in, one dimension larger 
                     embedding projections)
     readout         an output head: `get_output_embeddings()` if untied, and each matmul layer
                     outside the base model that feeds no other one there (`classifier`, `score`,
-                    `qa_outputs`, a next-sentence or multiple-choice head beside the LM head, …)
+                    `qa_outputs`, a next-sentence or multiple-choice head beside the LM head, a
+                    pointwise conv such as ParakeetForCTC's `ctc_head`, …: `convert.readout_modules`)
     norm            a gain: the weight of a normalization layer (LayerNorm, RMSNorm, …) if a vector,
                     weight_norm's g (a parametrization original that broadcasts against the weight)
     bias            any other vector or ≤2-D parameter named `bias`, a stacked one (`*_bias`, one row
@@ -110,7 +111,7 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .convert import is_bias_name, readout_modules, weight_scales
+from .convert import is_bias_name, is_norm_layer, readout_modules, weight_scales
 from .gains import multiplies_activation
 
 __all__ = [
@@ -179,12 +180,6 @@ class ParamInfo:
     fan_out: int  # outputs per input: the width an embedding or input layer writes
     residual: bool  # inside one of the model's repeated blocks
     decay: bool  # plain Trainer applies weight decay to it
-
-
-def _is_norm(module: nn.Module) -> bool:
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)):
-        return True
-    return "norm" in type(module).__name__.lower()
 
 
 def _is_vector(param: torch.Tensor) -> bool:
@@ -456,7 +451,9 @@ def describe_parameters(
                 role = "embedding"  # an embedding tied to the output head too
             elif id(param) in readout_weights:
                 role = "readout"
-            elif (vector and leaf == "weight" and _is_norm(module)) or _is_parametrization_gain(module, leaf, param):
+            elif (vector and leaf == "weight" and is_norm_layer(module)) or _is_parametrization_gain(
+                module, leaf, param
+            ):
                 role = "norm"
             elif is_bias_name(leaf) and (param.dim() <= 2 or vector):  # 2-D: one bias per expert
                 role = "bias"

@@ -441,6 +441,57 @@ def _tiny(config_class, model_class, **sizes):
     return unit_scale(model_class(config_class(**sizes)))
 
 
+def test_a_pointwise_convolution_ending_a_head_is_a_readout():
+    """A kernel-size-1 convolution is a Linear over channels at each position: where it ends a head (its output
+    channels feed no other head layer, and no norm follows it) it is a readout, fan-in in_channels. A conv of a
+    conv-norm-activation block (MobileNetV2's `conv_1x1`) and head layers feeding a further conv stay hidden."""
+    import transformers as t
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    parakeet = _tiny(
+        t.ParakeetCTCConfig,
+        t.ParakeetForCTC,
+        vocab_size=VOCAB,
+        pad_token_id=0,
+        encoder_config=dict(small, num_mel_bins=16),
+    )  # `ctc_head`: an nn.Conv1d, kernel 1, h → vocabulary
+    segformer = _tiny(
+        t.SegformerConfig, t.SegformerForSemanticSegmentation, num_encoder_blocks=2, depths=[1, 1], sr_ratios=[2, 1],
+        hidden_sizes=[8, 16], num_attention_heads=[1, 2], patch_sizes=[3, 3], strides=[2, 2], decoder_hidden_size=24,
+        num_labels=5,
+    )  # fmt: skip
+    dpt = _tiny(
+        t.DPTConfig, t.DPTForDepthEstimation, image_size=32, patch_size=8, **{**small, "num_hidden_layers": 4},
+        backbone_out_indices=[0, 1, 2, 3], neck_hidden_sizes=[8, 16, 24, 32], fusion_hidden_size=16,
+        reassemble_factors=[4, 2, 1, 0.5],
+    )  # fmt: skip
+    mobilenet = dict(image_size=16, depth_multiplier=0.25, min_depth=4)
+    mobilenet_segmentation = _tiny(t.MobileNetV2Config, t.MobileNetV2ForSemanticSegmentation, num_labels=3, **mobilenet)
+    mobilenet_model = _tiny(t.MobileNetV2Config, t.MobileNetV2Model, **mobilenet)
+    readouts = {
+        parakeet: {"ctc_head.weight"},
+        # its Linear `linear_projections` feed the 1×1 `linear_fuse`, which feeds the 1×1 `classifier`
+        segformer: {"decode_head.classifier.weight"},
+        # the depth head's last conv, 1×1 after 3×3 ones; the neck's Linear `readout_projects` feed its convs
+        dpt: {"head.head.4.weight"},
+        mobilenet_segmentation: {"segmentation_head.classifier.convolution.weight"},
+        mobilenet_model: set(),  # `conv_1x1` (320 → 1280 channels at full size) is normalized after: hidden
+    }
+    for model, expected in readouts.items():
+        roles = parameter_roles(model)
+        assert {name for name, role in roles.items() if role == "readout"} == expected, type(model).__name__
+    roles = parameter_roles(segformer) | parameter_roles(dpt) | parameter_roles(mobilenet_model)
+    for name in (
+        "decode_head.linear_projections.0.proj.weight",
+        "decode_head.linear_fuse.weight",
+        "neck.reassemble_stage.readout_projects.0.0.weight",
+        "conv_1x1.convolution.weight",
+    ):
+        assert roles[name] == "hidden_weight", name
+    (group,) = [g for g in _groups(parakeet, "umup") if any(p is parakeet.ctc_head.weight for p in g["params"])]
+    assert group["role"] == "readout" and group["lr"] == pytest.approx(LR)  # a readout's η, not η·fan_in^-½
+
+
 def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
     """μP's input weights (fan-in a size of the raw input, fan-out the width) are vector-like: η under `mup`,
     η·fan_out^-½ under `umup`, as an embedding. weight_norm's g is a gain (η), its v a conv with fan-in in/groups·k.
