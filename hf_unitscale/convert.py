@@ -91,6 +91,19 @@ def _holds_layer_stack(module: nn.Module) -> bool:
     return any(isinstance(m, nn.ModuleList) for m in module.modules())
 
 
+def _changing_width(model: nn.Module, layers: list[nn.Module]) -> list[nn.Module]:
+    """Those of `layers` that change the width, held in a child of `model` that changes it too: from the input of the
+    child's first of `layers` to the output of its last (a lone layer's own widths) is not h → h, as SigLIP's
+    attention-pooling `head` (attention, then a residual MLP h → i → h) is."""
+    kept = []
+    for child in model.children():
+        members = {id(m) for m in child.modules()}
+        held = [m for m in layers if id(m) in members]
+        if held and _matmul_widths(held[0])[0] != _matmul_widths(held[-1])[1]:
+            kept += [m for m in held if _matmul_widths(m)[0] != _matmul_widths(m)[1]]
+    return kept
+
+
 def _followed_by_norm(model: nn.Module) -> set[int]:
     """ids of the modules whose next sibling (in registration order) is a normalization layer: the conv of a
     conv-norm-activation block (MobileNetV2's `conv_1x1`), whose output is normalized, not read out."""
@@ -113,8 +126,9 @@ def readout_modules(model: nn.Module) -> list[nn.Module]:
 
     A model that is its own base model (a bare `BertModel`, `T5ForQuestionAnswering`, CLIP's classifier) has as
     body its children that hold a stack of layers (an nn.ModuleList); of the layers outside them only those
-    registered after the body that change the width count (`qa_outputs`, `classifier`; not `BertModel`'s h → h
-    pooler, nor `ElectraModel`'s `embeddings_project`, an input projection)."""
+    registered after the body that change the width, in a child of the model that changes it too, count
+    (`qa_outputs`, `classifier`; not `BertModel`'s h → h pooler, nor the MLP of `SiglipVisionModel`'s
+    attention-pooling `head`, h → h as a whole, nor `ElectraModel`'s `embeddings_project`, an input projection)."""
     get_output = getattr(model, "get_output_embeddings", None)
     output_embeddings = get_output() if callable(get_output) else None
     heads = [output_embeddings] if output_embeddings is not None else []
@@ -125,7 +139,7 @@ def readout_modules(model: nn.Module) -> list[nn.Module]:
     if base is model:  # after the body (not an input projection), changing the width (not a pooler)
         order = {id(m): index for index, m in enumerate(model.modules())}
         body_end = max((order[i] for i in inside if i in order), default=-1)
-        outside = [m for m in outside if order[id(m)] > body_end and _matmul_widths(m)[0] != _matmul_widths(m)[1]]
+        outside = _changing_width(model, [m for m in outside if order[id(m)] > body_end])
     widths = {id(m): _matmul_widths(m) for m in outside}
     normalized = _followed_by_norm(model)
     linears = [m for m in outside if not isinstance(m, _ConvNd)]

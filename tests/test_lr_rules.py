@@ -492,6 +492,25 @@ def test_a_pointwise_convolution_ending_a_head_is_a_readout():
     assert group["role"] == "readout" and group["lr"] == pytest.approx(LR)  # a readout's η, not η·fan_in^-½
 
 
+def test_a_pooling_head_that_keeps_the_width_has_no_readout():
+    """`SiglipVisionModel` is its own base model; after its encoder sits an attention-pooling `head` (attention,
+    then a residual MLP h → i → h) whose output, the pooled embedding, keeps the width h: no output head, so its MLP
+    layers are hidden weights (the "last matmul layer" fallback took `head.mlp.fc2`). A width-changing layer after
+    the body still is one (SigLIP's image classifier)."""
+    import transformers as t
+
+    small = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37)
+    vision = _tiny(t.SiglipVisionConfig, t.SiglipVisionModel, image_size=16, patch_size=4, **small)
+    roles = parameter_roles(vision)
+    assert [name for name, role in roles.items() if role == "readout"] == []
+    assert roles["head.mlp.fc1.weight"] == roles["head.mlp.fc2.weight"] == "hidden_weight"
+    classifier = _tiny(
+        t.SiglipConfig, t.SiglipForImageClassification, num_labels=3,
+        text_config=dict(vocab_size=VOCAB, **small), vision_config=dict(image_size=16, patch_size=4, **small),
+    )  # fmt: skip
+    assert [n for n, r in parameter_roles(classifier).items() if r == "readout"] == ["classifier.weight"]
+
+
 def test_input_layers_gains_and_attention_bias_tables_get_their_roles():
     """μP's input weights (fan-in a size of the raw input, fan-out the width) are vector-like: η under `mup`,
     η·fan_out^-½ under `umup`, as an embedding. weight_norm's g is a gain (η), its v a conv with fan-in in/groups·k.
