@@ -36,6 +36,7 @@ __all__ = [
 
 TASKS = ("text-classification", "causal-lm")
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # the recipes shipped in the package
+RECIPE_SUFFIXES = (".yaml", ".yml")
 
 
 class RecipeError(ValueError):
@@ -315,16 +316,22 @@ def packaged_recipes() -> list[str]:
 
 def resolve_recipe(name_or_path: str | os.PathLike) -> Path:
     """The recipe file `name_or_path` names: the file itself if it exists, else the packaged recipe of that name
-    (`text_classification` or `text_classification.yaml` → `hf_unitscale/recipes/text_classification.yaml`)."""
+    (`text_classification`, `text_classification.yaml` or `.yml` → `hf_unitscale/recipes/text_classification.yaml`)."""
     path = Path(name_or_path).expanduser()
     if path.is_file():
         return path
     name = Path(name_or_path)
-    if name.parent == Path(".") and name.suffix in ("", ".yaml") and (RECIPES_DIR / f"{name.stem}.yaml").is_file():
-        return RECIPES_DIR / f"{name.stem}.yaml"
+    packaged = RECIPES_DIR / f"{name.stem}.yaml"
+    if name.parent == Path(".") and name.suffix in ("", *RECIPE_SUFFIXES) and packaged.is_file():
+        return packaged
+    moved = (
+        f" The recipes moved into the package: run `hf-unitscale train {name.stem}`, or copy {packaged} to edit it."
+        if packaged.is_file()
+        else ""
+    )
     raise RecipeError(
         f"Recipe file {str(name_or_path)!r} does not exist, nor is it the name of a packaged recipe; give a YAML "
-        f"file or one of {', '.join(packaged_recipes())} (e.g. `hf-unitscale train text_classification`)."
+        f"file or one of {', '.join(packaged_recipes())} (e.g. `hf-unitscale train text_classification`).{moved}"
     )
 
 

@@ -55,11 +55,12 @@ def test_help_as_a_real_subprocess(how):
         assert re.search(rf"^\s+{command}\s+\S", result.stdout, re.M), f"`{command}` not explained:\n{result.stdout}"
 
 
-def test_importing_the_main_module_runs_nothing():
-    """A documentation tool (`pkgutil.walk_packages`) imports `hf_unitscale.__main__`: the CLI must not run."""
+@pytest.mark.parametrize("module", ["hf_unitscale.__main__", "hf_unitscale.cli.__main__"])
+def test_importing_a_main_module_runs_nothing(module):
+    """A documentation tool (`pkgutil.walk_packages`) imports the `__main__` modules: the CLI must not run."""
     import importlib
 
-    importlib.import_module("hf_unitscale.__main__")  # the CLI would exit (SystemExit) with its usage
+    importlib.import_module(module)  # the CLI would exit (SystemExit) with its usage
 
 
 @pytest.mark.parametrize("command", ["convert", "merge", "report", "train"])
@@ -726,14 +727,16 @@ def test_list_valued_keys_take_several_values_on_the_command_line(tmp_path):
         assert parsed.training.report_to == values and parsed.training.max_steps == 2
 
 
-@pytest.mark.parametrize("flags", [["--metrics", "accuracy", "f1"], ["--fp8"]])
-def test_flags_before_the_recipe_path_say_to_put_it_first(flags, tmp_path, capsys):
-    recipe = _small_recipe(tmp_path)
+@pytest.mark.parametrize("flags", [["--metrics", "accuracy", "f1"], ["--fp8"], ["--report_to", "tensorboard"]])
+@pytest.mark.parametrize("recipe", ["file", "text_classification", "text_classification.yml"])
+def test_flags_before_the_recipe_say_to_put_it_first(flags, recipe, tmp_path, capsys):
+    """A flag that takes several values swallows a recipe file's path or a packaged recipe's name after it."""
+    recipe = str(_small_recipe(tmp_path)) if recipe == "file" else recipe
     with pytest.raises(SystemExit) as exit_info:
-        main(["train", *flags, str(recipe)])
+        main(["train", *flags, recipe])
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
-    assert f"argument {flags[0]}" in err and "put the recipe path first" in err, err
+    assert f"argument {flags[0]}" in err and "put the recipe first" in err, err
 
 
 @pytest.mark.parametrize("rank", [0, 1])

@@ -264,6 +264,7 @@ def test_packaged_recipe_by_name(tmp_path, monkeypatch):
     packaged = str(RECIPES_DIR / "text_classification.yaml")
     assert load_recipe("text_classification").source == packaged
     assert load_recipe("text_classification.yaml").source == packaged
+    assert load_recipe("text_classification.yml").source == packaged
     monkeypatch.chdir(tmp_path)  # a file of that name in the working folder is the user's own recipe
     (tmp_path / "text_classification.yaml").write_text((RECIPES_DIR / "text_classification.yaml").read_text())
     assert load_recipe("text_classification.yaml").source == "text_classification.yaml"
@@ -276,6 +277,7 @@ def test_unknown_recipe_name_lists_the_packaged_recipes(name, tmp_path, monkeypa
     err = capsys.readouterr().err
     assert f"{name!r} does not exist" in err
     assert all(recipe.stem in err for recipe in RECIPES), err
+    assert ("recipes moved into the package" in err) == name.startswith("recipes/"), err
 
 
 def test_package_data_ships_every_recipe():

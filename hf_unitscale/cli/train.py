@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 NULLS = ("null", "none")  # YAML's null on the command line, case-insensitive
-RECIPE_SUFFIXES = (".yaml", ".yml")
 # keys for which the string "none" means something (no integrations), and None does not
 _NONE_IS_A_VALUE = ("report_to",)
 
@@ -32,6 +31,13 @@ class _NullableChoices(tuple):
         return item is None or tuple.__contains__(self, item)
 
 
+def _names_a_recipe(text: str) -> bool:
+    """A recipe file's path (`*.yaml`, `*.yml`) or a packaged recipe's name (`text_classification`)."""
+    from ..recipe import RECIPE_SUFFIXES, packaged_recipes
+
+    return text.lower().endswith(RECIPE_SUFFIXES) or text in packaged_recipes()
+
+
 def _flag_type(action: argparse.Action, nullable: bool):
     """`action.type`, plus `null`/`none` → None for an optional key, and a clear error when a flag that
     takes a variable number of values swallows the recipe path."""
@@ -41,10 +47,9 @@ def _flag_type(action: argparse.Action, nullable: bool):
     def parse(text: str) -> Any:
         if nullable and text.lower() in NULLS:
             return None
-        if action.nargs in ("?", "+", "*") and text.lower().endswith(RECIPE_SUFFIXES):
+        if action.nargs in ("?", "+", "*") and _names_a_recipe(text):
             raise argparse.ArgumentTypeError(
-                f"took the recipe path {text!r} as its value; put the recipe path first: "
-                f"`hf-unitscale train {text} {flag} ...`"
+                f"took the recipe {text!r} as its value; put the recipe first: `hf-unitscale train {text} {flag} ...`"
             )
         return text if convert is None else convert(text)
 
