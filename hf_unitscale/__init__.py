@@ -10,12 +10,11 @@ loads neither torch nor `transformers.Trainer` (with datasets, pandas, pyarrow),
 and a script that needs one submodule start in a fraction of a second.
 """
 
-from __future__ import annotations
-
-import importlib
-import sys
-import types
-from typing import TYPE_CHECKING, Any
+import importlib as _importlib
+import pkgutil as _pkgutil
+import sys as _sys
+import types as _types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
@@ -70,35 +69,33 @@ if TYPE_CHECKING:  # type checkers and IDEs see the names statically
     from .trainer import UnitScaleSeq2SeqTrainer, UnitScaleTrainer
 
 
-def __getattr__(name: str) -> Any:
-    """Import the submodule that defines the public `name` and cache the name here; or, for the name of a
-    submodule (`hf_unitscale.embedded`, `hf_unitscale.hub`), that submodule, as the eager imports made it."""
-    if name in _SUBMODULE_OF:
-        value = getattr(importlib.import_module(f".{_SUBMODULE_OF[name]}", __name__), name)
-        globals()[name] = value
-        return value
-    if not name.startswith("__"):
-        try:
-            return importlib.import_module(f".{name}", __name__)
-        except ModuleNotFoundError as err:
-            if err.name != f"{__name__}.{name}":  # the submodule exists, and something it imports is missing
-                raise
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+if not TYPE_CHECKING:  # a type checker sees the imports above, and flags a misspelled name
+
+    def __getattr__(name: str):
+        """Import the submodule that defines the public `name` and cache the name here; or, for the name of a
+        submodule (`hf_unitscale.embedded`, `hf_unitscale.hub`), that submodule, as the eager imports made it."""
+        if name in _SUBMODULE_OF:
+            value = getattr(_importlib.import_module(f".{_SUBMODULE_OF[name]}", __name__), name)
+            globals()[name] = value
+            return value
+        if name in {module.name for module in _pkgutil.iter_modules(__path__)}:
+            return _importlib.import_module(f".{name}", __name__)
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-class _Package(types.ModuleType):
+class _Package(_types.ModuleType):
     """This package's module type. The import system binds a submodule on its package when it is first imported,
     which would make `hf_unitscale.calibrate` the submodule `calibrate.py` once any module had imported it, instead
     of the function `calibrate` it defines; a public name defined in its namesake submodule keeps the name."""
 
-    def __setattr__(self, name: str, value: Any) -> None:
-        if isinstance(value, types.ModuleType) and _SUBMODULE_OF.get(name) == name:
+    def __setattr__(self, name: str, value: object) -> None:
+        if isinstance(value, _types.ModuleType) and _SUBMODULE_OF.get(name) == name:
             value = getattr(value, name)
         super().__setattr__(name, value)
 
 
-sys.modules[__name__].__class__ = _Package
+_sys.modules[__name__].__class__ = _Package

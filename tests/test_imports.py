@@ -75,4 +75,22 @@ def test_submodules_are_attributes_of_the_package():
         "import hf_unitscale\n"
         "assert callable(hf_unitscale.embedded.minilm_path) and callable(hf_unitscale.hub.save_pretrained)\n"
         "assert not hasattr(hf_unitscale, 'no_such_name')\n"
+        "assert not any(hasattr(hf_unitscale, name) for name in ('', '.x', 'cli.train', 'recipes'))\n"
     )
+
+
+def test_the_lazy_table_the_public_names_and_the_type_checking_imports_agree():
+    """Three lists name the public API in `__init__.py`: `__all__`, the lazy name → submodule table, and the imports
+    type checkers read; a name added to one only would be missing for `*`, at run time or to a type checker."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(hf_unitscale))
+    (block,) = [node for node in tree.body if isinstance(node, ast.If) and ast.unparse(node.test) == "TYPE_CHECKING"]
+    checked = {
+        alias.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for alias in node.names
+    }
+    assert set(checked) == set(hf_unitscale.__all__) == set(hf_unitscale._SUBMODULE_OF)
+    assert {name: f".{module}" for name, module in hf_unitscale._SUBMODULE_OF.items()} == {
+        name: f".{module}" for name, module in checked.items()
+    }
