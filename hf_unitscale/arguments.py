@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -19,7 +18,7 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
 
 from .formats import FP8_FORMAT_PAIRS
-from .lr_rules import LR_RULES, ROLES, check_role_overrides
+from .lr_rules import LR_RULES, ROLES, check_lr_multipliers, check_role_overrides
 from .ops import BACKENDS
 
 __all__ = [
@@ -151,7 +150,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
     def __post_init__(self) -> None:
         self.lr_multipliers = _from_json("lr_multipliers", self.lr_multipliers, "factor", '{"classifier": 10}')
         if self.lr_multipliers is not None:
-            self.lr_multipliers = _check_lr_multipliers(self.lr_multipliers)
+            self.lr_multipliers = check_lr_multipliers(self.lr_multipliers)
         self.role_overrides = _from_json("role_overrides", self.role_overrides, "role", '{".*sinks": "bias"}')
         if self.role_overrides is not None:
             self.role_overrides = check_role_overrides(self.role_overrides)
@@ -228,25 +227,6 @@ def _from_json(name: str, value: Any, meaning: str, example: str) -> Any:
         raise ValueError(
             f"`{name}` must be a JSON object of regex → {meaning}, e.g. '{example}'; could not parse {value!r}: {err}."
         ) from None
-
-
-def _check_lr_multipliers(values: Any) -> dict[str, float]:
-    if not isinstance(values, dict):
-        raise ValueError(f"`lr_multipliers` must be a mapping regex → factor, got {type(values).__name__}.")
-    out = {}
-    for pattern, value in values.items():
-        try:
-            re.compile(pattern)
-        except re.error as err:
-            raise ValueError(f"`lr_multipliers` key {pattern!r} is not a regular expression: {err}.") from None
-        try:
-            number = float(value)
-        except (TypeError, ValueError):
-            number = float("nan")
-        if isinstance(value, bool) or not number >= 0:
-            raise ValueError(f"`lr_multipliers[{pattern!r}]` must be a non-negative number, got {value!r}.")
-        out[str(pattern)] = number
-    return out
 
 
 def deepspeed_optimizer_error(deepspeed: dict | str | None) -> str | None:

@@ -563,7 +563,7 @@ def check_lr_options(
     """
     if lr_rule not in LR_RULES:
         raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {lr_rule!r}.")
-    multipliers = _check_multipliers(lr_multipliers)
+    multipliers = check_lr_multipliers(lr_multipliers)
     infos = describe_parameters(
         model,
         role_overrides=role_overrides,
@@ -711,16 +711,26 @@ def _warn_about_ignored_options(lr_rule: str, *, mup_base_width: int | None, umu
             )
 
 
-def _check_multipliers(lr_multipliers: Mapping[str, float] | None) -> dict[str, float]:
+def check_lr_multipliers(lr_multipliers: Any) -> dict[str, float]:
+    """`lr_multipliers` as a dict of floats, checked: a mapping of regular expressions to non-negative factors; a factor
+    given as a numeric string (from the command line or a JSON recipe) is read as its number."""
+    if lr_multipliers is None:
+        return {}
+    if not isinstance(lr_multipliers, Mapping):
+        raise ValueError(f"`lr_multipliers` must be a mapping regex → factor, got {type(lr_multipliers).__name__}.")
     out = {}
-    for pattern, value in (lr_multipliers or {}).items():
+    for pattern, value in lr_multipliers.items():
         try:
             re.compile(pattern)
-        except re.error as err:
+        except (re.error, TypeError) as err:
             raise ValueError(f"`lr_multipliers` key {pattern!r} is not a regular expression: {err}.") from None
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise ValueError(f"`lr_multipliers[{pattern!r}]` must be a non-negative number, got {value!r}.")
-        out[pattern] = float(value)
+        try:
+            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
+        except ValueError:
+            number = None
+        if number is None or not 0 <= number < math.inf:
+            raise ValueError(f"`lr_multipliers[{pattern!r}]` must be a finite non-negative number, got {value!r}.")
+        out[pattern] = number
     return out
 
 

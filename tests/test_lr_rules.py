@@ -400,8 +400,23 @@ def test_user_multipliers_apply_last_and_multiply():
     assert by_param[id(model.classifier.weight)]["name"] == "readout:lr_x5"
     with pytest.raises(ValueError, match="not a regular expression"):
         _groups(model, lr_multipliers={"(": 2.0})
-    with pytest.raises(ValueError, match="non-negative number"):
-        _groups(model, lr_multipliers={"x": -1.0})
+    for bad in (-1.0, float("inf"), "ten", True):
+        with pytest.raises(ValueError, match="finite non-negative number"):
+            _groups(model, lr_multipliers={"x": bad})
+    with pytest.raises(ValueError, match="must be a mapping regex → factor, got list"):
+        _groups(model, lr_multipliers=[("x", 2.0)])
+
+
+def test_multipliers_are_checked_alike_from_arguments_and_from_build_param_groups(tmp_path):
+    """One checker serves both entry points: a numeric string (as JSON from a recipe gives it) is its number."""
+    from hf_unitscale import UnitScaleTrainingArguments
+    from hf_unitscale.lr_rules import check_lr_multipliers
+
+    assert check_lr_multipliers({"classifier": "10"}) == {"classifier": 10.0}
+    args = UnitScaleTrainingArguments(output_dir=str(tmp_path), lr_multipliers={"classifier": "10"}, use_cpu=True)
+    assert args.lr_multipliers == {"classifier": 10.0}
+    with pytest.raises(ValueError, match=r"`lr_multipliers\['x'\]` must be a finite non-negative number, got -2"):
+        UnitScaleTrainingArguments(output_dir=str(tmp_path), lr_multipliers={"x": -2}, use_cpu=True)
 
 
 @pytest.mark.parametrize("option", ["lr", "eps", "weight_decay"])
