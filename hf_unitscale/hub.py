@@ -5,7 +5,8 @@
 default (a plain checkpoint any transformers install loads with the same function), plus a model
 card (`model_card.py`). `push_to_hub` saves into a temporary folder and uploads it with the
 huggingface_hub client: transformers' own `push_to_hub` would overwrite our card with its own.
-Loading never goes through a path that could silently drop the scales — see `checkpoint.py`.
+Loading never goes through a path that could silently drop the scales — see `checkpoint.py`. A save or push
+replaces the weight files of every format (`WEIGHT_PATTERNS`); `trainer_push.py` makes Trainer's pushes do so.
 """
 
 from __future__ import annotations
@@ -13,11 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
-import threading
 import warnings
-from collections import Counter
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from types import MethodType
 from typing import Any
@@ -53,7 +50,19 @@ from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
 from .convert import _convert, _unit_scale, is_unit_scaled, matmul_layers
 from .model_card import MODEL_CARD_TAGS, update_model_card
 
-__all__ = ["attach_checkpoint_methods", "from_pretrained", "push_to_hub", "save_pretrained"]
+__all__ = [
+    "WEIGHT_PATTERNS",
+    "attach_checkpoint_methods",
+    "concrete_model_class",
+    "detach_checkpoint_methods",
+    "file_stamps",
+    "from_pretrained",
+    "push_to_hub",
+    "remove_stale_weights",
+    "resolve_model_class",
+    "save_pretrained",
+    "weight_files",
+]
 
 logger = logging.get_logger(__name__)
 
@@ -65,7 +74,7 @@ _LOADING_KWARGS = (*_HUB_KWARGS, "dtype", "torch_dtype", "attn_implementation", 
 # the top-level model weight files of every format (one file, shards, index) that a save or push replaces: a stale
 # model.safetensors next to a unit-scaled checkpoint would be loaded by plain transformers as if it were the model.
 # Only these names: optimizer states, training arguments, adapters and subfolders (Trainer's checkpoints) stay.
-_WEIGHT_PATTERNS = [
+WEIGHT_PATTERNS = [
     pattern
     for stem, extension in (("model", ".safetensors"), ("pytorch_model", ".bin"), ("unit_scaled_model", ".safetensors"))
     for pattern in (f"{stem}{extension}", f"{stem}-*-of-*{extension}", f"{stem}{extension}.index.json")
@@ -175,7 +184,7 @@ def save_pretrained(
         extra_config = {"quantization_config": quantization_config}
         block = _checkpoint_block(model, checkpoint_format, weight_dtype="e4m3", operand_scales=operand_scales(model))
     if is_main_process:
-        _remove_stale_weights(save_directory, checkpoint_format)
+        remove_stale_weights(save_directory, checkpoint_format)
     config = model.config
     original_block = getattr(config, CONFIG_KEY, None)
     if checkpoint_format == "merged":
@@ -229,76 +238,15 @@ def weight_files(folder: str | os.PathLike) -> list[Path]:
     folder = Path(folder)
     if not folder.is_dir():
         return []
-    return sorted({path for pattern in _WEIGHT_PATTERNS for path in folder.glob(pattern) if path.is_file()})
+    return sorted({path for pattern in WEIGHT_PATTERNS for path in folder.glob(pattern) if path.is_file()})
 
 
-def _remove_stale_weights(save_directory: str | os.PathLike, checkpoint_format: str) -> None:
+def remove_stale_weights(save_directory: str | os.PathLike, checkpoint_format: str) -> None:
     """Delete weight files a save in another format left in `save_directory`: a stale model.safetensors next to
     a unit-scaled checkpoint would be loaded by plain transformers as if it were this model."""
     for path in weight_files(save_directory):
         logger.info(f"Removing {path}, left by an earlier save, before saving a {checkpoint_format} checkpoint.")
         path.unlink()
-
-
-def mirror_weight_files(source: str | os.PathLike, target: str | os.PathLike) -> None:
-    """Make `target`'s weight files `source`'s: delete every weight file in `target`, copy those of `source`.
-    `Trainer._push_from_checkpoint` copies a checkpoint's config.json to its output folder but only
-    model.safetensors/pytorch_model.bin weights, so a unit-scaled checkpoint would be pushed without any."""
-    _remove_stale_weights(target, "copied")
-    for pattern in _WEIGHT_PATTERNS:
-        for path in Path(source).glob(pattern):
-            shutil.copy(path, Path(target) / path.name)
-
-
-class WeightReplacingApi:
-    """`api`, whose `upload_folder` of one of `folders` to the repo's root also deletes the repo's weight files that it
-    does not upload (`delete_patterns`), as `push_to_hub` does: for Trainer's uploads, which delete nothing. The commit
-    that brings one format's weights then removes another's, so no commit holds a config without its weights or a
-    stale model.safetensors that plain transformers would load as the model."""
-
-    def __init__(self, api: HfApi, folders: frozenset[str]) -> None:
-        self._api, self._folders = api, folders
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._api, name)
-
-    def upload_folder(self, *args: Any, **kwargs: Any) -> Any:
-        folder = kwargs.get("folder_path")
-        if folder is not None and not kwargs.get("path_in_repo") and os.path.abspath(folder) in self._folders:
-            kwargs["delete_patterns"] = _WEIGHT_PATTERNS
-        return self._api.upload_folder(*args, **kwargs)  # the same client: its queue keeps Trainer's commits in order
-
-
-_replacing_lock = threading.Lock()
-_replacing_folders: Counter[str] = Counter()  # output folders of the Trainer pushes running now
-_trainer_hf_api: list = []  # transformers.trainer's own `hf_api` while ours stands in for it
-
-
-@contextmanager
-def trainer_uploads_replacing_weights(folder: str | os.PathLike) -> Iterator[None]:
-    """For the length of a Trainer push, its uploads of `folder` (through `transformers.trainer.hf_api()`) delete the
-    repo's weight files of another format in the same commit (`WeightReplacingApi`): a separate delete commit would
-    leave the repo's head without weights until the upload lands, and for good if it fails. Other callers of
-    `hf_api()` get the same client, unchanged for other folders. Pushes may overlap (trainers in threads): the
-    stand-in lists every running push's folder and is removed when the last one ends."""
-    import transformers.trainer as transformers_trainer
-
-    folder = os.path.abspath(folder)
-    with _replacing_lock:
-        if not _replacing_folders:
-            original = transformers_trainer.hf_api
-            _trainer_hf_api.append(original)
-            transformers_trainer.hf_api = lambda: WeightReplacingApi(original(), frozenset(_replacing_folders))
-        _replacing_folders[folder] += 1
-    try:
-        yield
-    finally:
-        with _replacing_lock:
-            _replacing_folders[folder] -= 1
-            if not _replacing_folders[folder]:
-                del _replacing_folders[folder]
-            if not _replacing_folders:
-                transformers_trainer.hf_api = _trainer_hf_api.pop()
 
 
 def _check_weight_dtype(checkpoint_format: str, weight_dtype: str | None) -> str | None:
@@ -365,7 +313,7 @@ def _upload(
         revision=revision,
         create_pr=create_pr,
         allow_patterns=allow_patterns,
-        delete_patterns=_WEIGHT_PATTERNS,
+        delete_patterns=WEIGHT_PATTERNS,
     )
 
 
@@ -439,7 +387,11 @@ def detach_checkpoint_methods(model: PreTrainedModel) -> None:
         model.model_tags = [t for t in model.model_tags if t not in MODEL_CARD_TAGS] or None
 
 
-def _model_class(config: PretrainedConfig, model_class: type[PreTrainedModel] | str | None) -> type[PreTrainedModel]:
+def resolve_model_class(
+    config: PretrainedConfig, model_class: type[PreTrainedModel] | str | None
+) -> type[PreTrainedModel]:
+    """The class to load `config`'s checkpoint with: `model_class`, a class or the name of a transformers class (as
+    the CLI's --model-class takes it), or by default the class named in `config.architectures`."""
     if isinstance(model_class, str):  # a class name, as the CLI's --model-class takes it
         if not isinstance(getattr(transformers, model_class, None), type):
             raise ValueError(
@@ -458,7 +410,7 @@ def _model_class(config: PretrainedConfig, model_class: type[PreTrainedModel] | 
     return getattr(transformers, architectures[0])
 
 
-def _concrete_class(cls: type, config: PretrainedConfig) -> type[PreTrainedModel]:
+def concrete_model_class(cls: type, config: PretrainedConfig) -> type[PreTrainedModel]:
     """`cls` itself, or the class an Auto class (`AutoModelForSequenceClassification`) picks for `config`."""
     if issubclass(cls, PreTrainedModel):
         return cls
@@ -527,10 +479,10 @@ def from_pretrained(
     unit_scale_config = as_unit_scale_config(unit_scale_config, "unit_scale_config")
     if unit_scale_config is None:
         unit_scale_config = UnitScaleConfig.from_dict(options) if options else UnitScaleConfig()
-    cls = _model_class(config, model_class)
+    cls = resolve_model_class(config, model_class)
     saved_class = (getattr(config, "architectures", None) or [None])[0]
     generation_config = None
-    another_class = saved_class and _concrete_class(cls, config).__name__ != saved_class
+    another_class = saved_class and concrete_model_class(cls, config).__name__ != saved_class
     resized = config_changed and kwargs.get("ignore_mismatched_sizes")
     if checkpoint_format == "unit-scaled" and not resized:
         kwargs.pop("ignore_mismatched_sizes", None)  # the saved class and config: every size matches
@@ -545,7 +497,7 @@ def from_pretrained(
         )
         stored_scales, kwargs["state_dict"] = operand_scales(saved), merged_state_dict(saved)
         generation_config = saved.generation_config if saved.can_generate() else None
-        pretrained_model_name_or_path, cls, checkpoint_format = None, _concrete_class(cls, config), "merged"
+        pretrained_model_name_or_path, cls, checkpoint_format = None, concrete_model_class(cls, config), "merged"
         del saved
     if checkpoint_format != "unit-scaled":
         if checkpoint_format == "compressed-tensors" and "quantization_config" not in kwargs:

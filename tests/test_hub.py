@@ -332,7 +332,7 @@ def test_overlapping_trainer_pushes_leave_transformers_hf_api_as_it_was(tmp_path
     again (restoring what one push saw at its start left another's stand-in in place)."""
     import transformers.trainer as transformers_trainer
 
-    from hf_unitscale.hub import trainer_uploads_replacing_weights
+    from hf_unitscale.trainer_push import trainer_uploads_replacing_weights
 
     original = transformers_trainer.hf_api
     first, second = (trainer_uploads_replacing_weights(tmp_path / name) for name in ("a", "b"))

@@ -32,7 +32,7 @@ def merge_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Arg
 
 def merge_command(args: argparse.Namespace) -> int:
     from ..convert import merge_unit_scale
-    from ..hub import _remove_stale_weights
+    from ..hub import remove_stale_weights
     from ..model_card import remove_model_card_section
 
     check_local_path(args.model, "model")  # before the config read below takes a missing folder for a Hub id
@@ -43,7 +43,7 @@ def merge_command(args: argparse.Namespace) -> int:
         merge_unit_scale(model)
 
     def save() -> None:
-        _remove_stale_weights(args.output_dir, "merged")  # transformers' own save replaces only its own shards
+        remove_stale_weights(args.output_dir, "merged")  # transformers' own save replaces only its own shards
         model.save_pretrained(args.output_dir)
         remove_model_card_section(args.output_dir)  # the source's card, or an earlier convert's, says "unit-scaled"
 
@@ -61,7 +61,7 @@ def _stored_weights_model(name_or_path: str, model_class: str | None):
 
     from ..checkpoint import read_checkpoint_format
     from ..config import CONFIG_KEY
-    from ..hub import _concrete_class, _model_class
+    from ..hub import concrete_model_class, resolve_model_class
     from ..tasks import resolve_model_path
 
     path = resolve_model_path(name_or_path)
@@ -70,4 +70,4 @@ def _stored_weights_model(name_or_path: str, model_class: str | None):
         return None
     if hasattr(config, CONFIG_KEY):
         delattr(config, CONFIG_KEY)
-    return _concrete_class(_model_class(config, model_class), config).from_pretrained(path, config=config)
+    return concrete_model_class(resolve_model_class(config, model_class), config).from_pretrained(path, config=config)
