@@ -48,6 +48,7 @@ from .checkpoint import (
 )
 from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
 from .convert import _convert, _unit_scale, is_unit_scaled, matmul_layers
+from .embedded import resolve_model_path
 from .model_card import MODEL_CARD_TAGS, update_model_card
 
 __all__ = [
@@ -450,10 +451,7 @@ def from_pretrained(
             unit-scaled checkpoint is built from its config instead, in the dtype it was saved in unless `dtype`
             says otherwise; it takes `dtype`, `attn_implementation` and the Hub arguments, and names any other.
     """
-    if str(pretrained_model_name_or_path).startswith("embedded:"):  # as the CLI and recipes take them
-        from .tasks import resolve_model_path  # tasks imports this module
-
-        pretrained_model_name_or_path = resolve_model_path(str(pretrained_model_name_or_path))
+    pretrained_model_name_or_path = resolve_model_path(pretrained_model_name_or_path)  # `embedded:<name>` too
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
     config = kwargs.pop("config", None)
     config_changed = config is not None  # a config of the caller's, or one the kwargs update: sizes may differ

@@ -27,28 +27,15 @@ import torch
 from transformers.utils import logging
 
 from .config import CONFIG_KEY
+from .embedded import resolve_model_path
 from .hub import from_pretrained
 from .recipe import TASKS, DataArguments, ModelArguments
 
-__all__ = ["EMBEDDED_MODELS", "TaskSetup", "infer_task", "resolve_model_path", "setup_task"]
+__all__ = ["TaskSetup", "infer_task", "setup_task"]
 
 logger = logging.get_logger(__name__)
 
-EMBEDDED_PREFIX = "embedded:"
-EMBEDDED_MODELS = ("minilm", "smollm2")
 COMPRESSED_SUFFIXES = (".gz", ".bz2", ".xz")  # decompressed by `datasets` on load
-
-
-def resolve_model_path(name_or_path: str) -> str:
-    """`embedded:minilm` / `embedded:smollm2` → the cached folder (fetched if needed); anything else unchanged."""
-    if not name_or_path.startswith(EMBEDDED_PREFIX):
-        return name_or_path
-    from . import embedded
-
-    name = name_or_path[len(EMBEDDED_PREFIX) :]
-    if name not in EMBEDDED_MODELS:
-        raise ValueError(f"Unknown embedded model {name_or_path!r}; choose `embedded:minilm` or `embedded:smollm2`.")
-    return str(embedded.minilm_path() if name == "minilm" else embedded.smollm2_path())
 
 
 def infer_task(config: Any) -> str:

@@ -586,7 +586,7 @@ def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, c
     if case == "convert_unknown_embedded":
         argv = ["convert", "embedded:foo", str(tmp_path / "o")]
     elif case == "convert_failed_fetch":
-        monkeypatch.setattr(hf_unitscale.embedded, "minilm_path", _fail_fetch)
+        monkeypatch.setattr(hf_unitscale.embedded.models, "minilm_path", _fail_fetch)  # what resolves the name
         argv = ["convert", "embedded:minilm", str(tmp_path / "o")]
     elif case == "convert_compressed_tensors_without_the_package":
         model = hf_unitscale.from_pretrained(save_tiny_model("bert", tmp_path / "plain"))

@@ -61,8 +61,8 @@ def _stored_weights_model(name_or_path: str, model_class: str | None):
 
     from ..checkpoint import read_checkpoint_format
     from ..config import CONFIG_KEY
+    from ..embedded import resolve_model_path
     from ..hub import concrete_model_class, resolve_model_class
-    from ..tasks import resolve_model_path
 
     path = resolve_model_path(name_or_path)
     config = AutoConfig.from_pretrained(path)

@@ -85,8 +85,8 @@ def load_model(name_or_path: str, model_class: str | None = None) -> Any:
     """
     import transformers
 
+    from ..embedded import resolve_model_path
     from ..hub import from_pretrained
-    from ..tasks import resolve_model_path
 
     check_local_path(name_or_path, "model")
     cls = None
@@ -139,8 +139,8 @@ def copy_source_files(name_or_path: str, output_dir: str) -> list[str]:
     config.json, hidden entries (`.git`, `.cache`) and
     `output_dir` itself. A Hub id cannot be listed offline: only its config, weights and tokenizer carry over.
     Returns the files copied, relative to `output_dir` ('/'-separated)."""
+    from ..embedded import resolve_model_path
     from ..hub import weight_files
-    from ..tasks import resolve_model_path
 
     source, out = Path(resolve_model_path(name_or_path)).expanduser(), Path(output_dir).expanduser()
     copied = []
@@ -188,7 +188,7 @@ def load_tokenizer(name_or_path: str) -> Any | None:
     from transformers import AutoTokenizer
     from transformers.utils import cached_file
 
-    from ..tasks import resolve_model_path
+    from ..embedded import resolve_model_path
 
     path = resolve_model_path(name_or_path)
     found = any(

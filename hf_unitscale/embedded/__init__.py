@@ -17,7 +17,7 @@ names a damaged file instead of loading it. ``python -m hf_unitscale.embedded`` 
 (the step CI runs before the tests); ``--force`` rebuilds.
 
 Modules: :mod:`.fetching` (pins, download, sha256 check, cache, lock, :func:`fetch`),
-:mod:`.models` (MiniLM and SmolLM2), :mod:`.sentiment` (VADER snippets), :mod:`.austen`
+:mod:`.models` (MiniLM and SmolLM2, by their ``embedded:`` names), :mod:`.sentiment` (VADER snippets), :mod:`.austen`
 (the R lazy-load reader and the novels), ``__main__`` (the command line).
 """
 
@@ -29,7 +29,7 @@ from .fetching import ASSET_NAMES, ChecksumError, FetchError, cache_dir, fetch
 from .fetching import _is_cached as _is_cached
 from .fetching import _sha256_file as _sha256_file
 from .fetching import _verify_sha256 as _verify_sha256
-from .models import minilm_path, smollm2_path
+from .models import minilm_path, resolve_model_path, smollm2_path
 from .sentiment import load_sentiment
 
 __all__ = [
@@ -41,5 +41,6 @@ __all__ = [
     "load_austen",
     "load_sentiment",
     "minilm_path",
+    "resolve_model_path",
     "smollm2_path",
 ]

