@@ -34,9 +34,10 @@ from transformers.utils import logging
 from .convert import is_unit_scaled, unit_scale, unit_scaled_modules
 from .formats import FORMATS, CastCounter, cast_to_format
 from .modules import UnitScaledEmbedding, UnitScaledMatmulMixin
-from .operand_stats import OperandRmsHooks, RmsAccumulator, default_loss, model_inputs
+from .operand_stats import OperandRmsHooks, RmsAccumulator
 from .ops import rms
 from .precision import full_precision
+from .training_loss import default_loss, model_inputs
 
 __all__ = ["LayerScales", "ScaleReport", "format_scale_table", "plot_scale_report", "scale_report"]
 

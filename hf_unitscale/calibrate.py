@@ -73,10 +73,9 @@ from .operand_stats import (
     OperandRmsHooks,
     RmsAccumulator,
     RoundingErrorAccumulator,
-    default_loss,
-    model_inputs,
 )
 from .precision import full_precision
+from .training_loss import default_loss, model_inputs
 
 __all__ = ["calibrate"]
 

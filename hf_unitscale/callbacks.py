@@ -33,8 +33,8 @@ from transformers.utils import logging
 from .calibrate import calibrate
 from .checkpoint import operand_scales
 from .convert import matmul_layers
-from .operand_stats import is_causal_lm, model_inputs
 from .precision import cast_statistics, summarize_casts, track_casts
+from .training_loss import is_causal_lm, model_inputs
 
 __all__ = ["RecalibrationCallback"]
 

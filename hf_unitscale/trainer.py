@@ -71,10 +71,10 @@ from .formats import FP8_FORMAT_PAIRS
 from .hub import save_pretrained
 from .lr_rules import Role, build_param_groups, check_lr_options, summarize_param_groups
 from .model_card import update_model_card
-from .operand_stats import is_causal_lm
 from .plateau import SharedFactorReduceLROnPlateau, lr_ratio
 from .precision import casts_uncounted, full_precision, set_precision
 from .trainer_push import mirror_weight_files, trainer_uploads_replacing_weights
+from .training_loss import is_causal_lm
 
 __all__ = [
     "UnitScaleSeq2SeqTrainer",
