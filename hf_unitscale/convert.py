@@ -40,12 +40,17 @@ from .resize import resize_token_embeddings
 
 __all__ = [
     "check_converted_with",
+    "check_no_peft_adapters",
+    "convert_layers",
+    "convert_model",
     "is_unit_scaled",
     "matmul_layers",
+    "measure_weight_scale",
     "merge_unit_scale",
     "readout_modules",
     "unit_scale",
     "unit_scaled_modules",
+    "uses_power_of_two_scales",
     "weight_scales",
 ]
 
@@ -173,7 +178,7 @@ def weight_scales(model: nn.Module) -> dict[int, float]:
     return scales
 
 
-def _weight_scale(weight: torch.Tensor, name: str, power_of_two: bool) -> torch.Tensor:
+def measure_weight_scale(weight: torch.Tensor, name: str, power_of_two: bool) -> torch.Tensor:
     """s = rms(W) = ‖W‖₂ / √n as an fp32 scalar, or with `power_of_two` 2^round(log₂ rms(W)); 1 for an all-zero W;
     an error naming the tensor if W is not finite."""
     w = weight.detach()
@@ -195,7 +200,7 @@ def _weight_scale(weight: torch.Tensor, name: str, power_of_two: bool) -> torch.
     return torch.where(scale > 0, scale, torch.ones_like(scale)).cpu()
 
 
-def _uses_power_of_two(weight: torch.Tensor, config: UnitScaleConfig) -> bool:
+def uses_power_of_two_scales(weight: torch.Tensor, config: UnitScaleConfig) -> bool:
     """`config.power_of_two_scales`, or where it is None, whether W is stored in a float narrower than fp32."""
     if config.power_of_two_scales is not None:
         return config.power_of_two_scales
@@ -335,11 +340,11 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Mo
             has PEFT adapters, or it is already unit-scaled with other options than `config` (named; without
             `config`, converting again only warns).
     """
-    return _unit_scale(model, config, reloading=False)
+    return convert_model(model, config, reloading=False)
 
 
 @torch.no_grad()
-def _unit_scale(model: nn.Module, config: UnitScaleConfig | dict | None, *, reloading: bool) -> nn.Module:
+def convert_model(model: nn.Module, config: UnitScaleConfig | dict | None, *, reloading: bool) -> nn.Module:
     """`unit_scale`, its checks included. `reloading`: `hf_unitscale.from_pretrained` converts a checkpoint that
     hf_unitscale saved, whose block's a, c it sets next (no warning about the block), and whose modules that stay
     unconverted were named when it was first converted (named again at info level, not on every load)."""
@@ -360,7 +365,7 @@ def _unit_scale(model: nn.Module, config: UnitScaleConfig | dict | None, *, relo
     config = config or UnitScaleConfig()
     if not reloading:
         _warn_about_a_saved_block(model, config)
-    return _convert(model, config, measure=True, reloading=reloading)
+    return convert_layers(model, config, measure=True, reloading=reloading)
 
 
 def _warn_about_a_saved_block(model: nn.Module, config: UnitScaleConfig) -> None:
@@ -413,7 +418,7 @@ def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: st
 
 
 @torch.no_grad()
-def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool, reloading: bool) -> nn.Module:
+def convert_layers(model: nn.Module, config: UnitScaleConfig, *, measure: bool, reloading: bool) -> nn.Module:
     """Swap the layers of `model`; with `measure=False` (loading a unit-scaled checkpoint) leave the
     weights alone and set s = 1, to be overwritten by the checkpoint's Ŵ and s. `reloading` (a checkpoint
     hf_unitscale saved): the modules that stay unconverted are named at info level, not as a warning."""
@@ -440,9 +445,9 @@ def _convert(model: nn.Module, config: UnitScaleConfig, *, measure: bool, reload
                 qualified = f"{name}.{weight_name}" if name else weight_name
                 scale = torch.ones((), dtype=torch.float32)
                 if measure:
-                    power_of_two = _uses_power_of_two(param, config)
+                    power_of_two = uses_power_of_two_scales(param, config)
                     rounded_by_dtype += power_of_two and config.power_of_two_scales is None
-                    scale = _weight_scale(param, qualified, power_of_two)
+                    scale = measure_weight_scale(param, qualified, power_of_two)
                     param.copy_(apply_scale(param, scale.to(param.device), divide=True))
                 scale_of_param[id(param)] = scale
             scale = scale_of_param[id(param)].to(param.device if param.device.type != "meta" else "cpu")

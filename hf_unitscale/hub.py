@@ -47,7 +47,7 @@ from .checkpoint import (
     write_unit_scaled_weights,
 )
 from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
-from .convert import _convert, _unit_scale, is_unit_scaled, matmul_layers
+from .convert import convert_layers, convert_model, is_unit_scaled, matmul_layers
 from .embedded import resolve_model_path
 from .model_card import MODEL_CARD_TAGS, update_model_card
 
@@ -518,7 +518,7 @@ def from_pretrained(
         if is_unit_scaled(model):
             return model
         # an adapter folder beside the weights, which transformers loads, is refused; the block's a, c are set next
-        _unit_scale(model, unit_scale_config, reloading=checkpoint_format is not None)
+        convert_model(model, unit_scale_config, reloading=checkpoint_format is not None)
         set_operand_scales(
             model, _as_named_in(model, stored_scales, across_classes=saved_class != type(model).__name__)
         )
@@ -530,7 +530,7 @@ def from_pretrained(
             "model from its config and loads Ŵ, s, a, c exactly. It takes `dtype`, `attn_implementation` and "
             f"{list(_HUB_KWARGS)}; move the model with `.to(device)` afterwards."
         )
-    # before `_convert` replaces the block with its conversion options
+    # before `convert_layers` replaces the block with its conversion options
     weight_dtype, embedding_dtype = read_weight_dtype(config.to_dict()), read_embedding_dtype(config.to_dict())
     dtype = kwargs.get("dtype", kwargs.get("torch_dtype", "auto"))
     if dtype == "auto":  # the dtype the model was saved in
@@ -543,7 +543,7 @@ def from_pretrained(
         else:  # an Auto class
             model = cls.from_config(config, **build_kwargs)
     model.tie_weights()  # before converting: a tied weight is one Parameter, saved once
-    _convert(model, unit_scale_config, measure=False, reloading=True)
+    convert_layers(model, unit_scale_config, measure=False, reloading=True)
     load_unit_scaled_state_dict(
         model,
         read_unit_scaled_weights(pretrained_model_name_or_path, **hub_kwargs),

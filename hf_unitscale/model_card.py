@@ -31,7 +31,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME
 from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import _uses_power_of_two, _weight_scale, unit_scaled_modules, weight_scales
+from .convert import measure_weight_scale, unit_scaled_modules, uses_power_of_two_scales, weight_scales
 from .modules import UnitScaledMatmulMixin
 from .ops import apply_scale
 
@@ -109,7 +109,7 @@ def _loaded_scales(model: nn.Module, block: dict, folder: str | os.PathLike | No
     config = UnitScaleConfig(power_of_two_scales=block.get("power_of_two_scales"))
 
     def measure(name: str, weight: torch.Tensor) -> float:
-        return float(_weight_scale(weight, name, _uses_power_of_two(weight, config)))
+        return float(measure_weight_scale(weight, name, uses_power_of_two_scales(weight, config)))
 
     params = dict(model.named_parameters(remove_duplicate=False))
     converted = weight_scales(model)
