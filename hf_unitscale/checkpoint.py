@@ -43,6 +43,7 @@ from .ops import apply_scale
 
 __all__ = [
     "CHECKPOINT_FORMATS",
+    "DEFAULT_MAX_SHARD_SIZE",
     "EMBEDDING_DTYPES",
     "UNIT_SCALED_INDEX_NAME",
     "UNIT_SCALED_WEIGHTS_NAME",
@@ -55,9 +56,12 @@ __all__ = [
     "merged_state_dict",
     "operand_scales",
     "read_checkpoint_format",
+    "read_embedding_dtype",
     "read_unit_scaled_weights",
+    "read_weight_dtype",
     "set_operand_scales",
     "unit_scaled_state_dict",
+    "write_unit_scaled_weights",
 ]
 
 logger = logging.get_logger(__name__)

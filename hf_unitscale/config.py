@@ -10,7 +10,7 @@ from typing import Any
 from .formats import FORMATS, get_format
 from .ops import BACKENDS, MatmulPrecision
 
-__all__ = ["UnitScaleConfig", "as_unit_scale_config"]
+__all__ = ["CONFIG_KEY", "UnitScaleConfig", "as_unit_scale_config"]
 
 CONFIG_KEY = "unit_scaling"
 _NULL = type(None)

@@ -25,6 +25,8 @@ from transformers.utils import logging
 from .ops import MatmulPrecision, OperandCounters, apply_scale, scaled_embedding, scaled_linear
 
 __all__ = [
+    "EMBEDDING_CLASSES",
+    "MATMUL_CLASSES",
     "SCALE_SUFFIX",
     "UnitScaledConv1D",
     "UnitScaledEmbedding",

@@ -35,7 +35,7 @@ import torch.nn.functional as F
 
 from .formats import CastCounter, LowPrecisionFormat, cast_to_format
 
-__all__ = ["MatmulPrecision", "OperandCounters", "apply_scale", "rms", "scaled_embedding", "scaled_linear"]
+__all__ = ["BACKENDS", "MatmulPrecision", "OperandCounters", "apply_scale", "rms", "scaled_embedding", "scaled_linear"]
 
 BACKENDS = ("simulate", "scaled_mm")
 # torch._scaled_mm on CUDA needs the inner dimension K and the output width N of its GEMMs to be multiples of 16

@@ -22,10 +22,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 __all__ = [
+    "RECIPES_DIR",
+    "RECIPE_SUFFIXES",
+    "TASKS",
     "DataArguments",
     "ModelArguments",
     "Recipe",
     "RecipeError",
+    "list_valued_keys",
     "load_recipe",
     "mapping_keys",
     "optional_keys",

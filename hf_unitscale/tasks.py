@@ -31,7 +31,7 @@ from .embedded import resolve_model_path
 from .hub import from_pretrained
 from .recipe import TASKS, DataArguments, ModelArguments
 
-__all__ = ["TaskSetup", "infer_task", "setup_task"]
+__all__ = ["TaskSetup", "add_perplexity", "infer_task", "position_limit", "scale_batches", "setup_task"]
 
 logger = logging.get_logger(__name__)
 
