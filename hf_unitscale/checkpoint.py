@@ -1,4 +1,4 @@
-"""The two checkpoint formats of a unit-scaled model, as state dicts and files.
+"""The three checkpoint formats of a unit-scaled model, as state dicts and files.
 
 - `merged`: a plain transformers checkpoint, W = s·Ŵ under the original names and nothing else,
   in `model.safetensors`. Any transformers install loads it and computes the same function. The
@@ -374,7 +374,8 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
 
 
 def read_checkpoint_format(config_dict: dict) -> str | None:
-    """`merged`, `unit-scaled`, or None for a plain checkpoint with no `unit_scaling` block."""
+    """`merged`, `unit-scaled`, `compressed-tensors` (one of `CHECKPOINT_FORMATS`), or None for a plain checkpoint
+    with no `unit_scaling` block."""
     block = config_dict.get(CONFIG_KEY)
     if block is None:
         return None

@@ -320,7 +320,7 @@ def check_no_peft_adapters(model: nn.Module) -> None:
         )
 
 
-def unit_scale(model: nn.Module, config: UnitScaleConfig | None = None) -> nn.Module:
+def unit_scale(model: nn.Module, config: UnitScaleConfig | dict | None = None) -> nn.Module:
     """Rewrite every supported weight W of `model` as s·Ŵ, in place, keeping the model's function.
 
     Args:

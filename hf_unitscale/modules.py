@@ -9,7 +9,7 @@ transformers/peft/accelerate code, and tied weights stay one Parameter. Each cla
     grad_scale    c   fp32 scalar buffer, static output-gradient scale (1 until calibrated)
 
 and a forward that calls the math in `ops.py`. `precision` (a `MatmulPrecision` or None) and
-`cast_counters` are plain attributes set by conversion and calibration, not state.
+`cast_counters` are plain attributes (class defaults None) set by `set_precision` and `track_casts`, not state.
 """
 
 from __future__ import annotations

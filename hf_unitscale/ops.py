@@ -226,5 +226,6 @@ def scaled_linear(
 
 
 def scaled_embedding(ids: torch.Tensor, weight: torch.Tensor, weight_scale: torch.Tensor, **kwargs) -> torch.Tensor:
-    """y = s · Ŵ[ids]; kwargs are those of F.embedding (padding_idx, max_norm, …)."""
+    """y = s · Ŵ[ids]; kwargs are F.embedding's padding_idx, scale_grad_by_freq and sparse. Not max_norm: it
+    would renormalize rows of Ŵ, not of W, so conversion leaves embeddings with a max_norm unconverted."""
     return apply_scale(F.embedding(ids, weight, **kwargs), weight_scale)

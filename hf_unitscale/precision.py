@@ -188,7 +188,8 @@ def summarize_casts(statistics: dict[str, dict[str, dict[str, float]]], prefix: 
     """Pool `cast_statistics` over layers into log entries, per operand:
 
     `{prefix}{operand}_saturated_fraction`, `{prefix}{operand}_underflow_fraction` (pooled over
-    all layers) and `{prefix}{operand}_max_layer_underflow_fraction` (the worst layer).
+    all layers), `{prefix}{operand}_max_layer_saturated_fraction` and
+    `{prefix}{operand}_max_layer_underflow_fraction` (the worst layer).
     """
     summary: dict[str, float] = {}
     for operand in OPERANDS:
