@@ -24,7 +24,7 @@ from __future__ import annotations
 import copy
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -319,15 +319,3 @@ def plot_scale_report(report: ScaleReport, path: str | Path | None = None, *, ti
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=110)
     return fig
-
-
-def plotted_series(fig) -> dict[str, list[float]]:
-    """{table header: y-data} of every series line drawn by `plot_scale_report` (for checks)."""
-    return {
-        line.get_gid(): [float(v) for v in line.get_ydata()] for ax in fig.axes for line in ax.lines if line.get_gid()
-    }
-
-
-def report_columns() -> list[str]:
-    """Names of the numeric `LayerScales` fields, in order."""
-    return [f.name for f in fields(LayerScales) if f.name not in ("name", "kind")]

@@ -290,12 +290,7 @@ def calibrate(
     loss_fn = loss_fn or default_loss
     was_training = {m: m.training for m in model.modules()}
     iterator = iter(batches) if num_batches is None else islice(batches, num_batches)
-    try:
-        from transformers.utils.logging import tqdm
-
-        bar = tqdm(iterator, total=num_batches, desc="Calibrating unit scales", disable=not progress)
-    except ImportError:  # pragma: no cover
-        bar = iterator
+    bar = logging.tqdm(iterator, total=num_batches, desc="Calibrating unit scales", disable=not progress)
     n_batches = n_tokens = 0
     used_proxy = False
     try:

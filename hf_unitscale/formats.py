@@ -85,10 +85,10 @@ class CastCounter:
 
     counts: torch.Tensor = field(default_factory=lambda: torch.zeros(len(COUNTS), dtype=torch.int64))
 
-    def update(self, x: torch.Tensor, cast: torch.Tensor, fmt: LowPrecisionFormat) -> None:
-        """Count x's elements that saturate (|x| > max) or underflow. Rounding is to nearest-even, so a
-        non-zero x becomes 0 exactly when |x| <= smallest_subnormal / 2: comparing |x| with that bound
-        counts the same elements as `cast == 0` without reading the low-precision tensor back."""
+    def update(self, x: torch.Tensor, fmt: LowPrecisionFormat) -> None:
+        """Count the elements of x that a cast to `fmt` saturates (|x| > max) or flushes to zero. Rounding is to
+        nearest-even, so a non-zero x becomes 0 exactly when |x| <= smallest_subnormal / 2: comparing |x| with that
+        bound counts the same elements as `cast == 0` without reading the low-precision tensor back."""
         if self.counts.device != x.device:  # the model moved after `track_casts`
             self.counts = self.counts.to(x.device)
         magnitude = x.detach().abs()
@@ -117,7 +117,7 @@ def cast_to_format(x: torch.Tensor, fmt: LowPrecisionFormat, counter: CastCounte
     limit = min(fmt.max, torch.finfo(x.dtype).max)  # bf16's max does not fit an fp16 x's clamp
     cast = x.clamp(-limit, limit).to(fmt.dtype)
     if counter is not None:
-        counter.update(x, cast, fmt)
+        counter.update(x, fmt)
     return cast
 
 

@@ -146,10 +146,8 @@ class DataArguments:
 
 
 def _training_arguments_class():
-    try:
-        from .arguments import UnitScaleTrainingArguments
-    except ImportError:
-        from .trainer import UnitScaleTrainingArguments
+    from .arguments import UnitScaleTrainingArguments  # imported when used: this module imports no transformers
+
     return UnitScaleTrainingArguments
 
 

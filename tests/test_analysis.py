@@ -13,13 +13,19 @@ from hf_unitscale.analysis import (
     SERIES,
     format_scale_table,
     plot_scale_report,
-    plotted_series,
     scale_report,
 )
 from hf_unitscale.formats import FORMATS
 from hf_unitscale.ops import rms
 
 from tiny_models import CASES_BY_ID, TINY_CASES
+
+
+def plotted_series(fig) -> dict[str, list[float]]:
+    """{table header: y-data} of every series line `plot_scale_report` drew (each carries its header as `gid`)."""
+    return {
+        line.get_gid(): [float(v) for v in line.get_ydata()] for ax in fig.axes for line in ax.lines if line.get_gid()
+    }
 
 
 def _batches(case, n=2, batch_size=4, seq_len=12):

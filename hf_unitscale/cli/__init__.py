@@ -100,7 +100,3 @@ def main(argv: list[str] | None = None) -> int:
         hint = "" if isinstance(err, own_user_errors) else f" (set {TRACEBACK_VARIABLE}=1 for the traceback)"
         print(f"hf-unitscale {args.command}: error: {err}{hint}", file=sys.stderr)
         return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -21,14 +21,8 @@ Modules: :mod:`.fetching` (pins, download, sha256 check, cache, lock, :func:`fet
 (the R lazy-load reader and the novels), ``__main__`` (the command line).
 """
 
-# The ``_private as _private`` aliases re-export internals the tests reach as ``embedded.<name>``.
-from .austen import _decompress_lazyload_blob as _decompress_lazyload_blob
 from .austen import load_austen
-from .fetching import _ASSETS as _ASSETS
 from .fetching import ASSET_NAMES, ChecksumError, FetchError, cache_dir, fetch
-from .fetching import _is_cached as _is_cached
-from .fetching import _sha256_file as _sha256_file
-from .fetching import _verify_sha256 as _verify_sha256
 from .models import minilm_path, resolve_model_path, smollm2_path
 from .sentiment import load_sentiment
 
