@@ -12,14 +12,14 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
 
 from .formats import FP8_FORMAT_PAIRS
-from .lr_rules import LR_RULES, ROLES, check_lr_multipliers, check_role_overrides
-from .ops import BACKENDS
+from .lr_rules import LR_RULES, ROLES, LrRule, check_lr_multipliers, check_role_overrides
+from .ops import check_backend
 
 __all__ = [
     "UnitScaleSeq2SeqTrainingArguments",
@@ -30,6 +30,10 @@ __all__ = [
 
 logger = logging.get_logger(__name__)
 
+# the `checkpoint.CHECKPOINT_FORMATS` that `save_model` and `push_to_hub` write (a test keeps them a subset)
+SaveFormat = Literal["merged", "unit-scaled"]
+SAVE_FORMATS: tuple[str, ...] = get_args(SaveFormat)
+
 
 @dataclass
 class UnitScaleTrainingArguments(TrainingArguments):
@@ -37,7 +41,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
 
     _VALID_DICT_FIELDS = [*TrainingArguments._VALID_DICT_FIELDS, "lr_multipliers", "role_overrides"]
 
-    lr_rule: Literal["equivalent", "umup", "mup"] = field(
+    lr_rule: LrRule = field(
         default="equivalent",
         metadata={
             "help": "Per-group learning-rate rule: `equivalent` (exactly plain AdamW on W: lr = η/s, eps = s·ε, "
@@ -138,7 +142,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
         },
     )
 
-    save_format: Literal["merged", "unit-scaled"] = field(
+    save_format: SaveFormat = field(
         default="merged",
         metadata={
             "help": "Format of `save_model()` and `push_to_hub()`: `merged` (a plain transformers checkpoint W = s·Ŵ) "
@@ -158,17 +162,18 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {self.lr_rule!r}.")
         if self.lr_rule == "mup" and (self.mup_base_width is None or self.mup_base_width <= 0):
             raise ValueError(
-                f"`lr_rule='mup'` needs `mup_base_width` (the hidden size the lr was tuned at), got {self.mup_base_width!r}."
+                "`lr_rule='mup'` needs `mup_base_width` (the hidden size the lr was tuned at), got "
+                f"{self.mup_base_width!r}."
             )
         self.fp8_format = self.fp8_format.upper()
         if self.fp8_format not in FP8_FORMAT_PAIRS:
             raise ValueError(f"`fp8_format` must be one of {sorted(FP8_FORMAT_PAIRS)}, got {self.fp8_format!r}.")
-        if self.fp8_backend is not None and self.fp8_backend not in BACKENDS:
-            raise ValueError(f"`fp8_backend` must be one of {BACKENDS} or None, got {self.fp8_backend!r}.")
+        if self.fp8_backend is not None:
+            check_backend(self.fp8_backend, "fp8_backend")
         if self.calibration_batches < 1:
             raise ValueError(f"`calibration_batches` should be a positive integer, got {self.calibration_batches}.")
-        if self.save_format not in ("merged", "unit-scaled"):
-            raise ValueError(f"`save_format` must be 'merged' or 'unit-scaled', got {self.save_format!r}.")
+        if self.save_format not in SAVE_FORMATS:
+            raise ValueError(f"`save_format` must be one of {SAVE_FORMATS}, got {self.save_format!r}.")
         if self.recalibrate_every < 0:
             raise ValueError(f"`recalibrate_every` should be 0 (never) or positive, got {self.recalibrate_every}.")
         if self.calibration_headroom is not None and not self.calibration_headroom >= 1:

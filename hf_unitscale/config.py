@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .formats import FORMATS, get_format
-from .ops import BACKENDS, MatmulPrecision
+from .ops import BACKENDS, MatmulPrecision, check_backend
 
 __all__ = ["CONFIG_KEY", "UnitScaleConfig", "as_unit_scale_config"]
 
@@ -101,8 +101,7 @@ class UnitScaleConfig:
             value = getattr(self, name)
             if value is not None:
                 setattr(self, name, get_format(value).name)
-        if self.backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
+        check_backend(self.backend)
         if self.exclude_modules is None:
             self.exclude_modules = []
         for option in ("exclude_modules", "full_precision_modules"):

@@ -100,7 +100,7 @@ from __future__ import annotations
 import math
 import numbers
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, get_args
 
@@ -142,29 +142,36 @@ _WEIGHT_ROLES = ("embedding", "hidden_weight", "readout")
 
 
 def _check_pattern_matches(option: str, pattern: str, names: list[str], match) -> None:
-    """A regex of `option` must compile and match some trainable parameter name: a typo must not do nothing."""
-    try:
-        matched = any(match(pattern, name) for name in names)
-    except re.error as err:
-        raise ValueError(f"`{option}` key {pattern!r} is not a regular expression: {err}.") from None
-    if not matched:
+    """A regex of `option` (compiled by `_check_regex_mapping`) must match some trainable parameter name: a typo must
+    not do nothing."""
+    if not any(match(pattern, name) for name in names):
         how = "re.fullmatch: it must match a whole name" if match is re.fullmatch else "re.search: anywhere in a name"
         example = f", e.g. {names[-1]!r}" if names else ""
         raise ValueError(f"`{option}` key {pattern!r} matches no trainable parameter name ({how}{example}).")
 
 
-def check_role_overrides(role_overrides: Any) -> dict[str, Role]:
-    """`role_overrides` as a dict, checked: a mapping of regular expressions to roles (one of `ROLES`)."""
-    if not isinstance(role_overrides, Mapping):
-        raise ValueError(f"`role_overrides` must be a mapping regex → role, got {type(role_overrides).__name__}.")
-    for pattern, role in role_overrides.items():
+def _check_regex_mapping(option: str, mapping: Any, kind: str, expected: str, read_value: Callable[[Any], Any]) -> dict:
+    """`mapping` ({regex over parameter names: a `kind`}) as a dict whose keys compile and whose values are
+    `read_value(value)`; `read_value` returns None for a value it refuses, and `expected` says what it takes."""
+    if not isinstance(mapping, Mapping):
+        raise ValueError(f"`{option}` must be a mapping regex → {kind}, got {type(mapping).__name__}.")
+    checked = {}
+    for pattern, value in mapping.items():
         try:
             re.compile(pattern)
         except (re.error, TypeError) as err:
-            raise ValueError(f"`role_overrides` key {pattern!r} is not a regular expression: {err}.") from None
-        if role not in ROLES:
-            raise ValueError(f"`role_overrides[{pattern!r}]` must be one of {ROLES}, got {role!r}.")
-    return dict(role_overrides)
+            raise ValueError(f"`{option}` key {pattern!r} is not a regular expression: {err}.") from None
+        checked[pattern] = read_value(value)
+        if checked[pattern] is None:
+            raise ValueError(f"`{option}[{pattern!r}]` must be {expected}, got {value!r}.")
+    return checked
+
+
+def check_role_overrides(role_overrides: Any) -> dict[str, Role]:
+    """`role_overrides` as a dict, checked: a mapping of regular expressions to roles (one of `ROLES`)."""
+    return _check_regex_mapping(
+        "role_overrides", role_overrides, "role", f"one of {ROLES}", lambda role: role if role in ROLES else None
+    )
 
 
 @dataclass(frozen=True)
@@ -561,6 +568,28 @@ def check_lr_options(
             `role_overrides` pattern that matches no trainable parameter, or (under `umup`, `mup`) a parameter with
             no role; under `equivalent`, where the role changes nothing, such a parameter joins the `bias` role.
     """
+    return _checked_lr_options(
+        model,
+        lr_rule=lr_rule,
+        mup_base_width=mup_base_width,
+        umup_depth_scaling=umup_depth_scaling,
+        lr_multipliers=lr_multipliers,
+        role_overrides=role_overrides,
+        decay_parameter_names=decay_parameter_names,
+    )[0]
+
+
+def _checked_lr_options(
+    model: nn.Module,
+    *,
+    lr_rule: str,
+    mup_base_width: int | None,
+    umup_depth_scaling: bool,
+    lr_multipliers: Mapping[str, float] | None,
+    role_overrides: Mapping[str, Role] | None,
+    decay_parameter_names: Iterable[str] | None,
+) -> tuple[list[ParamInfo], dict[str, float]]:
+    """`check_lr_options`, also returning `lr_multipliers` as `check_lr_multipliers` reads it (factors as floats)."""
     if lr_rule not in LR_RULES:
         raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {lr_rule!r}.")
     multipliers = check_lr_multipliers(lr_multipliers)
@@ -590,7 +619,7 @@ def check_lr_options(
                 f"`config.num_hidden_layers` blocks (ALBERT's: of `num_hidden_groups` groups) in "
                 f"{type(model).__name__}, whose depth L would be {depth}."
             )
-    return infos
+    return infos, multipliers
 
 
 def build_param_groups(
@@ -644,7 +673,7 @@ def build_param_groups(
             raise ValueError(
                 f"`{option}` should be a finite number >= 0, as torch.optim.AdamW takes it; got {value!r}."
             )
-    infos = check_lr_options(
+    infos, multipliers = _checked_lr_options(
         model,
         lr_rule=lr_rule,
         mup_base_width=mup_base_width,
@@ -654,7 +683,6 @@ def build_param_groups(
         decay_parameter_names=decay_parameter_names,
     )
     _warn_about_ignored_options(lr_rule, mup_base_width=mup_base_width, umup_depth_scaling=umup_depth_scaling)
-    multipliers = {pattern: float(value) for pattern, value in (lr_multipliers or {}).items()}  # checked above
     width_mult = _hidden_size(model) / mup_base_width if lr_rule == "mup" else 1.0
     depth = _num_layers(model)
     depth_scaling = lr_rule == "umup" and umup_depth_scaling
@@ -716,22 +744,20 @@ def check_lr_multipliers(lr_multipliers: Any) -> dict[str, float]:
     given as a numeric string (from the command line or a JSON recipe) is read as its number."""
     if lr_multipliers is None:
         return {}
-    if not isinstance(lr_multipliers, Mapping):
-        raise ValueError(f"`lr_multipliers` must be a mapping regex → factor, got {type(lr_multipliers).__name__}.")
-    out = {}
-    for pattern, value in lr_multipliers.items():
-        try:
-            re.compile(pattern)
-        except (re.error, TypeError) as err:
-            raise ValueError(f"`lr_multipliers` key {pattern!r} is not a regular expression: {err}.") from None
-        try:
-            number = float(value) if isinstance(value, (int, float, str)) and not isinstance(value, bool) else None
-        except ValueError:
-            number = None
-        if number is None or not 0 <= number < math.inf:
-            raise ValueError(f"`lr_multipliers[{pattern!r}]` must be a finite non-negative number, got {value!r}.")
-        out[pattern] = number
-    return out
+    return _check_regex_mapping(
+        "lr_multipliers", lr_multipliers, "factor", "a finite non-negative number", _read_factor
+    )
+
+
+def _read_factor(value: Any) -> float | None:
+    """`value` as a finite factor ≥ 0 (a number or a numeric string), or None."""
+    if not isinstance(value, (int, float, str)) or isinstance(value, bool):
+        return None
+    try:
+        number = float(value)
+    except ValueError:
+        return None
+    return number if 0 <= number < math.inf else None
 
 
 def check_param_groups(model: nn.Module, groups: list[dict[str, Any]]) -> None:

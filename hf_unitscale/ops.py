@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import functools
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -42,6 +43,12 @@ BACKENDS = ("simulate", "scaled_mm")
 SCALED_MM_ALIGNMENT = 16
 
 
+def check_backend(backend: Any, option: str = "backend") -> None:
+    """Refuse a GEMM backend that is not one of `BACKENDS`; errors name `option`, the argument that gave it."""
+    if backend not in BACKENDS:
+        raise ValueError(f"`{option}` must be one of {BACKENDS}, got {backend!r}.")
+
+
 @dataclass(frozen=True)
 class MatmulPrecision:
     """How a converted layer runs its GEMMs: forward/backward operand formats (None = no cast) and backend."""
@@ -51,8 +58,7 @@ class MatmulPrecision:
     backend: str = "simulate"
 
     def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise ValueError(f"`backend` must be one of {BACKENDS}, got {self.backend!r}.")
+        check_backend(self.backend)
         if self.backend == "scaled_mm" and not all(f is not None and f.is_fp8 for f in (self.forward, self.backward)):
             raise ValueError("The `scaled_mm` backend needs FP8 formats for both forward and backward operands.")
 

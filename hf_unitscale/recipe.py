@@ -38,7 +38,8 @@ __all__ = [
     "resolve_recipe",
 ]
 
-TASKS = ("text-classification", "causal-lm")
+Task = Literal["text-classification", "causal-lm"]
+TASKS: tuple[str, ...] = typing.get_args(Task)
 RECIPES_DIR = Path(__file__).resolve().parent / "recipes"  # the recipes shipped in the package
 RECIPE_SUFFIXES = (".yaml", ".yml")
 
@@ -57,7 +58,7 @@ class ModelArguments:
             "`embedded:minilm` (all-MiniLM-L6-v2) or `embedded:smollm2` (SmolLM2-135M-Instruct)."
         },
     )
-    task: Literal["text-classification", "causal-lm"] | None = field(
+    task: Task | None = field(
         default=None,
         metadata={"help": "`text-classification` or `causal-lm`; default: from the model's architecture."},
     )

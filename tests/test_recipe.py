@@ -11,6 +11,7 @@ import json
 import logging
 import random
 import re
+import typing
 from pathlib import Path
 
 import numpy
@@ -18,7 +19,7 @@ import pytest
 import yaml
 
 from hf_unitscale.cli import main
-from hf_unitscale.recipe import RECIPES_DIR, DataArguments, ModelArguments, RecipeError, load_recipe
+from hf_unitscale.recipe import RECIPES_DIR, TASKS, DataArguments, ModelArguments, RecipeError, load_recipe
 
 from tiny_models import CASES_BY_ID, VOCAB
 
@@ -482,6 +483,11 @@ def test_causal_lm_blocks_fit_the_model_and_a_short_eval_text_is_an_error(tmp_pa
             ModelArguments(model_name_or_path=str(source)),
             DataArguments(train_file=train, eval_file=short, max_seq_length=32),
         )
+
+
+def test_task_type_lists_the_tasks_the_recipe_check_takes():
+    task_type, none_type = typing.get_args(typing.get_type_hints(ModelArguments)["task"])
+    assert typing.get_args(task_type) == TASKS and none_type is type(None)
 
 
 def test_task_is_inferred_from_the_head_or_the_model_type():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import typing
 from types import SimpleNamespace
 
 import datasets
@@ -23,8 +24,9 @@ from hf_unitscale import (
     set_precision,
     unit_scale,
 )
-from hf_unitscale.arguments import UnitScaleTrainingArguments
-from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME
+from hf_unitscale.arguments import SAVE_FORMATS, UnitScaleTrainingArguments
+from hf_unitscale.checkpoint import CHECKPOINT_FORMATS, UNIT_SCALED_WEIGHTS_NAME
+from hf_unitscale.lr_rules import LR_RULES
 from hf_unitscale.trainer import UnitScaleTrainer, _check_arguments
 
 from tiny_models import CASES_BY_ID, VOCAB
@@ -400,6 +402,18 @@ def test_refusals(tmp_path):
     )
     with pytest.raises(ValueError, match="Set `max_grad_norm=0` with DeepSpeed"):
         _check_arguments(deepspeed_args)
+
+
+def test_option_types_list_the_values_the_checks_take(tmp_path):
+    """The `Literal` types (the command line's choices) are the tuples `__post_init__` checks against, and every
+    `save_format` is a checkpoint format `save_pretrained` writes."""
+    hints = typing.get_type_hints(UnitScaleTrainingArguments)
+    assert typing.get_args(hints["lr_rule"]) == LR_RULES
+    assert typing.get_args(hints["save_format"]) == SAVE_FORMATS
+    assert set(SAVE_FORMATS) <= set(CHECKPOINT_FORMATS)
+    for option in ("lr_rule", "save_format", "fp8_backend"):
+        with pytest.raises(ValueError, match=f"`{option}` must be one of"):
+            _args(tmp_path, cls=UnitScaleTrainingArguments, **{option: "nope"})
 
 
 def test_a_subclass_optimizer_with_plain_groups_is_refused_before_training(tmp_path):
