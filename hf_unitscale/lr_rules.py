@@ -1,52 +1,53 @@
 """Parameter roles and per-group learning-rate rules for training a unit-scaled model.
 
 A converted weight is W = s·Ŵ with the Parameter Ŵ trainable and s a fixed fp32 scalar, so the
-gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one role. A vector below is one value
-per channel: 1-D, or stored in the shape it broadcasts in, one dimension larger than 1 and the others 1
-(SwiftFormer's layer scales (c, 1, 1), ConvNeXt V2's GRN γ and β (1, 1, 1, c), RWKV's `time_mix_key` (1, 1, c)).
+gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one role: the first entry below that
+fits it (`describe_parameters`). A vector is one value per channel: 1-D, or stored in the shape it broadcasts in,
+one dimension larger than 1 and the others 1 (SwiftFormer's layer scales (c, 1, 1), ConvNeXt V2's GRN γ and β
+(1, 1, 1, c), RWKV's `time_mix_key` (1, 1, c)).
 
-    embedding       the weight of an nn.Embedding (a tied input/output matrix is one Parameter,
-                    named after the embedding, and takes this role), and an input layer, whose fan-in
-                    is a size of the raw input fixed by the config, not the width (μP's input
-                    weights): a conv reading `num_channels` / `num_mel_bins` / `input_feat_per_channel`
-                    channels or one (patch embeddings, Whisper's `conv1`, wav2vec2's first conv), a
-                    Linear named `*embed*` reading `embedding_size` ≠ `hidden_size` (ALBERT's, ELECTRA's
-                    embedding projections)
-    readout         an output head: `get_output_embeddings()` if untied, and each matmul layer
-                    outside the base model that feeds no other one there (`classifier`, `score`,
-                    `qa_outputs`, a next-sentence or multiple-choice head beside the LM head, a
-                    pointwise conv such as ParakeetForCTC's `ctc_head`, …: `convert.readout_modules`)
-    norm            a gain: the weight of a normalization layer (LayerNorm, RMSNorm, …) if a vector,
-                    weight_norm's g (a parametrization original that broadcasts against the weight)
-    bias            any other vector or ≤2-D parameter named `bias`, a stacked one (`*_bias`, one row
-                    per expert), a recurrent layer's (`bias_ih_l<k>`, `bias_hh_l<k>`), and (tried
-                    first, by name) a relative-position bias table added to attention scores (T5's
-                    `relative_attention_bias`, Swin's `relative_position_bias_table`)
-    norm            a gain too: any other vector that its module's code multiplies an activation by
-                    (`self.p * x`, found in the source by `gains.py`): a layer scale (ConvNeXt's
-                    `layer_scale_parameter`, BEiT's `lambda_1`, DINOv2's `lambda1`, SwiftFormer's
-                    `layer_scale`), GRN's γ, RWKV's `time_mix_*` (x·μ + shift(x)·(1 - μ))
-    embedding       a table added to the activations (ViT's `cls_token` (1, 1, h),
-                    `position_embeddings` (1, n, h): ≥3-D with a leading 1), and a 1-D vector named
-                    `*embed*` that stands in for one (CLIP's `class_embedding`, wav2vec2's
-                    `masked_spec_embed`, which replaces masked frames; d_model = h, its length)
-    hidden_weight   any other ≥2-D parameter
-    norm            of the <2-D parameters left, a single-element one (CLIP's 0-D `logit_scale`, SigLIP's
-                    (1,) one, a tanh gate)
+    0. (any)           the role of the first `role_overrides={regex: role}` pattern that matches the name
+                       (`re.fullmatch`); `embedding`, `hidden_weight` and `readout` need a ≥2-D weight
+    1. bias            a relative-position bias table added to attention scores, found by name (T5's
+                       `relative_attention_bias`, Swin's `relative_position_bias_table`)
+    2. embedding       the weight of an nn.Embedding (a tied input/output matrix is one Parameter, named after
+                       the embedding), and an input layer, whose fan-in is a size of the raw input fixed by the
+                       config, not the width (μP's input weights): a conv reading `num_channels` / `num_mel_bins` /
+                       `input_feat_per_channel` channels or one (patch embeddings, Whisper's `conv1`, wav2vec2's
+                       first conv), a Linear named `*embed*` reading `embedding_size` ≠ `hidden_size` (ALBERT's,
+                       ELECTRA's embedding projections)
+    3. readout         an output head: `get_output_embeddings()` if untied, and each matmul layer outside the
+                       base model that feeds no other one there (`classifier`, `score`, `qa_outputs`, a
+                       next-sentence or multiple-choice head beside the LM head, a pointwise conv such as
+                       ParakeetForCTC's `ctc_head`, …: `convert.readout_modules`)
+    4. norm            a gain: the weight of a normalization layer (LayerNorm, RMSNorm, …) if a vector,
+                       weight_norm's g (a parametrization original that broadcasts against the weight)
+    5. bias            a vector or ≤2-D parameter named `bias`, a stacked one (`*_bias`, one row per expert), a
+                       recurrent layer's (`bias_ih_l<k>`, `bias_hh_l<k>`)
+    6. norm            a gain too: a vector that its module's code multiplies an activation by (`self.p * x`,
+                       found in the source by `gains.py`): a layer scale (ConvNeXt's `layer_scale_parameter`,
+                       BEiT's `lambda_1`, DINOv2's `lambda1`, SwiftFormer's `layer_scale`), GRN's γ, RWKV's
+                       `time_mix_*` (x·μ + shift(x)·(1 - μ))
+    7. embedding       a table added to the activations (ViT's `cls_token` (1, 1, h), `position_embeddings`
+                       (1, n, h): ≥3-D with a leading 1), and a 1-D vector named `*embed*` that stands in for one
+                       (CLIP's `class_embedding`, wav2vec2's `masked_spec_embed`, which replaces masked frames;
+                       d_model = h, its length)
+    8. hidden_weight   any other ≥2-D parameter
+    9. norm            a single-element parameter (CLIP's 0-D `logit_scale`, SigLIP's (1,) one, a tanh gate)
 
-The entries are tried in this order. A vector's code, not its shape, tells a gain from an added table: RWKV's
-`time_mix_key` (1, 1, c) is shaped as ViT's `cls_token` (1, 1, h); a norm weight or a bias stays one whatever
-multiplies it. Gains and scalars get η under both width rules, as norm gains and biases do. μP sorts a parameter
-by how many of its dimensions grow with the width: a gain (c,) is vector-like, a temperature scalar-like, and under
-Adam both train with a width-independent lr. u-μP scales the lr of a matmul weight, whose outputs each sum fan-in
-products, and of an embedding; a gain or a scalar multiplies each activation by one value of its own, with no sum
-over a fan-in: η, as a norm gain.
+A vector's code, not its shape, tells a gain (6) from an added table (7): RWKV's `time_mix_key` (1, 1, c) is
+shaped as ViT's `cls_token` (1, 1, h); a norm weight or a bias stays one whatever multiplies it. Gains and
+scalars get η under both width rules, as norm gains and biases do. μP sorts a parameter by how many of its
+dimensions grow with the width: a gain (c,) is vector-like, a temperature scalar-like, and under Adam both train
+with a width-independent lr. u-μP scales the lr of a matmul weight, whose outputs each sum fan-in products, and of
+an embedding; a gain or a scalar multiplies each activation by one value of its own, with no sum over a fan-in: η,
+as a norm gain.
 
 A <2-D parameter that fits none of these is an error naming it under `umup` and `mup` (GPT-OSS's attention
 `sinks`, Mamba-2's `A_log` and `D` and RWKV's `time_decay` and `time_first`, which kernels read, Gemma 3n's
-`per_dim_scale`, used under a softplus, LLaVA-NeXT's `image_newline`): pass `role_overrides={regex: role}`
-(`re.fullmatch` over parameter names; the first matching pattern wins) rather than have it guessed. Under
-`equivalent`, where an unconverted parameter gets η, ε and Trainer's decay whatever its role, it joins `bias`.
+`per_dim_scale`, used under a softplus, LLaVA-NeXT's `image_newline`): name its role with `role_overrides` (0)
+rather than have it guessed. Under `equivalent`, where an unconverted parameter gets η, ε and Trainer's decay
+whatever its role, it joins `bias`.
 
 Rules (η = learning rate, ε = Adam eps, wd = weight decay, per tensor with scale s):
 

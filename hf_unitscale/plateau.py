@@ -41,6 +41,13 @@ class SharedFactorReduceLROnPlateau(ReduceLROnPlateau):
         super().__init__(optimizer, min_lr=min_lr, **kwargs)
 
     def _reduce_lr(self, epoch) -> None:
+        """One reduction of every group, decided on the schedule lr it stands for: L = lr/r (r = `lr_ratio`),
+        L_new = max(factor·L, min_lr), applied when L - L_new > eps: lr_new = L_new·r. A group whose base_lr is 0
+        stays at 0."""
+        # Overrides torch's private `ReduceLROnPlateau._reduce_lr(self, epoch)`, which `step` calls after `patience`
+        # steps without improvement and which applies that rule to each group's own lr (bound `min_lrs[i]`). Checked
+        # against torch 2.13's source (attributes read here: `factor`, `eps`, `default_min_lr`). Were torch to rename
+        # the method, its per-group rule would run instead: the plateau tests of tests/test_trainer.py would fail.
         base = self.optimizer.defaults["lr"]  # η
         min_lr = self.default_min_lr
         for group in self.optimizer.param_groups:

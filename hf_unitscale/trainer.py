@@ -472,6 +472,12 @@ class UnitScaleTrainer(Trainer):
         super().log(logs, start_time)
 
     def _group_lr_logs(self) -> dict[str, float]:
+        """Per-group lr entries for `log`, from the group lrs `_get_learning_rate` read for the logged `learning_rate`.
+
+        Under `equivalent` (every group has a `weight_scale` s) a group's lr η·f/s is the lr lr·s = η·f on W = s·Ŵ:
+        one `lr/<role>` per role, or `lr/<role>/min` and `/max` where its groups' lr·s differ by more than 1e-6
+        (relative; an `lr_multipliers` factor). Other rules: `lr/<group name>` = the group's lr, on the trained tensor.
+        """
         groups = self.optimizer.param_groups
         lrs = self._group_lrs if self._group_lrs is not None else [float(g["lr"]) for g in groups]
         if len(lrs) != len(groups):
