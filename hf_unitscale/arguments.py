@@ -246,9 +246,10 @@ def deepspeed_optimizer_error(deepspeed: dict | str | None) -> str | None:
             config = json.load(f)
     if isinstance(config, dict) and "optimizer" in config:
         return (
-            "The DeepSpeed config defines its own `optimizer`, which would replace UnitScaleTrainer's per-group learning "
-            "rates (lr = η/s, eps = s·ε per unit-scaled weight) with one group and silently change training. Remove the "
-            "`optimizer` block from the DeepSpeed config: DeepSpeed then wraps the optimizer UnitScaleTrainer builds."
+            "The DeepSpeed config defines its own `optimizer`, which would replace UnitScaleTrainer's per-group "
+            "learning rates (lr = η/s, eps = s·ε per unit-scaled weight) with one group and silently change training. "
+            "Remove the `optimizer` block from the DeepSpeed config: DeepSpeed then wraps the optimizer "
+            "UnitScaleTrainer builds."
         )
     return None
 

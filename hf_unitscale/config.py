@@ -78,7 +78,8 @@ class UnitScaleConfig:
         default=None,
         metadata={
             "help": "Regular expressions over module names (re.fullmatch) of converted matmul layers that keep the "
-            "full-precision path when formats are set; null: the output heads (LM head, classifier, …). [] casts every layer."
+            "full-precision path when formats are set; null: the output heads (LM head, classifier, …). [] casts "
+            "every layer."
         },
     )
     calibration: dict[str, Any] | None = field(

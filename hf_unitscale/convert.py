@@ -170,7 +170,8 @@ def matmul_layers(model: nn.Module) -> dict[str, UnitScaledMatmulMixin]:
 
 
 def weight_scales(model: nn.Module) -> dict[int, float]:
-    """{id(Ŵ): s} for every unit-scaled weight of `model` (W = s·Ŵ); a tied weight appears once, with its first scale."""
+    """{id(Ŵ): s} for every unit-scaled weight of `model` (W = s·Ŵ); a tied weight appears once, with its first
+    scale."""
     scales: dict[int, float] = {}
     for module in unit_scaled_modules(model).values():
         for weight_name in module.unit_scaled_weights:

@@ -19,9 +19,9 @@ its dtype), and both divide x/a and g/c in fp32.
 Without casts the three GEMMs are mathematically x @ Wᵀ + b, so the full-precision path is
 F.linear(s·x, Ŵ, b) when in < out and s·F.linear(x, Ŵ, b/s) otherwise: one multiply over the
 smaller activation (a weight-sized multiply would re-allocate an LM head's 50k×d weight every
-step), autograd for the rest; a 16-bit activation is multiplied in fp32 and rounded once (`apply_scale`). The bias stays inside the GEMM, as in nn.Linear, so with a
-power-of-two s every rounding is the original layer's, scaled by a power of two: the output is
-bit for bit x @ Wᵀ + b.
+step), autograd for the rest; a 16-bit activation is multiplied in fp32 and rounded once (`apply_scale`).
+The bias stays inside the GEMM, as in nn.Linear, so with a power-of-two s every rounding is the original
+layer's, scaled by a power of two: the output is bit for bit x @ Wᵀ + b.
 Embeddings: y = s · Ŵ[ids]; their lookups are not GEMMs and stay in the compute dtype.
 """
 

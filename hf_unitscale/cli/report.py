@@ -19,7 +19,8 @@ def report_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
         help="per-layer scale table and PNG plot (W, Ŵ, x, g, x/a, g/c vs the FP8 ranges)",
         description="Measure, per unit-scaled layer, rms(W) and rms(Ŵ), and with hooks on real batches the RMS of "
         "layer inputs x and output gradients g (non-zero elements), then calibrate a, c (a checkpoint's own when it "
-        "has calibrated ones) and measure the FP8 operands x/a and g/c. Prints a table and writes a log-scale PNG with the E4M3/E5M2 ranges shaded.",
+        "has calibrated ones) and measure the FP8 operands x/a and g/c. Prints a table and writes a log-scale PNG "
+        "with the E4M3/E5M2 ranges shaded.",
     )
     parser.add_argument("model", help="model folder, Hub id, or embedded:minilm / embedded:smollm2")
     parser.add_argument(

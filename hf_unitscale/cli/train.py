@@ -174,7 +174,8 @@ def run_recipe(recipe) -> dict[str, Any]:
         if causal:
             add_perplexity(before)
     say(
-        f"Training on {len(setup.train_dataset)} examples ({setup.task}, lr rule `{training.lr_rule}`, fp8={training.fp8})…"
+        f"Training on {len(setup.train_dataset)} examples ({setup.task}, lr rule `{training.lr_rule}`, "
+        f"fp8={training.fp8})…"
     )
     train_output = trainer.train(resume_from_checkpoint=training.resume_from_checkpoint)
     after = {}

@@ -39,7 +39,8 @@ class Accuracy(evaluate.Metric):
         predictions, references = np.asarray(predictions), np.asarray(references)
         if predictions.shape != references.shape:
             raise ValueError(
-                f"`predictions` and `references` should have the same length, got {len(predictions)} and {len(references)}."
+                "`predictions` and `references` should have the same length, got "
+                f"{len(predictions)} and {len(references)}."
             )
         weights = np.ones(len(predictions)) if sample_weight is None else np.asarray(sample_weight, dtype=np.float64)
         correct = float(np.sum(weights * (predictions == references)))

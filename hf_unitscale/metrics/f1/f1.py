@@ -52,7 +52,8 @@ class F1(evaluate.Metric):
         predictions, references = np.asarray(predictions), np.asarray(references)
         if predictions.shape != references.shape:
             raise ValueError(
-                f"`predictions` and `references` should have the same length, got {len(predictions)} and {len(references)}."
+                "`predictions` and `references` should have the same length, got "
+                f"{len(predictions)} and {len(references)}."
             )
         if average == "binary":
             classes = [pos_label]
