@@ -112,7 +112,8 @@ def save_pretrained(
             `"unit-scaled"` writes Ŵ, s, a, c exactly; `"compressed-tensors"` writes per-tensor FP8
             weights with their scale (see `checkpoint.py`).
         weight_dtype: storage of Ŵ: `"float32"` (default), `"bfloat16"` or `"e4m3"` for the unit-scaled
-            format; the compressed-tensors format is always `"e4m3"`; merged weights keep the model dtype.
+            format; the compressed-tensors format is always `"e4m3"`; merged weights are written in the model's
+            dtype, as transformers writes them: nothing is cast, so a `weight_dtype` given must name that dtype.
         embedding_dtype: storage of embedding tables in the unit-scaled format; default `"int8"` (per-row
             scales) when `weight_dtype="e4m3"`, else `weight_dtype` — see `unit_scaled_state_dict` for why.
         state_dict: a full state dict to save instead of `model.state_dict()` (e.g. gathered from FSDP).
@@ -174,6 +175,7 @@ def save_pretrained(
     # every tensor is built (and every storage option checked) before an earlier save's weights are deleted
     if checkpoint_format == "merged":
         tensors = merged_state_dict(model, state_dict)
+        _check_merged_dtype(weight_dtype, tensors)
     elif is_main_process and checkpoint_format == "unit-scaled":
         if embedding_dtype is None:
             embedding_dtype = "int8" if weight_dtype == "e4m3" else weight_dtype
@@ -256,11 +258,29 @@ def _check_weight_dtype(checkpoint_format: str, weight_dtype: str | None) -> str
         return default
     if checkpoint_format == "unit-scaled":
         return weight_dtype  # validated by unit_scaled_state_dict, which names the choices
-    if checkpoint_format == "merged" and weight_dtype == "float32":
-        return None  # the historical default: merged weights keep the model dtype
+    if checkpoint_format == "merged":
+        return weight_dtype  # checked against the tensors written (_check_merged_dtype)
     raise ValueError(
-        f"`weight_dtype={weight_dtype!r}` does not apply to the {checkpoint_format} format: merged weights keep the "
-        "model dtype and compressed-tensors stores e4m3. Use `checkpoint_format='unit-scaled'` to choose it."
+        f"`weight_dtype={weight_dtype!r}` does not apply to the {checkpoint_format} format, which stores e4m3. Use "
+        "`checkpoint_format='unit-scaled'` to choose the storage of Ŵ."
+    )
+
+
+def _check_merged_dtype(weight_dtype: str | None, tensors: dict[str, torch.Tensor]) -> None:
+    """A merged checkpoint stores W = s·Ŵ in the model's dtype, cast to nothing: `weight_dtype` may only name that
+    dtype, so that a dtype asked for is either what is written or an error, never silently another."""
+    written = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
+    if weight_dtype is None or written == [weight_dtype]:
+        return
+    cast = (
+        f"cast the model first (`model.to(torch.{weight_dtype})`), "
+        if isinstance(getattr(torch, weight_dtype, None), torch.dtype)
+        else ""
+    )
+    raise ValueError(
+        f"`weight_dtype={weight_dtype!r}`: a merged checkpoint is written in the model's dtype "
+        f"({', '.join(written)}), as transformers writes it, and nothing is cast on saving. Leave `weight_dtype` "
+        f"unset, {cast}or save with `checkpoint_format='unit-scaled'`, which stores Ŵ as float32, bfloat16 or e4m3."
     )
 
 

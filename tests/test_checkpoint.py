@@ -360,8 +360,27 @@ def test_weight_dtype_outside_unit_scaled_format_is_refused(tmp_path):
     model = _converted(CASES_BY_ID["bert"])
     with pytest.raises(ValueError, match="weight_dtype='e4m3'.*merged"):
         model.save_pretrained(tmp_path, weight_dtype="e4m3")
+    with pytest.raises(ValueError, match="weight_dtype='bfloat16'.*compressed-tensors"):
+        model.save_pretrained(tmp_path, checkpoint_format="compressed-tensors", weight_dtype="bfloat16")
     with pytest.raises(ValueError, match="weight_dtype"):
         model.save_pretrained(tmp_path, checkpoint_format="unit-scaled", weight_dtype="int3")
+    assert not tmp_path.exists() or not any(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("model_dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("weight_dtype", ["float32", "bfloat16"])
+def test_merged_weight_dtype_is_written_or_refused(model_dtype, weight_dtype, tmp_path):
+    """A merged checkpoint is written in the model's dtype: a `weight_dtype` naming it is honoured, another one is
+    refused before anything is written, with the fix; never a checkpoint in another dtype than asked for."""
+    model = _converted(CASES_BY_ID["bert"]).to(getattr(torch, model_dtype))
+    if weight_dtype != model_dtype:
+        with pytest.raises(ValueError, match=rf"weight_dtype='{weight_dtype}'.*model's dtype \({model_dtype}\)"):
+            model.save_pretrained(tmp_path, weight_dtype=weight_dtype)
+        assert not tmp_path.exists() or not any(tmp_path.iterdir())
+        return
+    model.save_pretrained(tmp_path, weight_dtype=weight_dtype)
+    stored = {t.dtype for t in load_file(tmp_path / "model.safetensors").values() if t.is_floating_point()}
+    assert stored == {getattr(torch, weight_dtype)}
 
 
 # ---- model card ----

@@ -107,10 +107,14 @@ def test_convert(case_id, fmt, weight_dtype, tmp_path):
     _close(_logits(loaded, case_id), reference, rtol=1e-5 if weight_dtype == "float32" else 2e-2)
 
 
-def test_convert_refuses_weight_dtype_for_merged(tmp_path, capsys):
-    source = save_tiny_model("bert", tmp_path / "plain")
-    assert main(["convert", str(source), str(tmp_path / "o"), "--format", "merged", "--weight-dtype", "e4m3"]) == 2
-    assert "--weight-dtype" in capsys.readouterr().err
+@pytest.mark.parametrize("weight_dtype", ["e4m3", "bfloat16"])
+def test_convert_refuses_weight_dtype_for_merged(weight_dtype, tmp_path, capsys):
+    """A merged checkpoint is written in the model's dtype (float32 here): another `--weight-dtype` is an error
+    that leaves nothing behind, never a checkpoint in another dtype than asked for."""
+    source, out = save_tiny_model("bert", tmp_path / "plain"), tmp_path / "o"
+    assert main(["convert", str(source), str(out), "--format", "merged", "--weight-dtype", weight_dtype]) == 2
+    assert f"weight_dtype='{weight_dtype}'" in capsys.readouterr().err
+    assert not out.exists() or not [path for path in out.rglob("*") if path.is_file()]
 
 
 def test_convert_missing_model_is_one_line_error(tmp_path, capsys):

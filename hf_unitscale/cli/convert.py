@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from .utils import (
-    CommandError,
     add_model_class_argument,
     add_overwrite_argument,
     check_output_dir,
@@ -40,8 +41,8 @@ def convert_command_parser(subparsers: argparse._SubParsersAction) -> argparse.A
         "--weight_dtype",
         dest="weight_dtype",
         choices=("float32", "bfloat16", "e4m3"),
-        default="float32",
-        help="storage dtype of Ŵ in the unit-scaled format (default: %(default)s)",
+        help="storage dtype of Ŵ in the unit-scaled format (default: float32); a merged checkpoint is written in the "
+        "model's dtype, which this may only name (nothing is cast)",
     )
     add_overwrite_argument(parser)
     add_model_class_argument(parser)
@@ -50,13 +51,10 @@ def convert_command_parser(subparsers: argparse._SubParsersAction) -> argparse.A
 
 
 def convert_command(args: argparse.Namespace) -> int:
+    from ..checkpoint import read_weight_dtype
     from ..convert import unit_scaled_modules
     from ..hub import save_pretrained
 
-    if args.checkpoint_format == "merged" and args.weight_dtype != "float32":
-        raise CommandError(
-            "`--weight-dtype` applies to `--format unit-scaled` only; merged weights keep the model dtype."
-        )
     check_output_dir(args.model, args.output_dir, args.overwrite)
     model = load_model(args.model, args.model_class)
     tokenizer = write_model_folder(
@@ -65,10 +63,12 @@ def convert_command(args: argparse.Namespace) -> int:
             model, args.output_dir, checkpoint_format=args.checkpoint_format, weight_dtype=args.weight_dtype
         ),
     )
+    config = json.loads((Path(args.output_dir).expanduser() / "config.json").read_text(encoding="utf-8"))
+    stored_dtype = read_weight_dtype(config)  # as saved: None for merged (the model's dtype)
     print(
         f"Converted {type(model).__name__} ({len(unit_scaled_modules(model))} unit-scaled modules) → "
         f"{args.output_dir} [{args.checkpoint_format}"
-        f"{', Ŵ in ' + args.weight_dtype if args.checkpoint_format == 'unit-scaled' else ''}"
+        f"{', Ŵ in ' + stored_dtype if stored_dtype else ''}"
         f"{', with tokenizer' if tokenizer is not None else ''}]"
     )
     return 0
