@@ -34,7 +34,7 @@ from .calibrate import calibrate
 from .checkpoint import operand_scales
 from .convert import matmul_layers
 from .precision import cast_statistics, summarize_casts, track_casts
-from .training_loss import is_causal_lm, model_inputs
+from .training_loss import model_inputs
 
 __all__ = ["RecalibrationCallback"]
 
@@ -47,26 +47,62 @@ def _detached(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
 
 
+def loss_shifts_labels(model: torch.nn.Module) -> bool:
+    """Whether `model`'s loss predicts labels[1:] from tokens[:-1], by Trainer's rule (`Trainer._loss_shifts_labels`,
+    transformers 5): its `loss_type` maps to `ForCausalLMLoss` and it is no encoder-decoder."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not is_encoder_decoder
+
+
+def trainer_num_items_in_batch(
+    inputs: Mapping[str, Any], args: Any, *, shifts_labels: bool, shared_batch: int = 1
+) -> torch.Tensor | None:
+    """Trainer's `num_items_in_batch` (`Trainer._get_num_items_in_batch`, transformers 5) for a step whose
+    micro-batches, on every process, are like `inputs`: the label tokens its loss predicts (`shift_labels` when the
+    batch has them, else `labels[..., 1:]` with `shifts_labels`, else `labels`; -100 is none) × the
+    `gradient_accumulation_steps` micro-batches, × `world_size` with `average_tokens_across_devices` (Trainer sums
+    every process's), ÷ `shared_batch` (the processes that hold one batch: tensor × context × sequence parallel).
+    None for labels that are no tensor (DETR's list of dicts), which Trainer does not count."""
+    labels = inputs.get("shift_labels")
+    try:
+        if labels is None:
+            labels = inputs["labels"][..., 1:] if shifts_labels else inputs["labels"]
+        num_items = labels.ne(-100).sum()
+    except (TypeError, AttributeError):
+        return None
+    num_items = num_items * (getattr(args, "gradient_accumulation_steps", 1) or 1)
+    if getattr(args, "average_tokens_across_devices", False) and getattr(args, "world_size", 1) > 1:
+        num_items = num_items * args.world_size
+    return num_items / shared_batch if shared_batch > 1 else num_items
+
+
 def _as_trained(
-    model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], accumulation: int
+    model: torch.nn.Module, batches: Iterable[Mapping[str, Any]], args: Any
 ) -> tuple[Iterable[Mapping[str, Any]], float]:
-    """Calibration batches and loss factor that give the gradients `Trainer.training_step` gives with
-    `accumulation` steps. The Trainer divides the loss by `accumulation` unless the model takes `**kwargs`;
-    then it passes `num_items_in_batch`, the label tokens of the accumulated micro-batches (≈ accumulation ×
-    this batch's), and leaves the loss as it is: a causal LM normalizes by it (≈ 1/accumulation of its mean), a
-    head that ignores it (BERT's classifiers) trains on its plain mean."""
+    """Calibration batches and loss factor that give the gradients `Trainer.training_step` gives with the model's own
+    loss. A model that takes `**kwargs` gets `num_items_in_batch` (`trainer_num_items_in_batch`) and its loss is
+    left as it is (× the processes with `average_tokens_across_devices`, as `Trainer.compute_loss`): a causal LM
+    normalizes by it (≈ 1/accumulation of its mean), a head that ignores it (BERT's classifiers) trains on its
+    plain mean. Otherwise the loss is divided by the accumulation steps. Tensor, context and sequence parallelism
+    live in the Trainer's accelerator, which callbacks do not see: there, pass `compute_loss`."""
+    accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
     forward = inspect.signature(model.forward).parameters.values()
     accepts = getattr(model, "accepts_loss_kwargs", any(p.kind == inspect.Parameter.VAR_KEYWORD for p in forward))
-    if accumulation == 1 or not accepts:
+    if not accepts:
         return batches, 1.0 / accumulation
-    shift = 1 if is_causal_lm(model) else 0  # a causal LM's loss predicts labels[1:]
     labelled = [model_inputs(model, batch) for batch in batches]
-    if not all("labels" in inputs for inputs in labelled):
-        return labelled, 1.0 / accumulation  # no loss of the model's own to normalize
-    return [
-        {**inputs, "num_items_in_batch": accumulation * int((inputs["labels"][..., shift:] != -100).sum())}
+    shifts = loss_shifts_labels(model)
+    counts = [
+        trainer_num_items_in_batch(inputs, args, shifts_labels=shifts) if "labels" in inputs else None
         for inputs in labelled
-    ], 1.0
+    ]
+    if any(count is None for count in counts):
+        return labelled, 1.0 / accumulation  # no loss of the model's own to normalize
+    processes = getattr(args, "world_size", 1) if getattr(args, "average_tokens_across_devices", False) else 1
+    counted = [{**inputs, "num_items_in_batch": count} for inputs, count in zip(labelled, counts, strict=True)]
+    return counted, float(processes)
 
 
 class RecalibrationCallback(TrainerCallback):
@@ -157,8 +193,7 @@ class RecalibrationCallback(TrainerCallback):
         """Calibrate `model` now; returns calibrate's per-layer table and records it in `history`."""
         batches, loss_scale = self._calibration_batches(train_dataloader), 1.0
         if self.compute_loss is None:  # the model's own loss, scaled here as Trainer scales it
-            accumulation = getattr(args, "gradient_accumulation_steps", 1) or 1
-            batches, loss_scale = _as_trained(model, batches, accumulation)
+            batches, loss_scale = _as_trained(model, batches, args)
         table = calibrate(
             model,
             batches,

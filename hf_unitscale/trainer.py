@@ -57,6 +57,7 @@ from .arguments import (
     deepspeed_optimizer_error,
     unit_scale_options,
 )
+from .callbacks import RecalibrationCallback, loss_shifts_labels, trainer_num_items_in_batch
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_checkpoint_into
 from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
 from .convert import (
@@ -74,7 +75,6 @@ from .model_card import update_model_card
 from .plateau import SharedFactorReduceLROnPlateau, lr_ratio
 from .precision import casts_uncounted, full_precision, set_precision
 from .trainer_push import mirror_weight_files, trainer_uploads_replacing_weights
-from .training_loss import is_causal_lm
 
 __all__ = [
     "UnitScaleSeq2SeqTrainer",
@@ -235,8 +235,6 @@ class UnitScaleTrainer(Trainer):
 
     def _add_recalibration(self) -> None:
         """Calibrate a, c on `calibration_batches` training batches at train begin, again every `recalibrate_every`."""
-        from .callbacks import RecalibrationCallback
-
         options = self.unit_scale_options
         callback = RecalibrationCallback(
             compute_loss=self._calibration_loss,
@@ -254,37 +252,27 @@ class UnitScaleTrainer(Trainer):
         """The loss whose gradient `training_step` backpropagates for `inputs` as one of a step's
         `gradient_accumulation_steps` micro-batches on every process, so that c = rms(g) is what training meets.
 
-        As Trainer: `num_items_in_batch` (the label tokens of the step's micro-batches on all processes, here
-        this batch's × accumulation × processes) goes to a model that takes loss kwargs or to `compute_loss_func`;
-        `compute_loss` (an override, label smoothing, `label_names`; it multiplies by the processes when it
-        averages tokens across devices); then ÷ accumulation unless the loss is scaled for it already
-        (`loss_is_scaled_for_ga`, default: `num_items_in_batch` was used).
+        As Trainer: `num_items_in_batch` (`callbacks.trainer_num_items_in_batch`: this batch's label tokens ×
+        accumulation, × processes when averaging tokens across devices) goes to a model that takes loss kwargs or to
+        `compute_loss_func`; `compute_loss` (an override, label smoothing, `label_names`; it multiplies by the
+        processes when it averages tokens across devices); then ÷ accumulation unless the loss is scaled for it
+        already (`loss_is_scaled_for_ga`, default: `num_items_in_batch` was used).
         """
-        accumulation = self.args.gradient_accumulation_steps
         num_items = None
         if "labels" in inputs and (self.model_accepts_loss_kwargs or self.compute_loss_func is not None):
-            labels = inputs.get("shift_labels")
-            try:  # as Trainer: labels that are no tensor (DETR's list of dicts) count nothing
-                if labels is None:
-                    shifts = getattr(self, "_loss_shifts_labels", None)
-                    shifts = is_causal_lm(self.accelerator.unwrap_model(model)) if shifts is None else shifts
-                    labels = inputs["labels"][..., 1:] if shifts else inputs["labels"]
-                num_items = accumulation * labels.ne(-100).sum()
-            except (TypeError, AttributeError):
-                pass
-        if num_items is not None:
-            if self.args.average_tokens_across_devices and self.args.world_size > 1:
-                num_items = num_items * self.args.world_size
+            shifts = getattr(self, "_loss_shifts_labels", None)  # Trainer's own, where it has one
+            if shifts is None:
+                shifts = loss_shifts_labels(self.accelerator.unwrap_model(model))
             # processes that share one batch (tensor, context, sequence parallel) count it once, as Trainer does
             shared = 1
             for size in ("get_tp_size", "get_cp_size", "get_sp_size"):
                 shared *= getattr(self, size, lambda: 1)()
-            num_items = num_items / shared if shared > 1 else num_items
+            num_items = trainer_num_items_in_batch(inputs, self.args, shifts_labels=shifts, shared_batch=shared)
         loss = self.compute_loss(model, dict(inputs), num_items_in_batch=num_items)
         scaled = getattr(self, "loss_is_scaled_for_ga", None)
         if scaled is None:
             scaled = (self.model_accepts_loss_kwargs and num_items is not None) or self.compute_loss_func is not None
-        return loss if scaled else loss / accumulation
+        return loss if scaled else loss / self.args.gradient_accumulation_steps
 
     def evaluation_loop(self, *args: Any, **kwargs: Any):
         """Trainer's loop (evaluate, predict), its casts left out of the training logs' fractions; with

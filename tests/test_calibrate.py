@@ -22,7 +22,7 @@ from hf_unitscale.operand_stats import RoundingErrorAccumulator
 from hf_unitscale.ops import MatmulPrecision, rms
 from hf_unitscale.precision import cast_statistics, set_precision, summarize_casts, track_casts
 
-from tiny_models import CASES_BY_ID, HEADS_CASES, TINY_CASES
+from tiny_models import CASES_BY_ID, HEADS_CASES, SEQ2SEQ_CASES, TINY_CASES
 
 CASE_IDS = [case.id for case in TINY_CASES]
 
@@ -597,6 +597,57 @@ def test_recalibration_with_gradient_accumulation_measures_the_gradients_trainin
         scales[accumulation] = {name: float(layer.grad_scale) for name, layer in matmul_layers(model).items()}
     for name, c in scales[4].items():
         assert c == pytest.approx(factor * scales[1][name], rel=1e-5), name
+
+
+def _with_shift_labels(batch):
+    """`batch` with `shift_labels` as a padding-free collator gives them: the next token, -100 at each row's last
+    position and, here, at every third one (a sequence boundary), so they count fewer tokens than labels[..., 1:]."""
+    shifted = torch.nn.functional.pad(batch["labels"][..., 1:], (0, 1), value=-100)
+    shifted[..., ::3] = -100
+    return {**batch, "shift_labels": shifted}
+
+
+@pytest.mark.parametrize(("case_id", "shift_labels"), [("llama-untied", False), ("llama-untied", True), ("t5", False)])
+def test_num_items_in_batch_is_the_trainers(case_id, shift_labels, tmp_path):
+    """`trainer_num_items_in_batch` for a step of 3 micro-batches like one batch is what transformers' own
+    `Trainer._get_num_items_in_batch` counts for them (shift_labels, a causal LM's labels[1:], an encoder-decoder's
+    unshifted labels), and `loss_shifts_labels` is Trainer's rule."""
+    from transformers import Trainer, TrainingArguments
+
+    from hf_unitscale.callbacks import loss_shifts_labels, trainer_num_items_in_batch
+
+    case = {**CASES_BY_ID, **SEQ2SEQ_CASES}[case_id]
+    model, batch = case.model(), _labelled_batch(case)
+    batch = _with_shift_labels(batch) if shift_labels else batch
+    args = TrainingArguments(tmp_path, gradient_accumulation_steps=3, report_to=[], use_cpu=True)
+    trainer = Trainer(model=model, args=args)
+    assert loss_shifts_labels(model) == trainer._loss_shifts_labels == (case_id != "t5")
+    expected = trainer._get_num_items_in_batch([batch] * 3, torch.device("cpu"))
+    assert int(trainer_num_items_in_batch(batch, args, shifts_labels=loss_shifts_labels(model))) == int(expected)
+
+
+def test_recalibration_on_a_plain_trainer_normalizes_the_loss_as_unit_scale_trainer(tmp_path):
+    """RecalibrationCallback on a plain Trainer (the model's own loss) and UnitScaleTrainer (its training step's loss)
+    measure the same output gradients: both normalize by Trainer's `num_items_in_batch`, which counts a batch's
+    `shift_labels` when it has them. The callback counted labels[..., 1:] instead (c 1.6× too small here)."""
+    from transformers import TrainingArguments
+
+    from hf_unitscale import UnitScaleTrainer, UnitScaleTrainingArguments
+
+    case = CASES_BY_ID["llama-untied"]
+    batches = [_with_shift_labels(_labelled_batch(case, seed=seed)) for seed in (1, 2)]
+    options = {"gradient_accumulation_steps": 2, "report_to": [], "use_cpu": True}
+    plain = unit_scale(case.model())
+    on_plain = RecalibrationCallback(batches=batches, num_batches=2).recalibrate(
+        plain, TrainingArguments(tmp_path / "plain", **options)
+    )
+    trainer = UnitScaleTrainer(model=case.model(), args=UnitScaleTrainingArguments(tmp_path / "unit", **options))
+    on_unit = RecalibrationCallback(batches=batches, num_batches=2, compute_loss=trainer._calibration_loss).recalibrate(
+        trainer.model, trainer.args
+    )
+    assert on_plain.keys() == on_unit.keys() and on_plain
+    for name, row in on_plain.items():
+        assert row["grad_rms"] == pytest.approx(on_unit[name]["grad_rms"], rel=1e-5), name
 
 
 def test_recalibration_batches_from_an_iterable_are_drawn_once_without_touching_the_rng():
