@@ -111,6 +111,15 @@ _QUANTIZED_STATE_OPTIMIZERS = (
 _ABSOLUTE_LR_SCHEDULERS = ("greedy",)
 
 
+def _follow_log_level(args) -> None:
+    """Give this package's loggers (`hf_unitscale.*`) the level Trainer gives transformers' for this process:
+    `log_level` on the main one, `log_level_replica` on the others; `"passive"` leaves them as the application set
+    them. So `log_level="info"` shows the conversion and calibration steps, and replicas log warnings only."""
+    chosen = args.log_level if args.should_log else args.log_level_replica
+    if chosen != "passive":
+        logging.get_logger("hf_unitscale").setLevel(args.get_process_log_level())
+
+
 def _check_arguments(args) -> None:
     """Refuse settings that would silently drop or distort the per-group learning rates."""
     error = deepspeed_optimizer_error(getattr(args, "deepspeed", None))
@@ -163,6 +172,7 @@ class UnitScaleTrainer(Trainer):
         self.unit_scale_config = unit_scale_config
         if args is not None:
             _check_arguments(args)
+            _follow_log_level(args)  # before conversion, which logs
         options = unit_scale_options(args) if args is not None else unit_scale_options(object())
         if role_overrides is not None and options["role_overrides"] is not None:
             raise ValueError(

