@@ -40,10 +40,11 @@ class UnitScaleConfig:
     exclude_modules: list[str] = field(
         default_factory=list,
         metadata={
-            "help": "Regular expressions over module names (re.fullmatch) of modules to leave unconverted, with "
-            "everything inside them (`bert.pooler` excludes `bert.pooler.dense`). A pattern matching no module is an "
-            "error. A weight tied across the boundary (an excluded `lm_head` tied to a converted embedding) is too. "
-            "null: none, as []."
+            "help": "Regular expressions of modules to leave unconverted, with everything inside them (`bert.pooler` "
+            "excludes `bert.pooler.dense`). Each must match a whole module name (re.fullmatch): unlike peft's "
+            "`exclude_modules`, `pooler.dense` does not match `bert.pooler.dense`; write `.*pooler\\.dense` for every "
+            "module whose name ends so. A pattern matching no module is an error. A weight tied across the boundary "
+            "(an excluded `lm_head` tied to a converted embedding) is too. null: none, as []."
         },
     )
     convert_other_modules: bool = field(
@@ -133,6 +134,7 @@ class UnitScaleConfig:
         return MatmulPrecision(fmt(self.forward_format), fmt(self.backward_format), self.backend)
 
     def is_excluded(self, module_name: str) -> bool:
+        """Whether a pattern of `exclude_modules` matches the whole `module_name` (re.fullmatch)."""
         return any(re.fullmatch(pattern, module_name) for pattern in self.exclude_modules)
 
     def to_dict(self) -> dict[str, Any]:

@@ -13,6 +13,7 @@ converted (GPT-2's `lm_head` and `wte`) is divided once; its second layer gets i
 
 from __future__ import annotations
 
+import difflib
 import math
 import re
 import sys
@@ -226,11 +227,31 @@ def _excluded_names(model: nn.Module, config: UnitScaleConfig) -> set[str]:
     for pattern in config.exclude_modules:
         if not any(re.fullmatch(pattern, name) for name in names):
             raise ValueError(
-                f"`exclude_modules` entry {pattern!r} matches no module of {type(model).__name__} (e.g. "
-                f"{names[-1]!r}); it is a regex over module names (re.fullmatch)."
+                f"`exclude_modules` entry {pattern!r} matches no module of {type(model).__name__}: each entry is a "
+                "regular expression that must match a whole module name (re.fullmatch), not a name's end as in peft. "
+                + _exclude_pattern_hint(pattern, names[1:])
             )
     excluded = {name for name in names if config.is_excluded(name)}
     return {name for name in names if any(name == top or name.startswith(top + ".") for top in excluded)}
+
+
+def _exclude_pattern_hint(pattern: str, names: list[str]) -> str:
+    """How to fix an `exclude_modules` entry that matches no module name of `names`: the regex that matches the names
+    ending in it (`pooler.dense` → `.*pooler\\.dense`), else the names closest to it."""
+    suffix = ".*" + (re.escape(pattern) if re.fullmatch(r"[\w.]+", pattern) else f"(?:{pattern})")
+    ending = [name for name in names if re.fullmatch(suffix, name)]
+    if ending:
+        return f"To exclude the modules whose name ends in it ({_listed_names(ending)}), write r'{suffix}'."
+    close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
+    if close:
+        return f"The closest module names: {_listed_names(close)}."
+    return f"Module names look like {_listed_names(names[:1] + names[-1:])}."
+
+
+def _listed_names(names: list[str], shown: int = 3) -> str:
+    return ", ".join(repr(name) for name in names[:shown]) + (
+        f", … ({len(names)} modules)" if len(names) > shown else ""
+    )
 
 
 def _check_ties_stay_inside(model: nn.Module, plan: list[tuple[str, nn.Module, type, tuple[str, ...]]]) -> None:

@@ -314,11 +314,29 @@ def test_excluding_a_module_excludes_what_is_inside_it():
     assert isinstance(model.bert.encoder.layer[0].attention.self.key, UnitScaledMatmulMixin)
 
 
-def test_an_exclude_pattern_matching_no_module_is_an_error():
+@pytest.mark.parametrize(
+    ("entry", "hint"),
+    [
+        # peft's suffix semantics: the regex that matches the names ending so, and what it matches
+        ("pooler.dense", r"ends in it ('bert.pooler.dense'), write r'.*pooler\.dense'"),
+        ("bert.poolr", "The closest module names: 'bert.pooler', 'bert.pooler.dense'"),  # a typo
+        ("nothing_like_it", "Module names look like 'bert', 'classifier'"),
+    ],
+)
+def test_an_exclude_pattern_matching_no_module_is_an_error_that_says_how_to_fix_it(entry, hint):
     model = CASES_BY_ID["bert"].model()
-    with pytest.raises(ValueError, match=r"`exclude_modules` entry 'bert.poolr' matches no module of Bert"):
-        unit_scale(model, UnitScaleConfig(exclude_modules=["bert.poolr"]))
+    with pytest.raises(ValueError) as error:
+        unit_scale(model, UnitScaleConfig(exclude_modules=[entry]))
+    message = str(error.value)
+    assert message.startswith(f"`exclude_modules` entry {entry!r} matches no module of BertForSequenceClassification")
+    assert "must match a whole module name (re.fullmatch), not a name's end as in peft" in message
+    assert hint in message, message
     assert not is_unit_scaled(model)
+    if "write r'" in hint:  # the suggested regex does what the message says
+        suggested = message.split("write r'")[1].split("'")[0]
+        converted = unit_scale(CASES_BY_ID["bert"].model(), UnitScaleConfig(exclude_modules=[suggested]))
+        assert type(converted.bert.pooler.dense) is nn.Linear
+        assert isinstance(converted.bert.encoder.layer[0].output.dense, UnitScaledMatmulMixin)
 
 
 @pytest.mark.parametrize(
