@@ -503,6 +503,25 @@ def convert_layers(model: nn.Module, config: UnitScaleConfig, *, measure: bool, 
     return model
 
 
+def _check_merged_weights_finite(converted: dict[str, nn.Module]) -> None:
+    """Refuse, naming the weight, a merge whose W = s·Ŵ would not be finite, before anything is merged."""
+    for name, module in converted.items():
+        for weight_name in module.unit_scaled_weights:
+            param, scale = getattr(module, weight_name), module.scale_of(weight_name)
+            if torch.isfinite(apply_scale(param, scale.to(param.device))).all():
+                continue
+            if torch.isfinite(param).all() and torch.isfinite(scale).all():
+                problem = (
+                    f"s·Ŵ overflows {param.dtype} (s = {float(scale):g}, max |Ŵ| = {float(param.abs().max()):g}); "
+                    "cast the model to float32 (`model.float()`) before merging"
+                )
+            else:  # a diverged training step, or a corrupt checkpoint
+                problem = (
+                    "Ŵ has nan/inf values" if not torch.isfinite(param).all() else f"its scale s is {float(scale)}"
+                ) + "; reload the weight from a good checkpoint before merging"
+            raise ValueError(f"Cannot merge `{name}.{weight_name}`: {problem}. Nothing was merged.")
+
+
 @torch.no_grad()
 def merge_unit_scale(model: nn.Module) -> nn.Module:
     """Undo `unit_scale` in place: W = s·Ŵ, original module classes, scale buffers removed.
@@ -516,20 +535,20 @@ def merge_unit_scale(model: nn.Module) -> nn.Module:
         `resize_token_embeddings` replace the ones `unit_scale` attached.
 
     Raises:
-        ValueError: a Ŵ holds non-finite values (the error names it); the model is then left partly merged.
+        ValueError: some s·Ŵ would not be finite: Ŵ or s is nan/inf, or the product overflows the weight's dtype
+            (the error names the weight). Every weight is checked before any is changed: the model stays as it was.
     """
     converted = unit_scaled_modules(model)
     if not converted:
         logger.warning(f"{type(model).__name__} is not unit-scaled; `merge_unit_scale` does nothing.")
         return model
+    _check_merged_weights_finite(converted)
     merged: set[int] = set()
-    for name, module in converted.items():
+    for module in converted.values():
         for weight_name in module.unit_scaled_weights:
             param = getattr(module, weight_name)
             scale = module.scale_of(weight_name)
             if id(param) not in merged:
-                if not torch.isfinite(param).all():
-                    raise ValueError(f"Cannot merge `{name}.{weight_name}`: Ŵ has non-finite values.")
                 param.copy_(apply_scale(param, scale.to(param.device)))  # as `merged_state_dict` writes it
                 merged.add(id(param))
             delattr(module, weight_name + SCALE_SUFFIX)

@@ -308,6 +308,38 @@ def test_exclude_modules_leaves_them_plain():
     assert isinstance(model.bert.encoder.layer[0].attention.self.key, UnitScaledMatmulMixin)
 
 
+@pytest.mark.parametrize(
+    ("spoil", "message"),
+    [
+        ("nan_weight", r"`classifier\.weight`: Ŵ has nan/inf values; reload"),
+        ("inf_scale", r"`classifier\.weight`: its scale s is inf; reload"),
+        ("fp16_overflow", r"`classifier\.weight`: s·Ŵ overflows torch\.float16 .*`model\.float\(\)`"),
+    ],
+)
+def test_merge_that_would_not_be_finite_changes_nothing(spoil, message):
+    """merge_unit_scale checks every s·Ŵ before it writes any: an error leaves the model unit-scaled as it was (it
+    used to merge the layers before the bad one and stop there)."""
+    model = unit_scale(CASES_BY_ID["bert"].model())
+    layers = list(unit_scaled_modules(model))
+    assert layers[-1] == "classifier"
+    with torch.no_grad():
+        if spoil == "nan_weight":
+            model.classifier.weight[0, 0] = float("nan")
+        elif spoil == "inf_scale":
+            model.classifier.weight_scale.fill_(float("inf"))
+        else:  # 2^10 · 2^6 = 2^16 > 65504, the largest float16
+            model.half()
+            model.classifier.weight_scale.fill_(2.0**10)
+            model.classifier.weight[0, 0] = 2.0**6
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message + r".*Nothing was merged"):
+        merge_unit_scale(model)
+    assert list(unit_scaled_modules(model)) == layers
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(torch.equal(after[k].nan_to_num(), before[k].nan_to_num()) for k in before)
+
+
 def test_excluding_a_module_excludes_what_is_inside_it():
     model = unit_scale(CASES_BY_ID["bert"].model(), UnitScaleConfig(exclude_modules="bert.pooler"))  # one regex
     assert type(model.bert.pooler.dense) is nn.Linear
