@@ -34,7 +34,7 @@ from .calibrate import calibrate
 from .checkpoint import operand_scales
 from .convert import matmul_layers
 from .precision import cast_statistics, summarize_casts, track_casts
-from .training_loss import model_inputs
+from .training_loss import loss_shifts_labels, model_inputs, trainer_num_items_in_batch
 
 __all__ = ["RecalibrationCallback"]
 
@@ -45,37 +45,6 @@ Batches = Iterable[Mapping[str, Any]] | Callable[[], Iterable[Mapping[str, Any]]
 
 def _detached(batch: Mapping[str, Any]) -> dict[str, Any]:
     return {k: v.detach().clone() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
-
-
-def loss_shifts_labels(model: torch.nn.Module) -> bool:
-    """Whether `model`'s loss predicts labels[1:] from tokens[:-1], by Trainer's rule (`Trainer._loss_shifts_labels`,
-    transformers 5): its `loss_type` maps to `ForCausalLMLoss` and it is no encoder-decoder."""
-    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
-
-    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
-    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not is_encoder_decoder
-
-
-def trainer_num_items_in_batch(
-    inputs: Mapping[str, Any], args: Any, *, shifts_labels: bool, shared_batch: int = 1
-) -> torch.Tensor | None:
-    """Trainer's `num_items_in_batch` (`Trainer._get_num_items_in_batch`, transformers 5) for a step whose
-    micro-batches, on every process, are like `inputs`: the label tokens its loss predicts (`shift_labels` when the
-    batch has them, else `labels[..., 1:]` with `shifts_labels`, else `labels`; -100 is none) × the
-    `gradient_accumulation_steps` micro-batches, × `world_size` with `average_tokens_across_devices` (Trainer sums
-    every process's), ÷ `shared_batch` (the processes that hold one batch: tensor × context × sequence parallel).
-    None for labels that are no tensor (DETR's list of dicts), which Trainer does not count."""
-    labels = inputs.get("shift_labels")
-    try:
-        if labels is None:
-            labels = inputs["labels"][..., 1:] if shifts_labels else inputs["labels"]
-        num_items = labels.ne(-100).sum()
-    except (TypeError, AttributeError):
-        return None
-    num_items = num_items * (getattr(args, "gradient_accumulation_steps", 1) or 1)
-    if getattr(args, "average_tokens_across_devices", False) and getattr(args, "world_size", 1) > 1:
-        num_items = num_items * args.world_size
-    return num_items / shared_batch if shared_batch > 1 else num_items
 
 
 def _as_trained(

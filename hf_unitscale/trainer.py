@@ -57,7 +57,7 @@ from .arguments import (
     deepspeed_optimizer_error,
     unit_scale_options,
 )
-from .callbacks import RecalibrationCallback, loss_shifts_labels, trainer_num_items_in_batch
+from .callbacks import RecalibrationCallback
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_checkpoint_into
 from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
 from .convert import (
@@ -75,6 +75,7 @@ from .model_card import update_model_card
 from .plateau import SharedFactorReduceLROnPlateau, lr_ratio
 from .precision import casts_uncounted, full_precision, set_precision
 from .trainer_push import mirror_weight_files, trainer_uploads_replacing_weights
+from .training_loss import loss_shifts_labels, trainer_num_items_in_batch
 
 __all__ = [
     "UnitScaleSeq2SeqTrainer",
@@ -262,7 +263,7 @@ class UnitScaleTrainer(Trainer):
         """The loss whose gradient `training_step` backpropagates for `inputs` as one of a step's
         `gradient_accumulation_steps` micro-batches on every process, so that c = rms(g) is what training meets.
 
-        As Trainer: `num_items_in_batch` (`callbacks.trainer_num_items_in_batch`: this batch's label tokens ×
+        As Trainer: `num_items_in_batch` (`training_loss.trainer_num_items_in_batch`: this batch's label tokens ×
         accumulation, × processes when averaging tokens across devices) goes to a model that takes loss kwargs or to
         `compute_loss_func`; `compute_loss` (an override, label smoothing, `label_names`; it multiplies by the
         processes when it averages tokens across devices); then ÷ accumulation unless the loss is scaled for it

@@ -3,8 +3,9 @@ reports (`analysis.py`) and recalibration during training (`callbacks.py`) run a
 
 `model_inputs` puts the batch on the model's device and gives a causal LM without `labels` its own training
 labels (its `input_ids`, padding masked to -100); `default_loss` is the model's loss, or without one the proxy
-sum(logits²)/2/rows; `is_causal_lm` says whether the model's loss predicts labels[1:] from tokens[:-1] (the
-label tokens a loss normalizes by).
+sum(logits²)/2/rows; `is_causal_lm` says whether the model is its type's causal-LM class (the models that get
+their own labels). `loss_shifts_labels` and `trainer_num_items_in_batch` are Trainer's rule for the label tokens a
+step's loss is normalized by, which calibration follows to see the gradients training sees.
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["default_loss", "is_causal_lm", "model_inputs"]
+__all__ = [
+    "default_loss",
+    "is_causal_lm",
+    "loss_shifts_labels",
+    "model_inputs",
+    "trainer_num_items_in_batch",
+]
 
 
 def is_causal_lm(model: nn.Module) -> bool:
@@ -52,3 +59,34 @@ def default_loss(outputs: Any, batch: Mapping[str, Any]) -> torch.Tensor:
     logits = outputs.logits if hasattr(outputs, "logits") else outputs[0]
     rows = logits.numel() // logits.shape[-1]
     return logits.float().square().sum() / (2 * rows)
+
+
+def loss_shifts_labels(model: torch.nn.Module) -> bool:
+    """Whether `model`'s loss predicts labels[1:] from tokens[:-1], by Trainer's rule (`Trainer._loss_shifts_labels`,
+    transformers 5): its `loss_type` maps to `ForCausalLMLoss` and it is no encoder-decoder."""
+    from transformers.loss.loss_utils import LOSS_MAPPING, ForCausalLMLoss
+
+    is_encoder_decoder = getattr(getattr(model, "config", None), "is_encoder_decoder", False)
+    return LOSS_MAPPING.get(getattr(model, "loss_type", None)) is ForCausalLMLoss and not is_encoder_decoder
+
+
+def trainer_num_items_in_batch(
+    inputs: Mapping[str, Any], args: Any, *, shifts_labels: bool, shared_batch: int = 1
+) -> torch.Tensor | None:
+    """Trainer's `num_items_in_batch` (`Trainer._get_num_items_in_batch`, transformers 5) for a step whose
+    micro-batches, on every process, are like `inputs`: the label tokens its loss predicts (`shift_labels` when the
+    batch has them, else `labels[..., 1:]` with `shifts_labels`, else `labels`; -100 is none) × the
+    `gradient_accumulation_steps` micro-batches, × `world_size` with `average_tokens_across_devices` (Trainer sums
+    every process's), ÷ `shared_batch` (the processes that hold one batch: tensor × context × sequence parallel).
+    None for labels that are no tensor (DETR's list of dicts), which Trainer does not count."""
+    labels = inputs.get("shift_labels")
+    try:
+        if labels is None:
+            labels = inputs["labels"][..., 1:] if shifts_labels else inputs["labels"]
+        num_items = labels.ne(-100).sum()
+    except (TypeError, AttributeError):
+        return None
+    num_items = num_items * (getattr(args, "gradient_accumulation_steps", 1) or 1)
+    if getattr(args, "average_tokens_across_devices", False) and getattr(args, "world_size", 1) > 1:
+        num_items = num_items * args.world_size
+    return num_items / shared_batch if shared_batch > 1 else num_items

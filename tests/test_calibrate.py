@@ -614,7 +614,7 @@ def test_num_items_in_batch_is_the_trainers(case_id, shift_labels, tmp_path):
     unshifted labels), and `loss_shifts_labels` is Trainer's rule."""
     from transformers import Trainer, TrainingArguments
 
-    from hf_unitscale.callbacks import loss_shifts_labels, trainer_num_items_in_batch
+    from hf_unitscale.training_loss import loss_shifts_labels, trainer_num_items_in_batch
 
     case = {**CASES_BY_ID, **SEQ2SEQ_CASES}[case_id]
     model, batch = case.model(), _labelled_batch(case)
