@@ -38,6 +38,7 @@ from transformers.utils.hub import get_checkpoint_shard_files
 from .config import CONFIG_KEY
 from .convert import matmul_layers, unit_scaled_modules
 from .formats import cast_to_format, get_format
+from .gains import gain_parameters
 from .modules import SCALE_SUFFIX, UnitScaledMatmulMixin, UnitScaledModuleMixin
 from .ops import apply_scale
 
@@ -296,10 +297,11 @@ def load_unit_scaled_state_dict(
     Errors name the tensor: a missing or non-finite scale, a missing or unexpected tensor (the
     config's conversion options disagree with the weights), a shape mismatch, a non-finite value
     (a corrupt file), a Ŵ stored in another dtype than the config's `weight_dtype`, unequal scales
-    of a tied weight.
+    of a tied weight. A gain stored as Ŵ and s (by hf_unitscale before gains stayed unconverted)
+    loads as W = s·Ŵ.
     """
     int8_rows = {k[: -len(ROW_SCALE_SUFFIX)] for k in state_dict if k.endswith(ROW_SCALE_SUFFIX)}
-    state_dict = decode_stored_weights(state_dict, source)
+    state_dict = _merge_stored_gains(model, decode_stored_weights(state_dict, source), source)
     expected = model.state_dict()
     converted = _converted_weight_names(model)
     embeddings = _embedding_weight_names(model)
@@ -345,6 +347,32 @@ def load_unit_scaled_state_dict(
     for alias, source_name in aliases.items():
         if alias in converted.values() and not torch.equal(expected[alias], expected[source_name]):
             raise ValueError(f"{source}: tied scales `{alias}` and `{source_name}` differ.")
+
+
+def _merge_stored_gains(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> dict[str, torch.Tensor]:
+    """`state_dict` with W = s·Ŵ for each gain (`gains.is_gain`) stored as Ŵ and `<name>_scale` s, which the model
+    holds unconverted: earlier versions of hf_unitscale converted the gains of ≥2 dimensions that the generic path
+    met (SwiftFormer's layer scales (c, 1, 1), ConvNeXt V2's GRN γ (1, 1, 1, c), weight_norm's g). W is computed in
+    fp32 and rounded once, to the model's dtype."""
+    gains = gain_parameters(model)
+    parameters = dict(model.named_parameters(remove_duplicate=False))
+    gain_names = {name for name, param in parameters.items() if id(param) in gains}
+    stored = sorted(name for name in gain_names if name in state_dict and name + SCALE_SUFFIX in state_dict)
+    if not stored:
+        return state_dict
+    state_dict = dict(state_dict)
+    for name in stored:
+        scale = state_dict.pop(name + SCALE_SUFFIX)
+        if not (scale.numel() == 1 and torch.isfinite(scale).all() and scale > 0):
+            raise ValueError(
+                f"{source}: scale `{name}{SCALE_SUFFIX}` = {scale.tolist()} is not a positive finite number."
+            )
+        state_dict[name] = apply_scale(state_dict[name].to(parameters[name].dtype), scale.float())
+    logger.info(
+        f"{source} stores {len(stored)} gain(s) as Ŵ and s (`{stored[0]}`, …), as hf_unitscale did before gains "
+        "stayed unconverted: loaded as W = s·Ŵ."
+    )
+    return state_dict
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

@@ -32,7 +32,8 @@ class UnitScaleConfig:
 
     Every weight W of an `nn.Linear`, transformers `Conv1D` or `nn.Embedding` (and, with
     `convert_other_modules`, every ≥2-D parameter of other modules, e.g. `nn.LSTM`, `nn.Conv2d`)
-    becomes s·Ŵ with s = rms(W), rms(Ŵ) = 1. Norm gains and biases stay as they are. With
+    becomes s·Ŵ with s = rms(W), rms(Ŵ) = 1. Gains and biases stay as they are, whatever their shape
+    (`gains.py`: a layer scale stored (c, 1, 1) as a 1-D one). With
     `power_of_two_scales`, s = 2^round(log₂ rms(W)) instead, so rms(Ŵ) is within a factor √2 of 1
     and Ŵ = W/s is exact in every float dtype: conversion and the merged export W = s·Ŵ lose no bit.
     """
@@ -50,7 +51,8 @@ class UnitScaleConfig:
     convert_other_modules: bool = field(
         default=True,
         metadata={
-            "help": "Also convert ≥2-D weights of other modules (LSTM, Conv2d, …) by multiplying s in at forward."
+            "help": "Also convert ≥2-D weights of other modules (LSTM, Conv2d, …) by multiplying s in at forward; "
+            "their biases and gains (layer scales, of any shape) stay as they are."
         },
     )
     power_of_two_scales: bool | None = field(

@@ -9,6 +9,10 @@ and the layer's class becomes its unit-scaled twin (see `modules.py`), whose for
 s back in: the converted model computes the same function. A weight tied to one already
 converted (GPT-2's `lm_head` and `wte`) is divided once; its second layer gets its own copy of s.
 `merge_unit_scale` is the inverse: W = s·Ŵ and the original classes.
+
+The supported layers are nn.Linear, transformers' Conv1D and nn.Embedding, and (the generic path,
+`convert_other_modules`) any other module with ≥2-D parameters: those are converted, except biases
+and gains (`gains.py`: a vector such as SwiftFormer's layer scale (c, 1, 1) stays W, as 1-D ones do).
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from transformers.utils import logging
 
 from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
 from .direct_reads import modules_read_directly
+from .gains import gain_parameters, is_norm_layer
 from .modules import (
     EMBEDDING_CLASSES,
     MATMUL_CLASSES,
@@ -83,14 +88,6 @@ def _is_pointwise_conv(layer: nn.Module) -> bool:
         and layer.groups == 1
         and all(k == 1 for k in layer.kernel_size)
     )
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """A normalization layer: torch's LayerNorm, GroupNorm, RMSNorm, BatchNorm/InstanceNorm, or a class named `*Norm*`
-    (transformers' `LlamaRMSNorm`, …)."""
-    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)):
-        return True
-    return "norm" in type(module).__name__.lower()
 
 
 def _holds_layer_stack(module: nn.Module) -> bool:
@@ -215,9 +212,14 @@ def is_bias_name(leaf: str) -> bool:
     return leaf == "bias" or leaf.endswith("_bias") or _RECURRENT_BIAS.fullmatch(leaf) is not None
 
 
-def _other_weights(module: nn.Module) -> tuple[str, ...]:
-    """Names of a module's own ≥2-D parameters other than biases: the weights the generic path rescales."""
-    return tuple(name for name, p in module.named_parameters(recurse=False) if p.dim() >= 2 and not is_bias_name(name))
+def _other_weights(module: nn.Module, gains: set[int]) -> tuple[str, ...]:
+    """Names of a module's own ≥2-D parameters other than biases and gains (ids in `gains`: a layer scale stored
+    (c, 1, 1) stays W, as a 1-D one does): the weights the generic path rescales."""
+    return tuple(
+        name
+        for name, p in module.named_parameters(recurse=False)
+        if p.dim() >= 2 and not is_bias_name(name) and id(p) not in gains
+    )
 
 
 def _excluded_names(model: nn.Module, config: UnitScaleConfig) -> set[str]:
@@ -292,6 +294,7 @@ def _conversion_plan(
     """(name, module, unit-scaled class, weight names) for every module to convert; the modules that stay unconverted
     although convertible (their weights read directly, the model's own) are named at logging `level`."""
     excluded, read_directly = _excluded_names(model, config), modules_read_directly(model)
+    gains = gain_parameters(model) if config.convert_other_modules else set()
     plan, left = [], []
     for name, module in model.named_modules():
         if isinstance(module, UnitScaledModuleMixin) or name in excluded:
@@ -304,7 +307,7 @@ def _conversion_plan(
             plan.append((name, module, MATMUL_CLASSES[base], ("weight",)))
         elif base in EMBEDDING_CLASSES and module.max_norm is None:
             plan.append((name, module, EMBEDDING_CLASSES[base], ("weight",)))
-        elif config.convert_other_modules and (weights := _other_weights(module)):
+        elif config.convert_other_modules and (weights := _other_weights(module, gains)):
             if not name:  # the model itself: its class, forward signature and other methods must stay its own
                 logger.log(
                     level,

@@ -1,4 +1,11 @@
-"""Find a module's gains: the parameters its own code multiplies an activation by.
+"""Find a model's gains: the parameters that multiply each channel of an activation by a value of their own.
+
+A gain is a vector, one value per channel: 1-D, or stored in the shape it broadcasts in, one dimension larger than 1
+and the others 1 (SwiftFormer's layer scales (c, 1, 1), ConvNeXt V2's GRN γ (1, 1, 1, c), RWKV's `time_mix_key`
+(1, 1, c)). It is a normalization layer's `weight`, weight_norm's g, or a vector its module's code multiplies an
+activation by. y = γ ⊙ x sums no fan-in: `convert` leaves gains as they are (no s, as it leaves biases), and
+`lr_rules` gives them the `norm` role, η on W under every rule. Converted, a gain W = s·Ŵ trained with η would move
+by η·s, s its pretrained RMS: 1e-5 for SwiftFormer's layer scales, where a 1-D one moves by η.
 
 A layer scale (ConvNeXt's `layer_scale_parameter`, BEiT's `lambda_1`, DINOv2's `lambda1`) is a vector γ, one
 value per channel, and its module computes γ ⊙ x, as a norm layer applies its gain. No class or name says so,
@@ -17,8 +24,8 @@ of the module's own attribute. Not a gain:
   activations, not a gain on them (SAM 2's `no_object_pointer`, added where no object is).
 
 A product alone cannot tell γ ⊙ x from a learned vector weighted by an activation in other forms (ViT's mask token
-would pass, written `self.mask_token * mask`): `lr_rules` asks only about per-channel vectors that its norm and
-bias rules leave.
+would pass, written `self.mask_token * mask`): it is asked only about per-channel vectors, after the checks for
+embeddings, readouts and biases.
 """
 
 from __future__ import annotations
@@ -26,11 +33,13 @@ from __future__ import annotations
 import ast
 import functools
 
+import torch
 from torch import nn
+from torch.nn.utils import parametrize
 
 from .class_source import computing_methods, scanned_classes
 
-__all__ = ["multiplies_activation"]
+__all__ = ["gain_parameters", "is_gain", "is_norm_layer", "is_vector", "multiplies_activation", "parameter_owners"]
 
 # tensor methods that change a read's shape, dtype or device, not its values
 _LAYOUT_METHODS = frozenset(
@@ -123,3 +132,60 @@ def _class_gains(cls: type) -> frozenset[str]:
 def multiplies_activation(module: nn.Module, name: str) -> bool:
     """Whether the code of `module`'s classes multiplies an activation by its attribute `name` (`self.<name> * x`)."""
     return any(name in _class_gains(cls) for cls in scanned_classes(module))
+
+
+def is_vector(param: torch.Tensor) -> bool:
+    """One value per channel: 1-D, or stored in the shape it broadcasts in, one dimension larger than 1 and the others
+    1 (ConvNeXt V2's GRN γ (1, 1, 1, c), SwiftFormer's layer scales (c, 1, 1), RWKV's `time_mix_key` (1, 1, c))."""
+    return param.dim() == 1 or sum(size > 1 for size in param.shape) == 1
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """A normalization layer: torch's LayerNorm, GroupNorm, RMSNorm, BatchNorm/InstanceNorm, or a class named `*Norm*`
+    (transformers' `LlamaRMSNorm`, …)."""
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm, nn.RMSNorm, nn.modules.batchnorm._NormBase)):
+        return True
+    return "norm" in type(module).__name__.lower()
+
+
+def _is_parametrization_gain(module: nn.Module, leaf: str, param: torch.Tensor) -> bool:
+    """weight_norm's g: an original of a parametrized weight that broadcasts against a larger one (v)."""
+    if not parametrize.is_parametrized(module, leaf):
+        return False
+    largest = max(module.parametrizations[leaf].parameters(recurse=False), key=torch.numel)
+    broadcasts = param.dim() == largest.dim() and all(
+        a in (1, b) for a, b in zip(param.shape, largest.shape, strict=True)
+    )
+    return broadcasts and param.numel() < largest.numel()
+
+
+def is_gain(module: nn.Module, leaf: str, param: torch.Tensor) -> bool:
+    """Whether `param`, named `leaf` in `module` (the module that computes with it: `parameter_owners`), is a gain:
+    a vector (`is_vector`) that is a normalization layer's `weight` or that `module`'s code multiplies an activation
+    by (`multiplies_activation`), or weight_norm's g."""
+    if _is_parametrization_gain(module, leaf, param):
+        return True
+    if not is_vector(param):
+        return False
+    return (leaf == "weight" and is_norm_layer(module)) or multiplies_activation(module, leaf)
+
+
+def parameter_owners(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
+    """{id(parameter): (module that computes with it, the name it has there)}. torch.nn.utils.parametrize keeps a
+    weight's originals (weight_norm's g and v) in a ParametrizationList: they belong to the parametrized module,
+    under the weight's name."""
+    owner: dict[int, tuple[nn.Module, str]] = {}
+    for module in model.modules():
+        if parametrize.is_parametrized(module):
+            for tensor_name, originals in module.parametrizations.items():
+                for param in originals.parameters(recurse=False):
+                    owner.setdefault(id(param), (module, tensor_name))
+        for leaf, param in module.named_parameters(recurse=False):
+            owner.setdefault(id(param), (module, leaf))
+    return owner
+
+
+def gain_parameters(model: nn.Module) -> set[int]:
+    """ids of the gains (`is_gain`) among the parameters of `model`."""
+    owners = parameter_owners(model)
+    return {id(param) for param in model.parameters() if is_gain(*owners[id(param)], param)}

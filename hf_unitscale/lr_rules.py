@@ -4,7 +4,8 @@ A converted weight is W = s·Ŵ with the Parameter Ŵ trainable and s a fixed fp
 gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one role: the first entry below that
 fits it (`describe_parameters`). A vector is one value per channel: 1-D, or stored in the shape it broadcasts in,
 one dimension larger than 1 and the others 1 (SwiftFormer's layer scales (c, 1, 1), ConvNeXt V2's GRN γ and β
-(1, 1, 1, c), RWKV's `time_mix_key` (1, 1, c)).
+(1, 1, 1, c), RWKV's `time_mix_key` (1, 1, c)): `gains.is_vector`. Gains (`gains.is_gain`, the `norm` role below) and biases are never converted, whatever their
+shape, so their lr moves W itself.
 
     0. (any)           the role of the first `role_overrides={regex: role}` pattern that matches the name
                        (`re.fullmatch`); `embedding`, `hidden_weight` and `readout` need a ≥2-D weight
@@ -20,22 +21,22 @@ one dimension larger than 1 and the others 1 (SwiftFormer's layer scales (c, 1, 
                        base model that feeds no other one there (`classifier`, `score`, `qa_outputs`, a
                        next-sentence or multiple-choice head beside the LM head, a pointwise conv such as
                        ParakeetForCTC's `ctc_head`, …: `convert.readout_modules`)
-    4. norm            a gain: the weight of a normalization layer (LayerNorm, RMSNorm, …) if a vector,
-                       weight_norm's g (a parametrization original that broadcasts against the weight)
-    5. bias            a vector or ≤2-D parameter named `bias`, a stacked one (`*_bias`, one row per expert), a
+    4. bias            a vector or ≤2-D parameter named `bias`, a stacked one (`*_bias`, one row per expert), a
                        recurrent layer's (`bias_ih_l<k>`, `bias_hh_l<k>`)
-    6. norm            a gain too: a vector that its module's code multiplies an activation by (`self.p * x`,
-                       found in the source by `gains.py`): a layer scale (ConvNeXt's `layer_scale_parameter`,
-                       BEiT's `lambda_1`, DINOv2's `lambda1`, SwiftFormer's `layer_scale`), GRN's γ, RWKV's
-                       `time_mix_*` (x·μ + shift(x)·(1 - μ))
-    7. embedding       a table added to the activations (ViT's `cls_token` (1, 1, h), `position_embeddings`
+    5. norm            a gain (`gains.is_gain`): the weight of a normalization layer (LayerNorm, RMSNorm, …) if a
+                       vector, weight_norm's g (a parametrization original that broadcasts against the weight),
+                       and a vector that its module's code multiplies an activation by (`self.p * x`, found in the
+                       source): a layer scale (ConvNeXt's `layer_scale_parameter`, BEiT's `lambda_1`, DINOv2's
+                       `lambda1`, SwiftFormer's `layer_scale`), GRN's γ, RWKV's `time_mix_*`
+                       (x·μ + shift(x)·(1 - μ))
+    6. embedding       a table added to the activations (ViT's `cls_token` (1, 1, h), `position_embeddings`
                        (1, n, h): ≥3-D with a leading 1), and a 1-D vector named `*embed*` that stands in for one
                        (CLIP's `class_embedding`, wav2vec2's `masked_spec_embed`, which replaces masked frames;
                        d_model = h, its length)
-    8. hidden_weight   any other ≥2-D parameter
-    9. norm            a single-element parameter (CLIP's 0-D `logit_scale`, SigLIP's (1,) one, a tanh gate)
+    7. hidden_weight   any other ≥2-D parameter
+    8. norm            a single-element parameter (CLIP's 0-D `logit_scale`, SigLIP's (1,) one, a tanh gate)
 
-A vector's code, not its shape, tells a gain (6) from an added table (7): RWKV's `time_mix_key` (1, 1, c) is
+A vector's code, not its shape, tells a gain (5) from an added table (6): RWKV's `time_mix_key` (1, 1, c) is
 shaped as ViT's `cls_token` (1, 1, h); a norm weight or a bias stays one whatever multiplies it. Gains and
 scalars get η under both width rules, as norm gains and biases do. μP sorts a parameter by how many of its
 dimensions grow with the width: a gain (c,) is vector-like, a temperature scalar-like, and under Adam both train
@@ -107,13 +108,12 @@ from typing import Any, Literal, get_args
 
 import torch
 from torch import nn
-from torch.nn.utils import parametrize
 from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 from transformers.utils import logging
 
-from .convert import is_bias_name, is_norm_layer, readout_modules, weight_scales
-from .gains import multiplies_activation
+from .convert import is_bias_name, readout_modules, weight_scales
+from .gains import is_gain, is_vector, parameter_owners
 
 __all__ = [
     "LR_RULES",
@@ -190,12 +190,6 @@ class ParamInfo:
     decay: bool  # plain Trainer applies weight decay to it
 
 
-def _is_vector(param: torch.Tensor) -> bool:
-    """A per-channel vector: 1-D, or stored in the shape it broadcasts in, one dimension larger than 1 and the others
-    1 (ConvNeXt V2's GRN γ (1, 1, 1, c), SwiftFormer's layer scales (c, 1, 1), RWKV's `time_mix_key` (1, 1, c))."""
-    return param.dim() == 1 or sum(size > 1 for size in param.shape) == 1
-
-
 def _is_added_embedding(module: nn.Module, leaf: str, param: torch.Tensor) -> bool:
     """A module's own parameter added to the activations: ViT's `cls_token` (1, 1, h) and `position_embeddings`
     (1, n, h), ≥3-D with a leading broadcast dimension; CLIP's `class_embedding` (h,), 1-D and named so. Not a
@@ -240,32 +234,6 @@ def _input_layer_weights(model: nn.Module) -> set[int]:
         if conv or projection:
             weights.add(id(module._parameters.get("weight")))  # not a parametrized weight's computed tensor
     return weights
-
-
-def _owners(model: nn.Module) -> dict[int, tuple[nn.Module, str]]:
-    """{id(parameter): (module that computes with it, the name it has there)}. torch.nn.utils.parametrize keeps a
-    weight's originals (weight_norm's g and v) in a ParametrizationList: they belong to the parametrized module,
-    under the weight's name."""
-    owner: dict[int, tuple[nn.Module, str]] = {}
-    for module in model.modules():
-        if parametrize.is_parametrized(module):
-            for tensor_name, originals in module.parametrizations.items():
-                for param in originals.parameters(recurse=False):
-                    owner.setdefault(id(param), (module, tensor_name))
-        for leaf, param in module.named_parameters(recurse=False):
-            owner.setdefault(id(param), (module, leaf))
-    return owner
-
-
-def _is_parametrization_gain(module: nn.Module, leaf: str, param: torch.Tensor) -> bool:
-    """weight_norm's g: an original of a parametrized weight that broadcasts against a larger one (v)."""
-    if not parametrize.is_parametrized(module, leaf):
-        return False
-    largest = max(module.parametrizations[leaf].parameters(recurse=False), key=torch.numel)
-    broadcasts = param.dim() == largest.dim() and all(
-        a in (1, b) for a, b in zip(param.shape, largest.shape, strict=True)
-    )
-    return broadcasts and param.numel() < largest.numel()
 
 
 # transformers MoE layers that store each expert (in, out) without `use_experts_implementation`'s `is_transposed`
@@ -438,7 +406,7 @@ def describe_parameters(
 
     embedding_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
     embedding_weights |= _input_layer_weights(model) - readout_weights  # an untied head reading embedding_size
-    owner = _owners(model)
+    owner = parameter_owners(model)
 
     infos = []
     for name, param in model.named_parameters():
@@ -452,21 +420,16 @@ def describe_parameters(
                 "scale by the weight's fan-in or width: it needs a ≥2-D weight. Use `norm` or `bias` (lr η)."
             )
         if role is None:
-            vector = _is_vector(param)
             if _ATTENTION_BIAS_TABLE.search(name):
                 role = "bias"
             elif id(param) in embedding_weights:
                 role = "embedding"  # an embedding tied to the output head too
             elif id(param) in readout_weights:
                 role = "readout"
-            elif (vector and leaf == "weight" and is_norm_layer(module)) or _is_parametrization_gain(
-                module, leaf, param
-            ):
-                role = "norm"
-            elif is_bias_name(leaf) and (param.dim() <= 2 or vector):  # 2-D: one bias per expert
+            elif is_bias_name(leaf) and (param.dim() <= 2 or is_vector(param)):  # 2-D: one bias per expert
                 role = "bias"
-            elif vector and multiplies_activation(module, leaf):
-                role = "norm"  # a gain (a layer scale), before the shape of an added table can claim it
+            elif is_gain(module, leaf, param):
+                role = "norm"  # before the shape of an added table can claim it; not converted
             elif _is_added_embedding(module, leaf, param):
                 role = "embedding"
             elif param.dim() >= 2:

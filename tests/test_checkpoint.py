@@ -21,7 +21,7 @@ from hf_unitscale.formats import get_format
 from hf_unitscale.modules import UnitScaledMatmulMixin
 from hf_unitscale.precision import set_precision
 
-from tiny_models import _BERT_SMALL, CASES_BY_ID, HEADS_CASES, TINY_CASES
+from tiny_models import _BERT_SMALL, CASES_BY_ID, GAIN_NAMES, HEADS_CASES, TINY_CASES, tiny_gain_model
 
 logger = logging.getLogger(__name__)
 
@@ -347,6 +347,51 @@ def test_block_that_disagrees_with_the_weights_is_refused(unit_scaled_folder, ch
     _edit_block(unit_scaled_folder, **changes)
     with pytest.raises(ValueError, match=error):
         hf_unitscale.from_pretrained(unit_scaled_folder)
+
+
+# the gains of ≥2 dimensions in the models of `tiny_gain_model`: SwiftFormer's layer scales, GRN's γ, weight_norm's g
+_BROADCAST_SHAPED_GAINS = re.compile(r".*\.(layer_scale(_[12])?|grn\.weight|original0)")
+
+
+def _gains_stored_as_earlier_versions_did(folder, weight_dtype):
+    """Rewrite the unit-scaled checkpoint in `folder` as hf_unitscale did when it converted gains stored broadcast
+    shaped: each gain W as Ŵ = W/s in `weight_dtype` and `<name>_scale` s = rms(W). Returns {name: (Ŵ, s)}."""
+    path = folder / UNIT_SCALED_WEIGHTS_NAME
+    tensors = load_file(path)
+    dtype = {"float32": torch.float32, "e4m3": torch.float8_e4m3fn}[weight_dtype]
+    stored = {}
+    for name in [n for n in tensors if _BROADCAST_SHAPED_GAINS.fullmatch(n)]:
+        scale = tensors[name].double().square().mean().sqrt().float()
+        stored[name] = ((tensors[name] / scale).to(dtype), scale)
+        tensors[name], tensors[name + "_scale"] = stored[name]
+    save_file(tensors, str(path), metadata={"format": "pt", "hf_unitscale": "unit-scaled"})
+    return stored
+
+
+@pytest.mark.parametrize(
+    ("model_id", "weight_dtype"),
+    [("swiftformer", "float32"), ("convnextv2", "float32"), ("wav2vec2", "float32"), ("swiftformer", "e4m3")],
+)
+def test_a_checkpoint_storing_gains_as_scaled_weights_loads_them_as_w(model_id, weight_dtype, tmp_path, caplog):
+    """A unit-scaled checkpoint saved when broadcast-shaped gains were converted (Ŵ and `<name>_scale` s) loads
+    into today's model, which keeps them as W: W = s·Ŵ (Ŵ as stored, e4m3 too), no scale, the saved function."""
+    model, inputs = tiny_gain_model(model_id)
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+    hf_unitscale.unit_scale(model).save_pretrained(tmp_path, checkpoint_format="unit-scaled", weight_dtype=weight_dtype)
+    stored = _gains_stored_as_earlier_versions_did(tmp_path, weight_dtype)
+    assert set(GAIN_NAMES[model_id]) <= set(stored)
+    with caplog.at_level(logging.INFO, logger="hf_unitscale"):
+        loaded = hf_unitscale.from_pretrained(tmp_path)
+    assert f"stores {len(stored)} gain(s) as Ŵ and s" in caplog.text
+    converted = {f"{n}.{w}" for n, m in hf_unitscale.unit_scaled_modules(loaded).items() for w in m.unit_scaled_weights}
+    parameters = dict(loaded.named_parameters())
+    for name, (weight, scale) in stored.items():
+        assert name not in converted, name
+        assert torch.equal(parameters[name], weight.float() * scale), name
+    if weight_dtype == "float32":
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(**inputs).last_hidden_state, expected, rtol=1e-6, atol=1e-6)
 
 
 def test_merged_block_naming_an_unknown_layer(tmp_path):

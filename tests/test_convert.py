@@ -16,7 +16,7 @@ from hf_unitscale.convert import weight_scales
 from hf_unitscale.modules import UnitScaledEmbedding, UnitScaledMatmulMixin
 from hf_unitscale.precision import set_precision
 
-from tiny_models import CASES_BY_ID, TINY_CASES
+from tiny_models import CASES_BY_ID, GAIN_NAMES, TINY_CASES, tiny_gain_model
 
 EQUIVALENCE_RTOL = 1e-5  # max |converted - original| ≤ 1e-5 · max |original|
 RMS_ATOL = 1e-4
@@ -651,6 +651,37 @@ def test_plain_torch_lstm_classifier_converts_and_stays_equivalent():
     merge_unit_scale(model)
     assert type(model.lstm) is nn.LSTM
     torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("model_id", list(GAIN_NAMES))
+def test_gains_stored_broadcast_shaped_stay_unconverted_as_1d_ones(model_id):
+    """The generic path converts a module's ≥2-D weights but leaves its gains as W, as it leaves 1-D ones:
+    SwiftFormer's layer scales (c, 1, 1), ConvNeXt V2's GRN γ (1, 1, 1, c), wav2vec2's weight_norm g (1, 1, k).
+    Other weights of the same shape of vector or of the same module (SwiftFormer's `w_g` (c, 1), a matmul; weight_norm's
+    v) and the convs around GRN are converted, and the model keeps its function in fp32."""
+    model, inputs = tiny_gain_model(model_id)
+    with torch.no_grad():
+        expected = model(**inputs).last_hidden_state
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    unit_scale(model)
+    converted = {f"{n}.{w}" for n, m in unit_scaled_modules(model).items() for w in m.unit_scaled_weights}
+    parameters = dict(model.named_parameters())
+    for name in GAIN_NAMES[model_id]:
+        assert name not in converted, name
+        assert not hasattr(model.get_submodule(name.rsplit(".", 1)[0]), name.rsplit(".", 1)[1] + "_scale"), name
+        assert torch.equal(parameters[name], before[name]), name
+    others = {
+        "swiftformer": "encoder.network.0.blocks.0.attn.w_g",
+        "convnextv2": "encoder.stages.1.layers.0.dwconv.weight",
+    }
+    others["wav2vec2"] = "encoder.pos_conv_embed.conv.parametrizations.weight.original1"
+    assert others[model_id] in converted
+    assert_unit_rms(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(**inputs).last_hidden_state, expected, rtol=1e-6, atol=1e-6)
+    merge_unit_scale(model)
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param, before[name], rtol=1e-6, atol=0, msg=name)
 
 
 @pytest.mark.slow

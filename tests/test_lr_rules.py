@@ -8,9 +8,10 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+import transformers
 from torch import nn
 
-from hf_unitscale import unit_scale, unit_scaled_modules
+from hf_unitscale import UnitScaleConfig, merge_unit_scale, unit_scale, unit_scaled_modules
 from hf_unitscale.lr_rules import (
     ROLES,
     build_param_groups,
@@ -20,7 +21,7 @@ from hf_unitscale.lr_rules import (
     summarize_param_groups,
 )
 
-from tiny_models import CASES_BY_ID, HEADS_CASES, TINY_CASES, VOCAB
+from tiny_models import CASES_BY_ID, GAIN_NAMES, HEADS_CASES, TINY_CASES, VOCAB, tiny_gain_model
 
 LR, EPS, WD = 1e-3, 1e-8, 0.01
 
@@ -643,6 +644,61 @@ def test_vectors_stored_broadcast_shaped_are_gains_or_biases():
             assert [g["lr"] for g in groups if any(p is param for p in g["params"])] == [LR], name
     with pytest.raises(ValueError, match=r"`blocks\.0\.attention\.time_decay` \(shape \(32,\).* no learning-rate role"):
         parameter_roles(rwkv)
+
+
+def _stored_w(model: nn.Module, name: str) -> torch.Tensor:
+    """W of parameter `name`: s·Ŵ where converted, the parameter itself where not."""
+    module_name, leaf = name.rsplit(".", 1)
+    module = model.get_submodule(module_name)
+    return getattr(module, leaf).detach() * getattr(module, leaf + "_scale", 1.0)
+
+
+@pytest.mark.parametrize("rule", ["umup", "mup"])
+def test_a_gain_stored_broadcast_shaped_moves_by_eta_as_a_1d_one(rule):
+    """A gain gets η on W under the width rules, whatever its shape: SwiftFormer's layer scale (c, 1, 1), pretrained
+    at 1e-5, moves by η per element in Adam's first step (|m/√v| = 1), as ConvNeXt's 1-D layer scale does. Were it
+    converted (W = s·Ŵ, s = 1e-5), η on Ŵ would move W by η·s."""
+    model, inputs = tiny_gain_model("swiftformer")
+    name = "encoder.network.4.blocks.0.layer_scale_1"
+    with torch.no_grad():
+        dict(model.named_parameters())[name].fill_(1e-5)  # SwiftFormer's `layer_scale_init_value`
+    model.config.hidden_size = 16  # the one width mup reads
+    unit_scale(model)
+    before = _stored_w(model, name)
+    options = {"mup_base_width": 8} if rule == "mup" else {}
+    groups = build_param_groups(model, lr_rule=rule, lr=LR, eps=1e-12, weight_decay=0.0, **options)
+    optimizer = torch.optim.AdamW(groups)
+    model(**inputs).last_hidden_state.square().mean().backward()
+    optimizer.step()
+    step = (_stored_w(model, name) - before).abs()
+    torch.testing.assert_close(step, torch.full_like(step, LR), rtol=1e-3, atol=0)
+
+
+@pytest.mark.parametrize("model_id", list(GAIN_NAMES))
+def test_equivalent_groups_are_plain_adamw_bit_for_bit_on_models_with_broadcast_shaped_gains(model_id):
+    """With power-of-two scales, AdamW with the `equivalent` groups on a converted SwiftFormer, ConvNeXt V2 or
+    wav2vec2 moves every W to the last bit as torch's AdamW on the original model does (Trainer's decay split):
+    converted weights, and gains (c, 1, 1), (1, 1, 1, c), (1, 1, k) left as W."""
+    plain, inputs = tiny_gain_model(model_id)
+    converted = unit_scale(copy.deepcopy(plain), UnitScaleConfig(power_of_two_scales=True))
+    decay = set(transformers.Trainer.get_decay_parameter_names(None, plain))
+    reference = torch.optim.AdamW(
+        [
+            {"params": [p for n, p in plain.named_parameters() if n in decay], "weight_decay": WD},
+            {"params": [p for n, p in plain.named_parameters() if n not in decay], "weight_decay": 0.0},
+        ],
+        lr=LR,
+        eps=EPS,
+    )
+    ours = torch.optim.AdamW(_groups(converted, decay_parameter_names=decay), lr=LR, eps=EPS)
+    for _ in range(5):
+        for model, optimizer in ((plain, reference), (converted, ours)):
+            optimizer.zero_grad()
+            model(**inputs).last_hidden_state.square().mean().backward()
+            optimizer.step()
+    merged = dict(merge_unit_scale(converted).named_parameters())
+    for name, p in plain.named_parameters():
+        assert torch.equal(merged[name], p), f"{name} differs from AdamW on W"
 
 
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "llama4_text"])

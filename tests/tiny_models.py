@@ -17,6 +17,8 @@ from transformers import (
     BertForPreTraining,
     BertForSequenceClassification,
     BertModel,
+    ConvNextV2Config,
+    ConvNextV2Model,
     DistilBertConfig,
     DistilBertForSequenceClassification,
     ElectraConfig,
@@ -31,9 +33,13 @@ from transformers import (
     RobertaConfig,
     RobertaForMaskedLM,
     RobertaForSequenceClassification,
+    SwiftFormerConfig,
+    SwiftFormerModel,
     T5Config,
     T5ForConditionalGeneration,
     T5ForQuestionAnswering,
+    Wav2Vec2Config,
+    Wav2Vec2Model,
 )
 
 VOCAB = 101
@@ -270,3 +276,51 @@ HEADS_CASES = [
         tied=frozenset({"generator_lm_head"}),
     ),
 ]
+
+
+# Models whose gains are stored in the shape they broadcast in (one dimension larger than 1): SwiftFormer's layer
+# scales (c, 1, 1), ConvNeXt V2's GRN γ and β (1, 1, 1, c), wav2vec2's weight_norm g (1, 1, k) of its positional conv.
+# Gains drawn at random: their initial values (1e-5, zeros, norms) would hide a scale applied twice or not at all.
+GAIN_NAMES = {
+    "swiftformer": (
+        "encoder.network.0.blocks.0.layer_scale_1",
+        "encoder.network.4.blocks.0.local_representation.layer_scale",
+    ),
+    "convnextv2": ("encoder.stages.1.layers.0.grn.weight",),
+    "wav2vec2": ("encoder.pos_conv_embed.conv.parametrizations.weight.original0",),
+}
+
+
+def _with_random_gains(model: PreTrainedModel) -> PreTrainedModel:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if any(part in name for part in ("layer_scale", "grn.", "original0")):
+                param.copy_(0.1 + torch.rand_like(param))
+    return model
+
+
+def tiny_gain_model(model_id: str, seed: int = 0) -> tuple[PreTrainedModel, dict[str, torch.Tensor]]:
+    """(model, inputs) of a tiny `swiftformer`, `convnextv2` or `wav2vec2` (fp32, eval mode), gains drawn at random."""
+    build, inputs = {
+        "swiftformer": (
+            lambda: SwiftFormerModel(SwiftFormerConfig(depths=[1, 1, 1, 1], embed_dims=[8, 8, 16, 16])),
+            {"pixel_values": (2, 3, 32, 32)},
+        ),
+        "convnextv2": (
+            lambda: ConvNextV2Model(ConvNextV2Config(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2)),
+            {"pixel_values": (2, 3, 32, 32)},
+        ),
+        "wav2vec2": (
+            lambda: Wav2Vec2Model(
+                Wav2Vec2Config(
+                    hidden_size=32, num_hidden_layers=1, num_attention_heads=4, intermediate_size=37,
+                    conv_dim=(16, 16), conv_stride=(5, 2), conv_kernel=(10, 3), num_conv_pos_embeddings=16,
+                    num_conv_pos_embedding_groups=4,
+                )
+            ),
+            {"input_values": (2, 400)},
+        ),
+    }[model_id]  # fmt: skip
+    model = _with_random_gains(_seeded(build, seed))
+    generator = torch.Generator().manual_seed(seed + 1)
+    return model, {key: torch.randn(shape, generator=generator) for key, shape in inputs.items()}
