@@ -1,9 +1,9 @@
-"""The parsed source of the module classes that `direct_reads` and `gains` read.
+"""The parsed source of the module classes that `direct_reads`, `gains` and `right_operands` read.
 
-Both scan the methods a class defines itself for what they compute with its attributes: which classes are model
+They scan the methods a class defines itself for what they compute with its attributes: which classes are model
 code worth scanning (`scanned_classes`), each Python module's class definitions parsed once
-(`class_definitions`), and those methods without the ones that build or rebuild weights (`computing_methods`,
-skipping the names that start with `WEIGHT_BUILDERS`).
+(`class_definitions`), those methods without the ones that build or rebuild weights (`computing_methods`,
+skipping the names that start with `WEIGHT_BUILDERS`), and a read of the module's own attribute (`own_attribute`).
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["WEIGHT_BUILDERS", "class_definitions", "computing_methods", "scanned_classes"]
+__all__ = ["WEIGHT_BUILDERS", "class_definitions", "computing_methods", "own_attribute", "scanned_classes"]
 
 # prefixes of the methods that build or rebuild weights rather than compute with them
 WEIGHT_BUILDERS = ("__init__", "_init", "init_", "_tie", "tie_", "resize", "reset_parameters", "_reset_parameters")
@@ -72,3 +72,24 @@ def computing_methods(cls: type) -> list[ast.FunctionDef | ast.AsyncFunctionDef]
         if isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef))
         and not function.name.startswith(WEIGHT_BUILDERS)
     ]
+
+
+# tensor methods that change a read's shape, dtype or device, not its values
+_LAYOUT_METHODS = frozenset(
+    {"to", "float", "half", "bfloat16", "type_as", "view", "view_as", "reshape", "unsqueeze", "squeeze", "expand",
+     "expand_as", "contiguous"}
+)  # fmt: skip
+
+
+def own_attribute(node: ast.expr) -> str | None:
+    """`p` for `self.p`, read as it is or only reshaped, cast or indexed; None for anything else."""
+    while True:
+        if isinstance(node, ast.Subscript):
+            node = node.value
+        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _LAYOUT_METHODS:
+            node = node.func.value
+        else:
+            break
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        return node.attr
+    return None

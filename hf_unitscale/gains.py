@@ -37,32 +37,13 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .class_source import computing_methods, scanned_classes
+from .class_source import computing_methods, own_attribute, scanned_classes
 
 __all__ = ["gain_parameters", "is_gain", "is_norm_layer", "is_vector", "multiplies_activation", "parameter_owners"]
 
-# tensor methods that change a read's shape, dtype or device, not its values
-_LAYOUT_METHODS = frozenset(
-    {"to", "float", "half", "bfloat16", "type_as", "view", "view_as", "reshape", "unsqueeze", "squeeze", "expand",
-     "expand_as", "contiguous"}
-)  # fmt: skip
 _REDUCTIONS = frozenset({"sum", "mean"})
 # a product as a call: `torch.mul(a, b)`, `a.mul(b)`, in place `a.mul_(b)`
 _PRODUCTS = frozenset({"mul", "mul_", "multiply", "multiply_"})
-
-
-def _own_attribute(node: ast.expr) -> str | None:
-    """`p` for `self.p`, read as it is or only reshaped, cast or indexed; None for anything else."""
-    while True:
-        if isinstance(node, ast.Subscript):
-            node = node.value
-        elif isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _LAYOUT_METHODS:
-            node = node.func.value
-        else:
-            break
-    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
-        return node.attr
-    return None
 
 
 def _factors(node: ast.AST) -> tuple[ast.expr, ast.expr] | None:
@@ -121,7 +102,7 @@ def _class_gains(cls: type) -> frozenset[str]:
                 factors = None if id(node) in reduced else _factors(node)
             if factors is None:
                 continue
-            left, right = _own_attribute(factors[0]), _own_attribute(factors[1])
+            left, right = own_attribute(factors[0]), own_attribute(factors[1])
             if left is not None and _in_place(node):
                 continue  # `self.p *= x`, `self.p.mul_(x)`: p itself updated (a running average), no gain on x
             if (left is None) != (right is None) and not _is_complement(factors[0] if right else factors[1]):

@@ -4,8 +4,8 @@ A converted weight is W = s·Ŵ with the Parameter Ŵ trainable and s a fixed fp
 gradient the optimizer sees is g_Ŵ = s·g_W. Every trainable parameter gets one role: the first entry below that
 fits it (`describe_parameters`). A vector is one value per channel: 1-D, or stored in the shape it broadcasts in,
 one dimension larger than 1 and the others 1 (SwiftFormer's layer scales (c, 1, 1), ConvNeXt V2's GRN γ and β
-(1, 1, 1, c), RWKV's `time_mix_key` (1, 1, c)): `gains.is_vector`. Gains (`gains.is_gain`, the `norm` role below) and biases are never converted, whatever their
-shape, so their lr moves W itself.
+(1, 1, 1, c), RWKV's `time_mix_key` (1, 1, c)): `gains.is_vector`. Gains (`gains.is_gain`, the `norm` role below)
+and biases are never converted, whatever their shape, so their lr moves W itself.
 
     0. (any)           the role of the first `role_overrides={regex: role}` pattern that matches the name
                        (`re.fullmatch`); `embedding`, `hidden_weight` and `readout` need a ≥2-D weight
@@ -33,7 +33,8 @@ shape, so their lr moves W itself.
                        (1, n, h): ≥3-D with a leading 1), and a 1-D vector named `*embed*` that stands in for one
                        (CLIP's `class_embedding`, wav2vec2's `masked_spec_embed`, which replaces masked frames;
                        d_model = h, its length)
-    7. hidden_weight   any other ≥2-D parameter
+    7. hidden_weight   any other ≥2-D parameter (fan-in: `_fan_in`; of a weight the code multiplies from the
+                       right, `x @ self.w`, its rows: SwiftFormer's `w_g` (c, 1) reads c features)
     8. norm            a single-element parameter (CLIP's 0-D `logit_scale`, SigLIP's (1,) one, a tanh gate)
 
 A vector's code, not its shape, tells a gain (5) from an added table (6): RWKV's `time_mix_key` (1, 1, c) is
@@ -114,6 +115,7 @@ from transformers.utils import logging
 
 from .convert import is_bias_name, readout_modules, weight_scales
 from .gains import is_gain, is_vector, parameter_owners
+from .right_operands import multiplies_from_the_right
 
 __all__ = [
     "LR_RULES",
@@ -249,10 +251,15 @@ def _fan_out(module: nn.Module, param: torch.Tensor) -> int:
     return int(param.shape[0] if rows_are_outputs else param.shape[-1])
 
 
-def _fan_in(module: nn.Module, param: torch.Tensor) -> int:
+def _fan_in(module: nn.Module, leaf: str, param: torch.Tensor) -> int:
+    """Inputs per output of `param`, named `leaf` in `module`: (out, in) unless stored (in, out) (Conv1D's, a weight
+    the code multiplies from the right, `x @ self.w`: `right_operands`), one expert's of stacked experts; 0 for a
+    vector."""
     if param.dim() < 2:
         return 0
     if isinstance(module, Conv1D):  # weight stored (in, out)
+        return int(param.shape[0])
+    if param.dim() == 2 and multiplies_from_the_right(module, leaf):  # `x @ self.w`: stored (in, out) too
         return int(param.shape[0])
     if param.dim() >= 3 and not isinstance(module, nn.modules.conv._ConvNd):
         # stacked experts of a transformers MoE layer: one (out, in) matrix per expert, or (in, out) where the
@@ -453,7 +460,7 @@ def describe_parameters(
                 role=role,
                 scale=scales.get(id(param), 1.0),
                 converted=id(param) in scales,
-                fan_in=_fan_in(module, param),
+                fan_in=_fan_in(module, leaf, param),
                 fan_out=_fan_out(module, param),
                 residual=name.startswith(blocks),
                 decay=name in decay,

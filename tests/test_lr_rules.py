@@ -701,6 +701,39 @@ def test_equivalent_groups_are_plain_adamw_bit_for_bit_on_models_with_broadcast_
         assert torch.equal(merged[name], p), f"{name} differs from AdamW on W"
 
 
+class _RightAndLeftMatmuls(nn.Module):
+    """Two weights reading 12 features: `into` stored (in, out) and multiplied from the right, `back` stored
+    (out, in) and transposed there."""
+
+    def __init__(self):
+        super().__init__()
+        self.into = nn.Parameter(torch.randn(12, 5))
+        self.back = nn.Parameter(torch.randn(5, 12))
+
+    def forward(self, x):
+        return torch.matmul(x, self.into) + x @ self.back.T
+
+
+def test_a_weight_multiplied_from_the_right_takes_its_rows_as_fan_in():
+    """`x @ self.w` sums over w's rows: a weight so used is stored (in, out), and u-μP's η·fan_in^-½ reads its first
+    dimension: SwiftFormer's `w_g` (c, 1) in `query @ self.w_g` reads c features, not 1; `x @ self.w.T` is an
+    (out, in) weight, as nn.Linear's."""
+    import transformers as t
+
+    swiftformer = _tiny(t.SwiftFormerConfig, t.SwiftFormerModel, depths=[1, 1, 1, 1], embed_dims=[8, 8, 16, 16])
+    matmuls = unit_scale(nn.Sequential(_RightAndLeftMatmuls()))
+    expected = {
+        (swiftformer, "encoder.network.0.blocks.0.attn.w_g"): 8,
+        (swiftformer, "encoder.network.4.blocks.0.attn.w_g"): 16,
+        (matmuls, "0.into"): 12,
+        (matmuls, "0.back"): 12,
+    }
+    for (model, name), fan_in in expected.items():
+        param = dict(model.named_parameters())[name]
+        (group,) = [g for g in _groups(model, "umup") if any(p is param for p in g["params"])]
+        assert (group["role"], group["lr"]) == ("hidden_weight", pytest.approx(LR * fan_in**-0.5)), name
+
+
 @pytest.mark.parametrize("model_type", ["mixtral", "gpt_oss", "llama4_text"])
 def test_stacked_expert_weights_take_one_experts_fan_in(model_type):
     """transformers' MoE layers stack one matrix per expert: (E, out, in), or (E, in, out) where the layer says
