@@ -17,6 +17,7 @@ from typing import Any, Literal, get_args
 from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
 
+from .calibrate import check_headroom
 from .formats import FP8_FORMAT_PAIRS
 from .lr_rules import LR_RULES, ROLES, LrRule, check_lr_multipliers, check_role_overrides
 from .ops import check_backend
@@ -121,8 +122,9 @@ class UnitScaleTrainingArguments(TrainingArguments):
     calibration_headroom: float | None = field(
         default=None,
         metadata={
-            "help": "With `fp8`, keep every calibrated operand's largest element at least this factor below its "
-            "format's max (E4M3 448, E5M2 57344) by raising its scale where needed; None: a = rms(x), c = rms(g)."
+            "help": "With `fp8`, keep every calibrated operand's largest element at least this factor (finite, "
+            ">= 1) below its format's max (E4M3 448, E5M2 57344) by raising its scale where needed; None: "
+            "a = rms(x), c = rms(g)."
         },
     )
     calibration_grad_underflow_budget: float | None = field(
@@ -176,10 +178,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(f"`save_format` must be one of {SAVE_FORMATS}, got {self.save_format!r}.")
         if self.recalibrate_every < 0:
             raise ValueError(f"`recalibrate_every` should be 0 (never) or positive, got {self.recalibrate_every}.")
-        if self.calibration_headroom is not None and not self.calibration_headroom >= 1:
-            raise ValueError(
-                f"`calibration_headroom` should be a factor >= 1 or None, got {self.calibration_headroom}."
-            )
+        check_headroom(self.calibration_headroom, "calibration_headroom")
         budget = self.calibration_grad_underflow_budget
         if budget is not None and not 0 <= budget < 1:
             raise ValueError(

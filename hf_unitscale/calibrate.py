@@ -77,7 +77,7 @@ from .operand_stats import (
 from .precision import full_precision
 from .training_loss import default_loss, model_inputs
 
-__all__ = ["calibrate"]
+__all__ = ["calibrate", "check_headroom"]
 
 logger = logging.get_logger(__name__)
 
@@ -151,6 +151,15 @@ def _warn_about_headroom(table: Mapping[str, Mapping[str, float]], layers: Mappi
             f"(see the `input_peak`/`grad_peak` calibrate returns): {_listed(tight)}. Growth during training "
             "will saturate them: calibrate with `headroom=2` (`calibration_headroom`), recalibrate more often "
             "(`recalibrate_every`), or keep these layers in full precision (`fp8_full_precision_modules`)."
+        )
+
+
+def check_headroom(headroom: float | None, argument: str = "headroom") -> None:
+    """`headroom` h puts every calibrated peak at most M/h: a finite factor >= 1, or None. An infinite h would make
+    a = h·max|x|/M infinite (every cast then reads zero or nan)."""
+    if headroom is not None and not (math.isfinite(headroom) and headroom >= 1):
+        raise ValueError(
+            f"`{argument}` should be a finite factor >= 1 (peaks at most max/headroom) or None, got {headroom}."
         )
 
 
@@ -228,7 +237,7 @@ def calibrate(
             `compute_loss`: custom losses, `label_names`, label smoothing); replaces the model call and `loss_fn`.
         loss_scale: multiplies the loss before differentiating (1/gradient-accumulation steps
             to match a Trainer's backward).
-        headroom: keep every calibrated peak at least this factor (≥ 1) below its format's max;
+        headroom: keep every calibrated peak at least this finite factor (≥ 1) below its format's max;
             None: a = rms(x), c = rms(g) exactly.
         grad_underflow_budget: the largest fraction (in [0, 1)) of a layer's non-zero output-gradient
             elements its cast may flush to zero, e.g. 1e-4; None: c is not lowered.
@@ -246,7 +255,8 @@ def calibrate(
     Raises:
         ValueError: an option out of its range, `model` has no converted matmul layer, `batches` is empty (on
             every rank) or one batch, a batch's loss is not finite or does not require grad
-            (`torch.inference_mode`), or a measured scale is not finite and positive.
+            (`torch.inference_mode`), or a new scale is not finite and positive in its buffer's dtype (then no
+            buffer has changed).
     """
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"`num_batches` should be a positive integer or None, got {num_batches}.")
@@ -254,8 +264,7 @@ def calibrate(
         raise ValueError(
             f"`loss_scale` should be a finite factor > 0 (1/gradient-accumulation steps), got {loss_scale}."
         )
-    if headroom is not None and not headroom >= 1:
-        raise ValueError(f"`headroom` should be a factor >= 1 (peaks at most max/headroom) or None, got {headroom}.")
+    check_headroom(headroom)
     if grad_underflow_budget is not None and not 0 <= grad_underflow_budget < 1:
         raise ValueError(
             f"`grad_underflow_budget` should be a fraction in [0, 1) of elements allowed to flush to zero, or None, "
@@ -333,20 +342,21 @@ def calibrate(
             "sum(logits²)/2/rows. Pass batches with `labels` or a `loss_fn` for the real training gradients."
         )
 
-    table: dict[str, dict[str, float]] = {}
+    # every new scale is computed and checked before any buffer changes, so an error leaves the model as it was
+    scales: dict[torch.Tensor, float] = {}
     unmeasured, over_budget = [], []
     for name, layer in layers.items():
-        input_rms, grad_rms = hooks.inputs[name].value(), hooks.grads[name].value()
         input_format, grad_format = _operand_formats(layer)
-        for what, value, buffer, accumulator, fmt, budget in (
-            ("input", input_rms, layer.input_scale, hooks.inputs[name], input_format, None),
-            ("gradient", grad_rms, layer.grad_scale, hooks.grads[name], grad_format, grad_underflow_budget),
+        for what, buffer, accumulator, fmt, budget in (
+            ("input", layer.input_scale, hooks.inputs[name], input_format, None),
+            ("gradient", layer.grad_scale, hooks.grads[name], grad_format, grad_underflow_budget),
         ):
-            if math.isnan(value):
+            value = measured = accumulator.value()
+            if math.isnan(measured):
                 unmeasured.append(f"{name} ({what})")
                 continue
-            if not (math.isfinite(value) and value > 0):
-                raise ValueError(f"Calibration measured a non-finite or zero {what} RMS {value} at `{name}`.")
+            if not (math.isfinite(measured) and measured > 0):
+                raise ValueError(f"Calibration measured a non-finite or zero {what} RMS {measured} at `{name}`.")
             if isinstance(accumulator, RoundingErrorAccumulator):
                 value = accumulator.best_scale_near(value)
             if fmt is not None and (headroom is not None or budget is not None):
@@ -357,17 +367,29 @@ def calibrate(
                     if budget_scale < floor:
                         over_budget.append(f"{name} ({fmt.name})")
                 value = max(value, floor)
-            with torch.no_grad():
-                buffer.fill_(value)
-        table[name] = {
-            "input_rms": input_rms,
-            "grad_rms": grad_rms,
+            stored = float(torch.tensor(value, dtype=buffer.dtype))  # as the buffer will hold it
+            if not (math.isfinite(stored) and stored > 0):
+                raise ValueError(
+                    f"Calibration's {what} scale at `{name}` is {stored} in {buffer.dtype} (RMS {measured}, "
+                    f"peak {accumulator.peak()}, headroom {headroom}): not a finite positive number. Lower `headroom`; "
+                    "no scale was changed."
+                )
+            scales[buffer] = stored
+    with torch.no_grad():
+        for buffer, value in scales.items():
+            buffer.fill_(value)
+    table: dict[str, dict[str, float]] = {
+        name: {
+            "input_rms": hooks.inputs[name].value(),
+            "grad_rms": hooks.grads[name].value(),
             "input_scale": float(layer.input_scale),
             "grad_scale": float(layer.grad_scale),
             # the largest operands the casts will see: max|x|/a, max|g|/c (nan if unmeasured)
             "input_peak": hooks.inputs[name].peak() / float(layer.input_scale),
             "grad_peak": hooks.grads[name].peak() / float(layer.grad_scale),
         }
+        for name, layer in layers.items()
+    }
     if unmeasured:
         logger.warning(
             f"Calibration kept the previous scale of {len(unmeasured)} operand(s) it could not "

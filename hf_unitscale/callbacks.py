@@ -30,7 +30,7 @@ import torch
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .calibrate import calibrate
+from .calibrate import calibrate, check_headroom
 from .checkpoint import operand_scales
 from .convert import matmul_layers
 from .precision import cast_statistics, summarize_casts, track_casts
@@ -118,6 +118,7 @@ class RecalibrationCallback(TrainerCallback):
             raise ValueError(f"`every` should be a non-negative number of steps or None, got {every}.")
         if num_batches < 1:
             raise ValueError(f"`num_batches` should be a positive integer, got {num_batches}.")
+        check_headroom(headroom)
         self.batches = batches
         self.every = every or 0
         self.num_batches = num_batches

@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hf_unitscale import UnitScaleConfig, is_unit_scaled, unit_scale
+from hf_unitscale import UnitScaleConfig, UnitScaleTrainingArguments, is_unit_scaled, unit_scale
 from hf_unitscale.calibrate import calibrate
 from hf_unitscale.callbacks import RecalibrationCallback
 from hf_unitscale.convert import matmul_layers
@@ -242,6 +242,28 @@ def test_headroom_raises_only_the_scales_of_operands_near_their_format_max(caplo
         assert layer == name or row["input_scale"] == plain[layer]["input_scale"]
     with pytest.raises(ValueError, match="headroom"):
         calibrate(model, batches, headroom=0.5, progress=False)
+
+
+def test_headroom_is_finite_and_a_scale_that_overflows_its_buffer_changes_no_scale(tmp_path):
+    """headroom = inf made every raised a, c infinite (FP8 logits nan); one finite but so large that h·max|x|/M
+    overflows the float32 buffer is refused before any buffer is written."""
+    case = CASES_BY_ID["bert"]
+    model = unit_scale(case.model())
+    set_precision(model, "e4m3", "e5m2")
+    batches = [_labelled_batch(case)]
+    for headroom in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match=rf"`headroom` should be a finite factor >= 1.*got {headroom}"):
+            calibrate(model, batches, headroom=headroom, progress=False)
+        with pytest.raises(ValueError, match=rf"`headroom` should be a finite factor >= 1.*got {headroom}"):
+            RecalibrationCallback(headroom=headroom)
+        with pytest.raises(ValueError, match=rf"`calibration_headroom` should be a finite factor >= 1.*got {headroom}"):
+            UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_headroom=headroom, use_cpu=True)
+    calibrate(model, batches, progress=False)
+    before = {name: (float(layer.input_scale), float(layer.grad_scale)) for name, layer in matmul_layers(model).items()}
+    with pytest.raises(ValueError, match=r"scale at `.*` is inf in torch.float32.*no scale was changed"):
+        calibrate(model, batches, headroom=1e300, progress=False)
+    after = {name: (float(layer.input_scale), float(layer.grad_scale)) for name, layer in matmul_layers(model).items()}
+    assert after == before
 
 
 def _operands(model, batches):
