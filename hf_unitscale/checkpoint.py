@@ -294,7 +294,7 @@ def load_unit_scaled_state_dict(
 ) -> None:
     """Copy a unit-scaled state dict into a converted model, refusing anything that would change its function.
 
-    Errors name the tensor: a missing or non-finite scale, a missing or unexpected tensor (the
+    Errors name the tensor: a missing scale, a scale s, a or c that is not a positive finite number, a missing or unexpected tensor (the
     config's conversion options disagree with the weights), a shape mismatch, a non-finite value
     (a corrupt file), a Ŵ stored in another dtype than the config's `weight_dtype`, unequal scales
     of a tied weight. A gain stored as Ŵ and s (by hf_unitscale before gains stayed unconverted)
@@ -304,6 +304,7 @@ def load_unit_scaled_state_dict(
     state_dict = _merge_stored_gains(model, decode_stored_weights(state_dict, source), source)
     expected = model.state_dict()
     converted = _converted_weight_names(model)
+    scale_names = {*converted.values(), *_operand_scale_names(model)}  # s, a, c: each a positive finite number
     embeddings = _embedding_weight_names(model)
     aliases = _tied_aliases(model)
     missing = [k for k in expected if k not in state_dict and k not in aliases]
@@ -327,7 +328,7 @@ def load_unit_scaled_state_dict(
                 "For a new head size (`num_labels=…`), pass `ignore_mismatched_sizes=True` to initialize it anew, as "
                 "in transformers."
             )
-        if name in converted.values() and not (torch.isfinite(tensor).all() and tensor > 0):
+        if name in scale_names and not (torch.isfinite(tensor).all() and tensor > 0):
             raise ValueError(f"{source}: scale `{name}` = {tensor.item()} is not a positive finite number.")
         stored = "int8" if name in int8_rows else _dtype_name(tensor.dtype)
         option, wanted = ("weight_dtype", weight_dtype)

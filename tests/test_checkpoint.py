@@ -327,6 +327,19 @@ def test_missing_scale_names_it(unit_scaled_folder):
         hf_unitscale.from_pretrained(unit_scaled_folder)
 
 
+@pytest.mark.parametrize("value", [0.0, -1.0, float("nan"), float("inf")])
+@pytest.mark.parametrize("operand", ["input_scale", "grad_scale"])
+def test_an_operand_scale_that_is_not_positive_and_finite_names_it(unit_scaled_folder, operand, value):
+    """a = 0 made the FP8 forward nan and c = -3 flipped every gradient, loaded without a word."""
+    path = unit_scaled_folder / UNIT_SCALED_WEIGHTS_NAME
+    tensors = load_file(path)
+    name = f"model.layers.0.self_attn.q_proj.{operand}"
+    tensors[name] = torch.tensor(value)
+    save_file(tensors, str(path))
+    with pytest.raises(ValueError, match=rf"scale `{re.escape(name)}` = {value} is not a positive finite number"):
+        hf_unitscale.from_pretrained(unit_scaled_folder)
+
+
 def _edit_block(folder, **changes):
     config = json.loads((folder / "config.json").read_text())
     config["unit_scaling"].update(changes)
