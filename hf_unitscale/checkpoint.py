@@ -23,6 +23,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -58,6 +59,7 @@ __all__ = [
     "operand_scales",
     "read_checkpoint_format",
     "read_embedding_dtype",
+    "read_operand_scales",
     "read_unit_scaled_weights",
     "read_weight_dtype",
     "set_operand_scales",
@@ -432,6 +434,27 @@ def read_weight_dtype(config_dict: dict) -> str | None:
 def read_embedding_dtype(config_dict: dict) -> str | None:
     """The `embedding_dtype` of a unit-scaled checkpoint's config block (None: as `weight_dtype`), validated."""
     return _read_block_dtype(config_dict, "embedding_dtype", EMBEDDING_DTYPES)
+
+
+def read_operand_scales(config_dict: dict) -> dict[str, list[float]]:
+    """The `operand_scales` {layer: [a, c]} of a checkpoint's config block, validated: each a, c a positive finite
+    number, as the unit-scaled format's `input_scale`, `grad_scale` are (a = 0 makes the FP8 forward nan)."""
+    scales = (config_dict.get(CONFIG_KEY) or {}).get("operand_scales") or {}
+    where = f"config.json's `{CONFIG_KEY}.operand_scales`"
+    if not isinstance(scales, dict):
+        raise ValueError(f"{where} must map each layer name to [a, c], got {type(scales).__name__} {scales!r:.80}.")
+    for name, value in scales.items():
+        pair = value if isinstance(value, list | tuple) and len(value) == 2 else None
+        if pair is None or not all(_is_positive_number(v) for v in pair):
+            raise ValueError(
+                f"{where} holds {value!r} for layer `{name}`: each entry is [a, c], the layer's input and gradient "
+                "scales, two positive finite numbers. The file is corrupt or was edited; re-save the checkpoint."
+            )
+    return scales
+
+
+def _is_positive_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value) and value > 0
 
 
 def _read_block_dtype(config_dict: dict, key: str, allowed: dict) -> str | None:

@@ -40,6 +40,7 @@ from .checkpoint import (
     operand_scales,
     read_checkpoint_format,
     read_embedding_dtype,
+    read_operand_scales,
     read_unit_scaled_weights,
     read_weight_dtype,
     set_operand_scales,
@@ -492,7 +493,7 @@ def from_pretrained(
             "pip install 'hf_unitscale[compressed-tensors]'"
         )
     block = dict(getattr(config, CONFIG_KEY, None) or {})
-    stored_scales = block.get("operand_scales") or {}
+    stored_scales = read_operand_scales(config.to_dict())
     options = {k: v for k, v in block.items() if k not in _CHECKPOINT_KEYS}
     unit_scale_config = as_unit_scale_config(unit_scale_config, "unit_scale_config")
     if unit_scale_config is None:

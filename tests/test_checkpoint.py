@@ -414,6 +414,24 @@ def test_merged_block_naming_an_unknown_layer(tmp_path):
         hf_unitscale.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize(
+    "entry", [[float("nan"), 1.0], [-1.0, 0.5], [0.0, 0.0], [1.0], [1.0, 2.0, 3.0], "1, 2", [True, 1.0]], ids=str
+)
+def test_merged_block_operand_scales_that_are_not_positive_pairs_name_the_layer(tmp_path, entry):
+    """[nan, 1], [-1, 0] and [0, 0] loaded silently (non-finite logits and gradients in FP8); [1.0] failed with
+    "not enough values to unpack"."""
+    model = _converted(CASES_BY_ID["bert"])
+    model.save_pretrained(tmp_path)
+    layer = "bert.encoder.layer.0.attention.output.dense"
+    scales = {**operand_scales(model), layer: entry}
+    _edit_block(tmp_path, operand_scales=scales)
+    with pytest.raises(ValueError, match=rf"operand_scales` holds .* for layer `{re.escape(layer)}`: each entry is"):
+        hf_unitscale.from_pretrained(tmp_path)
+    _edit_block(tmp_path, operand_scales="x")
+    with pytest.raises(ValueError, match=r"operand_scales` must map each layer name to \[a, c\], got str 'x'"):
+        hf_unitscale.from_pretrained(tmp_path)
+
+
 def test_weight_dtype_outside_unit_scaled_format_is_refused(tmp_path):
     model = _converted(CASES_BY_ID["bert"])
     with pytest.raises(ValueError, match="weight_dtype='e4m3'.*merged"):
