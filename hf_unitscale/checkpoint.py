@@ -58,6 +58,7 @@ __all__ = [
     "merged_state_dict",
     "operand_scales",
     "read_checkpoint_format",
+    "read_config_block",
     "read_embedding_dtype",
     "read_operand_scales",
     "read_unit_scaled_weights",
@@ -404,10 +405,23 @@ def _tied_aliases(model: nn.Module) -> dict[str, str]:
     return aliases
 
 
+def read_config_block(config_dict: dict) -> dict[str, Any] | None:
+    """config.json's `unit_scaling` block (None for a plain checkpoint): a dict, as `UnitScaleConfig.to_dict()` and
+    the checkpoint keys `save_pretrained` adds make it."""
+    block = config_dict.get(CONFIG_KEY)
+    if block is not None and not isinstance(block, dict):
+        raise ValueError(
+            f"config.json's `{CONFIG_KEY}` must be a dict of hf_unitscale's options (as `save_pretrained` writes it), "
+            f"got {type(block).__name__} {block!r:.80}. The file is corrupt or was edited: re-save the checkpoint, "
+            f"or delete the key to load it as a plain checkpoint."
+        )
+    return block
+
+
 def read_checkpoint_format(config_dict: dict) -> str | None:
     """`merged`, `unit-scaled`, `compressed-tensors` (one of `CHECKPOINT_FORMATS`), or None for a plain checkpoint
     with no `unit_scaling` block."""
-    block = config_dict.get(CONFIG_KEY)
+    block = read_config_block(config_dict)
     if block is None:
         return None
     fmt = block.get("checkpoint_format", "merged")
@@ -439,7 +453,7 @@ def read_embedding_dtype(config_dict: dict) -> str | None:
 def read_operand_scales(config_dict: dict) -> dict[str, list[float]]:
     """The `operand_scales` {layer: [a, c]} of a checkpoint's config block, validated: each a, c a positive finite
     number, as the unit-scaled format's `input_scale`, `grad_scale` are (a = 0 makes the FP8 forward nan)."""
-    scales = (config_dict.get(CONFIG_KEY) or {}).get("operand_scales") or {}
+    scales = (read_config_block(config_dict) or {}).get("operand_scales") or {}
     where = f"config.json's `{CONFIG_KEY}.operand_scales`"
     if not isinstance(scales, dict):
         raise ValueError(f"{where} must map each layer name to [a, c], got {type(scales).__name__} {scales!r:.80}.")
@@ -458,7 +472,7 @@ def _is_positive_number(value: Any) -> bool:
 
 
 def _read_block_dtype(config_dict: dict, key: str, allowed: dict) -> str | None:
-    value = (config_dict.get(CONFIG_KEY) or {}).get(key)
+    value = (read_config_block(config_dict) or {}).get(key)
     if value is not None and value not in allowed:
         raise ValueError(f"`{CONFIG_KEY}.{key}` must be one of {sorted(allowed)}, got {value!r}.")
     return value

@@ -104,7 +104,10 @@ class UnitScaleConfig:
         for name in ("forward_format", "backward_format"):  # stored as `formats.FORMATS` names them ("E4M3": "e4m3")
             value = getattr(self, name)
             if value is not None:
-                setattr(self, name, get_format(value).name)
+                try:
+                    setattr(self, name, get_format(value).name)
+                except ValueError as err:
+                    raise ValueError(f"`{name}`: {err}") from None
         check_backend(self.backend)
         if self.exclude_modules is None:
             self.exclude_modules = []

@@ -497,7 +497,7 @@ def from_pretrained(
     options = {k: v for k, v in block.items() if k not in _CHECKPOINT_KEYS}
     unit_scale_config = as_unit_scale_config(unit_scale_config, "unit_scale_config")
     if unit_scale_config is None:
-        unit_scale_config = UnitScaleConfig.from_dict(options) if options else UnitScaleConfig()
+        unit_scale_config = _block_options(options)
     cls = resolve_model_class(config, model_class)
     saved_class = (getattr(config, "architectures", None) or [None])[0]
     generation_config = None
@@ -578,6 +578,17 @@ def from_pretrained(
         except OSError:  # no generation_config.json: the one derived from config.json stays
             pass
     return model.eval()
+
+
+def _block_options(options: dict[str, Any]) -> UnitScaleConfig:
+    """The conversion options of config.json's block, with an error that says where a bad one comes from."""
+    try:
+        return UnitScaleConfig.from_dict(options)
+    except (TypeError, ValueError) as err:
+        raise ValueError(
+            f"config.json's `{CONFIG_KEY}` block: {err} The file is corrupt or was edited: re-save the checkpoint, or "
+            "pass `unit_scale_config=` to convert with other options."
+        ) from None
 
 
 def _as_named_in(

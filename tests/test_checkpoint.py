@@ -432,6 +432,26 @@ def test_merged_block_operand_scales_that_are_not_positive_pairs_name_the_layer(
         hf_unitscale.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled"])
+def test_a_malformed_block_names_the_key_and_what_is_wrong(checkpoint_format, tmp_path):
+    """Each raised a bare Python error: "'str' object has no attribute 'get'", an unknown option without saying
+    it came from config.json, "Unknown low-precision format" without naming the option."""
+    _converted(CASES_BY_ID["bert"]).save_pretrained(tmp_path, checkpoint_format=checkpoint_format)
+    config = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps({**config, "unit_scaling": "yes"}))
+    with pytest.raises(ValueError, match=r"config\.json's `unit_scaling` must be a dict .*got str 'yes'"):
+        hf_unitscale.from_pretrained(tmp_path)
+    for changes, error in [
+        ({"foo": 1}, r"config\.json's `unit_scaling` block: Unknown UnitScaleConfig option\(s\) \['foo'\]"),
+        ({"forward_format": "e9m9"}, r"config\.json's `unit_scaling` block: `forward_format`: .*'e9m9'"),
+        ({"convert_other_modules": "yes"}, r"config\.json's `unit_scaling` block: `convert_other_modules` must be"),
+    ]:
+        (tmp_path / "config.json").write_text(json.dumps(config))
+        _edit_block(tmp_path, **changes)
+        with pytest.raises(ValueError, match=error):
+            hf_unitscale.from_pretrained(tmp_path)
+
+
 def test_weight_dtype_outside_unit_scaled_format_is_refused(tmp_path):
     model = _converted(CASES_BY_ID["bert"])
     with pytest.raises(ValueError, match="weight_dtype='e4m3'.*merged"):
