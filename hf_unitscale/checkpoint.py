@@ -272,16 +272,28 @@ def operand_scales(model: nn.Module) -> dict[str, list[float]]:
     }
 
 
+def _disagreement(converted_by: str | None, saved: str) -> str:
+    """Who is to blame when a checkpoint's tensors or scales do not fit the converted model: the block of
+    config.json that converted it (`saved` names what it disagrees with), or the caller's options `converted_by`."""
+    if converted_by is None:
+        return f"The `{CONFIG_KEY}` block of config.json disagrees with {saved}."
+    return (
+        f"The model was converted with {converted_by}, whose options differ from those the checkpoint was saved "
+        f"with (its config.json's `{CONFIG_KEY}` block): load it without {converted_by} to convert it as saved."
+    )
+
+
 @torch.no_grad()
-def set_operand_scales(model: nn.Module, scales: dict[str, list[float]]) -> None:
-    """Set a, c from `operand_scales` output; an unknown layer name is an error."""
+def set_operand_scales(model: nn.Module, scales: dict[str, list[float]], *, converted_by: str | None = None) -> None:
+    """Set a, c from `operand_scales` output; an unknown layer name is an error, blaming `converted_by` (the
+    options the model was converted with, e.g. "`unit_scale_config`") or else the checkpoint's block."""
     modules = unit_scaled_modules(model)
     for name, (input_scale, grad_scale) in scales.items():
         module = modules.get(name)
         if not isinstance(module, UnitScaledMatmulMixin):
             raise ValueError(
                 f"The checkpoint's `{CONFIG_KEY}.operand_scales` names layer `{name}`, which is not a unit-scaled "
-                "matmul layer of this model: the config block disagrees with the model."
+                f"matmul layer of this model. {_disagreement(converted_by, 'the model')}"
             )
         module.input_scale.fill_(input_scale)
         module.grad_scale.fill_(grad_scale)
@@ -294,14 +306,15 @@ def load_unit_scaled_state_dict(
     source: str = "checkpoint",
     weight_dtype: str | None = None,
     embedding_dtype: str | None = None,
+    converted_by: str | None = None,
 ) -> None:
     """Copy a unit-scaled state dict into a converted model, refusing anything that would change its function.
 
-    Errors name the tensor: a missing scale, a scale s, a or c that is not a positive finite number, a missing or unexpected tensor (the
-    config's conversion options disagree with the weights), a shape mismatch, a non-finite value
-    (a corrupt file), a Ŵ stored in another dtype than the config's `weight_dtype`, unequal scales
-    of a tied weight. A gain stored as Ŵ and s (by hf_unitscale before gains stayed unconverted)
-    loads as W = s·Ŵ.
+    Errors name the tensor: a missing scale, a scale s, a or c that is not a positive finite number, a missing or
+    unexpected tensor (the conversion options, `converted_by`'s or else the config's, disagree with the weights),
+    a shape mismatch, a non-finite value (a corrupt file), a Ŵ stored in another dtype than the config's
+    `weight_dtype`, unequal scales of a tied weight. A gain stored as Ŵ and s (by hf_unitscale before gains
+    stayed unconverted) loads as W = s·Ŵ.
     """
     int8_rows = {k[: -len(ROW_SCALE_SUFFIX)] for k in state_dict if k.endswith(ROW_SCALE_SUFFIX)}
     state_dict = _merge_stored_gains(model, decode_stored_weights(state_dict, source), source)
@@ -321,7 +334,7 @@ def load_unit_scaled_state_dict(
     if missing or unexpected:
         raise ValueError(
             f"{source} does not match the model built from its config: missing {missing[:5]}, unexpected "
-            f"{unexpected[:5]}. The `{CONFIG_KEY}` block of config.json disagrees with the saved weights."
+            f"{unexpected[:5]}. {_disagreement(converted_by, 'the saved weights')}"
         )
     for name, tensor in state_dict.items():
         target = expected[name]

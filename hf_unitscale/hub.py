@@ -496,6 +496,8 @@ def from_pretrained(
     stored_scales = read_operand_scales(config.to_dict())
     options = {k: v for k, v in block.items() if k not in _CHECKPOINT_KEYS}
     unit_scale_config = as_unit_scale_config(unit_scale_config, "unit_scale_config")
+    # what a tensor or scale that does not fit the converted model is blamed on: the caller's options, or the block
+    converted_by = None if unit_scale_config is None else "`unit_scale_config`"
     if unit_scale_config is None:
         unit_scale_config = _block_options(options)
     cls = resolve_model_class(config, model_class)
@@ -541,7 +543,9 @@ def from_pretrained(
         # an adapter folder beside the weights, which transformers loads, is refused; the block's a, c are set next
         convert_model(model, unit_scale_config, reloading=checkpoint_format is not None)
         set_operand_scales(
-            model, _as_named_in(model, stored_scales, across_classes=saved_class != type(model).__name__)
+            model,
+            _as_named_in(model, stored_scales, across_classes=saved_class != type(model).__name__),
+            converted_by=converted_by,
         )
         return model
     unused = sorted(set(kwargs) - {*_HUB_KWARGS, "dtype", "torch_dtype", "attn_implementation"})
@@ -571,6 +575,7 @@ def from_pretrained(
         source=str(pretrained_model_name_or_path),
         weight_dtype=weight_dtype,
         embedding_dtype=embedding_dtype,
+        converted_by=converted_by,
     )
     if model.can_generate():
         try:

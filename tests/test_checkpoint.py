@@ -433,6 +433,16 @@ def test_merged_block_operand_scales_that_are_not_positive_pairs_name_the_layer(
 
 
 @pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled"])
+def test_a_unit_scale_config_that_disagrees_with_the_checkpoint_is_blamed(checkpoint_format, tmp_path):
+    """The caller's options leave the classifier unconverted, whose a, c (and Ŵ, s) the checkpoint holds: the error
+    named the checkpoint's block as the cause."""
+    _converted(CASES_BY_ID["bert"]).save_pretrained(tmp_path, checkpoint_format=checkpoint_format)
+    with pytest.raises(ValueError, match=r"classifier.*converted with `unit_scale_config`.*load it without") as error:
+        hf_unitscale.from_pretrained(tmp_path, unit_scale_config={"exclude_modules": ["classifier"]})
+    assert "block of config.json disagrees" not in str(error.value)
+
+
+@pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled"])
 def test_a_malformed_block_names_the_key_and_what_is_wrong(checkpoint_format, tmp_path):
     """Each raised a bare Python error: "'str' object has no attribute 'get'", an unknown option without saying
     it came from config.json, "Unknown low-precision format" without naming the option."""
