@@ -50,6 +50,7 @@ __all__ = [
     "UNIT_SCALED_INDEX_NAME",
     "UNIT_SCALED_WEIGHTS_NAME",
     "WEIGHT_DTYPES",
+    "check_state_dict_keys",
     "compressed_tensors_checkpoint",
     "decode_stored_weights",
     "has_unit_scaled_weights",
@@ -103,6 +104,33 @@ def _operand_scale_names(model: nn.Module) -> list[str]:
         for name, _ in _module_names(model, UnitScaledMatmulMixin)
         for buffer in ("input_scale", "grad_scale")
     ]
+
+
+# what wraps a model and prefixes its state dict's keys: torch.compile, DistributedDataParallel / DataParallel
+_WRAPPER_PREFIXES = {"_orig_mod.": "a torch.compile'd model", "module.": "a DDP / DataParallel-wrapped model"}
+
+
+def check_state_dict_keys(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
+    """Refuse a `state_dict` to save for `model` whose keys are not the model's own (a tied Parameter's alias may be
+    left out): the checkpoint would lack tensors, or hold ones no loader reads. Names missing and unexpected keys,
+    and a wrapper's key prefix to strip."""
+    expected = model.state_dict().keys()
+    aliases = _parameter_aliases(model)
+    missing = [k for k in expected if k not in state_dict and k not in aliases]
+    unexpected = [k for k in state_dict if k not in expected]
+    if not (missing or unexpected):
+        return
+    for prefix, wrapper in _WRAPPER_PREFIXES.items():
+        if unexpected and all(k.startswith(prefix) and k.removeprefix(prefix) in expected for k in unexpected):
+            raise ValueError(
+                f"`state_dict`'s keys start with `{prefix}` (e.g. {unexpected[0]!r}), as {wrapper}'s do, so they are "
+                f"not {type(model).__name__}'s: pass the unwrapped model's state dict, or "
+                f"`{{k.removeprefix({prefix!r}): v for k, v in state_dict.items()}}`. Nothing was written."
+            )
+    raise ValueError(
+        f"`state_dict` does not match {type(model).__name__}'s: missing {len(missing)} key(s) {missing[:5]}, "
+        f"unexpected {len(unexpected)} {unexpected[:5]}. Pass the model's full state dict. Nothing was written."
+    )
 
 
 def merged_state_dict(model: nn.Module, state_dict: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:

@@ -34,6 +34,7 @@ from . import __version__
 from .checkpoint import (
     CHECKPOINT_FORMATS,
     DEFAULT_MAX_SHARD_SIZE,
+    check_state_dict_keys,
     compressed_tensors_checkpoint,
     load_unit_scaled_state_dict,
     merged_state_dict,
@@ -117,7 +118,8 @@ def save_pretrained(
             dtype, as transformers writes them: nothing is cast, so a `weight_dtype` given must name that dtype.
         embedding_dtype: storage of embedding tables in the unit-scaled format; default `"int8"` (per-row
             scales) when `weight_dtype="e4m3"`, else `weight_dtype` — see `unit_scaled_state_dict` for why.
-        state_dict: a full state dict to save instead of `model.state_dict()` (e.g. gathered from FSDP).
+        state_dict: a full state dict to save instead of `model.state_dict()` (e.g. gathered from FSDP), with the
+            model's keys (an error names missing and unexpected ones; a tied Parameter's alias may be left out).
         model_card: write README.md (`model_card.py`), merging into one already in `save_directory`.
         repo_id, base_model, tags: shown in the model card (its load code, metadata).
         kwargs: passed to `PreTrainedModel.save_pretrained` for the merged format; the other formats take
@@ -126,6 +128,7 @@ def save_pretrained(
 
     Raises:
         NotADirectoryError: `save_directory` is an existing file (nothing is written).
+        ValueError: a bad option, or `state_dict` keys that are not the model's (nothing is written).
     """
     if checkpoint_format not in CHECKPOINT_FORMATS:
         raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
@@ -152,6 +155,8 @@ def save_pretrained(
             "weights: call `hf_unitscale.distributed.save_full_checkpoint(model, save_directory, ...)` on every rank "
             "(it gathers them and writes from rank 0), or pass a gathered `state_dict`."
         )
+    if state_dict is not None and is_main_process:
+        check_state_dict_keys(model, state_dict)
     if embedding_dtype is not None and checkpoint_format != "unit-scaled":
         raise ValueError(f"`embedding_dtype` applies to the unit-scaled format only, got {checkpoint_format!r}.")
     push = kwargs.pop("push_to_hub", False)

@@ -462,6 +462,28 @@ def test_a_malformed_block_names_the_key_and_what_is_wrong(checkpoint_format, tm
             hf_unitscale.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("checkpoint_format", ["merged", "unit-scaled", "compressed-tensors"])
+def test_a_state_dict_whose_keys_are_not_the_models_is_refused_before_writing(checkpoint_format, tmp_path):
+    """A torch.compile'd model's state dict (`_orig_mod.` keys) saved unit-scaled without a word, as a checkpoint
+    no loader reads; merged raised a bare KeyError."""
+    model = _converted(CASES_BY_ID["llama-tied"])
+    folder = tmp_path / "out"
+    compiled = {f"_orig_mod.{k}": v for k, v in model.state_dict().items()}  # as torch.compile(model).state_dict()
+    with pytest.raises(ValueError, match=r"keys start with `_orig_mod\.`.*removeprefix\('_orig_mod\.'\)"):
+        hf_unitscale.save_pretrained(model, folder, checkpoint_format=checkpoint_format, state_dict=compiled)
+    typo = {("lm_head.wieght" if k == "model.norm.weight" else k): v for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"missing 1 key\(s\) \['model\.norm\.weight'\], unexpected 1 \['lm_h"):
+        hf_unitscale.save_pretrained(model, folder, checkpoint_format=checkpoint_format, state_dict=typo)
+    assert not folder.exists()
+    # a tied weight's alias may be left out, as transformers' de-duplicated state dicts do
+    untied = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
+    hf_unitscale.save_pretrained(model, folder, checkpoint_format=checkpoint_format, state_dict=untied)
+    loaded = hf_unitscale.from_pretrained(folder)
+    if checkpoint_format != "compressed-tensors":  # E4M3 weights: not the same function
+        batch = CASES_BY_ID["llama-tied"].batch()
+        torch.testing.assert_close(_outputs(loaded, batch), _outputs(model, batch))
+
+
 def test_weight_dtype_outside_unit_scaled_format_is_refused(tmp_path):
     model = _converted(CASES_BY_ID["bert"])
     with pytest.raises(ValueError, match="weight_dtype='e4m3'.*merged"):
