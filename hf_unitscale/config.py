@@ -24,6 +24,21 @@ _SCALAR_TYPES: dict[str, tuple[type, ...]] = {
     "calibration": (dict, _NULL),
     "lr_rule": (str, _NULL),
 }
+_NUMBER = (int, float)
+# the types of the entries `calibrate` records in `calibration` (how a, c were measured); other entries (another
+# version's, or details a user adds, such as the dataset) are kept as they are
+_CALIBRATION_TYPES: dict[str, tuple[type, ...]] = {
+    "num_batches": (int,),
+    "num_tokens": (int,),
+    "statistic": (str,),
+    "loss": (str,),
+    "loss_scale": _NUMBER,
+    "headroom": (*_NUMBER, _NULL),
+    "grad_underflow_budget": (*_NUMBER, _NULL),
+    "input_rounding_search": (bool,),
+    "precision": (str,),
+    "mode": (str,),
+}
 
 
 @dataclass
@@ -87,11 +102,17 @@ class UnitScaleConfig:
     )
     calibration: dict[str, Any] | None = field(
         default=None,
-        metadata={"help": "Set by calibration: how the static operand scales a, c were measured."},
+        metadata={
+            "help": "Set by calibration: how the static operand scales a, c were measured (the record `calibrate` "
+            "writes: num_batches, num_tokens, loss, headroom, …)."
+        },
     )
     lr_rule: str | None = field(
         default=None,
-        metadata={"help": "Set by UnitScaleTrainer: the learning-rate rule the model was trained with."},
+        metadata={
+            "help": "Set by UnitScaleTrainer: the learning-rate rule the model was trained with ('equivalent', "
+            "'umup' or 'mup')."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -109,6 +130,7 @@ class UnitScaleConfig:
                 except ValueError as err:
                     raise ValueError(f"`{name}`: {err}") from None
         check_backend(self.backend)
+        self._check_recorded_options()
         if self.exclude_modules is None:
             self.exclude_modules = []
         for option in ("exclude_modules", "full_precision_modules"):
@@ -129,6 +151,30 @@ class UnitScaleConfig:
                 except re.error as err:
                     raise ValueError(f"`{option}` entry {pattern!r} is not a regular expression: {err}.") from None
         _ = self.precision  # validates the format/backend combination
+
+    def _check_recorded_options(self) -> None:
+        """`lr_rule` and `calibration` are recorded by the library (UnitScaleTrainer, `calibrate`): refuse values it
+        never writes, which the model card would show as the model's history."""
+        from .lr_rules import LR_RULES  # lr_rules imports convert, which imports this module
+
+        if self.lr_rule is not None and self.lr_rule not in LR_RULES:
+            raise ValueError(
+                f"`lr_rule` records the rule UnitScaleTrainer trained with: one of {LR_RULES} or None, got "
+                f"{self.lr_rule!r}."
+            )
+        record = self.calibration
+        if record is None:
+            return
+        if not all(isinstance(key, str) for key in record):  # config.json would turn them into strings
+            raise TypeError(f"`calibration` (recorded by `calibrate`) must have str keys, got {record!r:.120}.")
+        for key, types in _CALIBRATION_TYPES.items():
+            value = record.get(key)
+            if key in record and (not isinstance(value, types) or (isinstance(value, bool) and bool not in types)):
+                names = " or ".join("None" if t is _NULL else t.__name__ for t in types)
+                raise TypeError(
+                    f"`calibration.{key}` (recorded by `calibrate`) must be {names}, got {type(value).__name__} "
+                    f"{value!r}."
+                )
 
     @property
     def precision(self) -> MatmulPrecision | None:

@@ -12,6 +12,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM, AutoTokenizer
 
 from hf_unitscale import UnitScaleConfig, is_unit_scaled, merge_unit_scale, unit_scale, unit_scaled_modules
+from hf_unitscale.calibrate import calibrate
 from hf_unitscale.convert import weight_scales
 from hf_unitscale.modules import UnitScaledEmbedding, UnitScaledMatmulMixin
 from hf_unitscale.precision import set_precision
@@ -285,6 +286,26 @@ def test_options_of_the_wrong_type_are_named(options, message):
     """A string is truthy: "no" would convert other modules and "false" round every s to a power of two."""
     with pytest.raises(TypeError, match=message):
         UnitScaleConfig(**options)
+
+
+def test_options_the_library_records_take_only_what_it_writes():
+    """`lr_rule` and `calibration` are set by UnitScaleTrainer and `calibrate`; lr_rule="adam" was accepted and shown
+    in the model card as the rule the model trained with."""
+    with pytest.raises(ValueError, match=r"`lr_rule` records the rule .*\('equivalent', 'umup', 'mup'\).*got 'adam'"):
+        UnitScaleConfig(lr_rule="adam")
+    with pytest.raises(TypeError, match=r"`calibration` \(recorded by `calibrate`\) must have str keys"):
+        UnitScaleConfig(calibration={1: "x"})
+    with pytest.raises(TypeError, match=r"`calibration.headroom` .* must be int or float or None, got str 'big'"):
+        UnitScaleConfig(calibration={"num_batches": 2, "headroom": "big"})
+    with pytest.raises(TypeError, match=r"`calibration.num_batches` .* must be int, got bool True"):
+        UnitScaleConfig(calibration={"num_batches": True})
+    # what the library writes: every rule, `calibrate`'s record, with another version's or the user's entries
+    case = CASES_BY_ID["bert"]
+    model = unit_scale(case.model())
+    calibrate(model, [{**case.batch(), "labels": torch.tensor([0, 1])}], headroom=2, progress=False)
+    record = model.config.unit_scaling["calibration"]
+    for rule in ("equivalent", "umup", "mup"):
+        assert UnitScaleConfig(lr_rule=rule, calibration={**record, "dataset": "austen"}).calibration["headroom"]
 
 
 def test_unit_scale_takes_a_config_dict_and_refuses_what_is_not_a_model():
