@@ -154,6 +154,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
     )
 
     def __post_init__(self) -> None:
+        _check_option_types(self)
         self.lr_multipliers = _from_json("lr_multipliers", self.lr_multipliers, "factor", '{"classifier": 10}')
         if self.lr_multipliers is not None:
             self.lr_multipliers = check_lr_multipliers(self.lr_multipliers)
@@ -209,6 +210,17 @@ class UnitScaleSeq2SeqTrainingArguments(UnitScaleTrainingArguments, Seq2SeqTrain
     """
 
 
+def _check_option_types(args: UnitScaleTrainingArguments) -> None:
+    """Refuse an option of the wrong Python type, naming it. The command line and YAML/JSON files give typed values;
+    Python code may pass a string such as "no", which as a bool would mean True."""
+    for name, types in _OPTION_TYPES.items():
+        value = getattr(args, name)
+        if not isinstance(value, types) or (bool not in types and isinstance(value, bool)):
+            names = " or ".join("None" if t is _NULL else t.__name__ for t in types)
+            hint = " (True or False; true/false on the command line and in YAML/JSON files)" if bool in types else ""
+            raise TypeError(f"`{name}` must be {names}{hint}, got {type(value).__name__} {value!r}.")
+
+
 def _warn_about_ignored_fp8_options(args: UnitScaleTrainingArguments) -> None:
     """Name the FP8 options set away from their defaults that `fp8=False` ignores (a forgotten `fp8=True`)."""
     fields = UnitScaleTrainingArguments.__dataclass_fields__
@@ -259,6 +271,14 @@ def unit_scale_options(args: TrainingArguments) -> dict[str, Any]:
     return {name: getattr(args, name, default) for name, default in defaults.items()}
 
 
+_NULL = type(None)
+# the Python types of the options whose values are not checked against a list of choices
+_OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "umup_depth_scaling": (bool,),
+    "fp8": (bool,),
+    "fp8_eval": (bool,),
+    "calibration_input_rounding_search": (bool,),
+}
 # the options only `fp8=True` reads
 _FP8_FIELDS = (
     "fp8_format",

@@ -1035,3 +1035,12 @@ def test_fp8_training_compiles_into_one_graph(tmp_path):
     for eager, compiled in zip(runs[False], runs[True], strict=True):
         assert compiled["loss"] == pytest.approx(eager["loss"], rel=1e-4)
         assert compiled["fp8/grad_output_underflow_fraction"] > 0  # counted under compile at every log
+
+
+def test_bool_options_refuse_other_types(tmp_path):
+    """A string such as "no" or "false" is truthy: as `fp8` it would train in FP8. Like `UnitScaleConfig`'s bools, the
+    arguments' bools take True or False only, and the error names the option."""
+    for option, value in (("fp8", "no"), ("umup_depth_scaling", "false"), ("fp8_eval", 0), ("fp8", "True")):
+        with pytest.raises(TypeError, match=f"`{option}` must be bool .*got {type(value).__name__} {value!r}"):
+            UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, **{option: value})
+    assert UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fp8=True).fp8 is True
