@@ -35,6 +35,7 @@ from .checkpoint import (
     CHECKPOINT_FORMATS,
     DEFAULT_MAX_SHARD_SIZE,
     check_state_dict_keys,
+    check_storage_dtypes,
     compressed_tensors_checkpoint,
     load_unit_scaled_state_dict,
     merged_state_dict,
@@ -103,7 +104,7 @@ def save_pretrained(
     model_card: bool = True,
     repo_id: str | None = None,
     base_model: str | None = None,
-    tags: list[str] | None = None,
+    tags: str | list[str] | None = None,
     **kwargs: Any,
 ) -> None:
     """Save a unit-scaled model, with its model card. A model that is not unit-scaled is saved as transformers saves
@@ -130,20 +131,14 @@ def save_pretrained(
         NotADirectoryError: `save_directory` is an existing file (nothing is written).
         ValueError: a bad option, or `state_dict` keys that are not the model's (nothing is written).
     """
-    if checkpoint_format not in CHECKPOINT_FORMATS:
-        raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
+    max_shard_size = kwargs.pop("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
+    weight_dtype = _check_save_options(model, checkpoint_format, weight_dtype, embedding_dtype, max_shard_size)
     if os.path.isfile(save_directory):
         raise NotADirectoryError(
             f"`save_directory` {str(save_directory)!r} is a file: a checkpoint is a folder (config, weights, card). "
             "Give a folder path; a missing folder is created."
         )
-    weight_dtype = _check_weight_dtype(checkpoint_format, weight_dtype)
     converted = is_unit_scaled(model)
-    if checkpoint_format != "merged" and not converted:
-        raise ValueError(
-            f"{type(model).__name__} is not unit-scaled, so it has no Ŵ and s to write in the {checkpoint_format} "
-            "format: call `hf_unitscale.unit_scale(model)` first, or save it with `checkpoint_format='merged'`."
-        )
     if not converted and is_main_process:
         logger.warning(
             f"{type(model).__name__} is not unit-scaled: saving it as transformers would (its config as it is, no "
@@ -157,20 +152,11 @@ def save_pretrained(
         )
     if state_dict is not None and is_main_process:
         check_state_dict_keys(model, state_dict)
-    if embedding_dtype is not None and checkpoint_format != "unit-scaled":
-        raise ValueError(f"`embedding_dtype` applies to the unit-scaled format only, got {checkpoint_format!r}.")
     push = kwargs.pop("push_to_hub", False)
     upload_kwargs = {k: kwargs.pop(k) for k in _UPLOAD_KWARGS if k in kwargs}
     if push:
         repo_id = repo_id or str(save_directory).rstrip("/").split("/")[-1]
         stamps_before = file_stamps(save_directory)
-    max_shard_size = kwargs.pop("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
-    try:  # before anything is written or deleted
-        shard_bytes = convert_file_size_to_int(max_shard_size)
-    except ValueError as err:
-        raise ValueError(f"`max_shard_size={max_shard_size!r}`: {err}") from err
-    if shard_bytes <= 0:  # would write one file per tensor
-        raise ValueError(f"`max_shard_size` should be a positive size such as '5GB' or 10**9, got {max_shard_size!r}.")
     if checkpoint_format == "merged":
         kwargs["max_shard_size"] = max_shard_size
     elif kwargs:
@@ -258,12 +244,42 @@ def remove_stale_weights(save_directory: str | os.PathLike, checkpoint_format: s
         path.unlink()
 
 
+def _check_save_options(
+    model: PreTrainedModel,
+    checkpoint_format: str,
+    weight_dtype: str | None,
+    embedding_dtype: str | None,
+    max_shard_size: int | str,
+) -> str | None:
+    """Check the options of `save_pretrained` that need no tensors, before anything is written, deleted or (by
+    `push_to_hub`) created on the Hub; return the `weight_dtype` to write."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"`checkpoint_format` must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}.")
+    weight_dtype = _check_weight_dtype(checkpoint_format, weight_dtype)
+    if checkpoint_format != "merged" and not is_unit_scaled(model):
+        raise ValueError(
+            f"{type(model).__name__} is not unit-scaled, so it has no Ŵ and s to write in the {checkpoint_format} "
+            "format: call `hf_unitscale.unit_scale(model)` first, or save it with `checkpoint_format='merged'`."
+        )
+    if embedding_dtype is not None and checkpoint_format != "unit-scaled":
+        raise ValueError(f"`embedding_dtype` applies to the unit-scaled format only, got {checkpoint_format!r}.")
+    if checkpoint_format == "unit-scaled":
+        check_storage_dtypes(weight_dtype, embedding_dtype)
+    try:
+        shard_bytes = convert_file_size_to_int(max_shard_size)
+    except ValueError as err:
+        raise ValueError(f"`max_shard_size={max_shard_size!r}`: {err}") from err
+    if shard_bytes <= 0:  # would write one file per tensor
+        raise ValueError(f"`max_shard_size` should be a positive size such as '5GB' or 10**9, got {max_shard_size!r}.")
+    return weight_dtype
+
+
 def _check_weight_dtype(checkpoint_format: str, weight_dtype: str | None) -> str | None:
     default = _DEFAULT_WEIGHT_DTYPE[checkpoint_format]
     if weight_dtype is None or weight_dtype == default:
         return default
     if checkpoint_format == "unit-scaled":
-        return weight_dtype  # validated by unit_scaled_state_dict, which names the choices
+        return weight_dtype  # validated by checkpoint.check_storage_dtypes, which names the choices
     if checkpoint_format == "merged":
         return weight_dtype  # checked against the tensors written (_check_merged_dtype)
     raise ValueError(
@@ -358,7 +374,7 @@ def push_to_hub(
     revision: str | None = None,
     create_pr: bool = False,
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-    tags: list[str] | None = None,
+    tags: str | list[str] | None = None,
     base_model: str | None = None,
 ) -> CommitInfo:
     """Upload a unit-scaled model to the Hub: config.json (with its `unit_scaling` block), safetensors
@@ -366,6 +382,7 @@ def push_to_hub(
     repo are deleted in the same commit. A README already in the repo is kept, with the unit-scaling
     section merged in. Returns the commit info; takes transformers' `push_to_hub` arguments.
     """
+    _check_save_options(model, checkpoint_format, weight_dtype, embedding_dtype, max_shard_size)  # before the repo
     api = HfApi(token=token)
     repo_id = api.create_repo(repo_id, private=private, exist_ok=True).repo_id
     with tempfile.TemporaryDirectory(prefix="hf_unitscale_push_") as folder:

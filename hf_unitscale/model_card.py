@@ -344,10 +344,15 @@ def model_card_section(
 
 
 def _card_data(
-    model: nn.Module, data: ModelCardData | None, base_model: str | None, repo_id: str | None, tags: list[str]
+    model: nn.Module,
+    data: ModelCardData | None,
+    base_model: str | None,
+    repo_id: str | None,
+    tags: str | list[str] | None,
 ) -> ModelCardData:
     data = data if data is not None else ModelCardData()
     existing = list(data.tags or [])
+    tags = [tags] if isinstance(tags, str) else list(tags or [])  # a str is one tag, as transformers' push_to_hub
     for tag in (*MODEL_CARD_TAGS, *(getattr(model, "model_tags", None) or []), *tags):
         if tag not in existing:
             existing.append(tag)
@@ -365,7 +370,7 @@ def render_model_card(
     checkpoint_format: str,
     repo_id: str | None = None,
     base_model: str | None = None,
-    tags: list[str] | None = None,
+    tags: str | list[str] | None = None,
     existing: str | None = None,
     **storage: Any,
 ) -> str:
@@ -384,7 +389,7 @@ def render_model_card(
             body = body[: span[0]] + section + body[span[1] :]
         else:
             body = f"{body.rstrip()}\n\n{section}\n"  # after the other card's title and text
-    data = _card_data(model, data, base_model, repo_id, list(tags or []))
+    data = _card_data(model, data, base_model, repo_id, tags)
     return _card_text(data, body)
 
 

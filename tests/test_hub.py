@@ -148,6 +148,23 @@ def test_push_keeps_the_repos_own_card(local_hub):
     assert "Trained on sonnets." in card and "## Unit scaling" in card
 
 
+def test_push_refuses_bad_arguments_before_creating_the_repo_and_takes_a_str_as_one_tag(local_hub):
+    """A refused push leaves the Hub as it was (no empty repo); `tags="experiment"` is one tag, as in transformers."""
+    model, _ = _converted("gpt2")
+    for bad, match in (
+        ({"checkpoint_format": "unit_scaled"}, "`checkpoint_format` must be one of"),
+        ({"checkpoint_format": "unit-scaled", "weight_dtype": "fp8"}, "`weight_dtype` must be one of"),
+        ({"embedding_dtype": "int8"}, "`embedding_dtype` applies to the unit-scaled format only"),
+        ({"max_shard_size": "lots"}, "`max_shard_size='lots'`"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            model.push_to_hub("user/refused", **bad)
+        assert not local_hub.repo_exists("user/refused")
+    model.push_to_hub("user/tagged", tags="experiment")
+    tags = ModelCard(_card("user/tagged")).data.tags
+    assert "experiment" in tags and "e" not in tags
+
+
 def test_save_pretrained_push_to_hub_flag(local_hub, tmp_path):
     model, batch = _converted("distilbert")
     model.save_pretrained(tmp_path / "out", checkpoint_format="unit-scaled", push_to_hub=True, repo_id="user/distil")
