@@ -274,9 +274,16 @@ def unit_scale_options(args: TrainingArguments) -> dict[str, Any]:
 _NULL = type(None)
 # the Python types of the options whose values are not checked against a list of choices
 _OPTION_TYPES: dict[str, tuple[type, ...]] = {
+    "mup_base_width": (int, _NULL),
     "umup_depth_scaling": (bool,),
     "fp8": (bool,),
+    "fp8_format": (str,),
+    "fp8_backend": (str, _NULL),
     "fp8_eval": (bool,),
+    "calibration_batches": (int,),
+    "recalibrate_every": (int,),
+    "calibration_headroom": (float, int, _NULL),
+    "calibration_grad_underflow_budget": (float, int, _NULL),
     "calibration_input_rounding_search": (bool,),
 }
 # the options only `fp8=True` reads

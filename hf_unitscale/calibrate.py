@@ -58,6 +58,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping
 from itertools import islice
+from numbers import Integral, Real
 from typing import Any
 
 import torch
@@ -180,8 +181,25 @@ def _check_batch(batch: Any, index: int) -> None:
         )
 
 
+def _check_types(optional: bool = False, **options: tuple[Any, type]) -> None:
+    """Refuse an option that is not of its type (bool is no number here), naming it; None passes where `optional`."""
+    for name, (value, kind) in options.items():
+        if (value is None and optional) or (isinstance(value, kind) and not isinstance(value, bool)):
+            continue
+        wanted = "an int" if kind is Integral else "a number"
+        raise TypeError(
+            f"`{name}` must be {wanted}{' or None' if optional else ''}, got {type(value).__name__} {value!r}."
+        )
+
+
 def _check_loss(loss: torch.Tensor, index: int) -> None:
     """A loss that cannot give gradients would leave every c as it was (1 on a first calibration): refuse it."""
+    if not (isinstance(loss, torch.Tensor) and loss.numel() == 1):
+        shown = f"a tensor of shape {tuple(loss.shape)}" if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise ValueError(
+            f"The loss of calibration batch {index} is {shown}; `loss_fn` (or `compute_loss`) must return a scalar "
+            "tensor of the model's outputs (e.g. a mean over examples), which calibration differentiates."
+        )
     if not loss.requires_grad:
         raise ValueError(
             f"The loss of calibration batch {index} does not require grad, so no output gradient can be measured. "
@@ -258,6 +276,9 @@ def calibrate(
             (`torch.inference_mode`), or a new scale is not finite and positive in its buffer's dtype (then no
             buffer has changed).
     """
+    _check_types(loss_scale=(loss_scale, Real))
+    _check_types(num_batches=(num_batches, Integral), optional=True)
+    _check_types(headroom=(headroom, Real), grad_underflow_budget=(grad_underflow_budget, Real), optional=True)
     if num_batches is not None and num_batches < 1:
         raise ValueError(f"`num_batches` should be a positive integer or None, got {num_batches}.")
     if not (math.isfinite(loss_scale) and loss_scale > 0):  # c = rms(loss_scale·g): 0 measures no gradient at all

@@ -423,6 +423,19 @@ def test_calibrate_errors_are_clear():
         calibrate(model, [_labelled_batch(case)] * 2, loss_fn=lambda out, _: out.loss * next(factors), progress=False)
 
 
+def test_calibrate_names_an_argument_of_the_wrong_type():
+    """Wrong Python types are refused naming the argument, not by `islice` or a comparison deep inside; a loss that is
+    not a scalar tensor names `loss_fn`'s return value."""
+    case = CASES_BY_ID["bert"]
+    model, batches = unit_scale(case.model()), [_labelled_batch(case)]
+    for option, value in (("num_batches", 2.5), ("num_batches", "2"), ("headroom", "2"), ("loss_scale", None)):
+        with pytest.raises(TypeError, match=f"`{option}` must be an? .*got {type(value).__name__} {value!r}"):
+            calibrate(model, batches, progress=False, **{option: value})
+    for loss_fn, shown in ((lambda out, _: 1.0, "float"), (lambda out, _: out.logits.sum(-1), r"shape \(\d+,\)")):
+        with pytest.raises(ValueError, match=f"loss of calibration batch 0 is (a tensor of )?{shown}.*scalar tensor"):
+            calibrate(model, batches, loss_fn=loss_fn, progress=False)
+
+
 # --------------------------------------------------------------------------- precision and counters
 
 

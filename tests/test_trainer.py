@@ -1044,3 +1044,18 @@ def test_bool_options_refuse_other_types(tmp_path):
         with pytest.raises(TypeError, match=f"`{option}` must be bool .*got {type(value).__name__} {value!r}"):
             UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, **{option: value})
     assert UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fp8=True).fp8 is True
+
+
+def test_numeric_and_str_options_refuse_other_types(tmp_path):
+    """A count is an int (2.5 steps is no schedule), a factor a number, a format name a str: each named when wrong."""
+    for option, value, wanted in (
+        ("recalibrate_every", 2.5, "int"),
+        ("calibration_batches", "4", "int"),
+        ("calibration_batches", True, "int"),
+        ("mup_base_width", 64.0, "int or None"),
+        ("calibration_headroom", "2", "float or int or None"),
+        ("fp8_format", None, "str"),
+        ("fp8_backend", 1, "str or None"),
+    ):
+        with pytest.raises(TypeError, match=f"`{option}` must be {wanted}, got {type(value).__name__} {value!r}"):
+            UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fp8=True, **{option: value})
