@@ -83,7 +83,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
     fp8_format: str = field(
         default="HYBRID",
         metadata={
-            "help": "With `fp8`, the operand formats, named as accelerate's `fp8_format`: 'HYBRID' (E4M3 forward, "
+            "help": "With `fp8`, the operand formats, named as accelerate's `fp8_format` (any case): 'HYBRID' (E4M3 forward, "
             "E5M2 output gradients) or 'E4M3' (E4M3 for both; pair it with `calibration_headroom`, as E4M3's max "
             "is 448)."
         },
@@ -98,7 +98,7 @@ class UnitScaleTrainingArguments(TrainingArguments):
     fp8_backend: str | None = field(
         default=None,
         metadata={
-            "help": "With `fp8`, the GEMM backend: 'simulate' (cast to FP8 and back, fp32 matmul; every device) or "
+            "help": "With `fp8`, the GEMM backend (any case): 'simulate' (cast to FP8 and back, fp32 matmul; every device) or "
             "'scaled_mm' (`torch._scaled_mm`: FP8 tensor cores on GPUs of compute capability 8.9+; CPU in recent "
             "torch). None: the model's own (`unit_scaling.backend`, default 'simulate')."
         },
@@ -168,10 +168,11 @@ class UnitScaleTrainingArguments(TrainingArguments):
                 "`lr_rule='mup'` needs `mup_base_width` (the hidden size the lr was tuned at), got "
                 f"{self.mup_base_width!r}."
             )
-        self.fp8_format = self.fp8_format.upper()
+        self.fp8_format = self.fp8_format.upper()  # names as accelerate's, of any case, like `fp8_backend`'s
         if self.fp8_format not in FP8_FORMAT_PAIRS:
             raise ValueError(f"`fp8_format` must be one of {sorted(FP8_FORMAT_PAIRS)}, got {self.fp8_format!r}.")
         if self.fp8_backend is not None:
+            self.fp8_backend = self.fp8_backend.lower()
             check_backend(self.fp8_backend, "fp8_backend")
         if self.calibration_batches < 1:
             raise ValueError(f"`calibration_batches` should be a positive integer, got {self.calibration_batches}.")

@@ -249,7 +249,7 @@ def calibrate(
     Args:
         model: a model converted by `unit_scale`.
         batches: dicts of model inputs (with `labels` for real gradients), e.g. a DataLoader.
-        num_batches: use only the first `num_batches` of `batches` (default: all of them).
+        num_batches: use only the first `num_batches` of `batches` (default: all of them); fewer: a warning.
         loss_fn: `loss_fn(outputs, batch) -> scalar`; default the model's loss, see module docstring.
         compute_loss: `compute_loss(model, batch) -> scalar`, running the forward itself (a Trainer's
             `compute_loss`: custom losses, `label_names`, label smoothing); replaces the model call and `loss_fn`.
@@ -350,6 +350,10 @@ def calibrate(
     finally:
         for module, training in was_training.items():
             module.training = training
+    if num_batches is not None and 0 < n_batches < num_batches:
+        logger.warning(
+            f"`batches` yielded {n_batches} batch(es), fewer than `num_batches={num_batches}`: calibrated over those."
+        )
     # every rank reaches the collectives, also one whose share of the batches is empty
     n_batches, n_tokens = (
         int(n) for n in all_reduce_across_processes(torch.tensor([n_batches, n_tokens], dtype=torch.float64))

@@ -436,6 +436,17 @@ def test_calibrate_names_an_argument_of_the_wrong_type():
             calibrate(model, batches, loss_fn=loss_fn, progress=False)
 
 
+def test_fewer_batches_than_num_batches_says_how_many_it_used(caplog):
+    case = CASES_BY_ID["bert"]
+    model, batches = unit_scale(case.model()), [_labelled_batch(case)] * 2
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        calibrate(model, batches, num_batches=2, progress=False)
+    assert "fewer than" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        calibrate(model, batches, num_batches=10, progress=False)
+    assert "`batches` yielded 2 batch(es), fewer than `num_batches=10`: calibrated over those." in caplog.text
+
+
 # --------------------------------------------------------------------------- precision and counters
 
 

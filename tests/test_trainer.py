@@ -1059,3 +1059,8 @@ def test_numeric_and_str_options_refuse_other_types(tmp_path):
     ):
         with pytest.raises(TypeError, match=f"`{option}` must be {wanted}, got {type(value).__name__} {value!r}"):
             UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fp8=True, **{option: value})
+
+
+def test_fp8_backend_takes_any_case_like_fp8_format(tmp_path):
+    args = UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fp8=True, fp8_backend="SIMULATE")
+    assert args.fp8_backend == "simulate"
