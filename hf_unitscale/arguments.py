@@ -18,6 +18,7 @@ from transformers import Seq2SeqTrainingArguments, TrainingArguments
 from transformers.utils import logging
 
 from .calibrate import check_headroom
+from .config import check_module_patterns
 from .formats import FP8_FORMAT_PAIRS
 from .lr_rules import LR_RULES, ROLES, LrRule, check_lr_multipliers, check_role_overrides
 from .ops import check_backend
@@ -92,7 +93,8 @@ class UnitScaleTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "With `fp8`, regular expressions over module names (re.fullmatch) of matmul layers kept in full "
-            "precision. Default: the output heads (LM head, classifier, …). An empty list casts every layer."
+            "precision. Default: the output heads (LM head, classifier, …). An empty list casts every layer (on the "
+            "command line: `--fp8_full_precision_modules '[]'`)."
         },
     )
     fp8_backend: str | None = field(
@@ -171,6 +173,11 @@ class UnitScaleTrainingArguments(TrainingArguments):
         self.fp8_format = self.fp8_format.upper()  # names as accelerate's, of any case, like `fp8_backend`'s
         if self.fp8_format not in FP8_FORMAT_PAIRS:
             raise ValueError(f"`fp8_format` must be one of {sorted(FP8_FORMAT_PAIRS)}, got {self.fp8_format!r}.")
+        if self.fp8_full_precision_modules in ("[]", ["[]"]):  # the command line's empty list: no regex reads so
+            self.fp8_full_precision_modules = []
+        self.fp8_full_precision_modules = check_module_patterns(
+            self.fp8_full_precision_modules, "fp8_full_precision_modules"
+        )
         if self.fp8_backend is not None:
             self.fp8_backend = self.fp8_backend.lower()
             check_backend(self.fp8_backend, "fp8_backend")

@@ -10,7 +10,7 @@ from typing import Any
 from .formats import FORMATS, get_format
 from .ops import BACKENDS, MatmulPrecision, check_backend
 
-__all__ = ["CONFIG_KEY", "UnitScaleConfig", "as_unit_scale_config"]
+__all__ = ["CONFIG_KEY", "UnitScaleConfig", "as_unit_scale_config", "check_module_patterns"]
 
 CONFIG_KEY = "unit_scaling"
 _NULL = type(None)
@@ -134,22 +134,7 @@ class UnitScaleConfig:
         if self.exclude_modules is None:
             self.exclude_modules = []
         for option in ("exclude_modules", "full_precision_modules"):
-            patterns = getattr(self, option)
-            if isinstance(patterns, str):  # one regex, as peft's `target_modules` takes it
-                patterns = [patterns]
-            if patterns is not None:
-                if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) for p in patterns):
-                    raise TypeError(
-                        f"`{option}` must be a list of regular expressions over module names (str), got "
-                        f"{type(patterns).__name__} {patterns!r}."
-                    )
-                patterns = list(patterns)
-            setattr(self, option, patterns)
-            for pattern in patterns or ():
-                try:
-                    re.compile(pattern)
-                except re.error as err:
-                    raise ValueError(f"`{option}` entry {pattern!r} is not a regular expression: {err}.") from None
+            setattr(self, option, check_module_patterns(getattr(self, option), option))
         _ = self.precision  # validates the format/backend combination
 
     def _check_recorded_options(self) -> None:
@@ -199,6 +184,26 @@ class UnitScaleConfig:
         if unknown:
             raise ValueError(f"Unknown UnitScaleConfig option(s) {unknown}; valid options are {sorted(known)}.")
         return cls(**values)
+
+
+def check_module_patterns(patterns: Any, option: str) -> list[str] | None:
+    """`patterns` as a list of regular expressions over module names (a str is one, as peft's `target_modules` takes
+    it; None stays None); an error naming `option` for another type or an entry that does not compile."""
+    if isinstance(patterns, str):
+        patterns = [patterns]
+    if patterns is None:
+        return None
+    if not isinstance(patterns, list | tuple) or not all(isinstance(p, str) for p in patterns):
+        raise TypeError(
+            f"`{option}` must be a list of regular expressions over module names (str), got "
+            f"{type(patterns).__name__} {patterns!r}."
+        )
+    for pattern in patterns:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ValueError(f"`{option}` entry {pattern!r} is not a regular expression: {err}.") from None
+    return list(patterns)
 
 
 def as_unit_scale_config(value: UnitScaleConfig | dict[str, Any] | None, argument: str) -> UnitScaleConfig | None:

@@ -1064,3 +1064,16 @@ def test_numeric_and_str_options_refuse_other_types(tmp_path):
 def test_fp8_backend_takes_any_case_like_fp8_format(tmp_path):
     args = UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fp8=True, fp8_backend="SIMULATE")
     assert args.fp8_backend == "simulate"
+
+
+def test_fp8_full_precision_modules_checked_with_the_arguments_and_empty_on_the_command_line(tmp_path):
+    """A bad regex is refused when the arguments are built, not when the trainer sets the precision; the command line
+    writes the empty list (cast every layer) as '[]', which is no regex."""
+    with pytest.raises(ValueError, match=r"`fp8_full_precision_modules` entry '\(' is not a regular expression"):
+        UnitScaleTrainingArguments(output_dir=str(tmp_path), use_cpu=True, fp8=True, fp8_full_precision_modules=["("])
+    parser = HfArgumentParser(UnitScaleTrainingArguments)
+    base = ["--output_dir", str(tmp_path), "--use_cpu", "--report_to", "none", "--fp8", "true"]
+    (args,) = parser.parse_args_into_dataclasses([*base, "--fp8_full_precision_modules", "[]"])
+    assert args.fp8_full_precision_modules == []
+    (args,) = parser.parse_args_into_dataclasses([*base, "--fp8_full_precision_modules", "lm_head", ".*pooler.*"])
+    assert args.fp8_full_precision_modules == ["lm_head", ".*pooler.*"]
