@@ -41,6 +41,7 @@ What it changes, and where:
 
 from __future__ import annotations
 
+import inspect
 import math
 from contextlib import nullcontext
 from typing import Any
@@ -140,6 +141,17 @@ def _check_arguments(args) -> None:
         )
 
 
+def _check_optim(args) -> str:
+    """`args.optim`, refused unless it builds an AdamW (the optimizer the learning-rate rules are derived for)."""
+    optim = getattr(args.optim, "value", args.optim)
+    if optim not in ADAMW_OPTIMIZERS:
+        raise ValueError(
+            f"`optim={optim!r}` is not supported by UnitScaleTrainer: its learning-rate rules "
+            f"assume AdamW (per-group lr, eps and decoupled weight_decay). Use one of {ADAMW_OPTIMIZERS}."
+        )
+    return optim
+
+
 def _scheduler_name(args) -> str:
     return getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
 
@@ -173,6 +185,9 @@ class UnitScaleTrainer(Trainer):
         self.unit_scale_config = unit_scale_config
         if args is not None:
             _check_arguments(args)
+            given = inspect.signature(Trainer.__init__).bind(self, model, args, *trainer_args, **trainer_kwargs)
+            if given.arguments.get("optimizer_cls_and_kwargs") is None:  # `optim` builds the optimizer
+                _check_optim(args)
             _follow_log_level(args)  # before conversion, which logs
         options = unit_scale_options(args) if args is not None else unit_scale_options(object())
         if role_overrides is not None and options["role_overrides"] is not None:
@@ -323,12 +338,7 @@ class UnitScaleTrainer(Trainer):
                 )
             optimizer_kwargs = dict(optimizer_kwargs)
         else:
-            optim = getattr(self.args.optim, "value", self.args.optim)
-            if optim not in ADAMW_OPTIMIZERS:
-                raise ValueError(
-                    f"`optim={optim!r}` is not supported by UnitScaleTrainer: its learning-rate rules "
-                    f"assume AdamW (per-group lr, eps and decoupled weight_decay). Use one of {ADAMW_OPTIMIZERS}."
-                )
+            optim = _check_optim(self.args)
             optimizer_cls, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, opt_model)
             optimizer_kwargs = dict(optimizer_kwargs)
             if optim in _QUANTIZED_STATE_OPTIMIZERS:

@@ -383,9 +383,12 @@ def test_refusals(tmp_path):
     with pytest.raises(ValueError, match="builds its own optimizer groups"):
         model = case.model()
         UnitScaleTrainer(model=model, args=_args(tmp_path), optimizers=(torch.optim.SGD(model.parameters()), None))
-    trainer = UnitScaleTrainer(model=case.model(), args=_args(tmp_path, optim="sgd"))
+    model = case.model()  # refused when the trainer is built, before a baseline evaluation or conversion
     with pytest.raises(ValueError, match="`optim='sgd'` is not supported"):
-        trainer.create_optimizer()
+        UnitScaleTrainer(model=model, args=_args(tmp_path, optim="sgd"))
+    assert not is_unit_scaled(model)
+    sgd_ignored = dict(args=_args(tmp_path, optim="sgd"), optimizer_cls_and_kwargs=(torch.optim.AdamW, {}))
+    UnitScaleTrainer(model=case.model(), **sgd_ignored).create_optimizer()  # as in Trainer, `optim` is not read
     for key in ("params", "model"):
         optimizer = (torch.optim.AdamW, {key: []})
         trainer = UnitScaleTrainer(model=case.model(), args=_args(tmp_path), optimizer_cls_and_kwargs=optimizer)
