@@ -370,9 +370,16 @@ def setup_task(model_args: ModelArguments, data_args: DataArguments, *, seed: in
             )
         num_labels = model_args.num_labels or data_labels
         if _is_classifier(config) and config.num_labels != num_labels and not model_args.ignore_mismatched_sizes:
+            column = f"`label_column` {data_args.label_column!r}"
+            wanted = (
+                f"`num_labels` is {num_labels} (the data's {column} has {data_labels})"
+                if model_args.num_labels
+                else f"the data's {column} has {num_labels}"
+            )
             raise ValueError(
-                f"The checkpoint's classifier has {config.num_labels} labels and the data {num_labels}: pass "
-                "`ignore_mismatched_sizes: true` to draw a new head, or check `label_column`."
+                f"The checkpoint's classifier (its config's `num_labels`) has {config.num_labels} labels, but "
+                f"{wanted}: pass `ignore_mismatched_sizes: true` to draw a new head, or check "
+                f"{'`num_labels` and ' if model_args.num_labels else ''}`label_column`."
             )
         known = set(label_to_id) if label_to_id else set(range(num_labels))
         unseen = sorted(set(eval_raw[data_args.label_column]) - known, key=str) if eval_raw is not None else []

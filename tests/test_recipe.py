@@ -427,8 +427,14 @@ def test_classification_data_follows_the_checkpoint_and_names_what_is_wrong(tmp_
     # a classification loss is a batch mean: no scaling by `num_items_in_batch` or the number of processes
     assert setup.model.accepts_loss_kwargs is False
     three = _rows_file(tmp_path / "three.jsonl", rows + [{"text": "w1", "label": "neutral"}])
-    with pytest.raises(ValueError, match="classifier has 2 labels and the data 3.*ignore_mismatched_sizes"):
+    with pytest.raises(ValueError, match="has 2 labels, but the data's `label_column` 'label' has 3: .*mismatched"):
         setup_task(ModelArguments(model_name_or_path=str(source)), DataArguments(train_file=three))
+    # integer labels 0, 1 and `num_labels` 5: the 5 is the argument's, not the data's
+    numbered = _rows_file(tmp_path / "numbered.jsonl", [{**row, "label": i % 2} for i, row in enumerate(rows)])
+    with pytest.raises(
+        ValueError, match=r"has 2 labels, but `num_labels` is 5 \(the data's `label_column` 'label' has 2\)"
+    ):
+        setup_task(ModelArguments(model_name_or_path=str(source), num_labels=5), DataArguments(train_file=numbered))
     setup = setup_task(
         ModelArguments(model_name_or_path=str(source), ignore_mismatched_sizes=True), DataArguments(train_file=three)
     )
