@@ -585,6 +585,8 @@ def _fail_fetch():
         ("merge_into_a_file", "is a file; give a folder path"),
         ("train_into_a_file", "is a file; give a folder path"),
         ("train_unseen_eval_label", "the training data lacks"),
+        ("convert_a_file_as_the_model", "is a file; give the model's folder (the one holding config.json"),
+        ("merge_a_folder_without_config", "is a folder without config.json, so no model folder"),
     ],
 )
 def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, capsys, monkeypatch):
@@ -615,6 +617,11 @@ def test_user_errors_are_one_line_with_exit_status_2(case, expected, tmp_path, c
             argv[argv.index("--output_dir") + 1] = str(tmp_path / "a_file")
         else:
             argv = [case.split("_")[0], str(save_tiny_model("bert", tmp_path / "plain")), str(tmp_path / "a_file")]
+    elif case == "convert_a_file_as_the_model":
+        argv = ["convert", str(save_tiny_model("bert", tmp_path / "plain") / "config.json"), str(tmp_path / "o")]
+    elif case == "merge_a_folder_without_config":
+        (save_tiny_model("bert", tmp_path / "plain") / "config.json").unlink()
+        argv = ["merge", str(tmp_path / "plain"), str(tmp_path / "o")]
     elif case == "merge_missing_model":
         argv = ["merge", str(tmp_path / "nonexistent"), str(tmp_path / "o")]
     elif case == "merge_into_its_own_folder":

@@ -7,7 +7,7 @@ import argparse
 from .utils import (
     add_model_class_argument,
     add_overwrite_argument,
-    check_local_path,
+    check_model_path,
     check_output_dir,
     load_model,
     write_model_folder,
@@ -35,7 +35,7 @@ def merge_command(args: argparse.Namespace) -> int:
     from ..hub import remove_stale_weights
     from ..model_card import remove_model_card_section
 
-    check_local_path(args.model, "model")  # before the config read below takes a missing folder for a Hub id
+    check_model_path(args.model, "model")  # before the config read below takes a missing folder for a Hub id
     check_output_dir(args.model, args.output_dir, args.overwrite)
     model = _stored_weights_model(args.model, args.model_class)
     if model is None:

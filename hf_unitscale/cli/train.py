@@ -229,11 +229,11 @@ def _scale_plot(model, setup, recipe, output_dir: Path, *, write: bool = True) -
 
 def train_command(args: argparse.Namespace) -> int:
     from ..recipe import load_recipe
-    from .utils import check_local_path, check_not_a_file
+    from .utils import check_local_path, check_model_path, check_not_a_file
 
     recipe = load_recipe(args.recipe, _overrides(args))
     check_not_a_file(recipe.training.output_dir, "`output_dir`")  # not after training, when the model is saved
-    check_local_path(recipe.model.model_name_or_path, "`model_name_or_path`")
+    check_model_path(recipe.model.model_name_or_path, "`model_name_or_path`")
     if recipe.model.tokenizer_name:
         check_local_path(recipe.model.tokenizer_name, "`tokenizer_name`")
     result = run_recipe(recipe)

@@ -34,6 +34,23 @@ def check_local_path(name_or_path: str, what: str) -> None:
         )
 
 
+def check_model_path(name_or_path: str, what: str) -> None:
+    """`check_local_path`, and a local path must be a model folder: one holding config.json (transformers would
+    take a file for a malformed Hub id, and a folder without config.json for a config without `model_type`)."""
+    check_local_path(name_or_path, what)
+    path = Path(name_or_path).expanduser()
+    if path.is_file():
+        raise CommandError(
+            f"{what} {name_or_path!r} is a file; give the model's folder (the one holding config.json and the "
+            "weights), a Hub id, embedded:minilm or embedded:smollm2."
+        )
+    if path.is_dir() and not (path / "config.json").is_file():
+        raise CommandError(
+            f"{what} {name_or_path!r} is a folder without config.json, so no model folder; give the folder holding "
+            "the model's config.json and weights (as `save_pretrained` writes them)."
+        )
+
+
 def check_not_a_file(path: str, what: str) -> None:
     """Refuse a folder path to be written that is an existing file, before anything is loaded or trained."""
     if Path(path).expanduser().is_file():
@@ -88,7 +105,7 @@ def load_model(name_or_path: str, model_class: str | None = None) -> Any:
     from ..embedded import resolve_model_path
     from ..hub import from_pretrained
 
-    check_local_path(name_or_path, "model")
+    check_model_path(name_or_path, "model")
     cls = None
     if model_class is not None:
         cls = getattr(transformers, model_class, None)
