@@ -42,7 +42,9 @@ What it changes, and where:
 from __future__ import annotations
 
 import inspect
+import json
 import math
+import os
 from contextlib import nullcontext
 from typing import Any
 
@@ -603,7 +605,31 @@ class UnitScaleTrainer(Trainer):
             "from these weights."
         )
 
+    def _check_resumable(self, checkpoint_dir: str) -> None:
+        """Refuse a checkpoint folder that does not exist, or one trained with another `lr_rule`: the optimizer
+        state it holds has that rule's parameter groups and learning rates, so the run would not continue."""
+        if not os.path.isdir(checkpoint_dir):
+            raise ValueError(
+                f"`resume_from_checkpoint` {checkpoint_dir!r} does not exist; give a checkpoint folder of the run "
+                "(`output_dir/checkpoint-N`), or `True` for the last one in `output_dir`."
+            )
+        config_path = os.path.join(checkpoint_dir, "config.json")
+        block = None
+        if os.path.isfile(config_path):
+            with open(config_path, encoding="utf-8") as f:
+                block = json.load(f).get(CONFIG_KEY)
+        saved = block.get("lr_rule") if isinstance(block, dict) else None
+        wanted = self.unit_scale_options["lr_rule"]
+        if saved is not None and saved != wanted:
+            raise ValueError(
+                f"The checkpoint {checkpoint_dir!r} was trained with `lr_rule={saved!r}`, and the arguments give "
+                f"`lr_rule={wanted!r}`: its optimizer state holds the parameter groups and learning rates of "
+                f"{saved!r}, so the run cannot continue under {wanted!r}. Resume with `lr_rule={saved!r}`, or start "
+                f"a new run with {wanted!r} from its weights (`hf_unitscale.from_pretrained`)."
+            )
+
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:
+        self._check_resumable(resume_from_checkpoint)
         model = self.model if model is None else model
         if (
             self.is_fsdp_enabled

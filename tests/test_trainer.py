@@ -222,6 +222,30 @@ def test_resume_from_checkpoint_continues_the_same_run(tmp_path, fp8):
     assert _train_logs(resumed)[-1]["loss"] == pytest.approx(_train_logs(uninterrupted)[-1]["loss"], rel=1e-6)
 
 
+def test_resume_refuses_a_missing_folder_and_another_lr_rule(tmp_path):
+    """The optimizer state of a checkpoint holds its rule's groups: another rule is named, not torch's group count."""
+    data = _dataset("bert", rows=8)
+
+    def trainer(lr_rule):
+        args = _args(
+            tmp_path / "run",
+            cls=UnitScaleTrainingArguments,
+            max_steps=1,
+            save_strategy="steps",
+            save_steps=1,
+            lr_rule=lr_rule,
+        )
+        return UnitScaleTrainer(model=CASES_BY_ID["bert"].model(), args=args, train_dataset=data)
+
+    trainer("equivalent").train()
+    with pytest.raises(ValueError, match="does not exist"):
+        trainer("equivalent").train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-9"))
+    with pytest.raises(
+        ValueError, match="trained with `lr_rule='equivalent'`, and the arguments give `lr_rule='umup'`"
+    ):
+        trainer("umup").train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+
+
 def test_load_best_model_at_end_reads_the_unit_scaled_checkpoint(tmp_path, monkeypatch):
     import hf_unitscale.trainer as trainer_module
 
