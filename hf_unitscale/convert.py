@@ -442,6 +442,31 @@ def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: st
         )
 
 
+def _measured_scales(
+    plan: list[tuple[str, nn.Module, type, tuple[str, ...]]], config: UnitScaleConfig
+) -> dict[int, torch.Tensor]:
+    """{id(W): s} for every weight of `plan` (a tied one once), measured without changing any: an error (a
+    non-finite W) leaves the model as it was."""
+    scales: dict[int, torch.Tensor] = {}
+    rounded_by_dtype = 0  # weights whose 16-bit dtype made `power_of_two_scales=None` round s
+    for name, module, _, weight_names in plan:
+        for weight_name in weight_names:
+            param = getattr(module, weight_name)
+            if id(param) in scales:
+                continue
+            power_of_two = uses_power_of_two_scales(param, config)
+            rounded_by_dtype += power_of_two and config.power_of_two_scales is None
+            scales[id(param)] = measure_weight_scale(
+                param, f"{name}.{weight_name}" if name else weight_name, power_of_two
+            )
+    if rounded_by_dtype:
+        logger.info(
+            f"{rounded_by_dtype} weights are stored in 16-bit floats: their scales s are powers of two, so "
+            "Ŵ = W/s and the merged W = s·Ŵ are exact (`UnitScaleConfig.power_of_two_scales`)."
+        )
+    return scales
+
+
 @torch.no_grad()
 def convert_layers(model: nn.Module, config: UnitScaleConfig, *, measure: bool, reloading: bool) -> nn.Module:
     """Swap the layers of `model`; with `measure=False` (loading a unit-scaled checkpoint) leave the
@@ -461,21 +486,17 @@ def convert_layers(model: nn.Module, config: UnitScaleConfig, *, measure: bool, 
 
         # check before any layer is swapped, so a bad pattern leaves the model as it was
         full_precision_names(config.full_precision_modules, matmul_names, type(model).__name__)
-    scale_of_param: dict[int, torch.Tensor] = {}
-    rounded_by_dtype = 0  # weights whose 16-bit dtype made `power_of_two_scales=None` round s
-    for name, module, unit_class, weight_names in plan:
+    # every s before any Ŵ = W/s: a weight that cannot be unit-scaled raises with the model as it was
+    scale_of_param = _measured_scales(plan, config) if measure else {}
+    divided: set[int] = set()
+    for _, module, unit_class, weight_names in plan:
         for weight_name in weight_names:
             param = getattr(module, weight_name)
-            if id(param) not in scale_of_param:  # a tied weight is divided once
-                qualified = f"{name}.{weight_name}" if name else weight_name
-                scale = torch.ones((), dtype=torch.float32)
-                if measure:
-                    power_of_two = uses_power_of_two_scales(param, config)
-                    rounded_by_dtype += power_of_two and config.power_of_two_scales is None
-                    scale = measure_weight_scale(param, qualified, power_of_two)
-                    param.copy_(apply_scale(param, scale.to(param.device), divide=True))
-                scale_of_param[id(param)] = scale
-            scale = scale_of_param[id(param)].to(param.device if param.device.type != "meta" else "cpu")
+            if measure and id(param) not in divided:  # a tied weight is divided once
+                param.copy_(apply_scale(param, scale_of_param[id(param)].to(param.device), divide=True))
+                divided.add(id(param))
+            scale = scale_of_param.get(id(param), torch.ones((), dtype=torch.float32))
+            scale = scale.to(param.device if param.device.type != "meta" else "cpu")
             module.register_buffer(weight_name + SCALE_SUFFIX, scale.clone())
         module.__class__ = unit_class
         if isinstance(module, UnitScaledMatmulMixin):
@@ -497,11 +518,6 @@ def convert_layers(model: nn.Module, config: UnitScaleConfig, *, measure: bool, 
     for pretrained in (m for m in model.modules() if isinstance(m, PreTrainedModel)):
         attach_checkpoint_methods(pretrained)
         pretrained.resize_token_embeddings = MethodType(resize_token_embeddings, pretrained)
-    if rounded_by_dtype:
-        logger.info(
-            f"{rounded_by_dtype} weights are stored in 16-bit floats: their scales s are powers of two, so "
-            "Ŵ = W/s and the merged W = s·Ŵ are exact (`UnitScaleConfig.power_of_two_scales`)."
-        )
     logger.info(f"Unit-scaled {len(plan)} modules of {type(model).__name__}.")
     return model
 

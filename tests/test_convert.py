@@ -219,12 +219,25 @@ def test_converting_again_with_other_options_is_an_error(caplog):
         unit_scale(bare, UnitScaleConfig())
 
 
-def test_non_finite_weight_is_named():
+def test_non_finite_weight_is_named_and_leaves_the_model_as_it_was():
+    """Every s is measured before any W is divided: the error leaves no layer converted, and once the weight is
+    fixed, converting again converts the whole model."""
     model = CASES_BY_ID["bert"].model()
     with torch.no_grad():
         model.bert.encoder.layer[1].intermediate.dense.weight[0, 0] = float("nan")
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(ValueError, match=r"bert\.encoder\.layer\.1\.intermediate\.dense\.weight.*non-finite"):
         unit_scale(model)
+    assert not is_unit_scaled(model) and not hasattr(model.config, "unit_scaling")
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0, equal_nan=True)
+    with torch.no_grad():
+        model.bert.encoder.layer[1].intermediate.dense.weight[0, 0] = 0.0
+    unit_scale(model)
+    assert not [
+        name
+        for name, m in model.named_modules()
+        if isinstance(m, (nn.Linear, nn.Embedding)) and not isinstance(m, (UnitScaledMatmulMixin, UnitScaledEmbedding))
+    ]
 
 
 def test_weights_on_the_meta_device_are_named():
