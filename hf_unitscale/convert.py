@@ -288,6 +288,31 @@ def _check_weights_have_values(model: nn.Module, plan: list[tuple[str, nn.Module
         )
 
 
+def _check_weights_are_dense(model: nn.Module, plan: list[tuple[str, nn.Module, type, tuple[str, ...]]]) -> None:
+    """Refuse quantized weights (an integer or 8-bit float dtype, or a tensor subclass such as torchao's or
+    bitsandbytes'): Ŵ = W/s of stored codes would not keep the model's function, and their quantizer reads them."""
+    for name, module, _, weight_names in plan:
+        for weight_name in weight_names:
+            weight = getattr(module, weight_name)
+            dense = type(weight) in (torch.Tensor, nn.Parameter)
+            if dense and weight.is_floating_point() and weight.element_size() > 1:
+                continue
+            quantizer = getattr(model, "hf_quantizer", None)
+            method = getattr(getattr(quantizer, "quantization_config", None), "quant_method", None)
+            loaded_by = (
+                f" (loaded with transformers' {getattr(method, 'value', method)} quantizer)" if quantizer else ""
+            )
+            stored = weight.dtype if dense else type(weight).__name__
+            raise ValueError(
+                f"Cannot unit-scale {type(model).__name__}{loaded_by}: its weight "
+                f"`{f'{name}.{weight_name}' if name else weight_name}` is quantized ({stored}), and unit scaling needs "
+                "dense floating-point weights W to measure s = rms(W) and store Ŵ = W/s. Load the unquantized model, "
+                "or dequantize it first (`model.dequantize()` where its quantizer supports it); a compressed-tensors "
+                "checkpoint loads dequantized and unit-scaled with `hf_unitscale.from_pretrained(path)`. Nothing was "
+                "converted."
+            )
+
+
 def _conversion_plan(
     model: nn.Module, config: UnitScaleConfig, *, level: int
 ) -> list[tuple[str, nn.Module, type, tuple[str, ...]]]:
@@ -361,9 +386,10 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | dict | None = None) -
     Raises:
         TypeError: `model` is not an `nn.Module` (a name or path: load the model first), or `config` is neither a
             `UnitScaleConfig` nor a dict.
-        ValueError: a weight is not finite or on the meta device (named), nothing in `model` can be converted, it
-            has PEFT adapters, or it is already unit-scaled with other options than `config` (named; without
-            `config`, converting again only warns).
+        ValueError: a weight is not finite, quantized or on the meta device (named; every weight is checked before
+            any layer changes, so the model is left as it was), nothing in `model` can be converted, it has PEFT
+            adapters, or it is already unit-scaled with other options than `config` (named; without `config`,
+            converting again only warns).
     """
     return convert_model(model, config, reloading=False)
 
@@ -480,6 +506,7 @@ def convert_layers(model: nn.Module, config: UnitScaleConfig, *, measure: bool, 
         )
     if measure:
         _check_weights_have_values(model, plan)
+        _check_weights_are_dense(model, plan)
     matmul_names = [name for name, _, unit_class, _ in plan if issubclass(unit_class, UnitScaledMatmulMixin)]
     if config.precision is not None and config.full_precision_modules:
         from .precision import full_precision_names  # precision imports this module

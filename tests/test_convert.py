@@ -240,6 +240,37 @@ def test_non_finite_weight_is_named_and_leaves_the_model_as_it_was():
     ]
 
 
+def _fp8_compressed_tensors_model(tmp_path) -> nn.Module:
+    """A compressed-tensors FP8 checkpoint loaded by plain transformers: its Linear weights stay float8_e4m3fn."""
+    pytest.importorskip("compressed_tensors")
+    unit_scale(CASES_BY_ID["llama-untied"].model()).save_pretrained(tmp_path, checkpoint_format="compressed-tensors")
+    return AutoModelForCausalLM.from_pretrained(tmp_path)
+
+
+def _torchao_int8_model(tmp_path) -> nn.Module:
+    """torchao's int8 weight-only quantization: its Linear weights are a tensor subclass."""
+    quantization = pytest.importorskip("torchao.quantization")
+    model = CASES_BY_ID["llama-untied"].model()
+    quantization.quantize_(model, quantization.Int8WeightOnlyConfig())
+    return model
+
+
+@pytest.mark.parametrize(
+    ("quantized", "kind"),
+    [(_fp8_compressed_tensors_model, r"torch\.float8_e4m3fn"), (_torchao_int8_model, "Int8Tensor")],
+    ids=["compressed-tensors", "torchao"],
+)
+def test_quantized_weights_are_refused_before_any_layer_changes(quantized, kind, tmp_path):
+    model = quantized(tmp_path)
+    embedding = model.model.embed_tokens.weight.clone()
+    with pytest.raises(
+        ValueError, match=rf"`model\.layers\.0\.self_attn\.q_proj\.weight` is quantized \({kind}\).*dequantize"
+    ):
+        unit_scale(model)
+    assert not is_unit_scaled(model)
+    assert torch.equal(model.model.embed_tokens.weight, embedding)
+
+
 def test_weights_on_the_meta_device_are_named():
     """s = rms(W) needs W: on the meta device (`init_empty_weights`) every s would be 1, unit-scaled in name only."""
     plain = CASES_BY_ID["bert"].model()
