@@ -3,7 +3,8 @@
 What it changes, and where:
 
 * `__init__` / `call_model_init`: converts an unconverted model with `unit_scale` and records
-  the lr rule in `model.config.unit_scaling["lr_rule"]`.
+  the lr rule in `model.config.unit_scaling["lr_rule"]`. An argument `__init__` then refuses (checks that need the
+  converted model) merges the caller's model back before the error, so it is left plain.
 * `create_optimizer`: the named per-group learning rates of `lr_rules.build_param_groups`
   (AdamW-family optimizers only: they take per-group lr, eps and decoupled weight_decay), whose options
   `__init__` has checked against the model (`lr_rules.check_lr_options`: a pattern that matches no parameter or
@@ -41,11 +42,13 @@ What it changes, and where:
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import math
 import os
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -68,6 +71,7 @@ from .convert import (
     check_no_peft_adapters,
     is_unit_scaled,
     matmul_layers,
+    merge_unit_scale,
     unit_scale,
     weight_scales,
 )
@@ -158,6 +162,26 @@ def _scheduler_name(args) -> str:
     return getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
 
 
+@contextmanager
+def _merged_back_on_error(model: nn.Module | None) -> Iterator[None]:
+    """If the block raises, merge back (`merge_unit_scale`) a `model` that came unconverted and was converted inside
+    it, its `unit_scaling` config block as it was: a refused UnitScaleTrainer leaves the caller's model plain, W = s·Ŵ
+    (bit for bit where s is a power of two, the default for 16-bit weights; else within fp32 rounding of W)."""
+    if model is None or is_unit_scaled(model):
+        yield
+        return
+    config = getattr(model, "config", None)
+    block = copy.deepcopy(getattr(config, CONFIG_KEY, None))
+    try:
+        yield
+    except BaseException:
+        if is_unit_scaled(model):
+            merge_unit_scale(model)
+            if block is not None:
+                setattr(config, CONFIG_KEY, block)
+        raise
+
+
 class UnitScaleTrainer(Trainer):
     """A `Trainer` that trains a unit-scaled model with per-group learning-rate rules.
 
@@ -198,18 +222,20 @@ class UnitScaleTrainer(Trainer):
                 "it in one place."
             )
         self.role_overrides = options["role_overrides"] if role_overrides is None else role_overrides
-        if model is not None:
-            self._prepare_unit_scaled(model, options)
-        super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        self.unit_scale_options = unit_scale_options(self.args)
-        if self.optimizer is not None:
-            raise ValueError(
-                "UnitScaleTrainer builds its own optimizer groups (per-weight lr = η/s, eps = s·ε under `equivalent`); "
-                "an optimizer passed in `optimizers=(optimizer, scheduler)` would train Ŵ with the wrong learning "
-                "rates. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})` instead, or use plain `Trainer`."
-            )
-        if self.model is not None:  # an lr option that does not fit the model: an error now, not at the first step
-            self._check_lr_options(self.model)
+        with _merged_back_on_error(model):
+            if model is not None:
+                self._prepare_unit_scaled(model, options)
+            super().__init__(model, args, *trainer_args, **trainer_kwargs)
+            self.unit_scale_options = unit_scale_options(self.args)
+            if self.optimizer is not None:
+                raise ValueError(
+                    "UnitScaleTrainer builds its own optimizer groups (per-weight lr = η/s, eps = s·ε under "
+                    "`equivalent`); an optimizer passed in `optimizers=(optimizer, scheduler)` would train Ŵ with the "
+                    "wrong learning rates. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})` instead, or use "
+                    "plain `Trainer`."
+                )
+            if self.model is not None:  # an lr option that does not fit the model: an error now, not at the first step
+                self._check_lr_options(self.model)
         if self.unit_scale_options["fp8"]:
             self._add_recalibration()
         self._clip_cache: tuple[nn.Module, list[nn.Parameter], dict[int, float]] | None = None

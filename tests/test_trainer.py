@@ -400,6 +400,44 @@ def test_reduce_lr_on_plateau_min_lr_bounds_the_schedule_lr_every_group_follows(
         trainer.create_optimizer_and_scheduler(num_training_steps=10)
 
 
+def _unit_scale_args(output_dir, **overrides):
+    return _args(output_dir, cls=UnitScaleTrainingArguments, **overrides)
+
+
+@pytest.mark.parametrize(
+    ("refused", "message"),
+    [
+        (
+            lambda m, out: {"args": _unit_scale_args(out), "optimizers": (torch.optim.AdamW(m.parameters()), None)},
+            "builds its own optimizer groups",
+        ),
+        (
+            lambda m, out: {"args": _unit_scale_args(out, lr_multipliers={"clasifier": 10.0})},
+            "'clasifier' matches no trainable",
+        ),
+        (
+            lambda m, out: {"args": _unit_scale_args(out, fp8=True, fp8_full_precision_modules=["("])},
+            "not a regular expression",
+        ),
+    ],
+    ids=["optimizers", "lr_multipliers", "fp8_full_precision_modules"],
+)
+def test_a_refused_trainer_leaves_the_callers_model_unconverted(tmp_path, refused, message):
+    """The trainer converts the model, then checks what needs a converted model: a refusal merges it back, so the
+    caller's model (for plain `Trainer`, as the error may suggest) is the plain model, W = s·Ŵ."""
+    model = CASES_BY_ID["bert"].model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        UnitScaleTrainer(model=model, **refused(model, tmp_path))
+    assert not is_unit_scaled(model) and not hasattr(model.config, "unit_scaling")
+    assert type(model.classifier) is torch.nn.Linear
+    torch.testing.assert_close(model.state_dict(), before, rtol=1e-6, atol=0)
+    converted = unit_scale(CASES_BY_ID["bert"].model())  # a model that came converted stays so
+    with pytest.raises(ValueError, match=message):
+        UnitScaleTrainer(model=converted, **refused(converted, tmp_path))
+    assert is_unit_scaled(converted)
+
+
 def test_refusals(tmp_path):
     case = CASES_BY_ID["bert"]
     with pytest.raises(ValueError, match="DeepSpeed config defines its own `optimizer`"):
