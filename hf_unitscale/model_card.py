@@ -27,7 +27,7 @@ import torch
 from huggingface_hub import ModelCard, ModelCardData
 from safetensors import safe_open
 from torch import nn
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .checkpoint import UNIT_SCALED_WEIGHTS_NAME
 from .config import CONFIG_KEY, UnitScaleConfig
@@ -46,6 +46,9 @@ __all__ = [
 MODEL_CARD_TAGS = ("unit-scaling", "hf_unitscale")
 BEGIN = "<!-- hf_unitscale:begin -->"
 END = "<!-- hf_unitscale:end -->"
+
+logger = logging.get_logger(__name__)
+
 # up to this many converted layers get one row each; more are grouped by name pattern (".0." → ".N.")
 MAX_LAYER_ROWS = 32
 
@@ -105,11 +108,17 @@ def _merged_weight_files(folder: str | os.PathLike | None) -> list[Path]:
 def _loaded_scales(model: nn.Module, block: dict, folder: str | os.PathLike | None) -> dict[int, float]:
     """{id(Ŵ): s} that `hf_unitscale.from_pretrained` measures from the merged checkpoint in `folder`: `unit_scale`'s
     rule on each stored W, s = rms(W) or its power of two, which after training differs from the s Ŵ was trained
-    with. A weight not found there (no folder) is measured on W = s·Ŵ in memory, what a save would store."""
+    with. A weight not found there (no folder) is measured on W = s·Ŵ in memory, what a save would store. A W with
+    nan/inf values (a diverged run, saved as plain Trainer would save it) has s = nan, with a warning naming it."""
     config = UnitScaleConfig(power_of_two_scales=block.get("power_of_two_scales"))
+    non_finite: list[str] = []
 
     def measure(name: str, weight: torch.Tensor) -> float:
-        return float(measure_weight_scale(weight, name, uses_power_of_two_scales(weight, config)))
+        try:
+            return float(measure_weight_scale(weight, name, uses_power_of_two_scales(weight, config)))
+        except ValueError:  # W has nan/inf values: its only error
+            non_finite.append(name)
+            return math.nan
 
     params = dict(model.named_parameters(remove_duplicate=False))
     converted = weight_scales(model)
@@ -120,25 +129,37 @@ def _loaded_scales(model: nn.Module, block: dict, folder: str | os.PathLike | No
                 param = params.get(name)
                 if param is not None and id(param) in converted and id(param) not in scales:
                     scales[id(param)] = measure(name, weights.get_tensor(name))
-    for module in unit_scaled_modules(model).values():
+    for name, module in unit_scaled_modules(model).items():
         for weight_name in module.unit_scaled_weights:
             weight = getattr(module, weight_name)
             if id(weight) not in scales:
                 merged = apply_scale(weight.detach(), module.scale_of(weight_name).to(weight.device))
-                scales[id(weight)] = measure(weight_name, merged)
+                scales[id(weight)] = measure(f"{name}.{weight_name}" if name else weight_name, merged)
+    if non_finite:
+        logger.warning(
+            f"{len(non_finite)} saved weight(s) have nan/inf values (e.g. `{non_finite[0]}`): the model card lists "
+            "their s as non-finite, and `hf_unitscale.from_pretrained` will refuse to convert them. Save from a good "
+            "checkpoint to get a loadable one."
+        )
     return scales
 
 
 def _fmt(x: float | None) -> str:
-    return "–" if x is None else f"{x:.4g}"
+    if x is None:
+        return "–"
+    return f"{x:.4g}" if math.isfinite(x) else "non-finite"
 
 
 def _range(values: list[float | None]) -> str:
+    """min … max (median) of the finite values, and how many are not finite."""
     values = [v for v in values if v is not None]
-    if not values:
-        return "–"
-    lo, hi = min(values), max(values)
-    return _fmt(lo) if lo == hi else f"{_fmt(lo)} … {_fmt(hi)} (median {_fmt(statistics.median(values))})"
+    finite = [v for v in values if math.isfinite(v)]
+    non_finite = f"{len(values) - len(finite)} non-finite" if len(finite) < len(values) else ""
+    if not finite:
+        return non_finite or "–"
+    lo, hi = min(finite), max(finite)
+    text = _fmt(lo) if lo == hi else f"{_fmt(lo)} … {_fmt(hi)} (median {_fmt(statistics.median(finite))})"
+    return f"{text}; {non_finite}" if non_finite else text
 
 
 def _scale_table(model: nn.Module, scales: dict[int, float]) -> str:

@@ -613,6 +613,28 @@ def test_merged_card_lists_the_scales_a_loader_measures(dtype, tmp_path):
     assert "measures from the merged W stored here" in card
 
 
+def test_merged_save_of_non_finite_weights_completes_and_the_card_says_so(tmp_path, caplog, monkeypatch):
+    """A diverged run saves, as plain Trainer's would: the card lists the nan/inf weight's s as non-finite, with a
+    warning (a loader would refuse to convert it), grouped or not."""
+    model = _converted(CASES_BY_ID["bert"])
+    with torch.no_grad():
+        model.bert.encoder.layer[0].attention.self.query.weight[0, 0] = float("nan")
+    logging.getLogger("hf_unitscale").propagate = True
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        model.save_pretrained(tmp_path)
+    assert "have nan/inf values (e.g. `bert.encoder.layer.0.attention.self.query.weight`)" in caplog.text
+    card = (tmp_path / "README.md").read_text()
+    assert "| `bert.encoder.layer.0.attention.self.query` | Linear | non-finite |" in card
+    assert (tmp_path / "model.safetensors").is_file()
+    import hf_unitscale.model_card as model_card
+
+    monkeypatch.setattr(model_card, "MAX_LAYER_ROWS", 4)
+    grouped = model_card.model_card_section(model, checkpoint_format="merged")
+    assert re.search(
+        r"^\| `bert\.encoder\.layer\.N\.attention\.self\.query` \| Linear \| 2 \| [^|]+; 1 non-finite \|", grouped, re.M
+    )
+
+
 def test_model_card_says_when_scales_are_powers_of_two(tmp_path):
     model = hf_unitscale.unit_scale(CASES_BY_ID["bert"].model().to(torch.bfloat16))
     model.save_pretrained(tmp_path)
