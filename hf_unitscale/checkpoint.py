@@ -38,7 +38,7 @@ from transformers.utils.hub import get_checkpoint_shard_files
 
 from .config import CONFIG_KEY
 from .convert import matmul_layers, unit_scaled_modules
-from .formats import cast_to_format, get_format
+from .formats import all_finite, cast_to_format, get_format
 from .gains import gain_parameters
 from .modules import SCALE_SUFFIX, UnitScaledMatmulMixin, UnitScaledModuleMixin
 from .ops import apply_scale
@@ -389,8 +389,7 @@ def load_unit_scaled_state_dict(
                 f"{source}: `{name}` is stored as {stored}, but the `{CONFIG_KEY}` block of config.json says "
                 f"{option}={wanted!r}: the config disagrees with the weights."
             )
-        # float8 has no isfinite kernel on every device: upcast (one tensor at a time)
-        if tensor.is_floating_point() and not torch.isfinite(tensor.float() if tensor.itemsize == 1 else tensor).all():
+        if tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(f"{source}: `{name}` has non-finite values (nan/inf); the file is corrupt.")
     model.load_state_dict(
         {k: v.to(expected[k].dtype) if v.dtype != expected[k].dtype else v for k, v in state_dict.items()}, strict=False

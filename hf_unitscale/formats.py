@@ -30,6 +30,7 @@ __all__ = [
     "FP8_FORMAT_PAIRS",
     "CastCounter",
     "LowPrecisionFormat",
+    "all_finite",
     "cast_to_format",
     "get_format",
     "round_trip",
@@ -124,3 +125,29 @@ def cast_to_format(x: torch.Tensor, fmt: LowPrecisionFormat, counter: CastCounte
 def round_trip(x: torch.Tensor, fmt: LowPrecisionFormat, counter: CastCounter | None = None) -> torch.Tensor:
     """x cast to `fmt` and back to x's dtype: the rounding error of storing x in `fmt`."""
     return cast_to_format(x, fmt, counter).to(x.dtype)
+
+
+# {float dtype: (integer dtype of its width, the smallest sign-cleared bit pattern that is inf or nan)}: an IEEE float's
+# bits, read as an integer with the sign bit cleared, grow with |x|, and inf (all-ones exponent, zero mantissa) and the
+# nans sit above every finite value; float8_e4m3fn has no inf, its only nan is S.1111.111
+_NON_FINITE_FROM = {
+    torch.float64: (torch.int64, 0x7FF0000000000000),
+    torch.float32: (torch.int32, 0x7F800000),
+    torch.bfloat16: (torch.int16, 0x7F80),
+    torch.float16: (torch.int16, 0x7C00),
+    torch.float8_e5m2: (torch.uint8, 0x7C),
+    torch.float8_e4m3fn: (torch.uint8, 0x7F),
+}
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every value of a float tensor is finite, as `torch.isfinite(t).all()`: for the IEEE dtypes (and
+    e4m3fn), max over the bits with the sign cleared < the first non-finite pattern. One integer reduction, no bool
+    tensor and no fp32 copy of an FP8 tensor (on SmolLM2's 106M E4M3 values: 0.01 s against 5 s warm)."""
+    if t.numel() == 0:
+        return True
+    if t.dtype not in _NON_FINITE_FROM:  # the fnuz float8 variants (nan is -0's pattern), …: isfinite, upcast
+        return bool(torch.isfinite(t.float() if t.itemsize == 1 else t).all())  # (float8 lacks it on some devices)
+    bits, non_finite_from = _NON_FINITE_FROM[t.dtype]
+    magnitude = t.view(bits).bitwise_and((1 << (8 * t.itemsize - 1)) - 1)  # the sign bit cleared
+    return int(magnitude.max()) < non_finite_from

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from hf_unitscale.formats import FORMATS, CastCounter, cast_to_format, get_format, round_trip
+from hf_unitscale.formats import FORMATS, CastCounter, all_finite, cast_to_format, get_format, round_trip
 
 
 @pytest.mark.parametrize("name", ["e4m3", "e5m2"])
@@ -85,3 +85,29 @@ def test_fp8_relative_rounding_error_at_unit_scale():
 def test_unknown_format_names_the_choices():
     with pytest.raises(ValueError, match="e4m3"):
         get_format("e3m4")
+
+
+@pytest.mark.parametrize(
+    "dtype",
+    [
+        torch.float64,
+        torch.float32,
+        torch.bfloat16,
+        torch.float16,
+        torch.float8_e5m2,
+        torch.float8_e4m3fn,
+        torch.float8_e4m3fnuz,
+    ],
+)
+def test_all_finite_agrees_with_isfinite(dtype):
+    """Read from the bits: the largest finite values of both signs are finite, every nan is not, and an inf (where
+    the cast keeps it: e4m3fn's saturates) is not."""
+    largest, tiny = torch.finfo(dtype).max, torch.finfo(dtype).tiny
+    values = torch.tensor([0.0, -0.0, 1.0, largest, -largest, tiny], dtype=torch.float64)
+    assert all_finite(values.to(dtype)) and all_finite(values[:0].to(dtype))
+    for bad in (float("nan"), -float("nan"), float("inf"), -float("inf")):
+        spoiled = values.clone()
+        spoiled[3] = bad
+        spoiled = spoiled.to(dtype)
+        assert all_finite(spoiled) == bool(torch.isfinite(spoiled.double()).all()), (dtype, bad)
+        assert all_finite(spoiled) == (dtype == torch.float8_e4m3fn and abs(bad) == float("inf")), (dtype, bad)
