@@ -42,6 +42,7 @@ from .formats import all_finite, cast_to_format, get_format
 from .gains import gain_parameters
 from .modules import SCALE_SUFFIX, UnitScaledMatmulMixin, UnitScaledModuleMixin
 from .ops import apply_scale
+from .progress import progress
 
 __all__ = [
     "CHECKPOINT_FORMATS",
@@ -370,7 +371,11 @@ def load_unit_scaled_state_dict(
             f"{source} does not match the model built from its config: missing {missing[:5]}, unexpected "
             f"{unexpected[:5]}. {_disagreement(converted_by, 'the saved weights')}"
         )
-    for name, tensor in state_dict.items():
+    loaded = {}
+    values = sum(tensor.numel() for tensor in state_dict.values())
+    for name, tensor in progress(
+        state_dict.items(), total=len(state_dict), values=values, desc="Loading unit-scaled weights", unit="tensor"
+    ):
         target = expected[name]
         if tensor.shape != target.shape:
             raise ValueError(
@@ -391,9 +396,8 @@ def load_unit_scaled_state_dict(
             )
         if tensor.is_floating_point() and not all_finite(tensor):
             raise ValueError(f"{source}: `{name}` has non-finite values (nan/inf); the file is corrupt.")
-    model.load_state_dict(
-        {k: v.to(expected[k].dtype) if v.dtype != expected[k].dtype else v for k, v in state_dict.items()}, strict=False
-    )
+        loaded[name] = tensor.to(target.dtype)
+    model.load_state_dict(loaded, strict=False)
     for alias, source_name in aliases.items():
         if alias in converted.values() and not torch.equal(expected[alias], expected[source_name]):
             raise ValueError(f"{source}: tied scales `{alias}` and `{source_name}` differ.")

@@ -42,6 +42,7 @@ from .modules import (
     generic_unit_scaled_class,
 )
 from .ops import apply_scale
+from .progress import progress
 from .resize import resize_token_embeddings
 
 __all__ = [
@@ -468,14 +469,22 @@ def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: st
         )
 
 
+def _weight_values(plan: list[tuple[str, nn.Module, type, tuple[str, ...]]]) -> int:
+    """How many weight values `plan` converts (a tied weight once)."""
+    weights = {id(w): w for _, module, _, names in plan for w in (getattr(module, n) for n in names)}
+    return sum(weight.numel() for weight in weights.values())
+
+
 def _measured_scales(
-    plan: list[tuple[str, nn.Module, type, tuple[str, ...]]], config: UnitScaleConfig
+    plan: list[tuple[str, nn.Module, type, tuple[str, ...]]], config: UnitScaleConfig, values: int
 ) -> dict[int, torch.Tensor]:
     """{id(W): s} for every weight of `plan` (a tied one once), measured without changing any: an error (a
-    non-finite W) leaves the model as it was."""
+    non-finite W) leaves the model as it was. A progress bar for ≥ `progress.MIN_VALUES` weight `values`."""
     scales: dict[int, torch.Tensor] = {}
     rounded_by_dtype = 0  # weights whose 16-bit dtype made `power_of_two_scales=None` round s
-    for name, module, _, weight_names in plan:
+    for name, module, _, weight_names in progress(
+        plan, total=len(plan), values=values, desc="Measuring weight scales", unit="module"
+    ):
         for weight_name in weight_names:
             param = getattr(module, weight_name)
             if id(param) in scales:
@@ -514,9 +523,11 @@ def convert_layers(model: nn.Module, config: UnitScaleConfig, *, measure: bool, 
         # check before any layer is swapped, so a bad pattern leaves the model as it was
         full_precision_names(config.full_precision_modules, matmul_names, type(model).__name__)
     # every s before any Ŵ = W/s: a weight that cannot be unit-scaled raises with the model as it was
-    scale_of_param = _measured_scales(plan, config) if measure else {}
+    values = _weight_values(plan) if measure else 0  # swapping alone (a checkpoint's Ŵ, s follow) is quick
+    scale_of_param = _measured_scales(plan, config, values) if measure else {}
     divided: set[int] = set()
-    for _, module, unit_class, weight_names in plan:
+    desc = f"Unit-scaling {type(model).__name__}"
+    for _, module, unit_class, weight_names in progress(plan, total=len(plan), values=values, desc=desc, unit="module"):
         for weight_name in weight_names:
             param = getattr(module, weight_name)
             if measure and id(param) not in divided:  # a tied weight is divided once
