@@ -276,6 +276,22 @@ def _check_ties_stay_inside(model: nn.Module, plan: list[tuple[str, nn.Module, t
                 )
 
 
+def _check_scale_names_free(plan: list[tuple[str, nn.Module, type, tuple[str, ...]]]) -> None:
+    """Refuse a module that already has an attribute named as a buffer the conversion adds (`<weight>_scale`, and
+    `input_scale`, `grad_scale` of a matmul layer; a quantization library's, say): registering it would fail halfway
+    through the model or overwrite that attribute."""
+    for name, module, unit_class, weight_names in plan:
+        added = [weight + SCALE_SUFFIX for weight in weight_names]
+        added += ["input_scale", "grad_scale"] if issubclass(unit_class, UnitScaledMatmulMixin) else []
+        taken = [attribute for attribute in added if hasattr(module, attribute)]
+        if taken:
+            raise ValueError(
+                f"Cannot unit-scale `{name}` ({type(module).__name__}): it already has `{taken[0]}`, a name the "
+                f"conversion gives its scale buffer. Remove that attribute, or leave the module unconverted "
+                f"(`exclude_modules=[r'{re.escape(name)}']`). Nothing was converted."
+            )
+
+
 def _check_weights_have_values(model: nn.Module, plan: list[tuple[str, nn.Module, type, tuple[str, ...]]]) -> None:
     """Refuse weights on the meta device (a model built under `init_empty_weights`): s = rms(W) needs W's values,
     and s = 1 with Ŵ = W, filled in later, would leave the model unit-scaled in name only."""
@@ -516,6 +532,7 @@ def convert_layers(model: nn.Module, config: UnitScaleConfig, *, measure: bool, 
     if measure:
         _check_weights_have_values(model, plan)
         _check_weights_are_dense(model, plan)
+    _check_scale_names_free(plan)  # after: a quantized layer's own `weight_scale` is named as quantization
     matmul_names = [name for name, _, unit_class, _ in plan if issubclass(unit_class, UnitScaledMatmulMixin)]
     if config.precision is not None and config.full_precision_modules:
         from .precision import full_precision_names  # precision imports this module

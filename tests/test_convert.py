@@ -240,6 +240,17 @@ def test_non_finite_weight_is_named_and_leaves_the_model_as_it_was():
     ]
 
 
+@pytest.mark.parametrize("taken", ["weight_scale", "input_scale"])
+def test_a_module_that_has_a_scale_buffers_name_is_refused_before_any_layer_changes(taken):
+    model = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 4))
+    model[1].register_buffer(taken, torch.full((), 3.0))  # a quantization library's, say
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=rf"`1` \(Linear\): it already has `{taken}`.*exclude_modules=\[r'1'\]"):
+        unit_scale(model)
+    assert not is_unit_scaled(model)
+    torch.testing.assert_close(model.state_dict(), before, rtol=0, atol=0)
+
+
 def _fp8_compressed_tensors_model(tmp_path) -> nn.Module:
     """A compressed-tensors FP8 checkpoint loaded by plain transformers: its Linear weights stay float8_e4m3fn."""
     pytest.importorskip("compressed_tensors")
