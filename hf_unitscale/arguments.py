@@ -84,9 +84,9 @@ class UnitScaleTrainingArguments(TrainingArguments):
     fp8_format: str = field(
         default="HYBRID",
         metadata={
-            "help": "With `fp8`, the operand formats, named as accelerate's `fp8_format` (any case): 'HYBRID' (E4M3 forward, "
-            "E5M2 output gradients) or 'E4M3' (E4M3 for both; pair it with `calibration_headroom`, as E4M3's max "
-            "is 448)."
+            "help": "With `fp8`, the operand formats, named as accelerate's `fp8_format` (any case): 'HYBRID' (E4M3 "
+            "forward, E5M2 output gradients) or 'E4M3' (E4M3 for both; pair it with `calibration_headroom`, as "
+            "E4M3's max is 448)."
         },
     )
     fp8_full_precision_modules: list[str] | None = field(
@@ -100,9 +100,9 @@ class UnitScaleTrainingArguments(TrainingArguments):
     fp8_backend: str | None = field(
         default=None,
         metadata={
-            "help": "With `fp8`, the GEMM backend (any case): 'simulate' (cast to FP8 and back, fp32 matmul; every device) or "
-            "'scaled_mm' (`torch._scaled_mm`: FP8 tensor cores on GPUs of compute capability 8.9+; CPU in recent "
-            "torch). None: the model's own (`unit_scaling.backend`, default 'simulate')."
+            "help": "With `fp8`, the GEMM backend (any case): 'simulate' (cast to FP8 and back, fp32 matmul; every "
+            "device) or 'scaled_mm' (`torch._scaled_mm`: FP8 tensor cores on GPUs of compute capability 8.9+; CPU in "
+            "recent torch). None: the model's own (`unit_scaling.backend`, default 'simulate')."
         },
     )
     fp8_eval: bool = field(

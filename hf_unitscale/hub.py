@@ -553,8 +553,8 @@ def from_pretrained(
                 model = cls.from_pretrained(pretrained_model_name_or_path, config=config, **kwargs)
         except SafetensorError as err:  # safetensors' message does not name the file
             raise ValueError(
-                f"Could not read the weights (model.safetensors) of {pretrained_model_name_or_path}: {err}. The file is "
-                "corrupt or truncated; re-download or re-save it."
+                f"Could not read the weights (model.safetensors) of {pretrained_model_name_or_path}: {err}. The file "
+                "is corrupt or truncated; re-download or re-save it."
             ) from err
         if checkpoint_format == "compressed-tensors":
             _drop_quantization(model)

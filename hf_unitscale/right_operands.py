@@ -1,10 +1,11 @@
 """Find the weights a module's code multiplies from the right: `x @ self.w`, `torch.matmul(x, self.w)`.
 
-(`x.matmul(self.w)` and `mm` too.) Such a weight is stored (in, out), as transformers' Conv1D stores its own: SwiftFormer's `w_g` (c, 1) in
-`query @ self.w_g`, Gemma 3's `mm_input_projection_weight` (vision width, text width). Each output sums `in`
-products, so its fan-in is its first dimension, not the trailing one of an nn.Linear's (out, in) weight. `self.w` is
-read as it is or only cast, reshaped or indexed (`class_source.own_attribute`), and `x` is no such read of the
-module's own attribute; `x @ self.w.T` multiplies by a weight stored (out, in), and is not counted.
+(`x.matmul(self.w)` and `mm` too.) Such a weight is stored (in, out), as transformers' Conv1D stores its own:
+SwiftFormer's `w_g` (c, 1) in `query @ self.w_g`, Gemma 3's `mm_input_projection_weight` (vision width, text width).
+Each output sums `in` products, so its fan-in is its first dimension, not the trailing one of an nn.Linear's (out,
+in) weight. `self.w` is read as it is or only cast, reshaped or indexed (`class_source.own_attribute`), and `x` is
+no such read of the module's own attribute; `x @ self.w.T` multiplies by a weight stored (out, in), and is not
+counted.
 """
 
 from __future__ import annotations
