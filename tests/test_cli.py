@@ -19,7 +19,7 @@ import torch
 from huggingface_hub import ModelCard
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 from test_analysis import plotted_series
-from test_recipe import RECIPES_DIR, save_tiny_model, stand_in_overrides, tiny_tokenizer
+from test_recipe import RECIPES_DIR, assert_trained, save_tiny_model, stand_in_overrides, tiny_tokenizer
 from transformers import AutoConfig, AutoModel
 
 import hf_unitscale
@@ -540,6 +540,7 @@ def test_train_five_step_recipe(tmp_path, capsys):
     # the final model is a plain (merged) checkpoint any transformers install loads
     assert json.loads((tmp_path / "out" / "config.json").read_text())["unit_scaling"]["checkpoint_format"] == "merged"
     assert is_unit_scaled(hf_unitscale.from_pretrained(tmp_path / "out"))
+    assert_trained(tmp_path / "model", tmp_path / "out", "text-classification")
 
 
 def test_train_starts_from_a_unit_scaled_checkpoint(tmp_path, capsys):
@@ -552,6 +553,7 @@ def test_train_starts_from_a_unit_scaled_checkpoint(tmp_path, capsys):
     recipe.write_text((RECIPES_DIR / "text_classification.yaml").read_text())
     assert main(["train", str(recipe), *overrides, "--scale_plot", "null"]) == 0, capsys.readouterr().err
     assert json.loads((tmp_path / "out" / "recipe_results.json").read_text())["train"]["train_loss"] > 0
+    assert_trained(Path(source), tmp_path / "out", "text-classification")
 
 
 # --------------------------------------------------------------------------- user errors and command-line values

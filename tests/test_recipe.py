@@ -99,6 +99,29 @@ def stand_in_overrides(tmp_path: Path, task: str, max_steps: int = 2) -> list[st
     ]  # fmt: skip
 
 
+def assert_trained(source: Path, output_dir: Path, task: str) -> None:
+    """Every weight matrix of the model `train` saved in `output_dir` moved away from the one in `source`.
+
+    The tests' runs of 2 to 5 steps move each by about the warmup's learning rate (1.2e-5 or more on the tiny
+    stand-ins); merging W = s·Ŵ back changes W by fp32 rounding only, and a run that trains nothing (learning rate 0)
+    moves none. A merged checkpoint is loaded with plain transformers; a unit-scaled one through
+    `hf_unitscale.from_pretrained`, then merged.
+    """
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    import hf_unitscale
+
+    auto = AutoModelForSequenceClassification if task == "text-classification" else AutoModelForCausalLM
+    if (output_dir / "model.safetensors").exists():
+        trained = auto.from_pretrained(output_dir)
+    else:
+        trained = hf_unitscale.merge_unit_scale(hf_unitscale.from_pretrained(output_dir))
+    before, after = auto.from_pretrained(source).state_dict(), trained.state_dict()
+    assert before.keys() == after.keys(), before.keys() ^ after.keys()
+    unmoved = [name for name, w in before.items() if w.dim() == 2 and not (after[name] - w).abs().max() > 1e-6]
+    assert not unmoved, f"not trained: {unmoved}"
+
+
 # --------------------------------------------------------------------------- every shipped recipe
 
 
@@ -139,6 +162,7 @@ def test_recipe_trains_on_tiny_stand_in(recipe, tmp_path, capsys):
     assert "before training" in out and "after training" in out
     results = json.loads((tmp_path / "out" / "recipe_results.json").read_text())
     assert results["train"]["train_loss"] > 0
+    assert_trained(tmp_path / "model", tmp_path / "out", task)
     assert results["before"] is not None and results["after"]
     if task == "text-classification":
         assert 0.0 <= results["after"]["eval_accuracy"] <= 1.0 and "eval_f1" in results["after"]
