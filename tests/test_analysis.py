@@ -124,13 +124,14 @@ def test_already_converted_model_is_left_alone():
 def test_a_calibrated_model_is_reported_with_its_own_scales():
     """A model trained in FP8 (or loaded from a checkpoint) has its a, c: the report shows x/a and g/c as those
     scales make them, not as a fresh default calibration would."""
-    from hf_unitscale.checkpoint import set_operand_scales
+    from test_checkpoint import distinct_operand_scales
+
     from hf_unitscale.convert import matmul_layers
 
     case = CASES_BY_ID["bert"]
     model = unit_scale(case.model())
-    layers = matmul_layers(model)  # scales no default calibration gives, as a checkpoint would restore them
-    set_operand_scales(model, {name: [0.5 + i / 7, 1e-5 * (i + 1)] for i, name in enumerate(layers)})
+    distinct_operand_scales(model)  # scales no default calibration gives, as a checkpoint would restore them
+    layers = matmul_layers(model)
     report = scale_report(model, _batches(case, n=1))
     rows = {row.name: row for row in report.layers if row.name in layers}
     assert set(rows) == set(layers)

@@ -16,7 +16,8 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import hf_unitscale
-from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales, set_operand_scales
+from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales
+from hf_unitscale.convert import matmul_layers
 from hf_unitscale.formats import get_format
 from hf_unitscale.modules import UnitScaledMatmulMixin
 from hf_unitscale.precision import set_precision
@@ -36,12 +37,24 @@ FORMATS = [  # (checkpoint_format, weight_dtype, embedding_dtype)
 ]
 
 
+@torch.no_grad()
+def distinct_operand_scales(model) -> dict[str, list[float]]:
+    """Give each converted matmul layer of `model` its own a = 0.5 + i/7 and c = 1e-5·(i + 1), written into its
+    buffers directly: loading sets a, c through `set_operand_scales`, so a model calibrated through it would share
+    its bugs with the reloaded one. Returns {layer: [a, c]} as computed (before the buffers' fp32 rounding)."""
+    scales = {}
+    for i, (name, layer) in enumerate(matmul_layers(model).items()):
+        scales[name] = [0.5 + i / 7, 1e-5 * (i + 1)]
+        layer.input_scale.fill_(scales[name][0])
+        layer.grad_scale.fill_(scales[name][1])
+    return scales
+
+
 def _converted(case, calibrated: bool = True):
     """A converted tiny model; with `calibrated`, distinct a, c per matmul layer (identity casts: same function)."""
     model = hf_unitscale.unit_scale(case.model())
     if calibrated:
-        layers = [n for n, m in hf_unitscale.unit_scaled_modules(model).items() if isinstance(m, UnitScaledMatmulMixin)]
-        set_operand_scales(model, {name: [0.5 + i / 7, 1e-5 * (i + 1)] for i, name in enumerate(layers)})
+        distinct_operand_scales(model)
     return model
 
 
@@ -82,7 +95,8 @@ def _stored(w: torch.Tensor, dtype: str) -> torch.Tensor:
 @pytest.mark.parametrize(("checkpoint_format", "weight_dtype", "embedding_dtype"), FORMATS, ids=lambda v: str(v))
 @pytest.mark.parametrize("case", TINY_CASES, ids=lambda c: c.id)
 def test_round_trip(case, checkpoint_format, weight_dtype, embedding_dtype, tmp_path):
-    model = _converted(case)
+    model = _converted(case, calibrated=False)
+    scales = distinct_operand_scales(model)
     batch = case.batch()
     options = {"embedding_dtype": embedding_dtype} if embedding_dtype else {}
     model.save_pretrained(tmp_path, checkpoint_format=checkpoint_format, weight_dtype=weight_dtype, **options)
@@ -90,6 +104,8 @@ def test_round_trip(case, checkpoint_format, weight_dtype, embedding_dtype, tmp_
 
     assert hf_unitscale.is_unit_scaled(loaded)
     assert operand_scales(loaded) == operand_scales(model) != {}
+    for name, (a, c) in scales.items():  # a, c as set, to fp32 rounding
+        assert operand_scales(loaded)[name] == pytest.approx([a, c], rel=1e-7), name
     assert (tmp_path / "README.md").exists()
     if checkpoint_format == "unit-scaled" and weight_dtype == "float32" and embedding_dtype is None:
         # exact: Ŵ, s, a, c bit for bit

@@ -9,11 +9,11 @@ import pytest
 import torch
 import transformers
 from huggingface_hub import HfApi, ModelCard, hf_hub_download
+from test_checkpoint import distinct_operand_scales
 
 import hf_unitscale
 import hf_unitscale.trainer
-from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales, set_operand_scales
-from hf_unitscale.modules import UnitScaledMatmulMixin
+from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales
 
 import hub_server
 from tiny_models import CASES_BY_ID
@@ -27,8 +27,7 @@ def local_hub(monkeypatch, tmp_path):
 def _converted(case_id: str):
     case = CASES_BY_ID[case_id]
     model = hf_unitscale.unit_scale(case.model())
-    layers = [n for n, m in hf_unitscale.unit_scaled_modules(model).items() if isinstance(m, UnitScaledMatmulMixin)]
-    set_operand_scales(model, {name: [1 + i / 10, 1e-5 * (i + 1)] for i, name in enumerate(layers)})
+    distinct_operand_scales(model)
     model.config.unit_scaling["lr_rule"] = "equivalent"
     model.config.unit_scaling["calibration"] = {"batches": 2}
     return model, case.batch()
