@@ -54,7 +54,7 @@ import tempfile
 import threading
 import traceback
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from urllib.parse import parse_qs, quote, unquote, urlsplit
@@ -121,7 +121,7 @@ class _Repo:
     refs: dict[str, str]  # "main", other branches, "refs/pr/N" -> commit oid
     commits: dict[str, _Commit]
     counter: int = 0
-    nb_prs: int = 0
+    pull_requests: dict[int, tuple[str, str]] = field(default_factory=dict)  # number -> (title, creation date)
 
 
 class HubError(Exception):
@@ -337,6 +337,13 @@ class LocalHub:
             if len(matches) == 1:
                 return matches[0]
         raise HubError(404, f"Invalid rev id: {rev}", "RevisionNotFound")
+
+    def _open_pull_request(self, repo: _Repo, title: str, base: str) -> int:
+        """Number of a new pull request whose ref ``refs/pr/N`` starts at commit ``base``."""
+        number = len(repo.pull_requests) + 1
+        repo.pull_requests[number] = (title, _now())
+        repo.refs[f"refs/pr/{number}"] = base
+        return number
 
     def _history(self, repo: _Repo, oid: str) -> list[_Commit]:
         out = []
@@ -586,6 +593,10 @@ class _Handler(BaseHTTPRequestHandler):
                 self._refs(repo_type, repo_id)
             elif action == "commits" and arg is not None and method == "GET":
                 self._list_commits(repo_type, repo_id, arg)
+            elif action == "discussions" and arg is None and method == "POST":
+                self._create_pull_request(repo_type, repo_id)
+            elif action == "discussions" and arg is not None and arg.isdigit() and method == "GET":
+                self._pull_request(repo_type, repo_id, int(arg))
             else:
                 return False
         else:
@@ -830,6 +841,41 @@ class _Handler(BaseHTTPRequestHandler):
             repo.refs[branch] = hub._resolve(repo, payload.get("startingPoint") or "main")
         self._json(200, {})
 
+    # -------------------------------------------------------------- pull requests (no other discussions)
+
+    def _create_pull_request(self, repo_type: str, repo_id: str) -> None:
+        """``HfApi.create_pull_request``, which ``upload_folder(create_pr=True)`` calls before committing to its ref."""
+        hub = self.server.hub
+        payload = json.loads(self.body or b"{}")
+        if not payload.get("pullRequest"):
+            raise HubError(400, "LocalHub opens pull requests, not discussions", "BadRequest")
+        with hub._lock:
+            repo = self._get_repo(repo_type, repo_id, write=True)
+            number = hub._open_pull_request(repo, payload.get("title") or "", hub._resolve(repo, "main"))
+            url = hub.repo_url(repo)
+        self._json(200, {"num": number, "url": f"{url}/discussions/{number}"})
+
+    def _pull_request(self, repo_type: str, repo_id: str, number: int) -> None:
+        hub = self.server.hub
+        with hub._lock:
+            repo = self._get_repo(repo_type, repo_id)
+            if number not in repo.pull_requests:
+                raise HubError(404, f"Discussion {number} does not exist on {repo_id}", "EntryNotFound")
+            title, created_at = repo.pull_requests[number]
+        details = {
+            "num": number,
+            "title": title,
+            "status": "draft",
+            "isPullRequest": True,
+            "createdAt": created_at,
+            "author": {"name": hub.user},
+            "repo": {"name": repo_id, "type": repo_type},
+            "events": [],
+            "changes": {"base": "refs/heads/main"},
+            "filesWithConflicts": [],
+        }
+        self._json(200, details)
+
     # -------------------------------------------------------------- uploads
 
     def _preupload(self, repo_type: str, repo_id: str, revision: str) -> None:
@@ -891,11 +937,8 @@ class _Handler(BaseHTTPRequestHandler):
             repo = self._get_repo(repo_type, repo_id, write=True)
             pr_num = None
             if create_pr:
-                base = hub._resolve(repo, revision)
-                repo.nb_prs += 1
-                pr_num = repo.nb_prs
+                pr_num = hub._open_pull_request(repo, header.get("summary") or "", hub._resolve(repo, revision))
                 ref = f"refs/pr/{pr_num}"
-                repo.refs[ref] = base
             else:
                 ref = revision[len("refs/heads/") :] if revision.startswith("refs/heads/") else revision
                 if ref not in repo.refs:

@@ -80,6 +80,33 @@ def test_push_list_load_by_repo_id(local_hub, checkpoint_format, weight_dtype, w
     assert local_hub.unhandled == []
 
 
+def test_push_to_a_branch_or_a_pull_request_leaves_main_as_it_was(local_hub):
+    """`revision` and `create_pr` reach the commit: the unit-scaled files, their card and the deletion of the merged
+    weights land on the branch (or the pull request) under the commit message given, and main keeps its merged
+    model."""
+    model, batch = _converted("llama-tied")
+    model.push_to_hub("user/branches")
+    main = local_hub.head("user/branches")
+    model.push_to_hub("user/branches", checkpoint_format="unit-scaled", revision="exact", commit_message="Ŵ, s, a, c")
+    assert local_hub.head("user/branches") == main
+    assert "model.safetensors" in local_hub.repo_files("user/branches")
+    branch = local_hub.repo_files("user/branches", revision="exact")
+    assert UNIT_SCALED_WEIGHTS_NAME in branch and "model.safetensors" not in branch, branch
+    assert [c.title for c in HfApi().list_repo_commits("user/branches", revision="exact")][0] == "Ŵ, s, a, c"
+    assert "`unit-scaled` —" in local_hub.read_file("user/branches", "README.md", revision="exact").decode()
+    assert "`merged` —" in local_hub.read_file("user/branches", "README.md").decode()
+    loaded = hf_unitscale.from_pretrained("user/branches", revision="exact")
+    torch.testing.assert_close(_logits(loaded, batch), _logits(model, batch), rtol=0, atol=0)
+
+    pr = model.push_to_hub("user/branches", checkpoint_format="unit-scaled", weight_dtype="bfloat16", create_pr=True)
+    assert pr.pr_revision == "refs/pr/1" and local_hub.head("user/branches") == main
+    proposed = local_hub.repo_files("user/branches", revision="refs/pr/1")
+    assert UNIT_SCALED_WEIGHTS_NAME in proposed and "model.safetensors" not in proposed, proposed
+    assert "bfloat16" in local_hub.read_file("user/branches", "README.md", revision="refs/pr/1").decode()
+    assert local_hub.commits("user/branches", revision="refs/pr/1")[1] == main  # proposed on top of main
+    assert local_hub.unhandled == []
+
+
 def test_sharded_unit_scaled_push_loads_by_repo_id(local_hub):
     model, batch = _converted("llama-tied")
     model.push_to_hub("user/sharded", checkpoint_format="unit-scaled", max_shard_size="20KB")

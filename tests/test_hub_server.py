@@ -129,6 +129,20 @@ def test_module_level_functions_snapshot_download_and_paging(local_hub):
     assert local_hub.unhandled == []
 
 
+def test_upload_folder_as_a_pull_request(local_hub, tmp_path):
+    """`upload_folder(create_pr=True)` opens the pull request first (`create_pull_request`), then commits to its ref."""
+    api = HfApi()
+    api.create_repo("user/proposed")
+    folder = tmp_path / "folder"  # not tmp_path itself, which holds the server's storage
+    folder.mkdir()
+    (folder / "a.txt").write_text("a")
+    info = api.upload_folder(repo_id="user/proposed", folder_path=folder, create_pr=True, commit_message="Add a")
+    assert info.pr_revision == "refs/pr/1" and local_hub.repo_files("user/proposed") == [".gitattributes"]
+    assert local_hub.repo_files("user/proposed", revision="refs/pr/1") == [".gitattributes", "a.txt"]
+    details = api.get_discussion_details("user/proposed", 1)
+    assert details.is_pull_request and details.title == "Add a" and details.git_reference == "refs/pr/1"
+
+
 def test_delete_branch_and_pr_commits(local_hub):
     api = HfApi()  # default endpoint and token come from the patched constants / HF_TOKEN
     api.create_repo("user/ops")
