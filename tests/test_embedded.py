@@ -382,7 +382,6 @@ def _tripwire_sdist(index: Path, marker: Path) -> Path:
 
 def test_pip_checks_the_pinned_hash_before_running_setup_py(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     # real pip on a local index: an sdist whose hash is not the pinned one is refused before its setup.py runs
-    pytest.importorskip("setuptools")
     marker = tmp_path / "setup_py_ran"
     sdist = _tripwire_sdist(tmp_path / "index", marker)
     run = fetching._run
