@@ -46,9 +46,23 @@ VOCAB = 101
 
 
 def _seeded(build: Callable[[], PreTrainedModel], seed: int) -> PreTrainedModel:
-    """`build()` under `torch.manual_seed(seed)`, in eval mode: the same weights on every call."""
+    """`build()` under `torch.manual_seed(seed)`, in eval mode: the same weights on every call.
+
+    Biases and norm gains, which transformers initializes to 0 and 1, are drawn at random (b ~ N(0, 0.05²),
+    γ ~ 1 + N(0, 0.1²)), as a pretrained model's are: a conversion that scaled a bias or a gain wrongly would
+    leave a zero a zero and would hardly move ones.
+    """
     torch.manual_seed(seed)
-    return build().eval()
+    model = build()
+    with torch.no_grad():
+        for module in model.modules():
+            bias = getattr(module, "bias", None)
+            if isinstance(bias, torch.nn.Parameter):
+                bias.normal_(0.0, 0.05)
+            gain = getattr(module, "weight", None)
+            if "Norm" in type(module).__name__ and isinstance(gain, torch.nn.Parameter):
+                gain.add_(torch.randn_like(gain), alpha=0.1)
+    return model.eval()
 
 
 @dataclass(frozen=True)
