@@ -172,7 +172,7 @@ def test_ddp_losses_match_single_process(launches):
     assert ddp["steps"] == single["steps"] == list(range(1, 21))
     _assert_losses_match(ddp["losses"], single["losses"], "DDP vs one process")
     _assert_losses_match(ddp["grad_norms"], single["grad_norms"], "plain gradient norms, DDP vs one process")
-    assert max(ddp["grad_norms"]) > 1.0, "max_grad_norm=1 never clipped: the clipping path went untested"
+    assert max(ddp["grad_norms"]) > 0.5, "max_grad_norm=0.5 never clipped: the clipping path went untested"
 
 
 @pytest.mark.parametrize("checkpoint", ["run/checkpoint-20", "final"])
