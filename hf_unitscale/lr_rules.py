@@ -539,28 +539,6 @@ def check_lr_options(
             `role_overrides` pattern that matches no trainable parameter, or (under `umup`, `mup`) a parameter with
             no role; under `equivalent`, where the role changes nothing, such a parameter joins the `bias` role.
     """
-    return _checked_lr_options(
-        model,
-        lr_rule=lr_rule,
-        mup_base_width=mup_base_width,
-        umup_depth_scaling=umup_depth_scaling,
-        lr_multipliers=lr_multipliers,
-        role_overrides=role_overrides,
-        decay_parameter_names=decay_parameter_names,
-    )[0]
-
-
-def _checked_lr_options(
-    model: nn.Module,
-    *,
-    lr_rule: str,
-    mup_base_width: int | None,
-    umup_depth_scaling: bool,
-    lr_multipliers: Mapping[str, float] | None,
-    role_overrides: Mapping[str, Role] | None,
-    decay_parameter_names: Iterable[str] | None,
-) -> tuple[list[ParamInfo], dict[str, float]]:
-    """`check_lr_options`, also returning `lr_multipliers` as `check_lr_multipliers` reads it (factors as floats)."""
     if lr_rule not in LR_RULES:
         raise ValueError(f"`lr_rule` must be one of {LR_RULES}, got {lr_rule!r}.")
     multipliers = check_lr_multipliers(lr_multipliers)
@@ -590,7 +568,7 @@ def _checked_lr_options(
                 f"`config.num_hidden_layers` blocks (ALBERT's: of `num_hidden_groups` groups) in "
                 f"{type(model).__name__}, whose depth L would be {depth}."
             )
-    return infos, multipliers
+    return infos
 
 
 def build_param_groups(
@@ -644,7 +622,7 @@ def build_param_groups(
             raise ValueError(
                 f"`{option}` should be a finite number >= 0, as torch.optim.AdamW takes it; got {value!r}."
             )
-    infos, multipliers = _checked_lr_options(
+    infos = check_lr_options(
         model,
         lr_rule=lr_rule,
         mup_base_width=mup_base_width,
@@ -653,6 +631,7 @@ def build_param_groups(
         role_overrides=role_overrides,
         decay_parameter_names=decay_parameter_names,
     )
+    multipliers = check_lr_multipliers(lr_multipliers)  # as floats
     _warn_about_ignored_options(lr_rule, mup_base_width=mup_base_width, umup_depth_scaling=umup_depth_scaling)
     width_mult = _hidden_size(model) / mup_base_width if lr_rule == "mup" else 1.0
     depth = _num_layers(model)
