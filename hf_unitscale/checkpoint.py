@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 from huggingface_hub import split_torch_state_dict_into_shards
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers.utils import cached_file, logging
@@ -67,6 +67,7 @@ __all__ = [
     "read_unit_scaled_weights",
     "read_weight_dtype",
     "set_operand_scales",
+    "stored_gain_names",
     "unit_scaled_state_dict",
     "write_unit_scaled_weights",
 ]
@@ -427,6 +428,20 @@ def _merge_stored_gains(model: nn.Module, state_dict: dict[str, torch.Tensor], s
         "stayed unconverted: loaded as W = s·Ŵ."
     )
     return state_dict
+
+
+def stored_gain_names(model: nn.Module, checkpoint_dir: str | os.PathLike) -> list[str]:
+    """The gains of `model` that a local unit-scaled checkpoint folder stores as Ŵ and `<name>_scale` (written
+    before gains stayed unconverted, see `_merge_stored_gains`), read from the files' key lists only."""
+    if not has_unit_scaled_weights(checkpoint_dir):
+        return []
+    keys = set()
+    for path in unit_scaled_weight_files(checkpoint_dir):
+        with safe_open(path, framework="pt") as f:
+            keys.update(f.keys())
+    gains = gain_parameters(model)
+    names = (name for name, param in model.named_parameters(remove_duplicate=False) if id(param) in gains)
+    return sorted(name for name in names if name + SCALE_SUFFIX in keys)
 
 
 def _dtype_name(dtype: torch.dtype) -> str:

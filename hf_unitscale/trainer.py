@@ -64,7 +64,7 @@ from .arguments import (
     unit_scale_options,
 )
 from .callbacks import RecalibrationCallback
-from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_checkpoint_into
+from .checkpoint import UNIT_SCALED_WEIGHTS_NAME, has_unit_scaled_weights, load_checkpoint_into, stored_gain_names
 from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
 from .convert import (
     check_converted_with,
@@ -122,7 +122,9 @@ _ABSOLUTE_LR_SCHEDULERS = ("greedy",)
 def _follow_log_level(args) -> None:
     """Give this package's loggers (`hf_unitscale.*`) the level Trainer gives transformers' for this process:
     `log_level` on the main one, `log_level_replica` on the others; `"passive"` leaves them as the application set
-    them. So `log_level="info"` shows the conversion and calibration steps, and replicas log warnings only."""
+    them. It sets levels only: as a library, hf_unitscale adds no handler, so its info records (conversion and
+    calibration steps) reach the application's handlers (`logging.basicConfig(level=logging.INFO)`), and warnings
+    Python's last-resort handler without one."""
     chosen = args.log_level if args.should_log else args.log_level_replica
     if chosen != "passive":
         logging.get_logger("hf_unitscale").setLevel(args.get_process_log_level())
@@ -632,8 +634,9 @@ class UnitScaleTrainer(Trainer):
         )
 
     def _check_resumable(self, checkpoint_dir: str) -> None:
-        """Refuse a checkpoint folder that does not exist, or one trained with another `lr_rule`: the optimizer
-        state it holds has that rule's parameter groups and learning rates, so the run would not continue."""
+        """Refuse a checkpoint folder that does not exist, one trained with another `lr_rule` (the optimizer state it
+        holds has that rule's parameter groups and learning rates, so the run would not continue), or one that stores
+        gains as Ŵ and s (`checkpoint.stored_gain_names`: their Adam moments are of Ŵ, not W)."""
         if not os.path.isdir(checkpoint_dir):
             raise ValueError(
                 f"`resume_from_checkpoint` {checkpoint_dir!r} does not exist; give a checkpoint folder of the run "
@@ -644,6 +647,15 @@ class UnitScaleTrainer(Trainer):
         if os.path.isfile(config_path):
             with open(config_path, encoding="utf-8") as f:
                 block = json.load(f).get(CONFIG_KEY)
+        stored_gains = stored_gain_names(self.model, checkpoint_dir) if self.model is not None else []
+        if stored_gains:
+            raise ValueError(
+                f"The checkpoint {checkpoint_dir!r} was written by an hf_unitscale version that unit-scaled gains "
+                f"stored in broadcast shape ({len(stored_gains)}: `{stored_gains[0]}`, …), which now stay "
+                "unconverted: its optimizer state holds their Adam moments of Ŵ, off by s and s² from W's, so the run "
+                "cannot continue exactly. Start a new run from its weights (`hf_unitscale.from_pretrained`, which "
+                "loads them as W = s·Ŵ)."
+            )
         saved = block.get("lr_rule") if isinstance(block, dict) else None
         wanted = self.unit_scale_options["lr_rule"]
         if saved is not None and saved != wanted:

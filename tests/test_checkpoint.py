@@ -16,7 +16,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import hf_unitscale
-from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales
+from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales, stored_gain_names
 from hf_unitscale.convert import matmul_layers
 from hf_unitscale.formats import get_format
 from hf_unitscale.modules import UnitScaledMatmulMixin
@@ -421,6 +421,20 @@ def test_a_checkpoint_storing_gains_as_scaled_weights_loads_them_as_w(model_id, 
     if weight_dtype == "float32":
         with torch.no_grad():
             torch.testing.assert_close(loaded(**inputs).last_hidden_state, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_resuming_from_a_checkpoint_storing_gains_as_scaled_weights_is_refused(tmp_path):
+    """Its optimizer state holds Adam moments of the gains' Ŵ (off by s, s² from W's; under `equivalent` also one
+    group per gain): resuming would not continue the run, so the trainer names the gains and the way on."""
+    model, _ = tiny_gain_model("convnextv2")
+    hf_unitscale.unit_scale(model).save_pretrained(tmp_path / "ckpt", checkpoint_format="unit-scaled")
+    assert stored_gain_names(model, tmp_path / "ckpt") == []
+    stored = _gains_stored_as_earlier_versions_did(tmp_path / "ckpt", "float32")
+    assert stored_gain_names(model, tmp_path / "ckpt") == sorted(stored)
+    args = hf_unitscale.UnitScaleTrainingArguments(output_dir=str(tmp_path / "run"), use_cpu=True, report_to=[])
+    trainer = hf_unitscale.UnitScaleTrainer(model=model, args=args)
+    with pytest.raises(ValueError, match=rf"unit-scaled gains stored in broadcast shape \({len(stored)}: .*new run"):
+        trainer._check_resumable(str(tmp_path / "ckpt"))
 
 
 def test_merged_block_naming_an_unknown_layer(tmp_path):
