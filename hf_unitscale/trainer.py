@@ -213,8 +213,13 @@ class UnitScaleTrainer(Trainer):
         self.unit_scale_config = unit_scale_config
         if args is not None:
             _check_arguments(args)
-            given = inspect.signature(Trainer.__init__).bind(self, model, args, *trainer_args, **trainer_kwargs)
-            if given.arguments.get("optimizer_cls_and_kwargs") is None:  # `optim` builds the optimizer
+            # the next class's own signature (Seq2SeqTrainer takes no `optimizer_cls_and_kwargs`: a subclass that
+            # takes it for Trainer stores it on `self` before calling this)
+            given = inspect.signature(super().__init__).bind(model, args, *trainer_args, **trainer_kwargs)
+            replacement = given.arguments.get(
+                "optimizer_cls_and_kwargs", getattr(self, "optimizer_cls_and_kwargs", None)
+            )
+            if replacement is None:  # `optim` builds the optimizer
                 _check_optim(args)
             _follow_log_level(args)  # before conversion, which logs
         options = unit_scale_options(args) if args is not None else unit_scale_options(object())
@@ -711,5 +716,6 @@ class UnitScaleSeq2SeqTrainer(UnitScaleTrainer, Seq2SeqTrainer):
                 "UnitScaleSeq2SeqTrainer needs `args` of a `Seq2SeqTrainingArguments` class (its generation settings): "
                 f"`UnitScaleSeq2SeqTrainingArguments` for the unit-scaling options too; got {type(args).__name__}."
             )
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs  # read by UnitScaleTrainer's `optim` check
         super().__init__(model, args, *trainer_args, **trainer_kwargs)
-        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs  # as Trainer.__init__ stores it
+        self.optimizer_cls_and_kwargs = optimizer_cls_and_kwargs  # as Trainer.__init__ stores it (it set None)

@@ -191,14 +191,18 @@ def test_seq2seq_arguments_hold_both_sets_of_options(tmp_path):
 
 
 def test_takes_trainers_optimizer_arguments_and_refuses_arguments_without_generation(tmp_path):
-    """`optimizer_cls_and_kwargs` (which transformers' Seq2SeqTrainer does not take) reaches the per-group AdamW;
-    `args` without Seq2SeqTrainingArguments' generation settings are refused by name."""
+    """`optimizer_cls_and_kwargs` (which transformers' Seq2SeqTrainer does not take) reaches the per-group AdamW and,
+    as in UnitScaleTrainer, replaces a non-AdamW `optim`, which alone is refused; `args` without
+    Seq2SeqTrainingArguments' generation settings are refused by name."""
     case = SEQ2SEQ_CASES["t5"]
-    args = _args(tmp_path, cls=UnitScaleSeq2SeqTrainingArguments)
+    args = _args(tmp_path, cls=UnitScaleSeq2SeqTrainingArguments, optim="adafactor")
     trainer = UnitScaleSeq2SeqTrainer(
         model=case.model(), args=args, optimizer_cls_and_kwargs=(torch.optim.AdamW, {"betas": (0.8, 0.95)})
     )
     optimizer = trainer.create_optimizer()
+    assert type(optimizer) is torch.optim.AdamW
     assert all(group["betas"] == (0.8, 0.95) and "base_lr" in group for group in optimizer.param_groups)
+    with pytest.raises(ValueError, match="`optim='adafactor'` is not supported"):
+        UnitScaleSeq2SeqTrainer(model=case.model(), args=args)
     with pytest.raises(TypeError, match="needs `args` of a `Seq2SeqTrainingArguments` class"):
         UnitScaleSeq2SeqTrainer(model=case.model(), args=_args(tmp_path, cls=UnitScaleTrainingArguments))
