@@ -415,27 +415,35 @@ def _unit_scale_args(output_dir, **overrides):
             lambda m, out: {"args": _unit_scale_args(out, lr_multipliers={"clasifier": 10.0})},
             "'clasifier' matches no trainable",
         ),
-        (
-            lambda m, out: {"args": _unit_scale_args(out, fp8=True, fp8_full_precision_modules=["("])},
-            "not a regular expression",
+        (  # a valid regex, refused by `set_precision` on the converted model's matmul layers
+            lambda m, out: {"args": _unit_scale_args(out, fp8=True, fp8_full_precision_modules=["clasifier"])},
+            "'clasifier' matches no converted matmul layer",
         ),
     ],
     ids=["optimizers", "lr_multipliers", "fp8_full_precision_modules"],
 )
-def test_a_refused_trainer_leaves_the_callers_model_unconverted(tmp_path, refused, message):
+def test_a_refused_trainer_leaves_the_callers_model_unconverted(tmp_path, monkeypatch, refused, message):
     """The trainer converts the model, then checks what needs a converted model: a refusal merges it back, so the
     caller's model (for plain `Trainer`, as the error may suggest) is the plain model, W = s·Ŵ."""
+    merged_back = []
+
+    def merge_recorded(model):
+        merged_back.append(model)
+        return merge_unit_scale(model)
+
+    monkeypatch.setattr(hf_unitscale.trainer, "merge_unit_scale", merge_recorded)
     model = CASES_BY_ID["bert"].model()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(ValueError, match=message):
         UnitScaleTrainer(model=model, **refused(model, tmp_path))
+    assert len(merged_back) == 1 and merged_back[0] is model  # converted, refused, merged back
     assert not is_unit_scaled(model) and not hasattr(model.config, "unit_scaling")
     assert type(model.classifier) is torch.nn.Linear
     torch.testing.assert_close(model.state_dict(), before, rtol=1e-6, atol=0)
     converted = unit_scale(CASES_BY_ID["bert"].model())  # a model that came converted stays so
     with pytest.raises(ValueError, match=message):
         UnitScaleTrainer(model=converted, **refused(converted, tmp_path))
-    assert is_unit_scaled(converted)
+    assert is_unit_scaled(converted) and len(merged_back) == 1
 
 
 def test_refusals(tmp_path):
