@@ -211,14 +211,19 @@ class UnitScaleTrainer(Trainer):
         **trainer_kwargs: Any,
     ) -> None:
         self.unit_scale_config = unit_scale_config
+        # the next class's own signature (Seq2SeqTrainer takes no `optimizer_cls_and_kwargs`: a subclass that takes
+        # it for Trainer stores it on `self` before calling this)
+        given = inspect.signature(super().__init__).bind(model, args, *trainer_args, **trainer_kwargs).arguments
+        if given.get("optimizers", (None, None))[0] is not None:  # before conversion: the model stays untouched
+            raise ValueError(
+                "UnitScaleTrainer builds its own optimizer groups (per-weight lr = η/s, eps = s·ε under "
+                "`equivalent`); an optimizer passed in `optimizers=(optimizer, scheduler)` would train Ŵ with the "
+                "wrong learning rates. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})` instead, or use "
+                "plain `Trainer`."
+            )
         if args is not None:
             _check_arguments(args)
-            # the next class's own signature (Seq2SeqTrainer takes no `optimizer_cls_and_kwargs`: a subclass that
-            # takes it for Trainer stores it on `self` before calling this)
-            given = inspect.signature(super().__init__).bind(model, args, *trainer_args, **trainer_kwargs)
-            replacement = given.arguments.get(
-                "optimizer_cls_and_kwargs", getattr(self, "optimizer_cls_and_kwargs", None)
-            )
+            replacement = given.get("optimizer_cls_and_kwargs", getattr(self, "optimizer_cls_and_kwargs", None))
             if replacement is None:  # `optim` builds the optimizer
                 _check_optim(args)
             _follow_log_level(args)  # before conversion, which logs
@@ -234,13 +239,6 @@ class UnitScaleTrainer(Trainer):
                 self._prepare_unit_scaled(model, options)
             super().__init__(model, args, *trainer_args, **trainer_kwargs)
             self.unit_scale_options = unit_scale_options(self.args)
-            if self.optimizer is not None:
-                raise ValueError(
-                    "UnitScaleTrainer builds its own optimizer groups (per-weight lr = η/s, eps = s·ε under "
-                    "`equivalent`); an optimizer passed in `optimizers=(optimizer, scheduler)` would train Ŵ with the "
-                    "wrong learning rates. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})` instead, or use "
-                    "plain `Trainer`."
-                )
             if self.model is not None:  # an lr option that does not fit the model: an error now, not at the first step
                 self._check_lr_options(self.model)
         if self.unit_scale_options["fp8"]:

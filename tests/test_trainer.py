@@ -408,10 +408,6 @@ def _unit_scale_args(output_dir, **overrides):
     ("refused", "message"),
     [
         (
-            lambda m, out: {"args": _unit_scale_args(out), "optimizers": (torch.optim.AdamW(m.parameters()), None)},
-            "builds its own optimizer groups",
-        ),
-        (
             lambda m, out: {"args": _unit_scale_args(out, lr_multipliers={"clasifier": 10.0})},
             "'clasifier' matches no trainable",
         ),
@@ -420,11 +416,12 @@ def _unit_scale_args(output_dir, **overrides):
             "'clasifier' matches no converted matmul layer",
         ),
     ],
-    ids=["optimizers", "lr_multipliers", "fp8_full_precision_modules"],
+    ids=["lr_multipliers", "fp8_full_precision_modules"],
 )
 def test_a_refused_trainer_leaves_the_callers_model_unconverted(tmp_path, monkeypatch, refused, message):
     """The trainer converts the model, then checks what needs a converted model: a refusal merges it back, so the
-    caller's model (for plain `Trainer`, as the error may suggest) is the plain model, W = s·Ŵ."""
+    caller's model (for plain `Trainer`, as the error may suggest) is the plain model, W = s·Ŵ. (`optimizers` is
+    refused before conversion: `test_refusals`.)"""
     merged_back = []
 
     def merge_recorded(model):
@@ -450,9 +447,15 @@ def test_refusals(tmp_path):
     case = CASES_BY_ID["bert"]
     with pytest.raises(ValueError, match="DeepSpeed config defines its own `optimizer`"):
         _args(tmp_path, cls=UnitScaleTrainingArguments, deepspeed={"optimizer": {"type": "AdamW"}})
+    model = case.model()  # refused before conversion: the model and the optimizer's hold on it stay as they were
+    parameters = dict(model.named_parameters())
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(model.parameters())
     with pytest.raises(ValueError, match="builds its own optimizer groups"):
-        model = case.model()
-        UnitScaleTrainer(model=model, args=_args(tmp_path), optimizers=(torch.optim.SGD(model.parameters()), None))
+        UnitScaleTrainer(model=model, args=_unit_scale_args(tmp_path), optimizers=(optimizer, None))
+    assert not is_unit_scaled(model) and not hasattr(model.config, "unit_scaling")
+    assert [(n, id(p)) for n, p in model.named_parameters()] == [(n, id(p)) for n, p in parameters.items()]
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
     model = case.model()  # refused when the trainer is built, before a baseline evaluation or conversion
     with pytest.raises(ValueError, match="`optim='sgd'` is not supported"):
         UnitScaleTrainer(model=model, args=_args(tmp_path, optim="sgd"))
