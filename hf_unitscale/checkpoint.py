@@ -69,6 +69,7 @@ __all__ = [
     "set_operand_scales",
     "stored_gain_names",
     "unit_scaled_state_dict",
+    "with_tied_names",
     "write_unit_scaled_weights",
 ]
 
@@ -113,13 +114,27 @@ def _operand_scale_names(model: nn.Module) -> list[str]:
 _WRAPPER_PREFIXES = {"_orig_mod.": "a torch.compile'd model", "module.": "a DDP / DataParallel-wrapped model"}
 
 
+def with_tied_names(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state_dict` with each tied tensor of `model` (`_tied_aliases`: a tied weight, its scale buffers) under all its
+    names, as `model.state_dict()` holds it, where it gives the tensor under any one of them (transformers'
+    de-duplicated state dicts keep one name of a tied weight, not always the first)."""
+    state_dict = dict(state_dict)
+    aliases = _tied_aliases(model)
+    for alias, first in aliases.items():  # first names first: a tied group may have several aliases
+        if first not in state_dict and alias in state_dict:
+            state_dict[first] = state_dict[alias]
+    for alias, first in aliases.items():
+        if first in state_dict:
+            state_dict.setdefault(alias, state_dict[first])
+    return state_dict
+
+
 def check_state_dict_keys(model: nn.Module, state_dict: dict[str, torch.Tensor]) -> None:
-    """Refuse a `state_dict` to save for `model` whose keys are not the model's own (a tied Parameter's alias may be
-    left out): the checkpoint would lack tensors, or hold ones no loader reads. Names missing and unexpected keys,
-    and a wrapper's key prefix to strip."""
+    """Refuse a `state_dict` to save for `model` whose keys are not the model's own (pass it through
+    `with_tied_names` first, so a tied tensor may be given under any one of its names): the checkpoint would lack
+    tensors, or hold ones no loader reads. Names missing and unexpected keys, and a wrapper's key prefix to strip."""
     expected = model.state_dict().keys()
-    aliases = _parameter_aliases(model)
-    missing = [k for k in expected if k not in state_dict and k not in aliases]
+    missing = [k for k in expected if k not in state_dict]
     unexpected = [k for k in state_dict if k not in expected]
     if not (missing or unexpected):
         return

@@ -47,6 +47,7 @@ from .checkpoint import (
     read_weight_dtype,
     set_operand_scales,
     unit_scaled_state_dict,
+    with_tied_names,
     write_unit_scaled_weights,
 )
 from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
@@ -120,7 +121,8 @@ def save_pretrained(
         embedding_dtype: storage of embedding tables in the unit-scaled format; default `"int8"` (per-row
             scales) when `weight_dtype="e4m3"`, else `weight_dtype` — see `unit_scaled_state_dict` for why.
         state_dict: a full state dict to save instead of `model.state_dict()` (e.g. gathered from FSDP), with the
-            model's keys (an error names missing and unexpected ones; a tied Parameter's alias may be left out).
+            model's keys (an error names missing and unexpected ones; a tied weight may be given under any one of
+            its names).
         model_card: write README.md (`model_card.py`), merging into one already in `save_directory`.
         repo_id, base_model, tags: shown in the model card (its load code, metadata).
         kwargs: passed to `PreTrainedModel.save_pretrained` for the merged format; the other formats take
@@ -150,8 +152,10 @@ def save_pretrained(
             "weights: call `hf_unitscale.distributed.save_full_checkpoint(model, save_directory, ...)` on every rank "
             "(it gathers them and writes from rank 0), or pass a gathered `state_dict`."
         )
-    if state_dict is not None and is_main_process:
-        check_state_dict_keys(model, state_dict)
+    if state_dict is not None:
+        state_dict = with_tied_names(model, state_dict)  # every format reads a tied tensor under the name it needs
+        if is_main_process:
+            check_state_dict_keys(model, state_dict)
     push = kwargs.pop("push_to_hub", False)
     upload_kwargs = {k: kwargs.pop(k) for k in _UPLOAD_KWARGS if k in kwargs}
     if push:

@@ -505,13 +505,16 @@ def test_a_state_dict_whose_keys_are_not_the_models_is_refused_before_writing(ch
     with pytest.raises(ValueError, match=r"missing 1 key\(s\) \['model\.norm\.weight'\], unexpected 1 \['lm_h"):
         hf_unitscale.save_pretrained(model, folder, checkpoint_format=checkpoint_format, state_dict=typo)
     assert not folder.exists()
-    # a tied weight's alias may be left out, as transformers' de-duplicated state dicts do
-    untied = {k: v for k, v in model.state_dict().items() if k != "lm_head.weight"}
-    hf_unitscale.save_pretrained(model, folder, checkpoint_format=checkpoint_format, state_dict=untied)
-    loaded = hf_unitscale.from_pretrained(folder)
-    if checkpoint_format != "compressed-tensors":  # E4M3 weights: not the same function
-        batch = CASES_BY_ID["llama-tied"].batch()
-        torch.testing.assert_close(_outputs(loaded, batch), _outputs(model, batch))
+    # a tied weight (or its scale) under one of its names only, as transformers' de-duplicated state dicts keep it
+    batch = CASES_BY_ID["llama-tied"].batch()
+    for left_out in ("lm_head.weight", "model.embed_tokens.weight", "lm_head.weight_scale"):
+        assert left_out in model.state_dict()
+        one_name = {k: v for k, v in model.state_dict().items() if k != left_out}
+        hf_unitscale.save_pretrained(model, folder, checkpoint_format=checkpoint_format, state_dict=one_name)
+        loaded = hf_unitscale.from_pretrained(folder)
+        assert loaded.lm_head.weight is loaded.model.embed_tokens.weight, left_out
+        if checkpoint_format != "compressed-tensors":  # E4M3 weights: not the same function
+            torch.testing.assert_close(_outputs(loaded, batch), _outputs(model, batch), msg=left_out)
 
 
 def test_weight_dtype_outside_unit_scaled_format_is_refused(tmp_path):
