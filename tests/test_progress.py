@@ -2,6 +2,7 @@
 small models convert silently."""
 
 import pytest
+import torch.distributed as dist
 from transformers.utils import logging
 
 import hf_unitscale
@@ -36,6 +37,22 @@ def test_small_models_and_disabled_progress_bars_show_none(tmp_path, capsys, mon
         logging.enable_progress_bar()
     shown = capsys.readouterr().err
     assert not any(bar in shown for bar in BARS), shown
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+def test_under_torch_distributed_only_a_nodes_first_process_shows_them(tmp_path, capsys, monkeypatch, local_rank):
+    """As Trainer's bars: a torchrun process other than local rank 0 draws none (a one-process group standing in
+    for a rank of many)."""
+    monkeypatch.setattr(hf_unitscale.progress, "MIN_VALUES", 1)
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        _convert_save_and_load(tmp_path)
+    finally:
+        dist.destroy_process_group()
+    shown = capsys.readouterr().err
+    drawn = [bar for bar in BARS if bar in shown]
+    assert drawn == (list(BARS) if local_rank == "0" else []), shown
 
 
 @pytest.fixture(autouse=True)
