@@ -16,7 +16,14 @@ from collections.abc import Iterator
 
 from torch import nn
 
-__all__ = ["WEIGHT_BUILDERS", "class_definitions", "computing_methods", "own_attribute", "scanned_classes"]
+__all__ = [
+    "WEIGHT_BUILDERS",
+    "binary_operands",
+    "class_definitions",
+    "computing_methods",
+    "own_attribute",
+    "scanned_classes",
+]
 
 # prefixes of the methods that build or rebuild weights rather than compute with them
 WEIGHT_BUILDERS = ("__init__", "_init", "init_", "_tie", "tie_", "resize", "reset_parameters", "_reset_parameters")
@@ -92,4 +99,18 @@ def own_attribute(node: ast.expr) -> str | None:
             break
     if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
         return node.attr
+    return None
+
+
+def binary_operands(
+    node: ast.AST, operator: type[ast.operator], methods: frozenset[str]
+) -> tuple[ast.expr, ast.expr] | None:
+    """(left, right) of a binary operation written with `operator` (`a * b`: ast.Mult) or as a call of one of
+    `methods` (`torch.mul(a, b)`, `a.mul(b)`); None for anything else."""
+    if isinstance(node, ast.BinOp) and isinstance(node.op, operator):
+        return node.left, node.right
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in methods:
+        if isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
+            return (node.args[0], node.args[1]) if len(node.args) == 2 else None
+        return (node.func.value, node.args[0]) if len(node.args) == 1 else None
     return None

@@ -37,7 +37,7 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
-from .class_source import computing_methods, own_attribute, scanned_classes
+from .class_source import binary_operands, computing_methods, own_attribute, scanned_classes
 
 __all__ = ["gain_parameters", "is_gain", "is_norm_layer", "is_vector", "multiplies_activation", "parameter_owners"]
 
@@ -48,13 +48,7 @@ _PRODUCTS = frozenset({"mul", "mul_", "multiply", "multiply_"})
 
 def _factors(node: ast.AST) -> tuple[ast.expr, ast.expr] | None:
     """The two factors of a product expression `a * b`, `torch.mul(a, b)`, `a.mul(b)`; None for anything else."""
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.Mult):
-        return node.left, node.right
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _PRODUCTS:
-        if isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
-            return (node.args[0], node.args[1]) if len(node.args) == 2 else None
-        return (node.func.value, node.args[0]) if len(node.args) == 1 else None
-    return None
+    return binary_operands(node, ast.Mult, _PRODUCTS)
 
 
 def _in_place(node: ast.AST) -> bool:

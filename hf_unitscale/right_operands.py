@@ -15,7 +15,7 @@ import functools
 
 from torch import nn
 
-from .class_source import computing_methods, own_attribute, scanned_classes
+from .class_source import binary_operands, computing_methods, own_attribute, scanned_classes
 
 __all__ = ["multiplies_from_the_right"]
 
@@ -24,13 +24,7 @@ _MATMULS = frozenset({"matmul", "mm"})
 
 def _matmul_operands(node: ast.AST) -> tuple[ast.expr, ast.expr] | None:
     """(left, right) of `a @ b`, `torch.matmul(a, b)`, `torch.mm(a, b)`, `a.matmul(b)`, `a.mm(b)`; None otherwise."""
-    if isinstance(node, ast.BinOp) and isinstance(node.op, ast.MatMult):
-        return node.left, node.right
-    if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr in _MATMULS:
-        if isinstance(node.func.value, ast.Name) and node.func.value.id == "torch":
-            return (node.args[0], node.args[1]) if len(node.args) == 2 else None
-        return (node.func.value, node.args[0]) if len(node.args) == 1 else None
-    return None
+    return binary_operands(node, ast.MatMult, _MATMULS)
 
 
 @functools.cache
