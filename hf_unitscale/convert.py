@@ -54,6 +54,7 @@ __all__ = [
     "matmul_layers",
     "measure_weight_scale",
     "merge_unit_scale",
+    "module_pattern_hint",
     "readout_modules",
     "unit_scale",
     "unit_scaled_modules",
@@ -232,19 +233,20 @@ def _excluded_names(model: nn.Module, config: UnitScaleConfig) -> set[str]:
             raise ValueError(
                 f"`exclude_modules` entry {pattern!r} matches no module of {type(model).__name__}: each entry is a "
                 "regular expression that must match a whole module name (re.fullmatch), not a name's end as in peft. "
-                + _exclude_pattern_hint(pattern, names[1:])
+                + module_pattern_hint(pattern, names[1:], "To exclude the modules")
             )
     excluded = {name for name in names if config.is_excluded(name)}
     return {name for name in names if any(name == top or name.startswith(top + ".") for top in excluded)}
 
 
-def _exclude_pattern_hint(pattern: str, names: list[str]) -> str:
-    """How to fix an `exclude_modules` entry that matches no module name of `names`: the regex that matches the names
-    ending in it (`pooler.dense` → `.*pooler\\.dense`), else the names closest to it."""
+def module_pattern_hint(pattern: str, names: list[str], action: str) -> str:
+    """How to fix a regex over module names (re.fullmatch) that matches none of `names`: the regex that matches the
+    names ending in it (`pooler.dense` → `.*pooler\\.dense`), said as "`action` whose name ends in it", else the names
+    closest to it, else two examples."""
     suffix = ".*" + (re.escape(pattern) if re.fullmatch(r"[\w.]+", pattern) else f"(?:{pattern})")
     ending = [name for name in names if re.fullmatch(suffix, name)]
     if ending:
-        return f"To exclude the modules whose name ends in it ({_listed_names(ending)}), write r'{suffix}'."
+        return f"{action} whose name ends in it ({_listed_names(ending)}), write r'{suffix}'."
     close = difflib.get_close_matches(pattern, names, n=3, cutoff=0.5)
     if close:
         return f"The closest module names: {_listed_names(close)}."

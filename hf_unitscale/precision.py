@@ -27,7 +27,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .config import CONFIG_KEY, UnitScaleConfig
-from .convert import matmul_layers, readout_modules
+from .convert import matmul_layers, module_pattern_hint, readout_modules
 from .distributed import all_reduce_across_processes
 from .formats import CastCounter, get_format
 from .modules import UnitScaledMatmulMixin
@@ -62,8 +62,9 @@ def full_precision_names(patterns: list[str], layer_names: list[str], model_name
     for pattern in patterns:
         if not any(re.fullmatch(pattern, name) for name in layer_names):
             raise ValueError(
-                f"`full_precision_modules` entry {pattern!r} matches no converted matmul layer of {model_name} "
-                f"(e.g. {layer_names[-1]!r}); it is a regex over module names."
+                f"`full_precision_modules` entry {pattern!r} matches no converted matmul layer of {model_name}: each "
+                "entry is a regular expression that must match a whole module name (re.fullmatch). "
+                + module_pattern_hint(pattern, layer_names, "To keep the layers")
             )
     return [name for name in layer_names if any(re.fullmatch(pattern, name) for pattern in patterns)]
 

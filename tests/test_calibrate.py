@@ -578,6 +578,15 @@ def test_set_precision_keeps_the_readout_in_full_precision_by_default():
     assert {n for n, m in matmul_layers(again).items() if m.precision is None} == kept
     with pytest.raises(ValueError, match=r"`full_precision_modules` entry 'lm_head' matches no converted matmul layer"):
         set_precision(model, "e4m3", "e5m2", full_precision_modules=["lm_head"])
+    # peft-style names get the regex that matches them; a typo, the closest layer names
+    with pytest.raises(
+        ValueError,
+        match=r"To keep the layers whose name ends in it \('distilbert\.transformer\.layer\.0"
+        r"\.attention\.q_lin', .*write r'\.\*q_lin'",
+    ):
+        set_precision(model, "e4m3", "e5m2", full_precision_modules=["q_lin"])
+    with pytest.raises(ValueError, match=r"The closest module names: 'classifier'"):
+        set_precision(model, "e4m3", "e5m2", full_precision_modules=["clasifier"])
     fresh = case.model()
     with pytest.raises(ValueError, match=r"`full_precision_modules` entry 'lm_head' matches no converted matmul layer"):
         unit_scale(fresh, UnitScaleConfig(forward_format="e4m3", full_precision_modules=["lm_head"]))
