@@ -19,7 +19,7 @@ from transformers.utils import logging
 
 from .calibrate import check_headroom
 from .config import check_module_patterns
-from .formats import FP8_FORMAT_PAIRS
+from .formats import FP8_FORMAT_PAIRS, get_format
 from .lr_rules import LR_RULES, ROLES, LrRule, check_lr_multipliers, check_role_overrides
 from .ops import check_backend
 
@@ -125,8 +125,9 @@ class UnitScaleTrainingArguments(TrainingArguments):
         default=None,
         metadata={
             "help": "With `fp8`, keep every calibrated operand's largest element at least this factor (finite, "
-            ">= 1) below its format's max (E4M3 448, E5M2 57344) by raising its scale where needed; None: "
-            "a = rms(x), c = rms(g)."
+            ">= 1, typically 2 to 16) below its format's max (E4M3 448, E5M2 57344) by raising its scale where "
+            "needed; at most the format's max/smallest subnormal (E4M3 229376), past which every operand flushes to "
+            "zero. None: a = rms(x), c = rms(g)."
         },
     )
     calibration_grad_underflow_budget: float | None = field(
@@ -187,7 +188,11 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(f"`save_format` must be one of {SAVE_FORMATS}, got {self.save_format!r}.")
         if self.recalibrate_every < 0:
             raise ValueError(f"`recalibrate_every` should be 0 (never) or positive, got {self.recalibrate_every}.")
-        check_headroom(self.calibration_headroom, "calibration_headroom")
+        check_headroom(
+            self.calibration_headroom,
+            "calibration_headroom",
+            formats=[get_format(name) for name in FP8_FORMAT_PAIRS[self.fp8_format]],
+        )
         budget = self.calibration_grad_underflow_budget
         if budget is not None and not 0 <= budget < 1:
             raise ValueError(

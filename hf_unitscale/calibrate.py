@@ -155,12 +155,29 @@ def _warn_about_headroom(table: Mapping[str, Mapping[str, float]], layers: Mappi
         )
 
 
-def check_headroom(headroom: float | None, argument: str = "headroom") -> None:
+def check_headroom(
+    headroom: float | None, argument: str = "headroom", formats: Iterable[LowPrecisionFormat] = ()
+) -> None:
     """`headroom` h puts every calibrated peak at most M/h: a finite factor >= 1, or None. An infinite h would make
-    a = h·max|x|/M infinite (every cast then reads zero or nan)."""
+    a = h·max|x|/M infinite (every cast then reads zero or nan).
+
+    For each of `formats` (those the scales are calibrated for, when known), h must also stay within the format's
+    dynamic range M/m (m its smallest subnormal): a raised operand's RMS is M/(h·peak/RMS) ≤ M/h, so beyond M/m
+    even an operand whose peak is its RMS sits below m, and every operand's typical element flushes to zero
+    (h = 1e38 made every E4M3 operand 0). E4M3's range is 448·2^9 = 229376, E5M2's 57344·2^16 ≈ 3.8e9.
+    """
     if headroom is not None and not (math.isfinite(headroom) and headroom >= 1):
         raise ValueError(
             f"`{argument}` should be a finite factor >= 1 (peaks at most max/headroom) or None, got {headroom}."
+        )
+    narrowest = min(formats, key=lambda fmt: fmt.dynamic_range, default=None)
+    if headroom is not None and narrowest is not None and headroom > narrowest.dynamic_range:
+        raise ValueError(
+            f"`{argument}`={headroom:g} puts every {narrowest.name} operand's largest element at most "
+            f"{narrowest.max:g}/{headroom:g} = {narrowest.max / headroom:.3g}, below {narrowest.name}'s smallest "
+            f"subnormal {narrowest.smallest_subnormal:g}: every operand would flush to zero. It must be at most "
+            f"{narrowest.name}'s max/smallest subnormal = {narrowest.dynamic_range:g}; the factor activations may "
+            "grow by before they saturate, it is typically 2 to 16 (e.g. 2 or 4)."
         )
 
 
@@ -256,7 +273,9 @@ def calibrate(
         loss_scale: multiplies the loss before differentiating (1/gradient-accumulation steps
             to match a Trainer's backward).
         headroom: keep every calibrated peak at least this finite factor (≥ 1) below its format's max;
-            None: a = rms(x), c = rms(g) exactly.
+            None: a = rms(x), c = rms(g) exactly. At most the format's max/smallest subnormal (E4M3 229376),
+            beyond which every operand flushes to zero; a warning names the layers whose peak/RMS times it
+            already exceeds that (their RMS lands below the smallest subnormal). Typically 2 to 16.
         grad_underflow_budget: the largest fraction (in [0, 1)) of a layer's non-zero output-gradient
             elements its cast may flush to zero, e.g. 1e-4; None: c is not lowered.
         input_rounding_search: choose each a near rms(x) to minimize the forward cast's squared error
@@ -271,10 +290,10 @@ def calibrate(
         gradient (unused by the loss) keeps its previous `c`, and likewise `a`.
 
     Raises:
-        ValueError: an option out of its range, `model` has no converted matmul layer, `batches` is empty (on
-            every rank) or one batch, a batch's loss is not finite or does not require grad
-            (`torch.inference_mode`), or a new scale is not finite and positive in its buffer's dtype (then no
-            buffer has changed).
+        ValueError: an option out of its range (`headroom` beyond a cast format's max/smallest subnormal),
+            `model` has no converted matmul layer, `batches` is empty (on every rank) or one batch, a batch's loss
+            is not finite or does not require grad (`torch.inference_mode`), or a new scale is not finite and
+            positive in its buffer's dtype (then no buffer has changed).
     """
     _check_types(loss_scale=(loss_scale, Real))
     _check_types(num_batches=(num_batches, Integral), optional=True)
@@ -285,7 +304,6 @@ def calibrate(
         raise ValueError(
             f"`loss_scale` should be a finite factor > 0 (1/gradient-accumulation steps), got {loss_scale}."
         )
-    check_headroom(headroom)
     if grad_underflow_budget is not None and not 0 <= grad_underflow_budget < 1:
         raise ValueError(
             f"`grad_underflow_budget` should be a fraction in [0, 1) of elements allowed to flush to zero, or None, "
@@ -296,6 +314,10 @@ def calibrate(
         raise ValueError(
             f"{type(model).__name__} has no converted matmul layer to calibrate; call `unit_scale(model)` first."
         )
+    # the formats the model casts to: its layers' (the heads kept in full precision cast nothing), or the default
+    # pair the scales are sized for when no layer has formats yet
+    cast = [layer for layer in layers.values() if layer.precision is not None] or layers.values()
+    check_headroom(headroom, formats={fmt for layer in cast for fmt in _operand_formats(layer) if fmt is not None})
     format_options = [
         name
         for name, used in (
@@ -369,7 +391,7 @@ def calibrate(
 
     # every new scale is computed and checked before any buffer changes, so an error leaves the model as it was
     scales: dict[torch.Tensor, float] = {}
-    unmeasured, over_budget = [], []
+    unmeasured, over_budget, flushed = [], [], []
     for name, layer in layers.items():
         input_format, grad_format = _operand_formats(layer)
         for what, buffer, accumulator, fmt, budget in (
@@ -400,6 +422,8 @@ def calibrate(
                     "no scale was changed."
                 )
             scales[buffer] = stored
+            if fmt is not None and layer.precision is not None and measured / stored < fmt.smallest_subnormal:
+                flushed.append(f"{name} ({what}, {fmt.name})")
     with torch.no_grad():
         for buffer, value in scales.items():
             buffer.fill_(value)
@@ -425,6 +449,14 @@ def calibrate(
             f"Calibration: the output gradients of {len(over_budget)} layer(s) span more than their format's range: "
             f"flushing at most {grad_underflow_budget} of their elements to zero would saturate their peaks, so "
             f"saturation won: {_listed(over_budget)}. Lower `headroom`, or keep these layers in full precision "
+            "(`fp8_full_precision_modules`)."
+        )
+    if flushed:  # names only, so recalibrating every N steps does not repeat it
+        logger.warning_once(
+            f"Calibration put the RMS of {len(flushed)} operand(s) below their format's smallest subnormal, so most "
+            f"of their elements flush to zero: {_listed(flushed)}. Their peak/RMS times max(1, `headroom`) "
+            f"(headroom={headroom}) exceeds the format's max/smallest subnormal (E4M3 229376, E5M2 3.8e9; the peaks "
+            "and RMS are in the table calibrate returns). Lower `headroom`, or keep these layers in full precision "
             "(`fp8_full_precision_modules`)."
         )
     _warn_about_headroom(table, layers)

@@ -50,6 +50,13 @@ class LowPrecisionFormat:
     def is_fp8(self) -> bool:
         return self.dtype.itemsize == 1
 
+    @property
+    def dynamic_range(self) -> float:
+        """max / smallest subnormal: how far apart two magnitudes both held in this format can be (e4m3 2^17.8,
+        e5m2 2^31.8). An operand whose peak sits at max/h keeps its RMS representable only if h·peak/RMS stays
+        within it."""
+        return self.max / self.smallest_subnormal
+
 
 FORMATS: dict[str, LowPrecisionFormat] = {
     "e4m3": LowPrecisionFormat("e4m3", torch.float8_e4m3fn, 448.0, 2.0**-9),

@@ -257,10 +257,11 @@ def test_headroom_raises_only_the_scales_of_operands_near_their_format_max(caplo
 
 def test_headroom_is_finite_and_a_scale_that_overflows_its_buffer_changes_no_scale(tmp_path):
     """headroom = inf made every raised a, c infinite (FP8 logits nan); one finite but so large that h·max|x|/M
-    overflows the float32 buffer is refused before any buffer is written."""
+    overflows the float32 buffer (possible within bf16's range, max/smallest subnormal ~ 3.7e78) is refused before
+    any buffer is written."""
     case = CASES_BY_ID["bert"]
     model = unit_scale(case.model())
-    set_precision(model, "e4m3", "e5m2")
+    set_precision(model, "bf16", "bf16")
     batches = [_labelled_batch(case)]
     for headroom in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match=rf"`headroom` should be a finite factor >= 1.*got {headroom}"):
@@ -272,9 +273,48 @@ def test_headroom_is_finite_and_a_scale_that_overflows_its_buffer_changes_no_sca
     calibrate(model, batches, progress=False)
     before = {name: (float(layer.input_scale), float(layer.grad_scale)) for name, layer in matmul_layers(model).items()}
     with pytest.raises(ValueError, match=r"scale at `.*` is inf in torch.float32.*no scale was changed"):
-        calibrate(model, batches, headroom=1e300, progress=False)
+        calibrate(model, batches, headroom=1e78, progress=False)
     after = {name: (float(layer.input_scale), float(layer.grad_scale)) for name, layer in matmul_layers(model).items()}
     assert after == before
+
+
+def test_headroom_beyond_the_formats_range_is_refused_and_one_that_flushes_a_layer_is_named(tmp_path, caplog):
+    """h puts a raised operand's RMS at M/(h·peak/RMS) ≤ M/h. Past the format's max/smallest subnormal (E4M3
+    448·2^9) every operand's typical element flushes (h = 1e38 left every FP8 operand 0, logits all equal): refused
+    before any scale changes, also by the training arguments. Below it, a layer whose peak/RMS is large enough still
+    lands below the smallest subnormal: the warning names it, and only it."""
+    model, batches, name, _ = _llama_with_a_massive_activation()
+    set_precision(model, "e4m3", "e5m2")
+    calibrate(model, batches, progress=False)
+    before = {n: (float(layer.input_scale), float(layer.grad_scale)) for n, layer in matmul_layers(model).items()}
+    e4m3_range = 448 * 2**9
+    for headroom in (1e38, e4m3_range * 1.01):
+        with pytest.raises(
+            ValueError, match=r"`headroom`=.* below e4m3's smallest subnormal .* at most e4m3's .*229376"
+        ):
+            calibrate(model, batches, headroom=headroom, progress=False)
+        with pytest.raises(
+            ValueError, match=r"`calibration_headroom`=.*at most e4m3's max/smallest subnormal = 229376"
+        ):
+            UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_headroom=headroom, use_cpu=True)
+    after = {n: (float(layer.input_scale), float(layer.grad_scale)) for n, layer in matmul_layers(model).items()}
+    assert after == before
+
+    # the spike sits ~270x above its input's RMS: h = 2048 puts that RMS at 448/(2048·270) < 2^-9, every other
+    # operand (peak/RMS < 20) stays above it
+    logging.getLogger("hf_unitscale").propagate = True
+    logging.Logger.warning_once.cache_clear()
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        table = calibrate(model, batches, headroom=2048, progress=False)
+    below = [n for n, row in table.items() if row["input_rms"] / row["input_scale"] < 2**-9]
+    assert below == [name]
+    assert "Calibration put the RMS of 1 operand(s) below their format's smallest subnormal" in caplog.text
+    assert f"{name} (input, e4m3)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
+        calibrate(model, batches, headroom=2, progress=False)
+    assert "smallest subnormal" not in caplog.text
 
 
 def _operands(model, batches):
