@@ -12,6 +12,7 @@ replaces the weight files of every format (`WEIGHT_PATTERNS`); `trainer_push.py`
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import warnings
@@ -117,7 +118,8 @@ def save_pretrained(
             weights with their scale (see `checkpoint.py`).
         weight_dtype: storage of Ŵ: `"float32"` (default), `"bfloat16"` or `"e4m3"` for the unit-scaled
             format; the compressed-tensors format is always `"e4m3"`; merged weights are written in the model's
-            dtype, as transformers writes them: nothing is cast, so a `weight_dtype` given must name that dtype.
+            dtype, as transformers writes them: nothing is cast, so a `weight_dtype` given must name that dtype
+            (the weights transformers keeps in float32 in a model of it, `_keep_in_fp32_modules`, stay float32).
         embedding_dtype: storage of embedding tables in the unit-scaled format; default `"int8"` (per-row
             scales) when `weight_dtype="e4m3"`, else `weight_dtype` — see `unit_scaled_state_dict` for why.
         state_dict: a full state dict to save instead of `model.state_dict()` (e.g. gathered from FSDP), with the
@@ -171,7 +173,7 @@ def save_pretrained(
     # every tensor is built (and every storage option checked) before an earlier save's weights are deleted
     if checkpoint_format == "merged":
         tensors = merged_state_dict(model, state_dict)
-        _check_merged_dtype(weight_dtype, tensors)
+        _check_merged_dtype(model, weight_dtype, tensors)
     elif is_main_process and checkpoint_format == "unit-scaled":
         if embedding_dtype is None:
             embedding_dtype = "int8" if weight_dtype == "e4m3" else weight_dtype
@@ -292,17 +294,44 @@ def _check_weight_dtype(checkpoint_format: str, weight_dtype: str | None) -> str
     )
 
 
-def _check_merged_dtype(weight_dtype: str | None, tensors: dict[str, torch.Tensor]) -> None:
+def _kept_in_float32(model: PreTrainedModel, dtype: torch.dtype) -> list[str]:
+    """The patterns of the parameters `from_pretrained(..., dtype=dtype)` keeps in float32, as transformers'
+    `_get_dtype_plan` picks them: `_keep_in_fp32_modules` under float16 only, `_keep_in_fp32_modules_strict` under
+    float16 and bfloat16 (T5's `wo` is float32 in a float16 T5, bfloat16 in a bfloat16 one)."""
+    patterns = list(model._keep_in_fp32_modules_strict or []) if dtype in (torch.float16, torch.bfloat16) else []
+    if dtype == torch.float16:
+        patterns += list(model._keep_in_fp32_modules or [])
+    return sorted(patterns)
+
+
+def _check_merged_dtype(model: PreTrainedModel, weight_dtype: str | None, tensors: dict[str, torch.Tensor]) -> None:
     """A merged checkpoint stores W = s·Ŵ in the model's dtype, cast to nothing: `weight_dtype` may only name that
-    dtype, so that a dtype asked for is either what is written or an error, never silently another."""
-    written = sorted({str(t.dtype).removeprefix("torch.") for t in tensors.values() if t.is_floating_point()})
-    if weight_dtype is None or written == [weight_dtype]:
+    dtype, so that a dtype asked for is either what is written or an error, never silently another. The model's
+    dtype is that of every weight but those transformers keeps in float32 in a model of it (`_kept_in_float32`):
+    a float16 T5 as `from_pretrained` loads it (`wo` in float32) saves as it is, each weight in its own dtype."""
+    if weight_dtype is None:
         return
-    cast = (
-        f"cast the model first (`model.to(torch.{weight_dtype})`), "
-        if isinstance(getattr(torch, weight_dtype, None), torch.dtype)
-        else ""
+    dtype = getattr(torch, weight_dtype, None)
+    kept = _kept_in_float32(model, dtype) if isinstance(dtype, torch.dtype) else []
+    kept_names = re.compile("|".join(pattern.replace("*", ".*") for pattern in kept)) if kept else None
+    written = sorted(
+        {
+            str(tensor.dtype).removeprefix("torch.")
+            for name, tensor in tensors.items()
+            if tensor.is_floating_point() and not (kept_names and kept_names.search(name))
+        }
     )
+    if written == [weight_dtype]:
+        return
+    if kept:  # `model.to(dtype)` would cast them too, which `from_pretrained(..., dtype=dtype)` avoids
+        cast = (
+            f"load the model in it (`from_pretrained(..., dtype=torch.{weight_dtype})` keeps "
+            f"{type(model).__name__}'s {kept} in float32; `model.to(torch.{weight_dtype})` would cast them too), "
+        )
+    elif isinstance(dtype, torch.dtype):
+        cast = f"cast the model first (`model.to(torch.{weight_dtype})`), "
+    else:
+        cast = ""
     raise ValueError(
         f"`weight_dtype={weight_dtype!r}`: a merged checkpoint is written in the model's dtype "
         f"({', '.join(written)}), as transformers writes it, and nothing is cast on saving. Leave `weight_dtype` "

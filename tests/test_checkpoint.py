@@ -16,13 +16,13 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 import hf_unitscale
-from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, operand_scales, stored_gain_names
+from hf_unitscale.checkpoint import UNIT_SCALED_WEIGHTS_NAME, merged_state_dict, operand_scales, stored_gain_names
 from hf_unitscale.convert import matmul_layers
 from hf_unitscale.formats import get_format
 from hf_unitscale.modules import UnitScaledMatmulMixin
 from hf_unitscale.precision import set_precision
 
-from tiny_models import _BERT_SMALL, CASES_BY_ID, GAIN_NAMES, HEADS_CASES, TINY_CASES, tiny_gain_model
+from tiny_models import _BERT_SMALL, CASES_BY_ID, GAIN_NAMES, HEADS_CASES, SEQ2SEQ_CASES, TINY_CASES, tiny_gain_model
 
 logger = logging.getLogger(__name__)
 
@@ -542,6 +542,68 @@ def test_merged_weight_dtype_is_written_or_refused(model_dtype, weight_dtype, tm
     model.save_pretrained(tmp_path, weight_dtype=weight_dtype)
     stored = {t.dtype for t in load_file(tmp_path / "model.safetensors").values() if t.is_floating_point()}
     assert stored == {getattr(torch, weight_dtype)}
+
+
+def _tiny_deepseek_v3() -> transformers.DeepseekV3ForCausalLM:
+    """A tiny DeepSeek-V3, whose MoE router (`gate.weight`, `e_score_correction_bias`) is kept in float32 strictly."""
+    config = transformers.DeepseekV3Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        moe_intermediate_size=16,
+        num_hidden_layers=2,
+        first_k_dense_replace=1,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        n_routed_experts=4,
+        num_experts_per_tok=2,
+        n_group=1,
+        topk_group=1,
+        q_lora_rank=16,
+        kv_lora_rank=16,
+        qk_rope_head_dim=8,
+        qk_nope_head_dim=8,
+        v_head_dim=8,
+    )
+    return transformers.DeepseekV3ForCausalLM(config)
+
+
+@pytest.mark.parametrize(
+    "build, dtype, kept",
+    [
+        (SEQ2SEQ_CASES["t5"].model, torch.float16, ".wo."),  # `_keep_in_fp32_modules`: under float16 only
+        (_tiny_deepseek_v3, torch.bfloat16, ".mlp.gate."),  # `_keep_in_fp32_modules_strict`: float16 and bfloat16
+    ],
+    ids=["t5-float16", "deepseek_v3-bfloat16"],
+)
+def test_merged_save_writes_the_weights_transformers_keeps_in_float32_as_they_are(build, dtype, kept, tmp_path):
+    """`from_pretrained(..., dtype=dtype)` keeps some weights in float32 (T5's `wo` in float16, DeepSeek-V3's
+    router in bfloat16 too). The merged save of that mixed-dtype model writes each weight in its own dtype, also
+    when `weight_dtype` names the model's dtype, and plain transformers loads it back as it was."""
+    build().save_pretrained(tmp_path / "plain")
+    model = hf_unitscale.unit_scale(type(build()).from_pretrained(tmp_path / "plain", dtype=dtype))
+    for weight_dtype in (None, str(dtype).removeprefix("torch.")):
+        folder = tmp_path / f"merged-{weight_dtype}"
+        model.save_pretrained(folder, weight_dtype=weight_dtype)
+        stored = load_file(folder / "model.safetensors")
+        in_float32 = {name for name, tensor in stored.items() if tensor.dtype == torch.float32}
+        assert in_float32 and all(kept in name for name in in_float32), in_float32
+        assert {t.dtype for name, t in stored.items() if name not in in_float32 and t.is_floating_point()} == {dtype}
+        loaded = type(model).from_pretrained(folder, dtype=dtype).state_dict()
+        for name, tensor in merged_state_dict(model).items():  # W = s·Ŵ, under the model's (fused experts') names
+            assert loaded[name].dtype == tensor.dtype and torch.equal(loaded[name], tensor), name
+
+
+def test_merged_weight_dtype_refusal_does_not_cast_what_transformers_keeps_in_float32(tmp_path):
+    """A float32 T5 asked for float16 is refused with a fix that keeps `wo` in float32 (loading it in float16), not
+    `model.to(torch.float16)`; for bfloat16, in which transformers casts `wo` on load too, that cast is the fix."""
+    model = hf_unitscale.unit_scale(SEQ2SEQ_CASES["t5"].model())
+    with pytest.raises(ValueError, match=r"float16.*keeps T5ForConditionalGeneration's \['wo'\] in float32") as error:
+        model.save_pretrained(tmp_path, weight_dtype="float16")
+    assert "cast the model first" not in str(error.value)
+    with pytest.raises(ValueError, match=r"cast the model first \(`model.to\(torch.bfloat16\)`\)"):
+        model.save_pretrained(tmp_path, weight_dtype="bfloat16")
+    assert not any(tmp_path.iterdir())
 
 
 # ---- model card ----
