@@ -176,8 +176,8 @@ def check_headroom(
             f"`{argument}`={headroom:g} puts every {narrowest.name} operand's largest element at most "
             f"{narrowest.max:g}/{headroom:g} = {narrowest.max / headroom:.3g}, below {narrowest.name}'s smallest "
             f"subnormal {narrowest.smallest_subnormal:g}: every operand would flush to zero. It must be at most "
-            f"{narrowest.name}'s max/smallest subnormal = {narrowest.dynamic_range:g}; the factor activations may "
-            "grow by before they saturate, it is typically 2 to 16 (e.g. 2 or 4)."
+            f"{narrowest.name}'s max/smallest subnormal = {narrowest.dynamic_range:g}. As the factor by which "
+            "activations may grow before they saturate, it is typically 2 to 16 (e.g. 2 or 4)."
         )
 
 
