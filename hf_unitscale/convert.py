@@ -22,6 +22,7 @@ import math
 import re
 import sys
 from types import MethodType
+from typing import Any
 
 import torch
 from torch import nn
@@ -48,6 +49,8 @@ from .resize import resize_token_embeddings
 __all__ = [
     "check_converted_with",
     "check_no_peft_adapters",
+    "conversion_differences",
+    "recorded_conversion",
     "convert_layers",
     "convert_model",
     "is_unit_scaled",
@@ -66,6 +69,8 @@ logger = logging.get_logger(__name__)
 
 # the GEMM precision options of `UnitScaleConfig`
 _FORMAT_OPTIONS = ("forward_format", "backward_format")
+# the options that decide which weights are converted and their s; a converted model cannot change them
+CONVERSION_OPTIONS = ("exclude_modules", "convert_other_modules", "power_of_two_scales")
 # torch's recurrent layers (nn.RNN, nn.LSTM, nn.GRU) name their biases bias_ih_l<k> and bias_hh_l<k>, plus
 # `_reverse` for the backward direction
 _RECURRENT_BIAS = re.compile(r"bias_(ih|hh)_l\d+(_reverse)?")
@@ -449,7 +454,7 @@ def _warn_about_a_saved_block(model: nn.Module, config: UnitScaleConfig) -> None
     recorded = [f"a, c of {len(block['operand_scales'])} layers"] if block.get("operand_scales") else []
     recorded += [
         f"{option} {block[option]!r} (converting with {getattr(config, option)!r})"
-        for option in ("exclude_modules", "convert_other_modules", "power_of_two_scales", *_FORMAT_OPTIONS)
+        for option in (*CONVERSION_OPTIONS, *_FORMAT_OPTIONS)
         if option in block and block[option] != getattr(config, option)
     ]
     if recorded:
@@ -458,6 +463,23 @@ def _warn_about_a_saved_block(model: nn.Module, config: UnitScaleConfig) -> None
             "hf_unitscale. `unit_scale` converts with its `config` (a = c = 1) and does not apply them: they may not "
             "fit these weights. To load the checkpoint with them, use `hf_unitscale.from_pretrained(path)`."
         )
+
+
+def recorded_conversion(block: dict) -> UnitScaleConfig:
+    """The conversion options (`CONVERSION_OPTIONS`) a `unit_scaling` block records; one it does not record has its
+    default."""
+    return UnitScaleConfig.from_dict({k: v for k, v in block.items() if k in CONVERSION_OPTIONS})
+
+
+def conversion_differences(recorded: dict, config: UnitScaleConfig) -> list[tuple[str, Any, Any]]:
+    """(option, value in `recorded`, value in `config`) for every conversion option (`CONVERSION_OPTIONS`) in which a
+    `unit_scaling` block `recorded` and `config` differ."""
+    options = recorded_conversion(recorded)
+    return [
+        (option, getattr(options, option), getattr(config, option))
+        for option in CONVERSION_OPTIONS
+        if getattr(options, option) != getattr(config, option)
+    ]
 
 
 def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: str) -> None:
@@ -473,12 +495,9 @@ def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: st
             f"{type(model).__name__} is already unit-scaled and records no conversion options (it has no "
             f"`config.{CONFIG_KEY}`), so `{argument}` can neither be applied nor checked against them. {fix}"
         )
-    options = ("exclude_modules", "convert_other_modules", "power_of_two_scales")
-    recorded = UnitScaleConfig.from_dict({k: v for k, v in block.items() if k in options})
     differing = [
-        f"`{option}`: {getattr(recorded, option)!r} in the model, {getattr(config, option)!r} in `{argument}`"
-        for option in options
-        if getattr(recorded, option) != getattr(config, option)
+        f"`{option}`: {recorded!r} in the model, {wanted!r} in `{argument}`"
+        for option, recorded, wanted in conversion_differences(block, config)
     ]
     if differing:
         raise ValueError(

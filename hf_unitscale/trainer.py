@@ -27,7 +27,8 @@ What it changes, and where:
   entries — the lr on W = s·Ŵ under `equivalent` (one value per role, or its min and max), the
   lr of every group under `umup`/`mup`.
 * `_save`, `_load_from_checkpoint`, `_load_best_model`: checkpoints in the exact `unit-scaled`
-  format (Ŵ, s, a, c), so resuming continues the same trajectory.
+  format (Ŵ, s, a, c), so resuming continues the same trajectory; a checkpoint of another `lr_rule` or other
+  conversion options than the model's is refused.
 * `fp8=True`: FP8 matmuls, E4M3 forward and E5M2 (`fp8_format="HYBRID"`) or E4M3 (`"E4M3"`) output
   gradients (`precision.set_precision`; the output heads, or the layers named by
   `fp8_full_precision_modules`, stay in full precision) with static scales calibrated on
@@ -69,9 +70,11 @@ from .config import CONFIG_KEY, UnitScaleConfig, as_unit_scale_config
 from .convert import (
     check_converted_with,
     check_no_peft_adapters,
+    conversion_differences,
     is_unit_scaled,
     matmul_layers,
     merge_unit_scale,
+    recorded_conversion,
     unit_scale,
     weight_scales,
 )
@@ -638,8 +641,9 @@ class UnitScaleTrainer(Trainer):
 
     def _check_resumable(self, checkpoint_dir: str) -> None:
         """Refuse a checkpoint folder that does not exist, one trained with another `lr_rule` (the optimizer state it
-        holds has that rule's parameter groups and learning rates, so the run would not continue), or one that stores
-        gains as Ŵ and s (`checkpoint.stored_gain_names`: their Adam moments are of Ŵ, not W)."""
+        holds has that rule's parameter groups and learning rates, so the run would not continue), one converted with
+        other conversion options (`_check_same_conversion`), or one that stores gains as Ŵ and s
+        (`checkpoint.stored_gain_names`: their Adam moments are of Ŵ, not W)."""
         if not os.path.isdir(checkpoint_dir):
             raise ValueError(
                 f"`resume_from_checkpoint` {checkpoint_dir!r} does not exist; give a checkpoint folder of the run "
@@ -659,6 +663,7 @@ class UnitScaleTrainer(Trainer):
                 "cannot continue exactly. Start a new run from its weights (`hf_unitscale.from_pretrained`, which "
                 "loads them as W = s·Ŵ)."
             )
+        self._check_same_conversion(checkpoint_dir, block)
         saved = block.get("lr_rule") if isinstance(block, dict) else None
         wanted = self.unit_scale_options["lr_rule"]
         if saved is not None and saved != wanted:
@@ -667,6 +672,26 @@ class UnitScaleTrainer(Trainer):
                 f"`lr_rule={wanted!r}`: its optimizer state holds the parameter groups and learning rates of "
                 f"{saved!r}, so the run cannot continue under {wanted!r}. Resume with `lr_rule={saved!r}`, or start "
                 f"a new run with {wanted!r} from its weights (`hf_unitscale.from_pretrained`)."
+            )
+
+    def _check_same_conversion(self, checkpoint_dir: str, block: dict | None) -> None:
+        """Refuse a checkpoint converted with other conversion options (`convert.CONVERSION_OPTIONS`) than the model:
+        loading restores its Ŵ and s, but the model's `unit_scaling` block, which the run's saves write, would still
+        record the model's options (`power_of_two_scales=True` over scales that are no powers of two)."""
+        model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False) if self.model is not None else None
+        converted_with = getattr(getattr(model, "config", None), CONFIG_KEY, None)
+        if not (isinstance(block, dict) and isinstance(converted_with, dict)):
+            return
+        differing = conversion_differences(block, recorded_conversion(converted_with))
+        if differing:
+            saved = ", ".join(f"{option}={value!r}" for option, value, _ in differing)
+            given = ", ".join(f"{option}={value!r}" for option, _, value in differing)
+            raise ValueError(
+                f"The checkpoint {checkpoint_dir!r} was converted with `{saved}`, and the trainer's model with "
+                f"`{given}`: its Ŵ and s would load, but the `unit_scaling` block the run saves would record "
+                f"`{given}`, which does not fit them. Resume with the checkpoint's options (an unconverted model and "
+                f"`unit_scale_config=UnitScaleConfig({saved})`), or start a new run from its weights "
+                "(`hf_unitscale.from_pretrained`)."
             )
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: nn.Module | None = None) -> None:

@@ -246,6 +246,28 @@ def test_resume_refuses_a_missing_folder_and_another_lr_rule(tmp_path):
         trainer("umup").train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
 
 
+@pytest.mark.parametrize(("saved", "resumed"), [(None, True), (True, None)], ids=["rms-to-pow2", "pow2-to-rms"])
+def test_resume_refuses_a_checkpoint_converted_with_other_options(tmp_path, saved, resumed):
+    """Loading restores the checkpoint's Ŵ and s, but the model's `unit_scaling` block, which the run saves, records
+    the trainer's conversion options: they must be the checkpoint's, as the lr rule must."""
+    data = _dataset("bert", rows=8)
+
+    def trainer(power_of_two_scales):
+        args = _args(tmp_path / "run", max_steps=1, save_strategy="steps", save_steps=1)
+        config = UnitScaleConfig(power_of_two_scales=power_of_two_scales)
+        model = CASES_BY_ID["bert"].model()
+        return UnitScaleTrainer(model=model, args=args, train_dataset=data, unit_scale_config=config)
+
+    trainer(saved).train()
+    message = (
+        rf"converted with `power_of_two_scales={saved}`, and the trainer's model with `power_of_two_scales={resumed}`"
+        rf".*UnitScaleConfig\(power_of_two_scales={saved}\)"
+    )
+    with pytest.raises(ValueError, match=message):
+        trainer(resumed).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
+    trainer(saved).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))  # its own options resume
+
+
 def test_load_best_model_at_end_reads_the_unit_scaled_checkpoint(tmp_path, monkeypatch):
     import hf_unitscale.trainer as trainer_module
 
