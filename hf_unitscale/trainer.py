@@ -3,8 +3,10 @@
 What it changes, and where:
 
 * `__init__` / `call_model_init`: converts an unconverted model with `unit_scale` and records
-  the lr rule in `model.config.unit_scaling["lr_rule"]`. An argument `__init__` then refuses (checks that need the
-  converted model) merges the caller's model back before the error, so it is left plain.
+  the lr rule in `model.config.unit_scaling["lr_rule"]`. Arguments checked without the model (`optim`, the class of
+  `optimizer_cls_and_kwargs`, `optimizers`, …) are refused before the conversion; an argument `__init__` refuses
+  after it (checks that need the converted model) merges the caller's model back before the error, so it is left
+  plain.
 * `create_optimizer`: the named per-group learning rates of `lr_rules.build_param_groups`
   (AdamW-family optimizers only: they take per-group lr, eps and decoupled weight_decay), whose options
   `__init__` has checked against the model (`lr_rules.check_lr_options`: a pattern that matches no parameter or
@@ -163,6 +165,18 @@ def _check_optim(args) -> str:
     return optim
 
 
+def _check_optimizer_cls(optimizer_cls_and_kwargs: tuple[type[torch.optim.Optimizer], dict[str, Any]]) -> None:
+    """Refuse an `optimizer_cls_and_kwargs` class that is not AdamW or a subclass (the optimizer the learning-rate
+    rules are derived for)."""
+    optimizer_cls = optimizer_cls_and_kwargs[0]
+    if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.AdamW)):
+        raise ValueError(
+            f"`optimizer_cls_and_kwargs` gives {optimizer_cls!r}, which UnitScaleTrainer does not support: its "
+            "learning-rate rules assume AdamW (per-group lr, eps and decoupled weight_decay). Use `torch.optim.AdamW` "
+            "or a subclass of it, or train the plain model with plain `Trainer`."
+        )
+
+
 def _scheduler_name(args) -> str:
     return getattr(args.lr_scheduler_type, "value", args.lr_scheduler_type)
 
@@ -224,9 +238,11 @@ class UnitScaleTrainer(Trainer):
                 "wrong learning rates. Pass `optimizer_cls_and_kwargs=(torch.optim.AdamW, {...})` instead, or use "
                 "plain `Trainer`."
             )
+        replacement = given.get("optimizer_cls_and_kwargs", getattr(self, "optimizer_cls_and_kwargs", None))
+        if replacement is not None:  # it builds the optimizer, `optim` is not read
+            _check_optimizer_cls(replacement)
         if args is not None:
             _check_arguments(args)
-            replacement = given.get("optimizer_cls_and_kwargs", getattr(self, "optimizer_cls_and_kwargs", None))
             if replacement is None:  # `optim` builds the optimizer
                 _check_optim(args)
             _follow_log_level(args)  # before conversion, which logs
@@ -366,12 +382,8 @@ class UnitScaleTrainer(Trainer):
         if self.optimizer is not None:
             return self.optimizer
         if self.optimizer_cls_and_kwargs is not None:
+            _check_optimizer_cls(self.optimizer_cls_and_kwargs)  # again: it may have been set after `__init__`
             optimizer_cls, optimizer_kwargs = self.optimizer_cls_and_kwargs
-            if not (isinstance(optimizer_cls, type) and issubclass(optimizer_cls, torch.optim.AdamW)):
-                raise ValueError(
-                    f"UnitScaleTrainer needs an AdamW-family optimizer (per-group lr, eps and decoupled weight_decay); "
-                    f"`optimizer_cls_and_kwargs` gives {optimizer_cls!r}."
-                )
             optimizer_kwargs = dict(optimizer_kwargs)
         else:
             optim = _check_optim(self.args)

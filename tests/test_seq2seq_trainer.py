@@ -206,3 +206,15 @@ def test_takes_trainers_optimizer_arguments_and_refuses_arguments_without_genera
         UnitScaleSeq2SeqTrainer(model=case.model(), args=args)
     with pytest.raises(TypeError, match="needs `args` of a `Seq2SeqTrainingArguments` class"):
         UnitScaleSeq2SeqTrainer(model=case.model(), args=_args(tmp_path, cls=UnitScaleTrainingArguments))
+
+
+def test_a_non_adamw_optimizer_class_is_refused_before_conversion(tmp_path):
+    """UnitScaleSeq2SeqTrainer hands `optimizer_cls_and_kwargs` to UnitScaleTrainer through `self` (Seq2SeqTrainer
+    does not take it): a class other than AdamW is refused there, before the caller's model is converted."""
+    model = SEQ2SEQ_CASES["t5"].model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    args = _args(tmp_path, cls=UnitScaleSeq2SeqTrainingArguments)
+    with pytest.raises(ValueError, match=r"`optimizer_cls_and_kwargs` gives <class 'torch\.optim\.sgd\.SGD'>"):
+        UnitScaleSeq2SeqTrainer(model=model, args=args, optimizer_cls_and_kwargs=(torch.optim.SGD, {}))
+    assert not is_unit_scaled(model) and not hasattr(model.config, "unit_scaling")
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())

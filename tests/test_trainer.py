@@ -502,6 +502,37 @@ def test_refusals(tmp_path):
         _check_arguments(deepspeed_args)
 
 
+@pytest.mark.parametrize(
+    ("refused", "message"),
+    [
+        (
+            lambda out: {"args": _args(out), "optimizer_cls_and_kwargs": (torch.optim.SGD, {"lr": 1e-3})},
+            r"`optimizer_cls_and_kwargs` gives <class 'torch\.optim\.sgd\.SGD'>.*Use `torch\.optim\.AdamW`",
+        ),
+        (
+            lambda out: {"args": _args(out), "optimizer_cls_and_kwargs": (torch.optim.Adam, {})},
+            r"gives <class 'torch\.optim\.adam\.Adam'>",
+        ),
+        (
+            lambda out: {"args": _args(out), "optimizer_cls_and_kwargs": (torch.optim.Adagrad, {})},
+            r"gives <class 'torch\.optim\.adagrad\.Adagrad'>",
+        ),
+    ],
+    ids=["sgd-class", "adam-class", "adagrad-class"],
+)
+def test_arguments_refused_before_conversion_leave_the_model_as_it_was(tmp_path, refused, message):
+    """An optimizer class other than AdamW is refused when the trainer is built, before the model is converted (not
+    at `train()`, after it): the caller's model is not touched."""
+    model = CASES_BY_ID["llama-untied"].model()
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        UnitScaleTrainer(model=model, train_dataset=_dataset("llama-untied", rows=8), **refused(tmp_path))
+    assert not is_unit_scaled(model) and not hasattr(model.config, "unit_scaling")
+    assert type(model.lm_head) is torch.nn.Linear
+    assert model.state_dict().keys() == before.keys()
+    assert all(torch.equal(tensor, before[name]) for name, tensor in model.state_dict().items())
+
+
 def test_option_types_list_the_values_the_checks_take(tmp_path):
     """The `Literal` types (the command line's choices) are the tuples `__post_init__` checks against, and every
     `save_format` is a checkpoint format `save_pretrained` writes."""
