@@ -4,9 +4,9 @@ What it changes, and where:
 
 * `__init__` / `call_model_init`: converts an unconverted model with `unit_scale` and records
   the lr rule in `model.config.unit_scaling["lr_rule"]`. Arguments checked without the model (`optim`, the class of
-  `optimizer_cls_and_kwargs`, `optimizers`, …) are refused before the conversion; an argument `__init__` refuses
-  after it (checks that need the converted model) merges the caller's model back before the error, so it is left
-  plain.
+  `optimizer_cls_and_kwargs`, `optimizers`, `use_liger_kernel`, …) are refused before the conversion; an argument
+  `__init__` refuses after it (checks that need the converted model) merges the caller's model back before the
+  error, so it is left plain.
 * `create_optimizer`: the named per-group learning rates of `lr_rules.build_param_groups`
   (AdamW-family optimizers only: they take per-group lr, eps and decoupled weight_decay), whose options
   `__init__` has checked against the model (`lr_rules.check_lr_options`: a pattern that matches no parameter or
@@ -136,10 +136,25 @@ def _follow_log_level(args) -> None:
 
 
 def _check_arguments(args) -> None:
-    """Refuse settings that would silently drop or distort the per-group learning rates."""
+    """Refuse settings that would silently drop or distort the per-group learning rates, or the model's function.
+
+    `use_liger_kernel`: Trainer patches the converted model in `train()`, and Liger's kernels take weight tensors as
+    they are, not the layer's s·Ŵ: the fused linear cross-entropy (on by default for causal LMs) multiplies by
+    `lm_head.weight`, which holds Ŵ, and its MoE SwiGLU by the experts' `gate_up_proj` / `down_proj`, which
+    `convert_other_modules` converts. Which kernels a `liger_kernel_config` turns on differs per model type, so no
+    subset is accepted.
+    """
     error = deepspeed_optimizer_error(getattr(args, "deepspeed", None))
     if error:
         raise ValueError(error)
+    if getattr(args, "use_liger_kernel", False):
+        raise ValueError(
+            "`use_liger_kernel=True` is not supported by UnitScaleTrainer: Liger's fused kernels read weight tensors "
+            "directly (the fused linear cross-entropy multiplies by `lm_head.weight`), bypassing the converted "
+            "layers' s·Ŵ, so they would compute with Ŵ = W/s and train another model, with no error. Set "
+            "`use_liger_kernel=False`, or train the plain model (`merge_unit_scale` a converted one) with plain "
+            "`Trainer`."
+        )
     if getattr(args, "deepspeed", None) is not None and args.max_grad_norm > 0:
         raise ValueError(
             "DeepSpeed clips gradients inside its engine, on the unit-scaled gradients g_Ŵ = s·g_W, which is not "

@@ -517,12 +517,17 @@ def test_refusals(tmp_path):
             lambda out: {"args": _args(out), "optimizer_cls_and_kwargs": (torch.optim.Adagrad, {})},
             r"gives <class 'torch\.optim\.adagrad\.Adagrad'>",
         ),
+        (
+            lambda out: {"args": _args(out, use_liger_kernel=True)},
+            r"`use_liger_kernel=True` is not supported.*read weight tensors directly.*Set `use_liger_kernel=False`",
+        ),
     ],
-    ids=["sgd-class", "adam-class", "adagrad-class"],
+    ids=["sgd-class", "adam-class", "adagrad-class", "liger"],
 )
 def test_arguments_refused_before_conversion_leave_the_model_as_it_was(tmp_path, refused, message):
-    """An optimizer class other than AdamW is refused when the trainer is built, before the model is converted (not
-    at `train()`, after it): the caller's model is not touched."""
+    """An optimizer class other than AdamW, and Liger's kernels (which read `lm_head.weight`, Ŵ once converted, in
+    the fused linear cross-entropy that `train()` would patch in), are refused when the trainer is built, before the
+    model is converted: the caller's model is not touched."""
     model = CASES_BY_ID["llama-untied"].model()
     before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
     with pytest.raises(ValueError, match=message):
