@@ -268,7 +268,10 @@ def _torchao_int8_model(tmp_path) -> nn.Module:
 
 @pytest.mark.parametrize(
     ("quantized", "kind"),
-    [(_fp8_compressed_tensors_model, r"torch\.float8_e4m3fn"), (_torchao_int8_model, "Int8Tensor")],
+    [
+        (_fp8_compressed_tensors_model, r"torch\.float8_e4m3fn"),
+        (_torchao_int8_model, "Int8Tensor|AffineQuantizedTensor"),  # torchao 0.18's name, 0.16's
+    ],
     ids=["compressed-tensors", "torchao"],
 )
 def test_quantized_weights_are_refused_before_any_layer_changes(quantized, kind, tmp_path):
