@@ -219,15 +219,18 @@ def _merged_back_on_error(model: nn.Module | None) -> Iterator[None]:
 class UnitScaleTrainer(Trainer):
     """A `Trainer` that trains a unit-scaled model with per-group learning-rate rules.
 
-    Takes every `Trainer` argument unchanged; `args` may be a `UnitScaleTrainingArguments` (for
-    `lr_rule`, `mup_base_width`, `umup_depth_scaling`, `lr_multipliers`, `role_overrides`, FP8 options) or a plain
-    `TrainingArguments` (rule `equivalent`: the plain-AdamW trajectory).
+    Takes `Trainer`'s arguments, except those that would replace or bypass its per-group learning rates, which are
+    errors: an optimizer instance in `optimizers`, an `optim` or `optimizer_cls_and_kwargs` class other than AdamW,
+    `lr_scheduler_type="greedy"`, a DeepSpeed config with its own optimizer or with `max_grad_norm` > 0, and
+    `use_liger_kernel`. `args` may be a `UnitScaleTrainingArguments` (for `lr_rule`, `mup_base_width`,
+    `umup_depth_scaling`, `lr_multipliers`, `role_overrides`, FP8 options) or a plain `TrainingArguments` (rule
+    `equivalent`: the plain-AdamW trajectory).
 
     Args:
-        unit_scale_config: conversion options used when `model` (or `model_init`'s result) is
-            not yet unit-scaled; for a model already unit-scaled, an error unless its `config.unit_scaling` records
-            the same conversion options (`merge_unit_scale` it first to convert with others; the GEMM precision
-            follows `fp8`, not this config).
+        unit_scale_config: conversion options (a `UnitScaleConfig` or its dict, as config.json's `unit_scaling`
+            block stores it) used when `model` (or `model_init`'s result) is not yet unit-scaled; for a model
+            already unit-scaled, an error unless its `config.unit_scaling` records the same conversion options
+            (`merge_unit_scale` it first to convert with others; the GEMM precision follows `fp8`, not this config).
         role_overrides: {regex over parameter names (re.fullmatch): role} for parameters the automatic roles
             do not cover (see `lr_rules.describe_parameters`); for plain `TrainingArguments`, or instead of
             `UnitScaleTrainingArguments.role_overrides` (giving both is an error).
