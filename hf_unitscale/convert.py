@@ -408,11 +408,13 @@ def unit_scale(model: nn.Module, config: UnitScaleConfig | dict | None = None) -
         `input_scale` and `grad_scale`.
 
     Raises:
-        TypeError: `model` is not an `nn.Module` (a name or path: load the model first), or `config` is neither a
-            `UnitScaleConfig` nor a dict.
-        ValueError: a weight is not finite, quantized or on the meta device (named; every weight is checked before
-            any layer changes, so the model is left as it was), nothing in `model` can be converted, it has PEFT
-            adapters, or it is already unit-scaled with other options than `config` (named; without `config`,
+        TypeError: `model` is not an `nn.Module` (a name or path: load the model first), `config` is neither a
+            `UnitScaleConfig` nor a dict, or an option has the wrong type (`convert_other_modules="no"`).
+        ValueError: an unknown option; an `exclude_modules` entry that matches no module (the error suggests the
+            regex or the closest names), or an exclusion that splits a tied weight (GPT-2's `lm_head` without
+            `wte`); a weight that is not finite, quantized or on the meta device (named; every weight is checked
+            before any layer changes, so the model is left as it was); nothing in `model` can be converted, it has
+            PEFT adapters, or it is already unit-scaled with other options than `config` (named; without `config`,
             converting again only warns).
     """
     return convert_model(model, config, reloading=False)

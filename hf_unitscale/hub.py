@@ -113,6 +113,8 @@ def save_pretrained(
     it (merged format only, with a warning): its config as it is, no model card.
 
     Args:
+        model: the model to save: a unit-scaled `PreTrainedModel`, or an unconverted one (saved as above).
+        save_directory: the folder to write (created if missing; an existing file is an error).
         checkpoint_format: `"merged"` (default) writes a plain transformers checkpoint W = s·Ŵ;
             `"unit-scaled"` writes Ŵ, s, a, c exactly; `"compressed-tensors"` writes per-tensor FP8
             weights with their scale (see `checkpoint.py`).
@@ -125,6 +127,8 @@ def save_pretrained(
         state_dict: a full state dict to save instead of `model.state_dict()` (e.g. gathered from FSDP), with the
             model's keys (an error names missing and unexpected ones; a tied weight may be given under any one of
             its names).
+        is_main_process: as in transformers: under torch.distributed, call this on every process with `True` only
+            on the one that writes (the others write nothing).
         model_card: write README.md (`model_card.py`), merging into one already in `save_directory`.
         repo_id, base_model, tags: shown in the model card (its load code, metadata).
         kwargs: passed to `PreTrainedModel.save_pretrained` for the merged format; the other formats take
@@ -134,6 +138,8 @@ def save_pretrained(
     Raises:
         NotADirectoryError: `save_directory` is an existing file (nothing is written).
         ValueError: a bad option, or `state_dict` keys that are not the model's (nothing is written).
+        TypeError: `kwargs` that the unit-scaled or compressed-tensors format does not use (`safe_serialization`,
+            …; nothing is written).
     """
     max_shard_size = kwargs.pop("max_shard_size", DEFAULT_MAX_SHARD_SIZE)
     weight_dtype = _check_save_options(model, checkpoint_format, weight_dtype, embedding_dtype, max_shard_size)
@@ -526,6 +532,18 @@ def from_pretrained(
             config; the rest go to `from_pretrained` of that class (`dtype`, `token`, `revision`, …). A
             unit-scaled checkpoint is built from its config instead, in the dtype it was saved in unless `dtype`
             says otherwise; it takes `dtype`, `attn_implementation` and the Hub arguments, and names any other.
+        unit_scale_config: conversion options (a `UnitScaleConfig` or its dict) for a plain checkpoint; for one
+            hf_unitscale saved, they replace the options its `unit_scaling` block records (default: the block's).
+
+    Returns:
+        The model, unit-scaled, in eval mode as transformers returns it.
+
+    Raises:
+        ImportError: a compressed-tensors checkpoint without the `compressed-tensors` package (≥ 0.15).
+        TypeError: `kwargs` that a unit-scaled checkpoint does not take (named), or a `unit_scale_config` that is
+            neither a `UnitScaleConfig` nor a dict.
+        ValueError: a `unit_scaling` block or `unit_scale_config` with an unknown or invalid option, or a weights
+            file that is corrupt or truncated (named), or tensors and scales that do not fit the model.
     """
     pretrained_model_name_or_path = resolve_model_path(pretrained_model_name_or_path)  # `embedded:<name>` too
     hub_kwargs = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
