@@ -241,7 +241,7 @@ class UnitScaleTrainer(Trainer):
         model: PreTrainedModel | nn.Module | None = None,
         args=None,
         *trainer_args: Any,
-        unit_scale_config: UnitScaleConfig | None = None,
+        unit_scale_config: UnitScaleConfig | dict[str, Any] | None = None,
         role_overrides: dict[str, Role] | None = None,
         **trainer_kwargs: Any,
     ) -> None:
