@@ -473,14 +473,30 @@ def recorded_conversion(block: dict) -> UnitScaleConfig:
     return UnitScaleConfig.from_dict({k: v for k, v in block.items() if k in CONVERSION_OPTIONS})
 
 
-def conversion_differences(recorded: dict, config: UnitScaleConfig) -> list[tuple[str, Any, Any]]:
+def _resolved_power_of_two_scales(value: bool | None, model: nn.Module) -> bool | None:
+    """`power_of_two_scales` as conversion applies it to `model`: None means per weight, narrower than fp32
+    (`uses_power_of_two_scales`), so it is False when every floating parameter is fp32 or wider, True when every
+    one is narrower, and stays None for a model of mixed widths."""
+    if value is not None:
+        return value
+    narrow = {torch.finfo(p.dtype).bits < 32 for p in model.parameters() if p.is_floating_point()}
+    return narrow.pop() if len(narrow) == 1 else None
+
+
+def conversion_differences(recorded: dict, config: UnitScaleConfig, model: nn.Module) -> list[tuple[str, Any, Any]]:
     """(option, value in `recorded`, value in `config`) for every conversion option (`CONVERSION_OPTIONS`) in which a
-    `unit_scaling` block `recorded` and `config` differ."""
+    `unit_scaling` block `recorded` and `config` differ as conversion applies them to `model`
+    (`power_of_two_scales=None` equals False on an fp32 model, True on a bf16 one)."""
     options = recorded_conversion(recorded)
+
+    def applied(option: str, settings: UnitScaleConfig) -> Any:
+        value = getattr(settings, option)
+        return _resolved_power_of_two_scales(value, model) if option == "power_of_two_scales" else value
+
     return [
         (option, getattr(options, option), getattr(config, option))
         for option in CONVERSION_OPTIONS
-        if getattr(options, option) != getattr(config, option)
+        if applied(option, options) != applied(option, config)
     ]
 
 
@@ -499,7 +515,7 @@ def check_converted_with(model: nn.Module, config: UnitScaleConfig, argument: st
         )
     differing = [
         f"`{option}`: {recorded!r} in the model, {wanted!r} in `{argument}`"
-        for option, recorded, wanted in conversion_differences(block, config)
+        for option, recorded, wanted in conversion_differences(block, config, model)
     ]
     if differing:
         raise ValueError(

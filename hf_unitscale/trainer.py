@@ -710,9 +710,11 @@ class UnitScaleTrainer(Trainer):
         record the model's options (`power_of_two_scales=True` over scales that are no powers of two)."""
         model = self.accelerator.unwrap_model(self.model, keep_torch_compile=False) if self.model is not None else None
         converted_with = getattr(getattr(model, "config", None), CONFIG_KEY, None)
-        if not (isinstance(block, dict) and isinstance(converted_with, dict)):
-            return
-        differing = conversion_differences(block, recorded_conversion(converted_with))
+        if not (
+            isinstance(block, dict) and isinstance(converted_with, dict) and has_unit_scaled_weights(checkpoint_dir)
+        ):
+            return  # a checkpoint of merged weights is refused when loading, as not a UnitScaleTrainer checkpoint
+        differing = conversion_differences(block, recorded_conversion(converted_with), model)
         if differing:
             saved = ", ".join(f"{option}={value!r}" for option, value, _ in differing)
             given = ", ".join(f"{option}={value!r}" for option, _, value in differing)

@@ -266,6 +266,8 @@ def test_resume_refuses_a_checkpoint_converted_with_other_options(tmp_path, save
     with pytest.raises(ValueError, match=message):
         trainer(resumed).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
     trainer(saved).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))  # its own options resume
+    # the same conversion spelled otherwise resumes too: None means power-of-two scales for weights narrower than fp32
+    trainer({None: False, True: True}[saved]).train(resume_from_checkpoint=str(tmp_path / "run" / "checkpoint-1"))
 
 
 def test_load_best_model_at_end_reads_the_unit_scaled_checkpoint(tmp_path, monkeypatch):
@@ -331,6 +333,10 @@ def test_resume_refuses_plain_checkpoint(tmp_path):
     trainer = UnitScaleTrainer(model=case.model(), args=_args(tmp_path / "out", max_steps=1))
     with pytest.raises(ValueError, match="not a UnitScaleTrainer checkpoint"):
         trainer._load_from_checkpoint(str(tmp_path / "plain"))
+    # a merged save of a model converted with other options holds W: the reason is the same, not the options
+    hf_unitscale.save_pretrained(unit_scale(case.model(), {"power_of_two_scales": True}), tmp_path / "merged")
+    with pytest.raises(ValueError, match="not a UnitScaleTrainer checkpoint"):
+        trainer._load_from_checkpoint(str(tmp_path / "merged"))
 
 
 @pytest.mark.parametrize("rule", ["equivalent", "umup", "mup"])
