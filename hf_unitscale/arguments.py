@@ -126,8 +126,8 @@ class UnitScaleTrainingArguments(TrainingArguments):
         metadata={
             "help": "With `fp8`, keep every calibrated operand's largest element at least this factor (finite, "
             ">= 1, typically 2 to 16) below its format's max (E4M3 448, E5M2 57344) by raising its scale where "
-            "needed; at most the format's max/smallest subnormal (E4M3 229376), past which every operand flushes to "
-            "zero. None: a = rms(x), c = rms(g)."
+            "needed; at most the format's max/smallest subnormal (E4M3 229376), past which every element rounds to "
+            "0 or ±its smallest subnormal. None: a = rms(x), c = rms(g)."
         },
     )
     calibration_grad_underflow_budget: float | None = field(
@@ -188,10 +188,10 @@ class UnitScaleTrainingArguments(TrainingArguments):
             raise ValueError(f"`save_format` must be one of {SAVE_FORMATS}, got {self.save_format!r}.")
         if self.recalibrate_every < 0:
             raise ValueError(f"`recalibrate_every` should be 0 (never) or positive, got {self.recalibrate_every}.")
-        check_headroom(
+        check_headroom(  # against the formats only where they are used
             self.calibration_headroom,
             "calibration_headroom",
-            formats=[get_format(name) for name in FP8_FORMAT_PAIRS[self.fp8_format]],
+            formats=[get_format(name) for name in FP8_FORMAT_PAIRS[self.fp8_format]] if self.fp8 else (),
         )
         budget = self.calibration_grad_underflow_budget
         if budget is not None and not 0 <= budget < 1:

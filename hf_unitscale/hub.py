@@ -304,9 +304,13 @@ def _kept_in_float32(model: PreTrainedModel, dtype: torch.dtype) -> list[str]:
     """The patterns of the parameters `from_pretrained(..., dtype=dtype)` keeps in float32, as transformers'
     `_get_dtype_plan` picks them: `_keep_in_fp32_modules` under float16 only, `_keep_in_fp32_modules_strict` under
     float16 and bfloat16 (T5's `wo` is float32 in a float16 T5, bfloat16 in a bfloat16 one)."""
-    patterns = list(model._keep_in_fp32_modules_strict or []) if dtype in (torch.float16, torch.bfloat16) else []
+    patterns = (
+        list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+        if dtype in (torch.float16, torch.bfloat16)
+        else []
+    )
     if dtype == torch.float16:
-        patterns += list(model._keep_in_fp32_modules or [])
+        patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
     return sorted(patterns)
 
 

@@ -280,8 +280,8 @@ def test_headroom_is_finite_and_a_scale_that_overflows_its_buffer_changes_no_sca
 
 def test_headroom_beyond_the_formats_range_is_refused_and_one_that_flushes_a_layer_is_named(tmp_path, caplog):
     """h puts a raised operand's RMS at M/(h·peak/RMS) ≤ M/h. Past the format's max/smallest subnormal (E4M3
-    448·2^9) every operand's typical element flushes (h = 1e38 left every FP8 operand 0, logits all equal): refused
-    before any scale changes, also by the training arguments. Below it, a layer whose peak/RMS is large enough still
+    448·2^9) every element rounds to 0 or ±the smallest subnormal (h = 1e38 left every FP8 operand 0, logits all
+    equal): refused before any scale changes, also by the FP8 training arguments. Below it, a layer whose peak/RMS is large enough still
     lands below the smallest subnormal: the warning names it, and only it."""
     model, batches, name, _ = _llama_with_a_massive_activation()
     set_precision(model, "e4m3", "e5m2")
@@ -296,7 +296,11 @@ def test_headroom_beyond_the_formats_range_is_refused_and_one_that_flushes_a_lay
         with pytest.raises(
             ValueError, match=r"`calibration_headroom`=.*at most e4m3's max/smallest subnormal = 229376"
         ):
-            UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_headroom=headroom, use_cpu=True)
+            UnitScaleTrainingArguments(
+                output_dir=str(tmp_path), fp8=True, calibration_headroom=headroom, use_cpu=True
+            )
+        # without fp8 nothing is cast, so there is no format to bound it (it stays a finite factor >= 1)
+        UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_headroom=headroom, use_cpu=True)
     after = {n: (float(layer.input_scale), float(layer.grad_scale)) for n, layer in matmul_layers(model).items()}
     assert after == before
 
