@@ -296,9 +296,7 @@ def test_headroom_beyond_the_formats_range_is_refused_and_one_that_flushes_a_lay
         with pytest.raises(
             ValueError, match=r"`calibration_headroom`=.*at most e4m3's max/smallest subnormal = 229376"
         ):
-            UnitScaleTrainingArguments(
-                output_dir=str(tmp_path), fp8=True, calibration_headroom=headroom, use_cpu=True
-            )
+            UnitScaleTrainingArguments(output_dir=str(tmp_path), fp8=True, calibration_headroom=headroom, use_cpu=True)
         # without fp8 nothing is cast, so there is no format to bound it (it stays a finite factor >= 1)
         UnitScaleTrainingArguments(output_dir=str(tmp_path), calibration_headroom=headroom, use_cpu=True)
     after = {n: (float(layer.input_scale), float(layer.grad_scale)) for n, layer in matmul_layers(model).items()}

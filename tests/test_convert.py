@@ -208,6 +208,10 @@ def test_converting_again_with_other_options_is_an_error(caplog):
     ):
         unit_scale(model, UnitScaleConfig(exclude_modules=["classifier"]))
     assert unit_scale(model, {"exclude_modules": []}) is model  # the options it has: nothing to do
+    # power_of_two_scales=None chose rms scales for these fp32 weights: False is the same conversion, True is not
+    assert unit_scale(model, {"power_of_two_scales": False}) is model
+    with pytest.raises(ValueError, match=r"`power_of_two_scales`: None in the model, True in `config`"):
+        unit_scale(model, {"power_of_two_scales": True})
     set_precision(model, "e4m3", "e5m2")  # the GEMM precision is set on a converted model, not by converting
     assert unit_scale(model, UnitScaleConfig()) is model
     with caplog.at_level(logging.WARNING, logger="hf_unitscale"):
