@@ -301,17 +301,11 @@ def _check_weight_dtype(checkpoint_format: str, weight_dtype: str | None) -> str
 
 
 def _kept_in_float32(model: PreTrainedModel, dtype: torch.dtype) -> list[str]:
-    """The patterns of the parameters `from_pretrained(..., dtype=dtype)` keeps in float32, as transformers'
-    `_get_dtype_plan` picks them: `_keep_in_fp32_modules` under float16 only, `_keep_in_fp32_modules_strict` under
-    float16 and bfloat16 (T5's `wo` is float32 in a float16 T5, bfloat16 in a bfloat16 one)."""
-    patterns = (
-        list(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
-        if dtype in (torch.float16, torch.bfloat16)
-        else []
-    )
-    if dtype == torch.float16:
-        patterns += list(getattr(model, "_keep_in_fp32_modules", None) or [])
-    return sorted(patterns)
+    """The patterns of the parameters `from_pretrained(..., dtype=dtype)` keeps in float32: transformers' own dtype
+    plan (`_get_dtype_plan`: `_keep_in_fp32_modules` under float16 only, `_keep_in_fp32_modules_strict` under float16
+    and bfloat16; T5's `wo` is float32 in a float16 T5, bfloat16 in a bfloat16 one). A plain `nn.Module` has none."""
+    plan = model._get_dtype_plan(dtype) if isinstance(model, PreTrainedModel) else {}
+    return sorted(pattern for pattern, kept_dtype in plan.items() if kept_dtype == torch.float32)
 
 
 def _check_merged_dtype(model: PreTrainedModel, weight_dtype: str | None, tensors: dict[str, torch.Tensor]) -> None:
